@@ -1,0 +1,94 @@
+//! The library's one error type, and the stable JSON-RPC error codes it maps to.
+
+use std::path::PathBuf;
+
+/// Stable JSON-RPC error codes. JSON-RPC's own codes (-32700, -32600, -32601, -32602) are
+/// used for malformed input; these are taskd's application codes.
+pub mod codes {
+    /// `Auth.Login` has not succeeded on this connection, or the bearer token is wrong.
+    pub const UNAUTHORIZED: i32 = -32050;
+    /// `TaskUnit.Add` of a name that is already taken.
+    pub const UNIT_EXISTS: i32 = -32051;
+    /// No unit has that name.
+    pub const UNIT_NOT_FOUND: i32 = -32052;
+    /// No run has that id.
+    pub const RUN_NOT_FOUND: i32 = -32053;
+    /// A unit definition (or an edit of one) failed validation; `data.field` names the field.
+    pub const INVALID_DEFINITION: i32 = -32054;
+    /// A limit was exceeded: request size, connections, subscriptions, units.
+    pub const LIMIT_EXCEEDED: i32 = -32055;
+    /// The store could not record the change (disk full, read-only state directory…).
+    pub const STORAGE: i32 = -32056;
+    /// The request is well-formed but not allowed in the unit's or run's current state.
+    pub const CONFLICT: i32 = -32057;
+}
+
+/// Everything that can go wrong inside taskd's engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A unit definition is invalid; `field` names the offending field.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The definition field at fault (`cron`, `env.FOO`, …).
+        field: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// A unit with this name already exists.
+    #[error("unit {0:?} already exists")]
+    UnitExists(String),
+    /// No unit with this name.
+    #[error("unit {0:?} not found")]
+    UnitNotFound(String),
+    /// No run with this id.
+    #[error("run {0} not found")]
+    RunNotFound(i64),
+    /// The operation does not apply in the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// A configured limit was reached.
+    #[error("{0}")]
+    Limit(String),
+    /// The SQLite store failed.
+    #[error("store: {0}")]
+    Store(#[from] rusqlite::Error),
+    /// A file under the state directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The daemon is shutting down and no longer accepts work.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// An invalid-definition error for `field`.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Invalid { field: field.into(), reason: reason.into() }
+    }
+
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    /// The stable JSON-RPC error code for this error.
+    pub fn code(&self) -> i32 {
+        match self {
+            Error::Invalid { .. } => codes::INVALID_DEFINITION,
+            Error::UnitExists(_) => codes::UNIT_EXISTS,
+            Error::UnitNotFound(_) => codes::UNIT_NOT_FOUND,
+            Error::RunNotFound(_) => codes::RUN_NOT_FOUND,
+            Error::Conflict(_) => codes::CONFLICT,
+            Error::Limit(_) => codes::LIMIT_EXCEEDED,
+            Error::Store(_) | Error::Io { .. } | Error::ShuttingDown => codes::STORAGE,
+        }
+    }
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

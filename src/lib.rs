@@ -1,0 +1,3 @@
+//! taskd: a task daemon and its client library.
+pub mod error;
+pub use error::{Error, Result};
