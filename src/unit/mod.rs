@@ -1,0 +1,8 @@
+//! Units: their definitions and validation, their schedules, and the per-unit loop that
+//! turns fires, starts and stops into runs.
+
+pub mod definition;
+pub mod schedule;
+
+pub use definition::{UnitConfig, UnitDef, ValidateCtx};
+pub use schedule::Schedule;

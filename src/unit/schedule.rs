@@ -1,0 +1,135 @@
+//! When a scheduled unit fires: fixed intervals anchored to a start time, and cron
+//! expressions (croner) evaluated in an IANA time zone.
+
+use std::time::Duration;
+
+use croner::Cron;
+use croner::parser::{CronParser, Seconds, Year};
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+
+/// A validated schedule.
+#[derive(Debug, Clone)]
+pub enum Schedule {
+    /// Fire every `period`, at `anchor + k * period`.
+    Every {
+        /// The interval.
+        period: Duration,
+    },
+    /// Fire at the times a cron expression matches in `tz`.
+    Cron {
+        /// The parsed expression.
+        cron: Box<Cron>,
+        /// The expression as written.
+        expr: String,
+        /// The zone it is evaluated in.
+        tz: TimeZone,
+    },
+}
+
+impl Schedule {
+    /// A fixed-interval schedule.
+    pub fn every(period: Duration) -> Schedule {
+        Schedule::Every { period }
+    }
+
+    /// Parses a cron expression (5 fields, 6 with seconds, or `@hourly`-style) in `tz`
+    /// (the daemon's local zone when `None`). Errors name the field: `cron` or `tz`.
+    pub fn cron(expr: &str, tz: Option<&str>) -> Result<Schedule, (&'static str, String)> {
+        let trimmed = expr.trim();
+        if !trimmed.starts_with('@') {
+            let n = trimmed.split_whitespace().count();
+            if n != 5 && n != 6 {
+                return Err(("cron", format!("expected 5 or 6 fields, got {n}")));
+            }
+        }
+        let parser =
+            CronParser::builder().seconds(Seconds::Optional).year(Year::Disallowed).build();
+        let cron = parser.parse(trimmed).map_err(|e| ("cron", format!("{expr:?}: {e}")))?;
+        let tz = match tz {
+            None => TimeZone::system(),
+            Some(name) => TimeZone::get(name).map_err(|_| {
+                ("tz", format!("{name:?} is not a known IANA time zone (e.g. \"Europe/Berlin\")"))
+            })?,
+        };
+        let s = Schedule::Cron { cron: Box::new(cron), expr: trimmed.to_string(), tz };
+        if s.next_after(Timestamp::now(), Timestamp::now()).is_none() {
+            return Err(("cron", format!("{expr:?} never fires")));
+        }
+        Ok(s)
+    }
+
+    /// The first fire time strictly after `after`. `anchor` is where an interval schedule
+    /// counts from (the unit's creation or last edit). `None` when the schedule never fires
+    /// again.
+    pub fn next_after(&self, after: Timestamp, anchor: Timestamp) -> Option<Timestamp> {
+        match self {
+            Schedule::Every { period } => {
+                let p = i128::try_from(period.as_nanos()).ok()?.max(1);
+                let a = anchor.as_nanosecond();
+                let t = after.as_nanosecond();
+                let k = if t < a { 0 } else { (t - a) / p + 1 };
+                Timestamp::from_nanosecond(a + k * p).ok()
+            }
+            Schedule::Cron { cron, tz, .. } => {
+                let z = after.to_zoned(tz.clone());
+                cron.find_next_occurrence(&z, false).ok().map(|z| z.timestamp())
+            }
+        }
+    }
+
+    /// Whether a fire time fell in `(since, now]`: a run was missed while the daemon was down.
+    pub fn missed(&self, since: Timestamp, now: Timestamp, anchor: Timestamp) -> bool {
+        self.next_after(since, anchor).is_some_and(|t| t <= now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn every_counts_from_the_anchor_without_drift() {
+        let s = Schedule::every(Duration::from_secs(10));
+        let a = ts("2026-01-01T00:00:00Z");
+        assert_eq!(s.next_after(a, a), Some(ts("2026-01-01T00:00:10Z")));
+        assert_eq!(s.next_after(ts("2026-01-01T00:00:15Z"), a), Some(ts("2026-01-01T00:00:20Z")));
+        assert_eq!(s.next_after(ts("2026-01-01T00:00:20Z"), a), Some(ts("2026-01-01T00:00:30Z")));
+    }
+
+    #[test]
+    fn cron_with_seconds_and_zone() {
+        let s = Schedule::cron("*/15 * * * * *", Some("UTC")).unwrap();
+        assert_eq!(
+            s.next_after(ts("2026-01-01T00:00:01Z"), ts("2026-01-01T00:00:00Z")),
+            Some(ts("2026-01-01T00:00:15Z"))
+        );
+        let s = Schedule::cron("30 2 * * *", Some("Europe/Berlin")).unwrap();
+        // 02:30 Berlin in winter is 01:30 UTC.
+        assert_eq!(
+            s.next_after(ts("2026-01-10T00:00:00Z"), ts("2026-01-10T00:00:00Z")),
+            Some(ts("2026-01-10T01:30:00Z"))
+        );
+        assert!(Schedule::cron("@hourly", None).is_ok());
+    }
+
+    #[test]
+    fn cron_errors_name_their_field() {
+        assert_eq!(Schedule::cron("* * *", None).unwrap_err().0, "cron");
+        assert_eq!(Schedule::cron("61 * * * *", None).unwrap_err().0, "cron");
+        assert_eq!(Schedule::cron("* * * * *", Some("Nowhere/Land")).unwrap_err().0, "tz");
+        assert_eq!(Schedule::cron("0 0 30 2 *", None).unwrap_err().0, "cron");
+    }
+
+    #[test]
+    fn missed_fire_times_are_detected() {
+        let s = Schedule::every(Duration::from_secs(60));
+        let a = ts("2026-01-01T00:00:00Z");
+        assert!(s.missed(ts("2026-01-01T00:00:30Z"), ts("2026-01-01T00:05:00Z"), a));
+        assert!(!s.missed(ts("2026-01-01T00:00:30Z"), ts("2026-01-01T00:00:50Z"), a));
+    }
+}
