@@ -52,6 +52,9 @@ pub enum Error {
     /// The SQLite store failed.
     #[error("store: {0}")]
     Store(#[from] rusqlite::Error),
+    /// A batch of changes could not be committed (disk full, read-only state directory…).
+    #[error("store: {0}")]
+    Storage(String),
     /// A file under the state directory could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -85,7 +88,9 @@ impl Error {
             Error::RunNotFound(_) => codes::RUN_NOT_FOUND,
             Error::Conflict(_) => codes::CONFLICT,
             Error::Limit(_) => codes::LIMIT_EXCEEDED,
-            Error::Store(_) | Error::Io { .. } | Error::ShuttingDown => codes::STORAGE,
+            Error::Store(_) | Error::Storage(_) | Error::Io { .. } | Error::ShuttingDown => {
+                codes::STORAGE
+            }
         }
     }
 }

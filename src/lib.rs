@@ -1,4 +1,6 @@
 //! taskd: a task daemon and its client library.
 pub mod error;
 pub use error::{Error, Result};
+pub mod run;
+pub mod store;
 pub mod unit;

@@ -198,8 +198,8 @@ impl UnitDef {
     pub fn from_toml(text: &str, name: &str) -> Result<UnitDef> {
         let table: toml::Table =
             toml::from_str(text).map_err(|e| Error::invalid("definition", e.message()))?;
-        let mut value = serde_json::to_value(table)
-            .map_err(|e| Error::invalid("definition", e.to_string()))?;
+        let mut value =
+            serde_json::to_value(table).map_err(|e| Error::invalid("definition", e.to_string()))?;
         let obj = value.as_object_mut().expect("a TOML table is an object");
         match obj.get("name") {
             None => {
@@ -386,7 +386,9 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
             i += 1;
         }
         if start == i {
-            return Err(format!("{s:?} is not a duration: write e.g. \"30s\", \"5m\" or \"1h30m\""));
+            return Err(format!(
+                "{s:?} is not a duration: write e.g. \"30s\", \"5m\" or \"1h30m\""
+            ));
         }
         let n: u128 = t[start..i].parse().map_err(|_| format!("{s:?}: number too large"))?;
         let ustart = i;
@@ -454,7 +456,9 @@ pub fn parse_size(s: &ByteSize) -> std::result::Result<u64, String> {
         "MiB" | "M" => 1 << 20,
         "GB" => 1_000_000_000,
         "GiB" | "G" => 1 << 30,
-        u => return Err(format!("{text:?}: unknown unit {u:?} (use B, KiB, MiB, GiB, KB, MB, GB)")),
+        u => {
+            return Err(format!("{text:?}: unknown unit {u:?} (use B, KiB, MiB, GiB, KB, MB, GB)"));
+        }
     };
     n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
 }
@@ -488,9 +492,8 @@ fn parse_backoff(s: &str) -> std::result::Result<Backoff, String> {
 }
 
 fn parse_start_limit(s: &str) -> std::result::Result<StartLimit, String> {
-    let (n, w) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?}: write COUNT/WINDOW, e.g. \"5/60s\""))?;
+    let (n, w) =
+        s.split_once('/').ok_or_else(|| format!("{s:?}: write COUNT/WINDOW, e.g. \"5/60s\""))?;
     let count: u32 =
         n.trim().parse().map_err(|_| format!("{s:?}: {n:?} is not a whole number of starts"))?;
     if count == 0 {
@@ -656,7 +659,10 @@ impl UnitConfig {
             return Err(Error::invalid("success_codes", "must list at least one exit code"));
         }
         if let Some(bad) = success_codes.iter().find(|c| !(0..=255).contains(*c)) {
-            return Err(Error::invalid("success_codes", format!("{bad} is not an exit code (0-255)")));
+            return Err(Error::invalid(
+                "success_codes",
+                format!("{bad} is not an exit code (0-255)"),
+            ));
         }
         let env = def.env.clone().unwrap_or_default();
         for (k, v) in &env {
@@ -664,7 +670,10 @@ impl UnitConfig {
                 return Err(Error::invalid("env", "variable names must not be empty"));
             }
             if k.contains('=') || k.contains('\0') {
-                return Err(Error::invalid(format!("env.{k}"), "names contain neither '=' nor NUL"));
+                return Err(Error::invalid(
+                    format!("env.{k}"),
+                    "names contain neither '=' nor NUL",
+                ));
             }
             if v.contains('\0') {
                 return Err(Error::invalid(format!("env.{k}"), "values must not contain NUL"));
@@ -774,11 +783,14 @@ impl UnitConfig {
                     Restart::Never => "never",
                 }),
             );
-            put("start_limit", Value::from(format!(
-                "{}/{}",
-                self.start_limit.count,
-                format_duration(self.start_limit.window)
-            )));
+            put(
+                "start_limit",
+                Value::from(format!(
+                    "{}/{}",
+                    self.start_limit.count,
+                    format_duration(self.start_limit.window)
+                )),
+            );
         }
         put(
             "backoff",
@@ -870,23 +882,45 @@ mod tests {
             "script"
         );
         assert_eq!(
-            field_of(check(json!({"name": "a", "command": ["x"], "every": "1s", "cron": "* * * * *"}))),
+            field_of(check(
+                json!({"name": "a", "command": ["x"], "every": "1s", "cron": "* * * * *"})
+            )),
             "cron"
         );
         assert_eq!(
             field_of(check(json!({"name": "a", "command": ["x"], "service": true, "every": "1s"}))),
             "every"
         );
-        assert_eq!(field_of(check(json!({"name": "a", "command": ["x"], "cron": "* * * *"}))), "cron");
         assert_eq!(
-            field_of(check(json!({"name": "a", "command": ["x"], "cron": "* * * * *", "tz": "Mars/Base"}))),
+            field_of(check(json!({"name": "a", "command": ["x"], "cron": "* * * *"}))),
+            "cron"
+        );
+        assert_eq!(
+            field_of(check(
+                json!({"name": "a", "command": ["x"], "cron": "* * * * *", "tz": "Mars/Base"})
+            )),
             "tz"
         );
-        assert_eq!(field_of(check(json!({"name": "a", "command": ["x"], "timeout": "0s"}))), "timeout");
-        assert_eq!(field_of(check(json!({"name": "a", "command": ["x"], "retries": -1}))), "retries");
-        assert_eq!(field_of(check(json!({"name": "a", "command": ["x"], "overlap": "x"}))), "overlap");
-        assert_eq!(field_of(check(json!({"name": "a", "command": ["x"], "env": {"A=B": "1"}}))), "env.A=B");
-        assert_eq!(field_of(check(json!({"name": "a", "command": ["x"], "env": {"": "1"}}))), "env");
+        assert_eq!(
+            field_of(check(json!({"name": "a", "command": ["x"], "timeout": "0s"}))),
+            "timeout"
+        );
+        assert_eq!(
+            field_of(check(json!({"name": "a", "command": ["x"], "retries": -1}))),
+            "retries"
+        );
+        assert_eq!(
+            field_of(check(json!({"name": "a", "command": ["x"], "overlap": "x"}))),
+            "overlap"
+        );
+        assert_eq!(
+            field_of(check(json!({"name": "a", "command": ["x"], "env": {"A=B": "1"}}))),
+            "env.A=B"
+        );
+        assert_eq!(
+            field_of(check(json!({"name": "a", "command": ["x"], "env": {"": "1"}}))),
+            "env"
+        );
         assert_eq!(field_of(check(json!({"name": "a", "command": ["x"], "user": "root"}))), "user");
         assert_eq!(field_of(check(json!({"name": "a", "command": ["x"], "cwd": "rel"}))), "cwd");
         assert_eq!(
@@ -898,10 +932,15 @@ mod tests {
             "backoff"
         );
         assert_eq!(
-            field_of(check(json!({"name": "a", "command": ["x"], "service": true, "start_limit": "0/1s"}))),
+            field_of(check(
+                json!({"name": "a", "command": ["x"], "service": true, "start_limit": "0/1s"})
+            )),
             "start_limit"
         );
-        assert_eq!(field_of(check(json!({"name": "a", "command": ["x"], "restart": "always"}))), "restart");
+        assert_eq!(
+            field_of(check(json!({"name": "a", "command": ["x"], "restart": "always"}))),
+            "restart"
+        );
     }
 
     #[test]
@@ -936,7 +975,8 @@ mod tests {
 
     #[test]
     fn toml_unit_files_take_the_name_from_the_file() {
-        let d = UnitDef::from_toml("command = [\"echo\", \"hi\"]\nevery = \"5m\"\n", "job").unwrap();
+        let d =
+            UnitDef::from_toml("command = [\"echo\", \"hi\"]\nevery = \"5m\"\n", "job").unwrap();
         assert_eq!(d.name, "job");
         assert!(UnitDef::from_toml("name = \"other\"\n", "job").is_err());
         let e = UnitDef::from_toml("comand = [\"x\"]\n", "job").unwrap_err();

@@ -1,0 +1,599 @@
+//! Run log files: one file per run, `logs/<run id>.log`, written by one thread.
+//!
+//! Each record is one line: `<RFC 3339 time> <tag> <payload>`. The tag says which stream
+//! the payload came from and whether the original output ended the line: `o`/`e` for a
+//! stdout/stderr line that ended with a newline, `O`/`E` for a piece without one (a partial
+//! line), and `c` for a cut marker (`c stdout 12345`: that many bytes of stdout were dropped
+//! here). Payloads never contain a newline, so records are found by splitting on `\n`.
+//!
+//! `log_limit` is kept per stream: the first half of it goes to the file as it arrives (the
+//! head); past that, the stream's output is kept in a ring of the newest half (the tail) in
+//! memory, and written after a cut marker when the run ends. The pipe is never blocked:
+//! output past the limit only moves the ring. Followers get every chunk live.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::error::{Error, Result};
+
+/// Which output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl Stream {
+    /// `stdout` or `stderr`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        }
+    }
+
+    fn tags(self) -> (u8, u8) {
+        match self {
+            Stream::Stdout => (b'o', b'O'),
+            Stream::Stderr => (b'e', b'E'),
+        }
+    }
+}
+
+/// A chunk of output as it was produced, for live followers.
+#[derive(Debug, Clone)]
+pub struct LiveChunk {
+    /// Which stream.
+    pub stream: Stream,
+    /// When it was read.
+    pub at: Timestamp,
+    /// The bytes.
+    pub data: Arc<[u8]>,
+}
+
+/// What a run's log held at the moment a follower subscribed.
+pub struct Follow {
+    /// Every chunk written after the subscription.
+    pub live: broadcast::Receiver<LiveChunk>,
+    /// The file's length at that moment: read the file up to here first.
+    pub file_len: u64,
+    /// Then the tails kept in memory (oldest first), with the bytes cut before them.
+    pub tail: Vec<LiveChunk>,
+    /// Bytes dropped per stream (stdout, stderr) so far.
+    pub cut: [u64; 2],
+}
+
+/// Totals for a finished run's log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogSummary {
+    /// Bytes of stdout produced.
+    pub stdout_bytes: u64,
+    /// Bytes of stderr produced.
+    pub stderr_bytes: u64,
+    /// Whether some output was cut.
+    pub truncated: bool,
+}
+
+enum Msg {
+    Open { run: i64, limit: u64, reply: oneshot::Sender<Result<()>> },
+    Write { run: i64, stream: Stream, at: Timestamp, data: Vec<u8> },
+    Finish { run: i64, reply: oneshot::Sender<LogSummary> },
+    Subscribe { run: i64, reply: oneshot::Sender<Option<Follow>> },
+}
+
+/// Handle to the log writer thread.
+#[derive(Clone)]
+pub struct Logs {
+    tx: mpsc::Sender<Msg>,
+    dir: PathBuf,
+}
+
+/// The log file of run `id` under `dir`.
+pub fn path_in(dir: &Path, id: i64) -> PathBuf {
+    dir.join(format!("{id}.log"))
+}
+
+impl Logs {
+    /// Starts the writer thread for log files under `dir`.
+    pub fn start(dir: PathBuf) -> Result<Logs> {
+        let (tx, rx) = mpsc::channel(1024);
+        let d = dir.clone();
+        std::thread::Builder::new()
+            .name("taskd-logs".into())
+            .spawn(move || writer_thread(d, rx))
+            .map_err(|e| Error::io(&dir, e))?;
+        Ok(Logs { tx, dir })
+    }
+
+    /// The log file of run `id`.
+    pub fn path(&self, id: i64) -> PathBuf {
+        path_in(&self.dir, id)
+    }
+
+    /// Creates the log file of a run that is about to start, keeping `limit` bytes per stream.
+    pub async fn open(&self, run: i64, limit: u64) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Open { run, limit, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Appends output of a run.
+    pub async fn write(&self, run: i64, stream: Stream, at: Timestamp, data: Vec<u8>) {
+        let _ = self.tx.send(Msg::Write { run, stream, at, data }).await;
+    }
+
+    /// Writes the kept tails, closes the file and returns the totals.
+    pub async fn finish(&self, run: i64) -> LogSummary {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Msg::Finish { run, reply }).await.is_err() {
+            return LogSummary::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Subscribes to a run's output; `None` when the run's log is closed (the run ended).
+    pub async fn subscribe(&self, run: i64) -> Option<Follow> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Subscribe { run, reply }).await.ok()?;
+        rx.await.ok().flatten()
+    }
+}
+
+struct StreamState {
+    total: u64,
+    head: u64,
+    ring: VecDeque<(Timestamp, Vec<u8>)>,
+    ring_bytes: u64,
+    dropped: u64,
+}
+
+impl StreamState {
+    fn new() -> Self {
+        StreamState { total: 0, head: 0, ring: VecDeque::new(), ring_bytes: 0, dropped: 0 }
+    }
+}
+
+struct RunLog {
+    file: File,
+    len: u64,
+    half: u64,
+    streams: [StreamState; 2],
+    live: broadcast::Sender<LiveChunk>,
+}
+
+fn ts_text(at: Timestamp) -> String {
+    format!("{at:.6}")
+}
+
+/// Encodes `data` as records; pieces without a trailing newline get the partial tag.
+fn encode(out: &mut Vec<u8>, stream: Stream, at: Timestamp, data: &[u8]) {
+    let (line_tag, part_tag) = stream.tags();
+    let ts = ts_text(at);
+    let mut rest = data;
+    while !rest.is_empty() {
+        let (piece, tag, advance) = match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => (&rest[..i], line_tag, i + 1),
+            None => (rest, part_tag, rest.len()),
+        };
+        out.extend_from_slice(ts.as_bytes());
+        out.push(b' ');
+        out.push(tag);
+        out.push(b' ');
+        out.extend_from_slice(piece);
+        out.push(b'\n');
+        rest = &rest[advance..];
+    }
+}
+
+impl RunLog {
+    fn append(&mut self, buf: &[u8]) {
+        if buf.is_empty() {
+            return;
+        }
+        match self.file.write_all(buf) {
+            Ok(()) => self.len += buf.len() as u64,
+            Err(e) => tracing::warn!(error = %e, "cannot write a run log"),
+        }
+    }
+
+    fn write(&mut self, stream: Stream, at: Timestamp, data: Vec<u8>) {
+        let _ = self.live.send(LiveChunk { stream, at, data: Arc::from(data.as_slice()) });
+        let half = self.half;
+        let st = &mut self.streams[stream.index()];
+        st.total += data.len() as u64;
+        let room = half.saturating_sub(st.head) as usize;
+        let (head, rest) = data.split_at(room.min(data.len()));
+        st.head += head.len() as u64;
+        if !rest.is_empty() {
+            st.ring_bytes += rest.len() as u64;
+            st.ring.push_back((at, rest.to_vec()));
+            while st.ring_bytes > half {
+                let excess = (st.ring_bytes - half) as usize;
+                let front = st.ring.front_mut().expect("ring holds the excess");
+                if front.1.len() <= excess {
+                    let n = front.1.len();
+                    st.ring.pop_front();
+                    st.ring_bytes -= n as u64;
+                    st.dropped += n as u64;
+                } else {
+                    front.1.drain(..excess);
+                    st.ring_bytes -= excess as u64;
+                    st.dropped += excess as u64;
+                }
+            }
+        }
+        if !head.is_empty() {
+            let mut buf = Vec::with_capacity(head.len() + 40);
+            encode(&mut buf, stream, at, head);
+            self.append(&buf);
+        }
+    }
+
+    fn tail_chunks(&self) -> Vec<LiveChunk> {
+        let mut all: Vec<LiveChunk> = Vec::new();
+        for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+            for (at, data) in &self.streams[i].ring {
+                all.push(LiveChunk { stream, at: *at, data: Arc::from(data.as_slice()) });
+            }
+        }
+        all.sort_by_key(|c| c.at);
+        all
+    }
+
+    fn finish(mut self) -> LogSummary {
+        let mut buf = Vec::new();
+        let now = Timestamp::now();
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let dropped = self.streams[stream.index()].dropped;
+            if dropped > 0 {
+                buf.extend_from_slice(
+                    format!("{} c {} {dropped}\n", ts_text(now), stream.as_str()).as_bytes(),
+                );
+            }
+        }
+        for c in self.tail_chunks() {
+            encode(&mut buf, c.stream, c.at, &c.data);
+        }
+        self.append(&buf);
+        let _ = self.file.flush();
+        LogSummary {
+            stdout_bytes: self.streams[0].total,
+            stderr_bytes: self.streams[1].total,
+            truncated: self.streams.iter().any(|s| s.dropped > 0),
+        }
+    }
+}
+
+fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
+    let mut runs: HashMap<i64, RunLog> = HashMap::new();
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            Msg::Open { run, limit, reply } => {
+                let path = path_in(&dir, run);
+                let r = File::create(&path).map_err(|e| Error::io(&path, e)).map(|file| {
+                    let (live, _) = broadcast::channel(256);
+                    runs.insert(
+                        run,
+                        RunLog {
+                            file,
+                            len: 0,
+                            half: (limit / 2).max(1),
+                            streams: [StreamState::new(), StreamState::new()],
+                            live,
+                        },
+                    );
+                });
+                let _ = reply.send(r);
+            }
+            Msg::Write { run, stream, at, data } => {
+                if let Some(log) = runs.get_mut(&run) {
+                    log.write(stream, at, data);
+                }
+            }
+            Msg::Finish { run, reply } => {
+                let summary = runs.remove(&run).map(RunLog::finish).unwrap_or_default();
+                let _ = reply.send(summary);
+            }
+            Msg::Subscribe { run, reply } => {
+                let f = runs.get(&run).map(|log| Follow {
+                    live: log.live.subscribe(),
+                    file_len: log.len,
+                    tail: log.tail_chunks(),
+                    cut: [log.streams[0].dropped, log.streams[1].dropped],
+                });
+                let _ = reply.send(f);
+            }
+        }
+    }
+}
+
+/// What to read from a log file.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    /// Only this stream; both when `None`.
+    pub stream: Option<Stream>,
+    /// Byte offset in the file to start at (a `next_offset` from an earlier read).
+    pub offset: u64,
+    /// Return at most about this many bytes of output.
+    pub limit: usize,
+    /// Only the last this many lines (ignores `offset`).
+    pub tail: Option<usize>,
+    /// Prefix each line with its time.
+    pub timestamps: bool,
+}
+
+/// A piece of a log, rendered as text.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogSlice {
+    /// The output (invalid UTF-8 replaced).
+    pub data: String,
+    /// Where to continue reading.
+    pub next_offset: u64,
+    /// Whether the end of the file was reached.
+    pub eof: bool,
+    /// Whether a cut marker was met.
+    pub truncated: bool,
+}
+
+/// One decoded record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record<'a> {
+    /// Output: stream, time text, payload, whether the line ended.
+    Output(Stream, &'a str, &'a [u8], bool),
+    /// `bytes` of `stream` were cut here.
+    Cut(Stream, u64),
+}
+
+/// Decodes one record line (without its newline).
+pub fn decode(line: &[u8]) -> Option<Record<'_>> {
+    let sp = line.iter().position(|&b| b == b' ')?;
+    let ts = std::str::from_utf8(&line[..sp]).ok()?;
+    let tag = *line.get(sp + 1)?;
+    let payload = line.get(sp + 3..).unwrap_or(&[]);
+    Some(match tag {
+        b'o' => Record::Output(Stream::Stdout, ts, payload, true),
+        b'O' => Record::Output(Stream::Stdout, ts, payload, false),
+        b'e' => Record::Output(Stream::Stderr, ts, payload, true),
+        b'E' => Record::Output(Stream::Stderr, ts, payload, false),
+        b'c' => {
+            let text = std::str::from_utf8(payload).ok()?;
+            let (s, n) = text.split_once(' ')?;
+            let stream = if s == "stderr" { Stream::Stderr } else { Stream::Stdout };
+            Record::Cut(stream, n.trim().parse().ok()?)
+        }
+        _ => return None,
+    })
+}
+
+/// Renders a cut marker the way readers show it.
+pub fn cut_notice(stream: Stream, bytes: u64) -> String {
+    format!("[… {bytes} bytes of {} cut …]\n", stream.as_str())
+}
+
+/// Appends one record's rendering to `out`; returns false if it is filtered out.
+fn render(out: &mut Vec<u8>, rec: &Record<'_>, q: &LogQuery, at_line_start: &mut bool) -> bool {
+    match rec {
+        Record::Output(s, ts, payload, ended) => {
+            if q.stream.is_some_and(|want| want != *s) {
+                return false;
+            }
+            if q.timestamps && *at_line_start {
+                out.extend_from_slice(ts.as_bytes());
+                out.push(b' ');
+            }
+            out.extend_from_slice(payload);
+            if *ended {
+                out.push(b'\n');
+            }
+            *at_line_start = *ended;
+            true
+        }
+        Record::Cut(s, n) => {
+            if q.stream.is_some_and(|want| want != *s) {
+                return false;
+            }
+            if !*at_line_start {
+                out.push(b'\n');
+            }
+            out.extend_from_slice(cut_notice(*s, *n).as_bytes());
+            *at_line_start = true;
+            true
+        }
+    }
+}
+
+/// Reads part of a run's log file as text.
+pub fn read(path: &Path, q: &LogQuery) -> std::io::Result<LogSlice> {
+    let mut f = File::open(path)?;
+    if let Some(n) = q.tail {
+        let mut all = Vec::new();
+        f.read_to_end(&mut all)?;
+        let mut out = Vec::new();
+        let mut start = true;
+        let mut truncated = false;
+        for line in all.split(|&b| b == b'\n') {
+            if let Some(rec) = decode(line) {
+                truncated |= matches!(rec, Record::Cut(..));
+                render(&mut out, &rec, q, &mut start);
+            }
+        }
+        return Ok(LogSlice {
+            data: last_lines(&String::from_utf8_lossy(&out), n),
+            next_offset: all.len() as u64,
+            eof: true,
+            truncated,
+        });
+    }
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(q.offset.min(len)))?;
+    let want = if q.limit == 0 { 64 * 1024 } else { q.limit };
+    // Records are a little longer than their payload; read generously, then stop at the last
+    // whole record within the limit.
+    let mut raw = Vec::new();
+    (&mut f).take((want as u64).saturating_mul(2).max(64 * 1024)).read_to_end(&mut raw)?;
+    let mut out = Vec::new();
+    let mut consumed = 0usize;
+    let mut start = true;
+    let mut truncated = false;
+    while consumed < raw.len() {
+        let Some(nl) = raw[consumed..].iter().position(|&b| b == b'\n') else { break };
+        let line = &raw[consumed..consumed + nl];
+        if out.len() >= want {
+            break;
+        }
+        if let Some(rec) = decode(line) {
+            truncated |= matches!(rec, Record::Cut(..));
+            render(&mut out, &rec, q, &mut start);
+        }
+        consumed += nl + 1;
+    }
+    let next = q.offset.min(len) + consumed as u64;
+    Ok(LogSlice {
+        data: String::from_utf8_lossy(&out).into_owned(),
+        next_offset: next,
+        eof: next >= len,
+        truncated,
+    })
+}
+
+/// Renders chunks kept in memory (a running run's tail) like [`read`] renders records.
+pub fn render_chunks(chunks: &[LiveChunk], cut: [u64; 2], q: &LogQuery) -> String {
+    let mut out = Vec::new();
+    let mut start = true;
+    for (i, s) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+        if cut[i] > 0 {
+            render(&mut out, &Record::Cut(s, cut[i]), q, &mut start);
+        }
+    }
+    for c in chunks {
+        let mut recs = Vec::new();
+        encode(&mut recs, c.stream, c.at, &c.data);
+        for line in recs.split(|&b| b == b'\n') {
+            if let Some(rec) = decode(line) {
+                render(&mut out, &rec, q, &mut start);
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The last `n` lines of `text`.
+pub fn last_lines(text: &str, n: usize) -> String {
+    if n == 0 {
+        return String::new();
+    }
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    let mut idx = body.len();
+    for _ in 0..n {
+        match body[..idx].rfind('\n') {
+            Some(i) => idx = i,
+            None => return text.to_string(),
+        }
+    }
+    text[idx + 1..].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: u32) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + s as i64).unwrap()
+    }
+
+    #[tokio::test]
+    async fn records_round_trip_with_partial_lines_and_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::start(dir.path().to_path_buf()).unwrap();
+        logs.open(1, 1 << 20).await.unwrap();
+        logs.write(1, Stream::Stdout, at(0), b"hel".to_vec()).await;
+        logs.write(1, Stream::Stdout, at(1), b"lo\nworld\n".to_vec()).await;
+        logs.write(1, Stream::Stderr, at(2), b"oops\n".to_vec()).await;
+        let sum = logs.finish(1).await;
+        assert_eq!(sum, LogSummary { stdout_bytes: 12, stderr_bytes: 5, truncated: false });
+        let p = logs.path(1);
+        let all = read(&p, &LogQuery::default()).unwrap();
+        assert_eq!(all.data, "hello\nworld\noops\n");
+        assert!(all.eof);
+        let out = read(&p, &LogQuery { stream: Some(Stream::Stdout), ..Default::default() });
+        assert_eq!(out.unwrap().data, "hello\nworld\n");
+        let err = read(&p, &LogQuery { stream: Some(Stream::Stderr), ..Default::default() });
+        assert_eq!(err.unwrap().data, "oops\n");
+        let tail = read(&p, &LogQuery { tail: Some(2), ..Default::default() }).unwrap();
+        assert_eq!(tail.data, "world\noops\n");
+    }
+
+    #[tokio::test]
+    async fn paging_by_offset_covers_everything_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::start(dir.path().to_path_buf()).unwrap();
+        logs.open(2, 1 << 20).await.unwrap();
+        let mut expect = String::new();
+        for i in 0..500 {
+            let line = format!("line {i}\n");
+            expect.push_str(&line);
+            logs.write(2, Stream::Stdout, at(i), line.into_bytes()).await;
+        }
+        logs.finish(2).await;
+        let mut got = String::new();
+        let mut off = 0;
+        loop {
+            let s =
+                read(&logs.path(2), &LogQuery { offset: off, limit: 100, ..Default::default() })
+                    .unwrap();
+            got.push_str(&s.data);
+            off = s.next_offset;
+            if s.eof {
+                break;
+            }
+        }
+        assert_eq!(got, expect);
+    }
+
+    #[tokio::test]
+    async fn output_past_the_limit_keeps_head_and_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::start(dir.path().to_path_buf()).unwrap();
+        logs.open(3, 2048).await.unwrap();
+        for i in 0..1000u32 {
+            logs.write(3, Stream::Stdout, at(i), format!("{i:09}\n").into_bytes()).await;
+        }
+        logs.write(3, Stream::Stderr, at(2000), b"small\n".to_vec()).await;
+        let sum = logs.finish(3).await;
+        assert!(sum.truncated);
+        assert_eq!(sum.stdout_bytes, 10_000);
+        let text = read(&logs.path(3), &LogQuery::default()).unwrap();
+        assert!(text.truncated);
+        assert!(text.data.starts_with("000000000\n000000001\n"));
+        assert!(text.data.contains("bytes of stdout cut"));
+        assert!(text.data.ends_with("000000999\nsmall\n") || text.data.contains("000000999\n"));
+        assert!(text.data.contains("small\n"));
+        // Head + tail of stdout hold about the limit, never much more.
+        let stdout =
+            read(&logs.path(3), &LogQuery { stream: Some(Stream::Stdout), ..Default::default() })
+                .unwrap();
+        assert!(stdout.data.len() < 2048 + 200, "{}", stdout.data.len());
+    }
+
+    #[test]
+    fn last_lines_counts_from_the_end() {
+        assert_eq!(last_lines("a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(last_lines("a\nb\nc", 1), "c");
+        assert_eq!(last_lines("a\n", 5), "a\n");
+    }
+}

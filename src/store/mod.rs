@@ -1,0 +1,862 @@
+//! The only module that touches the disk: SQLite (WAL) for units, runs, events and the audit
+//! log, and one log file per run.
+//!
+//! All SQLite work happens on one dedicated thread. Callers send it closures; it runs every
+//! closure that is waiting in one transaction (each inside its own savepoint, so one failing
+//! change does not undo the others), commits once, and only then answers the callers and
+//! publishes the events the batch produced. An answer therefore means the change is durable,
+//! and a burst of changes costs one `fsync`.
+
+pub mod logs;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::error::{Error, Result};
+use crate::run::{RunRecord, RunState, Trigger};
+
+pub use logs::Logs;
+
+/// A unit as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredUnit {
+    /// The unit's name.
+    pub name: String,
+    /// The definition as given, as JSON.
+    pub definition: serde_json::Value,
+    /// When it was added.
+    pub created_at: Timestamp,
+    /// When it was last edited.
+    pub updated_at: Timestamp,
+    /// Paused by the user.
+    pub paused: bool,
+    /// A service stopped by the user (stays stopped until `Start`).
+    pub stopped: bool,
+    /// The last fire time handled, for `catch_up`.
+    pub last_fire: Option<Timestamp>,
+    /// Runs started, ever.
+    pub runs_total: u64,
+    /// Runs that did not succeed, ever.
+    pub failures_total: u64,
+}
+
+/// A change notification, as stored and broadcast.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Monotonic sequence number, assigned by the store.
+    pub seq: i64,
+    /// When it happened.
+    pub time: Timestamp,
+    /// What happened: `unit.added`, `run.started`, `run.finished`, …
+    pub kind: String,
+    /// The unit concerned.
+    pub unit: String,
+    /// The run concerned, if any.
+    pub run: Option<i64>,
+    /// The run's (or unit's) state after the change.
+    pub state: Option<String>,
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    /// When the call was made.
+    pub time: Timestamp,
+    /// Who made it (address, or `local`).
+    pub peer: String,
+    /// The method called.
+    pub method: String,
+    /// The unit concerned, if any.
+    pub unit: Option<String>,
+    /// `ok` or the error message.
+    pub outcome: String,
+}
+
+/// Filter for [`Store::list_runs`].
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only runs of this unit.
+    pub unit: Option<String>,
+    /// Only runs in this state.
+    pub state: Option<RunState>,
+    /// At most this many (newest first).
+    pub limit: u32,
+    /// Only runs with an id below this.
+    pub before: Option<i64>,
+}
+
+/// A run left active by a previous daemon, found at start-up.
+#[derive(Debug, Clone)]
+pub struct StaleRun {
+    /// The run, now recorded `lost` (or `cancelled` if it never started).
+    pub record: RunRecord,
+    /// Its process start time in clock ticks since boot, if known.
+    pub pid_start: Option<u64>,
+    /// The boot it ran in.
+    pub boot_id: Option<String>,
+}
+
+/// What a closure on the store thread sees.
+pub struct Tx<'a> {
+    conn: &'a Connection,
+    events: Vec<Event>,
+    delete_after_commit: Vec<PathBuf>,
+    logs_dir: &'a Path,
+}
+
+impl Tx<'_> {
+    fn emit(
+        &mut self,
+        kind: &str,
+        unit: &str,
+        run: Option<i64>,
+        state: Option<&str>,
+    ) -> Result<()> {
+        let time = Timestamp::now();
+        self.conn.execute(
+            "INSERT INTO events(time, kind, unit, run, state) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![time.as_microsecond(), kind, unit, run, state],
+        )?;
+        let seq = self.conn.last_insert_rowid();
+        self.events.push(Event {
+            seq,
+            time,
+            kind: kind.into(),
+            unit: unit.into(),
+            run,
+            state: state.map(str::to_string),
+        });
+        Ok(())
+    }
+}
+
+/// A change to run on the store thread. `work` runs inside the batch's transaction and says
+/// whether it failed (so its writes are rolled back); `done` runs after the commit, with the
+/// commit's error if there was one, and answers the caller.
+struct Job {
+    work: Box<dyn FnOnce(&mut Tx<'_>) -> bool + Send>,
+    done: Box<dyn FnOnce(Option<&str>) + Send>,
+}
+
+impl Job {
+    fn new<T: Send + 'static>(
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T> + Send + 'static,
+        answer: impl FnOnce(Result<T>) + Send + 'static,
+    ) -> Job {
+        let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let slot2 = slot.clone();
+        Job {
+            work: Box::new(move |t| {
+                let r = f(t);
+                let failed = r.is_err();
+                *slot2.lock().expect("store slot") = Some(r);
+                failed
+            }),
+            done: Box::new(move |commit_error| {
+                let r = match (commit_error, slot.lock().expect("store slot").take()) {
+                    (Some(e), _) => Err(Error::Storage(e.to_string())),
+                    (None, Some(r)) => r,
+                    (None, None) => Err(Error::Storage("change was not applied".into())),
+                };
+                answer(r);
+            }),
+        }
+    }
+}
+
+/// A cheap-to-clone handle to the store.
+#[derive(Clone)]
+pub struct Store {
+    jobs: std_mpsc::Sender<Job>,
+    events: broadcast::Sender<Event>,
+    logs: Logs,
+    dir: PathBuf,
+}
+
+/// The schema. `runs.id` is AUTOINCREMENT so that ids are never reused, even after deletes.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS units (
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    paused INTEGER NOT NULL DEFAULT 0,
+    stopped INTEGER NOT NULL DEFAULT 0,
+    last_fire INTEGER,
+    runs_total INTEGER NOT NULL DEFAULT 0,
+    failures_total INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    unit TEXT NOT NULL,
+    state TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER,
+    pid_start INTEGER,
+    boot_id TEXT,
+    queued_at INTEGER NOT NULL,
+    started_at INTEGER,
+    ended_at INTEGER,
+    exit_code INTEGER,
+    signal INTEGER,
+    reason TEXT,
+    stdout_bytes INTEGER NOT NULL DEFAULT 0,
+    stderr_bytes INTEGER NOT NULL DEFAULT 0,
+    truncated INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_by_unit ON runs(unit, id);
+CREATE INDEX IF NOT EXISTS runs_by_state ON runs(state) WHERE state IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    run INTEGER,
+    state TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    peer TEXT NOT NULL,
+    method TEXT NOT NULL,
+    unit TEXT,
+    outcome TEXT NOT NULL
+);
+";
+
+/// Events kept for `Events.Subscribe { after_seq }` replay.
+const EVENTS_KEPT: i64 = 100_000;
+/// Changes committed together at most.
+const MAX_BATCH: usize = 512;
+
+fn ts(us: i64) -> Timestamp {
+    Timestamp::from_microsecond(us).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn opt_ts(us: Option<i64>) -> Option<Timestamp> {
+    us.map(ts)
+}
+
+const RUN_COLUMNS: &str = "id, unit, state, trigger, attempt, host, pid, queued_at, started_at, \
+     ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated";
+
+fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    let state: String = r.get(2)?;
+    let trigger: String = r.get(3)?;
+    Ok(RunRecord {
+        id: r.get(0)?,
+        unit: r.get(1)?,
+        state: state.parse().unwrap_or(RunState::Lost),
+        trigger: trigger.parse().unwrap_or(Trigger::Manual),
+        attempt: r.get(4)?,
+        host: r.get(5)?,
+        pid: r.get(6)?,
+        queued_at: ts(r.get(7)?),
+        started_at: opt_ts(r.get(8)?),
+        ended_at: opt_ts(r.get(9)?),
+        exit_code: r.get(10)?,
+        signal: r.get(11)?,
+        reason: r.get(12)?,
+        stdout_bytes: r.get::<_, i64>(13)? as u64,
+        stderr_bytes: r.get::<_, i64>(14)? as u64,
+        truncated: r.get(15)?,
+    })
+}
+
+fn unit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredUnit> {
+    let def: String = r.get(1)?;
+    Ok(StoredUnit {
+        name: r.get(0)?,
+        definition: serde_json::from_str(&def).unwrap_or(serde_json::Value::Null),
+        created_at: ts(r.get(2)?),
+        updated_at: ts(r.get(3)?),
+        paused: r.get(4)?,
+        stopped: r.get(5)?,
+        last_fire: opt_ts(r.get(6)?),
+        runs_total: r.get::<_, i64>(7)? as u64,
+        failures_total: r.get::<_, i64>(8)? as u64,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`: `taskd.db` and `logs/`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let logs_dir = dir.join("logs");
+        std::fs::create_dir_all(&logs_dir).map_err(|e| Error::io(&logs_dir, e))?;
+        let db_path = dir.join("taskd.db");
+        let conn = Connection::open(&db_path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(%mode, "SQLite refused WAL mode");
+        }
+        // FULL: a commit is on disk before the caller hears "ok", even across power loss.
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        conn.execute_batch(SCHEMA)?;
+
+        let (jobs, rx) = std_mpsc::channel::<Job>();
+        let (events, _) = broadcast::channel(4096);
+        let ev = events.clone();
+        let thread_logs_dir = logs_dir.clone();
+        std::thread::Builder::new()
+            .name("taskd-store".into())
+            .spawn(move || db_thread(conn, rx, ev, thread_logs_dir))
+            .map_err(|e| Error::io(dir, e))?;
+        let logs = Logs::start(logs_dir)?;
+        Ok(Store { jobs, events, logs, dir: dir.to_path_buf() })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The run log files.
+    pub fn logs(&self) -> &Logs {
+        &self.logs
+    }
+
+    /// Subscribes to events as they are committed.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Runs `f` on the store thread inside the next batch; resolves after the batch committed.
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job = Job::new(f, move |r| {
+            let _ = tx.send(r);
+        });
+        self.jobs.send(job).map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Queues `f` without waiting for it (errors are logged). Changes queued this way are
+    /// committed in order with every other change.
+    fn call_detached<F>(&self, what: &'static str, f: F)
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<()> + Send + 'static,
+    {
+        let job = Job::new(f, move |r| {
+            if let Err(e) = r {
+                tracing::error!(what, error = %e, "store update failed");
+            }
+        });
+        if self.jobs.send(job).is_err() {
+            tracing::warn!(what, "store closed; change dropped");
+        }
+    }
+
+    /// All units.
+    pub async fn load_units(&self) -> Result<Vec<StoredUnit>> {
+        self.call(|t| {
+            let mut st = t.conn.prepare(
+                "SELECT name, definition, created_at, updated_at, paused, stopped, last_fire, \
+                 runs_total, failures_total FROM units ORDER BY name",
+            )?;
+            let rows = st.query_map([], unit_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Records a new unit; fails with `UnitExists` if the name is taken.
+    pub async fn insert_unit(&self, u: StoredUnit) -> Result<()> {
+        self.call(move |t| {
+            let def = u.definition.to_string();
+            let n = t.conn.execute(
+                "INSERT OR IGNORE INTO units(name, definition, created_at, updated_at, paused, \
+                 stopped, last_fire) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)",
+                params![
+                    u.name,
+                    def,
+                    u.created_at.as_microsecond(),
+                    u.updated_at.as_microsecond(),
+                    u.paused,
+                    u.last_fire.map(|t| t.as_microsecond())
+                ],
+            )?;
+            if n == 0 {
+                return Err(Error::UnitExists(u.name));
+            }
+            t.emit("unit.added", &u.name, None, None)
+        })
+        .await
+    }
+
+    /// Replaces a unit's definition.
+    pub async fn update_definition(
+        &self,
+        name: &str,
+        definition: serde_json::Value,
+        paused: bool,
+        at: Timestamp,
+    ) -> Result<()> {
+        let name = name.to_string();
+        self.call(move |t| {
+            let n = t.conn.execute(
+                "UPDATE units SET definition = ?2, updated_at = ?3, paused = ?4 WHERE name = ?1",
+                params![name, definition.to_string(), at.as_microsecond(), paused],
+            )?;
+            if n == 0 {
+                return Err(Error::UnitNotFound(name));
+            }
+            t.emit("unit.edited", &name, None, None)
+        })
+        .await
+    }
+
+    /// Records the user's pause/stop flags of a unit and emits `kind`.
+    pub async fn set_flags(
+        &self,
+        name: &str,
+        paused: bool,
+        stopped: bool,
+        kind: &str,
+    ) -> Result<()> {
+        let (name, kind) = (name.to_string(), kind.to_string());
+        self.call(move |t| {
+            let n = t.conn.execute(
+                "UPDATE units SET paused = ?2, stopped = ?3 WHERE name = ?1",
+                params![name, paused, stopped],
+            )?;
+            if n == 0 {
+                return Err(Error::UnitNotFound(name));
+            }
+            t.emit(&kind, &name, None, None)
+        })
+        .await
+    }
+
+    /// Records the last fire time handled (for catch-up after a restart). Not awaited.
+    pub fn set_last_fire(&self, name: &str, at: Timestamp) {
+        let name = name.to_string();
+        self.call_detached("last_fire", move |t| {
+            t.conn.execute(
+                "UPDATE units SET last_fire = ?2 WHERE name = ?1",
+                params![name, at.as_microsecond()],
+            )?;
+            Ok(())
+        });
+    }
+
+    /// Emits an event that changes nothing else (`unit.fatal`, …). Not awaited.
+    pub fn emit(&self, kind: &'static str, unit: &str, state: Option<&'static str>) {
+        let unit = unit.to_string();
+        self.call_detached("event", move |t| t.emit(kind, &unit, None, state));
+    }
+
+    /// Deletes a unit; unless `keep_history`, also its runs and their log files.
+    pub async fn delete_unit(&self, name: &str, keep_history: bool) -> Result<()> {
+        let name = name.to_string();
+        self.call(move |t| {
+            let n = t.conn.execute("DELETE FROM units WHERE name = ?1", params![name])?;
+            if n == 0 {
+                return Err(Error::UnitNotFound(name));
+            }
+            if !keep_history {
+                let ids: Vec<i64> = t
+                    .conn
+                    .prepare("SELECT id FROM runs WHERE unit = ?1")?
+                    .query_map(params![name], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                t.conn.execute("DELETE FROM runs WHERE unit = ?1", params![name])?;
+                for id in ids {
+                    t.delete_after_commit.push(logs::path_in(t.logs_dir, id));
+                }
+            }
+            t.emit("unit.deleted", &name, None, None)
+        })
+        .await
+    }
+
+    /// Creates a run in `state` (`queued` or `running`) and returns it with its new id.
+    pub async fn create_run(
+        &self,
+        unit: &str,
+        state: RunState,
+        trigger: Trigger,
+        attempt: u32,
+    ) -> Result<RunRecord> {
+        let unit = unit.to_string();
+        self.call(move |t| {
+            let now = Timestamp::now();
+            let started = (state == RunState::Running).then_some(now);
+            t.conn.execute(
+                "INSERT INTO runs(unit, state, trigger, attempt, host, queued_at, started_at) \
+                 VALUES (?1, ?2, ?3, ?4, 'local', ?5, ?6)",
+                params![
+                    unit,
+                    state.as_str(),
+                    trigger.as_str(),
+                    attempt,
+                    now.as_microsecond(),
+                    started.map(|s| s.as_microsecond())
+                ],
+            )?;
+            let id = t.conn.last_insert_rowid();
+            if state == RunState::Running {
+                t.conn.execute(
+                    "UPDATE units SET runs_total = runs_total + 1 WHERE name = ?1",
+                    params![unit],
+                )?;
+            }
+            let kind = if state == RunState::Running { "run.started" } else { "run.queued" };
+            t.emit(kind, &unit, Some(id), Some(state.as_str()))?;
+            Ok(RunRecord {
+                id,
+                unit,
+                state,
+                trigger,
+                attempt,
+                host: "local".into(),
+                pid: None,
+                queued_at: now,
+                started_at: started,
+                ended_at: None,
+                exit_code: None,
+                signal: None,
+                reason: None,
+                stdout_bytes: 0,
+                stderr_bytes: 0,
+                truncated: false,
+            })
+        })
+        .await
+    }
+
+    /// Moves a queued run to running.
+    pub async fn start_queued(&self, id: i64) -> Result<RunRecord> {
+        self.call(move |t| {
+            let now = Timestamp::now();
+            let n = t.conn.execute(
+                "UPDATE runs SET state = 'running', started_at = ?2 WHERE id = ?1 AND state = 'queued'",
+                params![id, now.as_microsecond()],
+            )?;
+            if n == 0 {
+                return Err(Error::Conflict(format!("run {id} is not queued")));
+            }
+            let rec = get_run(t.conn, id)?.ok_or(Error::RunNotFound(id))?;
+            t.conn.execute(
+                "UPDATE units SET runs_total = runs_total + 1 WHERE name = ?1",
+                params![rec.unit],
+            )?;
+            t.emit("run.started", &rec.unit, Some(id), Some("running"))?;
+            Ok(rec)
+        })
+        .await
+    }
+
+    /// Records the process of a started run. Not awaited.
+    pub fn set_pid(&self, id: i64, pid: u32, pid_start: Option<u64>, boot_id: Option<String>) {
+        self.call_detached("pid", move |t| {
+            t.conn.execute(
+                "UPDATE runs SET pid = ?2, pid_start = ?3, boot_id = ?4 WHERE id = ?1",
+                params![id, pid, pid_start.map(|s| s as i64), boot_id],
+            )?;
+            Ok(())
+        });
+    }
+
+    /// Records the end of a run, updates the unit's counters, and deletes runs (and logs)
+    /// beyond the newest `keep_runs` of that unit.
+    pub async fn finish_run(&self, rec: RunRecord, keep_runs: u32) -> Result<()> {
+        self.call(move |t| {
+            let ended = rec.ended_at.unwrap_or_else(Timestamp::now);
+            let n = t.conn.execute(
+                "UPDATE runs SET state = ?2, started_at = ?3, ended_at = ?4, exit_code = ?5, \
+                 signal = ?6, reason = ?7, stdout_bytes = ?8, stderr_bytes = ?9, truncated = ?10, \
+                 pid = COALESCE(?11, pid) WHERE id = ?1 AND state IN ('queued', 'running')",
+                params![
+                    rec.id,
+                    rec.state.as_str(),
+                    rec.started_at.map(|s| s.as_microsecond()),
+                    ended.as_microsecond(),
+                    rec.exit_code,
+                    rec.signal,
+                    rec.reason,
+                    rec.stdout_bytes as i64,
+                    rec.stderr_bytes as i64,
+                    rec.truncated,
+                    rec.pid,
+                ],
+            )?;
+            if n == 0 {
+                return Ok(());
+            }
+            if rec.state != RunState::Succeeded && rec.started_at.is_some() {
+                t.conn.execute(
+                    "UPDATE units SET failures_total = failures_total + 1 WHERE name = ?1",
+                    params![rec.unit],
+                )?;
+            }
+            t.emit("run.finished", &rec.unit, Some(rec.id), Some(rec.state.as_str()))?;
+            prune(t, &rec.unit, keep_runs)
+        })
+        .await
+    }
+
+    /// One run.
+    pub async fn get_run(&self, id: i64) -> Result<RunRecord> {
+        self.call(move |t| get_run(t.conn, id)?.ok_or(Error::RunNotFound(id))).await
+    }
+
+    /// Runs, newest first.
+    pub async fn list_runs(&self, f: RunFilter) -> Result<Vec<RunRecord>> {
+        self.call(move |t| {
+            let sql = format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR unit = ?1) AND \
+                 (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4"
+            );
+            let mut st = t.conn.prepare_cached(&sql)?;
+            let rows = st
+                .query_map(
+                    params![f.unit, f.state.map(|s| s.as_str()), f.before, f.limit],
+                    run_from_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// The newest run of every unit (for unit summaries).
+    pub async fn last_runs(&self) -> Result<Vec<RunRecord>> {
+        self.call(|t| {
+            let sql = format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE id IN (SELECT MAX(id) FROM runs GROUP BY unit)"
+            );
+            let mut st = t.conn.prepare(&sql)?;
+            let rows = st.query_map([], run_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Marks every run a previous daemon left `running` as `lost` and every `queued` one as
+    /// `cancelled`, and returns them so their process groups can be killed.
+    pub async fn recover_stale_runs(&self) -> Result<Vec<StaleRun>> {
+        self.call(|t| {
+            let sql = format!(
+                "SELECT {RUN_COLUMNS}, pid_start, boot_id FROM runs WHERE state IN ('queued', 'running')"
+            );
+            let mut st = t.conn.prepare(&sql)?;
+            let stale = st
+                .query_map([], |r| {
+                    Ok(StaleRun {
+                        record: run_from_row(r)?,
+                        pid_start: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
+                        boot_id: r.get(17)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            drop(st);
+            let now = Timestamp::now();
+            let mut out = Vec::with_capacity(stale.len());
+            for mut s in stale {
+                let (state, reason) = if s.record.state == RunState::Running {
+                    (RunState::Lost, "the daemon stopped while the run was active")
+                } else {
+                    (RunState::Cancelled, "the daemon stopped before the run started")
+                };
+                t.conn.execute(
+                    "UPDATE runs SET state = ?2, ended_at = ?3, reason = ?4 WHERE id = ?1",
+                    params![s.record.id, state.as_str(), now.as_microsecond(), reason],
+                )?;
+                if state == RunState::Lost {
+                    t.conn.execute(
+                        "UPDATE units SET failures_total = failures_total + 1 WHERE name = ?1",
+                        params![s.record.unit],
+                    )?;
+                }
+                t.emit("run.finished", &s.record.unit, Some(s.record.id), Some(state.as_str()))?;
+                s.record.state = state;
+                s.record.ended_at = Some(now);
+                s.record.reason = Some(reason.into());
+                out.push(s);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Events with a sequence number above `after`, oldest first, at most `limit`.
+    pub async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>> {
+        self.call(move |t| {
+            let mut st = t.conn.prepare_cached(
+                "SELECT seq, time, kind, unit, run, state FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = st
+                .query_map(params![after, limit], |r| {
+                    Ok(Event {
+                        seq: r.get(0)?,
+                        time: ts(r.get(1)?),
+                        kind: r.get(2)?,
+                        unit: r.get(3)?,
+                        run: r.get(4)?,
+                        state: r.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Appends to the audit log. Not awaited.
+    pub fn audit(&self, a: AuditRecord) {
+        self.call_detached("audit", move |t| {
+            t.conn.execute(
+                "INSERT INTO audit(time, peer, method, unit, outcome) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![a.time.as_microsecond(), a.peer, a.method, a.unit, a.outcome],
+            )?;
+            Ok(())
+        });
+    }
+
+    /// The newest `limit` audit records, newest first.
+    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRecord>> {
+        self.call(move |t| {
+            let mut st = t.conn.prepare(
+                "SELECT time, peer, method, unit, outcome FROM audit ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = st
+                .query_map(params![limit], |r| {
+                    Ok(AuditRecord {
+                        time: ts(r.get(0)?),
+                        peer: r.get(1)?,
+                        method: r.get(2)?,
+                        unit: r.get(3)?,
+                        outcome: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Counts of runs by state, for `Daemon.Status`.
+    pub async fn run_counts(&self) -> Result<Vec<(String, u64)>> {
+        self.call(|t| {
+            let mut st = t.conn.prepare("SELECT state, COUNT(*) FROM runs GROUP BY state")?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Waits until every change sent so far is committed.
+    pub async fn flush(&self) -> Result<()> {
+        self.call(|_| Ok(())).await
+    }
+}
+
+fn get_run(conn: &Connection, id: i64) -> Result<Option<RunRecord>> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1");
+    Ok(conn.prepare_cached(&sql)?.query_row(params![id], run_from_row).optional()?)
+}
+
+fn prune(t: &mut Tx<'_>, unit: &str, keep: u32) -> Result<()> {
+    let ids: Vec<i64> = t
+        .conn
+        .prepare_cached(
+            "SELECT id FROM runs WHERE unit = ?1 AND state NOT IN ('queued', 'running') \
+             AND id < (SELECT COALESCE(MIN(id), 0) FROM \
+                 (SELECT id FROM runs WHERE unit = ?1 ORDER BY id DESC LIMIT ?2))",
+        )?
+        .query_map(params![unit, keep], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in ids {
+        t.conn.execute("DELETE FROM runs WHERE id = ?1", params![id])?;
+        t.delete_after_commit.push(logs::path_in(t.logs_dir, id));
+    }
+    Ok(())
+}
+
+fn db_thread(
+    conn: Connection,
+    rx: std_mpsc::Receiver<Job>,
+    events: broadcast::Sender<Event>,
+    logs_dir: PathBuf,
+) {
+    let mut since_prune = 0usize;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Nothing can be written: answer every caller with the error, run nothing.
+            let msg = e.to_string();
+            tracing::error!(error = %msg, "store: cannot begin a transaction");
+            for job in batch {
+                (job.done)(Some(&msg));
+            }
+            continue;
+        }
+        let mut tx = Tx {
+            conn: &conn,
+            events: Vec::new(),
+            delete_after_commit: Vec::new(),
+            logs_dir: &logs_dir,
+        };
+        let mut done = Vec::with_capacity(batch.len());
+        for job in batch {
+            let events_before = tx.events.len();
+            let deletes_before = tx.delete_after_commit.len();
+            let savepoint = conn.execute_batch("SAVEPOINT job");
+            let failed = (job.work)(&mut tx);
+            if failed && savepoint.is_ok() {
+                // Undo whatever the failing change wrote, keeping the rest of the batch.
+                let _ = conn.execute_batch("ROLLBACK TO job");
+                tx.events.truncate(events_before);
+                tx.delete_after_commit.truncate(deletes_before);
+            }
+            let _ = conn.execute_batch("RELEASE job");
+            done.push(job.done);
+        }
+        let commit = conn.execute_batch("COMMIT");
+        let err = commit.as_ref().err().map(|e| e.to_string());
+        if err.is_some() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        let Tx { events: evs, delete_after_commit, .. } = tx;
+        for d in done {
+            d(err.as_deref());
+        }
+        if err.is_none() {
+            for e in evs {
+                let _ = events.send(e);
+            }
+            for p in delete_after_commit {
+                let _ = std::fs::remove_file(&p);
+            }
+            since_prune += 1;
+            if since_prune >= 1024 {
+                since_prune = 0;
+                let _ = conn.execute(
+                    "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?1",
+                    params![EVENTS_KEPT],
+                );
+            }
+        }
+    }
+}
