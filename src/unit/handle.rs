@@ -1,0 +1,177 @@
+//! The handle the registry keeps for each unit: its current definition, a status snapshot the
+//! unit loop keeps up to date, the unit's cancellation token and its control channel.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use jiff::Timestamp;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::definition::UnitConfig;
+use crate::error::{Error, Result};
+use crate::run::{RunRecord, Trigger};
+
+/// A unit's state as `list` shows it, derived from what its loop is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnitState {
+    /// Next fire time known, or idle until started.
+    Waiting,
+    /// At least one run is active.
+    Running,
+    /// Waiting to retry a failed run or restart a service.
+    Backoff,
+    /// Paused by the user.
+    Paused,
+    /// A one-shot job finished and nothing is scheduled.
+    Done,
+    /// A service hit its start limit; `start` resets it.
+    Fatal,
+}
+
+impl UnitState {
+    /// Every state.
+    pub const ALL: [UnitState; 6] = [
+        UnitState::Waiting,
+        UnitState::Running,
+        UnitState::Backoff,
+        UnitState::Paused,
+        UnitState::Done,
+        UnitState::Fatal,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnitState::Waiting => "waiting",
+            UnitState::Running => "running",
+            UnitState::Backoff => "backoff",
+            UnitState::Paused => "paused",
+            UnitState::Done => "done",
+            UnitState::Fatal => "fatal",
+        }
+    }
+}
+
+impl std::str::FromStr for UnitState {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        UnitState::ALL.into_iter().find(|u| u.as_str() == s).ok_or_else(|| {
+            let names: Vec<_> = UnitState::ALL.iter().map(|s| s.as_str()).collect();
+            format!("{s:?} is not a unit state ({})", names.join(", "))
+        })
+    }
+}
+
+/// What the unit loop publishes about itself.
+#[derive(Debug, Clone)]
+pub struct UnitStatus {
+    /// Derived state.
+    pub state: UnitState,
+    /// When it fires next.
+    pub next_fire: Option<Timestamp>,
+    /// The newest run.
+    pub last_run: Option<RunRecord>,
+    /// Ids of active runs.
+    pub active: Vec<i64>,
+    /// Runs started, ever.
+    pub runs_total: u64,
+    /// Runs that did not succeed, ever.
+    pub failures_total: u64,
+    /// When the unit was added.
+    pub created_at: Timestamp,
+    /// When its definition last changed.
+    pub updated_at: Timestamp,
+}
+
+/// A request to a unit's loop.
+pub enum Control {
+    /// `TaskUnit.Start`.
+    Start {
+        /// Why.
+        trigger: Trigger,
+        /// The run started, queued, or already running.
+        reply: oneshot::Sender<Result<RunRecord>>,
+    },
+    /// `TaskUnit.Stop`: stop every active run; a service stays down until `Start`.
+    Stop {
+        /// How many runs were stopped.
+        reply: oneshot::Sender<Result<usize>>,
+    },
+    /// `TaskUnit.Pause` (true) / `TaskUnit.Resume` (false).
+    Pause {
+        /// Pause or resume.
+        paused: bool,
+        /// Done.
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// `TaskUnit.Edit`: the new definition applies from the next run.
+    Edit {
+        /// The validated new definition.
+        config: Arc<UnitConfig>,
+        /// When the edit was recorded.
+        at: Timestamp,
+        /// Done.
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// `Run.Cancel`.
+    Cancel {
+        /// The run.
+        run: i64,
+        /// The run as it ended.
+        reply: oneshot::Sender<Result<RunRecord>>,
+    },
+    /// `TaskUnit.Delete`: stop every run, wait for them, and end the loop.
+    Delete {
+        /// Answered once every run has ended and been recorded.
+        reply: oneshot::Sender<()>,
+    },
+}
+
+pub(crate) struct UnitShared {
+    pub(crate) name: String,
+    pub(crate) config: RwLock<Arc<UnitConfig>>,
+    pub(crate) status: Mutex<UnitStatus>,
+    pub(crate) control: mpsc::Sender<Control>,
+    pub(crate) token: CancellationToken,
+    /// Serialises changes to this unit (edit, pause, delete) made by callers.
+    pub(crate) op: tokio::sync::Mutex<()>,
+}
+
+/// A cheap-to-clone handle to one unit.
+#[derive(Clone)]
+pub struct UnitHandle(pub(crate) Arc<UnitShared>);
+
+impl UnitHandle {
+    /// The unit's name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// The current definition.
+    pub fn config(&self) -> Arc<UnitConfig> {
+        self.0.config.read().expect("unit config lock").clone()
+    }
+
+    /// A snapshot of the unit's status.
+    pub fn status(&self) -> UnitStatus {
+        self.0.status.lock().expect("unit status lock").clone()
+    }
+
+    /// Sends a request to the unit's loop and waits for the answer.
+    pub(crate) async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Control,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .control
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::UnitNotFound(self.0.name.clone()))?;
+        rx.await.map_err(|_| Error::UnitNotFound(self.0.name.clone()))
+    }
+
+    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0.op.lock().await
+    }
+}

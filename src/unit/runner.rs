@@ -1,0 +1,844 @@
+//! The per-unit loop: one tokio task per unit that owns everything that happens to it.
+//! It turns schedule fires, manual starts, retries and service restarts into runs, applies
+//! the overlap policy, stops runs on request, and publishes a status snapshot.
+//!
+//! Each run is its own task (in the loop's `JoinSet`) with a child cancellation token; it
+//! spawns the process through `exec`, forwards output to the run's log, enforces `timeout`,
+//! and records the outcome through the store before handing the record back to the loop.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::definition::{Action, CatchUp, Overlap, Restart, UnitConfig};
+use super::handle::{Control, UnitHandle, UnitShared, UnitState, UnitStatus};
+use crate::error::{Error, Result};
+use crate::exec;
+use crate::run::{RunRecord, RunState, Trigger};
+use crate::store::Store;
+use crate::store::logs::Stream;
+
+/// What every unit loop needs from the daemon.
+#[derive(Clone)]
+pub struct RunnerEnv {
+    /// The store.
+    pub store: Store,
+    /// Default working directory (`<state-dir>/work`).
+    pub work_dir: PathBuf,
+    /// Where scripts are written before they run.
+    pub scripts_dir: PathBuf,
+    /// Runs kept per unit unless the unit says otherwise.
+    pub keep_runs: u32,
+    /// This boot's id, recorded with each pid.
+    pub boot_id: Option<String>,
+}
+
+/// How a unit loop starts.
+pub struct InitialState {
+    /// Paused by the user.
+    pub paused: bool,
+    /// A service stopped by the user.
+    pub stopped: bool,
+    /// Last fire time handled.
+    pub last_fire: Option<Timestamp>,
+    /// Counters.
+    pub runs_total: u64,
+    /// Counters.
+    pub failures_total: u64,
+    /// The newest run.
+    pub last_run: Option<RunRecord>,
+    /// When added.
+    pub created_at: Timestamp,
+    /// When last edited (the anchor of `every` schedules).
+    pub updated_at: Timestamp,
+    /// Just added (`add` trigger) rather than loaded at daemon start.
+    pub fresh: bool,
+}
+
+/// Spawns the loop of a unit and returns its handle.
+pub fn spawn(
+    env: RunnerEnv,
+    config: Arc<UnitConfig>,
+    init: InitialState,
+    parent: &CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> UnitHandle {
+    let (tx, rx) = mpsc::channel(64);
+    let token = parent.child_token();
+    let shared = Arc::new(UnitShared {
+        name: config.name.clone(),
+        config: std::sync::RwLock::new(config.clone()),
+        status: Mutex::new(UnitStatus {
+            state: UnitState::Waiting,
+            next_fire: None,
+            last_run: init.last_run.clone(),
+            active: Vec::new(),
+            runs_total: init.runs_total,
+            failures_total: init.failures_total,
+            created_at: init.created_at,
+            updated_at: init.updated_at,
+        }),
+        control: tx,
+        token: token.clone(),
+        op: tokio::sync::Mutex::new(()),
+    });
+    let handle = UnitHandle(shared.clone());
+    let l = Loop {
+        env,
+        shared,
+        cfg: config,
+        runs: JoinSet::new(),
+        active: HashMap::new(),
+        queued: None,
+        after_replace: None,
+        next_fire: None,
+        anchor: init.updated_at,
+        pending: None,
+        failures_in_row: 0,
+        starts: VecDeque::new(),
+        paused: init.paused,
+        stopped: init.stopped,
+        fatal: false,
+        deleting: None,
+        runs_total: init.runs_total,
+        failures_total: init.failures_total,
+        last_run: init.last_run,
+    };
+    tracker.spawn(l.run(rx, token, init.fresh, init.last_fire));
+    handle
+}
+
+struct ActiveRun {
+    token: CancellationToken,
+    reason: Arc<Mutex<Option<String>>>,
+    record: RunRecord,
+    waiters: Vec<oneshot::Sender<Result<RunRecord>>>,
+}
+
+/// A retry or restart waiting for its back-off delay.
+struct Pending {
+    at: Instant,
+    trigger: Trigger,
+    attempt: u32,
+}
+
+struct Loop {
+    env: RunnerEnv,
+    shared: Arc<UnitShared>,
+    cfg: Arc<UnitConfig>,
+    runs: JoinSet<RunRecord>,
+    active: HashMap<i64, ActiveRun>,
+    /// One run waiting for the active one (`overlap: queue`, or a replace in progress).
+    queued: Option<RunRecord>,
+    /// Start this once every active run has stopped (`overlap: replace`).
+    after_replace: Option<Trigger>,
+    next_fire: Option<Timestamp>,
+    anchor: Timestamp,
+    pending: Option<Pending>,
+    failures_in_row: u32,
+    starts: VecDeque<Instant>,
+    paused: bool,
+    stopped: bool,
+    fatal: bool,
+    deleting: Option<oneshot::Sender<()>>,
+    runs_total: u64,
+    failures_total: u64,
+    last_run: Option<RunRecord>,
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The tokio instant at which wall-clock time `t` arrives.
+fn instant_of(t: Timestamp) -> Instant {
+    let now = Timestamp::now();
+    let d = t.duration_since(now);
+    if d.is_negative() {
+        Instant::now()
+    } else {
+        Instant::now() + Duration::try_from(d).unwrap_or(Duration::ZERO)
+    }
+}
+
+impl Loop {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Control>,
+        token: CancellationToken,
+        fresh: bool,
+        last_fire: Option<Timestamp>,
+    ) {
+        self.start_up(fresh, last_fire).await;
+        loop {
+            self.publish();
+            let fire_at = if self.paused || self.deleting.is_some() {
+                None
+            } else {
+                self.next_fire.map(instant_of)
+            };
+            let pending_at = if self.deleting.is_some() { None } else { self.pending.as_ref().map(|p| p.at) };
+            tokio::select! {
+                ctl = rx.recv() => match ctl {
+                    Some(c) => self.control(c).await,
+                    None => break,
+                },
+                Some(done) = self.runs.join_next(), if !self.runs.is_empty() => {
+                    match done {
+                        Ok(rec) => self.finished(rec).await,
+                        Err(e) => tracing::error!(unit = %self.cfg.name, error = %e, "run task failed"),
+                    }
+                    if self.deleting.is_some() && self.active.is_empty() {
+                        break;
+                    }
+                }
+                _ = sleep_until_opt(fire_at) => self.fire().await,
+                _ = sleep_until_opt(pending_at) => {
+                    if let Some(p) = self.pending.take() {
+                        self.start_run(p.trigger, p.attempt).await;
+                    }
+                }
+                _ = token.cancelled(), if self.deleting.is_none() => {
+                    self.stop_all("shutdown");
+                    self.cancel_queued("shutdown").await;
+                    self.drain().await;
+                    break;
+                }
+            }
+        }
+        if let Some(reply) = self.deleting.take() {
+            let _ = reply.send(());
+        }
+    }
+
+    async fn start_up(&mut self, fresh: bool, last_fire: Option<Timestamp>) {
+        let now = Timestamp::now();
+        if let Some(s) = &self.cfg.schedule {
+            let since = last_fire.unwrap_or(self.anchor);
+            if !fresh
+                && !self.paused
+                && self.cfg.catch_up == CatchUp::Once
+                && s.missed(since, now, self.anchor)
+            {
+                self.env.store.set_last_fire(&self.cfg.name, now);
+                self.start_run(Trigger::CatchUp, 1).await;
+            }
+            self.next_fire = s.next_after(now, self.anchor);
+            return;
+        }
+        if self.paused {
+            return;
+        }
+        let continuous = self.cfg.service || self.cfg.is_tick();
+        if continuous && !self.stopped {
+            let trigger = if fresh { Trigger::Add } else { Trigger::Restart };
+            self.start_run(trigger, 1).await;
+        } else if !continuous && fresh {
+            self.start_run(Trigger::Add, 1).await;
+        } else if !continuous && self.last_run.is_none() && self.runs_total == 0 {
+            // Added, acknowledged, but the daemon stopped before its first run started.
+            self.start_run(Trigger::Add, 1).await;
+        }
+    }
+
+    fn derive_state(&self) -> UnitState {
+        if self.fatal {
+            UnitState::Fatal
+        } else if !self.active.is_empty() {
+            UnitState::Running
+        } else if self.paused {
+            UnitState::Paused
+        } else if self.pending.is_some() || self.queued.is_some() {
+            UnitState::Backoff
+        } else if self.next_fire.is_some() {
+            UnitState::Waiting
+        } else if self.cfg.service || self.cfg.is_tick() {
+            if self.stopped || self.last_run.is_none() {
+                UnitState::Waiting
+            } else {
+                UnitState::Done
+            }
+        } else if self.last_run.is_some() {
+            UnitState::Done
+        } else {
+            UnitState::Waiting
+        }
+    }
+
+    fn publish(&self) {
+        let mut st = self.shared.status.lock().expect("unit status lock");
+        st.state = self.derive_state();
+        st.next_fire = if self.paused { None } else { self.next_fire };
+        st.last_run = self.last_run.clone();
+        st.active = self.active.keys().copied().collect();
+        st.active.sort_unstable();
+        st.runs_total = self.runs_total;
+        st.failures_total = self.failures_total;
+    }
+
+    async fn control(&mut self, c: Control) {
+        match c {
+            Control::Start { trigger, reply } => {
+                let r = self.manual_start(trigger).await;
+                let _ = reply.send(r);
+            }
+            Control::Stop { reply } => {
+                let n = self.stop_all("stopped");
+                let q = self.cancel_queued("stopped").await;
+                self.pending = None;
+                self.after_replace = None;
+                if self.cfg.service || self.cfg.is_tick() {
+                    self.stopped = true;
+                }
+                let r = self
+                    .env
+                    .store
+                    .set_flags(&self.cfg.name, self.paused, self.stopped, "unit.stopped")
+                    .await
+                    .map(|_| n + q);
+                let _ = reply.send(r);
+            }
+            Control::Pause { paused, reply } => {
+                let kind = if paused { "unit.paused" } else { "unit.resumed" };
+                let r = self.env.store.set_flags(&self.cfg.name, paused, self.stopped, kind).await;
+                if r.is_ok() {
+                    self.paused = paused;
+                    if !paused {
+                        let now = Timestamp::now();
+                        if let Some(s) = &self.cfg.schedule {
+                            self.next_fire = s.next_after(now, self.anchor);
+                        } else if (self.cfg.service || self.cfg.is_tick())
+                            && !self.stopped
+                            && self.active.is_empty()
+                            && self.pending.is_none()
+                        {
+                            self.start_run(Trigger::Manual, 1).await;
+                        }
+                    } else {
+                        self.pending = None;
+                    }
+                }
+                let _ = reply.send(r);
+            }
+            Control::Edit { config, at, reply } => {
+                let was_continuous = self.cfg.service || self.cfg.is_tick();
+                *self.shared.config.write().expect("unit config lock") = config.clone();
+                self.cfg = config;
+                self.anchor = at;
+                self.shared.status.lock().expect("unit status lock").updated_at = at;
+                self.next_fire =
+                    self.cfg.schedule.as_ref().and_then(|s| s.next_after(Timestamp::now(), at));
+                let continuous = self.cfg.service || self.cfg.is_tick();
+                if continuous && !was_continuous && !self.paused && self.active.is_empty() {
+                    self.stopped = false;
+                    self.start_run(Trigger::Manual, 1).await;
+                }
+                if !continuous {
+                    self.fatal = false;
+                }
+                let _ = reply.send(Ok(()));
+            }
+            Control::Cancel { run, reply } => {
+                if let Some(a) = self.active.get_mut(&run) {
+                    *a.reason.lock().expect("reason lock") = Some("cancelled".into());
+                    a.token.cancel();
+                    a.waiters.push(reply);
+                } else if self.queued.as_ref().is_some_and(|q| q.id == run) {
+                    let r = self.cancel_queued("cancelled").await;
+                    let rec = self.last_run.clone().filter(|_| r > 0);
+                    let _ = reply.send(rec.ok_or(Error::RunNotFound(run)));
+                } else {
+                    let _ = reply.send(Err(Error::Conflict(format!("run {run} is not active"))));
+                }
+            }
+            Control::Delete { reply } => {
+                self.stop_all("deleted");
+                self.cancel_queued("deleted").await;
+                self.pending = None;
+                self.after_replace = None;
+                self.next_fire = None;
+                self.deleting = Some(reply);
+                if self.active.is_empty() {
+                    self.drain().await;
+                    // The loop's select ends on the next turn: nothing is active.
+                    if let Some(r) = self.deleting.take() {
+                        let _ = r.send(());
+                    }
+                    self.shared.token.cancel();
+                }
+            }
+        }
+        if self.deleting.is_none() && self.shared.token.is_cancelled() {
+            // Deleted with nothing active: the reply went out; the loop ends via its token.
+        }
+    }
+
+    async fn manual_start(&mut self, trigger: Trigger) -> Result<RunRecord> {
+        if self.deleting.is_some() {
+            return Err(Error::UnitNotFound(self.cfg.name.clone()));
+        }
+        self.fatal = false;
+        self.failures_in_row = 0;
+        self.starts.clear();
+        if self.stopped {
+            self.stopped = false;
+            self.env.store.set_flags(&self.cfg.name, self.paused, false, "unit.started").await?;
+        }
+        let continuous = self.cfg.service || self.cfg.is_tick();
+        if let Some(a) = self.active.values().next() {
+            if continuous {
+                return Ok(a.record.clone());
+            }
+            match self.cfg.overlap {
+                Overlap::Skip => return Ok(a.record.clone()),
+                Overlap::Queue => return self.enqueue(trigger).await,
+                Overlap::Allow => {}
+                Overlap::Replace => {
+                    self.stop_all("replaced");
+                    return self.enqueue(trigger).await;
+                }
+            }
+        }
+        self.pending = None;
+        self.start_run(trigger, 1).await.ok_or_else(|| {
+            Error::Conflict(format!("unit {:?} could not start a run; see its last run", self.cfg.name))
+        })
+    }
+
+    async fn enqueue(&mut self, trigger: Trigger) -> Result<RunRecord> {
+        if let Some(q) = &self.queued {
+            return Ok(q.clone());
+        }
+        let rec =
+            self.env.store.create_run(&self.cfg.name, RunState::Queued, trigger, 1).await?;
+        self.queued = Some(rec.clone());
+        Ok(rec)
+    }
+
+    async fn fire(&mut self) {
+        let Some(s) = self.cfg.schedule.clone() else {
+            self.next_fire = None;
+            return;
+        };
+        let fired_at = self.next_fire.unwrap_or_else(Timestamp::now);
+        self.next_fire = s.next_after(Timestamp::now().max(fired_at), self.anchor);
+        self.env.store.set_last_fire(&self.cfg.name, fired_at);
+        if !self.active.is_empty() {
+            match self.cfg.overlap {
+                Overlap::Skip => {
+                    tracing::info!(unit = %self.cfg.name, "fire skipped: a run is still active");
+                    return;
+                }
+                Overlap::Queue => {
+                    if let Err(e) = self.enqueue(Trigger::Schedule).await {
+                        tracing::error!(unit = %self.cfg.name, error = %e, "cannot queue a run");
+                    }
+                    return;
+                }
+                Overlap::Allow => {}
+                Overlap::Replace => {
+                    self.stop_all("replaced");
+                    if let Err(e) = self.enqueue(Trigger::Schedule).await {
+                        tracing::error!(unit = %self.cfg.name, error = %e, "cannot queue a run");
+                    }
+                    return;
+                }
+            }
+        }
+        self.start_run(Trigger::Schedule, 1).await;
+    }
+
+    /// Signals every active run to stop with `reason`; returns how many.
+    fn stop_all(&mut self, reason: &str) -> usize {
+        for a in self.active.values() {
+            let mut r = a.reason.lock().expect("reason lock");
+            if r.is_none() {
+                *r = Some(reason.to_string());
+            }
+            a.token.cancel();
+        }
+        self.active.len()
+    }
+
+    /// Cancels the queued run, if any; returns how many (0 or 1).
+    async fn cancel_queued(&mut self, reason: &str) -> usize {
+        let Some(mut q) = self.queued.take() else { return 0 };
+        q.state = RunState::Cancelled;
+        q.ended_at = Some(Timestamp::now());
+        q.reason = Some(reason.into());
+        if let Err(e) = self.env.store.finish_run(q.clone(), self.keep_runs()).await {
+            tracing::error!(unit = %self.cfg.name, error = %e, "cannot record a cancelled run");
+        }
+        self.last_run = Some(q);
+        1
+    }
+
+    async fn drain(&mut self) {
+        while let Some(done) = self.runs.join_next().await {
+            if let Ok(rec) = done {
+                self.record_end(rec);
+            }
+        }
+        self.publish();
+    }
+
+    fn keep_runs(&self) -> u32 {
+        self.cfg.keep_runs.unwrap_or(self.env.keep_runs)
+    }
+
+    /// Starts a run now; `None` if it could not even be recorded.
+    async fn start_run(&mut self, trigger: Trigger, attempt: u32) -> Option<RunRecord> {
+        let rec = match self.env.store.create_run(&self.cfg.name, RunState::Running, trigger, attempt).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(unit = %self.cfg.name, error = %e, "cannot record a new run");
+                return None;
+            }
+        };
+        self.launch(rec.clone());
+        Some(rec)
+    }
+
+    fn launch(&mut self, rec: RunRecord) {
+        self.runs_total += 1;
+        let now = Instant::now();
+        self.starts.push_back(now);
+        let token = self.shared.token.child_token();
+        let reason = Arc::new(Mutex::new(None));
+        self.active.insert(
+            rec.id,
+            ActiveRun { token: token.clone(), reason: reason.clone(), record: rec.clone(), waiters: Vec::new() },
+        );
+        self.last_run = Some(rec.clone());
+        let env = self.env.clone();
+        let cfg = self.cfg.clone();
+        let keep = self.keep_runs();
+        self.runs.spawn(execute(env, cfg, rec, token, reason, keep));
+    }
+
+    fn record_end(&mut self, rec: RunRecord) {
+        if rec.state != RunState::Succeeded {
+            self.failures_total += 1;
+        }
+        if let Some(mut a) = self.active.remove(&rec.id) {
+            for w in a.waiters.drain(..) {
+                let _ = w.send(Ok(rec.clone()));
+            }
+        }
+        if self.last_run.as_ref().is_none_or(|l| l.id <= rec.id) {
+            self.last_run = Some(rec);
+        }
+    }
+
+    async fn finished(&mut self, rec: RunRecord) {
+        let lived = rec.duration(Timestamp::now()).and_then(|d| Duration::try_from(d).ok());
+        let state = rec.state;
+        let attempt = rec.attempt;
+        let stopped_by_us = state == RunState::Cancelled;
+        self.record_end(rec);
+        if self.deleting.is_some() {
+            return;
+        }
+        // A replace or queued run waits for the active ones to end.
+        if self.active.is_empty() {
+            if let Some(q) = self.queued.take() {
+                match self.env.store.start_queued(q.id).await {
+                    Ok(r) => {
+                        self.launch(r);
+                        return;
+                    }
+                    Err(e) => tracing::error!(unit = %self.cfg.name, error = %e, "cannot start a queued run"),
+                }
+            }
+            if let Some(t) = self.after_replace.take() {
+                self.start_run(t, 1).await;
+                return;
+            }
+        }
+        if stopped_by_us || self.paused {
+            return;
+        }
+        if self.cfg.service {
+            let restart = match self.cfg.restart {
+                Restart::Always => true,
+                Restart::OnFailure => state != RunState::Succeeded,
+                Restart::Never => false,
+            };
+            if !restart || self.stopped {
+                return;
+            }
+            let limit = self.cfg.start_limit;
+            if lived.is_some_and(|l| l >= limit.window) {
+                self.failures_in_row = 0;
+            }
+            let now = Instant::now();
+            while self.starts.front().is_some_and(|t| now.duration_since(*t) > limit.window) {
+                self.starts.pop_front();
+            }
+            if self.starts.len() >= limit.count as usize {
+                self.fatal = true;
+                tracing::warn!(unit = %self.cfg.name, "service hit its start limit; now fatal");
+                self.env.store.emit("unit.fatal", &self.cfg.name, Some("fatal"));
+                return;
+            }
+            let delay = self.cfg.backoff.delay(self.failures_in_row);
+            self.failures_in_row = self.failures_in_row.saturating_add(1);
+            self.pending = Some(Pending { at: now + delay, trigger: Trigger::Restart, attempt: 1 });
+        } else if matches!(state, RunState::Failed | RunState::TimedOut)
+            && attempt <= self.cfg.retries
+            && self.active.is_empty()
+        {
+            let delay = self.cfg.backoff.delay(attempt - 1);
+            self.pending = Some(Pending {
+                at: Instant::now() + delay,
+                trigger: Trigger::Retry,
+                attempt: attempt + 1,
+            });
+        }
+    }
+}
+
+/// The environment every run gets: a fixed base (the daemon's own is not copied), the
+/// unit's `env` on top, and `TASKD_*` variables describing the run.
+fn run_env(cfg: &UnitConfig, rec: &RunRecord, user: Option<&exec::User>) -> Vec<(String, String)> {
+    let mut env: std::collections::BTreeMap<String, String> = Default::default();
+    env.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let (name, home) = match user {
+        Some(u) => (u.name.clone(), u.home.display().to_string()),
+        None => (
+            std::env::var("USER").unwrap_or_else(|_| nix::unistd::getuid().to_string()),
+            std::env::var("HOME").unwrap_or_else(|_| "/".into()),
+        ),
+    };
+    env.insert("HOME".into(), home);
+    env.insert("USER".into(), name.clone());
+    env.insert("LOGNAME".into(), name);
+    env.insert("SHELL".into(), "/bin/sh".into());
+    if let Ok(lang) = std::env::var("LANG") {
+        env.insert("LANG".into(), lang);
+    }
+    env.insert("TASKD_UNIT".into(), cfg.name.clone());
+    env.insert("TASKD_RUN_ID".into(), rec.id.to_string());
+    env.insert("TASKD_ATTEMPT".into(), rec.attempt.to_string());
+    env.insert("TASKD_TRIGGER".into(), rec.trigger.as_str().into());
+    for (k, v) in &cfg.env {
+        env.insert(k.clone(), v.clone());
+    }
+    env.into_iter().collect()
+}
+
+/// The argv of a script run: its `#!` interpreter (with one optional argument), else `/bin/sh`.
+fn script_argv(text: &str, path: &std::path::Path, args: &[String]) -> Vec<String> {
+    let mut argv = Vec::new();
+    match text.strip_prefix("#!").and_then(|rest| rest.lines().next()) {
+        Some(line) if !line.trim().is_empty() => {
+            let line = line.trim();
+            match line.split_once(char::is_whitespace) {
+                Some((interp, arg)) => {
+                    argv.push(interp.to_string());
+                    argv.push(arg.trim().to_string());
+                }
+                None => argv.push(line.to_string()),
+            }
+        }
+        _ => argv.push("/bin/sh".into()),
+    }
+    argv.push(path.display().to_string());
+    argv.extend(args.iter().cloned());
+    argv
+}
+
+fn to_log_stream(s: exec::Stream) -> Stream {
+    match s {
+        exec::Stream::Stdout => Stream::Stdout,
+        exec::Stream::Stderr => Stream::Stderr,
+    }
+}
+
+/// Runs one run to its end and records it.
+async fn execute(
+    env: RunnerEnv,
+    cfg: Arc<UnitConfig>,
+    mut rec: RunRecord,
+    stop: CancellationToken,
+    reason: Arc<Mutex<Option<String>>>,
+    keep_runs: u32,
+) -> RunRecord {
+    let logs = env.store.logs().clone();
+    if let Err(e) = logs.open(rec.id, cfg.log_limit).await {
+        tracing::error!(run = rec.id, error = %e, "cannot open the run's log");
+    }
+    let outcome = match &cfg.action {
+        Action::Tick(every) => tick(&env, &cfg, &rec, *every, &stop).await,
+        _ => spawn_and_wait(&env, &cfg, &rec, &stop, &reason).await,
+    };
+    let summary = logs.finish(rec.id).await;
+    rec.ended_at = Some(Timestamp::now());
+    rec.stdout_bytes = summary.stdout_bytes;
+    rec.stderr_bytes = summary.stderr_bytes;
+    rec.truncated = summary.truncated;
+    match outcome {
+        Outcome::Exited { termination, stopped, pid } => {
+            rec.pid = Some(pid);
+            match termination {
+                exec::Termination::Exited(c) => rec.exit_code = Some(c),
+                exec::Termination::Signaled(s) => rec.signal = Some(s),
+            }
+            let why = reason.lock().expect("reason lock").clone();
+            rec.state = if stopped {
+                rec.reason = why.clone();
+                if why.as_deref() == Some("timeout") { RunState::TimedOut } else { RunState::Cancelled }
+            } else {
+                match termination {
+                    exec::Termination::Exited(c) if cfg.success_codes.contains(&c) => RunState::Succeeded,
+                    _ => RunState::Failed,
+                }
+            };
+        }
+        Outcome::Ticked => {
+            rec.state = RunState::Cancelled;
+            rec.reason = reason.lock().expect("reason lock").clone();
+        }
+        Outcome::NotStarted(msg) => {
+            rec.state = RunState::Failed;
+            rec.reason = Some(msg);
+        }
+    }
+    if let Err(e) = env.store.finish_run(rec.clone(), keep_runs).await {
+        tracing::error!(run = rec.id, error = %e, "cannot record the end of a run");
+    }
+    rec
+}
+
+enum Outcome {
+    Exited { termination: exec::Termination, stopped: bool, pid: u32 },
+    Ticked,
+    NotStarted(String),
+}
+
+async fn tick(
+    env: &RunnerEnv,
+    cfg: &UnitConfig,
+    rec: &RunRecord,
+    every: Duration,
+    stop: &CancellationToken,
+) -> Outcome {
+    let logs = env.store.logs();
+    let mut next = Instant::now();
+    loop {
+        let now = Timestamp::now();
+        let line = format!("tick {} {}\n", cfg.name, now.strftime("%Y-%m-%dT%H:%M:%S%:z"));
+        logs.write(rec.id, Stream::Stdout, now, line.into_bytes()).await;
+        next += every;
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = stop.cancelled() => return Outcome::Ticked,
+        }
+    }
+}
+
+async fn spawn_and_wait(
+    env: &RunnerEnv,
+    cfg: &UnitConfig,
+    rec: &RunRecord,
+    stop: &CancellationToken,
+    reason: &Arc<Mutex<Option<String>>>,
+) -> Outcome {
+    let user = match &cfg.user {
+        None => None,
+        Some(name) => match exec::User::lookup(name) {
+            Ok(u) => Some(u),
+            Err(e) => return Outcome::NotStarted(format!("cannot run as {name:?}: {e}")),
+        },
+    };
+    let mut script_path = None;
+    let argv = match &cfg.action {
+        Action::Command(cmd) => cmd.iter().chain(cfg.args.iter()).cloned().collect(),
+        Action::Script(text) => match env.store.write_script(rec.id, text, user.as_ref().map(|u| (u.uid, u.gid))).await {
+            Ok(p) => {
+                let argv = script_argv(text, &p, &cfg.args);
+                script_path = Some(p);
+                argv
+            }
+            Err(e) => return Outcome::NotStarted(format!("cannot write the script: {e}")),
+        },
+        Action::Tick(_) => unreachable!("tick units do not spawn"),
+    };
+    let cwd = cfg.cwd.clone().unwrap_or_else(|| env.work_dir.clone());
+    let spec = exec::Spec { argv, env: run_env(cfg, rec, user.as_ref()), cwd, user };
+    let (out_tx, mut out_rx) = mpsc::channel::<exec::Chunk>(64);
+    let proc = match exec::Process::spawn(&spec, out_tx) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(p) = script_path {
+                env.store.remove_script(p);
+            }
+            return Outcome::NotStarted(format!("cannot start: {e}"));
+        }
+    };
+    let pid = proc.pid();
+    env.store.set_pid(rec.id, pid, proc.start_ticks(), env.boot_id.clone());
+    let logs = env.store.logs().clone();
+    let run_id = rec.id;
+    let forward = async move {
+        while let Some(c) = out_rx.recv().await {
+            logs.write(run_id, to_log_stream(c.stream), c.at, c.data).await;
+        }
+    };
+    let stop_proc = stop.child_token();
+    let timeout = cfg.timeout;
+    let wait = proc.wait(stop_proc.clone(), cfg.kill_grace);
+    let timer = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(wait, timer);
+    let forward = tokio::spawn(forward);
+    let exit = loop {
+        tokio::select! {
+            exit = &mut wait => break exit,
+            _ = &mut timer => {
+                let mut r = reason.lock().expect("reason lock");
+                if r.is_none() {
+                    *r = Some("timeout".into());
+                }
+                drop(r);
+                stop_proc.cancel();
+                timer.set(async { std::future::pending::<()>().await });
+            }
+        }
+    };
+    let _ = forward.await;
+    if let Some(p) = script_path {
+        env.store.remove_script(p);
+    }
+    Outcome::Exited { termination: exit.termination, stopped: exit.stopped, pid }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_run_with_their_interpreter() {
+        let p = std::path::Path::new("/s");
+        assert_eq!(script_argv("echo hi", p, &[]), ["/bin/sh", "/s"]);
+        assert_eq!(
+            script_argv("#!/usr/bin/env python3\nprint(1)", p, &["a".into()]),
+            ["/usr/bin/env", "python3", "/s", "a"]
+        );
+        assert_eq!(script_argv("#!/bin/bash\n", p, &[]), ["/bin/bash", "/s"]);
+    }
+}
