@@ -1,3 +1,4 @@
 //! taskd: a task daemon and its client library.
 pub mod error;
+pub mod exec;
 pub use error::{Error, Result};
