@@ -275,6 +275,9 @@ impl Process {
     /// If the leader exits on its own while other members of its group remain, they are stopped
     /// the same way. Returns once the leader has been reaped, the group is gone and the output
     /// readers are finished (all output has been handed to the receiver).
+    ///
+    /// Not cancel-safe: dropping the future part-way may leave the group running. To stop a
+    /// run, cancel `stop` and let `wait` finish.
     pub async fn wait(mut self, stop: CancellationToken, grace: Duration) -> Exit {
         let pgid = Pid::from_raw(self.pid as i32);
         let mut stopped = false;
@@ -806,6 +809,29 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn reports_deaths_by_real_time_signals() {
+        setup();
+        // nix cannot decode these statuses; the raw status comes from /proc instead.
+        let sig = libc::SIGRTMIN() + 6;
+        let (process, _) = start(&sh(&format!("kill -{sig} $$")));
+        assert_eq!(wait_normally(process).await.termination, Termination::Signaled(sig));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn many_concurrent_runs_all_report() {
+        setup();
+        let runs: Vec<_> = (0..40)
+            .map(|i| {
+                let (process, _) = start(&sh(&format!("exit {i}")));
+                tokio::spawn(wait_normally(process))
+            })
+            .collect();
+        for (i, run) in runs.into_iter().enumerate() {
+            assert_eq!(run.await.unwrap().termination, Termination::Exited(i as i32));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn notices_exit_at_once() {
         setup();
         let started = std::time::Instant::now();
@@ -907,6 +933,18 @@ mod tests {
         assert!(!group_alive(Pid::from_raw(pgid as i32)));
         let sleep: u32 = text(&collector.await.unwrap(), Stream::Stdout).trim().parse().unwrap();
         eventually("the background sleep to be gone", || is_gone(sleep)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_escaped_process_holding_the_pipe_does_not_block_wait() {
+        setup();
+        let (process, collector) = start(&sh("setsid sleep 1000 & echo $!"));
+        let exit = wait_normally(process).await;
+        assert_eq!(exit.termination, Termination::Exited(0));
+        let escaped: u32 = text(&collector.await.unwrap(), Stream::Stdout).trim().parse().unwrap();
+        // It left our group, so it is not ours to stop; clean up after the test.
+        let _ = kill(Pid::from_raw(escaped as i32), Signal::SIGKILL);
+        eventually("the escaped sleep to be gone", || is_gone(escaped)).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
