@@ -290,7 +290,7 @@ impl Process {
         let termination = match leader {
             Some(t) => {
                 if group_alive(pgid) {
-                    let _ = killpg(pgid, Signal::SIGTERM);
+                    terminate_group(pgid);
                     if !wait_group_gone(pgid, Instant::now() + grace).await {
                         killed = kill_group(pgid).await;
                     }
@@ -299,7 +299,7 @@ impl Process {
             }
             None => {
                 stopped = true;
-                let _ = killpg(pgid, Signal::SIGTERM);
+                terminate_group(pgid);
                 let deadline = Instant::now() + grace;
                 let leader = tokio::time::timeout_at(deadline, &mut self.exit).await.ok();
                 let gone = match leader {
@@ -501,6 +501,13 @@ async fn read_pipe(
             break;
         }
     }
+}
+
+/// Asks group `pgid` to terminate. SIGCONT follows SIGTERM because a stopped process would only
+/// act on the SIGTERM once continued, and would otherwise always need SIGKILL.
+fn terminate_group(pgid: Pid) {
+    let _ = killpg(pgid, Signal::SIGTERM);
+    let _ = killpg(pgid, Signal::SIGCONT);
 }
 
 /// Whether any process is left in group `pgid` (a zombie leader not yet reaped counts).
@@ -918,6 +925,22 @@ mod tests {
         );
         assert!(!group_alive(Pid::from_raw(pid as i32)));
         assert_eq!(text(&(&mut collector).await.unwrap(), Stream::Stdout), "ready\n");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stop_terminates_a_stopped_process_without_sigkill() {
+        setup();
+        let (process, _) = start(&spec(&["sleep", "1000"]));
+        let pid = process.pid();
+        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+        eventually("the process to stop", || read_stat(pid).is_some_and(|s| s.state == 'T')).await;
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let exit = process.wait(stop, LONG).await;
+        assert_eq!(
+            exit,
+            Exit { termination: Termination::Signaled(15), stopped: true, killed: false }
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
