@@ -1,0 +1,1092 @@
+//! Runs one command in its own process group, streams its output, notices its exit at once
+//! and stops it (with every descendant in its group) on request.
+//!
+//! # How exits are noticed
+//!
+//! The daemon is a child subreaper ([`become_subreaper`]), so orphaned grandchildren are
+//! reparented to it and must be reaped by it. Per-pid waits (as `tokio::process` does) cannot
+//! coexist with that, so one process-wide reaper thread listens to SIGCHLD and reaps *every*
+//! exited child with `waitid(P_ALL)`. The statuses of the leaders we spawned are handed to their
+//! [`Process`] through a `pid → oneshot` map; anything else is an orphan and simply reaped.
+//!
+//! **Architecture Invariant:** once a [`Process`] has been spawned, nothing else in the daemon
+//! may wait for child processes (no `std::process::Command::status`, no `tokio::process`): the
+//! reaper would steal their statuses.
+//!
+//! **Architecture Invariant:** a run's process group never outlives the run: [`Process::wait`]
+//! returns only once the group is empty (or has been sent SIGKILL).
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::unistd::{Gid, Pid, Uid};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The search path used when the command's environment has no `PATH`.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// How much of a pipe is read at once.
+const READ_BUF: usize = 64 * 1024;
+
+/// How long the output readers may keep waiting for EOF once the process group is gone: a
+/// member that escaped the group (setsid) may hold the pipe open forever.
+const READER_GRACE: Duration = Duration::from_millis(100);
+
+/// Once the readers have been told to finish, how much more they read before giving up: enough
+/// for whatever the run left in a (possibly enlarged) pipe, bounded so that an escaped process
+/// writing without pause cannot keep them going forever.
+const FINISH_BUDGET: usize = 4 * 1024 * 1024;
+
+/// How often the stop path checks whether the group is empty yet. Only stopping polls; exits
+/// are noticed through SIGCHLD.
+const GROUP_POLL: Duration = Duration::from_millis(15);
+
+/// After SIGKILL, how long to wait for the group to disappear (killed processes still have to
+/// be reaped by their parent) before returning anyway.
+const KILL_SETTLE: Duration = Duration::from_secs(1);
+
+/// What to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spec {
+    /// Program and arguments; `argv[0]` is looked up in the `PATH` of `env` if it has no '/'.
+    pub argv: Vec<String>,
+    /// The complete environment; nothing is inherited from the daemon.
+    pub env: Vec<(String, String)>,
+    /// The working directory.
+    pub cwd: PathBuf,
+    /// Run as this account (the daemon must be root).
+    pub user: Option<User>,
+}
+
+/// An account to run as, resolved by [`User::lookup`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    /// The login name.
+    pub name: String,
+    /// The user id.
+    pub uid: u32,
+    /// The primary group id.
+    pub gid: u32,
+    /// The supplementary groups (from `getgrouplist`, including the primary group).
+    pub groups: Vec<u32>,
+    /// The home directory.
+    pub home: PathBuf,
+    /// The login shell.
+    pub shell: PathBuf,
+}
+
+impl User {
+    /// Resolves an account by name or numeric uid, with its supplementary groups.
+    ///
+    /// This consults NSS, which may block; call it off the async threads where that matters.
+    pub fn lookup(name: &str) -> io::Result<User> {
+        let found = match name.parse::<u32>() {
+            Ok(uid) => nix::unistd::User::from_uid(Uid::from_raw(uid)),
+            Err(_) => nix::unistd::User::from_name(name),
+        }
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("user {name:?}: {e}")))?;
+        let user = found.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no such user: {name:?}"))
+        })?;
+        let cname = CString::new(user.name.as_str()).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("user {name:?}: NUL in name"))
+        })?;
+        let groups = nix::unistd::getgrouplist(&cname, user.gid).map_err(|e| {
+            io::Error::new(io::Error::from(e).kind(), format!("groups of user {name:?}: {e}"))
+        })?;
+        Ok(User {
+            name: user.name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            groups: groups.into_iter().map(Gid::as_raw).collect(),
+            home: user.dir,
+            shell: user.shell,
+        })
+    }
+}
+
+/// Which output pipe a chunk was read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A piece of output, as read from the pipe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// The pipe it came from.
+    pub stream: Stream,
+    /// The bytes, as read (not split on lines).
+    pub data: Vec<u8>,
+    /// When it was read.
+    pub at: jiff::Timestamp,
+}
+
+/// How the process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Termination {
+    /// It exited with this status code.
+    Exited(i32),
+    /// It was killed by this signal number.
+    Signaled(i32),
+}
+
+/// The outcome of [`Process::wait`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// How the leader ended.
+    pub termination: Termination,
+    /// We stopped it because the `stop` token was cancelled.
+    pub stopped: bool,
+    /// SIGKILL had to be sent to the group (SIGTERM was not enough within the grace period).
+    pub killed: bool,
+}
+
+/// A running command: the leader of its own process group.
+///
+/// Call [`Process::wait`] to the end: dropping a `Process` neither stops nor waits for it.
+#[derive(Debug)]
+pub struct Process {
+    pid: u32,
+    start_ticks: Option<u64>,
+    exit: oneshot::Receiver<Termination>,
+    readers: Vec<JoinHandle<()>>,
+    /// Tells the readers to stop waiting for EOF once the pipes are empty.
+    finish: CancellationToken,
+}
+
+impl Process {
+    /// Spawns `spec` in a new process group (setpgid), stdin /dev/null, stdout and stderr piped.
+    ///
+    /// Output chunks are sent on `output` as they are read. The pipes are always drained: a slow
+    /// receiver is awaited (nothing is dropped), a receiver that is gone makes the readers
+    /// discard. Must be called within a tokio runtime, whose tasks read the pipes.
+    ///
+    /// Errors name the program or directory at fault, e.g.
+    /// `No such file or directory: "nonexistent-cmd"`.
+    pub fn spawn(spec: &Spec, output: mpsc::Sender<Chunk>) -> io::Result<Process> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(io::Error::other("exec::Process::spawn needs a tokio runtime"));
+        }
+        check_cwd(&spec.cwd)?;
+        let program = resolve_program(spec)?;
+        let argv0 = &spec.argv[0];
+
+        let mut cmd = std::process::Command::new(&program);
+        cmd.arg0(argv0)
+            .args(&spec.argv[1..])
+            .env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&spec.cwd)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Resolved before fork: the child may only make async-signal-safe calls.
+        let ids = spec.user.as_ref().map(|u| Ids {
+            uid: Uid::from_raw(u.uid),
+            gid: Gid::from_raw(u.gid),
+            groups: u.groups.iter().map(|&g| Gid::from_raw(g)).collect(),
+        });
+        // SAFETY: the closure runs in the forked child before exec; `child_setup` makes only
+        // async-signal-safe calls (sigaction, sigprocmask, setgroups, setgid, setuid), does not
+        // allocate, and only reads `ids`, which was built before the fork.
+        unsafe {
+            cmd.pre_exec(move || child_setup(ids.as_ref()));
+        }
+
+        // Held across spawn, map insert and reading /proc so that the reaper cannot reap the
+        // child (and lose its status, or let its pid be reused) before it is registered.
+        let mut guard = lock_waiters();
+        let waiters = match guard.as_mut() {
+            Some(waiters) => waiters,
+            None => {
+                start_reaper()?;
+                guard.insert(HashMap::new())
+            }
+        };
+        let mut child = cmd.spawn().map_err(|e| spawn_error(e, spec))?;
+        let pid = child.id();
+        let (tx, exit) = oneshot::channel();
+        waiters.insert(pid, tx);
+        let start_ticks = read_stat(pid).map(|s| s.start_ticks);
+        drop(guard);
+
+        let pipes = (child.stdout.take(), child.stderr.take());
+        let finish = CancellationToken::new();
+        let readers = match pipes {
+            (Some(stdout), Some(stderr)) => {
+                [(Stream::Stdout, OwnedFd::from(stdout)), (Stream::Stderr, OwnedFd::from(stderr))]
+                    .into_iter()
+                    .map(|(stream, fd)| {
+                        let rx = pipe::Receiver::from_owned_fd(fd)?;
+                        Ok(tokio::spawn(read_pipe(rx, stream, output.clone(), finish.clone())))
+                    })
+                    .collect::<io::Result<Vec<_>>>()
+            }
+            _ => Err(io::Error::other("stdout or stderr was not piped")),
+        };
+        let readers = match readers {
+            Ok(readers) => readers,
+            Err(e) => {
+                // Without readers the child could block on a full pipe forever: do not leave
+                // it behind. The reaper collects it.
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                return Err(io::Error::new(e.kind(), format!("output pipes of {argv0:?}: {e}")));
+            }
+        };
+        Ok(Process { pid, start_ticks, exit, readers, finish })
+    }
+
+    /// The leader's pid, which is also the process group id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// When the leader started (field 22 of `/proc/<pid>/stat`, in clock ticks since boot),
+    /// read right after spawn; `None` if it could not be read.
+    pub fn start_ticks(&self) -> Option<u64> {
+        self.start_ticks
+    }
+
+    /// Waits until the process exits, or until `stop` is cancelled; then sends SIGTERM to the
+    /// whole group, waits up to `grace`, and SIGKILLs the group.
+    ///
+    /// If the leader exits on its own while other members of its group remain, they are stopped
+    /// the same way. Returns once the leader has been reaped, the group is gone and the output
+    /// readers are finished (all output has been handed to the receiver).
+    ///
+    /// Not cancel-safe: dropping the future part-way may leave the group running. To stop a
+    /// run, cancel `stop` and let `wait` finish.
+    pub async fn wait(mut self, stop: CancellationToken, grace: Duration) -> Exit {
+        let pgid = Pid::from_raw(self.pid as i32);
+        let mut stopped = false;
+        let mut killed = false;
+        let leader = tokio::select! {
+            biased;
+            t = &mut self.exit => Some(termination_of(t)),
+            _ = stop.cancelled() => None,
+        };
+        let termination = match leader {
+            Some(t) => {
+                if group_alive(pgid) {
+                    terminate_group(pgid);
+                    if !wait_group_gone(pgid, Instant::now() + grace).await {
+                        killed = kill_group(pgid).await;
+                    }
+                }
+                t
+            }
+            None => {
+                stopped = true;
+                terminate_group(pgid);
+                let deadline = Instant::now() + grace;
+                let leader = tokio::time::timeout_at(deadline, &mut self.exit).await.ok();
+                let gone = match leader {
+                    Some(_) => wait_group_gone(pgid, deadline).await,
+                    None => false,
+                };
+                if !gone {
+                    killed = kill_group(pgid).await;
+                }
+                match leader {
+                    Some(t) => termination_of(t),
+                    None => termination_of((&mut self.exit).await),
+                }
+            }
+        };
+        self.finish_readers().await;
+        Exit { termination, stopped, killed }
+    }
+
+    /// Waits for the readers to reach EOF, but only [`READER_GRACE`]: a process that left the
+    /// group may hold the pipes open. After that they drain what is left and stop.
+    async fn finish_readers(&mut self) {
+        let readers = &mut self.readers;
+        let join = async move {
+            for reader in readers.iter_mut() {
+                if let Err(e) = reader.await {
+                    tracing::error!("output reader failed: {e}");
+                }
+            }
+        };
+        tokio::pin!(join);
+        if tokio::time::timeout(READER_GRACE, &mut join).await.is_err() {
+            self.finish.cancel();
+            join.await;
+        }
+    }
+}
+
+/// Marks the daemon a child subreaper (`prctl(PR_SET_CHILD_SUBREAPER)`), so orphaned
+/// grandchildren are reparented to it and reaped by the reaper.
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// Sends `sig` to process group `pgid`, but only if the process `pgid` is still the one that
+/// started at `start_ticks` (field 22 of `/proc/<pgid>/stat`), or, if that leader is gone, to
+/// the members of the group that started at or after `start_ticks`. Returns how many processes
+/// were signalled.
+///
+/// Used at daemon start to kill the process groups of runs left over from a crashed daemon;
+/// check [`boot_id`] first, as ticks from another boot mean nothing.
+pub fn kill_stale_group(pgid: u32, start_ticks: u64, sig: Signal) -> usize {
+    if pgid <= 1 || pgid > i32::MAX as u32 {
+        return 0;
+    }
+    let members = group_members(pgid);
+    match read_stat(pgid) {
+        // The pid is in use by a different process: the kernel does not hand out a pid that is
+        // still a process group id, so our old group is empty.
+        Some(leader) if leader.start_ticks != start_ticks => 0,
+        Some(_) => match killpg(Pid::from_raw(pgid as i32), sig) {
+            Ok(()) => members.len().max(1),
+            Err(_) => 0,
+        },
+        None => members
+            .iter()
+            .filter(|m| m.start_ticks >= start_ticks)
+            .filter(|m| kill(Pid::from_raw(m.pid as i32), sig).is_ok())
+            .count(),
+    }
+}
+
+/// The system boot id (`/proc/sys/kernel/random/boot_id`), so that pids and start ticks
+/// recorded during another boot are never acted upon.
+pub fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+/// Credentials to switch to in the child, resolved before fork.
+struct Ids {
+    uid: Uid,
+    gid: Gid,
+    groups: Vec<Gid>,
+}
+
+/// Runs in the forked child before exec: only async-signal-safe calls, no allocation.
+fn child_setup(ids: Option<&Ids>) -> io::Result<()> {
+    // Handlers are reset by exec anyway, but ignored signals stay ignored: the child must not
+    // inherit an ignored SIGTERM (it could not be stopped gracefully) or SIGPIPE.
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGPIPE, Signal::SIGHUP, Signal::SIGQUIT] {
+        // SAFETY: part of pre_exec; installing SIG_DFL runs no Rust code in a handler and
+        // sigaction is async-signal-safe.
+        unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) }?;
+    }
+    // The daemon's threads may block signals; the mask is inherited across exec.
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    if let Some(ids) = ids {
+        // Groups and gid first: after setuid we would no longer be allowed to change them.
+        nix::unistd::setgroups(&ids.groups)?;
+        nix::unistd::setgid(ids.gid)?;
+        nix::unistd::setuid(ids.uid)?;
+    }
+    Ok(())
+}
+
+fn check_cwd(cwd: &Path) -> io::Result<()> {
+    match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            format!("working directory {cwd:?} is not a directory"),
+        )),
+        Err(e) => Err(io::Error::new(e.kind(), format!("working directory {cwd:?}: {e}"))),
+    }
+}
+
+/// Finds the program to exec. std reports exec failures with a bare errno, so the lookup is
+/// done here, against the command's own `PATH`, to name what is missing.
+fn resolve_program(spec: &Spec) -> io::Result<PathBuf> {
+    let argv0 = match spec.argv.first() {
+        Some(a) if !a.is_empty() => a,
+        _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty command")),
+    };
+    if argv0.contains('/') {
+        // Relative paths are relative to the command's working directory.
+        let path = spec.cwd.join(argv0);
+        return match std::fs::metadata(&path) {
+            Ok(_) => Ok(path),
+            Err(e) => Err(io::Error::new(e.kind(), format!("{e}: {argv0:?}"))),
+        };
+    }
+    let search =
+        spec.env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    for dir in search.split(':') {
+        // An empty PATH entry means the current directory.
+        let dir = if dir.is_empty() { Path::new(".") } else { Path::new(dir) };
+        let candidate = spec.cwd.join(dir).join(argv0);
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("No such file or directory: {argv0:?} (not found in PATH {search:?})"),
+    ))
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn spawn_error(e: io::Error, spec: &Spec) -> io::Error {
+    let argv0 = OsStr::new(&spec.argv[0]);
+    let message = match &spec.user {
+        Some(user) => format!("{e}: {argv0:?} (as user {:?})", user.name),
+        None => format!("{e}: {argv0:?}"),
+    };
+    io::Error::new(e.kind(), message)
+}
+
+/// Reads one pipe to EOF, sending what it reads. Never stops reading because of the receiver:
+/// a full pipe would block the child.
+async fn read_pipe(
+    mut pipe: pipe::Receiver,
+    stream: Stream,
+    output: mpsc::Sender<Chunk>,
+    finish: CancellationToken,
+) {
+    let mut buf = vec![0u8; READ_BUF];
+    let mut receiver_gone = false;
+    let mut budget = FINISH_BUDGET;
+    loop {
+        // Reading first: once told to finish, keep going while data is there to be read.
+        let read = tokio::select! {
+            biased;
+            r = pipe.read(&mut buf) => r,
+            _ = finish.cancelled() => break,
+        };
+        let n = match read {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(?stream, "reading command output: {e}");
+                break;
+            }
+        };
+        if finish.is_cancelled() {
+            budget = budget.saturating_sub(n);
+        }
+        if !receiver_gone {
+            let chunk = Chunk { stream, data: buf[..n].to_vec(), at: jiff::Timestamp::now() };
+            // Awaited outside the select: a slow receiver delays us, it never loses data.
+            receiver_gone = output.send(chunk).await.is_err();
+        }
+        if budget == 0 {
+            break;
+        }
+    }
+}
+
+/// Asks group `pgid` to terminate. SIGCONT follows SIGTERM because a stopped process would only
+/// act on the SIGTERM once continued, and would otherwise always need SIGKILL.
+fn terminate_group(pgid: Pid) {
+    let _ = killpg(pgid, Signal::SIGTERM);
+    let _ = killpg(pgid, Signal::SIGCONT);
+}
+
+/// Whether any process is left in group `pgid` (a zombie leader not yet reaped counts).
+fn group_alive(pgid: Pid) -> bool {
+    killpg(pgid, None).is_ok()
+}
+
+/// Polls until group `pgid` is empty or `deadline` passes; returns whether it is empty.
+async fn wait_group_gone(pgid: Pid, deadline: Instant) -> bool {
+    loop {
+        if !group_alive(pgid) {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep_until(deadline.min(now + GROUP_POLL)).await;
+    }
+}
+
+/// SIGKILLs group `pgid` if anything is left in it, then gives the kernel and the reapers a
+/// moment to clear it. Returns whether SIGKILL was sent.
+async fn kill_group(pgid: Pid) -> bool {
+    if killpg(pgid, Signal::SIGKILL).is_err() {
+        return false;
+    }
+    if !wait_group_gone(pgid, Instant::now() + KILL_SETTLE).await {
+        tracing::warn!(pgid = pgid.as_raw(), "process group still present after SIGKILL");
+    }
+    true
+}
+
+fn termination_of(received: Result<Termination, oneshot::error::RecvError>) -> Termination {
+    received.unwrap_or_else(|_| {
+        // Cannot happen while the reaper runs: it never drops a sender without sending.
+        tracing::error!("the reaper dropped an exit status");
+        Termination::Signaled(0)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reaper
+// ---------------------------------------------------------------------------------------------
+
+type Waiters = HashMap<u32, oneshot::Sender<Termination>>;
+
+/// Leaders waiting for their status; `None` until the reaper has been started. Spawning and
+/// reaping both hold this lock (see [`Process::spawn`]).
+static WAITERS: Mutex<Option<Waiters>> = Mutex::new(None);
+
+fn lock_waiters() -> MutexGuard<'static, Option<Waiters>> {
+    // The map stays consistent even if a holder panicked: every operation is a single insert
+    // or remove.
+    WAITERS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Starts the reaper on a thread of its own, with its own small runtime, so that it outlives any
+/// particular runtime (tests run many) and is never starved by busy workers. Returns once the
+/// SIGCHLD listener is registered, so no exit can be missed by a later spawn.
+fn start_reaper() -> io::Result<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
+    std::thread::Builder::new().name("taskd-reaper".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let sigchld = {
+            let _enter = rt.enter();
+            signal(SignalKind::child())
+        };
+        match sigchld {
+            Ok(mut sigchld) => {
+                let _ = ready_tx.send(Ok(()));
+                rt.block_on(async move {
+                    loop {
+                        reap_children();
+                        if sigchld.recv().await.is_none() {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        }
+    })?;
+    ready_rx
+        .recv()
+        .unwrap_or_else(|_| Err(io::Error::other("the reaper thread died while starting")))
+        .map_err(|e| io::Error::new(e.kind(), format!("starting the child reaper: {e}")))
+}
+
+/// Reaps every exited child, handing the statuses of our leaders to their waiters.
+fn reap_children() {
+    let mut guard = lock_waiters();
+    let Some(waiters) = guard.as_mut() else { return };
+    loop {
+        // Peek (WNOWAIT) and only then reap by pid: nix cannot represent every status (a death
+        // by a real-time signal), and a status reaped but not decoded would be lost.
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        match waitid(Id::All, flags) {
+            Ok(WaitStatus::Exited(pid, code)) => reap(waiters, pid, Termination::Exited(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                reap(waiters, pid, Termination::Signaled(sig as i32))
+            }
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+            Ok(other) => {
+                // Not asked for (no WSTOPPED/WCONTINUED); do not spin on it.
+                tracing::warn!("unexpected child status {other:?}");
+                break;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EINVAL) => {
+                if !reap_undecodable(waiters) {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::error!("waitid: {e}");
+                break;
+            }
+        }
+    }
+}
+
+fn reap(waiters: &mut Waiters, pid: Pid, termination: Termination) {
+    if let Err(e) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        // EINVAL means reaped but not decodable; anything else is unexpected.
+        if e != Errno::EINVAL {
+            tracing::warn!(pid = pid.as_raw(), "waitpid: {e}");
+        }
+    }
+    if let Some(tx) = waiters.remove(&(pid.as_raw() as u32)) {
+        // The Process may have been dropped; its status is then of no interest.
+        let _ = tx.send(termination);
+    }
+}
+
+/// Reaps zombie children whose status nix cannot decode, reading the raw status from
+/// `/proc/<pid>/stat` first. Returns whether any was found.
+fn reap_undecodable(waiters: &mut Waiters) -> bool {
+    let me = std::process::id();
+    let zombies: Vec<Stat> = all_stats().filter(|s| s.ppid == me && s.state == 'Z').collect();
+    for zombie in &zombies {
+        let status = std::process::ExitStatus::from_raw(zombie.exit_code.unwrap_or(0));
+        let termination = match (status.code(), status.signal()) {
+            (Some(code), _) => Termination::Exited(code),
+            (None, Some(sig)) => Termination::Signaled(sig),
+            (None, None) => Termination::Signaled(0),
+        };
+        reap(waiters, Pid::from_raw(zombie.pid as i32), termination);
+    }
+    !zombies.is_empty()
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc
+// ---------------------------------------------------------------------------------------------
+
+/// The fields of `/proc/<pid>/stat` that we use.
+#[derive(Clone, Copy, Debug)]
+struct Stat {
+    pid: u32,
+    state: char,
+    ppid: u32,
+    pgrp: u32,
+    start_ticks: u64,
+    /// The status in `waitpid` form, once the process has exited (Linux 3.5+).
+    exit_code: Option<i32>,
+}
+
+fn read_stat(pid: u32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(pid, &text)
+}
+
+fn parse_stat(pid: u32, text: &str) -> Option<Stat> {
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 of proc_pid_stat(5).
+    let field = |n: usize| fields.get(n - 3).copied();
+    Some(Stat {
+        pid,
+        state: field(3)?.chars().next()?,
+        ppid: field(4)?.parse().ok()?,
+        pgrp: field(5)?.parse().ok()?,
+        start_ticks: field(22)?.parse().ok()?,
+        exit_code: field(52).and_then(|f| f.parse().ok()),
+    })
+}
+
+/// Every process currently visible in /proc.
+fn all_stats() -> impl Iterator<Item = Stat> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(read_stat)
+}
+
+/// The live (non-zombie) members of process group `pgid`.
+fn group_members(pgid: u32) -> Vec<Stat> {
+    all_stats().filter(|s| s.pgrp == pgid && s.state != 'Z').collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    fn setup() {
+        // Orphans must be reaped by us, not by a container init that may not reap at all.
+        become_subreaper().unwrap();
+    }
+
+    fn spec(argv: &[&str]) -> Spec {
+        Spec {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            cwd: PathBuf::from("/"),
+            user: None,
+        }
+    }
+
+    fn sh(script: &str) -> Spec {
+        spec(&["sh", "-c", script])
+    }
+
+    /// Spawns `spec` with a collector that gathers every chunk until the readers are done.
+    fn start(spec: &Spec) -> (Process, JoinHandle<Vec<Chunk>>) {
+        let (tx, mut rx) = mpsc::channel(16);
+        let process = Process::spawn(spec, tx).unwrap();
+        let collector = tokio::spawn(async move {
+            let mut chunks = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                chunks.push(chunk);
+            }
+            chunks
+        });
+        (process, collector)
+    }
+
+    fn text(chunks: &[Chunk], stream: Stream) -> String {
+        let bytes: Vec<u8> =
+            chunks.iter().filter(|c| c.stream == stream).flat_map(|c| c.data.clone()).collect();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// Polls `cond` until it holds, panicking after a generous deadline.
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + LONG;
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Gone, or a zombie about to be reaped: in either case it runs no more.
+    fn is_gone(pid: u32) -> bool {
+        read_stat(pid).is_none_or(|s| s.state == 'Z')
+    }
+
+    fn comms(pids: &[Stat]) -> Vec<String> {
+        pids.iter()
+            .map(|s| {
+                std::fs::read_to_string(format!("/proc/{}/comm", s.pid))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    async fn wait_normally(process: Process) -> Exit {
+        process.wait(CancellationToken::new(), LONG).await
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn separates_stdout_and_stderr() {
+        setup();
+        let (process, collector) = start(&sh("echo hi; echo err >&2"));
+        let exit = wait_normally(process).await;
+        assert_eq!(
+            exit,
+            Exit { termination: Termination::Exited(0), stopped: false, killed: false }
+        );
+        let chunks = collector.await.unwrap();
+        assert_eq!(text(&chunks, Stream::Stdout), "hi\n");
+        assert_eq!(text(&chunks, Stream::Stderr), "err\n");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reports_exit_codes_and_signals() {
+        setup();
+        let (process, _) = start(&sh("exit 3"));
+        assert_eq!(wait_normally(process).await.termination, Termination::Exited(3));
+        let (process, _) = start(&sh("kill -9 $$"));
+        assert_eq!(wait_normally(process).await.termination, Termination::Signaled(9));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reports_deaths_by_real_time_signals() {
+        setup();
+        // nix cannot decode these statuses; the raw status comes from /proc instead.
+        let sig = libc::SIGRTMIN() + 6;
+        let (process, _) = start(&sh(&format!("kill -{sig} $$")));
+        assert_eq!(wait_normally(process).await.termination, Termination::Signaled(sig));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn many_concurrent_runs_all_report() {
+        setup();
+        let runs: Vec<_> = (0..40)
+            .map(|i| {
+                let (process, _) = start(&sh(&format!("exit {i}")));
+                tokio::spawn(wait_normally(process))
+            })
+            .collect();
+        for (i, run) in runs.into_iter().enumerate() {
+            assert_eq!(run.await.unwrap().termination, Termination::Exited(i as i32));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn notices_exit_at_once() {
+        setup();
+        let started = std::time::Instant::now();
+        let (process, _) = start(&spec(&["true"]));
+        assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
+        // A loose sanity bound: the exit comes through SIGCHLD, not a polling interval.
+        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passes_env_cwd_and_signal_state() {
+        setup();
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec =
+            sh("echo \"$FOO\" \"$HOME\"; pwd; grep -E '^Sig(Blk|Ign)' /proc/self/status");
+        spec.env.push(("FOO".into(), "bar".into()));
+        spec.cwd = dir.path().to_owned();
+        let (process, collector) = start(&spec);
+        assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
+        let out = text(&collector.await.unwrap(), Stream::Stdout);
+        let mut lines = out.lines();
+        // Nothing of the daemon's environment leaks: HOME is unset.
+        assert_eq!(lines.next(), Some("bar "));
+        let cwd = dir.path().canonicalize().unwrap();
+        assert_eq!(lines.next(), Some(cwd.to_str().unwrap()));
+        assert_eq!(lines.next(), Some("SigBlk:\t0000000000000000"));
+        // SIGPIPE (13) is bit 12, SIGTERM (15) bit 14, SIGINT (2) bit 1: none is ignored.
+        let ignored =
+            u64::from_str_radix(lines.next().unwrap().trim_start_matches("SigIgn:\t"), 16).unwrap();
+        assert_eq!(ignored & (1 << 12 | 1 << 14 | 1 << 1), 0, "ignored: {ignored:x}");
+    }
+
+    /// Spawns `script`, waits until its group holds `sleeps` sleep processes, stops it and
+    /// checks that every process that was in the group is gone.
+    async fn stop_and_check(script: &str, sleeps: usize) {
+        let (process, _) = start(&sh(script));
+        let pgid = process.pid();
+        let mut members = Vec::new();
+        eventually("the sleeps to start", || {
+            members = group_members(pgid);
+            comms(&members).iter().filter(|c| *c == "sleep").count() == sleeps
+        })
+        .await;
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let exit = process.wait(stop, LONG).await;
+        assert!(exit.stopped);
+        assert!(!exit.killed, "SIGTERM should have been enough");
+        assert_eq!(exit.termination, Termination::Signaled(15));
+        assert!(!group_alive(Pid::from_raw(pgid as i32)), "the group outlived the stop");
+        for member in &members {
+            eventually("the group's members to be gone", || is_gone(member.pid)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stop_kills_background_children() {
+        setup();
+        stop_and_check("sleep 1000 & sleep 1000 & wait", 2).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stop_kills_double_forked_grandchildren() {
+        setup();
+        stop_and_check("(sleep 1000 &) ; sleep 1000", 2).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sigkills_what_ignores_sigterm() {
+        setup();
+        let (process, collector) = start(&sh("trap '' TERM; echo ready; sleep 1000"));
+        let (pid, mut collector) = (process.pid(), collector);
+        // Wait for the trap to be set before stopping, else SIGTERM would simply work.
+        eventually("the trap to be set", || {
+            group_members(pid).iter().any(|m| comms(&[*m]) == ["sleep"])
+        })
+        .await;
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let exit = process.wait(stop, Duration::from_millis(200)).await;
+        assert_eq!(
+            exit,
+            Exit { termination: Termination::Signaled(9), stopped: true, killed: true }
+        );
+        assert!(!group_alive(Pid::from_raw(pid as i32)));
+        assert_eq!(text(&(&mut collector).await.unwrap(), Stream::Stdout), "ready\n");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stop_terminates_a_stopped_process_without_sigkill() {
+        setup();
+        let (process, _) = start(&spec(&["sleep", "1000"]));
+        let pid = process.pid();
+        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+        eventually("the process to stop", || read_stat(pid).is_some_and(|s| s.state == 'T')).await;
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let exit = process.wait(stop, LONG).await;
+        assert_eq!(
+            exit,
+            Exit { termination: Termination::Signaled(15), stopped: true, killed: false }
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn normal_exit_stops_lingering_members() {
+        setup();
+        let (process, collector) = start(&sh("sleep 1000 & echo $!"));
+        let pgid = process.pid();
+        let exit = wait_normally(process).await;
+        assert_eq!(
+            exit,
+            Exit { termination: Termination::Exited(0), stopped: false, killed: false }
+        );
+        assert!(!group_alive(Pid::from_raw(pgid as i32)));
+        let sleep: u32 = text(&collector.await.unwrap(), Stream::Stdout).trim().parse().unwrap();
+        eventually("the background sleep to be gone", || is_gone(sleep)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_escaped_process_holding_the_pipe_does_not_block_wait() {
+        setup();
+        let (process, collector) = start(&sh("setsid sleep 1000 & echo $!"));
+        let exit = wait_normally(process).await;
+        assert_eq!(exit.termination, Termination::Exited(0));
+        let escaped: u32 = text(&collector.await.unwrap(), Stream::Stdout).trim().parse().unwrap();
+        // It left our group, so it is not ours to stop; clean up after the test.
+        let _ = kill(Pid::from_raw(escaped as i32), Signal::SIGKILL);
+        eventually("the escaped sleep to be gone", || is_gone(escaped)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn drains_large_output_for_a_slow_receiver() {
+        setup();
+        const SIZE: usize = 2 * 1024 * 1024;
+        let (tx, mut rx) = mpsc::channel(1);
+        let process =
+            Process::spawn(&spec(&["head", "-c", &SIZE.to_string(), "/dev/zero"]), tx).unwrap();
+        let receiver = tokio::spawn(async move {
+            let mut total = 0;
+            while let Some(chunk) = rx.recv().await {
+                assert_eq!(chunk.stream, Stream::Stdout);
+                total += chunk.data.len();
+                // Slower than the pipe, so data is still pending when `head` exits.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            total
+        });
+        assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
+        assert_eq!(receiver.await.unwrap(), SIZE);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn keeps_draining_when_the_receiver_is_gone() {
+        setup();
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let process = Process::spawn(&spec(&["head", "-c", "1048576", "/dev/zero"]), tx).unwrap();
+        assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn spawn_errors_name_what_is_missing() {
+        setup();
+        let (tx, _rx) = mpsc::channel(1);
+        let err = Process::spawn(&spec(&["nonexistent-cmd"]), tx.clone()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(err.to_string().contains("\"nonexistent-cmd\""), "{err}");
+
+        let err = Process::spawn(&spec(&["./nonexistent-cmd"]), tx.clone()).unwrap_err();
+        assert!(err.to_string().contains("\"./nonexistent-cmd\""), "{err}");
+
+        let mut missing_cwd = spec(&["true"]);
+        missing_cwd.cwd = PathBuf::from("/nonexistent-dir");
+        let err = Process::spawn(&missing_cwd, tx.clone()).unwrap_err();
+        assert!(err.to_string().contains("\"/nonexistent-dir\""), "{err}");
+
+        // Found in PATH but not executable.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("script"), "#!/bin/sh\n").unwrap();
+        let err =
+            Process::spawn(&spec(&[dir.path().join("script").to_str().unwrap()]), tx).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("script"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn kill_stale_group_checks_start_ticks() {
+        setup();
+        let (process, _) = start(&spec(&["sleep", "1000"]));
+        let (pid, ticks) = (process.pid(), process.start_ticks().unwrap());
+        assert_eq!(kill_stale_group(pid, ticks + 1, Signal::SIGKILL), 0);
+        assert!(group_alive(Pid::from_raw(pid as i32)));
+        assert_eq!(kill_stale_group(pid, ticks, Signal::SIGKILL), 1);
+        assert_eq!(wait_normally(process).await.termination, Termination::Signaled(9));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn kill_stale_group_without_its_leader() {
+        setup();
+        let (tx, mut rx) = mpsc::channel(16);
+        let process = Process::spawn(&sh("sleep 1000 & echo $!"), tx).unwrap();
+        let (pgid, ticks) = (process.pid(), process.start_ticks().unwrap());
+        let sleep: u32 =
+            String::from_utf8(rx.recv().await.unwrap().data).unwrap().trim().parse().unwrap();
+        // The leader is reaped as soon as it exits, even though nobody waits on the Process.
+        eventually("the leader to be reaped", || read_stat(pgid).is_none()).await;
+        assert_eq!(kill_stale_group(pgid, ticks, Signal::SIGKILL), 1);
+        eventually("the member to be gone", || is_gone(sleep)).await;
+        assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn runs_as_another_user() {
+        setup();
+        if !Uid::effective().is_root() {
+            return;
+        }
+        let nobody = User::lookup("nobody").unwrap();
+        assert_eq!(User::lookup(&nobody.uid.to_string()).unwrap(), nobody);
+        let mut spec = sh("id -u; id -g");
+        spec.user = Some(nobody.clone());
+        let (process, collector) = start(&spec);
+        assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
+        let out = text(&collector.await.unwrap(), Stream::Stdout);
+        assert_eq!(out, format!("{}\n{}\n", nobody.uid, nobody.gid));
+    }
+
+    #[test]
+    fn lookup_errors() {
+        let err = User::lookup("no-such-user-here").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(err.to_string().contains("no-such-user-here"));
+    }
+
+    #[test]
+    fn parses_stat_with_odd_command_names() {
+        let mut fields = vec!["S", "1", "42", "42"];
+        fields.extend(std::iter::repeat_n("0", 15)); // fields 7 to 21
+        fields.push("12345"); // field 22
+        let text = format!("42 (a) (b c) {}\n", fields.join(" "));
+        let stat = parse_stat(42, &text).unwrap();
+        assert_eq!((stat.state, stat.ppid, stat.pgrp, stat.start_ticks), ('S', 1, 42, 12345));
+        assert_eq!(stat.exit_code, None);
+    }
+
+    #[test]
+    fn boot_id_is_read() {
+        assert!(boot_id().is_some_and(|id| id.len() == 36));
+    }
+}
