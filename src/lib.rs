@@ -5,3 +5,4 @@ pub use error::{Error, Result};
 pub mod run;
 pub mod store;
 pub mod unit;
+pub mod registry;

@@ -760,6 +760,46 @@ impl Store {
         .await
     }
 
+    /// Writes a script run's text to `scripts/<run id>` (mode 0700, owned by `owner` when the
+    /// run is to execute as another account) and returns its path.
+    pub async fn write_script(
+        &self,
+        run: i64,
+        text: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self.dir.join("scripts");
+        let path = dir.join(run.to_string());
+        let text = text.to_string();
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || -> Result<PathBuf> {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o700)
+                .open(&p)
+                .map_err(|e| Error::io(&p, e))?;
+            std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| Error::io(&p, e))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(|e| Error::io(&p, e))?;
+            }
+            Ok(p)
+        })
+        .await
+        .map_err(|_| Error::ShuttingDown)??;
+        Ok(path)
+    }
+
+    /// Removes a script written by [`Store::write_script`]. Not awaited.
+    pub fn remove_script(&self, path: PathBuf) {
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(path);
+        });
+    }
+
     /// Waits until every change sent so far is committed.
     pub async fn flush(&self) -> Result<()> {
         self.call(|_| Ok(())).await

@@ -2,7 +2,11 @@
 //! turns fires, starts and stops into runs.
 
 pub mod definition;
+pub mod handle;
+pub mod runner;
 pub mod schedule;
 
 pub use definition::{UnitConfig, UnitDef, ValidateCtx};
+pub use handle::{Control, UnitHandle, UnitState, UnitStatus};
+pub use runner::{InitialState, RunnerEnv};
 pub use schedule::Schedule;

@@ -190,7 +190,11 @@ impl Loop {
             let pending_at = if self.deleting.is_some() { None } else { self.pending.as_ref().map(|p| p.at) };
             tokio::select! {
                 ctl = rx.recv() => match ctl {
-                    Some(c) => self.control(c).await,
+                    Some(c) => {
+                        if self.control(c).await {
+                            break;
+                        }
+                    }
                     None => break,
                 },
                 Some(done) = self.runs.join_next(), if !self.runs.is_empty() => {
@@ -223,7 +227,7 @@ impl Loop {
 
     async fn start_up(&mut self, fresh: bool, last_fire: Option<Timestamp>) {
         let now = Timestamp::now();
-        if let Some(s) = &self.cfg.schedule {
+        if let Some(s) = self.cfg.schedule.clone() {
             let since = last_fire.unwrap_or(self.anchor);
             if !fresh
                 && !self.paused
@@ -286,7 +290,8 @@ impl Loop {
         st.failures_total = self.failures_total;
     }
 
-    async fn control(&mut self, c: Control) {
+    /// Handles one request; returns true when the loop should end (deleted, nothing active).
+    async fn control(&mut self, c: Control) -> bool {
         match c {
             Control::Start { trigger, reply } => {
                 let r = self.manual_start(trigger).await;
@@ -370,17 +375,11 @@ impl Loop {
                 self.deleting = Some(reply);
                 if self.active.is_empty() {
                     self.drain().await;
-                    // The loop's select ends on the next turn: nothing is active.
-                    if let Some(r) = self.deleting.take() {
-                        let _ = r.send(());
-                    }
-                    self.shared.token.cancel();
+                    return true;
                 }
             }
         }
-        if self.deleting.is_none() && self.shared.token.is_cancelled() {
-            // Deleted with nothing active: the reply went out; the loop ends via its token.
-        }
+        false
     }
 
     async fn manual_start(&mut self, trigger: Trigger) -> Result<RunRecord> {
@@ -796,27 +795,21 @@ async fn spawn_and_wait(
         }
     };
     let stop_proc = stop.child_token();
-    let timeout = cfg.timeout;
+    let mut timer = cfg.timeout.map(|t| Box::pin(tokio::time::sleep(t)));
     let wait = proc.wait(stop_proc.clone(), cfg.kill_grace);
-    let timer = async {
-        match timeout {
-            Some(t) => tokio::time::sleep(t).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(wait, timer);
+    tokio::pin!(wait);
     let forward = tokio::spawn(forward);
     let exit = loop {
         tokio::select! {
             exit = &mut wait => break exit,
-            _ = &mut timer => {
+            _ = async { timer.as_mut().expect("guarded").await }, if timer.is_some() => {
+                timer = None;
                 let mut r = reason.lock().expect("reason lock");
                 if r.is_none() {
                     *r = Some("timeout".into());
                 }
                 drop(r);
                 stop_proc.cancel();
-                timer.set(async { std::future::pending::<()>().await });
             }
         }
     };

@@ -1,0 +1,448 @@
+//! The registry: a `DashMap` from unit name to the unit's handle, and every operation the
+//! API offers on units. It validates, records through the store, and hands work to each
+//! unit's loop; it never holds a map guard across an `.await` (it clones the handle out).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use jiff::Timestamp;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{Error, Result};
+use crate::exec;
+use crate::run::{RunRecord, Trigger};
+use crate::store::{RunFilter, Store, StoredUnit};
+use crate::unit::definition::merge_patch;
+use crate::unit::runner::{self, InitialState, RunnerEnv};
+use crate::unit::{Control, UnitConfig, UnitDef, UnitHandle, UnitState, UnitStatus, ValidateCtx};
+
+/// A point-in-time view of one unit.
+#[derive(Debug, Clone)]
+pub struct UnitSnapshot {
+    /// The definition in force.
+    pub config: Arc<UnitConfig>,
+    /// What its loop last published.
+    pub status: UnitStatus,
+}
+
+/// Filter for [`Registry::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only units in this state.
+    pub state: Option<UnitState>,
+    /// Only names matching this glob (`*` and `?`).
+    pub name_glob: Option<String>,
+}
+
+/// How the registry is set up.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Validation context (root or not, allowed directories).
+    pub validate: ValidateCtx,
+    /// Where unit files live.
+    pub units_dir: PathBuf,
+    /// Where runs work by default.
+    pub work_dir: PathBuf,
+    /// Runs kept per unit by default.
+    pub keep_runs: u32,
+    /// At most this many units.
+    pub max_units: usize,
+}
+
+enum Slot {
+    /// The name is taken by an `Add` that is still being recorded.
+    Reserved,
+    Live(UnitHandle),
+}
+
+struct Shared {
+    units: DashMap<String, Slot>,
+    store: Store,
+    env: RunnerEnv,
+    cfg: RegistryConfig,
+    root: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// A cheap-to-clone handle to the registry.
+#[derive(Clone)]
+pub struct Registry(Arc<Shared>);
+
+/// Whether `name` matches `glob` (`*` any run of characters, `?` one character).
+pub fn glob_match(glob: &str, name: &str) -> bool {
+    fn rec(g: &[u8], n: &[u8]) -> bool {
+        match (g.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => rec(&g[1..], n) || (!n.is_empty() && rec(g, &n[1..])),
+            (Some(b'?'), Some(_)) => rec(&g[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => rec(&g[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    rec(glob.as_bytes(), name.as_bytes())
+}
+
+impl Registry {
+    /// Recovers from a previous daemon (stale runs become `lost`, their process groups are
+    /// killed), loads every unit and starts its loop.
+    pub async fn open(
+        store: Store,
+        cfg: RegistryConfig,
+        root: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<Registry> {
+        std::fs::create_dir_all(&cfg.work_dir).map_err(|e| Error::io(&cfg.work_dir, e))?;
+        let boot_id = exec::boot_id();
+        let stale = store.recover_stale_runs().await?;
+        let mut to_kill = Vec::new();
+        for s in &stale {
+            if let (Some(pid), Some(start)) = (s.record.pid, s.pid_start) {
+                if s.boot_id.is_some() && s.boot_id == boot_id {
+                    let n = exec::kill_stale_group(pid, start, nix::sys::signal::Signal::SIGTERM);
+                    if n > 0 {
+                        tracing::warn!(run = s.record.id, pid, n, "stopping processes of a lost run");
+                        to_kill.push((pid, start));
+                    }
+                }
+            }
+            tracing::warn!(run = s.record.id, unit = %s.record.unit, state = %s.record.state, "run left active by the previous daemon");
+        }
+        if !to_kill.is_empty() {
+            tracker.spawn(async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                for (pid, start) in to_kill {
+                    exec::kill_stale_group(pid, start, nix::sys::signal::Signal::SIGKILL);
+                }
+            });
+        }
+        let env = RunnerEnv {
+            store: store.clone(),
+            work_dir: cfg.work_dir.clone(),
+            scripts_dir: store.dir().join("scripts"),
+            keep_runs: cfg.keep_runs,
+            boot_id,
+        };
+        let reg = Registry(Arc::new(Shared {
+            units: DashMap::new(),
+            store: store.clone(),
+            env,
+            cfg,
+            root,
+            tracker,
+        }));
+        let last: std::collections::HashMap<String, RunRecord> =
+            store.last_runs().await?.into_iter().map(|r| (r.unit.clone(), r)).collect();
+        for u in store.load_units().await? {
+            let def = match UnitDef::from_json(u.definition.clone()) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(unit = %u.name, error = %e, "stored definition no longer parses; skipped");
+                    continue;
+                }
+            };
+            let config = match UnitConfig::validate(def, &reg.0.cfg.validate) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    tracing::error!(unit = %u.name, error = %e, "stored definition no longer validates; skipped");
+                    continue;
+                }
+            };
+            let init = InitialState {
+                paused: u.paused,
+                stopped: u.stopped,
+                last_fire: u.last_fire,
+                runs_total: u.runs_total,
+                failures_total: u.failures_total,
+                last_run: last.get(&u.name).cloned(),
+                created_at: u.created_at,
+                updated_at: u.updated_at,
+                fresh: false,
+            };
+            let h = reg.spawn_loop(config, init);
+            reg.0.units.insert(u.name, Slot::Live(h));
+        }
+        Ok(reg)
+    }
+
+    fn spawn_loop(&self, config: Arc<UnitConfig>, init: InitialState) -> UnitHandle {
+        runner::spawn(self.0.env.clone(), config, init, &self.0.root, &self.0.tracker)
+    }
+
+    /// The store behind the registry.
+    pub fn store(&self) -> &Store {
+        &self.0.store
+    }
+
+    /// The handle of a unit.
+    pub fn handle(&self, name: &str) -> Result<UnitHandle> {
+        match self.0.units.get(name).as_deref() {
+            Some(Slot::Live(h)) => Ok(h.clone()),
+            _ => Err(Error::UnitNotFound(name.to_string())),
+        }
+    }
+
+    /// A snapshot of one unit.
+    pub fn get(&self, name: &str) -> Result<UnitSnapshot> {
+        let h = self.handle(name)?;
+        Ok(UnitSnapshot { config: h.config(), status: h.status() })
+    }
+
+    /// Snapshots of the units that match `f`, sorted by name.
+    pub fn list(&self, f: &ListFilter) -> Vec<UnitSnapshot> {
+        let handles: Vec<UnitHandle> = self
+            .0
+            .units
+            .iter()
+            .filter_map(|e| match e.value() {
+                Slot::Live(h) => Some(h.clone()),
+                Slot::Reserved => None,
+            })
+            .filter(|h| f.name_glob.as_deref().is_none_or(|g| glob_match(g, h.name())))
+            .collect();
+        let mut out: Vec<UnitSnapshot> = handles
+            .into_iter()
+            .map(|h| UnitSnapshot { config: h.config(), status: h.status() })
+            .filter(|s| f.state.is_none_or(|st| s.status.state == st))
+            .collect();
+        out.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        out
+    }
+
+    /// How many units exist.
+    pub fn len(&self) -> usize {
+        self.0.units.len()
+    }
+
+    /// Whether there are no units.
+    pub fn is_empty(&self) -> bool {
+        self.0.units.is_empty()
+    }
+
+    /// Adds a unit from a definition. Answers once the unit is durable and its loop started.
+    pub async fn add(&self, def: UnitDef) -> Result<UnitSnapshot> {
+        let config = Arc::new(UnitConfig::validate(def, &self.0.cfg.validate)?);
+        let name = config.name.clone();
+        if self.0.units.len() >= self.0.cfg.max_units {
+            return Err(Error::Limit(format!(
+                "at most {} units; delete some first",
+                self.0.cfg.max_units
+            )));
+        }
+        match self.0.units.entry(name.clone()) {
+            Entry::Occupied(_) => return Err(Error::UnitExists(name)),
+            Entry::Vacant(v) => {
+                v.insert(Slot::Reserved);
+            }
+        }
+        let now = Timestamp::now();
+        let stored = StoredUnit {
+            name: name.clone(),
+            definition: config.def.to_json(),
+            created_at: now,
+            updated_at: now,
+            paused: config.paused,
+            stopped: false,
+            last_fire: None,
+            runs_total: 0,
+            failures_total: 0,
+        };
+        if let Err(e) = self.0.store.insert_unit(stored).await {
+            self.0.units.remove(&name);
+            return Err(e);
+        }
+        let init = InitialState {
+            paused: config.paused,
+            stopped: false,
+            last_fire: None,
+            runs_total: 0,
+            failures_total: 0,
+            last_run: None,
+            created_at: now,
+            updated_at: now,
+            fresh: true,
+        };
+        let h = self.spawn_loop(config, init);
+        self.0.units.insert(name.clone(), Slot::Live(h.clone()));
+        // Give the loop its first turn so the snapshot shows the run `add` started.
+        tokio::task::yield_now().await;
+        Ok(UnitSnapshot { config: h.config(), status: h.status() })
+    }
+
+    /// `TaskUnit.Add` with a bare name: the unit file `<units-dir>/<name>.toml` if it
+    /// exists, else a tick unit.
+    pub async fn add_name(&self, name: &str) -> Result<UnitSnapshot> {
+        crate::unit::definition::validate_name(name)?;
+        let path = self.0.cfg.units_dir.join(format!("{name}.toml"));
+        let def = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => UnitDef::from_toml(&text, name).map_err(|e| match e {
+                Error::Invalid { field, reason } => Error::Invalid {
+                    field,
+                    reason: format!("{reason} (in {})", path.display()),
+                },
+                other => other,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                UnitDef { name: name.to_string(), ..Default::default() }
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        self.add(def).await
+    }
+
+    /// Applies a JSON merge patch to a unit's definition. The new definition applies from the
+    /// unit's next run; a `paused` in the patch also pauses or resumes the unit.
+    pub async fn edit(&self, name: &str, patch: Value) -> Result<UnitSnapshot> {
+        let h = self.handle(name)?;
+        let _guard = h.lock().await;
+        let mut patch = patch;
+        if let Some(obj) = patch.as_object_mut() {
+            match obj.remove("name") {
+                None => {}
+                Some(Value::String(n)) if n == name => {}
+                Some(other) => {
+                    return Err(Error::invalid(
+                        "name",
+                        format!("a unit cannot be renamed (got {other}); add a new one and delete this one"),
+                    ));
+                }
+            }
+        } else {
+            return Err(Error::invalid("definition", "an edit is a JSON object of fields to change"));
+        }
+        let pause = patch.get("paused").and_then(Value::as_bool);
+        let mut doc = h.config().def.to_json();
+        merge_patch(&mut doc, &patch);
+        let def = UnitDef::from_json(doc)?;
+        let config = Arc::new(UnitConfig::validate(def, &self.0.cfg.validate)?);
+        let now = Timestamp::now();
+        let status = h.status();
+        let paused = pause.unwrap_or(status.state == UnitState::Paused);
+        self.0.store.update_definition(name, config.def.to_json(), paused, now).await?;
+        h.ask(|reply| Control::Edit { config, at: now, reply }).await??;
+        if let Some(p) = pause {
+            h.ask(|reply| Control::Pause { paused: p, reply }).await??;
+        }
+        tokio::task::yield_now().await;
+        Ok(UnitSnapshot { config: h.config(), status: h.status() })
+    }
+
+    /// Deletes a unit: stops its runs, waits for them, then removes it (and, unless
+    /// `keep_history`, its runs and logs).
+    pub async fn delete(&self, name: &str, keep_history: bool) -> Result<()> {
+        let h = self.handle(name)?;
+        let _guard = h.lock().await;
+        // A concurrent delete may have won while we waited.
+        self.handle(name)?;
+        h.ask(|reply| Control::Delete { reply }).await?;
+        let r = self.0.store.delete_unit(name, keep_history).await;
+        match r {
+            Ok(()) | Err(Error::UnitNotFound(_)) => {
+                self.0.units.remove(name);
+                Ok(())
+            }
+            Err(e) => {
+                // Not deleted: bring the unit back as it was, without starting anything.
+                let st = h.status();
+                let init = InitialState {
+                    paused: st.state == UnitState::Paused,
+                    stopped: true,
+                    last_fire: Some(Timestamp::now()),
+                    runs_total: st.runs_total,
+                    failures_total: st.failures_total,
+                    last_run: st.last_run,
+                    created_at: st.created_at,
+                    updated_at: st.updated_at,
+                    fresh: false,
+                };
+                let h2 = self.spawn_loop(h.config(), init);
+                self.0.units.insert(name.to_string(), Slot::Live(h2));
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a run now (or returns the one that is active, per the overlap policy).
+    pub async fn start(&self, name: &str) -> Result<RunRecord> {
+        let h = self.handle(name)?;
+        h.ask(|reply| Control::Start { trigger: Trigger::Manual, reply }).await?
+    }
+
+    /// Stops every active run of a unit; a service stays stopped until started.
+    pub async fn stop(&self, name: &str) -> Result<usize> {
+        let h = self.handle(name)?;
+        h.ask(|reply| Control::Stop { reply }).await?
+    }
+
+    /// Pauses (or resumes) a unit's schedule and restarts.
+    pub async fn pause(&self, name: &str, paused: bool) -> Result<UnitSnapshot> {
+        let h = self.handle(name)?;
+        let _guard = h.lock().await;
+        h.ask(|reply| Control::Pause { paused, reply }).await??;
+        tokio::task::yield_now().await;
+        Ok(UnitSnapshot { config: h.config(), status: h.status() })
+    }
+
+    /// Cancels a run; answers with the run as it ended.
+    pub async fn cancel_run(&self, id: i64) -> Result<RunRecord> {
+        let rec = self.0.store.get_run(id).await?;
+        if rec.state.is_final() {
+            return Err(Error::Conflict(format!("run {id} already ended ({})", rec.state)));
+        }
+        let h = self.handle(&rec.unit)?;
+        h.ask(|reply| Control::Cancel { run: id, reply }).await?
+    }
+
+    /// One run.
+    pub async fn run(&self, id: i64) -> Result<RunRecord> {
+        self.0.store.get_run(id).await
+    }
+
+    /// Runs, newest first.
+    pub async fn runs(&self, f: RunFilter) -> Result<Vec<RunRecord>> {
+        if let Some(u) = &f.unit {
+            if self.handle(u).is_err() {
+                // History of a deleted unit may still be kept; only refuse names never seen.
+                let any = self.0.store.list_runs(RunFilter { limit: 1, ..f.clone() }).await?;
+                if any.is_empty() && f.state.is_none() && f.before.is_none() {
+                    return Err(Error::UnitNotFound(u.clone()));
+                }
+            }
+        }
+        self.0.store.list_runs(f).await
+    }
+
+    /// Counts of units per state.
+    pub fn unit_counts(&self) -> Vec<(UnitState, usize)> {
+        let mut counts = std::collections::HashMap::new();
+        for e in self.0.units.iter() {
+            if let Slot::Live(h) = e.value() {
+                *counts.entry(h.status().state).or_insert(0usize) += 1;
+            }
+        }
+        UnitState::ALL.iter().map(|s| (*s, counts.get(s).copied().unwrap_or(0))).collect()
+    }
+
+    /// Whether a run is active (queued or running) according to the store.
+    pub async fn is_active(&self, id: i64) -> Result<bool> {
+        Ok(!self.0.store.get_run(id).await?.state.is_final())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_names() {
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("web-*", "web-01"));
+        assert!(!glob_match("web-*", "db-01"));
+        assert!(glob_match("b?ck*", "backup"));
+        assert!(!glob_match("b?ck", "backup"));
+    }
+}
