@@ -527,8 +527,31 @@ where
     (rp.is_method_call() || rp.is_batch()).then(|| rp.into_json())
 }
 
-/// Writes queued messages, each as one JSON value and `\n` in a single write, until `close` is
-/// cancelled and the queue is empty, or the client stops reading.
+/// Writes one message and `\n` in a single write; false when the client is gone or stalled.
+async fn write_message<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &mut Vec<u8>,
+    msg: &RawValue,
+    stall_timeout: Duration,
+) -> bool {
+    buf.clear();
+    buf.extend_from_slice(msg.get().as_bytes());
+    buf.push(b'\n');
+    match tokio::time::timeout(stall_timeout, wr.write_all(buf)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "tcp write failed");
+            false
+        }
+        Err(_) => {
+            tracing::debug!("tcp client stopped reading; closing");
+            false
+        }
+    }
+}
+
+/// Writes queued messages until `close` is cancelled, then flushes what is queued at that
+/// moment and closes the socket. Cancels `failed` when the client cannot be written to.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Box<RawValue>>,
     mut wr: W,
@@ -540,25 +563,20 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     loop {
         let msg = tokio::select! {
             biased;
+            () = close.cancelled() => break,
             msg = rx.recv() => msg,
-            () = close.cancelled() => None,
         };
         let Some(msg) = msg else { break };
-        buf.clear();
-        buf.extend_from_slice(msg.get().as_bytes());
-        buf.push(b'\n');
-        match tokio::time::timeout(stall_timeout, wr.write_all(&buf)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "tcp write failed");
-                failed.cancel();
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("tcp client stopped reading; closing");
-                failed.cancel();
-                return;
-            }
+        if !write_message(&mut wr, &mut buf, &msg, stall_timeout).await {
+            failed.cancel();
+            return;
+        }
+    }
+    // Refuse further messages first, so a busy subscription cannot keep the flush going.
+    rx.close();
+    while let Some(msg) = rx.recv().await {
+        if !write_message(&mut wr, &mut buf, &msg, stall_timeout).await {
+            return;
         }
     }
     let _ = wr.shutdown().await;
@@ -717,7 +735,10 @@ pub async fn serve_connection<St, L>(
     close.cancel();
     drop(service);
     drop(tx);
-    let _ = writer.await;
+    let mut writer = writer;
+    if tokio::time::timeout(cfg.drain_timeout, &mut writer).await.is_err() {
+        writer.abort();
+    }
 }
 
 #[cfg(test)]
