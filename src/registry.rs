@@ -170,7 +170,7 @@ impl Registry {
     }
 
     fn spawn_loop(&self, config: Arc<UnitConfig>, init: InitialState) -> UnitHandle {
-        runner::spawn(self.0.env.clone(), config, init, &self.0.root, &self.0.tracker)
+        runner::spawn(self.0.env.clone(), config, init, &self.0.root, &self.0.tracker).0
     }
 
     /// The store behind the registry.
@@ -266,10 +266,11 @@ impl Registry {
             updated_at: now,
             fresh: true,
         };
-        let h = self.spawn_loop(config, init);
+        let (h, ready) =
+            runner::spawn(self.0.env.clone(), config, init, &self.0.root, &self.0.tracker);
         self.0.units.insert(name.clone(), Slot::Live(h.clone()));
-        // Give the loop its first turn so the snapshot shows the run `add` started.
-        tokio::task::yield_now().await;
+        // Answer with the run `add` started, if any.
+        let _ = ready.await;
         Ok(UnitSnapshot { config: h.config(), status: h.status() })
     }
 
@@ -327,7 +328,6 @@ impl Registry {
         if let Some(p) = pause {
             h.ask(|reply| Control::Pause { paused: p, reply }).await??;
         }
-        tokio::task::yield_now().await;
         Ok(UnitSnapshot { config: h.config(), status: h.status() })
     }
 
@@ -383,7 +383,6 @@ impl Registry {
         let h = self.handle(name)?;
         let _guard = h.lock().await;
         h.ask(|reply| Control::Pause { paused, reply }).await??;
-        tokio::task::yield_now().await;
         Ok(UnitSnapshot { config: h.config(), status: h.status() })
     }
 

@@ -1,1 +1,57 @@
-fn main() {}
+//! `taskd`: the daemon's entry point. Parses flags, sets up tracing, binds the listener,
+//! turns SIGTERM/SIGINT into cancellation of the root token, and runs the daemon.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use taskd::config::{Args, Config, LogFormat};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = Config::resolve(&args)?;
+    init_tracing(cfg.log_format);
+    let listener = tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {}: {e} (is another taskd running? try --listen)", cfg.listen)
+    })?;
+    let root = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let token = root.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        token.cancel();
+    });
+    taskd::daemon::run(cfg, listener, root).await
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("taskd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("taskd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

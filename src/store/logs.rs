@@ -146,6 +146,14 @@ impl Logs {
         rx.await.unwrap_or_default()
     }
 
+    /// Reads part of run `run`'s log file (off the async threads).
+    pub async fn read(&self, run: i64, q: LogQuery) -> Result<LogSlice> {
+        let path = self.path(run);
+        tokio::task::spawn_blocking(move || read(&path, &q).map_err(|e| Error::io(&path, e)))
+            .await
+            .map_err(|_| Error::ShuttingDown)?
+    }
+
     /// Subscribes to a run's output; `None` when the run's log is closed (the run ended).
     pub async fn subscribe(&self, run: i64) -> Option<Follow> {
         let (reply, rx) = oneshot::channel();

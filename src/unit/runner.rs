@@ -62,15 +62,17 @@ pub struct InitialState {
     pub fresh: bool,
 }
 
-/// Spawns the loop of a unit and returns its handle.
+/// Spawns the loop of a unit and returns its handle, and a receiver that resolves once the
+/// loop has started what it starts on its own (the `add` run, a service).
 pub fn spawn(
     env: RunnerEnv,
     config: Arc<UnitConfig>,
     init: InitialState,
     parent: &CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
-) -> UnitHandle {
+) -> (UnitHandle, oneshot::Receiver<()>) {
     let (tx, rx) = mpsc::channel(64);
+    let (ready_tx, ready_rx) = oneshot::channel();
     let token = parent.child_token();
     let shared = Arc::new(UnitShared {
         name: config.name.clone(),
@@ -111,8 +113,8 @@ pub fn spawn(
         failures_total: init.failures_total,
         last_run: init.last_run,
     };
-    tracker.spawn(l.run(rx, token, init.fresh, init.last_fire));
-    handle
+    tracker.spawn(l.run(rx, token, init.fresh, init.last_fire, ready_tx));
+    (handle, ready_rx)
 }
 
 struct ActiveRun {
@@ -178,8 +180,10 @@ impl Loop {
         token: CancellationToken,
         fresh: bool,
         last_fire: Option<Timestamp>,
+        ready: oneshot::Sender<()>,
     ) {
         self.start_up(fresh, last_fire).await;
+        self.answer(ready, ());
         loop {
             self.publish();
             let fire_at = if self.paused || self.deleting.is_some() {
@@ -221,7 +225,7 @@ impl Loop {
             }
         }
         if let Some(reply) = self.deleting.take() {
-            let _ = reply.send(());
+            self.answer(reply, ());
         }
     }
 
@@ -279,6 +283,13 @@ impl Loop {
         }
     }
 
+    /// Publishes the status, then answers: a caller never sees a snapshot older than its
+    /// own change.
+    fn answer<T>(&self, reply: oneshot::Sender<T>, value: T) {
+        self.publish();
+        let _ = reply.send(value);
+    }
+
     fn publish(&self) {
         let mut st = self.shared.status.lock().expect("unit status lock");
         st.state = self.derive_state();
@@ -295,7 +306,7 @@ impl Loop {
         match c {
             Control::Start { trigger, reply } => {
                 let r = self.manual_start(trigger).await;
-                let _ = reply.send(r);
+                self.answer(reply, r);
             }
             Control::Stop { reply } => {
                 let n = self.stop_all("stopped");
@@ -311,7 +322,7 @@ impl Loop {
                     .set_flags(&self.cfg.name, self.paused, self.stopped, "unit.stopped")
                     .await
                     .map(|_| n + q);
-                let _ = reply.send(r);
+                self.answer(reply, r);
             }
             Control::Pause { paused, reply } => {
                 let kind = if paused { "unit.paused" } else { "unit.resumed" };
@@ -333,7 +344,7 @@ impl Loop {
                         self.pending = None;
                     }
                 }
-                let _ = reply.send(r);
+                self.answer(reply, r);
             }
             Control::Edit { config, at, reply } => {
                 let was_continuous = self.cfg.service || self.cfg.is_tick();
@@ -351,7 +362,7 @@ impl Loop {
                 if !continuous {
                     self.fatal = false;
                 }
-                let _ = reply.send(Ok(()));
+                self.answer(reply, Ok(()));
             }
             Control::Cancel { run, reply } => {
                 if let Some(a) = self.active.get_mut(&run) {
@@ -361,9 +372,9 @@ impl Loop {
                 } else if self.queued.as_ref().is_some_and(|q| q.id == run) {
                     let r = self.cancel_queued("cancelled").await;
                     let rec = self.last_run.clone().filter(|_| r > 0);
-                    let _ = reply.send(rec.ok_or(Error::RunNotFound(run)));
+                    self.answer(reply, rec.ok_or(Error::RunNotFound(run)));
                 } else {
-                    let _ = reply.send(Err(Error::Conflict(format!("run {run} is not active"))));
+                    self.answer(reply, Err(Error::Conflict(format!("run {run} is not active"))));
                 }
             }
             Control::Delete { reply } => {

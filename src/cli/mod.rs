@@ -1,0 +1,1 @@
+//! `taskctl`: the command-line client.

@@ -1,0 +1,273 @@
+//! The daemon's configuration: command-line flags, each with a `TASKD_*` environment
+//! variable, over a TOML file (`--config`, else `<state-dir>/taskd.toml` when present), over
+//! built-in defaults. `taskd` with nothing set starts a working daemon.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+use crate::unit::definition::{ByteSize, parse_duration, parse_size};
+
+/// Where the daemon listens unless told otherwise (the address the GoTask client dials).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3333";
+
+/// How clients authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// A token from `<state-dir>/token` (Bearer on HTTP/WS, `Auth.Login` on raw TCP).
+    Token,
+    /// No authentication: loopback listeners only.
+    None,
+}
+
+/// Format of the daemon's own log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `taskd`'s command line.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "taskd", version, about = "The taskd task daemon: runs units once, on a schedule, or as supervised services")]
+pub struct Args {
+    /// Address to listen on (raw TCP, HTTP and WebSocket on one port) [default: 127.0.0.1:3333]
+    #[arg(long, env = "TASKD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// State directory: database, run logs, token [default: ~/.local/state/taskd, or /var/lib/taskd as root]
+    #[arg(long, env = "TASKD_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Directory of unit files `<name>.toml` [default: <state-dir>/units]
+    #[arg(long, env = "TASKD_UNITS_DIR", value_name = "DIR")]
+    pub units_dir: Option<PathBuf>,
+    /// Configuration file [default: <state-dir>/taskd.toml when present]
+    #[arg(long, env = "TASKD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Client authentication [default: token]
+    #[arg(long, env = "TASKD_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
+    /// Allow listening on a non-loopback address without TLS (prints a warning)
+    #[arg(long, env = "TASKD_INSECURE")]
+    pub insecure: bool,
+    /// Format of the daemon's own log [default: text]
+    #[arg(long, env = "TASKD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Keys of `taskd.toml`. Every flag has a key of the same name (with `_`), plus the limits.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--state-dir` (only meaningful in a file given with `--config`).
+    pub state_dir: Option<PathBuf>,
+    /// `--units-dir`.
+    pub units_dir: Option<PathBuf>,
+    /// `--auth`.
+    pub auth: Option<AuthMode>,
+    /// `--insecure`.
+    pub insecure: Option<bool>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
+    /// Runs kept per unit (default 100).
+    pub keep_runs: Option<u32>,
+    /// When set, a unit's `cwd` must lie under one of these.
+    pub allowed_dirs: Option<Vec<PathBuf>>,
+    /// Largest request in bytes or `"1MiB"` (default 1 MiB).
+    pub max_request_size: Option<ByteSize>,
+    /// Most connections at once (default 1024).
+    pub max_connections: Option<usize>,
+    /// Most requests executing at once per connection (default 64).
+    pub max_in_flight: Option<usize>,
+    /// Close raw TCP connections idle this long (default `"5m"`).
+    pub idle_timeout: Option<String>,
+    /// Most units (default 100000).
+    pub max_units: Option<usize>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: String,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The units directory.
+    pub units_dir: PathBuf,
+    /// Authentication mode.
+    pub auth: AuthMode,
+    /// Non-loopback without TLS allowed.
+    pub insecure: bool,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Runs kept per unit.
+    pub keep_runs: u32,
+    /// Allowed working directories (empty: any).
+    pub allowed_dirs: Vec<PathBuf>,
+    /// Largest request.
+    pub max_request_size: u32,
+    /// Most connections.
+    pub max_connections: usize,
+    /// Most requests in flight per connection.
+    pub max_in_flight: usize,
+    /// Raw TCP idle timeout.
+    pub idle_timeout: Duration,
+    /// Most units.
+    pub max_units: usize,
+}
+
+/// Whether the current process runs as root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The default state directory: `/var/lib/taskd` for root, else
+/// `$XDG_STATE_HOME/taskd` or `~/.local/state/taskd`.
+pub fn default_state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/taskd");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("taskd");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
+    home.join(".local/state/taskd")
+}
+
+fn read_file(path: &Path, required: bool) -> anyhow::Result<FileConfig> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message())),
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+    }
+}
+
+impl Config {
+    /// Resolves flags and environment (already in `args`) over the config file over defaults.
+    pub fn resolve(args: &Args) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(p) => read_file(p, true)?,
+            None => {
+                let dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+                read_file(&dir.join("taskd.toml"), false)?
+            }
+        };
+        let state_dir = args
+            .state_dir
+            .clone()
+            .or(file.state_dir.clone())
+            .unwrap_or_else(default_state_dir);
+        let state_dir = if state_dir.is_absolute() {
+            state_dir
+        } else {
+            std::env::current_dir()?.join(state_dir)
+        };
+        let units_dir =
+            args.units_dir.clone().or(file.units_dir.clone()).unwrap_or_else(|| state_dir.join("units"));
+        let max_request_size = match &file.max_request_size {
+            None => 1 << 20,
+            Some(s) => {
+                let n = parse_size(s).map_err(|e| anyhow::anyhow!("max_request_size: {e}"))?;
+                u32::try_from(n).map_err(|_| anyhow::anyhow!("max_request_size: at most 4GiB"))?
+            }
+        };
+        let idle_timeout = match &file.idle_timeout {
+            None => Duration::from_secs(300),
+            Some(s) => parse_duration(s).map_err(|e| anyhow::anyhow!("idle_timeout: {e}"))?,
+        };
+        let cfg = Config {
+            listen: args.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
+            state_dir,
+            units_dir,
+            auth: args.auth.or(file.auth).unwrap_or(AuthMode::Token),
+            insecure: args.insecure || file.insecure.unwrap_or(false),
+            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            keep_runs: file.keep_runs.unwrap_or(100).max(1),
+            allowed_dirs: file.allowed_dirs.unwrap_or_default(),
+            max_request_size,
+            max_connections: file.max_connections.unwrap_or(1024).max(1),
+            max_in_flight: file.max_in_flight.unwrap_or(64).max(1),
+            idle_timeout,
+            max_units: file.max_units.unwrap_or(100_000).max(1),
+        };
+        Ok(cfg)
+    }
+
+    /// Checks the listen address against the security rules: loopback unless `--insecure`,
+    /// and `--auth none` only on loopback. Returns a warning to print, if any.
+    pub fn check_listen(&self, addr: &SocketAddr) -> anyhow::Result<Option<String>> {
+        let loopback = addr.ip().is_loopback();
+        if !loopback && self.auth == AuthMode::None {
+            anyhow::bail!(
+                "--auth none is only allowed on a loopback address; {addr} is not one"
+            );
+        }
+        if !loopback && !self.insecure {
+            anyhow::bail!(
+                "{addr} is not a loopback address: traffic would travel without TLS; \
+                 pass --insecure to allow it"
+            );
+        }
+        Ok((!loopback).then(|| {
+            format!("listening on {addr} without TLS (--insecure): tokens and data travel in clear text")
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_setup() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = Args { state_dir: Some(dir.path().into()), ..Default::default() };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+        assert_eq!(c.auth, AuthMode::Token);
+        assert_eq!(c.units_dir, dir.path().join("units"));
+        assert_eq!(c.keep_runs, 100);
+    }
+
+    #[test]
+    fn the_file_fills_what_flags_leave_open() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("taskd.toml"), "keep_runs = 7\nlisten = \"127.0.0.1:4000\"\n")
+            .unwrap();
+        let args = Args {
+            state_dir: Some(dir.path().into()),
+            listen: Some("127.0.0.1:5000".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args).unwrap();
+        assert_eq!(c.keep_runs, 7);
+        assert_eq!(c.listen, "127.0.0.1:5000");
+        std::fs::write(dir.path().join("taskd.toml"), "keep_run = 7\n").unwrap();
+        let e = Config::resolve(&args).unwrap_err().to_string();
+        assert!(e.contains("keep_run"), "{e}");
+    }
+
+    #[test]
+    fn non_loopback_needs_insecure_and_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c =
+            Config::resolve(&Args { state_dir: Some(dir.path().into()), ..Default::default() })
+                .unwrap();
+        let public: SocketAddr = "0.0.0.0:3333".parse().unwrap();
+        assert!(c.check_listen(&public).is_err());
+        c.insecure = true;
+        assert!(c.check_listen(&public).unwrap().is_some());
+        c.auth = AuthMode::None;
+        assert!(c.check_listen(&public).is_err());
+        assert!(c.check_listen(&"127.0.0.1:1".parse().unwrap()).unwrap().is_none());
+    }
+}

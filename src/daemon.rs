@@ -1,0 +1,135 @@
+//! The daemon: opens the store, recovers and starts every unit, and serves the API on the
+//! listener it is given until its token is cancelled; then stops every run and drains.
+//!
+//! `run` installs no signal handler and never exits the process: `main` (or a test) binds the
+//! listener, owns the root token, and decides what a signal means.
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{AuthMode, Config};
+use crate::error::Error;
+use crate::exec;
+use crate::registry::{Registry, RegistryConfig};
+use crate::rpc::api::{Api, ApiContext, methods};
+use crate::rpc::auth::{Auth, load_or_create_token};
+use crate::rpc::listener::{ServeConfig, serve};
+use crate::rpc::middleware::{AUDITED_METHODS, AuditEntry};
+use crate::store::{AuditRecord, Store};
+use crate::unit::ValidateCtx;
+
+/// The file in the state directory that holds the address the daemon listens on, so that
+/// `taskctl` finds a daemon started with `--listen 127.0.0.1:0`.
+pub const ADDRESS_FILE: &str = "address";
+
+/// Holds the state directory for this daemon: a second daemon on the same directory fails.
+struct StateLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+fn lock_state_dir(cfg: &Config) -> anyhow::Result<StateLock> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create the state directory {}: {e}", cfg.state_dir.display()))?;
+    let path = cfg.state_dir.join("taskd.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!(
+            "another taskd is already using {}; stop it or pass a different --state-dir",
+            cfg.state_dir.display()
+        )
+    })?;
+    Ok(StateLock { _lock: lock })
+}
+
+/// Runs the daemon on `listener` until `shutdown` is cancelled, then stops every active run
+/// (recorded `cancelled`, reason `shutdown`), waits for every task, and returns.
+pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let _lock = lock_state_dir(&cfg)?;
+    if let Err(e) = exec::become_subreaper() {
+        tracing::warn!(error = %e, "cannot become a child subreaper; double-forked grandchildren will not be reaped");
+    }
+    let local = listener.local_addr()?;
+    if let Some(warning) = cfg.check_listen(&local)? {
+        tracing::warn!("{warning}");
+    }
+    let store = Store::open(&cfg.state_dir)?;
+    let token: Option<Arc<str>> = match cfg.auth {
+        AuthMode::Token => Some(load_or_create_token(&cfg.state_dir).map_err(|e| Error::io(cfg.state_dir.join("token"), e))?.into()),
+        AuthMode::None => None,
+    };
+    let tracker = TaskTracker::new();
+    let registry = Registry::open(
+        store.clone(),
+        RegistryConfig {
+            validate: ValidateCtx { is_root: crate::config::is_root(), allowed_dirs: cfg.allowed_dirs.clone() },
+            units_dir: cfg.units_dir.clone(),
+            work_dir: cfg.state_dir.join("work"),
+            keep_runs: cfg.keep_runs,
+            max_units: cfg.max_units,
+        },
+        shutdown.clone(),
+        tracker.clone(),
+    )
+    .await?;
+    let api = Api(Arc::new(ApiContext {
+        registry: registry.clone(),
+        started: Timestamp::now(),
+        listeners: vec![local.to_string()],
+        token: token.clone(),
+    }));
+    let audit_store = store.clone();
+    let serve_cfg = ServeConfig {
+        auth: match &token {
+            Some(t) => Auth::Token(t.clone()),
+            None => Auth::None,
+        },
+        max_request_size: cfg.max_request_size,
+        max_connections: cfg.max_connections,
+        max_in_flight: cfg.max_in_flight,
+        idle_timeout: cfg.idle_timeout,
+        audit: Arc::new(move |e: AuditEntry| {
+            audit_store.audit(AuditRecord {
+                time: Timestamp::now(),
+                peer: match e.peer {
+                    Some(p) => format!("{}:{p}", e.transport),
+                    None => e.transport.to_string(),
+                },
+                method: e.method,
+                unit: e.unit,
+                outcome: match e.outcome {
+                    Ok(()) => "ok".into(),
+                    Err(m) => m,
+                },
+            })
+        }),
+        audited_methods: AUDITED_METHODS,
+        ..ServeConfig::default()
+    };
+    let address_file = cfg.state_dir.join(ADDRESS_FILE);
+    std::fs::write(&address_file, format!("{local}\n"))
+        .map_err(|e| Error::io(&address_file, e))?;
+    tracing::info!(
+        addr = %local,
+        state_dir = %cfg.state_dir.display(),
+        units = registry.len(),
+        auth = if token.is_some() { "token" } else { "none" },
+        "taskd ready"
+    );
+    serve(listener, methods(api), serve_cfg, shutdown.clone(), tracker.clone()).await;
+    tracing::info!("shutting down: stopping active runs");
+    tracker.close();
+    tracker.wait().await;
+    store.flush().await?;
+    let _ = std::fs::remove_file(&address_file);
+    tracing::info!("taskd stopped");
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! `Daemon.Status` and `Auth.Login`.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use jsonrpsee::Extensions;
+use jsonrpsee::core::{RpcResult, async_trait};
+use jsonrpsee::proc_macros::rpc;
+use jsonrpsee::types::ErrorObjectOwned;
+use serde_json::Value;
+
+use super::api::{Api, rpc_error};
+use super::auth::{ConnAuth, token_eq};
+use super::types::{StatusInfo, fmt_time};
+use crate::error::codes;
+
+/// The `Daemon` method group.
+#[rpc(server, client, namespace = "Daemon", namespace_separator = ".")]
+pub trait DaemonApi {
+    /// Version, uptime, unit and run counts, listeners.
+    #[method(name = "Status")]
+    async fn status(&self, arg: Option<Value>) -> RpcResult<StatusInfo>;
+}
+
+/// The `Auth` method group.
+#[rpc(server, client, namespace = "Auth", namespace_separator = ".")]
+pub trait AuthApi {
+    /// Authenticates this raw TCP connection with the daemon's token.
+    #[method(name = "Login", with_extensions)]
+    async fn login(&self, token: String) -> RpcResult<bool>;
+}
+
+#[async_trait]
+impl DaemonApiServer for Api {
+    async fn status(&self, _arg: Option<Value>) -> RpcResult<StatusInfo> {
+        let mut units: BTreeMap<String, usize> = BTreeMap::new();
+        let mut total_units = 0;
+        for (s, n) in self.registry.unit_counts() {
+            total_units += n;
+            units.insert(s.as_str().into(), n);
+        }
+        units.insert("total".into(), total_units);
+        let mut runs: BTreeMap<String, u64> = BTreeMap::new();
+        let mut total_runs = 0;
+        for (s, n) in self.registry.store().run_counts().await.map_err(rpc_error)? {
+            total_runs += n;
+            runs.insert(s, n);
+        }
+        runs.insert("total".into(), total_runs);
+        let uptime = Timestamp::now().duration_since(self.started);
+        Ok(StatusInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            started_at: fmt_time(self.started),
+            uptime_secs: uptime.as_secs().max(0) as u64,
+            units,
+            runs,
+            listeners: self.listeners.clone(),
+            state_dir: self.registry.store().dir().display().to_string(),
+            auth: if self.token.is_some() { "token" } else { "none" }.into(),
+        })
+    }
+}
+
+#[async_trait]
+impl AuthApiServer for Api {
+    async fn login(&self, ext: &Extensions, token: String) -> RpcResult<bool> {
+        let Some(expected) = &self.token else {
+            return Ok(true);
+        };
+        if !token_eq(expected, token.trim()) {
+            return Err(ErrorObjectOwned::owned(
+                codes::UNAUTHORIZED,
+                "wrong token: use the one in <state-dir>/token",
+                None::<()>,
+            ));
+        }
+        if let Some(c) = ext.get::<ConnAuth>() {
+            c.set();
+        }
+        Ok(true)
+    }
+}

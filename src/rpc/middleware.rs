@@ -1,0 +1,341 @@
+//! The one JSON-RPC middleware every transport (HTTP, WebSocket, raw TCP) runs each call through:
+//! params normalisation, authorisation, executing notifications, the audit hook and tracing.
+//!
+//! **Architecture Invariant:** transports never decide whether a call is allowed; they only put
+//! identity into the request extensions, and [`RpcMiddleware`] decides, for single calls and for
+//! every batch entry alike.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use jsonrpsee::core::middleware::{
+    Batch, BatchEntry, Notification, Request, RpcServiceBuilder, RpcServiceT,
+};
+use jsonrpsee::core::server::{BatchResponseBuilder, MethodCallback, MethodResponse, Methods};
+use jsonrpsee::types::{ErrorObject, Id};
+use serde_json::value::RawValue;
+use tower::layer::util::{Identity, Stack};
+
+use super::auth::{Auth, Authenticated, ConnAuth, Peer, Transport};
+use crate::error::codes;
+
+/// The message of the error a call gets before the connection authenticated.
+pub const UNAUTHORIZED_MESSAGE: &str = "unauthorized: call Auth.Login with the daemon's token \
+     first (raw TCP) or send Authorization: Bearer <token>";
+
+/// Methods that need no authentication.
+pub const PUBLIC_METHODS: &[&str] = &["Auth.Login", "rpc.discover"];
+
+/// The state-changing methods written to the audit log.
+pub const AUDITED_METHODS: &[&str] = &[
+    "TaskUnit.Add",
+    "TaskUnit.Delete",
+    "TaskUnit.Edit",
+    "TaskUnit.Start",
+    "TaskUnit.Stop",
+    "TaskUnit.Pause",
+    "TaskUnit.Resume",
+    "Run.Cancel",
+    "Auth.Login",
+];
+
+/// One audited call, handed to the audit hook after the call was answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// The client's address, when the transport knows it.
+    pub peer: Option<SocketAddr>,
+    /// `"tcp"`, `"http"`, `"ws"`, or `"unknown"`.
+    pub transport: &'static str,
+    /// The JSON-RPC method name.
+    pub method: String,
+    /// The unit the call was about: the argument when it is a string, else its `name` member.
+    pub unit: Option<String>,
+    /// `Ok` when the call succeeded, else the error message sent to the client.
+    pub outcome: Result<(), String>,
+}
+
+/// The audit hook: called once per audited call, on the connection's task, so keep it quick
+/// (hand the entry to a channel).
+pub type AuditHook = Arc<dyn Fn(AuditEntry) + Send + Sync>;
+
+/// A hook that drops every entry.
+pub fn no_audit() -> AuditHook {
+    Arc::new(|_| {})
+}
+
+struct Shared {
+    auth: Auth,
+    audit: AuditHook,
+    audited: HashSet<String>,
+    /// Subscribe/unsubscribe methods: a notification naming one is not executed, since its
+    /// result (a subscription id) is the only handle to the stream and would be lost.
+    streaming: HashSet<String>,
+    max_response_size: usize,
+}
+
+/// The middleware's layer; cheap to clone. Build it once per listener with [`RpcLayer::new`].
+#[derive(Clone)]
+pub struct RpcLayer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RpcLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcLayer").field("auth_required", &self.shared.auth.is_required()).finish()
+    }
+}
+
+impl RpcLayer {
+    /// A layer for `methods`, checking `auth`, reporting calls of `audited` methods to `audit`,
+    /// and limiting batch responses to `max_response_size` bytes.
+    pub fn new<'a>(
+        methods: &Methods,
+        auth: Auth,
+        audit: AuditHook,
+        audited: impl IntoIterator<Item = &'a str>,
+        max_response_size: usize,
+    ) -> Self {
+        let streaming = methods
+            .method_names()
+            .filter(|name| {
+                matches!(
+                    methods.method_with_name(name),
+                    Some((_, MethodCallback::Subscription(_) | MethodCallback::Unsubscription(_)))
+                )
+            })
+            .map(str::to_owned)
+            .collect();
+        let shared = Shared {
+            auth,
+            audit,
+            audited: audited.into_iter().map(str::to_owned).collect(),
+            streaming,
+            max_response_size,
+        };
+        Self { shared: Arc::new(shared) }
+    }
+
+    /// The middleware stack as an [`RpcServiceBuilder`], for jsonrpsee's `set_rpc_middleware`
+    /// and for the raw TCP transport.
+    pub fn builder(&self) -> RpcServiceBuilder<Stack<RpcLayer, Identity>> {
+        RpcServiceBuilder::new().layer(self.clone())
+    }
+}
+
+impl<S> tower::Layer<S> for RpcLayer {
+    type Service = RpcMiddleware<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMiddleware { inner, shared: self.shared.clone() }
+    }
+}
+
+/// The middleware service wrapping a transport's inner service `S`.
+#[derive(Clone)]
+pub struct RpcMiddleware<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+/// Rewrites `"params": {…}` or any other bare non-array value to `[value]`, because every
+/// method takes exactly one positional argument.
+fn normalise_params(params: &mut Option<Cow<'_, RawValue>>) {
+    let Some(raw) = params.as_ref() else { return };
+    let text = raw.get().trim_start();
+    if text.starts_with('[') {
+        return;
+    }
+    // A RawValue is valid JSON, so wrapping it in brackets is too.
+    if let Ok(wrapped) = RawValue::from_string(format!("[{}]", raw.get())) {
+        *params = Some(Cow::Owned(wrapped));
+    }
+}
+
+/// The unit named by an audited call's argument.
+fn unit_of(method: &str, params: Option<&Cow<'_, RawValue>>) -> Option<String> {
+    // Auth.Login's argument is the token: never copy it anywhere.
+    if method.starts_with("Auth.") {
+        return None;
+    }
+    let args: Vec<serde_json::Value> = serde_json::from_str(params?.get()).ok()?;
+    match args.into_iter().next()? {
+        serde_json::Value::String(name) => Some(name),
+        serde_json::Value::Object(map) => {
+            map.get("name").or_else(|| map.get("Name"))?.as_str().map(str::to_owned)
+        }
+        _ => None,
+    }
+}
+
+/// The error message inside a serialised error response.
+fn error_message(rp: &MethodResponse) -> String {
+    #[derive(serde::Deserialize)]
+    struct Resp {
+        error: Option<Err>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Err {
+        message: String,
+    }
+    serde_json::from_str::<Resp>(rp.as_json().get())
+        .ok()
+        .and_then(|r| r.error)
+        .map_or_else(|| "error".to_owned(), |e| e.message)
+}
+
+impl<S> RpcMiddleware<S> {
+    fn authorized(&self, req: &Request<'_>) -> bool {
+        if !self.shared.auth.is_required() || PUBLIC_METHODS.contains(&req.method_name()) {
+            return true;
+        }
+        let ext = req.extensions();
+        ext.get::<Authenticated>().is_some() || ext.get::<ConnAuth>().is_some_and(ConnAuth::is_set)
+    }
+}
+
+impl<S> RpcServiceT for RpcMiddleware<S>
+where
+    S: RpcServiceT<
+            MethodResponse = MethodResponse,
+            BatchResponse = MethodResponse,
+            NotificationResponse = MethodResponse,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    type MethodResponse = MethodResponse;
+    type NotificationResponse = MethodResponse;
+    type BatchResponse = MethodResponse;
+
+    fn call<'a>(&self, mut req: Request<'a>) -> impl Future<Output = MethodResponse> + Send + 'a {
+        let this = self.clone();
+        async move {
+            normalise_params(&mut req.params);
+            let started = Instant::now();
+            let method = req.method_name().to_owned();
+            let ext = req.extensions();
+            let transport = ext.get::<Transport>().map_or("unknown", |t| t.0);
+            let peer = ext.get::<Peer>().map(|p| p.0);
+            let audit_unit = this
+                .shared
+                .audited
+                .contains(&method)
+                .then(|| unit_of(&method, req.params.as_ref()));
+
+            let rp = if this.authorized(&req) {
+                this.inner.call(req).await
+            } else {
+                let err = ErrorObject::owned(codes::UNAUTHORIZED, UNAUTHORIZED_MESSAGE, None::<()>);
+                MethodResponse::error(req.id, err)
+            };
+
+            let ok = rp.is_success();
+            tracing::debug!(
+                method = %method,
+                transport,
+                peer = ?peer,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                ok,
+                "rpc call"
+            );
+            if let Some(unit) = audit_unit {
+                let outcome = if ok { Ok(()) } else { Err(error_message(&rp)) };
+                (this.shared.audit)(AuditEntry { peer, transport, method, unit, outcome });
+            }
+            rp
+        }
+    }
+
+    fn batch<'a>(&self, batch: Batch<'a>) -> impl Future<Output = MethodResponse> + Send + 'a {
+        // Not delegated to the inner service: its `batch` would bypass this middleware's
+        // `call` (auth, audit) and `notification` (execution) for every entry.
+        let this = self.clone();
+        async move {
+            let mut responses = BatchResponseBuilder::new_with_limit(this.shared.max_response_size);
+            let mut got_notification = false;
+            for entry in batch {
+                let rp = match entry {
+                    Ok(BatchEntry::Call(req)) => this.call(req).await,
+                    Ok(BatchEntry::Notification(n)) => {
+                        got_notification = true;
+                        this.notification(n).await;
+                        continue;
+                    }
+                    Err(err) => {
+                        let (err, id) = err.into_parts();
+                        MethodResponse::error(id, err)
+                    }
+                };
+                if let Err(too_big) = responses.append(rp) {
+                    return too_big;
+                }
+            }
+            if responses.is_empty() && got_notification {
+                MethodResponse::notification()
+            } else {
+                MethodResponse::from_batch(responses.finish())
+            }
+        }
+    }
+
+    fn notification<'a>(
+        &self,
+        n: Notification<'a>,
+    ) -> impl Future<Output = MethodResponse> + Send + 'a {
+        // JSON-RPC 2.0: a notification is executed, only its reply is dropped. jsonrpsee's own
+        // service ignores notifications, so run it as a call with a null id.
+        let this = self.clone();
+        async move {
+            if this.shared.streaming.contains(n.method_name()) {
+                return MethodResponse::notification();
+            }
+            let req = Request {
+                jsonrpc: jsonrpsee::types::TwoPointZero,
+                id: Id::Null,
+                method: n.method,
+                params: n.params,
+                extensions: n.extensions,
+            };
+            let _ = this.call(req).await;
+            MethodResponse::notification()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Option<Cow<'static, RawValue>> {
+        Some(Cow::Owned(RawValue::from_string(s.to_owned()).expect("json")))
+    }
+
+    #[test]
+    fn params_are_wrapped_unless_an_array() {
+        for (input, want) in [
+            (r#"{"a":1}"#, r#"[{"a":1}]"#),
+            (r#""x""#, r#"["x"]"#),
+            ("7", "[7]"),
+            (r#"["x"]"#, r#"["x"]"#),
+        ] {
+            let mut p = raw(input);
+            normalise_params(&mut p);
+            assert_eq!(p.expect("some").get(), want);
+        }
+        let mut none = None;
+        normalise_params(&mut none);
+        assert!(none.is_none());
+    }
+
+    #[test]
+    fn unit_comes_from_the_argument() {
+        assert_eq!(unit_of("TaskUnit.Add", raw(r#"["web"]"#).as_ref()), Some("web".into()));
+        assert_eq!(unit_of("TaskUnit.Edit", raw(r#"[{"name":"db"}]"#).as_ref()), Some("db".into()));
+        assert_eq!(unit_of("Run.Cancel", raw("[12]").as_ref()), None);
+        assert_eq!(unit_of("Auth.Login", raw(r#"["secret"]"#).as_ref()), None);
+    }
+}

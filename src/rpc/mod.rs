@@ -1,0 +1,15 @@
+//! JSON-RPC: the wire types, one file per method group, the server context, the transports
+//! (one listener for raw TCP, HTTP and WebSocket), the shared middleware, authentication and
+//! the client.
+
+pub mod api;
+pub mod auth;
+pub mod client;
+pub mod daemon;
+pub mod events;
+pub mod listener;
+pub mod middleware;
+pub mod run;
+pub mod tcp;
+pub mod types;
+pub mod unit;

@@ -1,0 +1,225 @@
+//! `Run.*`: list, get and cancel runs, read their logs, and follow a run's output live.
+
+use jsonrpsee::PendingSubscriptionSink;
+use jsonrpsee::core::{RpcResult, SubscriptionResult, async_trait};
+use jsonrpsee::proc_macros::rpc;
+use jsonrpsee::server::SubscriptionMessage;
+use serde_json::value::to_raw_value;
+
+use super::api::{Api, rpc_error};
+use super::types::{FollowArg, FollowItem, LogsArg, LogsResult, RunInfo, RunListArg};
+use crate::error::Error;
+use crate::run::RunState;
+use crate::store::RunFilter;
+use crate::store::logs::{self, LogQuery, Stream};
+
+/// Default and largest page of `Run.List`.
+const RUN_PAGE: (u32, u32) = (50, 1000);
+/// Default and largest slice of `Run.Logs`, in bytes.
+const LOG_PAGE: (u32, u32) = (64 * 1024, 1 << 20);
+
+/// The `Run` method group.
+#[rpc(server, client, namespace = "Run", namespace_separator = ".")]
+pub trait RunApi {
+    /// Runs, newest first, paged by id (`before`).
+    #[method(name = "List")]
+    async fn list(&self, arg: Option<RunListArg>) -> RpcResult<Vec<RunInfo>>;
+
+    /// One run.
+    #[method(name = "Get")]
+    async fn get(&self, id: i64) -> RpcResult<RunInfo>;
+
+    /// Stops a run (TERM, grace, KILL); answers with the run as it ended.
+    #[method(name = "Cancel")]
+    async fn cancel(&self, id: i64) -> RpcResult<RunInfo>;
+
+    /// A slice of a run's output.
+    #[method(name = "Logs")]
+    async fn logs(&self, arg: LogsArg) -> RpcResult<LogsResult>;
+
+    /// A run's output as it is written, then one final message with the run's end state.
+    #[subscription(name = "Follow", unsubscribe = "Unfollow", item = FollowItem)]
+    async fn follow(&self, arg: FollowArg) -> SubscriptionResult;
+}
+
+fn parse_stream(s: Option<&str>) -> Result<Option<Stream>, Error> {
+    match s {
+        None | Some("both") | Some("") => Ok(None),
+        Some("stdout") => Ok(Some(Stream::Stdout)),
+        Some("stderr") => Ok(Some(Stream::Stderr)),
+        Some(other) => {
+            Err(Error::invalid("stream", format!("{other:?} is not stdout, stderr or both")))
+        }
+    }
+}
+
+#[async_trait]
+impl RunApiServer for Api {
+    async fn list(&self, arg: Option<RunListArg>) -> RpcResult<Vec<RunInfo>> {
+        let arg = arg.unwrap_or_default();
+        let state = arg
+            .state
+            .as_deref()
+            .map(|s| s.parse::<RunState>().map_err(|e| rpc_error(Error::invalid("state", e))))
+            .transpose()?;
+        let limit = arg.limit.unwrap_or(RUN_PAGE.0).clamp(1, RUN_PAGE.1);
+        let f = RunFilter { unit: arg.unit, state, limit, before: arg.before };
+        let runs = self.registry.runs(f).await.map_err(rpc_error)?;
+        Ok(runs.iter().map(RunInfo::from).collect())
+    }
+
+    async fn get(&self, id: i64) -> RpcResult<RunInfo> {
+        let r = self.registry.run(id).await.map_err(rpc_error)?;
+        Ok(RunInfo::from(&r))
+    }
+
+    async fn cancel(&self, id: i64) -> RpcResult<RunInfo> {
+        let r = self.registry.cancel_run(id).await.map_err(rpc_error)?;
+        Ok(RunInfo::from(&r))
+    }
+
+    async fn logs(&self, arg: LogsArg) -> RpcResult<LogsResult> {
+        let rec = self.registry.run(arg.id).await.map_err(rpc_error)?;
+        let stream = parse_stream(arg.stream.as_deref()).map_err(rpc_error)?;
+        let q = LogQuery {
+            stream,
+            offset: arg.offset.unwrap_or(0),
+            limit: arg.limit.unwrap_or(LOG_PAGE.0).clamp(1, LOG_PAGE.1) as usize,
+            tail: arg.tail.map(|n| n as usize),
+            timestamps: arg.timestamps,
+        };
+        let store_logs = self.registry.store().logs().clone();
+        let active = !rec.state.is_final();
+        // While a run is active and over its limit, its tail lives in memory: add it after
+        // the file's end.
+        let live = if active { store_logs.subscribe(arg.id).await } else { None };
+        let slice = match store_logs.read(arg.id, q.clone()).await {
+            Ok(s) => s,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                logs::LogSlice { eof: true, ..Default::default() }
+            }
+            Err(e) => return Err(rpc_error(e)),
+        };
+        let mut out = LogsResult {
+            data: slice.data,
+            next_offset: slice.next_offset,
+            eof: slice.eof,
+            truncated: slice.truncated || rec.truncated,
+            active,
+        };
+        if let Some(f) = live {
+            let has_tail = !f.tail.is_empty() || f.cut.iter().any(|&c| c > 0);
+            if has_tail && slice.eof {
+                let tail = logs::render_chunks(&f.tail, f.cut, &q);
+                out.data = match q.tail {
+                    Some(n) => logs::last_lines(&(out.data + &tail), n),
+                    None => out.data + &tail,
+                };
+                out.truncated |= f.cut.iter().any(|&c| c > 0);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn follow(&self, pending: PendingSubscriptionSink, arg: FollowArg) -> SubscriptionResult {
+        let store = self.registry.store().clone();
+        let stream = match parse_stream(arg.stream.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                pending.reject(rpc_error(e)).await;
+                return Ok(());
+            }
+        };
+        // Subscribe to events before looking at the run, so its end cannot slip between.
+        let mut events = store.subscribe_events();
+        if let Err(e) = store.get_run(arg.id).await {
+            pending.reject(rpc_error(e)).await;
+            return Ok(());
+        }
+        let live = store.logs().subscribe(arg.id).await;
+        let sink = pending.accept().await?;
+        let send = |item: FollowItem| {
+            let sink = &sink;
+            async move {
+                let msg = SubscriptionMessage::from(to_raw_value(&item)?);
+                sink.send(msg).await.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
+                    Box::new(e)
+                })
+            }
+        };
+        let q = LogQuery { stream, offset: arg.offset.unwrap_or(0), limit: 64 * 1024, tail: None, timestamps: arg.timestamps };
+        // 1. What the file holds (up to its length when we subscribed, if the run is active).
+        let end = live.as_ref().map(|f| f.file_len);
+        let mut offset = q.offset;
+        loop {
+            if end.is_some_and(|e| offset >= e) {
+                break;
+            }
+            let slice = match store.logs().read(arg.id, LogQuery { offset, ..q.clone() }).await {
+                Ok(s) => s,
+                Err(_) => break,
+            };
+            if !slice.data.is_empty() {
+                send(FollowItem::Output { stream: None, data: slice.data }).await?;
+            }
+            if slice.next_offset == offset || slice.eof {
+                break;
+            }
+            offset = slice.next_offset;
+        }
+        // 2. The tail kept in memory, then every chunk as it is written.
+        if let Some(mut f) = live {
+            let tail = logs::render_chunks(&f.tail, f.cut, &q);
+            if !tail.is_empty() {
+                send(FollowItem::Output { stream: None, data: tail }).await?;
+            }
+            let mut at_line_start = true;
+            loop {
+                match f.live.recv().await {
+                    Ok(c) => {
+                        if stream.is_some_and(|s| s != c.stream) {
+                            continue;
+                        }
+                        let mut text = String::new();
+                        if q.timestamps {
+                            for piece in String::from_utf8_lossy(&c.data).split_inclusive('\n') {
+                                if at_line_start {
+                                    text.push_str(&format!("{:.6} ", c.at));
+                                }
+                                text.push_str(piece);
+                                at_line_start = piece.ends_with('\n');
+                            }
+                        } else {
+                            text = String::from_utf8_lossy(&c.data).into_owned();
+                        }
+                        send(FollowItem::Output { stream: Some(c.stream.as_str().into()), data: text })
+                            .await?;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let data = format!("[… {n} chunks skipped: this follower fell behind …]\n");
+                        send(FollowItem::Output { stream: None, data }).await?;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        }
+        // 3. The run's end, once it is recorded.
+        loop {
+            let rec = store.get_run(arg.id).await.map_err(|e| e.to_string())?;
+            if rec.state.is_final() {
+                send(FollowItem::End { run: RunInfo::from(&rec) }).await?;
+                return Ok(());
+            }
+            loop {
+                match events.recv().await {
+                    Ok(e) if e.run == Some(arg.id) && e.kind == "run.finished" => break,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return Err("the daemon is shutting down".into());
+                    }
+                }
+            }
+        }
+    }
+}

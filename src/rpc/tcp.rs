@@ -1,0 +1,811 @@
+//! The raw-TCP JSON-RPC transport for one connection: a stream of JSON values in, one JSON value
+//! and `\n` per reply out, JSON-RPC 2.0 (batches, notifications, subscriptions) and Go
+//! `net/rpc/jsonrpc` (1.0) requests, all through the shared RPC middleware.
+//!
+//! jsonrpsee has no raw-TCP server, so [`TcpRpcService`] mirrors its private `RpcService` over
+//! the public `Methods` API: real connection ids, subscription and response limits, and
+//! per-connection request extensions ([`ConnAuth`], [`Peer`], [`Transport`]).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonrpsee::core::middleware::{
+    Batch, BatchEntry, BatchEntryErr, Extensions, Notification, Request, ResponseFuture,
+    RpcServiceBuilder, RpcServiceT,
+};
+use jsonrpsee::core::server::{
+    BatchResponseBuilder, ConnectionId, MethodCallback, MethodResponse, MethodSink, Methods,
+    SubscriptionState, prepare_error,
+};
+use jsonrpsee::server::{IdProvider, RandomIntegerIdProvider};
+use jsonrpsee::types::error::{ErrorCode, reject_too_many_subscriptions};
+use jsonrpsee::types::{ErrorObject, Id, Params};
+use serde_json::value::RawValue;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use super::auth::{ConnAuth, Peer, Transport};
+use crate::error::codes;
+
+/// The error string a legacy (JSON-RPC 1.0) request gets for a subscription method.
+pub const LEGACY_SUBSCRIPTION_MESSAGE: &str =
+    "subscriptions need JSON-RPC 2.0: send \"jsonrpc\":\"2.0\" with the request";
+
+/// Limits of one raw-TCP connection.
+#[derive(Clone, Debug)]
+pub struct TcpConfig {
+    /// Largest JSON value accepted, and largest response sent, in bytes.
+    pub max_request_size: u32,
+    /// Calls executing at once; when reached, the socket is not read until one finishes.
+    pub max_in_flight: usize,
+    /// A connection that sends nothing for this long, with no call in flight and no active
+    /// subscription, is closed. Also the longest a reply may wait for the client to read.
+    pub idle_timeout: Duration,
+    /// Active subscriptions per connection.
+    pub max_subscriptions: u32,
+    /// Outgoing messages queued before calls and subscriptions wait for the socket.
+    pub message_buffer_capacity: u32,
+    /// On daemon shutdown, how long in-flight calls may take to finish.
+    pub drain_timeout: Duration,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            max_request_size: 1024 * 1024,
+            max_in_flight: 64,
+            idle_timeout: Duration::from_secs(300),
+            max_subscriptions: 64,
+            message_buffer_capacity: 1024,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The innermost RPC service of a raw-TCP connection, dispatching to [`Methods`]: a copy of
+/// jsonrpsee's private `RpcService` with calls and subscriptions.
+#[derive(Clone)]
+pub struct TcpRpcService {
+    conn_id: ConnectionId,
+    methods: Methods,
+    max_response_size: usize,
+    subscriptions: Arc<Semaphore>,
+    max_subscriptions: u32,
+    sink: MethodSink,
+    id_provider: Arc<dyn IdProvider>,
+}
+
+impl RpcServiceT for TcpRpcService {
+    type MethodResponse = MethodResponse;
+    type NotificationResponse = MethodResponse;
+    type BatchResponse = MethodResponse;
+
+    fn call<'a>(&self, req: Request<'a>) -> impl Future<Output = MethodResponse> + Send + 'a {
+        let conn_id = self.conn_id;
+        let max = self.max_response_size;
+        let Request { id, method, params, extensions, .. } = req;
+        let params = Params::new(params.as_ref().map(|p| RawValue::get(p)));
+
+        match self.methods.method_with_name(&method) {
+            None => ResponseFuture::ready(
+                MethodResponse::error(id, ErrorObject::from(ErrorCode::MethodNotFound))
+                    .with_extensions(extensions),
+            ),
+            Some((_, MethodCallback::Async(callback))) => ResponseFuture::future((callback)(
+                id.into_owned(),
+                params.into_owned(),
+                conn_id,
+                max,
+                extensions,
+            )),
+            Some((_, MethodCallback::Sync(callback))) => {
+                ResponseFuture::ready((callback)(id, params, max, extensions))
+            }
+            Some((_, MethodCallback::Subscription(callback))) => {
+                match self.subscriptions.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let state = SubscriptionState {
+                            conn_id,
+                            id_provider: &*self.id_provider,
+                            subscription_permit: permit,
+                        };
+                        ResponseFuture::future((callback)(
+                            id,
+                            params,
+                            self.sink.clone(),
+                            state,
+                            extensions,
+                        ))
+                    }
+                    Err(_) => ResponseFuture::ready(
+                        MethodResponse::error(
+                            id,
+                            reject_too_many_subscriptions(self.max_subscriptions),
+                        )
+                        .with_extensions(extensions),
+                    ),
+                }
+            }
+            // Unsubscribing is always allowed, whatever the limits.
+            Some((_, MethodCallback::Unsubscription(callback))) => {
+                ResponseFuture::ready(callback(id, params, conn_id, max, extensions))
+            }
+        }
+    }
+
+    fn batch<'a>(&self, batch: Batch<'a>) -> impl Future<Output = MethodResponse> + Send + 'a {
+        let this = self.clone();
+        async move {
+            let mut responses = BatchResponseBuilder::new_with_limit(this.max_response_size);
+            let mut got_notification = false;
+            for entry in batch {
+                let rp = match entry {
+                    Ok(BatchEntry::Call(req)) => this.call(req).await,
+                    Ok(BatchEntry::Notification(_)) => {
+                        got_notification = true;
+                        continue;
+                    }
+                    Err(err) => {
+                        let (err, id) = err.into_parts();
+                        MethodResponse::error(id, err)
+                    }
+                };
+                if let Err(too_big) = responses.append(rp) {
+                    return too_big;
+                }
+            }
+            if responses.is_empty() && got_notification {
+                MethodResponse::notification()
+            } else {
+                MethodResponse::from_batch(responses.finish())
+            }
+        }
+    }
+
+    fn notification<'a>(
+        &self,
+        n: Notification<'a>,
+    ) -> impl Future<Output = MethodResponse> + Send + 'a {
+        // Executing notifications is the middleware's job; the innermost service only answers.
+        std::future::ready(MethodResponse::notification().with_extensions(n.extensions))
+    }
+}
+
+/// What the framer found in the input.
+#[derive(Debug, PartialEq, Eq)]
+enum Frame {
+    /// One complete top-level JSON value (not yet validated).
+    Value(Vec<u8>),
+    /// A value over the size limit (already discarded).
+    TooLarge,
+    /// Input that cannot start or finish a JSON value (already being discarded to `\n`).
+    Syntax,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Container,
+    Str,
+    Scalar,
+}
+
+/// Splits a byte stream into top-level JSON values.
+///
+/// It scans each byte once, tracking nesting and strings, instead of re-running a JSON parser
+/// over the whole buffer after every read: a request arriving one byte at a time would
+/// otherwise cost time quadratic in its size. serde_json then validates each complete value.
+#[derive(Debug)]
+struct Framer {
+    buf: Vec<u8>,
+    max: usize,
+    kind: Option<Kind>,
+    pos: usize,
+    depth: usize,
+    in_str: bool,
+    escape: bool,
+    discarding: bool,
+}
+
+impl Framer {
+    fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max,
+            kind: None,
+            pos: 0,
+            depth: 0,
+            in_str: false,
+            escape: false,
+            discarding: false,
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Drops input up to and including the next `\n`, to resynchronise after bad input.
+    fn resync(&mut self) {
+        self.discarding = true;
+    }
+
+    fn reset_value(&mut self) {
+        self.kind = None;
+        self.pos = 0;
+        self.depth = 0;
+        self.in_str = false;
+        self.escape = false;
+    }
+
+    /// The next frame, or `None` when more input is needed. With `eof`, the input is complete.
+    fn next_frame(&mut self, eof: bool) -> Option<Frame> {
+        if self.discarding {
+            match self.buf.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.buf.drain(..=i);
+                    self.discarding = false;
+                }
+                None => {
+                    self.buf.clear();
+                    return None;
+                }
+            }
+        }
+        if self.kind.is_none() {
+            let ws = self.buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
+            self.buf.drain(..ws);
+            self.reset_value();
+            self.kind = Some(match *self.buf.first()? {
+                b'{' | b'[' => Kind::Container,
+                b'"' => Kind::Str,
+                b'}' | b']' | b',' | b':' => {
+                    self.resync();
+                    return Some(Frame::Syntax);
+                }
+                _ => Kind::Scalar,
+            });
+        }
+        match self.scan() {
+            Some(end) => {
+                let value: Vec<u8> = self.buf.drain(..end).collect();
+                self.reset_value();
+                Some(if end > self.max { Frame::TooLarge } else { Frame::Value(value) })
+            }
+            None if self.buf.len() > self.max => {
+                self.buf.clear();
+                self.reset_value();
+                self.resync();
+                Some(Frame::TooLarge)
+            }
+            None if eof => {
+                let kind = self.kind;
+                let rest = std::mem::take(&mut self.buf);
+                self.reset_value();
+                // A number or literal may legitimately end at end of input; anything else
+                // unfinished is a syntax error.
+                Some(match kind {
+                    Some(Kind::Scalar) => Frame::Value(rest),
+                    _ => Frame::Syntax,
+                })
+            }
+            None => None,
+        }
+    }
+
+    /// Advances over the current value; returns its end offset once it is complete.
+    fn scan(&mut self) -> Option<usize> {
+        let kind = self.kind?;
+        while self.pos < self.buf.len() {
+            let b = self.buf[self.pos];
+            match kind {
+                Kind::Scalar => {
+                    if b.is_ascii_whitespace() || b"{}[],:\"".contains(&b) {
+                        return Some(self.pos);
+                    }
+                }
+                // The opening quote of a top-level string.
+                Kind::Str if self.pos == 0 => {}
+                Kind::Str => {
+                    if self.escape {
+                        self.escape = false;
+                    } else if b == b'\\' {
+                        self.escape = true;
+                    } else if b == b'"' {
+                        self.pos += 1;
+                        return Some(self.pos);
+                    }
+                }
+                Kind::Container if self.in_str => {
+                    if self.escape {
+                        self.escape = false;
+                    } else if b == b'\\' {
+                        self.escape = true;
+                    } else if b == b'"' {
+                        self.in_str = false;
+                    }
+                }
+                Kind::Container => match b {
+                    b'"' => self.in_str = true,
+                    b'{' | b'[' => self.depth += 1,
+                    b'}' | b']' => {
+                        self.depth = self.depth.saturating_sub(1);
+                        if self.depth == 0 {
+                            self.pos += 1;
+                            return Some(self.pos);
+                        }
+                    }
+                    _ => {}
+                },
+            }
+            self.pos += 1;
+        }
+        None
+    }
+}
+
+/// Per-connection data every request of the connection carries in its extensions.
+#[derive(Clone, Debug)]
+struct ConnCtx {
+    auth: ConnAuth,
+    peer: Option<SocketAddr>,
+    conn_id: ConnectionId,
+    methods: Methods,
+    max_request_size: u32,
+}
+
+impl ConnCtx {
+    fn extensions(&self) -> Extensions {
+        let mut ext = Extensions::new();
+        ext.insert(self.auth.clone());
+        ext.insert(Transport("tcp"));
+        ext.insert(self.conn_id);
+        if let Some(peer) = self.peer {
+            ext.insert(Peer(peer));
+        }
+        ext
+    }
+
+    fn is_subscription(&self, method: &str) -> bool {
+        matches!(self.methods.method_with_name(method), Some((_, MethodCallback::Subscription(_))))
+    }
+}
+
+fn error_json(id: Id<'_>, code: i32, message: impl Into<String>) -> Box<RawValue> {
+    MethodResponse::error(id, ErrorObject::owned(code, message.into(), None::<()>)).into_json()
+}
+
+/// Rewrites a JSON-RPC 2.0 response for a Go `net/rpc/jsonrpc` client: no `jsonrpc` member,
+/// `error` a string or `null`, and never `result: null` together with `error: null` (Go shuts
+/// the whole connection down on that).
+fn to_legacy(json: &RawValue) -> Box<RawValue> {
+    #[derive(serde::Deserialize)]
+    struct Resp<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        result: Option<&'a RawValue>,
+        #[serde(default)]
+        error: Option<ErrMsg>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrMsg {
+        message: String,
+    }
+    #[derive(serde::Serialize)]
+    struct Legacy<'a> {
+        id: Option<&'a RawValue>,
+        result: Option<&'a RawValue>,
+        error: Option<String>,
+    }
+    let legacy = match serde_json::from_str::<Resp<'_>>(json.get()) {
+        Ok(Resp { id, error: Some(e), .. }) => Legacy { id, result: None, error: Some(e.message) },
+        Ok(Resp { id, result: Some(result), .. }) => {
+            Legacy { id, result: Some(result), error: None }
+        }
+        Ok(Resp { id, .. }) => {
+            tracing::error!("a method answered null; Go clients cannot take that");
+            Legacy { id, result: None, error: Some("internal error: null result".to_owned()) }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot translate a response for a legacy client");
+            Legacy { id: None, result: None, error: Some("internal error".to_owned()) }
+        }
+    };
+    serde_json::value::to_raw_value(&legacy).unwrap_or_else(|_| json.to_owned())
+}
+
+/// Handles one complete JSON value; returns the reply to write, if any.
+async fn handle_value<S>(service: &S, ctx: &ConnCtx, value: Vec<u8>) -> Option<Box<RawValue>>
+where
+    S: RpcServiceT<
+            MethodResponse = MethodResponse,
+            BatchResponse = MethodResponse,
+            NotificationResponse = MethodResponse,
+        > + Send
+        + Sync,
+{
+    let Ok(text) = String::from_utf8(value) else {
+        return Some(error_json(Id::Null, ErrorCode::ParseError.code(), "Parse error"));
+    };
+    match text.as_bytes().first() {
+        Some(b'{') => handle_single(service, ctx, text).await,
+        Some(b'[') => handle_batch(service, ctx, &text).await,
+        _ => Some(error_json(
+            Id::Null,
+            ErrorCode::InvalidRequest.code(),
+            "Invalid request: expected a JSON object or array",
+        )),
+    }
+}
+
+async fn handle_single<S>(service: &S, ctx: &ConnCtx, text: String) -> Option<Box<RawValue>>
+where
+    S: RpcServiceT<
+            MethodResponse = MethodResponse,
+            BatchResponse = MethodResponse,
+            NotificationResponse = MethodResponse,
+        > + Send
+        + Sync,
+{
+    // A request without "jsonrpc" comes from Go's net/rpc/jsonrpc (JSON-RPC 1.0).
+    let legacy = match serde_json::from_str::<HashMap<Cow<'_, str>, &RawValue>>(&text) {
+        Ok(members) => !members.contains_key("jsonrpc"),
+        Err(_) => false,
+    };
+    let text = if legacy {
+        let inner = &text[1..];
+        if inner.trim_start().starts_with('}') {
+            format!("{{\"jsonrpc\":\"2.0\"{inner}")
+        } else {
+            format!("{{\"jsonrpc\":\"2.0\",{inner}")
+        }
+    } else {
+        text
+    };
+    let translate = |json: Box<RawValue>| if legacy { to_legacy(&json) } else { json };
+
+    if let Ok(mut req) = serde_json::from_str::<Request<'_>>(&text) {
+        *req.extensions_mut() = ctx.extensions();
+        if legacy && ctx.is_subscription(req.method_name()) {
+            return Some(translate(error_json(
+                req.id,
+                ErrorCode::InvalidRequest.code(),
+                LEGACY_SUBSCRIPTION_MESSAGE,
+            )));
+        }
+        let rp = service.call(req).await;
+        // Subscription accept/reject responses already went out through the sink.
+        return (rp.is_method_call() || rp.is_batch()).then(|| translate(rp.into_json()));
+    }
+    if let Ok(mut n) = serde_json::from_str::<Notification<'_>>(&text) {
+        *n.extensions_mut() = ctx.extensions();
+        service.notification(n).await;
+        return None;
+    }
+    let (id, code) = prepare_error(text.as_bytes());
+    Some(translate(MethodResponse::error(id, ErrorObject::from(code)).into_json()))
+}
+
+async fn handle_batch<S>(service: &S, ctx: &ConnCtx, text: &str) -> Option<Box<RawValue>>
+where
+    S: RpcServiceT<
+            MethodResponse = MethodResponse,
+            BatchResponse = MethodResponse,
+            NotificationResponse = MethodResponse,
+        > + Send
+        + Sync,
+{
+    let Ok(entries) = serde_json::from_str::<Vec<&RawValue>>(text) else {
+        return Some(error_json(Id::Null, ErrorCode::ParseError.code(), "Parse error"));
+    };
+    if entries.is_empty() {
+        return Some(error_json(
+            Id::Null,
+            ErrorCode::InvalidRequest.code(),
+            "Invalid request: empty batch",
+        ));
+    }
+    let mut batch = Vec::with_capacity(entries.len());
+    for entry in entries {
+        if let Ok(mut req) = serde_json::from_str::<Request<'_>>(entry.get()) {
+            *req.extensions_mut() = ctx.extensions();
+            batch.push(Ok(BatchEntry::Call(req)));
+        } else if let Ok(mut n) = serde_json::from_str::<Notification<'_>>(entry.get()) {
+            *n.extensions_mut() = ctx.extensions();
+            batch.push(Ok(BatchEntry::Notification(n)));
+        } else {
+            let (id, _) = prepare_error(entry.get().as_bytes());
+            batch.push(Err(BatchEntryErr::new(id, ErrorCode::InvalidRequest.into())));
+        }
+    }
+    let rp = service.batch(Batch::from(batch)).await;
+    (rp.is_method_call() || rp.is_batch()).then(|| rp.into_json())
+}
+
+/// Writes one message and `\n` in a single write; false when the client is gone or stalled.
+async fn write_message<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &mut Vec<u8>,
+    msg: &RawValue,
+    stall_timeout: Duration,
+) -> bool {
+    buf.clear();
+    buf.extend_from_slice(msg.get().as_bytes());
+    buf.push(b'\n');
+    match tokio::time::timeout(stall_timeout, wr.write_all(buf)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "tcp write failed");
+            false
+        }
+        Err(_) => {
+            tracing::debug!("tcp client stopped reading; closing");
+            false
+        }
+    }
+}
+
+/// Writes queued messages until `close` is cancelled, then flushes what is queued at that
+/// moment and closes the socket. Cancels `failed` when the client cannot be written to.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut rx: mpsc::Receiver<Box<RawValue>>,
+    mut wr: W,
+    close: CancellationToken,
+    failed: CancellationToken,
+    stall_timeout: Duration,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let msg = tokio::select! {
+            biased;
+            () = close.cancelled() => break,
+            msg = rx.recv() => msg,
+        };
+        let Some(msg) = msg else { break };
+        if !write_message(&mut wr, &mut buf, &msg, stall_timeout).await {
+            failed.cancel();
+            return;
+        }
+    }
+    // Refuse further messages first, so a busy subscription cannot keep the flush going.
+    rx.close();
+    while let Some(msg) = rx.recv().await {
+        if !write_message(&mut wr, &mut buf, &msg, stall_timeout).await {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Why a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closed {
+    Eof,
+    Idle,
+    Shutdown,
+    ReadFailed,
+    WriteFailed,
+}
+
+/// Serves one raw-TCP connection until the client closes it, it idles out, writing fails, or
+/// `shutdown` is cancelled (then in-flight calls get `drain_timeout` to finish).
+///
+/// `rpc` is the middleware stack (see [`super::middleware::RpcLayer::builder`]); `conn_id`
+/// must be unique among the server's live connections, since unsubscribing is keyed by it.
+pub async fn serve_connection<St, L>(
+    stream: St,
+    peer: Option<SocketAddr>,
+    conn_id: u32,
+    methods: Methods,
+    rpc: RpcServiceBuilder<L>,
+    cfg: TcpConfig,
+    shutdown: CancellationToken,
+) where
+    St: AsyncRead + AsyncWrite + Send + 'static,
+    L: tower::Layer<TcpRpcService>,
+    L::Service: RpcServiceT<
+            MethodResponse = MethodResponse,
+            BatchResponse = MethodResponse,
+            NotificationResponse = MethodResponse,
+        > + Send
+        + Sync
+        + 'static,
+{
+    let max = cfg.max_request_size as usize;
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::channel::<Box<RawValue>>(cfg.message_buffer_capacity.max(1) as usize);
+    let close = CancellationToken::new();
+    let write_failed = CancellationToken::new();
+    let writer =
+        tokio::spawn(write_loop(rx, wr, close.clone(), write_failed.clone(), cfg.idle_timeout));
+
+    let subscriptions = Arc::new(Semaphore::new(cfg.max_subscriptions as usize));
+    let ctx = Arc::new(ConnCtx {
+        auth: ConnAuth::new(),
+        peer,
+        conn_id: ConnectionId::from(conn_id),
+        methods: methods.clone(),
+        max_request_size: cfg.max_request_size,
+    });
+    let service = Arc::new(rpc.service(TcpRpcService {
+        conn_id: ConnectionId::from(conn_id),
+        methods,
+        max_response_size: max,
+        subscriptions: subscriptions.clone(),
+        max_subscriptions: cfg.max_subscriptions,
+        sink: MethodSink::new_with_limit(tx.clone(), cfg.max_request_size),
+        id_provider: Arc::new(RandomIntegerIdProvider),
+    }));
+
+    let mut framer = Framer::new(max);
+    let mut calls = JoinSet::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut eof = false;
+    let idle = tokio::time::sleep(cfg.idle_timeout);
+    tokio::pin!(idle);
+
+    let closed = loop {
+        // Start every buffered request there is room for; the rest waits in the framer and
+        // the socket is not read meanwhile (back-pressure).
+        while calls.len() < cfg.max_in_flight {
+            let Some(frame) = framer.next_frame(eof) else { break };
+            let reply = match frame {
+                Frame::Value(value) => {
+                    if serde_json::from_slice::<&RawValue>(&value).is_err() {
+                        framer.resync();
+                        Some(error_json(Id::Null, ErrorCode::ParseError.code(), "Parse error"))
+                    } else {
+                        let (service, ctx, tx) = (service.clone(), ctx.clone(), tx.clone());
+                        calls.spawn(async move {
+                            if let Some(reply) = handle_value(&*service, &ctx, value).await {
+                                let _ = tx.send(reply).await;
+                            }
+                        });
+                        None
+                    }
+                }
+                Frame::TooLarge => Some(error_json(
+                    Id::Null,
+                    codes::LIMIT_EXCEEDED,
+                    format!(
+                        "request too large: the limit is {} bytes per JSON value",
+                        ctx.max_request_size
+                    ),
+                )),
+                Frame::Syntax => {
+                    Some(error_json(Id::Null, ErrorCode::ParseError.code(), "Parse error"))
+                }
+            };
+            if let Some(reply) = reply {
+                let tx = tx.clone();
+                calls.spawn(async move {
+                    let _ = tx.send(reply).await;
+                });
+            }
+        }
+        if eof && calls.is_empty() {
+            break Closed::Eof;
+        }
+
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Closed::Shutdown,
+            () = write_failed.cancelled() => break Closed::WriteFailed,
+            Some(_) = calls.join_next(), if !calls.is_empty() => {
+                idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+            }
+            read = rd.read(&mut chunk), if !eof && calls.len() < cfg.max_in_flight => match read {
+                Ok(0) => eof = true,
+                Ok(n) => {
+                    framer.push(&chunk[..n]);
+                    idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "tcp read failed");
+                    break Closed::ReadFailed;
+                }
+            },
+            () = &mut idle, if calls.is_empty() && !eof => {
+                if subscriptions.available_permits() < cfg.max_subscriptions as usize {
+                    // An active subscription is not idleness: the client is listening.
+                    idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                } else {
+                    break Closed::Idle;
+                }
+            }
+        }
+    };
+
+    if closed == Closed::Shutdown {
+        let drain = async { while calls.join_next().await.is_some() {} };
+        if tokio::time::timeout(cfg.drain_timeout, drain).await.is_err() {
+            tracing::debug!("tcp calls did not finish in time at shutdown");
+        }
+    }
+    calls.shutdown().await;
+    tracing::debug!(peer = ?peer, conn_id, reason = ?closed, "tcp connection closed");
+
+    // Let the writer flush what is queued, then close; dropping its receiver ends this
+    // connection's subscriptions.
+    close.cancel();
+    drop(service);
+    drop(tx);
+    let mut writer = writer;
+    if tokio::time::timeout(cfg.drain_timeout, &mut writer).await.is_err() {
+        writer.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(framer: &mut Framer, eof: bool) -> Vec<Frame> {
+        std::iter::from_fn(|| framer.next_frame(eof)).collect()
+    }
+
+    fn value(s: &str) -> Frame {
+        Frame::Value(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn framer_splits_concatenated_and_partial_values() {
+        let mut f = Framer::new(1024);
+        f.push(br#"{"a":"}{\"x"}[1,[2]]  "s\"" 42"#);
+        assert_eq!(
+            frames(&mut f, false),
+            vec![value(r#"{"a":"}{\"x"}"#), value("[1,[2]]"), value(r#""s\"""#)]
+        );
+        assert_eq!(frames(&mut f, true), vec![value("42")]);
+
+        let mut f = Framer::new(1024);
+        let input = br#"{"method":"x","params":["}"]}"#;
+        for (i, b) in input.iter().enumerate() {
+            f.push(&[*b]);
+            let got = frames(&mut f, false);
+            if i + 1 < input.len() {
+                assert!(got.is_empty(), "early frame at {i}");
+            } else {
+                assert_eq!(got, vec![Frame::Value(input.to_vec())]);
+            }
+        }
+    }
+
+    #[test]
+    fn framer_limits_and_resyncs() {
+        let mut f = Framer::new(8);
+        f.push(b"[1,2,3,4,5,6");
+        assert_eq!(frames(&mut f, false), vec![Frame::TooLarge]);
+        f.push(b",7]\n[1]\n");
+        assert_eq!(frames(&mut f, false), vec![value("[1]")]);
+
+        let mut f = Framer::new(64);
+        f.push(b"} junk\n{}");
+        assert_eq!(frames(&mut f, false), vec![Frame::Syntax, value("{}")]);
+        f.push(b"{\"unterminated");
+        assert_eq!(frames(&mut f, true), vec![Frame::Syntax]);
+    }
+
+    #[test]
+    fn legacy_translation() {
+        let ok =
+            RawValue::from_string(r#"{"jsonrpc":"2.0","id":3,"result":"x"}"#.into()).expect("json");
+        assert_eq!(to_legacy(&ok).get(), r#"{"id":3,"result":"x","error":null}"#);
+        let err = RawValue::from_string(
+            r#"{"jsonrpc":"2.0","id":4,"error":{"code":-1,"message":"boom"}}"#.into(),
+        )
+        .expect("json");
+        assert_eq!(to_legacy(&err).get(), r#"{"id":4,"result":null,"error":"boom"}"#);
+        let null = RawValue::from_string(r#"{"jsonrpc":"2.0","id":5,"result":null}"#.into())
+            .expect("json");
+        assert_eq!(
+            to_legacy(&null).get(),
+            r#"{"id":5,"result":null,"error":"internal error: null result"}"#
+        );
+    }
+}
