@@ -36,7 +36,11 @@ pub enum LogFormat {
 
 /// `taskd`'s command line.
 #[derive(Debug, Clone, Default, Parser)]
-#[command(name = "taskd", version, about = "The taskd task daemon: runs units once, on a schedule, or as supervised services")]
+#[command(
+    name = "taskd",
+    version,
+    about = "The taskd task daemon: runs units once, on a schedule, or as supervised services"
+)]
 pub struct Args {
     /// Address to listen on (raw TCP, HTTP and WebSocket on one port) [default: 127.0.0.1:3333]
     #[arg(long, env = "TASKD_LISTEN", value_name = "ADDR")]
@@ -146,7 +150,9 @@ fn read_file(path: &Path, required: bool) -> anyhow::Result<FileConfig> {
     match std::fs::read_to_string(path) {
         Ok(text) => toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message())),
-        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(FileConfig::default())
+        }
         Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
     }
 }
@@ -161,18 +167,18 @@ impl Config {
                 read_file(&dir.join("taskd.toml"), false)?
             }
         };
-        let state_dir = args
-            .state_dir
-            .clone()
-            .or(file.state_dir.clone())
-            .unwrap_or_else(default_state_dir);
+        let state_dir =
+            args.state_dir.clone().or(file.state_dir.clone()).unwrap_or_else(default_state_dir);
         let state_dir = if state_dir.is_absolute() {
             state_dir
         } else {
             std::env::current_dir()?.join(state_dir)
         };
-        let units_dir =
-            args.units_dir.clone().or(file.units_dir.clone()).unwrap_or_else(|| state_dir.join("units"));
+        let units_dir = args
+            .units_dir
+            .clone()
+            .or(file.units_dir.clone())
+            .unwrap_or_else(|| state_dir.join("units"));
         let max_request_size = match &file.max_request_size {
             None => 1 << 20,
             Some(s) => {
@@ -207,9 +213,7 @@ impl Config {
     pub fn check_listen(&self, addr: &SocketAddr) -> anyhow::Result<Option<String>> {
         let loopback = addr.ip().is_loopback();
         if !loopback && self.auth == AuthMode::None {
-            anyhow::bail!(
-                "--auth none is only allowed on a loopback address; {addr} is not one"
-            );
+            anyhow::bail!("--auth none is only allowed on a loopback address; {addr} is not one");
         }
         if !loopback && !self.insecure {
             anyhow::bail!(
@@ -218,7 +222,9 @@ impl Config {
             );
         }
         Ok((!loopback).then(|| {
-            format!("listening on {addr} without TLS (--insecure): tokens and data travel in clear text")
+            format!(
+                "listening on {addr} without TLS (--insecure): tokens and data travel in clear text"
+            )
         }))
     }
 }
@@ -241,8 +247,11 @@ mod tests {
     #[test]
     fn the_file_fills_what_flags_leave_open() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("taskd.toml"), "keep_runs = 7\nlisten = \"127.0.0.1:4000\"\n")
-            .unwrap();
+        std::fs::write(
+            dir.path().join("taskd.toml"),
+            "keep_runs = 7\nlisten = \"127.0.0.1:4000\"\n",
+        )
+        .unwrap();
         let args = Args {
             state_dir: Some(dir.path().into()),
             listen: Some("127.0.0.1:5000".into()),

@@ -32,8 +32,9 @@ struct StateLock {
 }
 
 fn lock_state_dir(cfg: &Config) -> anyhow::Result<StateLock> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(|e| anyhow::anyhow!("cannot create the state directory {}: {e}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+        anyhow::anyhow!("cannot create the state directory {}: {e}", cfg.state_dir.display())
+    })?;
     let path = cfg.state_dir.join("taskd.lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -41,18 +42,23 @@ fn lock_state_dir(cfg: &Config) -> anyhow::Result<StateLock> {
         .write(true)
         .open(&path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
-        anyhow::anyhow!(
-            "another taskd is already using {}; stop it or pass a different --state-dir",
-            cfg.state_dir.display()
-        )
-    })?;
+    let lock =
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+            anyhow::anyhow!(
+                "another taskd is already using {}; stop it or pass a different --state-dir",
+                cfg.state_dir.display()
+            )
+        })?;
     Ok(StateLock { _lock: lock })
 }
 
 /// Runs the daemon on `listener` until `shutdown` is cancelled, then stops every active run
 /// (recorded `cancelled`, reason `shutdown`), waits for every task, and returns.
-pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let _lock = lock_state_dir(&cfg)?;
     if let Err(e) = exec::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper; double-forked grandchildren will not be reaped");
@@ -63,14 +69,21 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
     }
     let store = Store::open(&cfg.state_dir)?;
     let token: Option<Arc<str>> = match cfg.auth {
-        AuthMode::Token => Some(load_or_create_token(&cfg.state_dir).map_err(|e| Error::io(cfg.state_dir.join("token"), e))?.into()),
+        AuthMode::Token => Some(
+            load_or_create_token(&cfg.state_dir)
+                .map_err(|e| Error::io(cfg.state_dir.join("token"), e))?
+                .into(),
+        ),
         AuthMode::None => None,
     };
     let tracker = TaskTracker::new();
     let registry = Registry::open(
         store.clone(),
         RegistryConfig {
-            validate: ValidateCtx { is_root: crate::config::is_root(), allowed_dirs: cfg.allowed_dirs.clone() },
+            validate: ValidateCtx {
+                is_root: crate::config::is_root(),
+                allowed_dirs: cfg.allowed_dirs.clone(),
+            },
             units_dir: cfg.units_dir.clone(),
             work_dir: cfg.state_dir.join("work"),
             keep_runs: cfg.keep_runs,
@@ -115,8 +128,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
         ..ServeConfig::default()
     };
     let address_file = cfg.state_dir.join(ADDRESS_FILE);
-    std::fs::write(&address_file, format!("{local}\n"))
-        .map_err(|e| Error::io(&address_file, e))?;
+    std::fs::write(&address_file, format!("{local}\n")).map_err(|e| Error::io(&address_file, e))?;
     tracing::info!(
         addr = %local,
         state_dir = %cfg.state_dir.display(),

@@ -105,7 +105,12 @@ impl Registry {
                 if s.boot_id.is_some() && s.boot_id == boot_id {
                     let n = exec::kill_stale_group(pid, start, nix::sys::signal::Signal::SIGTERM);
                     if n > 0 {
-                        tracing::warn!(run = s.record.id, pid, n, "stopping processes of a lost run");
+                        tracing::warn!(
+                            run = s.record.id,
+                            pid,
+                            n,
+                            "stopping processes of a lost run"
+                        );
                         to_kill.push((pid, start));
                     }
                 }
@@ -281,10 +286,9 @@ impl Registry {
         let path = self.0.cfg.units_dir.join(format!("{name}.toml"));
         let def = match tokio::fs::read_to_string(&path).await {
             Ok(text) => UnitDef::from_toml(&text, name).map_err(|e| match e {
-                Error::Invalid { field, reason } => Error::Invalid {
-                    field,
-                    reason: format!("{reason} (in {})", path.display()),
-                },
+                Error::Invalid { field, reason } => {
+                    Error::Invalid { field, reason: format!("{reason} (in {})", path.display()) }
+                }
                 other => other,
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -308,12 +312,17 @@ impl Registry {
                 Some(other) => {
                     return Err(Error::invalid(
                         "name",
-                        format!("a unit cannot be renamed (got {other}); add a new one and delete this one"),
+                        format!(
+                            "a unit cannot be renamed (got {other}); add a new one and delete this one"
+                        ),
                     ));
                 }
             }
         } else {
-            return Err(Error::invalid("definition", "an edit is a JSON object of fields to change"));
+            return Err(Error::invalid(
+                "definition",
+                "an edit is a JSON object of fields to change",
+            ));
         }
         let pause = patch.get("paused").and_then(Value::as_bool);
         let mut doc = h.config().def.to_json();

@@ -22,7 +22,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cfg = Config::resolve(&args)?;
     init_tracing(cfg.log_format);
     let listener = tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {}: {e} (is another taskd running? try --listen)", cfg.listen)
+        anyhow::anyhow!(
+            "cannot listen on {}: {e} (is another taskd running? try --listen)",
+            cfg.listen
+        )
     })?;
     let root = CancellationToken::new();
     let mut term = signal(SignalKind::terminate())?;

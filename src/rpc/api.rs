@@ -44,7 +44,11 @@ pub fn rpc_error(e: Error) -> ErrorObjectOwned {
         }
         Error::Store(_) | Error::Storage(_) | Error::Io { .. } => {
             tracing::error!(error = %e, "storage failure answered to a client");
-            ErrorObjectOwned::owned(code, format!("storage failure, nothing was changed: {e}"), None::<()>)
+            ErrorObjectOwned::owned(
+                code,
+                format!("storage failure, nothing was changed: {e}"),
+                None::<()>,
+            )
         }
         _ => ErrorObjectOwned::owned(code, e.to_string(), None::<()>),
     }

@@ -40,9 +40,11 @@ impl EventsApiServer for Api {
         loop {
             if replay {
                 let after = last.unwrap_or(0);
-                let page = store.events_after(after, REPLAY_PAGE).await.map_err(|e| e.to_string())?;
+                let page =
+                    store.events_after(after, REPLAY_PAGE).await.map_err(|e| e.to_string())?;
                 for e in &page {
-                    sink.send(SubscriptionMessage::from(to_raw_value(&EventInfo::from(e))?)).await?;
+                    sink.send(SubscriptionMessage::from(to_raw_value(&EventInfo::from(e))?))
+                        .await?;
                     last = Some(e.seq);
                 }
                 if page.len() < REPLAY_PAGE as usize {
@@ -55,7 +57,8 @@ impl EventsApiServer for Api {
                     if last.is_some_and(|l| e.seq <= l) {
                         continue;
                     }
-                    sink.send(SubscriptionMessage::from(to_raw_value(&EventInfo::from(&e))?)).await?;
+                    sink.send(SubscriptionMessage::from(to_raw_value(&EventInfo::from(&e))?))
+                        .await?;
                     last = Some(e.seq);
                 }
                 Err(RecvError::Lagged(_)) => replay = last.is_some(),

@@ -142,12 +142,18 @@ impl RunApiServer for Api {
             let sink = &sink;
             async move {
                 let msg = SubscriptionMessage::from(to_raw_value(&item)?);
-                sink.send(msg).await.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
-                    Box::new(e)
-                })
+                sink.send(msg)
+                    .await
+                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
             }
         };
-        let q = LogQuery { stream, offset: arg.offset.unwrap_or(0), limit: 64 * 1024, tail: None, timestamps: arg.timestamps };
+        let q = LogQuery {
+            stream,
+            offset: arg.offset.unwrap_or(0),
+            limit: 64 * 1024,
+            tail: None,
+            timestamps: arg.timestamps,
+        };
         // 1. What the file holds (up to its length when we subscribed, if the run is active).
         let end = live.as_ref().map(|f| f.file_len);
         let mut offset = q.offset;
@@ -192,8 +198,11 @@ impl RunApiServer for Api {
                         } else {
                             text = String::from_utf8_lossy(&c.data).into_owned();
                         }
-                        send(FollowItem::Output { stream: Some(c.stream.as_str().into()), data: text })
-                            .await?;
+                        send(FollowItem::Output {
+                            stream: Some(c.stream.as_str().into()),
+                            data: text,
+                        })
+                        .await?;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         let data = format!("[… {n} chunks skipped: this follower fell behind …]\n");

@@ -118,7 +118,9 @@ pub fn describe_schedule(s: &UnitSnapshot) -> (String, String) {
         return ("service".into(), "continuous".into());
     }
     match &c.schedule {
-        Some(Schedule::Every { period }) => ("job".into(), format!("every {}", format_duration(*period))),
+        Some(Schedule::Every { period }) => {
+            ("job".into(), format!("every {}", format_duration(*period)))
+        }
         Some(Schedule::Cron { expr, .. }) => ("job".into(), format!("cron {expr}")),
         None => ("job".into(), "once".into()),
     }

@@ -191,7 +191,8 @@ impl Loop {
             } else {
                 self.next_fire.map(instant_of)
             };
-            let pending_at = if self.deleting.is_some() { None } else { self.pending.as_ref().map(|p| p.at) };
+            let pending_at =
+                if self.deleting.is_some() { None } else { self.pending.as_ref().map(|p| p.at) };
             tokio::select! {
                 ctl = rx.recv() => match ctl {
                     Some(c) => {
@@ -421,7 +422,10 @@ impl Loop {
         }
         self.pending = None;
         self.start_run(trigger, 1).await.ok_or_else(|| {
-            Error::Conflict(format!("unit {:?} could not start a run; see its last run", self.cfg.name))
+            Error::Conflict(format!(
+                "unit {:?} could not start a run; see its last run",
+                self.cfg.name
+            ))
         })
     }
 
@@ -429,8 +433,7 @@ impl Loop {
         if let Some(q) = &self.queued {
             return Ok(q.clone());
         }
-        let rec =
-            self.env.store.create_run(&self.cfg.name, RunState::Queued, trigger, 1).await?;
+        let rec = self.env.store.create_run(&self.cfg.name, RunState::Queued, trigger, 1).await?;
         self.queued = Some(rec.clone());
         Ok(rec)
     }
@@ -508,7 +511,12 @@ impl Loop {
 
     /// Starts a run now; `None` if it could not even be recorded.
     async fn start_run(&mut self, trigger: Trigger, attempt: u32) -> Option<RunRecord> {
-        let rec = match self.env.store.create_run(&self.cfg.name, RunState::Running, trigger, attempt).await {
+        let rec = match self
+            .env
+            .store
+            .create_run(&self.cfg.name, RunState::Running, trigger, attempt)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(unit = %self.cfg.name, error = %e, "cannot record a new run");
@@ -527,7 +535,12 @@ impl Loop {
         let reason = Arc::new(Mutex::new(None));
         self.active.insert(
             rec.id,
-            ActiveRun { token: token.clone(), reason: reason.clone(), record: rec.clone(), waiters: Vec::new() },
+            ActiveRun {
+                token: token.clone(),
+                reason: reason.clone(),
+                record: rec.clone(),
+                waiters: Vec::new(),
+            },
         );
         self.last_run = Some(rec.clone());
         let env = self.env.clone();
@@ -567,7 +580,9 @@ impl Loop {
                         self.launch(r);
                         return;
                     }
-                    Err(e) => tracing::error!(unit = %self.cfg.name, error = %e, "cannot start a queued run"),
+                    Err(e) => {
+                        tracing::error!(unit = %self.cfg.name, error = %e, "cannot start a queued run")
+                    }
                 }
             }
             if let Some(t) = self.after_replace.take() {
@@ -622,7 +637,10 @@ impl Loop {
 /// unit's `env` on top, and `TASKD_*` variables describing the run.
 fn run_env(cfg: &UnitConfig, rec: &RunRecord, user: Option<&exec::User>) -> Vec<(String, String)> {
     let mut env: std::collections::BTreeMap<String, String> = Default::default();
-    env.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    env.insert(
+        "PATH".into(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+    );
     let (name, home) = match user {
         Some(u) => (u.name.clone(), u.home.display().to_string()),
         None => (
@@ -707,10 +725,16 @@ async fn execute(
             let why = reason.lock().expect("reason lock").clone();
             rec.state = if stopped {
                 rec.reason = why.clone();
-                if why.as_deref() == Some("timeout") { RunState::TimedOut } else { RunState::Cancelled }
+                if why.as_deref() == Some("timeout") {
+                    RunState::TimedOut
+                } else {
+                    RunState::Cancelled
+                }
             } else {
                 match termination {
-                    exec::Termination::Exited(c) if cfg.success_codes.contains(&c) => RunState::Succeeded,
+                    exec::Termination::Exited(c) if cfg.success_codes.contains(&c) => {
+                        RunState::Succeeded
+                    }
                     _ => RunState::Failed,
                 }
             };
@@ -774,14 +798,17 @@ async fn spawn_and_wait(
     let mut script_path = None;
     let argv = match &cfg.action {
         Action::Command(cmd) => cmd.iter().chain(cfg.args.iter()).cloned().collect(),
-        Action::Script(text) => match env.store.write_script(rec.id, text, user.as_ref().map(|u| (u.uid, u.gid))).await {
-            Ok(p) => {
-                let argv = script_argv(text, &p, &cfg.args);
-                script_path = Some(p);
-                argv
+        Action::Script(text) => {
+            match env.store.write_script(rec.id, text, user.as_ref().map(|u| (u.uid, u.gid))).await
+            {
+                Ok(p) => {
+                    let argv = script_argv(text, &p, &cfg.args);
+                    script_path = Some(p);
+                    argv
+                }
+                Err(e) => return Outcome::NotStarted(format!("cannot write the script: {e}")),
             }
-            Err(e) => return Outcome::NotStarted(format!("cannot write the script: {e}")),
-        },
+        }
         Action::Tick(_) => unreachable!("tick units do not spawn"),
     };
     let cwd = cfg.cwd.clone().unwrap_or_else(|| env.work_dir.clone());

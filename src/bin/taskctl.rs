@@ -1,0 +1,7 @@
+//! `taskctl`: the command-line client of taskd.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    taskd::cli::main()
+}

@@ -1,0 +1,259 @@
+//! The test harness: a real `taskd` process on `127.0.0.1:0` in a temporary state directory,
+//! driven through real clients (the Rust client, raw sockets, and `taskctl` as built).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// How long any wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `cond` until it returns `Some`, failing the test after `DEADLINE`.
+pub fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A daemon under test.
+pub struct TestDaemon {
+    /// The state directory (kept across restarts).
+    pub dir: tempfile::TempDir,
+    /// `host:port` it listens on.
+    pub addr: String,
+    /// The token (empty with `--auth none`).
+    pub token: String,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl TestDaemon {
+    /// Starts a daemon with token auth.
+    pub fn start() -> TestDaemon {
+        Self::start_with(&[])
+    }
+
+    /// Starts a daemon with extra flags.
+    pub fn start_with(extra: &[&str]) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut d = TestDaemon {
+            dir,
+            addr: String::new(),
+            token: String::new(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self) {
+        let addr_file = self.dir.path().join("address");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .expect("daemon log");
+        let child = Command::new(env!("CARGO_BIN_EXE_taskd"))
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn taskd");
+        self.child = Some(child);
+        let dir = self.dir.path().to_path_buf();
+        self.addr = wait_for("the daemon to listen", || {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("taskd exited early ({st}):\n{}", self.log());
+                }
+            }
+            std::fs::read_to_string(dir.join("address")).ok().map(|s| s.trim().to_string())
+        });
+        self.token = std::fs::read_to_string(dir.join("token")).unwrap_or_default().trim().into();
+    }
+
+    /// The daemon's own log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Kills the daemon with SIGKILL (no chance to clean up) and reaps it.
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().expect("kill -9");
+        c.wait().expect("reap");
+    }
+
+    /// Sends SIGTERM and waits for the daemon to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(st) = c.try_wait().expect("try_wait") {
+                return st;
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                panic!("taskd did not exit after SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the daemon again on the same state directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon first");
+        self.spawn();
+    }
+
+    /// Runs `taskctl` (the built binary) against this daemon.
+    pub fn taskctl(&self, args: &[&str]) -> Output {
+        self.taskctl_stdin(args, None)
+    }
+
+    /// Runs `taskctl` with `input` on its standard input.
+    pub fn taskctl_stdin(&self, args: &[&str], input: Option<&str>) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskctl"));
+        cmd.arg("--state-dir").arg(self.dir.path()).args(args);
+        cmd.env_remove("TASKD_ADDR").env_remove("TASKD_TOKEN").env("NO_COLOR", "1");
+        cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn taskctl");
+        if let Some(text) = input {
+            child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write stdin");
+        }
+        child.wait_with_output().expect("taskctl output")
+    }
+
+    /// A raw TCP connection, logged in when the daemon has a token.
+    pub fn raw(&self) -> Raw {
+        let mut r = Raw::connect(&self.addr);
+        if !self.token.is_empty() {
+            let v = r.call("Auth.Login", json!(self.token));
+            assert_eq!(v["result"], json!(true), "login failed: {v}");
+        }
+        r
+    }
+
+    /// Calls `method` with one argument on a fresh logged-in connection and returns `result`,
+    /// failing the test on an error.
+    pub fn call(&self, method: &str, arg: Value) -> Value {
+        let v = self.raw().call(method, arg);
+        match v.get("result") {
+            Some(r) if v.get("error").is_none() => r.clone(),
+            _ => panic!("{method} failed: {v}"),
+        }
+    }
+
+    /// Polls `TaskUnit.Get` until `cond` holds for the unit info.
+    pub fn wait_unit(&self, name: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        let mut conn = self.raw();
+        wait_for(what, || {
+            let v = conn.call("TaskUnit.Get", json!(name));
+            let info = v.get("result")?.clone();
+            cond(&info).then_some(info)
+        })
+    }
+
+    /// Polls `Run.Get` until the run has ended, and returns it.
+    pub fn wait_run_end(&self, id: i64) -> Value {
+        let mut conn = self.raw();
+        wait_for(&format!("run {id} to end"), || {
+            let v = conn.call("Run.Get", json!(id));
+            let r = v.get("result")?.clone();
+            (!matches!(r["state"].as_str(), Some("queued" | "running"))).then_some(r)
+        })
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A line-oriented raw TCP JSON-RPC connection.
+pub struct Raw {
+    /// The socket, for writing raw bytes.
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    next_id: u64,
+}
+
+impl Raw {
+    /// Connects.
+    pub fn connect(addr: &str) -> Raw {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        Raw { stream, reader, next_id: 1 }
+    }
+
+    /// Sends raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// Reads one reply line as JSON.
+    pub fn recv(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read reply");
+        assert!(n > 0, "connection closed");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+    }
+
+    /// A JSON-RPC 2.0 call with one argument; returns the whole reply.
+    pub fn call(&mut self, method: &str, arg: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": [arg]});
+        self.send(format!("{req}\n").as_bytes());
+        self.recv()
+    }
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next());
+            !matches!(state, Some(Some('Z')) | Some(Some('X')))
+        }
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,4 @@
+//! Integration tests: a real `taskd` in a temporary directory, driven through real clients.
+
+mod common;
+mod engine;
