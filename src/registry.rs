@@ -101,18 +101,15 @@ impl Registry {
         let stale = store.recover_stale_runs().await?;
         let mut to_kill = Vec::new();
         for s in &stale {
-            if let (Some(pid), Some(start)) = (s.record.pid, s.pid_start) {
-                if s.boot_id.is_some() && s.boot_id == boot_id {
-                    let n = exec::kill_stale_group(pid, start, nix::sys::signal::Signal::SIGTERM);
-                    if n > 0 {
-                        tracing::warn!(
-                            run = s.record.id,
-                            pid,
-                            n,
-                            "stopping processes of a lost run"
-                        );
-                        to_kill.push((pid, start));
-                    }
+            // Only a pid from this boot can still be the run's process group.
+            if let (Some(pid), Some(start)) = (s.record.pid, s.pid_start)
+                && s.boot_id.is_some()
+                && s.boot_id == boot_id
+            {
+                let n = exec::kill_stale_group(pid, start, nix::sys::signal::Signal::SIGTERM);
+                if n > 0 {
+                    tracing::warn!(run = s.record.id, pid, n, "stopping processes of a lost run");
+                    to_kill.push((pid, start));
                 }
             }
             tracing::warn!(run = s.record.id, unit = %s.record.unit, state = %s.record.state, "run left active by the previous daemon");
@@ -412,13 +409,13 @@ impl Registry {
 
     /// Runs, newest first.
     pub async fn runs(&self, f: RunFilter) -> Result<Vec<RunRecord>> {
-        if let Some(u) = &f.unit {
-            if self.handle(u).is_err() {
-                // History of a deleted unit may still be kept; only refuse names never seen.
-                let any = self.0.store.list_runs(RunFilter { limit: 1, ..f.clone() }).await?;
-                if any.is_empty() && f.state.is_none() && f.before.is_none() {
-                    return Err(Error::UnitNotFound(u.clone()));
-                }
+        // The history of a deleted unit may be kept, so only refuse a name with no runs.
+        if let Some(u) = &f.unit
+            && self.handle(u).is_err()
+        {
+            let any = RunFilter { unit: Some(u.clone()), limit: 1, ..Default::default() };
+            if self.0.store.list_runs(any).await?.is_empty() {
+                return Err(Error::UnitNotFound(u.clone()));
             }
         }
         self.0.store.list_runs(f).await

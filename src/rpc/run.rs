@@ -216,7 +216,7 @@ impl RunApiServer for Api {
         loop {
             let rec = store.get_run(arg.id).await.map_err(|e| e.to_string())?;
             if rec.state.is_final() {
-                send(FollowItem::End { run: RunInfo::from(&rec) }).await?;
+                send(FollowItem::End { run: Box::new(RunInfo::from(&rec)) }).await?;
                 return Ok(());
             }
             loop {

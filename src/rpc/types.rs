@@ -319,7 +319,7 @@ pub enum FollowItem {
     /// The last message: the run as it ended.
     End {
         /// The run.
-        run: RunInfo,
+        run: Box<RunInfo>,
     },
 }
 

@@ -140,8 +140,11 @@ impl Tx<'_> {
 /// commit's error if there was one, and answers the caller.
 struct Job {
     work: Box<dyn FnOnce(&mut Tx<'_>) -> bool + Send>,
-    done: Box<dyn FnOnce(Option<&str>) + Send>,
+    done: Done,
 }
+
+/// Answers a job's caller with the commit's error, if any.
+type Done = Box<dyn FnOnce(Option<&str>) + Send>;
 
 impl Job {
     fn new<T: Send + 'static>(

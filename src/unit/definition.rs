@@ -466,7 +466,7 @@ pub fn parse_size(s: &ByteSize) -> std::result::Result<u64, String> {
 /// Renders a byte size in the largest binary unit that divides it.
 pub fn format_size(n: u64) -> String {
     for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if n >= size && n % size == 0 {
+        if n >= size && n.is_multiple_of(size) {
             return format!("{}{unit}", n / size);
         }
     }
