@@ -14,9 +14,9 @@ use crate::store::Event;
 use crate::unit::definition::{Action, format_duration};
 use crate::unit::schedule::Schedule;
 
-/// Renders a time as RFC 3339 with the daemon's local offset, to the millisecond.
+/// Renders a time as RFC 3339 with the daemon's local offset, to the microsecond.
 pub fn fmt_time(t: Timestamp) -> String {
-    t.to_zoned(TimeZone::system()).strftime("%Y-%m-%dT%H:%M:%S%.3f%:z").to_string()
+    t.to_zoned(TimeZone::system()).strftime("%Y-%m-%dT%H:%M:%S%.6f%:z").to_string()
 }
 
 /// One run, as every method returns it.

@@ -619,16 +619,31 @@ impl Store {
     /// Runs, newest first.
     pub async fn list_runs(&self, f: RunFilter) -> Result<Vec<RunRecord>> {
         self.call(move |t| {
-            let sql = format!(
-                "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR unit = ?1) AND \
-                 (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4"
-            );
+            // Only the conditions in use, so SQLite can use `runs_by_unit` (unit, id).
+            let mut cond = Vec::new();
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(u) = f.unit {
+                cond.push("unit = ?");
+                args.push(u.into());
+            }
+            if let Some(s) = f.state {
+                cond.push("state = ?");
+                args.push(s.as_str().to_string().into());
+            }
+            if let Some(b) = f.before {
+                cond.push("id < ?");
+                args.push(b.into());
+            }
+            let filter = if cond.is_empty() {
+                String::new()
+            } else {
+                format!("WHERE {}", cond.join(" AND "))
+            };
+            args.push(i64::from(f.limit).into());
+            let sql = format!("SELECT {RUN_COLUMNS} FROM runs {filter} ORDER BY id DESC LIMIT ?");
             let mut st = t.conn.prepare_cached(&sql)?;
             let rows = st
-                .query_map(
-                    params![f.unit, f.state.map(|s| s.as_str()), f.before, f.limit],
-                    run_from_row,
-                )?
+                .query_map(rusqlite::params_from_iter(args), run_from_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
@@ -901,5 +916,73 @@ fn db_thread(
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(name: &str) -> StoredUnit {
+        let now = Timestamp::now();
+        StoredUnit {
+            name: name.into(),
+            definition: serde_json::json!({"name": name}),
+            created_at: now,
+            updated_at: now,
+            paused: false,
+            stopped: false,
+            last_fire: None,
+            runs_total: 0,
+            failures_total: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_change_does_not_undo_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut events = store.subscribe_events();
+        let (a, b, c) = tokio::join!(
+            store.insert_unit(unit("a")),
+            store.insert_unit(unit("a")),
+            store.insert_unit(unit("b")),
+        );
+        let oks = [&a, &b, &c].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(oks, 2, "{a:?} {b:?} {c:?}");
+        assert!(matches!(
+            (&a, &b),
+            (Err(Error::UnitExists(_)), _) | (_, Err(Error::UnitExists(_)))
+        ));
+        let names: Vec<_> = store.load_units().await.unwrap().into_iter().map(|u| u.name).collect();
+        assert_eq!(names, ["a", "b"]);
+        // Exactly one event per unit that was added.
+        let mut seen = vec![events.recv().await.unwrap().unit, events.recv().await.unwrap().unit];
+        seen.sort();
+        assert_eq!(seen, ["a", "b"]);
+        assert!(events.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn runs_left_active_are_recovered_and_ids_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert_unit(unit("u")).await.unwrap();
+        let running = store.create_run("u", RunState::Running, Trigger::Add, 1).await.unwrap();
+        let queued = store.create_run("u", RunState::Queued, Trigger::Manual, 1).await.unwrap();
+        store.set_pid(running.id, 4242, Some(7), Some("boot".into()));
+        let stale = store.recover_stale_runs().await.unwrap();
+        assert_eq!(stale.len(), 2);
+        let r = stale.iter().find(|s| s.record.id == running.id).unwrap();
+        assert_eq!(r.record.state, RunState::Lost);
+        assert_eq!(
+            (r.record.pid, r.pid_start, r.boot_id.as_deref()),
+            (Some(4242), Some(7), Some("boot"))
+        );
+        assert_eq!(store.get_run(queued.id).await.unwrap().state, RunState::Cancelled);
+        store.delete_unit("u", false).await.unwrap();
+        store.insert_unit(unit("u")).await.unwrap();
+        let next = store.create_run("u", RunState::Running, Trigger::Add, 1).await.unwrap();
+        assert!(next.id > queued.id, "run ids are never reused");
     }
 }
