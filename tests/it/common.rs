@@ -84,10 +84,10 @@ impl TestDaemon {
         self.child = Some(child);
         let dir = self.dir.path().to_path_buf();
         self.addr = wait_for("the daemon to listen", || {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!("taskd exited early ({st}):\n{}", self.log());
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("taskd exited early ({st}):\n{}", self.log());
             }
             std::fs::read_to_string(dir.join("address")).ok().map(|s| s.trim().to_string())
         });
@@ -97,11 +97,6 @@ impl TestDaemon {
     /// The daemon's own log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    /// The daemon's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
     }
 
     /// Kills the daemon with SIGKILL (no chance to clean up) and reaps it.

@@ -687,6 +687,8 @@ fn bad_input_changes_nothing_and_the_daemon_keeps_serving() {
     let units_before = result(&c.call("TaskUnit.List", json!({}))).clone();
     let keeper_before = result(&c.call("TaskUnit.Get", json!("keeper"))).clone();
     let runs_before = result(&c.call("Run.List", json!({}))).clone();
+    let pid_before =
+        result(&c.call("Daemon.Status", json!({})))["pid"].as_u64().expect("pid") as u32;
     assert_eq!(runs_before, json!([]), "a paused unit has no runs");
 
     // Garbage bytes: each line gets a parse error and the stream resynchronises.
@@ -796,9 +798,11 @@ fn bad_input_changes_nothing_and_the_daemon_keeps_serving() {
     }
 
     // Still serving, on this connection and on a new one, and nothing changed.
-    assert!(alive(d.pid() as i32), "the daemon died:\n{}", d.log());
     let v = c.call("Daemon.Status", json!({}));
     assert_eq!(result(&v)["units"]["total"], 1, "{v}");
+    let pid = result(&v)["pid"].as_i64().expect("the daemon's pid");
+    assert_eq!(pid, i64::from(pid_before), "the daemon was restarted:\n{}", d.log());
+    assert!(alive(pid as i32), "the daemon died:\n{}", d.log());
     let mut fresh = d.raw();
     assert_eq!(*result(&fresh.call("TaskUnit.List", json!({}))), units_before);
     assert_eq!(*result(&fresh.call("TaskUnit.Get", json!("keeper"))), keeper_before);
