@@ -901,6 +901,33 @@ fn http_post_needs_the_bearer_token() {
             http_post(&d.addr, &headers, &body(4, "TaskUnit.Add", json!("sneaky")));
         assert_eq!(status, 401, "auth {auth:?}: {text}");
     }
+
+    // Over the size limit: 413 and the limit error, nothing added.
+    let (status, text) = http_post(
+        &d.addr,
+        &[json_ct, ("Authorization", &bearer)],
+        &body(
+            5,
+            "TaskUnit.Add",
+            json!({"name": "huge", "command": ["true"], "description": "a".repeat(1_100_000)}),
+        ),
+    );
+    assert_eq!(status, 413, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("json body");
+    assert_eq!(code(&v), i64::from(codes::LIMIT_EXCEEDED), "{v}");
+
+    // A WebSocket upgrade without the token: 401.
+    let mut s = TcpStream::connect(&d.addr).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: taskd\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .expect("write upgrade");
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).expect("status line");
+    assert_eq!(&head, b"HTTP/1.1 401", "{}", String::from_utf8_lossy(&head));
+
     let units = d.call("TaskUnit.List", json!({}));
     assert_eq!(names(&units), BTreeSet::from(["via-http".to_owned()]));
 }

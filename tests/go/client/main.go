@@ -148,6 +148,23 @@ func run(addr, token, prefix string) error {
 		return fmt.Errorf("List: want %s, %s and %s, got %+v", tick, job, kept, list)
 	}
 
+	// A nil argument goes out as [null]: the methods with an optional argument take it.
+	var all []Summary
+	if err := client.Call("TaskUnit.List", nil, &all); err != nil || len(all) < 3 {
+		return fmt.Errorf("List(nil): %d units, err %v", len(all), err)
+	}
+	var st Status
+	if err := client.Call("Daemon.Status", nil, &st); err != nil || st.Version == "" {
+		return fmt.Errorf("Status(nil): %+v %v", st, err)
+	}
+	wantAuth := "none"
+	if token != "" {
+		wantAuth = "token"
+	}
+	if st.Auth != wantAuth {
+		return fmt.Errorf("Status: auth %q, want %q", st.Auth, wantAuth)
+	}
+
 	// Errors arrive as rpc.ServerError strings; the connection stays usable.
 	var ghost UnitInfo
 	err = client.Call("TaskUnit.Get", prefix+"-ghost", &ghost)
