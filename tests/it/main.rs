@@ -2,3 +2,5 @@
 
 mod common;
 mod engine;
+mod go;
+mod rpc;

@@ -1,0 +1,3 @@
+module taskd.test/goclient
+
+go 1.19
