@@ -487,8 +487,10 @@ where
         service.notification(n).await;
         return None;
     }
-    let (id, code) = prepare_error(text.as_bytes());
-    Some(translate(MethodResponse::error(id, ErrorObject::from(code)).into_json()))
+    // The value is valid JSON (the framer checked), so whatever is wrong is the request's
+    // shape: -32600, never a parse error.
+    let (id, _) = prepare_error(text.as_bytes());
+    Some(translate(MethodResponse::error(id, ErrorObject::from(ErrorCode::InvalidRequest)).into_json()))
 }
 
 async fn handle_batch<S>(service: &S, ctx: &ConnCtx, text: &str) -> Option<Box<RawValue>>
