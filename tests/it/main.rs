@@ -1,4 +1,5 @@
 //! Integration tests: a real `taskd` in a temporary directory, driven through real clients.
 
+mod cli;
 mod common;
 mod engine;
