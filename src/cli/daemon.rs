@@ -5,7 +5,7 @@ use clap::{Args, CommandFactory};
 use clap_complete::Shell;
 use jsonrpsee::core::client::SubscriptionCloseReason;
 
-use super::output::{self, duration_ms, parse_time};
+use super::output::{self, parse_time};
 use super::{Cli, CliError, Ctx, stdout_error};
 use crate::rpc::daemon::DaemonApiClient;
 use crate::rpc::events::EventsApiClient;
@@ -68,7 +68,7 @@ pub async fn status(ctx: &Ctx) -> anyhow::Result<()> {
             "uptime".into(),
             format!(
                 "{} (since {})",
-                duration_ms(s.uptime_secs.saturating_mul(1000) as i64),
+                output::uptime(s.uptime_secs),
                 output::local_time(&s.started_at)
             ),
         ),

@@ -2,7 +2,7 @@
 
 use std::io::{IsTerminal, Write};
 
-use comfy_table::{ContentArrangement, Table, presets};
+use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
 use jiff::{Timestamp, Zoned};
 use serde::Serialize;
 use serde_json::Value;
@@ -38,15 +38,41 @@ pub fn table(header: &[&str]) -> Table {
     t.load_style(presets::NOTHING);
     if std::io::stdout().is_terminal() {
         t.set_content_arrangement(ContentArrangement::Dynamic);
+        // A pseudo-terminal may report no size (0 columns): fitting to it would put one
+        // letter per line, so lay the table out at its natural width instead.
+        if t.width().is_none_or(|w| w < 20) {
+            t.set_content_arrangement(ContentArrangement::Disabled);
+        }
     } else {
         t.force_no_tty();
     }
+    t.style_text_only();
     t.set_header(header.to_vec());
     for (i, c) in t.column_iter_mut().enumerate() {
         // No leading blank on the first column; two blanks between columns.
         c.set_padding((0, if i + 1 == header.len() { 0 } else { 2 }));
     }
     t
+}
+
+/// Whether to colour output: only on a terminal, and never when `NO_COLOR` is set.
+fn colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// A table cell for a unit or run state, coloured by how it is doing when colour is on.
+pub fn state_cell(state: &str) -> Cell {
+    let cell = Cell::new(state);
+    if !colour() {
+        return cell;
+    }
+    match state {
+        "failed" | "timed_out" | "lost" | "fatal" => cell.fg(Color::Red),
+        "running" | "succeeded" => cell.fg(Color::Green),
+        "backoff" | "queued" | "cancelled" => cell.fg(Color::Yellow),
+        "paused" => cell.fg(Color::DarkGrey),
+        _ => cell,
+    }
 }
 
 /// Prints a table, without trailing blanks.
@@ -128,6 +154,11 @@ pub fn duration_ms(ms: i64) -> String {
         return format!("{}h{}m", s / 3600, (s % 3600) / 60);
     }
     format!("{}d{}h", s / 86_400, (s % 86_400) / 3600)
+}
+
+/// An uptime: `42s`, `3m4s`, `2h5m`, `3d4h`.
+pub fn uptime(secs: u64) -> String {
+    if secs < 60 { format!("{secs}s") } else { duration_ms(secs.saturating_mul(1000) as i64) }
 }
 
 /// A signal number as its name (`SIGKILL`), or `signal N` when unknown.
@@ -215,7 +246,9 @@ pub fn key_values(rows: &[(String, String)], indent: &str) -> String {
         // Multi-line values (a script) continue under the value column.
         let pad = " ".repeat(indent.len() + width + 1);
         let v = v.trim_end_matches('\n').replace('\n', &format!("\n{pad}"));
-        s.push_str(&format!("{indent}{key:<w$} {v}\n", w = width));
+        let l = format!("{indent}{key:<width$} {v}");
+        s.push_str(l.trim_end());
+        s.push('\n');
     }
     s
 }

@@ -1,6 +1,7 @@
 //! `taskctl runs`, `logs` and `cancel`: the `Run.*` methods.
 
 use clap::Args;
+use comfy_table::Cell;
 use jsonrpsee::core::client::SubscriptionCloseReason;
 
 use super::output::{self, duration_ms, exit_of, relative};
@@ -72,15 +73,15 @@ pub async fn runs(ctx: &Ctx, a: RunsArgs) -> anyhow::Result<()> {
     ]);
     for r in &runs {
         t.add_row(vec![
-            r.id.to_string(),
-            r.unit.clone(),
-            r.state.clone(),
-            r.trigger.clone(),
-            r.attempt.to_string(),
-            r.started_at.as_deref().map(relative).unwrap_or_default(),
-            r.duration_ms.map(duration_ms).unwrap_or_default(),
-            exit_of(r),
-            r.reason.clone().unwrap_or_default(),
+            Cell::new(r.id),
+            Cell::new(&r.unit),
+            output::state_cell(&r.state),
+            Cell::new(&r.trigger),
+            Cell::new(r.attempt),
+            Cell::new(r.started_at.as_deref().map(relative).unwrap_or_default()),
+            Cell::new(r.duration_ms.map(duration_ms).unwrap_or_default()),
+            Cell::new(exit_of(r)),
+            Cell::new(r.reason.as_deref().unwrap_or_default()),
         ]);
     }
     output::print_table(&t)
@@ -119,6 +120,12 @@ pub async fn logs(ctx: &Ctx, a: LogsArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // Following from the start is all `Run.Follow` (it reads the stored log first): reading
+    // with `Run.Logs` before would show an active run's in-memory tail twice.
+    if a.follow && a.tail.is_none() {
+        let arg = FollowArg { id, offset: None, stream, timestamps: a.timestamps };
+        return follow(ctx, arg).await;
+    }
     // With --tail, one call gives the last lines and where they end; following goes on
     // from there.
     let mut offset = 0;

@@ -6,6 +6,7 @@ use std::io::Read;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use comfy_table::Cell;
 use serde_json::{Map, Value, json};
 
 use super::output::{self, kind_and_schedule, relative, run_summary, time_and_relative};
@@ -436,14 +437,14 @@ pub async fn list(ctx: &Ctx, a: ListArgs) -> anyhow::Result<()> {
     for u in &units {
         let schedule = if u.kind == "service" { String::new() } else { u.schedule.clone() };
         t.add_row(vec![
-            u.name.clone(),
-            u.kind.clone(),
-            schedule,
-            u.state.clone(),
-            u.next_fire.as_deref().map(relative).unwrap_or_default(),
-            u.last_run.as_ref().map(run_summary).unwrap_or_default(),
-            u.runs_total.to_string(),
-            u.failures_total.to_string(),
+            Cell::new(&u.name),
+            Cell::new(&u.kind),
+            Cell::new(schedule),
+            output::state_cell(&u.state),
+            Cell::new(u.next_fire.as_deref().map(relative).unwrap_or_default()),
+            Cell::new(u.last_run.as_ref().map(run_summary).unwrap_or_default()),
+            Cell::new(u.runs_total),
+            Cell::new(u.failures_total),
         ]);
     }
     output::print_table(&t)
@@ -475,12 +476,24 @@ pub async fn show(ctx: &Ctx, a: NameArg) -> anyhow::Result<()> {
     if let Some(def) = u.definition.as_object() {
         let rows: Vec<(String, String)> = def
             .iter()
-            .filter(|(k, _)| k.as_str() != "name")
+            // Empty defaults (no env, no args, no description) say nothing.
+            .filter(|(k, v)| k.as_str() != "name" && !is_empty(v))
             .map(|(k, v)| (k.clone(), output::value_text(k, v)))
             .collect();
         s.push_str(&output::key_values(&rows, "  "));
     }
     output::emit(&s)
+}
+
+/// Whether a definition value is empty: `""`, `[]`, `{}` or null.
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
 }
 
 /// `taskctl start`.

@@ -333,7 +333,7 @@ fn events_replay_and_follow() {
             }
         }
     });
-    let mut next = |what: &str| -> Value {
+    let next = |what: &str| -> Value {
         let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| panic!("no event: {what}"));
         serde_json::from_str(&line).expect("one JSON event per line")
     };
