@@ -70,6 +70,7 @@ fn enum_name<T: ValueEnum>(v: T) -> String {
 /// Definition options shared by `add` and `edit`. Every one is optional; only those given
 /// are sent.
 #[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Definition")]
 pub struct DefArgs {
     /// Run every D (`30s`, `5m`, `1h30m`)
     #[arg(long, value_name = "D", value_parser = duration)]

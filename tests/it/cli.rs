@@ -199,6 +199,21 @@ fn a_wrong_token_is_exit_1_with_a_hint() {
     assert!(err.contains("token"), "{err}");
     // The right one, given explicitly, works.
     ok(d.taskctl(&["--token", &d.token, "status"]));
+
+    // A state directory without a token file: taskctl connects without logging in, and the
+    // daemon's refusal comes with a hint about where the token is read from.
+    let empty = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_taskctl"))
+        .arg("--state-dir")
+        .arg(empty.path())
+        .args(["--addr", &d.addr, "list"])
+        .env_remove("TASKD_ADDR")
+        .env_remove("TASKD_TOKEN")
+        .output()
+        .expect("run taskctl");
+    let (code, err) = fails(out);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("{}", empty.path().join("token").display())), "{err}");
 }
 
 #[test]
