@@ -1,8 +1,337 @@
-//! `taskctl`: the command-line client.
+//! `taskctl`: the command-line client. Parses the command line, connects to the daemon, runs
+//! one command and maps what happened to an exit code (0 ok, 1 refused or failed, 2 usage,
+//! 3 daemon unreachable).
+//!
+//! One file per command group: `units` (add, del, edit, list, show, start, stop, pause,
+//! resume), `runs` (runs, logs, cancel), `daemon` (status, events, completions); `output`
+//! renders tables, relative times and JSON.
 
+mod daemon;
+mod output;
+mod runs;
+mod units;
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// Runs `taskctl` with the process's arguments.
+use clap::{Parser, Subcommand};
+use jsonrpsee::core::ClientError as RpcError;
+
+use crate::config::{DEFAULT_LISTEN, default_state_dir};
+use crate::daemon::ADDRESS_FILE;
+use crate::error::codes;
+use crate::rpc::client::{Client, ClientError, is_connection_error};
+
+/// `taskctl`'s command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "taskctl",
+    version,
+    about = "Control taskd: add units, start and stop them, read their runs and logs",
+    after_help = "Exit codes: 0 success, 1 the daemon refused or the thing failed, \
+                  2 usage error, 3 cannot reach the daemon."
+)]
+pub struct Cli {
+    /// Daemon address [default: <state-dir>/address if present, else 127.0.0.1:3333]
+    #[arg(long, global = true, env = "TASKD_ADDR", value_name = "ADDR")]
+    pub addr: Option<String>,
+    /// Token for the daemon [default: read from <state-dir>/token if present]
+    #[arg(long, global = true, env = "TASKD_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The daemon's state directory [default: ~/.local/state/taskd, /var/lib/taskd as root]
+    #[arg(long, global = true, env = "TASKD_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Machine-readable output: the JSON results of the daemon's methods
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `taskctl`'s commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Add a unit: `taskctl add NAME [options] [-- COMMAND ARGS…]`
+    Add(units::AddArgs),
+    /// Delete units (their active runs are stopped first)
+    #[command(alias = "delete", alias = "rm")]
+    Del(units::DelArgs),
+    /// Change a unit's definition: only the options given change
+    Edit(units::EditArgs),
+    /// List units
+    #[command(alias = "ls")]
+    List(units::ListArgs),
+    /// Show one unit: definition, state, next fire time, last run, counters
+    Show(units::NameArg),
+    /// Start a run of a unit now
+    Start(units::NameArg),
+    /// Stop a unit's active runs (a service stays stopped until `start`)
+    Stop(units::NameArg),
+    /// Pause a unit's schedule and restarts
+    Pause(units::NameArg),
+    /// Resume a paused unit
+    Resume(units::NameArg),
+    /// List runs, newest first
+    Runs(runs::RunsArgs),
+    /// Print a run's output (a run id, or a unit name for its newest run)
+    Logs(runs::LogsArgs),
+    /// Cancel a run: TERM, grace, KILL
+    Cancel(runs::CancelArgs),
+    /// Show the daemon's status
+    Status,
+    /// Print every change as it happens, until interrupted
+    Events(daemon::EventsArgs),
+    /// Print a shell completion script
+    Completions(daemon::CompletionsArgs),
+}
+
+/// Runs `taskctl` with the process's arguments and returns its exit code.
 pub fn main() -> ExitCode {
-    ExitCode::from(2)
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help and version to stdout (exit 0) and errors to stderr (exit 2).
+            let _ = e.print();
+            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => report(&err),
+    }
+}
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Completions(args) = &cli.command {
+        return daemon::completions(args);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    rt.block_on(async move {
+        let ctx = Ctx::connect(&cli).await?;
+        match cli.command {
+            Command::Add(a) => units::add(&ctx, a).await,
+            Command::Del(a) => units::del(&ctx, a).await,
+            Command::Edit(a) => units::edit(&ctx, a).await,
+            Command::List(a) => units::list(&ctx, a).await,
+            Command::Show(a) => units::show(&ctx, a).await,
+            Command::Start(a) => units::start(&ctx, a).await,
+            Command::Stop(a) => units::stop(&ctx, a).await,
+            Command::Pause(a) => units::pause(&ctx, a, true).await,
+            Command::Resume(a) => units::pause(&ctx, a, false).await,
+            Command::Runs(a) => runs::runs(&ctx, a).await,
+            Command::Logs(a) => runs::logs(&ctx, a).await,
+            Command::Cancel(a) => runs::cancel(&ctx, a).await,
+            Command::Status => daemon::status(&ctx).await,
+            Command::Events(a) => daemon::events(&ctx, a).await,
+            Command::Completions(_) => unreachable!("handled before connecting"),
+        }
+    })
+}
+
+/// Prints an error with its whole chain (and a hint when there is one) and picks the exit
+/// code.
+fn report(err: &anyhow::Error) -> ExitCode {
+    let cli_err = err.chain().find_map(|e| e.downcast_ref::<CliError>());
+    if let Some(CliError::Closed) = cli_err {
+        // The reader of our output went away (`taskctl events | head`): not a failure.
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("taskctl: {err:#}");
+    if let Some(hint) = cli_err.and_then(CliError::hint) {
+        eprintln!("hint: {hint}");
+    }
+    ExitCode::from(cli_err.map_or(1, CliError::exit_code))
+}
+
+/// A failure that maps to a particular exit code or carries a hint.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A usage error found after parsing (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The daemon cannot be reached (exit 3).
+    #[error("cannot reach taskd at {addr}: {why}")]
+    Unreachable {
+        /// The address dialled.
+        addr: String,
+        /// What went wrong.
+        why: String,
+        /// How to start the daemon.
+        hint: String,
+    },
+    /// The daemon answered with an error (exit 1).
+    #[error("{message}")]
+    Refused {
+        /// The daemon's message, with the field for invalid definitions.
+        message: String,
+        /// What to do about it.
+        hint: Option<String>,
+    },
+    /// Standard output was closed by its reader (exit 0, silently).
+    #[error("standard output closed")]
+    Closed,
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Closed => 0,
+            CliError::Refused { .. } => 1,
+            CliError::Usage(_) => 2,
+            CliError::Unreachable { .. } => 3,
+        }
+    }
+
+    fn hint(&self) -> Option<&str> {
+        match self {
+            CliError::Unreachable { hint, .. } => Some(hint),
+            CliError::Refused { hint, .. } => hint.as_deref(),
+            CliError::Usage(_) | CliError::Closed => None,
+        }
+    }
+}
+
+/// Turns an `io::Error` from writing standard output into an error, quietly successful
+/// when the reader has gone away.
+pub(crate) fn stdout_error(e: io::Error) -> anyhow::Error {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        CliError::Closed.into()
+    } else {
+        anyhow::Error::new(e).context("cannot write to standard output")
+    }
+}
+
+/// What every command needs: the connection, where it goes, and how to print.
+pub(crate) struct Ctx {
+    /// The connection to the daemon.
+    pub client: Client,
+    /// The address dialled.
+    pub addr: String,
+    /// `--json`.
+    pub json: bool,
+    /// How to start the daemon, for the unreachable hint.
+    start_hint: String,
+    /// Where the token came from, for the unauthorized hint.
+    token_hint: String,
+}
+
+impl Ctx {
+    /// Works out the address and token, and connects (logging in when there is a token).
+    async fn connect(cli: &Cli) -> anyhow::Result<Ctx> {
+        let default_dir = default_state_dir();
+        let state_dir = cli.state_dir.clone().unwrap_or_else(|| default_dir.clone());
+        let addr = match &cli.addr {
+            Some(a) => a.clone(),
+            None => read_trimmed(&state_dir.join(ADDRESS_FILE))
+                .unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
+        };
+        let token_file = state_dir.join("token");
+        let token = match &cli.token {
+            Some(t) => Some(t.trim().to_string()),
+            // No token file means a daemon with `--auth none` (or none started yet): try
+            // without logging in; a daemon that wants one answers "unauthorized" with a hint.
+            None => read_trimmed(&token_file),
+        };
+        let start_hint = if state_dir == default_dir {
+            "start it with: taskd".to_string()
+        } else {
+            format!("start it with: taskd --state-dir {}", state_dir.display())
+        };
+        let token_hint = if cli.token.is_some() {
+            format!(
+                "the token given with --token or TASKD_TOKEN was refused; the daemon's token is in {}",
+                token_file.display()
+            )
+        } else {
+            format!(
+                "taskctl reads the token from {}; pass --state-dir for another daemon, or --token",
+                token_file.display()
+            )
+        };
+        let client = match Client::connect(&addr, token.as_deref()).await {
+            Ok(c) => c,
+            Err(e) if e.is_unreachable() => {
+                let why = match &e {
+                    ClientError::Connect { source, .. } => source.to_string(),
+                    ClientError::Login(inner) => inner.to_string(),
+                };
+                return Err(CliError::Unreachable { addr, why, hint: start_hint }.into());
+            }
+            Err(ClientError::Login(inner)) => {
+                let message = match &inner {
+                    RpcError::Call(obj) => obj.message().to_string(),
+                    other => other.to_string(),
+                };
+                return Err(CliError::Refused {
+                    message: format!("login refused: {message}"),
+                    hint: Some(token_hint),
+                }
+                .into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Ctx { client, addr, json: cli.json, start_hint, token_hint })
+    }
+
+    /// Awaits one call and turns its error into a [`CliError`] with the right exit code.
+    pub async fn call<T>(
+        &self,
+        fut: impl Future<Output = Result<T, RpcError>>,
+    ) -> anyhow::Result<T> {
+        fut.await.map_err(|e| self.rpc_error(e).into())
+    }
+
+    /// The daemon went away mid-command (exit 3).
+    pub fn unreachable(&self, why: &str) -> CliError {
+        CliError::Unreachable {
+            addr: self.addr.clone(),
+            why: why.to_string(),
+            hint: self.start_hint.clone(),
+        }
+    }
+
+    /// Maps a call's error: connection trouble is exit 3, an answer from the daemon exit 1.
+    pub fn rpc_error(&self, e: RpcError) -> CliError {
+        if is_connection_error(&e) {
+            return self.unreachable(&e.to_string());
+        }
+        match e {
+            RpcError::Call(obj) => {
+                let field = obj
+                    .data()
+                    .and_then(|d| serde_json::from_str::<serde_json::Value>(d.get()).ok())
+                    .and_then(|d| d.get("field").and_then(|f| f.as_str()).map(str::to_string));
+                let message = match (obj.code(), field) {
+                    (codes::INVALID_DEFINITION, Some(field)) => {
+                        // The daemon's message starts with the field already
+                        // ("cron: expected 5 or 6 fields"); add it only if it does not.
+                        let msg = obj.message();
+                        if msg.starts_with(&format!("{field}:")) {
+                            format!("invalid definition: {msg}")
+                        } else {
+                            format!("invalid definition: {field}: {msg}")
+                        }
+                    }
+                    _ => obj.message().to_string(),
+                };
+                let hint = (obj.code() == codes::UNAUTHORIZED).then(|| self.token_hint.clone());
+                CliError::Refused { message, hint }
+            }
+            other => CliError::Refused { message: other.to_string(), hint: None },
+        }
+    }
+}
+
+/// The trimmed contents of a small file, or `None` when it is missing, unreadable or empty.
+fn read_trimmed(path: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_string())
 }

@@ -1,0 +1,126 @@
+//! `taskctl status`, `events` and `completions`: the `Daemon` and `Events` methods, and shell
+//! completion scripts.
+
+use clap::{Args, CommandFactory};
+use clap_complete::Shell;
+use jsonrpsee::core::client::SubscriptionCloseReason;
+
+use super::output::{self, parse_time};
+use super::{Cli, CliError, Ctx, stdout_error};
+use crate::rpc::daemon::DaemonApiClient;
+use crate::rpc::events::EventsApiClient;
+use crate::rpc::types::{EventInfo, SubscribeArg};
+
+/// `taskctl events`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// First replay the stored events after this sequence number
+    #[arg(long, value_name = "SEQ")]
+    pub after: Option<i64>,
+}
+
+/// `taskctl completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell
+    #[arg(value_enum)]
+    pub shell: Shell,
+}
+
+/// `taskctl completions SHELL`: the script on standard output.
+pub fn completions(a: &CompletionsArgs) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    clap_complete::generate(a.shell, &mut Cli::command(), "taskctl", &mut buf);
+    let mut out = std::io::stdout().lock();
+    std::io::Write::write_all(&mut out, &buf).map_err(stdout_error)
+}
+
+/// `name: n, name: n` for the non-zero counts, `total` first.
+fn counts<N: std::fmt::Display + PartialEq + Default>(
+    m: &std::collections::BTreeMap<String, N>,
+) -> String {
+    let zero = N::default();
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(t) = m.get("total") {
+        parts.push(format!("{t} total"));
+    }
+    let rest: Vec<String> = m
+        .iter()
+        .filter(|(k, n)| k.as_str() != "total" && **n != zero)
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect();
+    if rest.is_empty() {
+        return parts.join("");
+    }
+    format!("{} ({})", parts.join(""), rest.join(", "))
+}
+
+/// `taskctl status`.
+pub async fn status(ctx: &Ctx) -> anyhow::Result<()> {
+    let s = ctx.call(ctx.client.status(None)).await?;
+    if ctx.json {
+        return output::json(&s);
+    }
+    let rows = vec![
+        ("version".to_string(), format!("taskd {}", s.version)),
+        ("pid".into(), s.pid.to_string()),
+        (
+            "uptime".into(),
+            format!(
+                "{} (since {})",
+                output::uptime(s.uptime_secs),
+                output::local_time(&s.started_at)
+            ),
+        ),
+        ("listening".into(), s.listeners.join(", ")),
+        ("state dir".into(), s.state_dir.clone()),
+        ("auth".into(), s.auth.clone()),
+        ("units".into(), counts(&s.units)),
+        ("runs".into(), counts(&s.runs)),
+    ];
+    output::emit(&output::key_values(&rows, ""))
+}
+
+/// One event as a line: `12:03:04.123  run.finished  hello  #12  succeeded`.
+fn event_line(e: &EventInfo) -> String {
+    let time = parse_time(&e.time)
+        .map(|t| t.to_zoned(jiff::tz::TimeZone::system()).strftime("%H:%M:%S%.3f").to_string())
+        .unwrap_or_else(|| e.time.clone());
+    let run = e.run.map(|r| format!("#{r}")).unwrap_or_default();
+    let state = e.state.as_deref().unwrap_or("");
+    format!("{time}  {:<6} {:<13} {:<20} {:<7} {state}", e.seq, e.kind, e.unit, run)
+        .trim_end()
+        .to_string()
+}
+
+/// `taskctl events`: one line per event until interrupted or the daemon goes away.
+pub async fn events(ctx: &Ctx, a: EventsArgs) -> anyhow::Result<()> {
+    let arg = SubscribeArg { after_seq: a.after };
+    let mut sub = ctx.call(ctx.client.subscribe_events(Some(arg))).await?;
+    loop {
+        let item = tokio::select! {
+            item = sub.next() => item,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        match item {
+            Some(Ok(e)) => {
+                if ctx.json {
+                    output::json_line(&e)?;
+                } else {
+                    output::line(&event_line(&e))?;
+                }
+            }
+            Some(Err(e)) => return Err(anyhow::Error::new(e).context("bad event from taskd")),
+            None => {
+                return Err(match sub.close_reason() {
+                    Some(SubscriptionCloseReason::Lagged) => CliError::Refused {
+                        message: "fell behind the daemon's events; the stream was closed".into(),
+                        hint: Some("resume with `taskctl events --after SEQ`".into()),
+                    },
+                    _ => ctx.unreachable("the connection closed"),
+                }
+                .into());
+            }
+        }
+    }
+}

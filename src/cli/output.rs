@@ -1,0 +1,295 @@
+//! Output rendering for `taskctl`: tables, relative times, durations, run outcomes and JSON.
+
+use std::io::{IsTerminal, Write};
+
+use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
+use jiff::{Timestamp, Zoned};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::stdout_error;
+use crate::rpc::types::RunInfo;
+
+/// Writes `text` to standard output and flushes, so streamed lines appear at once.
+pub fn emit(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(stdout_error)
+}
+
+/// Writes `text` and a newline.
+pub fn line(text: &str) -> anyhow::Result<()> {
+    emit(&format!("{text}\n"))
+}
+
+/// Prints a result as pretty JSON (one value, the method's wire shape).
+pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    line(&serde_json::to_string_pretty(value)?)
+}
+
+/// Prints one item of a stream as a single line of JSON.
+pub fn json_line<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    line(&serde_json::to_string(value)?)
+}
+
+/// A table without borders whose columns are separated by two spaces. On a terminal it
+/// fits its width; otherwise (a pipe, a file) lines are never wrapped.
+pub fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    if std::io::stdout().is_terminal() {
+        t.set_content_arrangement(ContentArrangement::Dynamic);
+        // A pseudo-terminal may report no size (0 columns): fitting to it would put one
+        // letter per line, so lay the table out at its natural width instead.
+        if t.width().is_none_or(|w| w < 20) {
+            t.set_content_arrangement(ContentArrangement::Disabled);
+        }
+    } else {
+        t.force_no_tty();
+    }
+    t.style_text_only();
+    t.set_header(header.to_vec());
+    for (i, c) in t.column_iter_mut().enumerate() {
+        // No leading blank on the first column; two blanks between columns.
+        c.set_padding((0, if i + 1 == header.len() { 0 } else { 2 }));
+    }
+    t
+}
+
+/// Whether to colour output: only on a terminal, and never when `NO_COLOR` is set.
+fn colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// A table cell for a unit or run state, coloured by how it is doing when colour is on.
+pub fn state_cell(state: &str) -> Cell {
+    let cell = Cell::new(state);
+    if !colour() {
+        return cell;
+    }
+    match state {
+        "failed" | "timed_out" | "lost" | "fatal" => cell.fg(Color::Red),
+        "running" | "succeeded" => cell.fg(Color::Green),
+        "backoff" | "queued" | "cancelled" => cell.fg(Color::Yellow),
+        "paused" => cell.fg(Color::DarkGrey),
+        _ => cell,
+    }
+}
+
+/// Prints a table, without trailing blanks.
+pub fn print_table(t: &Table) -> anyhow::Result<()> {
+    let mut s = String::new();
+    for l in t.lines() {
+        s.push_str(l.trim_end());
+        s.push('\n');
+    }
+    emit(&s)
+}
+
+/// Parses an RFC 3339 time from the wire.
+pub fn parse_time(s: &str) -> Option<Timestamp> {
+    s.parse::<Timestamp>().ok()
+}
+
+/// A coarse relative time: `3s ago`, `in 5m`, `2h ago`, `now`.
+pub fn relative(s: &str) -> String {
+    match parse_time(s) {
+        Some(t) => relative_to(t, Timestamp::now()),
+        None => s.to_string(),
+    }
+}
+
+/// `t` relative to `now`, in the largest unit that fits.
+pub fn relative_to(t: Timestamp, now: Timestamp) -> String {
+    let secs = t.as_second() - now.as_second();
+    if secs == 0 {
+        return "now".into();
+    }
+    let span = short_secs(secs.unsigned_abs());
+    if secs > 0 { format!("in {span}") } else { format!("{span} ago") }
+}
+
+/// Seconds as `42s`, `5m`, `3h`, `2d`: one unit, rounded down.
+fn short_secs(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..172_800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// A time as the local date and time: `2024-05-01 12:03:04 CEST`.
+pub fn local_time(s: &str) -> String {
+    match parse_time(s) {
+        Some(t) => {
+            let z: Zoned = t.to_zoned(jiff::tz::TimeZone::system());
+            z.strftime("%Y-%m-%d %H:%M:%S %Z").to_string()
+        }
+        None => s.to_string(),
+    }
+}
+
+/// A time for humans: the local date and time, with the relative time after it.
+pub fn time_and_relative(s: &str) -> String {
+    match parse_time(s) {
+        Some(t) => format!("{} ({})", local_time(s), relative_to(t, Timestamp::now())),
+        None => s.to_string(),
+    }
+}
+
+/// A duration for humans: `350ms`, `1.2s`, `3m4s`, `2h5m`.
+pub fn duration_ms(ms: i64) -> String {
+    let ms = ms.max(0) as u64;
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    if ms < 60_000 {
+        return format!("{:.1}s", ms as f64 / 1000.0);
+    }
+    let s = ms / 1000;
+    if s < 3600 {
+        return format!("{}m{}s", s / 60, s % 60);
+    }
+    if s < 86_400 {
+        return format!("{}h{}m", s / 3600, (s % 3600) / 60);
+    }
+    format!("{}d{}h", s / 86_400, (s % 86_400) / 3600)
+}
+
+/// An uptime: `42s`, `3m4s`, `2h5m`, `3d4h`.
+pub fn uptime(secs: u64) -> String {
+    if secs < 60 { format!("{secs}s") } else { duration_ms(secs.saturating_mul(1000) as i64) }
+}
+
+/// A signal number as its name (`SIGKILL`), or `signal N` when unknown.
+pub fn signal_name(n: i32) -> String {
+    match nix::sys::signal::Signal::try_from(n) {
+        Ok(s) => s.as_str().to_string(),
+        Err(_) => format!("signal {n}"),
+    }
+}
+
+/// How a run ended: `3`, `SIGKILL`, or empty while it has not.
+pub fn exit_of(r: &RunInfo) -> String {
+    match (r.exit_code, r.signal) {
+        (_, Some(sig)) => signal_name(sig),
+        (Some(code), None) => code.to_string(),
+        (None, None) => String::new(),
+    }
+}
+
+/// A run in a few words: `#12 failed (exit 3) 2m ago`, `#13 running for 5s`.
+pub fn run_summary(r: &RunInfo) -> String {
+    let mut s = format!("#{} {}", r.id, r.state);
+    match (r.exit_code, r.signal) {
+        (_, Some(sig)) => s.push_str(&format!(" ({})", signal_name(sig))),
+        (Some(code), None) if r.state != "succeeded" => s.push_str(&format!(" (exit {code})")),
+        _ => {}
+    }
+    match r.state.as_str() {
+        "running" => {
+            if let Some(ms) = r.duration_ms {
+                s.push_str(&format!(" for {}", short_secs(ms.max(0) as u64 / 1000)));
+            }
+        }
+        "queued" => {}
+        _ => {
+            let when = r.ended_at.as_deref().or(r.started_at.as_deref()).unwrap_or(&r.queued_at);
+            s.push(' ');
+            s.push_str(&relative(when));
+        }
+    }
+    s
+}
+
+/// A unit's kind and schedule from its (filled-in) definition: `("job", "every 5m")`.
+pub fn kind_and_schedule(def: &Value) -> (String, String) {
+    let has = |k: &str| def.get(k).is_some_and(|v| !v.is_null());
+    let every = def.get("every").and_then(Value::as_str);
+    if !has("command") && !has("script") {
+        return ("tick".into(), format!("every {}", every.unwrap_or("1s")));
+    }
+    if def.get("service").and_then(Value::as_bool) == Some(true) {
+        return ("service".into(), "continuous".into());
+    }
+    if let Some(e) = every {
+        return ("job".into(), format!("every {e}"));
+    }
+    if let Some(c) = def.get("cron").and_then(Value::as_str) {
+        let tz = def.get("tz").and_then(Value::as_str);
+        return ("job".into(), tz.map_or(format!("cron {c}"), |tz| format!("cron {c} ({tz})")));
+    }
+    ("job".into(), "once".into())
+}
+
+/// A definition value on one line: strings bare, `K=V …` for `env`, JSON otherwise.
+pub fn value_text(key: &str, v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Object(m) if key == "env" => m
+            .iter()
+            .map(|(k, v)| {
+                format!("{k}={}", v.as_str().map_or_else(|| v.to_string(), str::to_string))
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    }
+}
+
+/// Aligns `key: value` lines on their values.
+pub fn key_values(rows: &[(String, String)], indent: &str) -> String {
+    let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0) + 1;
+    let mut s = String::new();
+    for (k, v) in rows {
+        let key = format!("{k}:");
+        // Multi-line values (a script) continue under the value column.
+        let pad = " ".repeat(indent.len() + width + 1);
+        let v = v.trim_end_matches('\n').replace('\n', &format!("\n{pad}"));
+        let l = format!("{indent}{key:<width$} {v}");
+        s.push_str(l.trim_end());
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_times_read_naturally() {
+        let now: Timestamp = "2024-01-01T12:00:00Z".parse().unwrap();
+        let at = |s: &str| relative_to(s.parse().unwrap(), now);
+        assert_eq!(at("2024-01-01T12:04:10Z"), "in 4m");
+        assert_eq!(at("2024-01-01T11:59:57Z"), "3s ago");
+        assert_eq!(at("2024-01-01T10:00:00Z"), "2h ago");
+        assert_eq!(at("2023-12-29T12:00:00Z"), "3d ago");
+        assert_eq!(at("2024-01-01T12:00:00Z"), "now");
+    }
+
+    #[test]
+    fn durations_are_short() {
+        assert_eq!(duration_ms(350), "350ms");
+        assert_eq!(duration_ms(1234), "1.2s");
+        assert_eq!(duration_ms(184_000), "3m4s");
+        assert_eq!(duration_ms(7_500_000), "2h5m");
+    }
+
+    #[test]
+    fn signals_have_names() {
+        assert_eq!(signal_name(9), "SIGKILL");
+        assert_eq!(signal_name(15), "SIGTERM");
+        assert_eq!(signal_name(999), "signal 999");
+    }
+
+    #[test]
+    fn schedules_are_described_from_the_definition() {
+        let d = serde_json::json!({"name": "a", "command": ["x"], "every": "5m"});
+        assert_eq!(kind_and_schedule(&d), ("job".into(), "every 5m".into()));
+        let d = serde_json::json!({"name": "a"});
+        assert_eq!(kind_and_schedule(&d).0, "tick");
+        let d = serde_json::json!({"name": "a", "script": "x", "service": true});
+        assert_eq!(kind_and_schedule(&d).0, "service");
+    }
+}

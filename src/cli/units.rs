@@ -1,0 +1,557 @@
+//! `taskctl add`, `del`, `edit`, `list`, `show`, `start`, `stop`, `pause` and `resume`: the
+//! `TaskUnit.*` methods.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use comfy_table::Cell;
+use serde_json::{Map, Value, json};
+
+use super::output::{self, kind_and_schedule, relative, run_summary, time_and_relative};
+use super::{CliError, Ctx};
+use crate::rpc::types::{AddArg, AddResult, DeleteArg, ListArg, UnitInfo};
+use crate::rpc::unit::TaskUnitApiClient;
+use crate::unit::definition::parse_duration;
+
+/// A duration option, checked here so that a typo is a usage error with clap's message.
+fn duration(s: &str) -> Result<String, String> {
+    parse_duration(s).map(|_| s.to_string())
+}
+
+/// `K=V` for `--env`.
+fn env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some(("", _)) => Err(format!("{s:?}: the variable name is empty")),
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => Err(format!("{s:?} is not K=V")),
+    }
+}
+
+/// `overlap` policies.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Overlap {
+    /// Ignore a fire while a run is active.
+    Skip,
+    /// Keep at most one waiting run.
+    Queue,
+    /// Run concurrently.
+    Allow,
+    /// Stop the active run and start a new one.
+    Replace,
+}
+
+/// `restart` policies for services.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Restart {
+    /// Restart whatever the exit.
+    Always,
+    /// Restart after a failure only.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// `catch_up` policies.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CatchUp {
+    /// Forget fire times missed while the daemon was down.
+    Skip,
+    /// Run once for all of them.
+    Once,
+}
+
+/// The wire name of a `ValueEnum` value (`on-failure`).
+fn enum_name<T: ValueEnum>(v: T) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
+}
+
+/// Definition options shared by `add` and `edit`. Every one is optional; only those given
+/// are sent.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Definition")]
+pub struct DefArgs {
+    /// Run every D (`30s`, `5m`, `1h30m`)
+    #[arg(long, value_name = "D", value_parser = duration)]
+    pub every: Option<String>,
+    /// Run on a cron schedule (5 fields, 6 with seconds, or @hourly, @daily…)
+    #[arg(long, value_name = "EXPR")]
+    pub cron: Option<String>,
+    /// IANA time zone for --cron [default: the daemon's]
+    #[arg(long, value_name = "TZ")]
+    pub tz: Option<String>,
+    /// Keep the process running, restarting it per --restart
+    #[arg(long)]
+    pub service: bool,
+    /// Stop a run that lasts longer than D
+    #[arg(long, value_name = "D", value_parser = duration)]
+    pub timeout: Option<String>,
+    /// Extra attempts for a failed run
+    #[arg(long, value_name = "N")]
+    pub retries: Option<u32>,
+    /// What a fire does while a run is active [default: skip]
+    #[arg(long, value_name = "P", value_enum)]
+    pub overlap: Option<Overlap>,
+    /// Environment variable for the command (repeatable)
+    #[arg(long, value_name = "K=V", value_parser = env_pair)]
+    pub env: Vec<(String, String)>,
+    /// Working directory
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// Run as this account (needs a root daemon)
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Create without starting or firing
+    #[arg(long)]
+    pub paused: bool,
+    /// Run a script read from FILE, or from standard input with `-`
+    #[arg(long, value_name = "FILE|-")]
+    pub script: Option<String>,
+    /// Free text
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+    /// Time between SIGTERM and SIGKILL when stopping [default: 5s]
+    #[arg(long, value_name = "D", value_parser = duration)]
+    pub kill_grace: Option<String>,
+    /// Fire times missed while the daemon was down [default: skip]
+    #[arg(long, value_name = "P", value_enum)]
+    pub catch_up: Option<CatchUp>,
+    /// When a service is restarted [default: on-failure]
+    #[arg(long, value_name = "P", value_enum)]
+    pub restart: Option<Restart>,
+    /// Restart/retry delay, first and maximum, doubling: `1s..60s`
+    #[arg(long, value_name = "D..D")]
+    pub backoff: Option<String>,
+    /// More than N starts within a window makes a service fatal: `5/60s`
+    #[arg(long, value_name = "N/D")]
+    pub start_limit: Option<String>,
+    /// Bytes kept per stream per run: `1MiB`
+    #[arg(long, value_name = "SIZE")]
+    pub log_limit: Option<String>,
+    /// Exit codes that count as success, comma-separated [default: 0]
+    #[arg(long, value_name = "CODES", value_delimiter = ',', num_args = 1..)]
+    pub success_codes: Option<Vec<i32>>,
+    /// Runs kept for this unit [default: the daemon's keep_runs]
+    #[arg(long, value_name = "N")]
+    pub keep_runs: Option<u32>,
+    /// The command and its arguments, after `--` (with --script: the script's arguments)
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+impl DefArgs {
+    /// The definition fields these options set, as a JSON object without `name`. For `edit`,
+    /// setting one of two exclusive fields removes the other (switching from `--cron` to
+    /// `--every`, or from a command to a script, is one edit).
+    fn fields(&self, editing: bool) -> anyhow::Result<Map<String, Value>> {
+        let mut m = Map::new();
+        let mut put = |k: &str, v: Value| {
+            m.insert(k.to_string(), v);
+        };
+        let script = self.script.as_deref().map(read_script).transpose()?;
+        if let Some(s) = script {
+            put("script", json!(s));
+            if !self.command.is_empty() {
+                put("args", json!(self.command));
+            }
+        } else if !self.command.is_empty() {
+            put("command", json!(self.command));
+        }
+        if let Some(v) = &self.every {
+            put("every", json!(v));
+        }
+        if let Some(v) = &self.cron {
+            put("cron", json!(v));
+        }
+        if let Some(v) = &self.tz {
+            put("tz", json!(v));
+        }
+        if self.service {
+            put("service", json!(true));
+        }
+        if let Some(v) = &self.timeout {
+            put("timeout", json!(v));
+        }
+        if let Some(v) = self.retries {
+            put("retries", json!(v));
+        }
+        if let Some(v) = self.overlap {
+            put("overlap", json!(enum_name(v)));
+        }
+        if !self.env.is_empty() {
+            let env: BTreeMap<_, _> = self.env.iter().cloned().collect();
+            put("env", json!(env));
+        }
+        if let Some(v) = &self.cwd {
+            put("cwd", json!(v));
+        }
+        if let Some(v) = &self.user {
+            put("user", json!(v));
+        }
+        if self.paused {
+            put("paused", json!(true));
+        }
+        if let Some(v) = &self.description {
+            put("description", json!(v));
+        }
+        if let Some(v) = &self.kill_grace {
+            put("kill_grace", json!(v));
+        }
+        if let Some(v) = self.catch_up {
+            put("catch_up", json!(enum_name(v)));
+        }
+        if let Some(v) = self.restart {
+            put("restart", json!(enum_name(v)));
+        }
+        if let Some(v) = &self.backoff {
+            put("backoff", json!(v));
+        }
+        if let Some(v) = &self.start_limit {
+            put("start_limit", json!(v));
+        }
+        if let Some(v) = &self.log_limit {
+            put("log_limit", json!(v));
+        }
+        if let Some(v) = &self.success_codes {
+            put("success_codes", json!(v));
+        }
+        if let Some(v) = self.keep_runs {
+            put("keep_runs", json!(v));
+        }
+        if editing {
+            for (set, other) in
+                [("every", "cron"), ("cron", "every"), ("command", "script"), ("script", "command")]
+            {
+                if m.contains_key(set) && !m.contains_key(other) {
+                    m.insert(other.to_string(), Value::Null);
+                }
+            }
+            if m.contains_key("cron") && m["cron"].is_null() && !m.contains_key("tz") {
+                m.insert("tz".into(), Value::Null);
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Reads a script from a file, or from standard input for `-`.
+fn read_script(src: &str) -> anyhow::Result<String> {
+    if src == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("cannot read the script from stdin")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(src).with_context(|| format!("cannot read the script {src}"))
+    }
+}
+
+/// `taskctl add`.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// The unit's name; alone, a tick unit or the unit file <units-dir>/NAME.toml
+    pub name: String,
+    #[command(flatten)]
+    pub def: DefArgs,
+}
+
+/// `taskctl edit`.
+#[derive(Debug, Args)]
+pub struct EditArgs {
+    /// The unit
+    pub name: String,
+    #[command(flatten)]
+    pub def: DefArgs,
+    /// Make a service a job again
+    #[arg(long, conflicts_with = "service")]
+    pub no_service: bool,
+    /// Remove fields, back to their defaults (repeatable): `--clear every --clear env`
+    #[arg(long, value_name = "FIELD", value_delimiter = ',')]
+    pub clear: Vec<String>,
+}
+
+/// `taskctl del`.
+#[derive(Debug, Args)]
+pub struct DelArgs {
+    /// The units
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    /// Keep their runs and logs
+    #[arg(long)]
+    pub keep_history: bool,
+}
+
+/// `taskctl list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only units in this state (waiting, running, backoff, paused, done, fatal)
+    #[arg(long, value_name = "S")]
+    pub state: Option<String>,
+    /// Only units whose name matches this glob
+    pub glob: Option<String>,
+}
+
+/// Commands that take one unit name.
+#[derive(Debug, Args)]
+pub struct NameArg {
+    /// The unit
+    pub name: String,
+}
+
+/// One line about a unit just added or changed: `hello (job, every 5m): next run in 5m`.
+fn unit_line(u: &UnitInfo) -> String {
+    let (kind, schedule) = kind_and_schedule(&u.definition);
+    let what = if kind == "service" { kind } else { format!("{kind}, {schedule}") };
+    let mut s = format!("{} ({what})", u.name);
+    if u.state == "paused" {
+        s.push_str(": paused");
+    } else if let Some(r) = u.last_run.as_ref().filter(|r| u.active_runs.contains(&r.id)) {
+        s.push_str(&format!(
+            ": run {} {}",
+            r.id,
+            if r.state == "queued" { "queued" } else { "started" }
+        ));
+    } else if let Some(next) = &u.next_fire {
+        s.push_str(&format!(": next run {}", relative(next)));
+    } else if let Some(r) = &u.last_run {
+        s.push_str(&format!(": last run {}", run_summary(r)));
+    } else {
+        s.push_str(&format!(": {}", u.state));
+    }
+    s
+}
+
+/// `taskctl add`.
+pub async fn add(ctx: &Ctx, a: AddArgs) -> anyhow::Result<()> {
+    let fields = a.def.fields(false)?;
+    let arg = if fields.is_empty() {
+        AddArg::Name(a.name.clone())
+    } else {
+        let mut def = Map::new();
+        def.insert("name".into(), json!(a.name));
+        def.extend(fields);
+        AddArg::Definition(Value::Object(def))
+    };
+    let res = ctx.call(ctx.client.add(arg)).await?;
+    if ctx.json {
+        return output::json(&res);
+    }
+    let info = match res {
+        AddResult::Unit(u) => *u,
+        // The bare-name form answers `true`; fetch the unit to say what was made of it.
+        AddResult::Done(_) => ctx.call(ctx.client.get(a.name)).await?,
+    };
+    output::line(&format!("added {}", unit_line(&info)))
+}
+
+/// `taskctl edit`.
+pub async fn edit(ctx: &Ctx, a: EditArgs) -> anyhow::Result<()> {
+    let mut fields = a.def.fields(true)?;
+    if a.no_service {
+        fields.insert("service".into(), json!(false));
+    }
+    for f in &a.clear {
+        let f = f.replace('-', "_");
+        if f == "name" {
+            return Err(
+                CliError::Usage("--clear name: a unit's name cannot be removed".into()).into()
+            );
+        }
+        fields.insert(f, Value::Null);
+    }
+    if fields.is_empty() {
+        return Err(CliError::Usage(format!(
+            "nothing to change: give options, e.g. `taskctl edit {} --every 5m`",
+            a.name
+        ))
+        .into());
+    }
+    let mut patch = Map::new();
+    patch.insert("name".into(), json!(a.name));
+    patch.extend(fields);
+    let info = ctx.call(ctx.client.edit(Value::Object(patch))).await?;
+    if ctx.json {
+        return output::json(&info);
+    }
+    output::line(&format!("edited {}", unit_line(&info)))
+}
+
+/// `taskctl del`: each name in turn; fails (exit 1) if any did.
+pub async fn del(ctx: &Ctx, a: DelArgs) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    let mut done = Map::new();
+    for name in &a.names {
+        let arg = if a.keep_history {
+            DeleteArg::Options { name: name.clone(), keep_history: true }
+        } else {
+            DeleteArg::Name(name.clone())
+        };
+        match ctx.client.delete(arg).await {
+            Ok(v) => {
+                if ctx.json {
+                    done.insert(name.clone(), json!(v));
+                } else {
+                    output::line(&format!("deleted {name}"))?;
+                }
+            }
+            Err(e) => {
+                let e = ctx.rpc_error(e);
+                if matches!(e, CliError::Unreachable { .. }) {
+                    return Err(e.into());
+                }
+                eprintln!("taskctl: {name}: {e}");
+                failed.push(name.as_str());
+            }
+        }
+    }
+    if ctx.json {
+        output::json(&done)?;
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Refused {
+            message: format!("not deleted: {}", failed.join(", ")),
+            hint: None,
+        }
+        .into())
+    }
+}
+
+/// `taskctl list`.
+pub async fn list(ctx: &Ctx, a: ListArgs) -> anyhow::Result<()> {
+    let filtered = a.state.is_some() || a.glob.is_some();
+    let arg = ListArg { state: a.state, name_glob: a.glob };
+    let units = ctx.call(ctx.client.list(Some(arg))).await?;
+    if ctx.json {
+        return output::json(&units);
+    }
+    if units.is_empty() {
+        return output::line(if filtered {
+            "no units match"
+        } else {
+            "no units; add one with `taskctl add NAME -- COMMAND`"
+        });
+    }
+    let mut t =
+        output::table(&["NAME", "KIND", "SCHEDULE", "STATE", "NEXT", "LAST RUN", "RUNS", "FAILS"]);
+    for u in &units {
+        let schedule = if u.kind == "service" { String::new() } else { u.schedule.clone() };
+        t.add_row(vec![
+            Cell::new(&u.name),
+            Cell::new(&u.kind),
+            Cell::new(schedule),
+            output::state_cell(&u.state),
+            Cell::new(u.next_fire.as_deref().map(relative).unwrap_or_default()),
+            Cell::new(u.last_run.as_ref().map(run_summary).unwrap_or_default()),
+            Cell::new(u.runs_total),
+            Cell::new(u.failures_total),
+        ]);
+    }
+    output::print_table(&t)
+}
+
+/// `taskctl show`.
+pub async fn show(ctx: &Ctx, a: NameArg) -> anyhow::Result<()> {
+    let u = ctx.call(ctx.client.get(a.name)).await?;
+    if ctx.json {
+        return output::json(&u);
+    }
+    let (kind, schedule) = kind_and_schedule(&u.definition);
+    let mut rows = vec![
+        ("name".to_string(), u.name.clone()),
+        ("state".into(), u.state.clone()),
+        ("kind".into(), if kind == "service" { kind } else { format!("{kind}, {schedule}") }),
+        ("next fire".into(), u.next_fire.as_deref().map_or("-".into(), time_and_relative)),
+        ("last run".into(), u.last_run.as_ref().map_or("-".into(), run_summary)),
+    ];
+    if !u.active_runs.is_empty() {
+        let ids: Vec<String> = u.active_runs.iter().map(|id| format!("#{id}")).collect();
+        rows.push(("active runs".into(), ids.join(" ")));
+    }
+    rows.push(("runs".into(), format!("{} ({} failed)", u.runs_total, u.failures_total)));
+    rows.push(("created".into(), time_and_relative(&u.created_at)));
+    rows.push(("updated".into(), time_and_relative(&u.updated_at)));
+    let mut s = output::key_values(&rows, "");
+    s.push_str("definition:\n");
+    if let Some(def) = u.definition.as_object() {
+        let rows: Vec<(String, String)> = def
+            .iter()
+            // Empty defaults (no env, no args, no description) say nothing.
+            .filter(|(k, v)| k.as_str() != "name" && !is_empty(v))
+            .map(|(k, v)| (k.clone(), output::value_text(k, v)))
+            .collect();
+        s.push_str(&output::key_values(&rows, "  "));
+    }
+    output::emit(&s)
+}
+
+/// Whether a definition value is empty: `""`, `[]`, `{}` or null.
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+/// `taskctl start`.
+pub async fn start(ctx: &Ctx, a: NameArg) -> anyhow::Result<()> {
+    let r = ctx.call(ctx.client.start(a.name)).await?;
+    if ctx.json {
+        return output::json(&r);
+    }
+    output::line(&format!("{}: run {} {}", r.unit, r.id, r.state))
+}
+
+/// `taskctl stop`.
+pub async fn stop(ctx: &Ctx, a: NameArg) -> anyhow::Result<()> {
+    let n = ctx.call(ctx.client.stop(a.name.clone())).await?;
+    if ctx.json {
+        return output::json(&n);
+    }
+    let runs = if n == 1 { "run" } else { "runs" };
+    output::line(&format!("{}: stopped {n} {runs}", a.name))
+}
+
+/// `taskctl pause` and `taskctl resume`.
+pub async fn pause(ctx: &Ctx, a: NameArg, pause: bool) -> anyhow::Result<()> {
+    let u = if pause {
+        ctx.call(ctx.client.pause(a.name)).await?
+    } else {
+        ctx.call(ctx.client.resume(a.name)).await?
+    };
+    if ctx.json {
+        return output::json(&u);
+    }
+    let verb = if pause { "paused" } else { "resumed" };
+    output::line(&format!("{verb} {}", unit_line(&u)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_pairs_need_an_equals_sign() {
+        assert_eq!(env_pair("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert!(env_pair("A").is_err());
+        assert!(env_pair("=x").is_err());
+    }
+
+    #[test]
+    fn an_edit_that_sets_every_removes_cron() {
+        let d = DefArgs { every: Some("5m".into()), ..Default::default() };
+        let m = d.fields(true).unwrap();
+        assert_eq!(m["every"], json!("5m"));
+        assert_eq!(m["cron"], Value::Null);
+        assert!(d.fields(false).unwrap().get("cron").is_none());
+    }
+
+    #[test]
+    fn no_options_means_no_fields() {
+        assert!(DefArgs::default().fields(false).unwrap().is_empty());
+    }
+}
