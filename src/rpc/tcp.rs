@@ -490,7 +490,9 @@ where
     // The value is valid JSON (the framer checked), so whatever is wrong is the request's
     // shape: -32600, never a parse error.
     let (id, _) = prepare_error(text.as_bytes());
-    Some(translate(MethodResponse::error(id, ErrorObject::from(ErrorCode::InvalidRequest)).into_json()))
+    Some(translate(
+        MethodResponse::error(id, ErrorObject::from(ErrorCode::InvalidRequest)).into_json(),
+    ))
 }
 
 async fn handle_batch<S>(service: &S, ctx: &ConnCtx, text: &str) -> Option<Box<RawValue>>
