@@ -132,6 +132,22 @@ impl FromStr for Trigger {
     }
 }
 
+/// Why a run was stopped: the `reason` recorded with `cancelled` and `timed_out` runs.
+pub mod reason {
+    /// `Run.Cancel`. A service or tick unit is then restarted as after a crash.
+    pub const CANCELLED: &str = "cancelled";
+    /// `TaskUnit.Stop`: the unit stays down until started.
+    pub const STOPPED: &str = "stopped";
+    /// `TaskUnit.Delete`.
+    pub const DELETED: &str = "deleted";
+    /// A newer run replaced it (`overlap: replace`).
+    pub const REPLACED: &str = "replaced";
+    /// The daemon shut down.
+    pub const SHUTDOWN: &str = "shutdown";
+    /// It ran longer than `timeout`.
+    pub const TIMEOUT: &str = "timeout";
+}
+
 /// Everything recorded about one run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunRecord {

@@ -21,7 +21,7 @@ use super::definition::{Action, CatchUp, Overlap, Restart, UnitConfig};
 use super::handle::{Control, UnitHandle, UnitShared, UnitState, UnitStatus};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::run::{RunRecord, RunState, Trigger};
+use crate::run::{RunRecord, RunState, Trigger, reason};
 use crate::store::Store;
 use crate::store::logs::Stream;
 
@@ -99,7 +99,6 @@ pub fn spawn(
         runs: JoinSet::new(),
         active: HashMap::new(),
         queued: None,
-        after_replace: None,
         next_fire: None,
         anchor: init.updated_at,
         pending: None,
@@ -139,8 +138,6 @@ struct Loop {
     active: HashMap<i64, ActiveRun>,
     /// One run waiting for the active one (`overlap: queue`, or a replace in progress).
     queued: Option<RunRecord>,
-    /// Start this once every active run has stopped (`overlap: replace`).
-    after_replace: Option<Trigger>,
     next_fire: Option<Timestamp>,
     anchor: Timestamp,
     pending: Option<Pending>,
@@ -218,8 +215,8 @@ impl Loop {
                     }
                 }
                 _ = token.cancelled(), if self.deleting.is_none() => {
-                    self.stop_all("shutdown");
-                    self.cancel_queued("shutdown").await;
+                    self.stop_all(reason::SHUTDOWN);
+                    self.cancel_queued(reason::SHUTDOWN).await;
                     self.drain().await;
                     break;
                 }
@@ -310,10 +307,9 @@ impl Loop {
                 self.answer(reply, r);
             }
             Control::Stop { reply } => {
-                let n = self.stop_all("stopped");
-                let q = self.cancel_queued("stopped").await;
+                let n = self.stop_all(reason::STOPPED);
+                let q = self.cancel_queued(reason::STOPPED).await;
                 self.pending = None;
-                self.after_replace = None;
                 if self.cfg.service || self.cfg.is_tick() {
                     self.stopped = true;
                 }
@@ -367,11 +363,11 @@ impl Loop {
             }
             Control::Cancel { run, reply } => {
                 if let Some(a) = self.active.get_mut(&run) {
-                    *a.reason.lock().expect("reason lock") = Some("cancelled".into());
+                    *a.reason.lock().expect("reason lock") = Some(reason::CANCELLED.into());
                     a.token.cancel();
                     a.waiters.push(reply);
                 } else if self.queued.as_ref().is_some_and(|q| q.id == run) {
-                    let r = self.cancel_queued("cancelled").await;
+                    let r = self.cancel_queued(reason::CANCELLED).await;
                     let rec = self.last_run.clone().filter(|_| r > 0);
                     self.answer(reply, rec.ok_or(Error::RunNotFound(run)));
                 } else {
@@ -379,10 +375,9 @@ impl Loop {
                 }
             }
             Control::Delete { reply } => {
-                self.stop_all("deleted");
-                self.cancel_queued("deleted").await;
+                self.stop_all(reason::DELETED);
+                self.cancel_queued(reason::DELETED).await;
                 self.pending = None;
-                self.after_replace = None;
                 self.next_fire = None;
                 self.deleting = Some(reply);
                 if self.active.is_empty() {
@@ -415,7 +410,7 @@ impl Loop {
                 Overlap::Queue => return self.enqueue(trigger).await,
                 Overlap::Allow => {}
                 Overlap::Replace => {
-                    self.stop_all("replaced");
+                    self.stop_all(reason::REPLACED);
                     return self.enqueue(trigger).await;
                 }
             }
@@ -460,7 +455,7 @@ impl Loop {
                 }
                 Overlap::Allow => {}
                 Overlap::Replace => {
-                    self.stop_all("replaced");
+                    self.stop_all(reason::REPLACED);
                     if let Err(e) = self.enqueue(Trigger::Schedule).await {
                         tracing::error!(unit = %self.cfg.name, error = %e, "cannot queue a run");
                     }
@@ -567,7 +562,11 @@ impl Loop {
         let lived = rec.duration(Timestamp::now()).and_then(|d| Duration::try_from(d).ok());
         let state = rec.state;
         let attempt = rec.attempt;
-        let stopped_by_us = state == RunState::Cancelled;
+        let continuous = self.cfg.service || self.cfg.is_tick();
+        // `Run.Cancel` of a service's (or tick unit's) run restarts it as after a crash; to
+        // keep it down there is `TaskUnit.Stop`. Every other stop is final.
+        let cancel_only = rec.reason.as_deref() == Some(reason::CANCELLED);
+        let stopped_by_us = state == RunState::Cancelled && !(continuous && cancel_only);
         self.record_end(rec);
         if self.deleting.is_some() {
             return;
@@ -585,16 +584,13 @@ impl Loop {
                     }
                 }
             }
-            if let Some(t) = self.after_replace.take() {
-                self.start_run(t, 1).await;
-                return;
-            }
         }
         if stopped_by_us || self.paused {
             return;
         }
-        if self.cfg.service {
+        if continuous {
             let restart = match self.cfg.restart {
+                _ if self.cfg.is_tick() => true,
                 Restart::Always => true,
                 Restart::OnFailure => state != RunState::Succeeded,
                 Restart::Never => false,
@@ -725,7 +721,7 @@ async fn execute(
             let why = reason.lock().expect("reason lock").clone();
             rec.state = if stopped {
                 rec.reason = why.clone();
-                if why.as_deref() == Some("timeout") {
+                if why.as_deref() == Some(reason::TIMEOUT) {
                     RunState::TimedOut
                 } else {
                     RunState::Cancelled
@@ -844,7 +840,7 @@ async fn spawn_and_wait(
                 timer = None;
                 let mut r = reason.lock().expect("reason lock");
                 if r.is_none() {
-                    *r = Some("timeout".into());
+                    *r = Some(reason::TIMEOUT.into());
                 }
                 drop(r);
                 stop_proc.cancel();

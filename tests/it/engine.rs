@@ -435,3 +435,22 @@ fn sigterm_cancels_active_runs_and_exits_zero() {
     assert_eq!(r["state"], "cancelled");
     assert_eq!(r["reason"], "shutdown");
 }
+
+#[test]
+fn cancelling_a_service_run_restarts_the_service() {
+    let d = TestDaemon::start();
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "svc", "service": true, "command": ["sleep", "1000"], "backoff": "50ms",
+               "kill_grace": "200ms"}),
+    );
+    let first = run_id(&info);
+    let r = d.call("Run.Cancel", json!(first));
+    assert_eq!(r["state"], "cancelled");
+    assert_eq!(r["reason"], "cancelled");
+    let u = d.wait_unit("svc", "a restarted run", |u| {
+        u["state"] == "running" && u["last_run"]["id"].as_i64() > Some(first)
+    });
+    assert_eq!(u["last_run"]["trigger"], "restart");
+    d.call("TaskUnit.Stop", json!("svc"));
+}
