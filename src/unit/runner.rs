@@ -571,17 +571,17 @@ impl Loop {
         if self.deleting.is_some() {
             return;
         }
-        // A replace or queued run waits for the active ones to end.
-        if self.active.is_empty() {
-            if let Some(q) = self.queued.take() {
-                match self.env.store.start_queued(q.id).await {
-                    Ok(r) => {
-                        self.launch(r);
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::error!(unit = %self.cfg.name, error = %e, "cannot start a queued run")
-                    }
+        // A queued run (`overlap: queue`, or a replace) waits for the active ones to end.
+        if self.active.is_empty()
+            && let Some(q) = self.queued.take()
+        {
+            match self.env.store.start_queued(q.id).await {
+                Ok(r) => {
+                    self.launch(r);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(unit = %self.cfg.name, error = %e, "cannot start a queued run")
                 }
             }
         }
