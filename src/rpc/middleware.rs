@@ -254,32 +254,7 @@ where
         // Not delegated to the inner service: its `batch` would bypass this middleware's
         // `call` (auth, audit) and `notification` (execution) for every entry.
         let this = self.clone();
-        async move {
-            let mut responses = BatchResponseBuilder::new_with_limit(this.shared.max_response_size);
-            let mut got_notification = false;
-            for entry in batch {
-                let rp = match entry {
-                    Ok(BatchEntry::Call(req)) => this.call(req).await,
-                    Ok(BatchEntry::Notification(n)) => {
-                        got_notification = true;
-                        this.notification(n).await;
-                        continue;
-                    }
-                    Err(err) => {
-                        let (err, id) = err.into_parts();
-                        MethodResponse::error(id, err)
-                    }
-                };
-                if let Err(too_big) = responses.append(rp) {
-                    return too_big;
-                }
-            }
-            if responses.is_empty() && got_notification {
-                MethodResponse::notification()
-            } else {
-                MethodResponse::from_batch(responses.finish())
-            }
-        }
+        async move { run_batch(&this, batch, this.shared.max_response_size).await }
     }
 
     fn notification<'a>(
@@ -303,6 +278,43 @@ where
             let _ = this.call(req).await;
             MethodResponse::notification()
         }
+    }
+}
+
+/// Runs a batch entry by entry through `svc`'s own `call` and `notification`, so every entry
+/// gets the same treatment as a single request (auth, audit, execution of notifications).
+/// A batch of only notifications gets no reply.
+pub(crate) async fn run_batch<S>(
+    svc: &S,
+    batch: Batch<'_>,
+    max_response_size: usize,
+) -> MethodResponse
+where
+    S: RpcServiceT<MethodResponse = MethodResponse, NotificationResponse = MethodResponse>,
+{
+    let mut responses = BatchResponseBuilder::new_with_limit(max_response_size);
+    let mut got_notification = false;
+    for entry in batch {
+        let rp = match entry {
+            Ok(BatchEntry::Call(req)) => svc.call(req).await,
+            Ok(BatchEntry::Notification(n)) => {
+                got_notification = true;
+                svc.notification(n).await;
+                continue;
+            }
+            Err(err) => {
+                let (err, id) = err.into_parts();
+                MethodResponse::error(id, err)
+            }
+        };
+        if let Err(too_big) = responses.append(rp) {
+            return too_big;
+        }
+    }
+    if responses.is_empty() && got_notification {
+        MethodResponse::notification()
+    } else {
+        MethodResponse::from_batch(responses.finish())
     }
 }
 

@@ -17,8 +17,8 @@ use jsonrpsee::core::middleware::{
     RpcServiceBuilder, RpcServiceT,
 };
 use jsonrpsee::core::server::{
-    BatchResponseBuilder, ConnectionId, MethodCallback, MethodResponse, MethodSink, Methods,
-    SubscriptionState, prepare_error,
+    ConnectionId, MethodCallback, MethodResponse, MethodSink, Methods, SubscriptionState,
+    prepare_error,
 };
 use jsonrpsee::server::{IdProvider, RandomIntegerIdProvider};
 use jsonrpsee::types::error::{ErrorCode, reject_too_many_subscriptions};
@@ -140,31 +140,7 @@ impl RpcServiceT for TcpRpcService {
 
     fn batch<'a>(&self, batch: Batch<'a>) -> impl Future<Output = MethodResponse> + Send + 'a {
         let this = self.clone();
-        async move {
-            let mut responses = BatchResponseBuilder::new_with_limit(this.max_response_size);
-            let mut got_notification = false;
-            for entry in batch {
-                let rp = match entry {
-                    Ok(BatchEntry::Call(req)) => this.call(req).await,
-                    Ok(BatchEntry::Notification(_)) => {
-                        got_notification = true;
-                        continue;
-                    }
-                    Err(err) => {
-                        let (err, id) = err.into_parts();
-                        MethodResponse::error(id, err)
-                    }
-                };
-                if let Err(too_big) = responses.append(rp) {
-                    return too_big;
-                }
-            }
-            if responses.is_empty() && got_notification {
-                MethodResponse::notification()
-            } else {
-                MethodResponse::from_batch(responses.finish())
-            }
-        }
+        async move { super::middleware::run_batch(&this, batch, this.max_response_size).await }
     }
 
     fn notification<'a>(
