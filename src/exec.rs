@@ -208,11 +208,16 @@ impl Process {
             gid: Gid::from_raw(u.gid),
             groups: u.groups.iter().map(|&g| Gid::from_raw(g)).collect(),
         });
-        // SAFETY: the closure runs in the forked child before exec; `child_setup` makes only
-        // async-signal-safe calls (sigaction, sigprocmask, setgroups, setgid, setuid), does not
-        // allocate, and only reads `ids`, which was built before the fork.
-        unsafe {
-            cmd.pre_exec(move || child_setup(ids.as_ref()));
+        // Without a pre_exec hook std spawns with posix_spawn (vfork-like, no page-table copy
+        // of the daemon), which already empties the signal mask and resets SIGPIPE; the hook is
+        // only needed to switch users or to undo signals the daemon inherited as ignored.
+        if ids.is_some() || *INHERITED_IGNORED {
+            // SAFETY: the closure runs in the forked child before exec; `child_setup` makes only
+            // async-signal-safe calls (sigaction, sigprocmask, setgroups, setgid, setuid), does
+            // not allocate, and only reads `ids`, which was built before the fork.
+            unsafe {
+                cmd.pre_exec(move || child_setup(ids.as_ref()));
+            }
         }
 
         // Held across spawn, map insert and reading /proc so that the reaper cannot reap the
@@ -380,6 +385,23 @@ pub fn boot_id() -> Option<String> {
     (!id.is_empty()).then(|| id.to_owned())
 }
 
+/// Signals a child must start with at their default action.
+const RESET_SIGNALS: [Signal; 5] =
+    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGPIPE, Signal::SIGHUP, Signal::SIGQUIT];
+
+/// Whether the daemon inherited one of [`RESET_SIGNALS`] (other than SIGPIPE, which std resets
+/// itself) as ignored — under `nohup`, say. Exec keeps ignored signals ignored, so children
+/// then need [`child_setup`].
+static INHERITED_IGNORED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    RESET_SIGNALS.iter().filter(|s| **s != Signal::SIGPIPE).any(|&sig| {
+        let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+        // SAFETY: a null `act` only reads the current disposition into `old`.
+        let rc = unsafe { libc::sigaction(sig as libc::c_int, std::ptr::null(), old.as_mut_ptr()) };
+        // SAFETY: sigaction succeeded, so it filled `old` (which started zeroed anyway).
+        rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
+    })
+});
+
 /// Credentials to switch to in the child, resolved before fork.
 struct Ids {
     uid: Uid,
@@ -391,7 +413,7 @@ struct Ids {
 fn child_setup(ids: Option<&Ids>) -> io::Result<()> {
     // Handlers are reset by exec anyway, but ignored signals stay ignored: the child must not
     // inherit an ignored SIGTERM (it could not be stopped gracefully) or SIGPIPE.
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGPIPE, Signal::SIGHUP, Signal::SIGQUIT] {
+    for sig in RESET_SIGNALS {
         // SAFETY: part of pre_exec; installing SIG_DFL runs no Rust code in a handler and
         // sigaction is async-signal-safe.
         unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) }?;

@@ -177,7 +177,11 @@ impl StreamState {
 }
 
 struct RunLog {
-    file: File,
+    path: PathBuf,
+    /// Created on the first output: most runs of small jobs print nothing, and creating a
+    /// file is the costliest part of a run's log.
+    file: Option<File>,
+    failed: bool,
     len: u64,
     half: u64,
     streams: [StreamState; 2],
@@ -210,12 +214,25 @@ fn encode(out: &mut Vec<u8>, stream: Stream, at: Timestamp, data: &[u8]) {
 
 impl RunLog {
     fn append(&mut self, buf: &[u8]) {
-        if buf.is_empty() {
+        if buf.is_empty() || self.failed {
             return;
         }
-        match self.file.write_all(buf) {
+        if self.file.is_none() {
+            match File::create(&self.path) {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot create a run log");
+                    self.failed = true;
+                    return;
+                }
+            }
+        }
+        let file = self.file.as_mut().expect("just created");
+        match file.write_all(buf) {
             Ok(()) => self.len += buf.len() as u64,
-            Err(e) => tracing::warn!(error = %e, "cannot write a run log"),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot write a run log")
+            }
         }
     }
 
@@ -278,7 +295,9 @@ impl RunLog {
             encode(&mut buf, c.stream, c.at, &c.data);
         }
         self.append(&buf);
-        let _ = self.file.flush();
+        if let Some(f) = self.file.as_mut() {
+            let _ = f.flush();
+        }
         LogSummary {
             stdout_bytes: self.streams[0].total,
             stderr_bytes: self.streams[1].total,
@@ -292,21 +311,20 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Msg::Open { run, limit, reply } => {
-                let path = path_in(&dir, run);
-                let r = File::create(&path).map_err(|e| Error::io(&path, e)).map(|file| {
-                    let (live, _) = broadcast::channel(256);
-                    runs.insert(
-                        run,
-                        RunLog {
-                            file,
-                            len: 0,
-                            half: (limit / 2).max(1),
-                            streams: [StreamState::new(), StreamState::new()],
-                            live,
-                        },
-                    );
-                });
-                let _ = reply.send(r);
+                let (live, _) = broadcast::channel(256);
+                runs.insert(
+                    run,
+                    RunLog {
+                        path: path_in(&dir, run),
+                        file: None,
+                        failed: false,
+                        len: 0,
+                        half: (limit / 2).max(1),
+                        streams: [StreamState::new(), StreamState::new()],
+                        live,
+                    },
+                );
+                let _ = reply.send(Ok(()));
             }
             Msg::Write { run, stream, at, data } => {
                 if let Some(log) = runs.get_mut(&run) {
