@@ -9,7 +9,7 @@ use serde_json::value::to_raw_value;
 use super::api::{Api, rpc_error};
 use super::types::{FollowArg, FollowItem, LogsArg, LogsResult, RunInfo, RunListArg};
 use crate::error::Error;
-use crate::run::RunState;
+use crate::run::{RunRecord, RunState};
 use crate::store::RunFilter;
 use crate::store::logs::{self, LogQuery, Stream};
 
@@ -42,6 +42,20 @@ pub trait RunApi {
     async fn follow(&self, arg: FollowArg) -> SubscriptionResult;
 }
 
+impl Api {
+    /// A run's wire form; an active run's byte counts come live from its log writer.
+    async fn run_info(&self, r: &RunRecord) -> RunInfo {
+        let mut info = RunInfo::from(r);
+        if r.state == RunState::Running
+            && let Some([out, err]) = self.registry.store().logs().totals(r.id).await
+        {
+            info.stdout_bytes = out;
+            info.stderr_bytes = err;
+        }
+        info
+    }
+}
+
 fn parse_stream(s: Option<&str>) -> Result<Option<Stream>, Error> {
     match s {
         None | Some("both") | Some("") => Ok(None),
@@ -65,12 +79,16 @@ impl RunApiServer for Api {
         let limit = arg.limit.unwrap_or(RUN_PAGE.0).clamp(1, RUN_PAGE.1);
         let f = RunFilter { unit: arg.unit, state, limit, before: arg.before };
         let runs = self.registry.runs(f).await.map_err(rpc_error)?;
-        Ok(runs.iter().map(RunInfo::from).collect())
+        let mut out = Vec::with_capacity(runs.len());
+        for r in &runs {
+            out.push(self.run_info(r).await);
+        }
+        Ok(out)
     }
 
     async fn get(&self, id: i64) -> RpcResult<RunInfo> {
         let r = self.registry.run(id).await.map_err(rpc_error)?;
-        Ok(RunInfo::from(&r))
+        Ok(self.run_info(&r).await)
     }
 
     async fn cancel(&self, id: i64) -> RpcResult<RunInfo> {

@@ -94,6 +94,7 @@ enum Msg {
     Write { run: i64, stream: Stream, at: Timestamp, data: Vec<u8> },
     Finish { run: i64, reply: oneshot::Sender<LogSummary> },
     Subscribe { run: i64, reply: oneshot::Sender<Option<Follow>> },
+    Totals { run: i64, reply: oneshot::Sender<Option<[u64; 2]>> },
 }
 
 /// Handle to the log writer thread.
@@ -152,6 +153,13 @@ impl Logs {
         tokio::task::spawn_blocking(move || read(&path, &q).map_err(|e| Error::io(&path, e)))
             .await
             .map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Bytes of stdout and stderr an active run has produced so far; `None` once it ended.
+    pub async fn totals(&self, run: i64) -> Option<[u64; 2]> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Totals { run, reply }).await.ok()?;
+        rx.await.ok().flatten()
     }
 
     /// Subscribes to a run's output; `None` when the run's log is closed (the run ended).
@@ -334,6 +342,10 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
             Msg::Finish { run, reply } => {
                 let summary = runs.remove(&run).map(RunLog::finish).unwrap_or_default();
                 let _ = reply.send(summary);
+            }
+            Msg::Totals { run, reply } => {
+                let t = runs.get(&run).map(|l| [l.streams[0].total, l.streams[1].total]);
+                let _ = reply.send(t);
             }
             Msg::Subscribe { run, reply } => {
                 let f = runs.get(&run).map(|log| Follow {

@@ -308,6 +308,9 @@ fn tick_units_and_unit_files() {
     });
     let when = line.lines().next().unwrap().trim_start_matches("tick ticker ");
     assert!(when.parse::<jiff::Timestamp>().is_ok(), "not RFC 3339: {when}");
+    // An active run's byte counts are live.
+    let bytes = d.call("Run.Get", json!(id))["stdout_bytes"].as_u64().unwrap();
+    assert!(bytes >= line.lines().next().unwrap().len() as u64, "{bytes}");
 
     let units = d.state_dir().join("units");
     std::fs::create_dir_all(&units).unwrap();
