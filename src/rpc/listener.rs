@@ -36,6 +36,8 @@ pub struct ServeConfig {
     pub auth: Auth,
     /// Largest request (HTTP body, WebSocket message, raw TCP JSON value) and response, in bytes.
     pub max_request_size: u32,
+    /// Largest response, in bytes (responses are ours, so this is a sanity bound).
+    pub max_response_size: u32,
     /// Open connections across all protocols; more are refused.
     pub max_connections: usize,
     /// Calls executing at once per raw TCP connection.
@@ -55,6 +57,7 @@ impl Default for ServeConfig {
         Self {
             auth: Auth::None,
             max_request_size: 1024 * 1024,
+            max_response_size: 16 * 1024 * 1024,
             max_connections: 1024,
             max_in_flight: 64,
             idle_timeout: Duration::from_secs(300),
@@ -107,11 +110,11 @@ pub async fn serve(
         cfg.auth.clone(),
         cfg.audit.clone(),
         cfg.audited_methods.iter().copied(),
-        cfg.max_request_size as usize,
+        cfg.max_response_size as usize,
     );
     let server_cfg = ServerConfig::builder()
         .max_request_body_size(cfg.max_request_size)
-        .max_response_body_size(cfg.max_request_size)
+        .max_response_body_size(cfg.max_response_size)
         .max_subscriptions_per_connection(cfg.max_subscriptions)
         .set_message_buffer_capacity(1024)
         // The limit across protocols is ours (below); jsonrpsee's guard is per connection here.
@@ -129,7 +132,7 @@ pub async fn serve(
         next_conn_id: AtomicU32::new(1),
     });
     let local = listener.local_addr().ok();
-    tracing::info!(addr = ?local, "rpc listener serving raw TCP, HTTP and WebSocket");
+    tracing::debug!(addr = ?local, "rpc listener serving raw TCP, HTTP and WebSocket");
 
     loop {
         let accepted = tokio::select! {
@@ -165,7 +168,7 @@ pub async fn serve(
 
     // Stop HTTP and WebSocket connections gracefully; raw TCP ones watch `shutdown` directly.
     let _ = server_handle.stop();
-    tracing::info!(addr = ?local, "rpc listener stopped accepting");
+    tracing::debug!(addr = ?local, "rpc listener stopped accepting");
 }
 
 /// Tells a client over the connection limit why it is being closed, in its own protocol.
@@ -212,6 +215,7 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared)
     } else {
         let cfg = TcpConfig {
             max_request_size: shared.cfg.max_request_size,
+            max_response_size: shared.cfg.max_response_size,
             max_in_flight: shared.cfg.max_in_flight.max(1),
             idle_timeout: shared.cfg.idle_timeout,
             max_subscriptions: shared.cfg.max_subscriptions,

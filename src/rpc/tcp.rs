@@ -39,8 +39,10 @@ pub const LEGACY_SUBSCRIPTION_MESSAGE: &str =
 /// Limits of one raw-TCP connection.
 #[derive(Clone, Debug)]
 pub struct TcpConfig {
-    /// Largest JSON value accepted, and largest response sent, in bytes.
+    /// Largest JSON value accepted, in bytes.
     pub max_request_size: u32,
+    /// Largest response sent, in bytes.
+    pub max_response_size: u32,
     /// Calls executing at once; when reached, the socket is not read until one finishes.
     pub max_in_flight: usize,
     /// A connection that sends nothing for this long, with no call in flight and no active
@@ -58,6 +60,7 @@ impl Default for TcpConfig {
     fn default() -> Self {
         Self {
             max_request_size: 1024 * 1024,
+            max_response_size: 16 * 1024 * 1024,
             max_in_flight: 64,
             idle_timeout: Duration::from_secs(300),
             max_subscriptions: 64,
@@ -615,10 +618,10 @@ pub async fn serve_connection<St, L>(
     let service = Arc::new(rpc.service(TcpRpcService {
         conn_id: ConnectionId::from(conn_id),
         methods,
-        max_response_size: max,
+        max_response_size: cfg.max_response_size as usize,
         subscriptions: subscriptions.clone(),
         max_subscriptions: cfg.max_subscriptions,
-        sink: MethodSink::new_with_limit(tx.clone(), cfg.max_request_size),
+        sink: MethodSink::new_with_limit(tx.clone(), cfg.max_response_size),
         id_provider: Arc::new(RandomIntegerIdProvider),
     }));
 
