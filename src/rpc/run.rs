@@ -105,6 +105,7 @@ impl RunApiServer for Api {
             limit: arg.limit.unwrap_or(LOG_PAGE.0).clamp(1, LOG_PAGE.1) as usize,
             tail: arg.tail.map(|n| n as usize),
             timestamps: arg.timestamps,
+            end: None,
         };
         let store_logs = self.registry.store().logs().clone();
         let active = !rec.state.is_final();
@@ -154,31 +155,49 @@ impl RunApiServer for Api {
             pending.reject(rpc_error(e)).await;
             return Ok(());
         }
-        let live = store.logs().subscribe(arg.id).await;
         let sink = pending.accept().await?;
         let send = |item: FollowItem| {
             let sink = &sink;
             async move {
                 let msg = SubscriptionMessage::from(to_raw_value(&item)?);
-                sink.send(msg)
-                    .await
-                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
+                sink.send(msg).await.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
+                    Box::new(e)
+                })
             }
         };
+        // A queued run has no log yet: wait for it to open, or for the run to end unstarted.
+        let mut opened = store.logs().subscribe_when_open(arg.id).await;
+        let live = loop {
+            if let Ok(f) = opened.try_recv() {
+                break Some(f);
+            }
+            if store.get_run(arg.id).await.map_err(|e| e.to_string())?.state.is_final() {
+                break None;
+            }
+            tokio::select! {
+                f = &mut opened => break f.ok(),
+                e = events.recv() => match e {
+                    Ok(e) if e.run == Some(arg.id) && e.kind == "run.finished" => break None,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return Err("the daemon is shutting down".into());
+                    }
+                },
+            }
+        };
+        drop(opened);
         let q = LogQuery {
             stream,
             offset: arg.offset.unwrap_or(0),
             limit: 64 * 1024,
             tail: None,
             timestamps: arg.timestamps,
+            // Only what was written before the subscription: the rest comes live.
+            end: live.as_ref().map(|f| f.file_len),
         };
         // 1. What the file holds (up to its length when we subscribed, if the run is active).
-        let end = live.as_ref().map(|f| f.file_len);
         let mut offset = q.offset;
         loop {
-            if end.is_some_and(|e| offset >= e) {
-                break;
-            }
             let slice = match store.logs().read(arg.id, LogQuery { offset, ..q.clone() }).await {
                 Ok(s) => s,
                 Err(_) => break,

@@ -94,6 +94,8 @@ enum Msg {
     Write { run: i64, stream: Stream, at: Timestamp, data: Vec<u8> },
     Finish { run: i64, reply: oneshot::Sender<LogSummary> },
     Subscribe { run: i64, reply: oneshot::Sender<Option<Follow>> },
+    /// Like `Subscribe`, but waits for the log to be opened if it is not yet.
+    SubscribeWhenOpen { run: i64, reply: oneshot::Sender<Follow> },
     Totals { run: i64, reply: oneshot::Sender<Option<[u64; 2]>> },
 }
 
@@ -155,6 +157,14 @@ impl Logs {
             .map_err(|_| Error::ShuttingDown)?
     }
 
+    /// Subscribes to a run's output as soon as its log is opened (at once if it is open). The
+    /// receiver never resolves for a run that never starts: wait on its end alongside.
+    pub async fn subscribe_when_open(&self, run: i64) -> oneshot::Receiver<Follow> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::SubscribeWhenOpen { run, reply }).await;
+        rx
+    }
+
     /// Bytes of stdout and stderr an active run has produced so far; `None` once it ended.
     pub async fn totals(&self, run: i64) -> Option<[u64; 2]> {
         let (reply, rx) = oneshot::channel();
@@ -171,17 +181,54 @@ impl Logs {
 }
 
 struct StreamState {
+    /// Bytes the process wrote.
     total: u64,
+    /// Bytes of records this stream put in the file's head.
     head: u64,
+    /// The newest output beyond the head, oldest first.
     ring: VecDeque<(Timestamp, Vec<u8>)>,
-    ring_bytes: u64,
+    /// What the ring will cost on disk (records included).
+    ring_cost: u64,
+    /// Bytes of output dropped between head and ring.
     dropped: u64,
 }
 
 impl StreamState {
     fn new() -> Self {
-        StreamState { total: 0, head: 0, ring: VecDeque::new(), ring_bytes: 0, dropped: 0 }
+        StreamState { total: 0, head: 0, ring: VecDeque::new(), ring_cost: 0, dropped: 0 }
     }
+}
+
+/// Bytes a record adds around its payload: time (27), tag and spaces (3), newline (1).
+const RECORD_OVERHEAD: u64 = 31;
+
+/// What `data` costs on disk once encoded as records.
+fn encoded_cost(data: &[u8]) -> u64 {
+    let lines = data.iter().filter(|&&b| b == b'\n').count() as u64;
+    let partial = u64::from(data.last().is_some_and(|&b| b != b'\n'));
+    data.len() as u64 - lines + (lines + partial) * RECORD_OVERHEAD
+}
+
+/// Encodes as much of `data` as fits in `room` bytes of records; returns the payload bytes
+/// taken. A piece that does not fit whole is split (its first part becomes a partial record).
+fn encode_within(out: &mut Vec<u8>, stream: Stream, at: Timestamp, data: &[u8], room: u64) -> usize {
+    let mut taken = 0;
+    let mut left = room;
+    while taken < data.len() && left > RECORD_OVERHEAD {
+        let rest = &data[taken..];
+        let piece = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |i| i + 1);
+        let fits = (left - RECORD_OVERHEAD) as usize;
+        // A newline costs nothing extra: it becomes the record's own.
+        let payload = if rest[..piece].ends_with(b"\n") { piece - 1 } else { piece };
+        let n = if payload <= fits { piece } else { fits.min(payload) };
+        if n == 0 {
+            break;
+        }
+        encode(out, stream, at, &rest[..n]);
+        left = room.saturating_sub(out.len() as u64);
+        taken += n;
+    }
+    taken
 }
 
 struct RunLog {
@@ -249,32 +296,35 @@ impl RunLog {
         let half = self.half;
         let st = &mut self.streams[stream.index()];
         st.total += data.len() as u64;
-        let room = half.saturating_sub(st.head) as usize;
-        let (head, rest) = data.split_at(room.min(data.len()));
-        st.head += head.len() as u64;
+        // The limit counts bytes on disk (records included), so many short lines cannot
+        // blow a small limit up into a large file.
+        let room = half.saturating_sub(st.head);
+        let mut buf = Vec::new();
+        let taken = encode_within(&mut buf, stream, at, &data, room);
+        st.head += buf.len() as u64;
+        let rest = &data[taken..];
         if !rest.is_empty() {
-            st.ring_bytes += rest.len() as u64;
+            // Once the head is full, it stays full: what follows belongs to the tail.
+            st.head = st.head.max(half);
+            st.ring_cost += encoded_cost(rest);
             st.ring.push_back((at, rest.to_vec()));
-            while st.ring_bytes > half {
-                let excess = (st.ring_bytes - half) as usize;
+            while st.ring_cost > half {
+                let excess = (st.ring_cost - half) as usize;
                 let front = st.ring.front_mut().expect("ring holds the excess");
-                if front.1.len() <= excess {
-                    let n = front.1.len();
+                let cost = encoded_cost(&front.1);
+                if cost <= excess as u64 || front.1.len() <= 1 {
+                    st.ring_cost -= cost;
+                    st.dropped += front.1.len() as u64;
                     st.ring.pop_front();
-                    st.ring_bytes -= n as u64;
-                    st.dropped += n as u64;
                 } else {
-                    front.1.drain(..excess);
-                    st.ring_bytes -= excess as u64;
-                    st.dropped += excess as u64;
+                    let k = excess.min(front.1.len() - 1);
+                    front.1.drain(..k);
+                    st.ring_cost = st.ring_cost - cost + encoded_cost(&front.1);
+                    st.dropped += k as u64;
                 }
             }
         }
-        if !head.is_empty() {
-            let mut buf = Vec::with_capacity(head.len() + 40);
-            encode(&mut buf, stream, at, head);
-            self.append(&buf);
-        }
+        self.append(&buf);
     }
 
     fn tail_chunks(&self) -> Vec<LiveChunk> {
@@ -314,14 +364,26 @@ impl RunLog {
     }
 }
 
+impl RunLog {
+    fn follow(&self) -> Follow {
+        Follow {
+            live: self.live.subscribe(),
+            file_len: self.len,
+            tail: self.tail_chunks(),
+            cut: [self.streams[0].dropped, self.streams[1].dropped],
+        }
+    }
+}
+
 fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
     let mut runs: HashMap<i64, RunLog> = HashMap::new();
+    // Followers of runs whose log is not open yet (queued runs).
+    let mut waiting: HashMap<i64, Vec<oneshot::Sender<Follow>>> = HashMap::new();
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Msg::Open { run, limit, reply } => {
                 let (live, _) = broadcast::channel(256);
-                runs.insert(
-                    run,
+                let log = runs.entry(run).or_insert(
                     RunLog {
                         path: path_in(&dir, run),
                         file: None,
@@ -332,6 +394,9 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
                         live,
                     },
                 );
+                for w in waiting.remove(&run).unwrap_or_default() {
+                    let _ = w.send(log.follow());
+                }
                 let _ = reply.send(Ok(()));
             }
             Msg::Write { run, stream, at, data } => {
@@ -348,14 +413,21 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
                 let _ = reply.send(t);
             }
             Msg::Subscribe { run, reply } => {
-                let f = runs.get(&run).map(|log| Follow {
-                    live: log.live.subscribe(),
-                    file_len: log.len,
-                    tail: log.tail_chunks(),
-                    cut: [log.streams[0].dropped, log.streams[1].dropped],
-                });
-                let _ = reply.send(f);
+                let _ = reply.send(runs.get(&run).map(RunLog::follow));
             }
+            Msg::SubscribeWhenOpen { run, reply } => match runs.get(&run) {
+                Some(log) => {
+                    let _ = reply.send(log.follow());
+                }
+                None => {
+                    // Forget followers that gave up (their run never started).
+                    waiting.retain(|_, ws| {
+                        ws.retain(|w| !w.is_closed());
+                        !ws.is_empty()
+                    });
+                    waiting.entry(run).or_default().push(reply);
+                }
+            },
         }
     }
 }
@@ -371,6 +443,8 @@ pub struct LogQuery {
     pub limit: usize,
     /// Only the last this many lines (ignores `offset`).
     pub tail: Option<usize>,
+    /// Read no further than this byte offset (a follower's hand-over point).
+    pub end: Option<u64>,
     /// Prefix each line with its time.
     pub timestamps: bool,
 }
@@ -455,56 +529,94 @@ fn render(out: &mut Vec<u8>, rec: &Record<'_>, q: &LogQuery, at_line_start: &mut
     }
 }
 
-/// Reads part of a run's log file as text.
+/// Reads part of a run's log file as text. Always makes progress: at least one whole record
+/// is returned unless the end is reached.
 pub fn read(path: &Path, q: &LogQuery) -> std::io::Result<LogSlice> {
     let mut f = File::open(path)?;
-    if let Some(n) = q.tail {
-        let mut all = Vec::new();
-        f.read_to_end(&mut all)?;
-        let mut out = Vec::new();
-        let mut start = true;
-        let mut truncated = false;
-        for line in all.split(|&b| b == b'\n') {
-            if let Some(rec) = decode(line) {
-                truncated |= matches!(rec, Record::Cut(..));
-                render(&mut out, &rec, q, &mut start);
-            }
-        }
-        return Ok(LogSlice {
-            data: last_lines(&String::from_utf8_lossy(&out), n),
-            next_offset: all.len() as u64,
-            eof: true,
-            truncated,
-        });
-    }
     let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(q.offset.min(len)))?;
+    let stop = q.end.map_or(len, |e| e.min(len));
+    if let Some(n) = q.tail {
+        return read_tail(&mut f, stop, n, q);
+    }
+    let start = q.offset.min(stop);
+    f.seek(SeekFrom::Start(start))?;
     let want = if q.limit == 0 { 64 * 1024 } else { q.limit };
-    // Records are a little longer than their payload; read generously, then stop at the last
-    // whole record within the limit.
     let mut raw = Vec::new();
-    (&mut f).take((want as u64).saturating_mul(2).max(64 * 1024)).read_to_end(&mut raw)?;
+    let mut pos = start;
     let mut out = Vec::new();
     let mut consumed = 0usize;
-    let mut start = true;
+    let mut at_line_start = true;
     let mut truncated = false;
-    while consumed < raw.len() {
-        let Some(nl) = raw[consumed..].iter().position(|&b| b == b'\n') else { break };
-        let line = &raw[consumed..consumed + nl];
-        if out.len() >= want {
+    'read: loop {
+        while let Some(nl) = raw[consumed..].iter().position(|&b| b == b'\n') {
+            if out.len() >= want && consumed > 0 {
+                break 'read;
+            }
+            if let Some(rec) = decode(&raw[consumed..consumed + nl]) {
+                truncated |= matches!(rec, Record::Cut(..));
+                render(&mut out, &rec, q, &mut at_line_start);
+            }
+            consumed += nl + 1;
+        }
+        if pos >= stop || (out.len() >= want && consumed > 0) {
             break;
         }
-        if let Some(rec) = decode(line) {
-            truncated |= matches!(rec, Record::Cut(..));
-            render(&mut out, &rec, q, &mut start);
-        }
-        consumed += nl + 1;
+        let block = (stop - pos).min(64 * 1024) as usize;
+        let before = raw.len();
+        raw.resize(before + block, 0);
+        f.read_exact(&mut raw[before..])?;
+        pos += block as u64;
     }
-    let next = q.offset.min(len) + consumed as u64;
+    let next = start + consumed as u64;
     Ok(LogSlice {
         data: String::from_utf8_lossy(&out).into_owned(),
         next_offset: next,
-        eof: next >= len,
+        eof: next >= stop,
+        truncated,
+    })
+}
+
+/// The last `n` lines before `stop`, reading the file backwards only as far as needed.
+fn read_tail(f: &mut File, stop: u64, n: usize, q: &LogQuery) -> std::io::Result<LogSlice> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut pos = stop;
+    loop {
+        // Enough when the region holds more than `n` line-ending records of the wanted
+        // streams (the extra one guarantees the first kept line is whole).
+        let ends = buf
+            .split(|&b| b == b'\n')
+            .filter_map(decode)
+            .filter(|r| match r {
+                Record::Output(s, _, _, ended) => *ended && q.stream.is_none_or(|w| w == *s),
+                Record::Cut(..) => true,
+            })
+            .count();
+        if ends > n || pos == 0 {
+            break;
+        }
+        let block = pos.min(64 * 1024);
+        pos -= block;
+        f.seek(SeekFrom::Start(pos))?;
+        let mut chunk = vec![0u8; block as usize];
+        f.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&buf);
+        buf = chunk;
+    }
+    // Unless at the start of the file, the first line may be a piece of a record.
+    let first = if pos == 0 { 0 } else { buf.iter().position(|&b| b == b'\n').map_or(buf.len(), |i| i + 1) };
+    let mut out = Vec::new();
+    let mut at_line_start = true;
+    let mut truncated = false;
+    for line in buf[first..].split(|&b| b == b'\n') {
+        if let Some(rec) = decode(line) {
+            truncated |= matches!(rec, Record::Cut(..));
+            render(&mut out, &rec, q, &mut at_line_start);
+        }
+    }
+    Ok(LogSlice {
+        data: last_lines(&String::from_utf8_lossy(&out), n),
+        next_offset: stop,
+        eof: true,
         truncated,
     })
 }
