@@ -149,7 +149,7 @@ pub fn default_state_dir() -> PathBuf {
 fn read_file(path: &Path, required: bool) -> anyhow::Result<FileConfig> {
     match std::fs::read_to_string(path) {
         Ok(text) => toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message())),
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end())),
         Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
             Ok(FileConfig::default())
         }

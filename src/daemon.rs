@@ -76,7 +76,13 @@ pub async fn run(
         ),
         AuthMode::None => None,
     };
-    let tracker = TaskTracker::new();
+    // Shutdown goes in two steps: first every unit stops its runs (clients still connected
+    // see them end: `Run.Follow` gets its final message), then the listener closes.
+    let units_root = CancellationToken::new();
+    let unit_tasks = TaskTracker::new();
+    let listener_stop = CancellationToken::new();
+    let conn_tasks = TaskTracker::new();
+    std::fs::create_dir_all(&cfg.units_dir).map_err(|e| Error::io(&cfg.units_dir, e))?;
     let registry = Registry::open(
         store.clone(),
         RegistryConfig {
@@ -89,8 +95,8 @@ pub async fn run(
             keep_runs: cfg.keep_runs,
             max_units: cfg.max_units,
         },
-        shutdown.clone(),
-        tracker.clone(),
+        units_root.clone(),
+        unit_tasks.clone(),
     )
     .await?;
     let api = Api(Arc::new(ApiContext {
@@ -136,11 +142,23 @@ pub async fn run(
         auth = if token.is_some() { "token" } else { "none" },
         "taskd ready"
     );
-    serve(listener, methods(api), serve_cfg, shutdown.clone(), tracker.clone()).await;
+    let server = tokio::spawn(serve(
+        listener,
+        methods(api),
+        serve_cfg,
+        listener_stop.clone(),
+        conn_tasks.clone(),
+    ));
+    shutdown.cancelled().await;
     tracing::info!("shutting down: stopping active runs");
-    tracker.close();
-    tracker.wait().await;
+    units_root.cancel();
+    unit_tasks.close();
+    unit_tasks.wait().await;
     store.flush().await?;
+    listener_stop.cancel();
+    let _ = server.await;
+    conn_tasks.close();
+    conn_tasks.wait().await;
     let _ = std::fs::remove_file(&address_file);
     tracing::info!("taskd stopped");
     Ok(())

@@ -35,7 +35,7 @@ pub enum Error {
         reason: String,
     },
     /// A unit with this name already exists.
-    #[error("unit {0:?} already exists")]
+    #[error("unit {0:?} already exists: edit it, or delete it first")]
     UnitExists(String),
     /// No unit with this name.
     #[error("unit {0:?} not found")]
@@ -86,11 +86,9 @@ impl Error {
             Error::UnitExists(_) => codes::UNIT_EXISTS,
             Error::UnitNotFound(_) => codes::UNIT_NOT_FOUND,
             Error::RunNotFound(_) => codes::RUN_NOT_FOUND,
-            Error::Conflict(_) => codes::CONFLICT,
+            Error::Conflict(_) | Error::ShuttingDown => codes::CONFLICT,
             Error::Limit(_) => codes::LIMIT_EXCEEDED,
-            Error::Store(_) | Error::Storage(_) | Error::Io { .. } | Error::ShuttingDown => {
-                codes::STORAGE
-            }
+            Error::Store(_) | Error::Storage(_) | Error::Io { .. } => codes::STORAGE,
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::exec;
 use crate::run::{RunRecord, Trigger};
 use crate::store::{RunFilter, Store, StoredUnit};
-use crate::unit::definition::merge_patch;
+use crate::unit::definition::{FIELDS, merge_patch};
 use crate::unit::runner::{self, InitialState, RunnerEnv};
 use crate::unit::{Control, UnitConfig, UnitDef, UnitHandle, UnitState, UnitStatus, ValidateCtx};
 
@@ -73,18 +73,36 @@ struct Shared {
 #[derive(Clone)]
 pub struct Registry(Arc<Shared>);
 
-/// Whether `name` matches `glob` (`*` any run of characters, `?` one character).
+/// Longest `name_glob` accepted.
+pub const MAX_GLOB: usize = 256;
+
+/// Whether `name` matches `glob` (`*` any run of characters, `?` one character). Iterative,
+/// with one backtrack point, so no pattern can take more than `O(glob × name)` steps.
 pub fn glob_match(glob: &str, name: &str) -> bool {
-    fn rec(g: &[u8], n: &[u8]) -> bool {
-        match (g.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => rec(&g[1..], n) || (!n.is_empty() && rec(g, &n[1..])),
-            (Some(b'?'), Some(_)) => rec(&g[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => rec(&g[1..], &n[1..]),
-            _ => false,
+    let (g, n) = (glob.as_bytes(), name.as_bytes());
+    let (mut gi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match g.get(gi) {
+            Some(b'*') => {
+                star = Some((gi, ni));
+                gi += 1;
+            }
+            Some(&c) if c == b'?' || c == n[ni] => {
+                gi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sg, sn)) => {
+                    gi = sg + 1;
+                    ni = sn + 1;
+                    star = Some((sg, sn + 1));
+                }
+                None => return false,
+            },
         }
     }
-    rec(glob.as_bytes(), name.as_bytes())
+    g[gi..].iter().all(|&c| c == b'*')
 }
 
 impl Registry {
@@ -163,6 +181,7 @@ impl Registry {
                 last_run: last.get(&u.name).cloned(),
                 created_at: u.created_at,
                 updated_at: u.updated_at,
+                anchor: u.anchor,
                 fresh: false,
             };
             let h = reg.spawn_loop(config, init);
@@ -225,13 +244,56 @@ impl Registry {
         self.0.units.is_empty()
     }
 
+    /// Checks what validation cannot know without looking at this machine: that `cwd` is a
+    /// directory and `user` an account. Done at `Add` and `Edit` only, so a unit whose
+    /// directory disappears later still loads (its runs fail and say why).
+    async fn check_host(config: &UnitConfig) -> Result<()> {
+        if let Some(cwd) = &config.cwd {
+            match tokio::fs::metadata(cwd).await {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::invalid(
+                        "cwd",
+                        format!("{} is not a directory", cwd.display()),
+                    ));
+                }
+                Err(e) => return Err(Error::invalid("cwd", format!("{}: {e}", cwd.display()))),
+            }
+        }
+        if let Some(user) = config.user.clone() {
+            let u = user.clone();
+            let found = tokio::task::spawn_blocking(move || exec::User::lookup(&u))
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
+            if let Err(e) = found {
+                return Err(Error::invalid("user", format!("{user:?}: {e}")));
+            }
+        }
+        Ok(())
+    }
+
     /// Adds a unit from a definition. Answers once the unit is durable and its loop started.
+    /// The work runs in its own task, so a client that goes away half-way cannot leave the
+    /// name reserved.
     pub async fn add(&self, def: UnitDef) -> Result<UnitSnapshot> {
         let config = Arc::new(UnitConfig::validate(def, &self.0.cfg.validate)?);
+        Self::check_host(&config).await?;
+        let this = self.clone();
+        self.0
+            .tracker
+            .spawn(async move { this.add_validated(config).await })
+            .await
+            .map_err(|_| Error::ShuttingDown)?
+    }
+
+    async fn add_validated(&self, config: Arc<UnitConfig>) -> Result<UnitSnapshot> {
+        if self.0.root.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
         let name = config.name.clone();
         if self.0.units.len() >= self.0.cfg.max_units {
             return Err(Error::Limit(format!(
-                "at most {} units; delete some first",
+                "at most {} units (max_units); delete some first",
                 self.0.cfg.max_units
             )));
         }
@@ -250,6 +312,7 @@ impl Registry {
             paused: config.paused,
             stopped: false,
             last_fire: None,
+            anchor: now,
             runs_total: 0,
             failures_total: 0,
         };
@@ -266,6 +329,7 @@ impl Registry {
             last_run: None,
             created_at: now,
             updated_at: now,
+            anchor: now,
             fresh: true,
         };
         let (h, ready) =
@@ -299,51 +363,101 @@ impl Registry {
     /// Applies a JSON merge patch to a unit's definition. The new definition applies from the
     /// unit's next run; a `paused` in the patch also pauses or resumes the unit.
     pub async fn edit(&self, name: &str, patch: Value) -> Result<UnitSnapshot> {
-        let h = self.handle(name)?;
-        let _guard = h.lock().await;
-        let mut patch = patch;
-        if let Some(obj) = patch.as_object_mut() {
-            match obj.remove("name") {
-                None => {}
-                Some(Value::String(n)) if n == name => {}
-                Some(other) => {
-                    return Err(Error::invalid(
-                        "name",
-                        format!(
-                            "a unit cannot be renamed (got {other}); add a new one and delete this one"
-                        ),
-                    ));
-                }
-            }
-        } else {
+        let Value::Object(mut obj) = patch else {
             return Err(Error::invalid(
                 "definition",
                 "an edit is a JSON object of fields to change",
             ));
+        };
+        match obj.remove("name") {
+            None => {}
+            Some(Value::String(n)) if n == name => {}
+            Some(other) => {
+                return Err(Error::invalid(
+                    "name",
+                    format!(
+                        "a unit cannot be renamed (got {other}); add a new one and delete this one"
+                    ),
+                ));
+            }
+        }
+        // A typo must not pass silently, even as a removal (`"field": null`).
+        if let Some(bad) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+            return Err(Error::invalid(
+                bad.clone(),
+                format!("unknown field; the fields are: {}", FIELDS.join(", ")),
+            ));
+        }
+        let patch = Value::Object(obj);
+        let h = self.handle(name)?;
+        let _guard = h.lock().await;
+        // A delete (and maybe a new unit of the same name) may have happened while we waited.
+        match self.handle(name) {
+            Ok(current) if Arc::ptr_eq(&current.0, &h.0) => {}
+            _ => return Err(Error::UnitNotFound(name.to_string())),
         }
         let pause = patch.get("paused").and_then(Value::as_bool);
-        let mut doc = h.config().def.to_json();
+        let old = h.config();
+        let mut doc = old.def.to_json();
         merge_patch(&mut doc, &patch);
         let def = UnitDef::from_json(doc)?;
         let config = Arc::new(UnitConfig::validate(def, &self.0.cfg.validate)?);
+        Self::check_host(&config).await?;
+        let rescheduled = (&old.def.every, &old.def.cron, &old.def.tz)
+            != (&config.def.every, &config.def.cron, &config.def.tz);
         let now = Timestamp::now();
         let status = h.status();
-        let paused = pause.unwrap_or(status.state == UnitState::Paused);
-        self.0.store.update_definition(name, config.def.to_json(), paused, now).await?;
+        let paused = pause.unwrap_or(status.paused);
+        self.0
+            .store
+            .update_definition(
+                name,
+                status.created_at,
+                config.def.to_json(),
+                paused,
+                now,
+                rescheduled,
+            )
+            .await?;
         h.ask(|reply| Control::Edit { config, at: now, reply }).await??;
-        if let Some(p) = pause {
+        if let Some(p) = pause
+            && p != status.paused
+        {
             h.ask(|reply| Control::Pause { paused: p, reply }).await??;
         }
         Ok(UnitSnapshot { config: h.config(), status: h.status() })
     }
 
     /// Deletes a unit: stops its runs, waits for them, then removes it (and, unless
-    /// `keep_history`, its runs and logs).
+    /// `keep_history`, its runs and logs). Runs in its own task, so a client that goes away
+    /// half-way cannot leave a unit that is stopped but not deleted.
     pub async fn delete(&self, name: &str, keep_history: bool) -> Result<()> {
-        let h = self.handle(name)?;
+        let this = self.clone();
+        let name = name.to_string();
+        self.0
+            .tracker
+            .spawn(async move { this.delete_now(&name, keep_history).await })
+            .await
+            .map_err(|_| Error::ShuttingDown)?
+    }
+
+    async fn delete_now(&self, name: &str, keep_history: bool) -> Result<()> {
+        let h = match self.handle(name) {
+            Ok(h) => h,
+            // Stored but not loaded (its definition no longer validates): delete it all the same.
+            Err(e) => {
+                return match self.0.store.delete_unit(name, keep_history).await {
+                    Ok(()) => Ok(()),
+                    Err(Error::UnitNotFound(_)) => Err(e),
+                    Err(other) => Err(other),
+                };
+            }
+        };
         let _guard = h.lock().await;
-        // A concurrent delete may have won while we waited.
-        self.handle(name)?;
+        match self.handle(name) {
+            Ok(current) if Arc::ptr_eq(&current.0, &h.0) => {}
+            _ => return Err(Error::UnitNotFound(name.to_string())),
+        }
         h.ask(|reply| Control::Delete { reply }).await?;
         let r = self.0.store.delete_unit(name, keep_history).await;
         match r {
@@ -355,7 +469,7 @@ impl Registry {
                 // Not deleted: bring the unit back as it was, without starting anything.
                 let st = h.status();
                 let init = InitialState {
-                    paused: st.state == UnitState::Paused,
+                    paused: st.paused,
                     stopped: true,
                     last_fire: Some(Timestamp::now()),
                     runs_total: st.runs_total,
@@ -363,6 +477,7 @@ impl Registry {
                     last_run: st.last_run,
                     created_at: st.created_at,
                     updated_at: st.updated_at,
+                    anchor: st.updated_at,
                     fresh: false,
                 };
                 let h2 = self.spawn_loop(h.config(), init);
@@ -449,5 +564,11 @@ mod tests {
         assert!(!glob_match("web-*", "db-01"));
         assert!(glob_match("b?ck*", "backup"));
         assert!(!glob_match("b?ck", "backup"));
+        assert!(glob_match("*a*b*", "xxaxxbxx"));
+        assert!(!glob_match("*a*b", "xxaxxbxx"));
+        // Pathological patterns stay linear-ish instead of exploding.
+        let name = "a".repeat(64);
+        assert!(!glob_match(&format!("{}b", "*a".repeat(20)), &name));
+        assert!(glob_match(&"*".repeat(10_000), &name));
     }
 }

@@ -33,19 +33,23 @@ impl EventsApiServer for Api {
         let store = self.registry.store().clone();
         let mut rx = store.subscribe_events();
         let sink = pending.accept().await?;
-        let mut last = arg.and_then(|a| a.after_seq);
+        let after = arg.and_then(|a| a.after_seq);
         // Replay from the store until it has nothing newer, then follow the live channel;
-        // a follower that lags behind goes back to the store for what it missed.
-        let mut replay = last.is_some();
+        // a follower that lags behind goes back to the store for what it missed. Without
+        // `after_seq`, "now" is the newest event at subscription time.
+        let mut replay = after.is_some();
+        let mut last = match after {
+            Some(a) => a,
+            None => store.last_event_seq().await.map_err(|e| e.to_string())?,
+        };
         loop {
             if replay {
-                let after = last.unwrap_or(0);
                 let page =
-                    store.events_after(after, REPLAY_PAGE).await.map_err(|e| e.to_string())?;
+                    store.events_after(last, REPLAY_PAGE).await.map_err(|e| e.to_string())?;
                 for e in &page {
                     sink.send(SubscriptionMessage::from(to_raw_value(&EventInfo::from(e))?))
                         .await?;
-                    last = Some(e.seq);
+                    last = e.seq;
                 }
                 if page.len() < REPLAY_PAGE as usize {
                     replay = false;
@@ -54,14 +58,14 @@ impl EventsApiServer for Api {
             }
             match rx.recv().await {
                 Ok(e) => {
-                    if last.is_some_and(|l| e.seq <= l) {
+                    if e.seq <= last {
                         continue;
                     }
                     sink.send(SubscriptionMessage::from(to_raw_value(&EventInfo::from(&e))?))
                         .await?;
-                    last = Some(e.seq);
+                    last = e.seq;
                 }
-                Err(RecvError::Lagged(_)) => replay = last.is_some(),
+                Err(RecvError::Lagged(_)) => replay = true,
                 Err(RecvError::Closed) => return Ok(()),
             }
         }

@@ -160,9 +160,9 @@ impl RunApiServer for Api {
             let sink = &sink;
             async move {
                 let msg = SubscriptionMessage::from(to_raw_value(&item)?);
-                sink.send(msg).await.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
-                    Box::new(e)
-                })
+                sink.send(msg)
+                    .await
+                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
             }
         };
         // A queued run has no log yet: wait for it to open, or for the run to end unstarted.

@@ -96,6 +96,12 @@ impl TaskUnitApiServer for Api {
             .state
             .map(|s| s.parse().map_err(|e: String| rpc_error(Error::invalid("state", e))))
             .transpose()?;
+        if arg.name_glob.as_ref().is_some_and(|g| g.len() > crate::registry::MAX_GLOB) {
+            return Err(rpc_error(Error::invalid(
+                "name_glob",
+                format!("at most {} characters", crate::registry::MAX_GLOB),
+            )));
+        }
         let f = ListFilter { state, name_glob: arg.name_glob };
         Ok(self.registry.list(&f).iter().map(UnitSummary::from).collect())
     }

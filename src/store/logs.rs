@@ -90,13 +90,34 @@ pub struct LogSummary {
 }
 
 enum Msg {
-    Open { run: i64, limit: u64, reply: oneshot::Sender<Result<()>> },
-    Write { run: i64, stream: Stream, at: Timestamp, data: Vec<u8> },
-    Finish { run: i64, reply: oneshot::Sender<LogSummary> },
-    Subscribe { run: i64, reply: oneshot::Sender<Option<Follow>> },
+    Open {
+        run: i64,
+        limit: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Write {
+        run: i64,
+        stream: Stream,
+        at: Timestamp,
+        data: Vec<u8>,
+    },
+    Finish {
+        run: i64,
+        reply: oneshot::Sender<LogSummary>,
+    },
+    Subscribe {
+        run: i64,
+        reply: oneshot::Sender<Option<Follow>>,
+    },
     /// Like `Subscribe`, but waits for the log to be opened if it is not yet.
-    SubscribeWhenOpen { run: i64, reply: oneshot::Sender<Follow> },
-    Totals { run: i64, reply: oneshot::Sender<Option<[u64; 2]>> },
+    SubscribeWhenOpen {
+        run: i64,
+        reply: oneshot::Sender<Follow>,
+    },
+    Totals {
+        run: i64,
+        reply: oneshot::Sender<Option<[u64; 2]>>,
+    },
 }
 
 /// Handle to the log writer thread.
@@ -211,7 +232,13 @@ fn encoded_cost(data: &[u8]) -> u64 {
 
 /// Encodes as much of `data` as fits in `room` bytes of records; returns the payload bytes
 /// taken. A piece that does not fit whole is split (its first part becomes a partial record).
-fn encode_within(out: &mut Vec<u8>, stream: Stream, at: Timestamp, data: &[u8], room: u64) -> usize {
+fn encode_within(
+    out: &mut Vec<u8>,
+    stream: Stream,
+    at: Timestamp,
+    data: &[u8],
+    room: u64,
+) -> usize {
     let mut taken = 0;
     let mut left = room;
     while taken < data.len() && left > RECORD_OVERHEAD {
@@ -317,7 +344,13 @@ impl RunLog {
                     st.dropped += front.1.len() as u64;
                     st.ring.pop_front();
                 } else {
-                    let k = excess.min(front.1.len() - 1);
+                    // Drop just enough of the front to shed `excess` bytes of records.
+                    let mut shed = 0usize;
+                    let mut k = 0;
+                    while k < front.1.len() - 1 && shed < excess {
+                        shed += if front.1[k] == b'\n' { RECORD_OVERHEAD as usize } else { 1 };
+                        k += 1;
+                    }
                     front.1.drain(..k);
                     st.ring_cost = st.ring_cost - cost + encoded_cost(&front.1);
                     st.dropped += k as u64;
@@ -383,17 +416,15 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
         match msg {
             Msg::Open { run, limit, reply } => {
                 let (live, _) = broadcast::channel(256);
-                let log = runs.entry(run).or_insert(
-                    RunLog {
-                        path: path_in(&dir, run),
-                        file: None,
-                        failed: false,
-                        len: 0,
-                        half: (limit / 2).max(1),
-                        streams: [StreamState::new(), StreamState::new()],
-                        live,
-                    },
-                );
+                let log = runs.entry(run).or_insert(RunLog {
+                    path: path_in(&dir, run),
+                    file: None,
+                    failed: false,
+                    len: 0,
+                    half: (limit / 2).max(1),
+                    streams: [StreamState::new(), StreamState::new()],
+                    live,
+                });
                 for w in waiting.remove(&run).unwrap_or_default() {
                     let _ = w.send(log.follow());
                 }
@@ -603,7 +634,11 @@ fn read_tail(f: &mut File, stop: u64, n: usize, q: &LogQuery) -> std::io::Result
         buf = chunk;
     }
     // Unless at the start of the file, the first line may be a piece of a record.
-    let first = if pos == 0 { 0 } else { buf.iter().position(|&b| b == b'\n').map_or(buf.len(), |i| i + 1) };
+    let first = if pos == 0 {
+        0
+    } else {
+        buf.iter().position(|&b| b == b'\n').map_or(buf.len(), |i| i + 1)
+    };
     let mut out = Vec::new();
     let mut at_line_start = true;
     let mut truncated = false;
@@ -738,6 +773,28 @@ mod tests {
             read(&logs.path(3), &LogQuery { stream: Some(Stream::Stdout), ..Default::default() })
                 .unwrap();
         assert!(stdout.data.len() < 2048 + 200, "{}", stdout.data.len());
+    }
+
+    #[tokio::test]
+    async fn small_pages_always_make_progress_and_files_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::start(dir.path().to_path_buf()).unwrap();
+        logs.open(4, 1 << 20).await.unwrap();
+        // One long line (a record far bigger than the page).
+        logs.write(4, Stream::Stdout, at(0), vec![b'x'; 300_000]).await;
+        logs.finish(4).await;
+        let s = read(&logs.path(4), &LogQuery { limit: 4096, ..Default::default() }).unwrap();
+        assert!(s.next_offset > 0 && !s.data.is_empty());
+        // Millions of empty lines cannot blow a limit up on disk.
+        logs.open(5, 64 * 1024).await.unwrap();
+        for _ in 0..100 {
+            logs.write(5, Stream::Stdout, at(1), vec![b'\n'; 10_000]).await;
+        }
+        logs.finish(5).await;
+        let size = std::fs::metadata(logs.path(5)).unwrap().len();
+        assert!(size < 80 * 1024, "{size}");
+        let tail = read(&logs.path(5), &LogQuery { tail: Some(3), ..Default::default() }).unwrap();
+        assert_eq!(tail.data, "\n\n\n");
     }
 
     #[test]

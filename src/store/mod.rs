@@ -39,6 +39,8 @@ pub struct StoredUnit {
     pub stopped: bool,
     /// The last fire time handled, for `catch_up`.
     pub last_fire: Option<Timestamp>,
+    /// Where `every` schedules count from: set when the schedule was last defined.
+    pub anchor: Timestamp,
     /// Runs started, ever.
     pub runs_total: u64,
     /// Runs that did not succeed, ever.
@@ -191,6 +193,7 @@ CREATE TABLE IF NOT EXISTS units (
     paused INTEGER NOT NULL DEFAULT 0,
     stopped INTEGER NOT NULL DEFAULT 0,
     last_fire INTEGER,
+    anchor INTEGER,
     runs_total INTEGER NOT NULL DEFAULT 0,
     failures_total INTEGER NOT NULL DEFAULT 0
 );
@@ -285,6 +288,7 @@ fn unit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredUnit> {
         last_fire: opt_ts(r.get(6)?),
         runs_total: r.get::<_, i64>(7)? as u64,
         failures_total: r.get::<_, i64>(8)? as u64,
+        anchor: ts(r.get(9)?),
     })
 }
 
@@ -367,7 +371,7 @@ impl Store {
         self.call(|t| {
             let mut st = t.conn.prepare(
                 "SELECT name, definition, created_at, updated_at, paused, stopped, last_fire, \
-                 runs_total, failures_total FROM units ORDER BY name",
+                 runs_total, failures_total, COALESCE(anchor, updated_at) FROM units ORDER BY name",
             )?;
             let rows = st.query_map([], unit_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
@@ -381,14 +385,15 @@ impl Store {
             let def = u.definition.to_string();
             let n = t.conn.execute(
                 "INSERT OR IGNORE INTO units(name, definition, created_at, updated_at, paused, \
-                 stopped, last_fire) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)",
+                 stopped, last_fire, anchor) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7)",
                 params![
                     u.name,
                     def,
                     u.created_at.as_microsecond(),
                     u.updated_at.as_microsecond(),
                     u.paused,
-                    u.last_fire.map(|t| t.as_microsecond())
+                    u.last_fire.map(|t| t.as_microsecond()),
+                    u.anchor.as_microsecond()
                 ],
             )?;
             if n == 0 {
@@ -399,19 +404,31 @@ impl Store {
         .await
     }
 
-    /// Replaces a unit's definition.
+    /// Replaces the definition of the unit created at `created_at` (not a namesake added
+    /// since); `rescheduled` moves the schedule's anchor to `at`.
     pub async fn update_definition(
         &self,
         name: &str,
+        created_at: Timestamp,
         definition: serde_json::Value,
         paused: bool,
         at: Timestamp,
+        rescheduled: bool,
     ) -> Result<()> {
         let name = name.to_string();
         self.call(move |t| {
             let n = t.conn.execute(
-                "UPDATE units SET definition = ?2, updated_at = ?3, paused = ?4 WHERE name = ?1",
-                params![name, definition.to_string(), at.as_microsecond(), paused],
+                "UPDATE units SET definition = ?3, updated_at = ?4, paused = ?5, \
+                 anchor = CASE WHEN ?6 THEN ?4 ELSE COALESCE(anchor, updated_at) END \
+                 WHERE name = ?1 AND created_at = ?2",
+                params![
+                    name,
+                    created_at.as_microsecond(),
+                    definition.to_string(),
+                    at.as_microsecond(),
+                    paused,
+                    rescheduled
+                ],
             )?;
             if n == 0 {
                 return Err(Error::UnitNotFound(name));
@@ -599,7 +616,7 @@ impl Store {
             if n == 0 {
                 return Ok(());
             }
-            if rec.state != RunState::Succeeded && rec.started_at.is_some() {
+            if matches!(rec.state, RunState::Failed | RunState::TimedOut) {
                 t.conn.execute(
                     "UPDATE units SET failures_total = failures_total + 1 WHERE name = ?1",
                     params![rec.unit],
@@ -706,6 +723,14 @@ impl Store {
                 out.push(s);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    /// The newest event's sequence number (0 when there is none).
+    pub async fn last_event_seq(&self) -> Result<i64> {
+        self.call(|t| {
+            Ok(t.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?)
         })
         .await
     }
@@ -933,6 +958,7 @@ mod tests {
             paused: false,
             stopped: false,
             last_fire: None,
+            anchor: now,
             runs_total: 0,
             failures_total: 0,
         }

@@ -83,7 +83,7 @@ macro_rules! unit_def {
                                 None
                             } else {
                                 Some(<$ty>::deserialize(&value).map_err(|e| {
-                                    Error::invalid(key, type_error(&e, &value))
+                                    Error::invalid(key, type_error(key, &e, &value))
                                 })?)
                             };
                         }
@@ -163,10 +163,21 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-fn type_error(e: &serde_json::Error, v: &Value) -> String {
+fn type_error(field: &str, e: &serde_json::Error, v: &Value) -> String {
     let msg = e.to_string();
     if msg.starts_with("invalid type") || msg.contains("did not match any variant") {
-        format!("wrong type: got {}", kind_of(v))
+        let expected = match field {
+            "command" | "args" | "hosts" => "an array of strings, e.g. [\"date\", \"-u\"]",
+            "env" => "a table of strings, e.g. {\"LANG\": \"C\"}",
+            "success_codes" => "an array of exit codes, e.g. [0, 3]",
+            "service" | "paused" => "true or false",
+            "retries" | "keep_runs" => "a whole number (0 or more)",
+            "log_limit" => "a size such as \"1MiB\" or a number of bytes",
+            _ => "a string",
+        };
+        format!("expected {expected}, got {}", kind_of(v))
+    } else if msg.starts_with("invalid value") {
+        format!("expected a whole number (0 or more), got {v}")
     } else {
         msg
     }
@@ -196,8 +207,9 @@ impl UnitDef {
     /// Parses a unit file (`<units-dir>/<name>.toml`). The file's `name`, if present, must
     /// equal `name`; when absent it is taken from the file name.
     pub fn from_toml(text: &str, name: &str) -> Result<UnitDef> {
-        let table: toml::Table =
-            toml::from_str(text).map_err(|e| Error::invalid("definition", e.message()))?;
+        // The whole message: it shows the line and column of the mistake.
+        let table: toml::Table = toml::from_str(text)
+            .map_err(|e| Error::invalid("definition", e.to_string().trim_end().to_string()))?;
         let mut value =
             serde_json::to_value(table).map_err(|e| Error::invalid("definition", e.to_string()))?;
         let obj = value.as_object_mut().expect("a TOML table is an object");

@@ -81,6 +81,10 @@ pub struct UnitStatus {
     pub created_at: Timestamp,
     /// When its definition last changed.
     pub updated_at: Timestamp,
+    /// Paused by the user (whatever the state shows while a run is active).
+    pub paused: bool,
+    /// A service stopped by the user.
+    pub stopped: bool,
 }
 
 /// A request to a unit's loop.
@@ -163,12 +167,16 @@ impl UnitHandle {
         make: impl FnOnce(oneshot::Sender<T>) -> Control,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.0
-            .control
-            .send(make(tx))
-            .await
-            .map_err(|_| Error::UnitNotFound(self.0.name.clone()))?;
-        rx.await.map_err(|_| Error::UnitNotFound(self.0.name.clone()))
+        // The loop is gone: the daemon is shutting down, or the unit was just deleted.
+        let gone = || {
+            if self.0.token.is_cancelled() {
+                Error::ShuttingDown
+            } else {
+                Error::UnitNotFound(self.0.name.clone())
+            }
+        };
+        self.0.control.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
     }
 
     pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {

@@ -56,8 +56,10 @@ pub struct InitialState {
     pub last_run: Option<RunRecord>,
     /// When added.
     pub created_at: Timestamp,
-    /// When last edited (the anchor of `every` schedules).
+    /// When last edited.
     pub updated_at: Timestamp,
+    /// Where `every` schedules count from.
+    pub anchor: Timestamp,
     /// Just added (`add` trigger) rather than loaded at daemon start.
     pub fresh: bool,
 }
@@ -86,6 +88,8 @@ pub fn spawn(
             failures_total: init.failures_total,
             created_at: init.created_at,
             updated_at: init.updated_at,
+            paused: init.paused,
+            stopped: init.stopped,
         }),
         control: tx,
         token: token.clone(),
@@ -97,10 +101,11 @@ pub fn spawn(
         shared,
         cfg: config,
         runs: JoinSet::new(),
+        tasks: HashMap::new(),
         active: HashMap::new(),
         queued: None,
         next_fire: None,
-        anchor: init.updated_at,
+        anchor: init.anchor,
         pending: None,
         failures_in_row: 0,
         starts: VecDeque::new(),
@@ -135,6 +140,8 @@ struct Loop {
     shared: Arc<UnitShared>,
     cfg: Arc<UnitConfig>,
     runs: JoinSet<RunRecord>,
+    /// Which run each task in `runs` executes, to account for a task that panicked.
+    tasks: HashMap<tokio::task::Id, i64>,
     active: HashMap<i64, ActiveRun>,
     /// One run waiting for the active one (`overlap: queue`, or a replace in progress).
     queued: Option<RunRecord>,
@@ -199,10 +206,13 @@ impl Loop {
                     }
                     None => break,
                 },
-                Some(done) = self.runs.join_next(), if !self.runs.is_empty() => {
+                Some(done) = self.runs.join_next_with_id(), if !self.runs.is_empty() => {
                     match done {
-                        Ok(rec) => self.finished(rec).await,
-                        Err(e) => tracing::error!(unit = %self.cfg.name, error = %e, "run task failed"),
+                        Ok((task, rec)) => {
+                            self.tasks.remove(&task);
+                            self.finished(rec).await
+                        }
+                        Err(e) => self.crashed(e).await,
                     }
                     if self.deleting.is_some() && self.active.is_empty() {
                         break;
@@ -210,7 +220,10 @@ impl Loop {
                 }
                 _ = sleep_until_opt(fire_at) => self.fire().await,
                 _ = sleep_until_opt(pending_at) => {
-                    if let Some(p) = self.pending.take() {
+                    // A retry or restart never runs alongside another run of the unit.
+                    if let Some(p) = self.pending.take()
+                        && self.active.is_empty()
+                    {
                         self.start_run(p.trigger, p.attempt).await;
                     }
                 }
@@ -230,7 +243,8 @@ impl Loop {
     async fn start_up(&mut self, fresh: bool, last_fire: Option<Timestamp>) {
         let now = Timestamp::now();
         if let Some(s) = self.cfg.schedule.clone() {
-            let since = last_fire.unwrap_or(self.anchor);
+            // Fire times before the anchor (the last edit) belong to an older definition.
+            let since = last_fire.map_or(self.anchor, |l| l.max(self.anchor));
             if !fresh
                 && !self.paused
                 && self.cfg.catch_up == CatchUp::Once
@@ -297,6 +311,8 @@ impl Loop {
         st.active.sort_unstable();
         st.runs_total = self.runs_total;
         st.failures_total = self.failures_total;
+        st.paused = self.paused;
+        st.stopped = self.stopped;
     }
 
     /// Handles one request; returns true when the loop should end (deleted, nothing active).
@@ -327,15 +343,20 @@ impl Loop {
                 if r.is_ok() {
                     self.paused = paused;
                     if !paused {
+                        // Resuming is a fresh start: a fatal service gets its starts back.
+                        self.fatal = false;
+                        self.starts.clear();
+                        self.failures_in_row = 0;
                         let now = Timestamp::now();
+                        let idle = self.active.is_empty() && self.pending.is_none();
                         if let Some(s) = &self.cfg.schedule {
                             self.next_fire = s.next_after(now, self.anchor);
-                        } else if (self.cfg.service || self.cfg.is_tick())
-                            && !self.stopped
-                            && self.active.is_empty()
-                            && self.pending.is_none()
+                        } else if (self.cfg.service || self.cfg.is_tick()) && !self.stopped && idle
                         {
                             self.start_run(Trigger::Manual, 1).await;
+                        } else if idle && self.last_run.is_none() && self.runs_total == 0 {
+                            // A one-shot job added paused runs when it is resumed.
+                            self.start_run(Trigger::Add, 1).await;
                         }
                     } else {
                         self.pending = None;
@@ -345,13 +366,23 @@ impl Loop {
             }
             Control::Edit { config, at, reply } => {
                 let was_continuous = self.cfg.service || self.cfg.is_tick();
+                let old = &self.cfg.def;
+                let rescheduled = (&old.every, &old.cron, &old.tz)
+                    != (&config.def.every, &config.def.cron, &config.def.tz);
                 *self.shared.config.write().expect("unit config lock") = config.clone();
                 self.cfg = config;
-                self.anchor = at;
                 self.shared.status.lock().expect("unit status lock").updated_at = at;
-                self.next_fire =
-                    self.cfg.schedule.as_ref().and_then(|s| s.next_after(Timestamp::now(), at));
+                // Only a new schedule moves the next fire; other edits leave it due.
+                if rescheduled {
+                    self.anchor = at;
+                    self.next_fire =
+                        self.cfg.schedule.as_ref().and_then(|s| s.next_after(Timestamp::now(), at));
+                }
                 let continuous = self.cfg.service || self.cfg.is_tick();
+                if continuous != was_continuous {
+                    // A pending retry (job) or restart (service) belongs to the old kind.
+                    self.pending = None;
+                }
                 if continuous && !was_continuous && !self.paused && self.active.is_empty() {
                     self.stopped = false;
                     self.start_run(Trigger::Manual, 1).await;
@@ -524,8 +555,10 @@ impl Loop {
 
     fn launch(&mut self, rec: RunRecord) {
         self.runs_total += 1;
-        let now = Instant::now();
-        self.starts.push_back(now);
+        if self.cfg.service || self.cfg.is_tick() {
+            // Only restarts of continuous units count against the start limit.
+            self.starts.push_back(Instant::now());
+        }
         let token = self.shared.token.child_token();
         let reason = Arc::new(Mutex::new(None));
         self.active.insert(
@@ -541,11 +574,29 @@ impl Loop {
         let env = self.env.clone();
         let cfg = self.cfg.clone();
         let keep = self.keep_runs();
-        self.runs.spawn(execute(env, cfg, rec, token, reason, keep));
+        let id = rec.id;
+        let task = self.runs.spawn(execute(env, cfg, rec, token, reason, keep));
+        self.tasks.insert(task.id(), id);
+    }
+
+    /// A run task panicked: record its run `failed` so that nothing stays `running`.
+    async fn crashed(&mut self, e: tokio::task::JoinError) {
+        tracing::error!(unit = %self.cfg.name, error = %e, "a run task failed");
+        let Some(id) = self.tasks.remove(&e.id()) else { return };
+        let Some(a) = self.active.get(&id) else { return };
+        let mut rec = a.record.clone();
+        rec.state = RunState::Failed;
+        rec.ended_at = Some(Timestamp::now());
+        rec.reason = Some("internal error: the run's task failed; see the daemon's log".into());
+        if let Err(e) = self.env.store.finish_run(rec.clone(), self.keep_runs()).await {
+            tracing::error!(run = id, error = %e, "cannot record a failed run");
+        }
+        self.record_end(rec);
     }
 
     fn record_end(&mut self, rec: RunRecord) {
-        if rec.state != RunState::Succeeded {
+        // Stopping a run on purpose is not a failure; losing it is.
+        if matches!(rec.state, RunState::Failed | RunState::TimedOut | RunState::Lost) {
             self.failures_total += 1;
         }
         if let Some(mut a) = self.active.remove(&rec.id) {
@@ -581,7 +632,12 @@ impl Loop {
                     return;
                 }
                 Err(e) => {
-                    tracing::error!(unit = %self.cfg.name, error = %e, "cannot start a queued run")
+                    tracing::error!(unit = %self.cfg.name, error = %e, "cannot start a queued run");
+                    let mut q = q;
+                    q.state = RunState::Cancelled;
+                    q.ended_at = Some(Timestamp::now());
+                    q.reason = Some(format!("could not start: {e}"));
+                    let _ = self.env.store.finish_run(q, self.keep_runs()).await;
                 }
             }
         }
@@ -718,7 +774,8 @@ async fn execute(
                 exec::Termination::Exited(c) => rec.exit_code = Some(c),
                 exec::Termination::Signaled(s) => rec.signal = Some(s),
             }
-            let why = reason.lock().expect("reason lock").clone();
+            // Only a shutdown cancels a run without giving a reason (it cancels the parent).
+            let why = reason.lock().expect("reason lock").clone().or(Some(reason::SHUTDOWN.into()));
             rec.state = if stopped {
                 rec.reason = why.clone();
                 if why.as_deref() == Some(reason::TIMEOUT) {
@@ -737,7 +794,8 @@ async fn execute(
         }
         Outcome::Ticked => {
             rec.state = RunState::Cancelled;
-            rec.reason = reason.lock().expect("reason lock").clone();
+            rec.reason =
+                reason.lock().expect("reason lock").clone().or(Some(reason::SHUTDOWN.into()));
         }
         Outcome::NotStarted(msg) => {
             rec.state = RunState::Failed;
@@ -786,10 +844,15 @@ async fn spawn_and_wait(
 ) -> Outcome {
     let user = match &cfg.user {
         None => None,
-        Some(name) => match exec::User::lookup(name) {
-            Ok(u) => Some(u),
-            Err(e) => return Outcome::NotStarted(format!("cannot run as {name:?}: {e}")),
-        },
+        Some(name) => {
+            // NSS lookups may block (LDAP, files): keep them off the async threads.
+            let n = name.clone();
+            match tokio::task::spawn_blocking(move || exec::User::lookup(&n)).await {
+                Ok(Ok(u)) => Some(u),
+                Ok(Err(e)) => return Outcome::NotStarted(format!("cannot run as {name:?}: {e}")),
+                Err(e) => return Outcome::NotStarted(format!("cannot run as {name:?}: {e}")),
+            }
+        }
     };
     let mut script_path = None;
     let argv = match &cfg.action {

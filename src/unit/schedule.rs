@@ -37,6 +37,14 @@ impl Schedule {
     /// (the daemon's local zone when `None`). Errors name the field: `cron` or `tz`.
     pub fn cron(expr: &str, tz: Option<&str>) -> Result<Schedule, (&'static str, String)> {
         let trimmed = expr.trim();
+        const ALIASES: [&str; 6] =
+            ["@yearly", "@annually", "@monthly", "@weekly", "@daily", "@hourly"];
+        if trimmed.starts_with('@') && !ALIASES.iter().any(|a| a.eq_ignore_ascii_case(trimmed)) {
+            return Err((
+                "cron",
+                format!("unknown shorthand {trimmed:?} (use {})", ALIASES.join(", ")),
+            ));
+        }
         if !trimmed.starts_with('@') {
             let n = trimmed.split_whitespace().count();
             if n != 5 && n != 6 {

@@ -457,3 +457,94 @@ fn cancelling_a_service_run_restarts_the_service() {
     assert_eq!(u["last_run"]["trigger"], "restart");
     d.call("TaskUnit.Stop", json!("svc"));
 }
+
+#[test]
+fn follow_of_a_queued_run_gets_its_output_and_end() {
+    let d = TestDaemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let gate = tmp.path().join("go");
+    let script =
+        format!("while [ ! -e {} ]; do sleep 0.02; done; echo run $TASKD_RUN_ID", gate.display());
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "q", "command": ["sh", "-c", script], "overlap": "queue"}),
+    );
+    let queued = d.call("TaskUnit.Start", json!("q"));
+    assert_eq!(queued["state"], "queued");
+    let id = queued["id"].as_i64().unwrap();
+    let mut conn = d.raw();
+    let sub = conn.call("Run.Follow", json!({"id": id}));
+    assert!(sub["result"].is_number(), "{sub}");
+    std::fs::write(&gate, "").unwrap();
+    let mut out = String::new();
+    let end = loop {
+        let msg = conn.recv();
+        let item = &msg["params"]["result"];
+        match item["kind"].as_str() {
+            Some("output") => out.push_str(item["data"].as_str().unwrap()),
+            Some("end") => break item["run"].clone(),
+            _ => panic!("unexpected {msg}"),
+        }
+    };
+    assert_eq!(out, format!("run {id}\n"));
+    assert_eq!(end["state"], "succeeded");
+}
+
+#[test]
+fn an_acknowledged_pause_survives_edit_and_kill_9() {
+    let mut d = TestDaemon::start();
+    d.call("TaskUnit.Add", json!({"name": "svc", "service": true, "command": ["sleep", "1000"]}));
+    d.wait_unit("svc", "the service to run", |u| u["state"] == "running");
+    d.call("TaskUnit.Pause", json!("svc"));
+    d.call("TaskUnit.Edit", json!({"name": "svc", "description": "still paused"}));
+    d.kill9();
+    d.restart();
+    let u = d.call("TaskUnit.Get", json!("svc"));
+    assert_eq!(u["state"], "paused", "{u}");
+    assert_eq!(u["definition"]["description"], "still paused");
+}
+
+#[test]
+fn a_job_added_paused_runs_when_resumed() {
+    let d = TestDaemon::start();
+    let info =
+        d.call("TaskUnit.Add", json!({"name": "later", "command": ["true"], "paused": true}));
+    assert_eq!(info["state"], "paused");
+    assert!(info["last_run"].is_null());
+    let resumed = d.call("TaskUnit.Resume", json!("later"));
+    let r = d.wait_run_end(run_id(&resumed));
+    assert_eq!(r["trigger"], "add");
+    assert_eq!(r["state"], "succeeded");
+}
+
+#[test]
+fn editing_other_fields_keeps_the_next_fire() {
+    let d = TestDaemon::start();
+    let info = d.call("TaskUnit.Add", json!({"name": "e", "every": "1h", "command": ["true"]}));
+    let edited = d.call("TaskUnit.Edit", json!({"name": "e", "description": "x"}));
+    assert_eq!(edited["next_fire"], info["next_fire"]);
+    let rescheduled = d.call("TaskUnit.Edit", json!({"name": "e", "every": "2h"}));
+    assert_ne!(rescheduled["next_fire"], info["next_fire"]);
+}
+
+#[test]
+fn stopping_on_purpose_is_not_a_failure() {
+    let d = TestDaemon::start();
+    d.call("TaskUnit.Add", json!({"name": "svc", "service": true, "command": ["sleep", "1000"], "kill_grace": "200ms"}));
+    d.wait_unit("svc", "the service to run", |u| u["state"] == "running");
+    d.call("TaskUnit.Stop", json!("svc"));
+    let u = d.wait_unit("svc", "the service to stop", |u| u["state"] == "waiting");
+    assert_eq!(u["failures_total"], 0);
+}
+
+#[test]
+fn cwd_and_user_must_exist_at_add() {
+    let d = TestDaemon::start();
+    let v = d
+        .raw()
+        .call("TaskUnit.Add", json!({"name": "x", "command": ["true"], "cwd": "/no/such/dir"}));
+    assert_eq!(v["error"]["data"]["field"], "cwd", "{v}");
+    let v = d.raw().call("TaskUnit.Edit", json!({"name": "nope", "bogus": null}));
+    assert_eq!(v["error"]["data"]["field"], "bogus", "{v}");
+    assert!(d.call("TaskUnit.List", json!({})).as_array().unwrap().is_empty());
+}
