@@ -81,6 +81,7 @@ pub async fn run(
     let units_root = CancellationToken::new();
     let unit_tasks = TaskTracker::new();
     let listener_stop = CancellationToken::new();
+    let stop_accepting = CancellationToken::new();
     let conn_tasks = TaskTracker::new();
     std::fs::create_dir_all(&cfg.units_dir).map_err(|e| Error::io(&cfg.units_dir, e))?;
     let registry = Registry::open(
@@ -131,6 +132,7 @@ pub async fn run(
             })
         }),
         audited_methods: AUDITED_METHODS,
+        stop_accepting: stop_accepting.clone(),
         ..ServeConfig::default()
     };
     let address_file = cfg.state_dir.join(ADDRESS_FILE);
@@ -151,6 +153,7 @@ pub async fn run(
     ));
     shutdown.cancelled().await;
     tracing::info!("shutting down: stopping active runs");
+    stop_accepting.cancel();
     units_root.cancel();
     unit_tasks.close();
     unit_tasks.wait().await;

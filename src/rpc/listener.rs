@@ -50,6 +50,9 @@ pub struct ServeConfig {
     pub audit: AuditHook,
     /// The methods whose calls are audited.
     pub audited_methods: &'static [&'static str],
+    /// Cancelled to stop accepting new connections while the existing ones are still served
+    /// (until the `shutdown` token passed to [`serve`]).
+    pub stop_accepting: CancellationToken,
 }
 
 impl Default for ServeConfig {
@@ -64,6 +67,7 @@ impl Default for ServeConfig {
             max_subscriptions: 64,
             audit: no_audit(),
             audited_methods: AUDITED_METHODS,
+            stop_accepting: CancellationToken::new(),
         }
     }
 }
@@ -134,9 +138,11 @@ pub async fn serve(
     let local = listener.local_addr().ok();
     tracing::debug!(addr = ?local, "rpc listener serving raw TCP, HTTP and WebSocket");
 
+    let stop_accepting = shared.cfg.stop_accepting.clone();
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
+            () = stop_accepting.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -166,9 +172,13 @@ pub async fn serve(
         }
     }
 
+    // Closing the socket makes the kernel refuse new connections; the ones already accepted
+    // are served until `shutdown`.
+    drop(listener);
+    tracing::debug!(addr = ?local, "rpc listener stopped accepting");
+    shutdown.cancelled().await;
     // Stop HTTP and WebSocket connections gracefully; raw TCP ones watch `shutdown` directly.
     let _ = server_handle.stop();
-    tracing::debug!(addr = ?local, "rpc listener stopped accepting");
 }
 
 /// Tells a client over the connection limit why it is being closed, in its own protocol.

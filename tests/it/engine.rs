@@ -431,8 +431,19 @@ fn sigterm_cancels_active_runs_and_exits_zero() {
     );
     let id = run_id(&info);
     d.wait_unit("long", "the run to start", |u| u["state"] == "running");
+    // A follower connected at shutdown sees the run end before the connection closes.
+    let mut follower = d.raw();
+    assert!(follower.call("Run.Follow", json!({"id": id}))["result"].is_number());
     let status = d.terminate();
     assert!(status.success(), "{status}");
+    let end = loop {
+        let msg = follower.recv();
+        if msg["params"]["result"]["kind"] == "end" {
+            break msg["params"]["result"]["run"].clone();
+        }
+    };
+    assert_eq!(end["state"], "cancelled");
+    assert_eq!(end["reason"], "shutdown");
     d.restart();
     let r = d.call("Run.Get", json!(id));
     assert_eq!(r["state"], "cancelled");
