@@ -1,12 +1,12 @@
 //! `taskctl status`, `events` and `completions`: the `Daemon` and `Events` methods, and shell
 //! completion scripts.
 
-use clap::{Args, CommandFactory};
+use clap::Args;
 use clap_complete::Shell;
 use jsonrpsee::core::client::SubscriptionCloseReason;
 
 use super::output::{self, parse_time};
-use super::{Cli, CliError, Ctx, stdout_error};
+use super::{CliError, Ctx, stdout_error};
 use crate::rpc::daemon::DaemonApiClient;
 use crate::rpc::events::EventsApiClient;
 use crate::rpc::types::{EventInfo, SubscribeArg};
@@ -30,7 +30,7 @@ pub struct CompletionsArgs {
 /// `taskctl completions SHELL`: the script on standard output.
 pub fn completions(a: &CompletionsArgs) -> anyhow::Result<()> {
     let mut buf = Vec::new();
-    clap_complete::generate(a.shell, &mut Cli::command(), "taskctl", &mut buf);
+    clap_complete::generate(a.shell, &mut super::command(), "taskctl", &mut buf);
     let mut out = std::io::stdout().lock();
     std::io::Write::write_all(&mut out, &buf).map_err(stdout_error)
 }
@@ -117,7 +117,7 @@ pub async fn events(ctx: &Ctx, a: EventsArgs) -> anyhow::Result<()> {
                         message: "fell behind the daemon's events; the stream was closed".into(),
                         hint: Some("resume with `taskctl events --after SEQ`".into()),
                     },
-                    _ => ctx.unreachable("the connection closed"),
+                    _ => CliError::Disconnected,
                 }
                 .into());
             }

@@ -16,7 +16,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use jsonrpsee::core::ClientError as RpcError;
 
 use crate::config::{DEFAULT_LISTEN, default_state_dir};
@@ -34,17 +34,39 @@ use crate::rpc::client::{Client, ClientError, is_connection_error};
                   2 usage error, 3 cannot reach the daemon."
 )]
 pub struct Cli {
-    /// Daemon address [default: <state-dir>/address if present, else 127.0.0.1:3333]
-    #[arg(long, global = true, env = "TASKD_ADDR", value_name = "ADDR")]
+    /// Daemon address, HOST:PORT [default: <state-dir>/address if present, else
+    /// 127.0.0.1:3333]
+    #[arg(
+        long,
+        global = true,
+        env = "TASKD_ADDR",
+        value_name = "ADDR",
+        hide_env_values = true,
+        help_heading = "Global options"
+    )]
     pub addr: Option<String>,
     /// Token for the daemon [default: read from <state-dir>/token if present]
-    #[arg(long, global = true, env = "TASKD_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "TASKD_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        help_heading = "Global options"
+    )]
     pub token: Option<String>,
     /// The daemon's state directory [default: ~/.local/state/taskd, /var/lib/taskd as root]
-    #[arg(long, global = true, env = "TASKD_STATE_DIR", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "TASKD_STATE_DIR",
+        value_name = "DIR",
+        hide_env_values = true,
+        help_heading = "Global options"
+    )]
     pub state_dir: Option<PathBuf>,
     /// Machine-readable output: the JSON results of the daemon's methods
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
     /// What to do.
     #[command(subcommand)]
@@ -88,9 +110,62 @@ pub enum Command {
     Completions(daemon::CompletionsArgs),
 }
 
+/// `taskctl`'s command line as clap builds it, with `edit`'s help adjusted: `edit` shares
+/// `add`'s definition options, but an edit changes only what is given, so the defaults `add`
+/// mentions do not apply, and `--paused` pauses or resumes.
+pub fn command() -> clap::Command {
+    Cli::command().mut_subcommand("edit", |edit| {
+        let ids: Vec<String> = edit.get_arguments().map(|a| a.get_id().to_string()).collect();
+        ids.iter().fold(edit, |edit, id| {
+            edit.mut_arg(id, |arg| {
+                if id == "paused" {
+                    return arg.help("Pause the unit (resume it with --no-paused)");
+                }
+                match arg.get_help().map(ToString::to_string) {
+                    Some(help) if help.contains(" [default: ") => {
+                        let cut = help.find(" [default: ").unwrap_or(help.len());
+                        arg.help(help[..cut].to_string())
+                    }
+                    _ => arg,
+                }
+            })
+        })
+    })
+}
+
+/// Parses `args` (the program name first) into a [`Cli`], with the checks clap cannot do.
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let mut cmd = command();
+    let matches = cmd.try_get_matches_from_mut(&args)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))?;
+    // `add NAME --` with nothing after it would quietly add a tick unit: clap cannot tell
+    // `--` followed by nothing from no `--` at all, so look at the words themselves.
+    let ends_with_separator = args.last().is_some_and(|a| a == "--");
+    let (sub, def) = match &cli.command {
+        Command::Add(a) => ("add", &a.def),
+        Command::Edit(a) => ("edit", &a.def),
+        _ => return Ok(cli),
+    };
+    if ends_with_separator && def.command.is_empty() && def.script.is_none() {
+        let why = if sub == "add" {
+            "nothing after --: give a command, or omit -- for a tick unit"
+        } else {
+            "nothing after --: give the new command, or omit --"
+        };
+        let sub = cmd.find_subcommand_mut(sub).expect("a subcommand of taskctl");
+        return Err(sub.error(clap::error::ErrorKind::TooFewValues, why));
+    }
+    Ok(cli)
+}
+
 /// Runs `taskctl` with the process's arguments and returns its exit code.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_from(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) => {
             // clap prints help and version to stdout (exit 0) and errors to stderr (exit 2).
@@ -139,9 +214,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// code.
 fn report(err: &anyhow::Error) -> ExitCode {
     let cli_err = err.chain().find_map(|e| e.downcast_ref::<CliError>());
-    if let Some(CliError::Closed) = cli_err {
+    match cli_err {
         // The reader of our output went away (`taskctl events | head`): not a failure.
-        return ExitCode::SUCCESS;
+        Some(CliError::Closed) => return ExitCode::SUCCESS,
+        Some(CliError::Reported) => return ExitCode::FAILURE,
+        _ => {}
     }
     eprintln!("taskctl: {err:#}");
     if let Some(hint) = cli_err.and_then(CliError::hint) {
@@ -174,6 +251,14 @@ pub enum CliError {
         /// What to do about it.
         hint: Option<String>,
     },
+    /// The daemon closed a connection a command was still reading from, as it does when it
+    /// shuts down (exit 3).
+    #[error("taskd closed the connection (is it shutting down?)")]
+    Disconnected,
+    /// Something failed and has been reported already, line by line (exit 1, nothing more
+    /// printed).
+    #[error("failed")]
+    Reported,
     /// Standard output was closed by its reader (exit 0, silently).
     #[error("standard output closed")]
     Closed,
@@ -183,9 +268,9 @@ impl CliError {
     fn exit_code(&self) -> u8 {
         match self {
             CliError::Closed => 0,
-            CliError::Refused { .. } => 1,
+            CliError::Refused { .. } | CliError::Reported => 1,
             CliError::Usage(_) => 2,
-            CliError::Unreachable { .. } => 3,
+            CliError::Unreachable { .. } | CliError::Disconnected => 3,
         }
     }
 
@@ -193,7 +278,9 @@ impl CliError {
         match self {
             CliError::Unreachable { hint, .. } => Some(hint),
             CliError::Refused { hint, .. } => hint.as_deref(),
-            CliError::Usage(_) | CliError::Closed => None,
+            CliError::Usage(_) | CliError::Disconnected | CliError::Reported | CliError::Closed => {
+                None
+            }
         }
     }
 }
@@ -228,6 +315,12 @@ impl Ctx {
         let default_dir = default_state_dir();
         let state_dir = cli.state_dir.clone().unwrap_or_else(|| default_dir.clone());
         let addr = match &cli.addr {
+            Some(a) if !is_host_port(a) => {
+                return Err(CliError::Usage(format!(
+                    "invalid --addr {a:?} (or TASKD_ADDR): expected HOST:PORT, e.g. {DEFAULT_LISTEN}"
+                ))
+                .into());
+            }
             Some(a) => a.clone(),
             None => read_trimmed(&state_dir.join(ADDRESS_FILE))
                 .unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
@@ -329,9 +422,51 @@ impl Ctx {
     }
 }
 
+/// Whether `s` looks like an address to dial: `HOST:PORT` with a port number, the host a
+/// name, an IPv4 address or a bracketed IPv6 address.
+fn is_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else { return false };
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    };
+    host_ok && port.parse::<u16>().is_ok()
+}
+
 /// The trimmed contents of a small file, or `None` when it is missing, unreadable or empty.
 fn read_trimmed(path: &Path) -> Option<String> {
     let s = std::fs::read_to_string(path).ok()?;
     let s = s.trim();
     (!s.is_empty()).then(|| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_host_and_port() {
+        for ok in ["127.0.0.1:3333", "localhost:1", "[::1]:3333", "my-host.example:80"] {
+            assert!(is_host_port(ok), "{ok}");
+        }
+        for bad in ["nonsense", "127.0.0.1", ":3333", "host:port", "a b:1", "[::1:3333", "h:99999"]
+        {
+            assert!(!is_host_port(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn edit_help_claims_no_defaults() {
+        let mut cmd = command();
+        let edit = cmd.find_subcommand_mut("edit").expect("edit");
+        let help = edit.render_long_help().to_string();
+        for claim in ["[default: skip]", "[default: 5s]", "[default: on-failure]", "[default: 0]"] {
+            assert!(!help.contains(claim), "{claim}: {help}");
+        }
+        assert!(!help.contains("Create without starting"), "{help}");
+        let add = command().find_subcommand("add").expect("add").clone().render_long_help();
+        assert!(add.to_string().contains("[default: skip]"), "{add}");
+    }
 }

@@ -90,7 +90,7 @@ pub fn parse_time(s: &str) -> Option<Timestamp> {
     s.parse::<Timestamp>().ok()
 }
 
-/// A coarse relative time: `3s ago`, `in 5m`, `2h ago`, `now`.
+/// A relative time: `3s ago`, `in 5m10s`, `in 1h29m`, `3d4h ago`, `now`.
 pub fn relative(s: &str) -> String {
     match parse_time(s) {
         Some(t) => relative_to(t, Timestamp::now()),
@@ -98,7 +98,7 @@ pub fn relative(s: &str) -> String {
     }
 }
 
-/// `t` relative to `now`, in the largest unit that fits.
+/// `t` relative to `now`: seconds below a minute, else the two largest units that fit.
 pub fn relative_to(t: Timestamp, now: Timestamp) -> String {
     let secs = t.as_second() - now.as_second();
     if secs == 0 {
@@ -108,13 +108,19 @@ pub fn relative_to(t: Timestamp, now: Timestamp) -> String {
     if secs > 0 { format!("in {span}") } else { format!("{span} ago") }
 }
 
-/// Seconds as `42s`, `5m`, `3h`, `2d`: one unit, rounded down.
+/// Seconds as `42s`, `5m10s`, `1h29m`, `3d4h`: one unit below a minute, else two, rounded
+/// down, the second left out when it is zero (`5m`, `2h`, `3d`).
 fn short_secs(s: u64) -> String {
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m", s / 60),
-        3600..172_800 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86_400),
+    let (big, big_unit, small, small_unit) = match s {
+        0..60 => return format!("{s}s"),
+        60..3600 => (s / 60, "m", s % 60, "s"),
+        3600..86_400 => (s / 3600, "h", s % 3600 / 60, "m"),
+        _ => (s / 86_400, "d", s % 86_400 / 3600, "h"),
+    };
+    if small == 0 {
+        format!("{big}{big_unit}")
+    } else {
+        format!("{big}{big_unit}{small}{small_unit}")
     }
 }
 
@@ -261,9 +267,14 @@ mod tests {
     fn relative_times_read_naturally() {
         let now: Timestamp = "2024-01-01T12:00:00Z".parse().unwrap();
         let at = |s: &str| relative_to(s.parse().unwrap(), now);
-        assert_eq!(at("2024-01-01T12:04:10Z"), "in 4m");
+        assert_eq!(at("2024-01-01T12:04:10Z"), "in 4m10s");
+        assert_eq!(at("2024-01-01T12:05:00Z"), "in 5m");
+        assert_eq!(at("2024-01-01T12:00:42Z"), "in 42s");
+        assert_eq!(at("2024-01-01T13:29:59Z"), "in 1h29m");
         assert_eq!(at("2024-01-01T11:59:57Z"), "3s ago");
         assert_eq!(at("2024-01-01T10:00:00Z"), "2h ago");
+        assert_eq!(at("2024-01-02T11:00:00Z"), "in 23h");
+        assert_eq!(at("2023-12-29T08:00:00Z"), "3d4h ago");
         assert_eq!(at("2023-12-29T12:00:00Z"), "3d ago");
         assert_eq!(at("2024-01-01T12:00:00Z"), "now");
     }

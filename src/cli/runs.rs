@@ -4,24 +4,52 @@ use clap::Args;
 use comfy_table::Cell;
 use jsonrpsee::core::client::SubscriptionCloseReason;
 
-use super::output::{self, duration_ms, exit_of, relative};
+use jsonrpsee::core::ClientError as RpcError;
+use jsonrpsee::types::error::OVERSIZED_RESPONSE_CODE;
+
+use super::output::{self, duration_ms, exit_of, kind_and_schedule, relative};
 use super::{CliError, Ctx};
 use crate::rpc::run::RunApiClient;
 use crate::rpc::types::{FollowArg, FollowItem, LogsArg, LogsResult, RunInfo, RunListArg};
+use crate::store::logs::last_lines;
 
-/// Bytes asked for per `Run.Logs` page.
-const LOG_PAGE: u32 = 1 << 20;
+/// Bytes asked for per `Run.Logs` page. The daemon caps a response at 1 MiB including its
+/// JSON wrapping and escapes, so a page stays well below that.
+const LOG_PAGE: u32 = 64 * 1024;
+
+/// Run states, for `runs --state`.
+pub const RUN_STATES: [&str; 7] =
+    ["queued", "running", "succeeded", "failed", "timed_out", "cancelled", "lost"];
+
+/// `--limit` for `runs`: 1 to 1000.
+fn run_limit(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<i64>() {
+        Ok(n @ 1..=1000) => Ok(n as u32),
+        _ => Err("must be 1-1000".into()),
+    }
+}
+
+/// A run id argument.
+fn run_id(s: &str) -> Result<i64, String> {
+    s.trim().parse::<i64>().map_err(|_| "must be a run id (a number)".into())
+}
 
 /// `taskctl runs`.
 #[derive(Debug, Args)]
 pub struct RunsArgs {
     /// Only runs of this unit
     pub unit: Option<String>,
-    /// Only runs in this state (queued, running, succeeded, failed, timed_out, cancelled, lost)
-    #[arg(long, value_name = "S")]
+    /// Only runs in this state
+    #[arg(long, value_name = "S", value_parser = RUN_STATES)]
     pub state: Option<String>,
-    /// At most N runs [default: 50]
-    #[arg(long, short = 'n', value_name = "N")]
+    /// At most N runs, 1-1000 [default: 50]
+    #[arg(
+        long,
+        short = 'n',
+        value_name = "N",
+        value_parser = run_limit,
+        allow_negative_numbers = true
+    )]
     pub limit: Option<u32>,
     /// Only runs with an id below this (paging)
     #[arg(long, value_name = "ID")]
@@ -55,6 +83,7 @@ pub struct LogsArgs {
 #[derive(Debug, Args)]
 pub struct CancelArgs {
     /// The run id
+    #[arg(value_name = "RUN", value_parser = run_id, allow_negative_numbers = true)]
     pub run: i64,
 }
 
@@ -128,22 +157,61 @@ pub async fn logs(ctx: &Ctx, a: LogsArgs) -> anyhow::Result<()> {
     }
     // With --tail, one call gives the last lines and where they end; following goes on
     // from there.
+    let (all, any) = match a.tail {
+        Some(n) => {
+            let page = tail_page(ctx, id, &stream, n, a.timestamps).await?;
+            if !ctx.json {
+                output::emit(&page.data)?;
+            }
+            let any = !page.data.is_empty();
+            (page, any)
+        }
+        None => read_all(ctx, id, &stream, a.timestamps, !ctx.json).await?,
+    };
+    let offset = all.next_offset;
+    if ctx.json && !a.follow {
+        output::json(&all)?;
+    }
+    if !a.follow {
+        if !any && !all.active {
+            return says_why_nothing(ctx, id).await;
+        }
+        return Ok(());
+    }
+    if ctx.json && !all.data.is_empty() {
+        output::json_line(&FollowItem::Output { stream: stream.clone(), data: all.data })?;
+    }
+    follow(ctx, FollowArg { id, offset: Some(offset), stream, timestamps: a.timestamps }).await
+}
+
+/// Reads a run's whole stored log page by page, printing each page as it comes when `print`
+/// is set. Returns what was read (its data only when not printed) and where it ends, and
+/// whether there was any output.
+async fn read_all(
+    ctx: &Ctx,
+    id: i64,
+    stream: &Option<String>,
+    timestamps: bool,
+    print: bool,
+) -> anyhow::Result<(LogsResult, bool)> {
     let mut offset = 0;
     let mut all = LogsResult::default();
+    let mut any = false;
     loop {
         let arg = LogsArg {
             id,
             stream: stream.clone(),
             offset: Some(offset),
             limit: Some(LOG_PAGE),
-            tail: a.tail,
-            timestamps: a.timestamps,
+            tail: None,
+            timestamps,
         };
         let page = ctx.call(ctx.client.logs(arg)).await?;
-        if ctx.json {
-            all.data.push_str(&page.data);
-        } else {
+        any |= !page.data.is_empty();
+        if print {
             output::emit(&page.data)?;
+        } else {
+            all.data.push_str(&page.data);
         }
         let progressed = page.next_offset > offset;
         offset = page.next_offset;
@@ -151,17 +219,66 @@ pub async fn logs(ctx: &Ctx, a: LogsArgs) -> anyhow::Result<()> {
         all.eof = page.eof;
         all.truncated |= page.truncated;
         all.active = page.active;
-        if page.eof || !progressed || a.tail.is_some() {
+        if page.eof || !progressed {
             break;
         }
     }
-    if !a.follow {
-        return if ctx.json { output::json(&all) } else { Ok(()) };
+    Ok((all, any))
+}
+
+/// The last `n` lines of a run's log. The daemon answers that in one call, unless those
+/// lines are longer than it may send at once (a long line without newlines): then the
+/// whole log is read in pages and cut here.
+async fn tail_page(
+    ctx: &Ctx,
+    id: i64,
+    stream: &Option<String>,
+    n: u32,
+    timestamps: bool,
+) -> anyhow::Result<LogsResult> {
+    let arg = LogsArg {
+        id,
+        stream: stream.clone(),
+        offset: None,
+        limit: Some(LOG_PAGE),
+        tail: Some(n),
+        timestamps,
+    };
+    match ctx.client.logs(arg).await {
+        Ok(page) => Ok(page),
+        Err(RpcError::Call(e)) if e.code() == OVERSIZED_RESPONSE_CODE => {
+            let (mut all, _) = read_all(ctx, id, stream, timestamps, false).await?;
+            all.data = last_lines(&all.data, n as usize);
+            Ok(all)
+        }
+        Err(e) => Err(ctx.rpc_error(e).into()),
     }
-    if ctx.json && !all.data.is_empty() {
-        output::json_line(&FollowItem::Output { stream: stream.clone(), data: all.data })?;
+}
+
+/// After a finished run's log turned out empty: a run that failed to start says why (exit
+/// 1); one that ended otherwise than `succeeded` says how, on standard error.
+async fn says_why_nothing(ctx: &Ctx, id: i64) -> anyhow::Result<()> {
+    let r = ctx.call(ctx.client.get(id)).await?;
+    if let Some(why) = failed_to_start(&r) {
+        return Err(CliError::Refused {
+            message: format!("run {} failed to start: {why}", r.id),
+            hint: None,
+        }
+        .into());
     }
-    follow(ctx, FollowArg { id, offset: Some(offset), stream, timestamps: a.timestamps }).await
+    if !ctx.json && r.state != "succeeded" && !matches!(r.state.as_str(), "queued" | "running") {
+        eprintln!("taskctl: {}, without output", ended(&r));
+    }
+    Ok(())
+}
+
+/// Why a run failed to start (a missing program or working directory…), if it did: it
+/// failed without an exit code or signal, with a reason.
+fn failed_to_start(r: &RunInfo) -> Option<&str> {
+    (r.state == "failed" && r.exit_code.is_none() && r.signal.is_none())
+        .then_some(r.reason.as_deref())
+        .flatten()
+        .map(|why| why.strip_prefix("cannot start: ").unwrap_or(why))
 }
 
 /// Prints a run's output as it comes (`Run.Follow`) until the final message.
@@ -185,6 +302,13 @@ async fn follow(ctx: &Ctx, arg: FollowArg) -> anyhow::Result<()> {
                         }
                     }
                     FollowItem::End { run } => {
+                        if let Some(why) = failed_to_start(&run) {
+                            return Err(CliError::Refused {
+                                message: format!("run {} failed to start: {why}", run.id),
+                                hint: None,
+                            }
+                            .into());
+                        }
                         if !ctx.json && run.state != "succeeded" {
                             eprintln!("taskctl: {}", ended(&run));
                         }
@@ -200,7 +324,7 @@ async fn follow(ctx: &Ctx, arg: FollowArg) -> anyhow::Result<()> {
                             .into(),
                         hint: Some("read it with `taskctl logs RUN` (without -f)".into()),
                     },
-                    _ => ctx.unreachable("the connection closed before the run ended"),
+                    _ => CliError::Disconnected,
                 }
                 .into());
             }
@@ -218,7 +342,8 @@ fn ended(r: &RunInfo) -> String {
             if r.signal.is_some() { exit } else { format!("exit {exit}") }
         ));
     }
-    if let Some(reason) = &r.reason {
+    // A reason that only repeats the state (`cancelled`) says nothing more.
+    if let Some(reason) = r.reason.as_ref().filter(|why| **why != r.state) {
         s.push_str(&format!(": {reason}"));
     }
     s
@@ -230,5 +355,36 @@ pub async fn cancel(ctx: &Ctx, a: CancelArgs) -> anyhow::Result<()> {
     if ctx.json {
         return output::json(&r);
     }
-    output::line(&ended(&r))
+    // The daemon restarts a service or tick unit after a cancelled run, as after a crash:
+    // say so, and how to keep it down.
+    let kind = match crate::rpc::unit::TaskUnitApiClient::get(&*ctx.client, r.unit.clone()).await {
+        Ok(u) => kind_and_schedule(&u.definition).0,
+        Err(_) => String::new(),
+    };
+    let what = match kind.as_str() {
+        "service" => "a service",
+        "tick" => "a tick unit",
+        _ => return output::line(&ended(&r)),
+    };
+    output::line(&format!(
+        "{}; {} is {what} and restarts (use 'taskctl stop {}' to keep it down)",
+        ended(&r),
+        r.unit,
+        r.unit
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_and_limits_are_checked() {
+        assert_eq!(run_id("42"), Ok(42));
+        assert_eq!(run_id("abc"), Err("must be a run id (a number)".into()));
+        assert_eq!(run_limit("1000"), Ok(1000));
+        for bad in ["0", "1001", "-1", "x"] {
+            assert_eq!(run_limit(bad), Err("must be 1-1000".into()), "{bad}");
+        }
+    }
 }

@@ -13,11 +13,39 @@ use super::output::{self, kind_and_schedule, relative, run_summary, time_and_rel
 use super::{CliError, Ctx};
 use crate::rpc::types::{AddArg, AddResult, DeleteArg, ListArg, UnitInfo};
 use crate::rpc::unit::TaskUnitApiClient;
-use crate::unit::definition::parse_duration;
+use crate::unit::definition::{FIELDS, parse_duration};
+
+/// Unit states, for `list --state`.
+pub const UNIT_STATES: [&str; 6] = ["waiting", "running", "backoff", "paused", "done", "fatal"];
 
 /// A duration option, checked here so that a typo is a usage error with clap's message.
 fn duration(s: &str) -> Result<String, String> {
+    if s.trim_start().starts_with('-') {
+        return Err("must be positive: a duration such as 30s, 5m or 1h30m".into());
+    }
     parse_duration(s).map(|_| s.to_string())
+}
+
+/// A count option (`--retries`, `--keep-runs`): a whole number, 0 or more.
+fn count(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<i64>() {
+        Ok(n) if n < 0 => Err("must be 0 or more".into()),
+        Ok(n) => u32::try_from(n).map_err(|_| format!("must be at most {}", u32::MAX)),
+        Err(_) => Err("must be a whole number, 0 or more".into()),
+    }
+}
+
+/// A field for `edit --clear`: one of the definition's fields but `name` (`-` for `_`).
+fn clear_field(s: &str) -> Result<String, String> {
+    let f = s.trim().replace('-', "_");
+    if f == "name" {
+        return Err("a unit's name cannot be removed".into());
+    }
+    if !FIELDS.contains(&f.as_str()) {
+        let fields: Vec<&str> = FIELDS.iter().copied().filter(|&f| f != "name").collect();
+        return Err(format!("unknown field; the fields are: {}", fields.join(", ")));
+    }
+    Ok(f)
 }
 
 /// `K=V` for `--env`.
@@ -73,7 +101,7 @@ fn enum_name<T: ValueEnum>(v: T) -> String {
 #[command(next_help_heading = "Definition")]
 pub struct DefArgs {
     /// Run every D (`30s`, `5m`, `1h30m`)
-    #[arg(long, value_name = "D", value_parser = duration)]
+    #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub every: Option<String>,
     /// Run on a cron schedule (5 fields, 6 with seconds, or @hourly, @daily…)
     #[arg(long, value_name = "EXPR")]
@@ -85,10 +113,10 @@ pub struct DefArgs {
     #[arg(long)]
     pub service: bool,
     /// Stop a run that lasts longer than D
-    #[arg(long, value_name = "D", value_parser = duration)]
+    #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub timeout: Option<String>,
     /// Extra attempts for a failed run
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = count, allow_negative_numbers = true)]
     pub retries: Option<u32>,
     /// What a fire does while a run is active [default: skip]
     #[arg(long, value_name = "P", value_enum)]
@@ -112,7 +140,7 @@ pub struct DefArgs {
     #[arg(long, value_name = "TEXT")]
     pub description: Option<String>,
     /// Time between SIGTERM and SIGKILL when stopping [default: 5s]
-    #[arg(long, value_name = "D", value_parser = duration)]
+    #[arg(long, value_name = "D", value_parser = duration, allow_hyphen_values = true)]
     pub kill_grace: Option<String>,
     /// Fire times missed while the daemon was down [default: skip]
     #[arg(long, value_name = "P", value_enum)]
@@ -133,7 +161,7 @@ pub struct DefArgs {
     #[arg(long, value_name = "CODES", value_delimiter = ',', num_args = 1..)]
     pub success_codes: Option<Vec<i32>>,
     /// Runs kept for this unit [default: the daemon's keep_runs]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = count, allow_negative_numbers = true)]
     pub keep_runs: Option<u32>,
     /// The command and its arguments, after `--` (with --script: the script's arguments)
     #[arg(last = true, value_name = "COMMAND")]
@@ -227,11 +255,17 @@ impl DefArgs {
                     m.insert(other.to_string(), Value::Null);
                 }
             }
-            if m.contains_key("cron") && m["cron"].is_null() && !m.contains_key("tz") {
-                m.insert("tz".into(), Value::Null);
-            }
+            drop_tz_with_cron(&mut m);
         }
         Ok(m)
+    }
+}
+
+/// In an edit patch that removes `cron`, removes `tz` too unless the patch sets it: a zone
+/// without a cron schedule means nothing, and the daemon refuses it.
+fn drop_tz_with_cron(m: &mut Map<String, Value>) {
+    if m.get("cron").is_some_and(Value::is_null) && !m.contains_key("tz") {
+        m.insert("tz".into(), Value::Null);
     }
 }
 
@@ -265,8 +299,12 @@ pub struct EditArgs {
     /// Make a service a job again
     #[arg(long, conflicts_with = "service")]
     pub no_service: bool,
-    /// Remove fields, back to their defaults (repeatable): `--clear every --clear env`
-    #[arg(long, value_name = "FIELD", value_delimiter = ',')]
+    /// Resume a paused unit (as `taskctl resume` does)
+    #[arg(long, conflicts_with = "paused")]
+    pub no_paused: bool,
+    /// Remove fields, back to their defaults (repeatable): `--clear every --clear env`;
+    /// `--clear cron` removes `tz` too
+    #[arg(long, value_name = "FIELD", value_delimiter = ',', value_parser = clear_field)]
     pub clear: Vec<String>,
 }
 
@@ -284,8 +322,8 @@ pub struct DelArgs {
 /// `taskctl list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// Only units in this state (waiting, running, backoff, paused, done, fatal)
-    #[arg(long, value_name = "S")]
+    /// Only units in this state
+    #[arg(long, value_name = "S", value_parser = UNIT_STATES)]
     pub state: Option<String>,
     /// Only units whose name matches this glob
     pub glob: Option<String>,
@@ -350,15 +388,16 @@ pub async fn edit(ctx: &Ctx, a: EditArgs) -> anyhow::Result<()> {
     if a.no_service {
         fields.insert("service".into(), json!(false));
     }
-    for f in &a.clear {
-        let f = f.replace('-', "_");
-        if f == "name" {
-            return Err(
-                CliError::Usage("--clear name: a unit's name cannot be removed".into()).into()
-            );
-        }
-        fields.insert(f, Value::Null);
+    for f in a.clear {
+        // Back to the default, `false`, said as such: the daemon pauses or resumes on a
+        // boolean `paused` only.
+        let v = if f == "paused" { json!(false) } else { Value::Null };
+        fields.insert(f, v);
     }
+    if a.no_paused {
+        fields.insert("paused".into(), json!(false));
+    }
+    drop_tz_with_cron(&mut fields);
     if fields.is_empty() {
         return Err(CliError::Usage(format!(
             "nothing to change: give options, e.g. `taskctl edit {} --every 5m`",
@@ -378,7 +417,7 @@ pub async fn edit(ctx: &Ctx, a: EditArgs) -> anyhow::Result<()> {
 
 /// `taskctl del`: each name in turn; fails (exit 1) if any did.
 pub async fn del(ctx: &Ctx, a: DelArgs) -> anyhow::Result<()> {
-    let mut failed = Vec::new();
+    let mut failed = false;
     let mut done = Map::new();
     for name in &a.names {
         let arg = if a.keep_history {
@@ -399,23 +438,21 @@ pub async fn del(ctx: &Ctx, a: DelArgs) -> anyhow::Result<()> {
                 if matches!(e, CliError::Unreachable { .. }) {
                     return Err(e.into());
                 }
-                eprintln!("taskctl: {name}: {e}");
-                failed.push(name.as_str());
+                // One line per failure; the daemon's message usually names the unit.
+                let msg = e.to_string();
+                if msg.contains(name.as_str()) {
+                    eprintln!("taskctl: {msg}");
+                } else {
+                    eprintln!("taskctl: {name}: {msg}");
+                }
+                failed = true;
             }
         }
     }
     if ctx.json {
         output::json(&done)?;
     }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::Refused {
-            message: format!("not deleted: {}", failed.join(", ")),
-            hint: None,
-        }
-        .into())
-    }
+    if failed { Err(CliError::Reported.into()) } else { Ok(()) }
 }
 
 /// `taskctl list`.
@@ -458,13 +495,18 @@ pub async fn show(ctx: &Ctx, a: NameArg) -> anyhow::Result<()> {
         return output::json(&u);
     }
     let (kind, schedule) = kind_and_schedule(&u.definition);
-    let mut rows = vec![
-        ("name".to_string(), u.name.clone()),
-        ("state".into(), u.state.clone()),
+    let mut rows = vec![("name".to_string(), u.name.clone()), ("state".into(), u.state.clone())];
+    if u.state == "fatal" {
+        rows.push((
+            "fatal".into(),
+            format!("hit its start limit; 'taskctl start {}' resets it", u.name),
+        ));
+    }
+    rows.extend([
         ("kind".into(), if kind == "service" { kind } else { format!("{kind}, {schedule}") }),
         ("next fire".into(), u.next_fire.as_deref().map_or("-".into(), time_and_relative)),
         ("last run".into(), u.last_run.as_ref().map_or("-".into(), run_summary)),
-    ];
+    ]);
     if !u.active_runs.is_empty() {
         let ids: Vec<String> = u.active_runs.iter().map(|id| format!("#{id}")).collect();
         rows.push(("active runs".into(), ids.join(" ")));
@@ -548,6 +590,35 @@ mod tests {
         assert_eq!(m["every"], json!("5m"));
         assert_eq!(m["cron"], Value::Null);
         assert!(d.fields(false).unwrap().get("cron").is_none());
+    }
+
+    #[test]
+    fn clearing_cron_clears_tz_unless_tz_is_set() {
+        let mut m = Map::new();
+        m.insert("cron".into(), Value::Null);
+        drop_tz_with_cron(&mut m);
+        assert_eq!(m.get("tz"), Some(&Value::Null));
+        let mut m = Map::new();
+        m.insert("cron".into(), Value::Null);
+        m.insert("tz".into(), json!("UTC"));
+        drop_tz_with_cron(&mut m);
+        assert_eq!(m["tz"], json!("UTC"));
+    }
+
+    #[test]
+    fn clear_takes_known_fields_only() {
+        assert_eq!(clear_field("kill-grace"), Ok("kill_grace".into()));
+        assert!(clear_field("name").is_err());
+        let e = clear_field("colour").unwrap_err();
+        assert!(e.contains("every") && e.contains("cron") && !e.contains("name"), "{e}");
+    }
+
+    #[test]
+    fn negative_values_say_what_is_wrong() {
+        assert_eq!(count("3"), Ok(3));
+        assert_eq!(count("-1"), Err("must be 0 or more".into()));
+        assert!(duration("-5s").unwrap_err().contains("positive"));
+        assert_eq!(duration("5s"), Ok("5s".into()));
     }
 
     #[test]

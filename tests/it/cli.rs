@@ -247,6 +247,25 @@ fn usage_errors_are_exit_2() {
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(!err.is_empty(), "{args:?}");
     }
+    // Each with what it says.
+    for (args, says) in [
+        (&["--addr", "nonsense", "status"][..], "invalid --addr"),
+        (&["runs", "--state", "bogus"], "timed_out"),
+        (&["list", "--state", "bogus"], "backoff"),
+        (&["runs", "--limit", "0"], "must be 1-1000"),
+        (&["runs", "--limit", "1001"], "must be 1-1000"),
+        (&["cancel", "abc"], "must be a run id (a number)"),
+        (&["add", "x", "--"], "nothing after --: give a command, or omit -- for a tick unit"),
+        (&["add", "x", "--every", "-5s", "--", "true"], "must be positive"),
+        (&["add", "x", "--timeout", "-1s", "--", "true"], "must be positive"),
+        (&["add", "x", "--retries", "-1", "--", "true"], "must be 0 or more"),
+        (&["edit", "x", "--clear", "colour"], "the fields are: command, script"),
+        (&["edit", "x", "--clear", "name"], "name cannot be removed"),
+    ] {
+        let (code, err) = fails(d.taskctl(args));
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
     let list = json(d.taskctl(&["--json", "list"]));
     assert_eq!(list, serde_json::json!([]), "nothing was added");
 }
@@ -257,6 +276,7 @@ fn del_reports_each_name_and_fails_if_any_did() {
     let (code, err) = fails(d.taskctl(&["del", "missing"]));
     assert_eq!(code, 1);
     assert!(err.contains("missing") && err.contains("not found"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line per failure: {err}");
 
     ok(d.taskctl(&["add", "a", "--paused", "--", "true"]));
     let out = d.taskctl(&["del", "a", "missing"]);
@@ -307,6 +327,10 @@ fn start_stop_pause_resume_and_cancel() {
         .expect("a run");
     let out = ok(d.taskctl(&["cancel", &id.to_string()]));
     assert!(out.starts_with(&format!("run {id} cancelled")), "{out}");
+    assert!(
+        out.contains("svc is a service and restarts (use 'taskctl stop svc' to keep it down)"),
+        "{out}"
+    );
     // Look the run up by id: a service may already have been restarted after it.
     let runs = json(d.taskctl(&["--json", "runs", "svc", "--limit", "10"]));
     let r = runs.as_array().and_then(|a| a.iter().find(|r| r["id"] == id)).expect("the run");
@@ -379,4 +403,158 @@ fn completions_are_printed() {
     }
     let (code, _) = fails(d.taskctl(&["completions", "cmd.exe"]));
     assert_eq!(code, 2);
+}
+
+#[test]
+fn logs_of_a_run_over_a_mebibyte_are_read_in_pages() {
+    let d = TestDaemon::start();
+    let script = "head -c 3000000 /dev/zero | tr '\\0' a; echo";
+    let info =
+        json(d.taskctl(&["--json", "add", "big", "--log-limit", "8MiB", "--", "sh", "-c", script]));
+    let run = info["last_run"]["id"].as_i64().expect("a run");
+    assert_eq!(d.wait_run_end(run)["state"], "succeeded");
+
+    let all = ok(d.taskctl(&["logs", "big"]));
+    assert_eq!(all.len(), 3_000_001);
+    assert!(all.starts_with("aaa") && all.ends_with("a\n"), "{}", &all[..10]);
+    // The last lines are that one long line, longer than the daemon sends at once.
+    let tail = ok(d.taskctl(&["logs", "big", "--tail", "5"]));
+    assert_eq!(tail.len(), 3_000_001);
+    let j = json(d.taskctl(&["--json", "logs", &run.to_string()]));
+    assert_eq!(j["data"].as_str().map(str::len), Some(3_000_001));
+    assert_eq!(j["eof"], true);
+}
+
+#[test]
+fn logs_of_a_run_that_failed_to_start_say_why() {
+    let d = TestDaemon::start();
+    let info = json(d.taskctl(&["--json", "add", "nocwd", "--cwd", "/no/such/dir", "--", "true"]));
+    let run = info["last_run"]["id"].as_i64().expect("a run");
+    assert_eq!(d.wait_run_end(run)["state"], "failed");
+    for args in [
+        &["logs", "nocwd"][..],
+        &["logs", &run.to_string(), "--tail", "3"],
+        &["logs", "-f", "nocwd"],
+    ] {
+        let out = d.taskctl(args);
+        assert!(out.stdout.is_empty(), "{args:?}: stdout stays clean");
+        let (code, err) = fails(out);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.starts_with(&format!("taskctl: run {run} failed to start: ")), "{err}");
+        assert!(err.contains("/no/such/dir"), "{err}");
+    }
+
+    // A run that failed quietly: said on stderr; the logs themselves were read fine.
+    let info = json(d.taskctl(&["--json", "add", "quiet", "--", "sh", "-c", "exit 3"]));
+    let run = info["last_run"]["id"].as_i64().expect("a run");
+    d.wait_run_end(run);
+    let out = d.taskctl(&["logs", "quiet"]);
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("run {run} failed (exit 3)")) && err.contains("without output"),
+        "{err}"
+    );
+}
+
+#[test]
+fn followers_say_when_the_daemon_shuts_down() {
+    let mut d = TestDaemon::start();
+    ok(d.taskctl(&["add", "svc", "--service", "--", "sh", "-c", "echo up; exec sleep 60"]));
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_taskctl"))
+            .arg("--state-dir")
+            .arg(d.state_dir())
+            .args(args)
+            .env_remove("TASKD_ADDR")
+            .env_remove("TASKD_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn taskctl")
+    };
+    let mut logs = spawn(&["logs", "-f", "svc"]);
+    let mut events = spawn(&["events", "--after", "0"]);
+    // Both are reading once each has printed its first line.
+    let first_line = |child: &mut std::process::Child| {
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("a line");
+        assert!(!line.is_empty(), "no output");
+        out
+    };
+    let _logs_out = first_line(&mut logs);
+    let _events_out = first_line(&mut events);
+    assert!(d.terminate().success());
+    for child in [logs, events] {
+        let out = child.wait_with_output().expect("taskctl ends");
+        let (code, err) = fails(out);
+        assert_eq!(code, 3, "{err}");
+        assert_eq!(err, "taskctl: taskd closed the connection (is it shutting down?)\n");
+    }
+}
+
+#[test]
+fn edit_clear_cron_clears_tz_so_a_job_becomes_a_service_in_one_step() {
+    let d = TestDaemon::start();
+    ok(d.taskctl(&[
+        "add",
+        "p1",
+        "--cron",
+        "0 3 * * *",
+        "--tz",
+        "Europe/Berlin",
+        "--",
+        "sleep",
+        "30",
+    ]));
+    let out = ok(d.taskctl(&["edit", "p1", "--clear", "cron", "--service"]));
+    assert!(out.starts_with("edited p1 (service)"), "{out}");
+    let info = json(d.taskctl(&["--json", "show", "p1"]));
+    assert!(info["definition"].get("cron").is_none_or(Value::is_null), "{info}");
+    assert!(info["definition"].get("tz").is_none_or(Value::is_null), "{info}");
+    assert_eq!(info["definition"]["service"], true);
+
+    // --paused and --no-paused pause and resume (a running service keeps its run).
+    ok(d.taskctl(&["edit", "p1", "--paused"]));
+    assert_eq!(json(d.taskctl(&["--json", "show", "p1"]))["definition"]["paused"], true);
+    ok(d.taskctl(&["edit", "p1", "--no-paused"]));
+    assert_eq!(json(d.taskctl(&["--json", "show", "p1"]))["definition"]["paused"], false);
+}
+
+#[test]
+fn show_says_how_to_reset_a_fatal_service() {
+    let d = TestDaemon::start();
+    ok(d.taskctl(&[
+        "add",
+        "crashy",
+        "--service",
+        "--backoff",
+        "10ms..10ms",
+        "--start-limit",
+        "2/60s",
+        "--",
+        "false",
+    ]));
+    d.wait_unit("crashy", "the service to hit its start limit", |u| u["state"] == "fatal");
+    let show = ok(d.taskctl(&["show", "crashy"]));
+    assert!(
+        show.lines().any(|l| l.starts_with("fatal:")
+            && l.ends_with("hit its start limit; 'taskctl start crashy' resets it")),
+        "{show}"
+    );
+}
+
+#[test]
+fn help_groups_the_global_options() {
+    let d = TestDaemon::start();
+    let help = ok(d.taskctl(&["--help"]));
+    assert!(help.contains("Global options:"), "{help}");
+    assert!(!help.contains("TASKD_ADDR="), "{help}");
+    let edit = ok(d.taskctl(&["edit", "--help"]));
+    assert!(!edit.contains("Create without starting"), "{edit}");
+    assert!(!edit.contains("[default: skip]"), "{edit}");
+    assert!(ok(d.taskctl(&["add", "--help"])).contains("Create without starting"));
 }
