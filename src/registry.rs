@@ -396,7 +396,12 @@ impl Registry {
             Ok(current) if Arc::ptr_eq(&current.0, &h.0) => {}
             _ => return Err(Error::UnitNotFound(name.to_string())),
         }
-        let pause = patch.get("paused").and_then(Value::as_bool);
+        // `"paused": null` removes the field, whose default is "not paused": a resume.
+        let pause = match patch.get("paused") {
+            Some(Value::Bool(b)) => Some(*b),
+            Some(Value::Null) => Some(false),
+            _ => None,
+        };
         let old = h.config();
         let mut doc = old.def.to_json();
         merge_patch(&mut doc, &patch);

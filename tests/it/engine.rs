@@ -135,13 +135,15 @@ fn delete_stops_the_process_tree_before_answering() {
 #[test]
 fn a_child_ignoring_sigterm_is_killed_after_the_grace() {
     let d = TestDaemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let ready = tmp.path().join("ready");
+    let script = format!("trap '' TERM; touch {}; sleep 1000 & wait; sleep 1000", ready.display());
     let info = d.call(
         "TaskUnit.Add",
-        json!({"name": "stubborn", "command": ["sh", "-c", "trap '' TERM; sleep 1000 & wait; sleep 1000"],
-               "kill_grace": "200ms"}),
+        json!({"name": "stubborn", "command": ["sh", "-c", script], "kill_grace": "200ms"}),
     );
     let id = run_id(&info);
-    d.wait_unit("stubborn", "the run to start", |u| u["state"] == "running");
+    wait_for("the trap to be set", || ready.exists().then_some(()));
     let r = d.call("Run.Cancel", json!(id));
     assert_eq!(r["state"], "cancelled");
     assert_eq!(r["reason"], "cancelled");
@@ -267,8 +269,11 @@ fn pause_stops_firing_and_resume_continues() {
     d.call("TaskUnit.Add", json!({"name": "p", "every": "100ms", "command": ["true"]}));
     d.wait_unit("p", "a first run", |u| u["runs_total"].as_u64() >= Some(1));
     let paused = d.call("TaskUnit.Pause", json!("p"));
-    assert_eq!(paused["state"], "paused");
     assert!(paused["next_fire"].is_null());
+    // A run that was active when the pause came ends; no new one starts.
+    let paused = d.wait_unit("p", "the unit to be paused", |u| u["state"] == "paused");
+    let runs = paused["runs_total"].clone();
+    assert_eq!(d.call("TaskUnit.Get", json!("p"))["runs_total"], runs);
     let resumed = d.call("TaskUnit.Resume", json!("p"));
     assert_ne!(resumed["state"], "paused");
     let before = resumed["runs_total"].as_u64().unwrap();
