@@ -82,6 +82,7 @@ pub async fn run(
     let unit_tasks = TaskTracker::new();
     let listener_stop = CancellationToken::new();
     let stop_accepting = CancellationToken::new();
+    let followers = TaskTracker::new();
     let conn_tasks = TaskTracker::new();
     std::fs::create_dir_all(&cfg.units_dir).map_err(|e| Error::io(&cfg.units_dir, e))?;
     let registry = Registry::open(
@@ -105,6 +106,7 @@ pub async fn run(
         started: Timestamp::now(),
         listeners: vec![local.to_string()],
         token: token.clone(),
+        followers: followers.clone(),
     }));
     let audit_store = store.clone();
     let serve_cfg = ServeConfig {
@@ -158,6 +160,11 @@ pub async fn run(
     unit_tasks.close();
     unit_tasks.wait().await;
     store.flush().await?;
+    // Every run has ended; followers only have their final message left to send.
+    followers.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(5), followers.wait()).await.is_err() {
+        tracing::warn!("some Run.Follow subscribers did not finish; closing anyway");
+    }
     listener_stop.cancel();
     let _ = server.await;
     conn_tasks.close();

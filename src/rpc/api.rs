@@ -21,6 +21,9 @@ pub struct ApiContext {
     pub listeners: Vec<String>,
     /// The daemon's token, when `--auth token`.
     pub token: Option<Arc<str>>,
+    /// Every active `Run.Follow`: at shutdown the daemon lets them deliver their runs' final
+    /// state before it closes connections.
+    pub followers: tokio_util::task::TaskTracker,
 }
 
 /// A cheap-to-clone handle every method group is implemented on.

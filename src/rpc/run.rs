@@ -141,6 +141,7 @@ impl RunApiServer for Api {
     }
 
     async fn follow(&self, pending: PendingSubscriptionSink, arg: FollowArg) -> SubscriptionResult {
+        let _follower = self.followers.token();
         let store = self.registry.store().clone();
         let stream = match parse_stream(arg.stream.as_deref()) {
             Ok(s) => s,
