@@ -229,6 +229,8 @@ fn a_stopped_service_stays_stopped_until_started() {
     let r = d.call("TaskUnit.Start", json!("web"));
     assert_eq!(r["state"], "running");
     d.wait_unit("web", "the service to run again", |u| u["state"] == "running");
+    // Dropping the daemon SIGKILLs it, which would leave the service's process behind.
+    d.call("TaskUnit.Stop", json!("web"));
 }
 
 #[test]
