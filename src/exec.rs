@@ -1,5 +1,6 @@
 //! Runs one command in its own process group, streams its output, notices its exit at once
-//! and stops it (with every descendant in its group) on request.
+//! and stops it (with every descendant in its group, and every process carrying its tag) on
+//! request.
 //!
 //! # How exits are noticed
 //!
@@ -13,12 +14,36 @@
 //! may wait for child processes (no `std::process::Command::status`, no `tokio::process`): the
 //! reaper would steal their statuses.
 //!
-//! **Architecture Invariant:** a run's process group never outlives the run: [`Process::wait`]
-//! returns only once the group is empty (or has been sent SIGKILL).
+//! **Architecture Invariant:** a run's processes never outlive the run: [`Process::wait`]
+//! returns only once the group is empty and no process carrying the run's tag is left (or they
+//! have been sent SIGKILL).
+//!
+//! # Finding a run's processes
+//!
+//! A run is its own process group, but a descendant may leave the group (`setsid`, `setpgid`),
+//! and the group then no longer reaches it. So a run can be *tagged* ([`Spec::tag`]): one
+//! environment entry, say `TASKD_RUN_TAG=<daemon>-<run>`, that every descendant inherits. The
+//! processes of a run are then its group plus every process whose `/proc/<pid>/environ` holds
+//! that exact entry. The tag must be unique to the run across everything the daemon can see
+//! (other daemons, other users when root), since whatever carries it is stopped with the run.
+//!
+//! Scanning all of `/proc` costs a read per process, so a run that ends on its own is scanned
+//! only when it may have left something behind: its group still has members, or the daemon has a
+//! child that is not a leader we track (a process orphaned by the run is reparented to the
+//! daemon, the subreaper) and that child carries the tag (or cannot be read). That check reads
+//! one `/proc/self/task/<pid>/children` file and the environment of untracked children only.
+//!
+//! Limits: `/proc/<pid>/environ` is the environment the process was *started* with, and only
+//! readable for processes we may ptrace (a non-root daemon sees its own user's processes, not
+//! setuid ones). A process that execs with a scrubbed environment (`env -i`), or that changes
+//! user, escapes. Finding processes by tag also races with pid reuse, in a window of
+//! microseconds between reading `/proc` and signalling. Putting each run in a cgroup (and
+//! killing the cgroup) would be the complete answer; it needs a delegated cgroup subtree, which
+//! a daemon started from a login shell does not have.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -73,6 +98,11 @@ pub struct Spec {
     pub cwd: PathBuf,
     /// Run as this account (the daemon must be root).
     pub user: Option<User>,
+    /// An environment entry `(KEY, VALUE)` that marks every process of the run, so that one
+    /// that left the process group can still be found and stopped (see the module docs). It is
+    /// put into the child's environment, replacing any other value of `KEY` in `env`. It must
+    /// be unique to the run: every process carrying it is stopped when the run ends.
+    pub tag: Option<(String, String)>,
 }
 
 /// An account to run as, resolved by [`User::lookup`].
@@ -158,7 +188,8 @@ pub struct Exit {
     pub termination: Termination,
     /// We stopped it because the `stop` token was cancelled.
     pub stopped: bool,
-    /// SIGKILL had to be sent to the group (SIGTERM was not enough within the grace period).
+    /// SIGKILL had to be sent to the group or a tagged process (SIGTERM was not enough within
+    /// the grace period).
     pub killed: bool,
 }
 
@@ -173,6 +204,8 @@ pub struct Process {
     readers: Vec<JoinHandle<()>>,
     /// Tells the readers to stop waiting for EOF once the pipes are empty.
     finish: CancellationToken,
+    /// The environment entry `KEY=VALUE` of [`Spec::tag`].
+    tag: Option<Vec<u8>>,
 }
 
 impl Process {
@@ -202,6 +235,10 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // After `envs`, so that it replaces any other value of the key.
+        if let Some((key, value)) = &spec.tag {
+            cmd.env(key, value);
+        }
         // Resolved before fork: the child may only make async-signal-safe calls.
         let ids = spec.user.as_ref().map(|u| Ids {
             uid: Uid::from_raw(u.uid),
@@ -260,7 +297,8 @@ impl Process {
                 return Err(io::Error::new(e.kind(), format!("output pipes of {argv0:?}: {e}")));
             }
         };
-        Ok(Process { pid, start_ticks, exit, readers, finish })
+        let tag = spec.tag.as_ref().map(|(key, value)| tag_entry(key, value));
+        Ok(Process { pid, start_ticks, exit, readers, finish, tag })
     }
 
     /// The leader's pid, which is also the process group id.
@@ -275,16 +313,18 @@ impl Process {
     }
 
     /// Waits until the process exits, or until `stop` is cancelled; then sends SIGTERM to the
-    /// whole group, waits up to `grace`, and SIGKILLs the group.
+    /// whole group and every process carrying the tag, waits up to `grace`, and SIGKILLs what
+    /// is left of them.
     ///
-    /// If the leader exits on its own while other members of its group remain, they are stopped
-    /// the same way. Returns once the leader has been reaped, the group is gone and the output
-    /// readers are finished (all output has been handed to the receiver).
+    /// If the leader exits on its own while other members of its group or tagged processes
+    /// remain, they are stopped the same way. Returns once the leader has been reaped, the group
+    /// and the tagged processes are gone and the output readers are finished (all output has
+    /// been handed to the receiver).
     ///
     /// Not cancel-safe: dropping the future part-way may leave the group running. To stop a
     /// run, cancel `stop` and let `wait` finish.
     pub async fn wait(mut self, stop: CancellationToken, grace: Duration) -> Exit {
-        let pgid = Pid::from_raw(self.pid as i32);
+        let run = Members { pgid: Pid::from_raw(self.pid as i32), tag: self.tag.as_deref() };
         let mut stopped = false;
         let mut killed = false;
         let leader = tokio::select! {
@@ -294,25 +334,27 @@ impl Process {
         };
         let termination = match leader {
             Some(t) => {
-                if group_alive(pgid) {
-                    terminate_group(pgid);
-                    if !wait_group_gone(pgid, Instant::now() + grace).await {
-                        killed = kill_group(pgid).await;
-                    }
+                // Runs end by the thousand per second and almost never leave anything behind:
+                // look through /proc only when the cheap checks say something may be left.
+                if (group_alive(run.pgid) || run.may_have_escaped())
+                    && let Some(tagged) = run.terminate()
+                    && !run.wait_gone(tagged, Instant::now() + grace).await
+                {
+                    killed = run.kill().await;
                 }
                 t
             }
             None => {
                 stopped = true;
-                terminate_group(pgid);
+                let tagged = run.terminate().unwrap_or_default();
                 let deadline = Instant::now() + grace;
                 let leader = tokio::time::timeout_at(deadline, &mut self.exit).await.ok();
                 let gone = match leader {
-                    Some(_) => wait_group_gone(pgid, deadline).await,
+                    Some(_) => run.wait_gone(tagged, deadline).await,
                     None => false,
                 };
                 if !gone {
-                    killed = kill_group(pgid).await;
+                    killed = run.kill().await;
                 }
                 match leader {
                     Some(t) => termination_of(t),
@@ -375,6 +417,32 @@ pub fn kill_stale_group(pgid: u32, start_ticks: u64, sig: Signal) -> usize {
             .filter(|m| kill(Pid::from_raw(m.pid as i32), sig).is_ok())
             .count(),
     }
+}
+
+/// Like [`kill_stale_group`], and also sends `sig` to every process carrying the run's `tag`
+/// ([`Spec::tag`]) that started at or after `start_ticks`: those that left the group. Returns
+/// how many processes were signalled.
+///
+/// Used at daemon start for the runs of a crashed daemon; check [`boot_id`] first. The start
+/// ticks keep a process that carries the tag from an earlier use of it (an older daemon on the
+/// same state directory) out of reach.
+pub fn kill_stale_run(
+    pgid: u32,
+    start_ticks: u64,
+    tag: Option<(&str, &str)>,
+    sig: Signal,
+) -> usize {
+    let group = kill_stale_group(pgid, start_ticks, sig);
+    let Some((key, value)) = tag else { return group };
+    let tagged = tagged_processes(&tag_entry(key, value));
+    group
+        + tagged
+            .iter()
+            .filter(|t| t.start_ticks >= start_ticks)
+            // Already signalled through their group.
+            .filter(|t| group == 0 || t.pgrp != pgid)
+            .filter(|t| kill(Pid::from_raw(t.pid as i32), sig).is_ok())
+            .count()
 }
 
 /// The system boot id (`/proc/sys/kernel/random/boot_id`), so that pids and start ticks
@@ -525,11 +593,113 @@ async fn read_pipe(
     }
 }
 
-/// Asks group `pgid` to terminate. SIGCONT follows SIGTERM because a stopped process would only
-/// act on the SIGTERM once continued, and would otherwise always need SIGKILL.
-fn terminate_group(pgid: Pid) {
-    let _ = killpg(pgid, Signal::SIGTERM);
-    let _ = killpg(pgid, Signal::SIGCONT);
+/// The processes of one run: its process group and, if the run is tagged, every process that
+/// carries the tag.
+struct Members<'a> {
+    pgid: Pid,
+    /// `KEY=VALUE`, as it appears in `/proc/<pid>/environ`.
+    tag: Option<&'a [u8]>,
+}
+
+impl Members<'_> {
+    /// Asks the group and every tagged process to terminate. SIGCONT follows SIGTERM because a
+    /// stopped process would only act on the SIGTERM once continued, and would otherwise always
+    /// need SIGKILL. Returns the tagged processes signalled, or `None` if there was nothing at
+    /// all to signal.
+    fn terminate(&self) -> Option<Vec<Stat>> {
+        let group = killpg(self.pgid, Signal::SIGTERM).is_ok();
+        let _ = killpg(self.pgid, Signal::SIGCONT);
+        let tagged = self.signal_tagged(&[Signal::SIGTERM, Signal::SIGCONT]);
+        (group || !tagged.is_empty()).then_some(tagged)
+    }
+
+    /// Sends `signals` to every process carrying the tag (a full /proc scan); returns them.
+    fn signal_tagged(&self, signals: &[Signal]) -> Vec<Stat> {
+        let Some(tag) = self.tag else { return Vec::new() };
+        let found = tagged_processes(tag);
+        for process in &found {
+            for &sig in signals {
+                let _ = kill(Pid::from_raw(process.pid as i32), sig);
+            }
+        }
+        found
+    }
+
+    /// Polls until the group is empty and the `tagged` processes are gone, or `deadline`
+    /// passes; returns whether everything is gone.
+    ///
+    /// Only the known tagged pids are polled. Once they are gone, /proc is scanned once more:
+    /// a process may have started another while it was terminating; any found is asked to
+    /// terminate too and waited for.
+    async fn wait_gone(&self, mut tagged: Vec<Stat>, deadline: Instant) -> bool {
+        loop {
+            if !group_alive(self.pgid) && tagged.iter().all(has_ended) {
+                tagged = self.signal_tagged(&[Signal::SIGTERM, Signal::SIGCONT]);
+                if tagged.is_empty() {
+                    return true;
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            tokio::time::sleep_until(deadline.min(now + GROUP_POLL)).await;
+        }
+    }
+
+    /// SIGKILLs the group and every tagged process, again and again until nothing is left (a
+    /// tagged process may have been forking) or [`KILL_SETTLE`] passes: killed processes still
+    /// have to be reaped by their parent. Returns whether SIGKILL was sent.
+    async fn kill(&self) -> bool {
+        let deadline = Instant::now() + KILL_SETTLE;
+        let mut killed = false;
+        loop {
+            let group = killpg(self.pgid, Signal::SIGKILL).is_ok();
+            let tagged = self.signal_tagged(&[Signal::SIGKILL]);
+            if !group && tagged.is_empty() {
+                return killed;
+            }
+            killed = true;
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    pgid = self.pgid.as_raw(),
+                    tagged = tagged.len(),
+                    "processes of a run still present after SIGKILL"
+                );
+                return killed;
+            }
+            tokio::time::sleep_until(deadline.min(now + GROUP_POLL)).await;
+        }
+    }
+
+    /// Whether the run may have left a process outside its group, judged without scanning
+    /// /proc. Once the leader and the group are gone, whatever is left of the run is the
+    /// descendant of an orphan, and orphans are reparented to the daemon (the subreaper): so
+    /// something is left only if the daemon has a child that is not a leader we track and that
+    /// carries the tag (one that scrubbed its environment escapes a scan as well). Errs on the
+    /// side of `true` when something cannot be read.
+    fn may_have_escaped(&self) -> bool {
+        let Some(tag) = self.tag else { return false };
+        let Some(children) = main_thread_children() else { return true };
+        if children.is_empty() {
+            return false;
+        }
+        let untracked: Vec<u32> = {
+            let waiters = lock_waiters();
+            children
+                .into_iter()
+                .filter(|pid| waiters.as_ref().is_none_or(|w| !w.contains_key(pid)))
+                .collect()
+        };
+        let mut buf = Vec::new();
+        untracked.into_iter().any(|pid| match environ_has(pid, tag, &mut buf) {
+            Ok(has) => has,
+            // Gone meanwhile: nothing left to stop.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => false,
+            Err(_) => true,
+        })
+    }
 }
 
 /// Whether any process is left in group `pgid` (a zombie leader not yet reaped counts).
@@ -537,30 +707,10 @@ fn group_alive(pgid: Pid) -> bool {
     killpg(pgid, None).is_ok()
 }
 
-/// Polls until group `pgid` is empty or `deadline` passes; returns whether it is empty.
-async fn wait_group_gone(pgid: Pid, deadline: Instant) -> bool {
-    loop {
-        if !group_alive(pgid) {
-            return true;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        tokio::time::sleep_until(deadline.min(now + GROUP_POLL)).await;
-    }
-}
-
-/// SIGKILLs group `pgid` if anything is left in it, then gives the kernel and the reapers a
-/// moment to clear it. Returns whether SIGKILL was sent.
-async fn kill_group(pgid: Pid) -> bool {
-    if killpg(pgid, Signal::SIGKILL).is_err() {
-        return false;
-    }
-    if !wait_group_gone(pgid, Instant::now() + KILL_SETTLE).await {
-        tracing::warn!(pgid = pgid.as_raw(), "process group still present after SIGKILL");
-    }
-    true
+/// Whether the process found as `process` runs no more: it is gone, a zombie, or its pid now
+/// belongs to a process that started later.
+fn has_ended(process: &Stat) -> bool {
+    read_stat(process.pid).is_none_or(|s| s.state == 'Z' || s.start_ticks != process.start_ticks)
 }
 
 fn termination_of(received: Result<Termination, oneshot::error::RecvError>) -> Termination {
@@ -727,13 +877,59 @@ fn parse_stat(pid: u32, text: &str) -> Option<Stat> {
     })
 }
 
-/// Every process currently visible in /proc.
-fn all_stats() -> impl Iterator<Item = Stat> {
+/// The pid of every process currently visible in /proc.
+fn all_pids() -> impl Iterator<Item = u32> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+}
+
+/// Every process currently visible in /proc.
+fn all_stats() -> impl Iterator<Item = Stat> {
+    all_pids().filter_map(read_stat)
+}
+
+/// The environment entry that [`Spec::tag`] `(key, value)` puts into the run's processes.
+fn tag_entry(key: &str, value: &str) -> Vec<u8> {
+    format!("{key}={value}").into_bytes()
+}
+
+/// Whether `/proc/<pid>/environ` holds exactly `entry` (`KEY=VALUE`). `buf` is reused across
+/// calls. A zombie's environment reads as empty.
+fn environ_has(pid: u32, entry: &[u8], buf: &mut Vec<u8>) -> io::Result<bool> {
+    buf.clear();
+    std::fs::File::open(format!("/proc/{pid}/environ"))?.read_to_end(buf)?;
+    Ok(buf.split(|&b| b == 0).any(|e| e == entry))
+}
+
+/// Every live process but the daemon itself whose environment holds `entry`: a full /proc
+/// scan. Processes we may not read are skipped.
+fn tagged_processes(entry: &[u8]) -> Vec<Stat> {
+    #[cfg(test)]
+    tests::record_scan(entry);
+    let me = std::process::id();
+    let mut buf = Vec::new();
+    all_pids()
+        .filter(|&pid| pid != me && environ_has(pid, entry, &mut buf).unwrap_or(false))
         .filter_map(read_stat)
+        .filter(|s| s.state != 'Z')
+        .collect()
+}
+
+/// The children of the daemon's main thread, from `/proc/self/task/<pid>/children`; `None` if
+/// the kernel has no such file (`CONFIG_PROC_CHILDREN`).
+///
+/// A child is listed under the thread that forked it, so this misses leaders spawned by other
+/// threads, which is fine: they are tracked anyway. What matters is that an orphan is
+/// reparented to the first live thread of the subreaper (`find_new_reaper` in kernel/exit.c),
+/// which is the main thread while the daemon runs. Reading one file instead of one per thread
+/// keeps this check at a few microseconds.
+fn main_thread_children() -> Option<Vec<u32>> {
+    let path = format!("/proc/self/task/{}/children", std::process::id());
+    let mut text = String::new();
+    std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text)).ok()?;
+    Some(text.split_ascii_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect())
 }
 
 /// The live (non-zombie) members of process group `pgid`.
@@ -758,11 +954,50 @@ mod tests {
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             cwd: PathBuf::from("/"),
             user: None,
+            tag: None,
         }
     }
 
     fn sh(script: &str) -> Spec {
         spec(&["sh", "-c", script])
+    }
+
+    /// The tag entries of every full /proc scan so far, so a test can tell whether its own
+    /// (unique) tag was scanned for while other tests run alongside.
+    static SCANNED: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+    pub(super) fn record_scan(entry: &[u8]) {
+        SCANNED.lock().unwrap_or_else(PoisonError::into_inner).push(entry.to_vec());
+    }
+
+    fn scanned_for(spec: &Spec) -> bool {
+        let (key, value) = spec.tag.as_ref().unwrap();
+        let entry = tag_entry(key, value);
+        SCANNED.lock().unwrap_or_else(PoisonError::into_inner).contains(&entry)
+    }
+
+    /// `sh -c script` with a tag unique to this test process and call: tests run in parallel,
+    /// and so may other test binaries, so a shared tag would stop their processes.
+    fn tagged_sh(script: &str) -> Spec {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut spec = sh(script);
+        spec.tag = Some(("TASKD_TEST_TAG".into(), format!("{}-{n}", std::process::id())));
+        spec
+    }
+
+    /// A script that starts `sleep 1000` in a session of its own, writes its pid to `pid_file`
+    /// and waits until it has left the group; then runs `rest`.
+    fn escapee_script(pid_file: &Path, rest: &str) -> String {
+        let f = pid_file.display();
+        format!(
+            "(setsid sleep 1000 & echo $! > {f}); p=$(cat {f}); \
+             until [ \"$(cut -d' ' -f5 /proc/$p/stat)\" = \"$p\" ]; do sleep 0.01; done; {rest}"
+        )
+    }
+
+    fn read_pid(pid_file: &Path) -> u32 {
+        std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap()
     }
 
     /// Spawns `spec` with a collector that gathers every chunk until the readers are done.
@@ -993,6 +1228,79 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn stop_kills_tagged_processes_that_left_the_group() {
+        setup();
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let spec = tagged_sh(&escapee_script(&pid_file, "echo ready; sleep 1000"));
+        let (tx, mut rx) = mpsc::channel(16);
+        let process = Process::spawn(&spec, tx).unwrap();
+        assert_eq!(rx.recv().await.unwrap().data, b"ready\n");
+        let escapee = read_pid(&pid_file);
+        assert_ne!(read_stat(escapee).unwrap().pgrp, process.pid());
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let exit = process.wait(stop, LONG).await;
+        assert_eq!(
+            exit,
+            Exit { termination: Termination::Signaled(15), stopped: true, killed: false }
+        );
+        assert!(is_gone(escapee), "the escapee outlived the stop");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_normal_exit_kills_tagged_processes_left_behind() {
+        setup();
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let spec = tagged_sh(&escapee_script(&pid_file, "true"));
+        let (process, _) = start(&spec);
+        let exit = wait_normally(process).await;
+        assert_eq!(
+            exit,
+            Exit { termination: Termination::Exited(0), stopped: false, killed: false }
+        );
+        assert!(is_gone(read_pid(&pid_file)), "the escapee outlived the run");
+        assert!(scanned_for(&spec));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_run_that_leaves_nothing_behind_is_not_scanned_for() {
+        setup();
+        // Another run's escapee is an untracked child of ours meanwhile, but not tagged as ours.
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let (other, mut other_out) = {
+            let (tx, rx) = mpsc::channel(16);
+            (
+                Process::spawn(&tagged_sh(&escapee_script(&pid_file, "echo; sleep 1000")), tx)
+                    .unwrap(),
+                rx,
+            )
+        };
+        other_out.recv().await.unwrap();
+        let spec = tagged_sh("true");
+        let (process, _) = start(&spec);
+        assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
+        assert!(!scanned_for(&spec), "a run that left nothing behind was scanned for");
+        let stop = CancellationToken::new();
+        stop.cancel();
+        other.wait(stop, LONG).await;
+        assert!(is_gone(read_pid(&pid_file)));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_tag_replaces_a_value_from_the_environment() {
+        setup();
+        let mut spec = tagged_sh("echo \"$TASKD_TEST_TAG\"");
+        spec.env.push(("TASKD_TEST_TAG".into(), "forged".into()));
+        let (process, collector) = start(&spec);
+        assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
+        let value = &spec.tag.as_ref().unwrap().1;
+        assert_eq!(text(&collector.await.unwrap(), Stream::Stdout), format!("{value}\n"));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn drains_large_output_for_a_slow_receiver() {
         setup();
         const SIZE: usize = 2 * 1024 * 1024;
@@ -1071,6 +1379,28 @@ mod tests {
         assert_eq!(kill_stale_group(pgid, ticks, Signal::SIGKILL), 1);
         eventually("the member to be gone", || is_gone(sleep)).await;
         assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn kill_stale_run_finds_processes_by_tag() {
+        setup();
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let spec = tagged_sh(&escapee_script(&pid_file, "echo ready; sleep 1000"));
+        let (tx, mut rx) = mpsc::channel(16);
+        let process = Process::spawn(&spec, tx).unwrap();
+        assert_eq!(rx.recv().await.unwrap().data, b"ready\n");
+        let (pgid, ticks) = (process.pid(), process.start_ticks().unwrap());
+        let escapee = read_pid(&pid_file);
+        let (key, value) = spec.tag.clone().unwrap();
+        let tag = Some((key.as_str(), value.as_str()));
+        // Recorded as started later than they did: none of them is the lost run's.
+        assert_eq!(kill_stale_run(pgid, u64::MAX, tag, Signal::SIGKILL), 0);
+        assert!(!is_gone(escapee));
+        // The leader, its `sleep 1000` and the escapee.
+        assert_eq!(kill_stale_run(pgid, ticks, tag, Signal::SIGKILL), 3);
+        assert_eq!(wait_normally(process).await.termination, Termination::Signaled(9));
+        eventually("the escapee to be gone", || is_gone(escapee)).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use jiff::Timestamp;
+use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -116,6 +117,7 @@ impl Registry {
     ) -> Result<Registry> {
         std::fs::create_dir_all(&cfg.work_dir).map_err(|e| Error::io(&cfg.work_dir, e))?;
         let boot_id = exec::boot_id();
+        let state_dir_id = runner::state_dir_id(store.dir());
         let stale = store.recover_stale_runs().await?;
         let mut to_kill = Vec::new();
         for s in &stale {
@@ -124,10 +126,12 @@ impl Registry {
                 && s.boot_id.is_some()
                 && s.boot_id == boot_id
             {
-                let n = exec::kill_stale_group(pid, start, nix::sys::signal::Signal::SIGTERM);
+                // By group and by tag: processes that left the group are found by the latter.
+                let tag = runner::run_tag(&state_dir_id, s.record.id);
+                let n = exec::kill_stale_run(pid, start, Some((&tag.0, &tag.1)), SIGTERM);
                 if n > 0 {
                     tracing::warn!(run = s.record.id, pid, n, "stopping processes of a lost run");
-                    to_kill.push((pid, start));
+                    to_kill.push((pid, start, tag));
                 }
             }
             tracing::warn!(run = s.record.id, unit = %s.record.unit, state = %s.record.state, "run left active by the previous daemon");
@@ -135,8 +139,8 @@ impl Registry {
         if !to_kill.is_empty() {
             tracker.spawn(async move {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                for (pid, start) in to_kill {
-                    exec::kill_stale_group(pid, start, nix::sys::signal::Signal::SIGKILL);
+                for (pid, start, tag) in to_kill {
+                    exec::kill_stale_run(pid, start, Some((&tag.0, &tag.1)), SIGKILL);
                 }
             });
         }
@@ -146,6 +150,7 @@ impl Registry {
             scripts_dir: store.dir().join("scripts"),
             keep_runs: cfg.keep_runs,
             boot_id,
+            state_dir_id,
         };
         let reg = Registry(Arc::new(Shared {
             units: DashMap::new(),

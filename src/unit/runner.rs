@@ -38,6 +38,34 @@ pub struct RunnerEnv {
     pub keep_runs: u32,
     /// This boot's id, recorded with each pid.
     pub boot_id: Option<String>,
+    /// Identifies the state directory in run tags ([`state_dir_id`]).
+    pub state_dir_id: String,
+}
+
+/// The environment variable that tags every process of a run ([`run_tag`]).
+pub const RUN_TAG_VAR: &str = "TASKD_RUN_TAG";
+
+/// An id for the state directory `dir` (a 64-bit FNV-1a hash of its canonical path, in hex),
+/// the same for every daemon started on it, different for daemons on other directories.
+pub fn state_dir_id(dir: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    // Spelled out rather than std's hasher, which may change between Rust releases: a daemon
+    // built by a newer compiler must still find the processes of its predecessor's runs.
+    let hash = dir.as_os_str().as_bytes().iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// The tag of run `run_id` ([`exec::Spec::tag`]): `TASKD_RUN_TAG=<state dir id>-<run id>`.
+///
+/// Not `TASKD_RUN_ID` alone: run ids restart at 1 in every state directory, and every process
+/// carrying a run's tag is stopped with it, so other daemons' runs (tests run many side by
+/// side; a root daemon sees every user's processes) must not share it. A restarted daemon
+/// computes the same tag to find a lost run's processes.
+pub fn run_tag(state_dir_id: &str, run_id: i64) -> (String, String) {
+    (RUN_TAG_VAR.into(), format!("{state_dir_id}-{run_id}"))
 }
 
 /// How a unit loop starts.
@@ -871,7 +899,13 @@ async fn spawn_and_wait(
         Action::Tick(_) => unreachable!("tick units do not spawn"),
     };
     let cwd = cfg.cwd.clone().unwrap_or_else(|| env.work_dir.clone());
-    let spec = exec::Spec { argv, env: run_env(cfg, rec, user.as_ref()), cwd, user };
+    let spec = exec::Spec {
+        argv,
+        env: run_env(cfg, rec, user.as_ref()),
+        cwd,
+        user,
+        tag: Some(run_tag(&env.state_dir_id, rec.id)),
+    };
     let (out_tx, mut out_rx) = mpsc::channel::<exec::Chunk>(64);
     let proc = match exec::Process::spawn(&spec, out_tx) {
         Ok(p) => p,
@@ -930,5 +964,16 @@ mod tests {
             ["/usr/bin/env", "python3", "/s", "a"]
         );
         assert_eq!(script_argv("#!/bin/bash\n", p, &[]), ["/bin/bash", "/s"]);
+    }
+
+    #[test]
+    fn run_tags_tell_state_directories_apart() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let id = state_dir_id(a.path());
+        assert_eq!(id.len(), 16);
+        // Stable: a restarted daemon must compute the same tag.
+        assert_eq!(state_dir_id(&a.path().join("../").join(a.path().file_name().unwrap())), id);
+        assert_ne!(state_dir_id(b.path()), id);
+        assert_eq!(run_tag(&id, 42), ("TASKD_RUN_TAG".to_string(), format!("{id}-42")));
     }
 }

@@ -31,6 +31,17 @@ fn tree_script(dir: &Path) -> String {
     )
 }
 
+/// A shell command that starts `sleep 1000` in a session of its own (out of the run's process
+/// group), records its pid in `<dir>/escapee` once it has left the group, and then blocks.
+fn escapee_script(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "(setsid sleep 1000 & echo $! > {d}/started); p=$(cat {d}/started); \
+         until [ \"$(cut -d' ' -f5 /proc/$p/stat)\" = \"$p\" ]; do sleep 0.01; done; \
+         echo $p > {d}/escapee; sleep 1000"
+    )
+}
+
 #[test]
 fn a_one_shot_job_runs_at_add_and_records_its_output() {
     let d = TestDaemon::start();
@@ -133,6 +144,37 @@ fn delete_stops_the_process_tree_before_answering() {
 }
 
 #[test]
+fn delete_stops_processes_that_left_the_group() {
+    let d = TestDaemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "esc", "command": ["sh", "-c", escapee_script(tmp.path())],
+               "kill_grace": "300ms"}),
+    );
+    let escapee = pids(tmp.path(), &["escapee"])[0];
+    assert!(alive(escapee));
+    assert_eq!(d.call("TaskUnit.Delete", json!("esc")), json!(true));
+    assert!(!alive(escapee), "pid {escapee} survived the delete");
+}
+
+#[test]
+fn recovery_stops_processes_that_left_the_group() {
+    let mut d = TestDaemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "esc", "command": ["sh", "-c", escapee_script(tmp.path())]}),
+    );
+    let escapee = pids(tmp.path(), &["escapee"])[0];
+    d.kill9();
+    assert!(alive(escapee), "the escapee should outlive a killed daemon");
+    d.restart();
+    assert_eq!(d.call("Run.Get", json!(run_id(&info)))["state"], "lost");
+    wait_for(&format!("escapee {escapee} to be killed"), || (!alive(escapee)).then_some(()));
+}
+
+#[test]
 fn a_child_ignoring_sigterm_is_killed_after_the_grace() {
     let d = TestDaemon::start();
     let tmp = tempfile::tempdir().unwrap();
@@ -189,6 +231,8 @@ fn a_stopped_service_stays_stopped_until_started() {
     let r = d.call("TaskUnit.Start", json!("web"));
     assert_eq!(r["state"], "running");
     d.wait_unit("web", "the service to run again", |u| u["state"] == "running");
+    // Dropping the daemon SIGKILLs it, which would leave the service's process behind.
+    d.call("TaskUnit.Stop", json!("web"));
 }
 
 #[test]
