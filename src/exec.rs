@@ -1386,7 +1386,8 @@ mod tests {
         setup();
         let dir = tempfile::tempdir().unwrap();
         let pid_file = dir.path().join("pid");
-        let spec = tagged_sh(&escapee_script(&pid_file, "echo ready; sleep 1000"));
+        // "ready" only once the leader's own `sleep` exists, so that all three can be counted.
+        let spec = tagged_sh(&escapee_script(&pid_file, "sleep 1000 & echo ready; wait"));
         let (tx, mut rx) = mpsc::channel(16);
         let process = Process::spawn(&spec, tx).unwrap();
         assert_eq!(rx.recv().await.unwrap().data, b"ready\n");
