@@ -137,8 +137,13 @@ impl Registry {
             tracing::warn!(run = s.record.id, unit = %s.record.unit, state = %s.record.state, "run left active by the previous daemon");
         }
         if !to_kill.is_empty() {
+            let stop = root.clone();
             tracker.spawn(async move {
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                // The grace a lost run's processes get; a shutdown meanwhile cuts it short.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.cancelled() => {}
+                }
                 for (pid, start, tag) in to_kill {
                     exec::kill_stale_run(pid, start, Some((&tag.0, &tag.1)), SIGKILL);
                 }

@@ -551,9 +551,13 @@ impl Loop {
     }
 
     async fn drain(&mut self) {
-        while let Some(done) = self.runs.join_next().await {
-            if let Ok(rec) = done {
-                self.record_end(rec);
+        while let Some(done) = self.runs.join_next_with_id().await {
+            match done {
+                Ok((task, rec)) => {
+                    self.tasks.remove(&task);
+                    self.record_end(rec).await;
+                }
+                Err(e) => self.crashed(e).await,
             }
         }
         self.publish();
@@ -601,9 +605,8 @@ impl Loop {
         self.last_run = Some(rec.clone());
         let env = self.env.clone();
         let cfg = self.cfg.clone();
-        let keep = self.keep_runs();
         let id = rec.id;
-        let task = self.runs.spawn(execute(env, cfg, rec, token, reason, keep));
+        let task = self.runs.spawn(execute(env, cfg, rec, token, reason));
         self.tasks.insert(task.id(), id);
     }
 
@@ -616,13 +619,16 @@ impl Loop {
         rec.state = RunState::Failed;
         rec.ended_at = Some(Timestamp::now());
         rec.reason = Some("internal error: the run's task failed; see the daemon's log".into());
-        if let Err(e) = self.env.store.finish_run(rec.clone(), self.keep_runs()).await {
-            tracing::error!(run = id, error = %e, "cannot record a failed run");
-        }
-        self.record_end(rec);
+        self.record_end(rec).await;
     }
 
-    fn record_end(&mut self, rec: RunRecord) {
+    /// Records a run's end in the store, then forgets it as active. The loop does the commit
+    /// (not the run's task) so that once a client can see the end, the loop has seen it too:
+    /// a `Start` right after never finds the ended run still "active".
+    async fn record_end(&mut self, rec: RunRecord) {
+        if let Err(e) = self.env.store.finish_run(rec.clone(), self.keep_runs()).await {
+            tracing::error!(run = rec.id, error = %e, "cannot record the end of a run");
+        }
         // Stopping a run on purpose is not a failure; losing it is.
         if matches!(rec.state, RunState::Failed | RunState::TimedOut | RunState::Lost) {
             self.failures_total += 1;
@@ -646,7 +652,7 @@ impl Loop {
         // keep it down there is `TaskUnit.Stop`. Every other stop is final.
         let cancel_only = rec.reason.as_deref() == Some(reason::CANCELLED);
         let stopped_by_us = state == RunState::Cancelled && !(continuous && cancel_only);
-        self.record_end(rec);
+        self.record_end(rec).await;
         if self.deleting.is_some() {
             return;
         }
@@ -773,14 +779,13 @@ fn to_log_stream(s: exec::Stream) -> Stream {
     }
 }
 
-/// Runs one run to its end and records it.
+/// Runs one run to its end; the loop records it.
 async fn execute(
     env: RunnerEnv,
     cfg: Arc<UnitConfig>,
     mut rec: RunRecord,
     stop: CancellationToken,
     reason: Arc<Mutex<Option<String>>>,
-    keep_runs: u32,
 ) -> RunRecord {
     let logs = env.store.logs().clone();
     if let Err(e) = logs.open(rec.id, cfg.log_limit).await {
@@ -829,9 +834,6 @@ async fn execute(
             rec.state = RunState::Failed;
             rec.reason = Some(msg);
         }
-    }
-    if let Err(e) = env.store.finish_run(rec.clone(), keep_runs).await {
-        tracing::error!(run = rec.id, error = %e, "cannot record the end of a run");
     }
     rec
 }
