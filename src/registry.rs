@@ -144,9 +144,13 @@ impl Registry {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                     _ = stop.cancelled() => {}
                 }
-                for (pid, start, tag) in to_kill {
-                    exec::kill_stale_run(pid, start, Some((&tag.0, &tag.1)), SIGKILL);
-                }
+                // Scanning /proc blocks: not on an async thread.
+                let _ = tokio::task::spawn_blocking(move || {
+                    for (pid, start, tag) in to_kill {
+                        exec::kill_stale_run(pid, start, Some((&tag.0, &tag.1)), SIGKILL);
+                    }
+                })
+                .await;
             });
         }
         let env = RunnerEnv {
@@ -193,6 +197,7 @@ impl Registry {
                 updated_at: u.updated_at,
                 anchor: u.anchor,
                 fresh: false,
+                quiet: false,
             };
             let h = reg.spawn_loop(config, init);
             reg.0.units.insert(u.name, Slot::Live(h));
@@ -341,6 +346,7 @@ impl Registry {
             updated_at: now,
             anchor: now,
             fresh: true,
+            quiet: false,
         };
         let (h, ready) =
             runner::spawn(self.0.env.clone(), config, init, &self.0.root, &self.0.tracker);
@@ -494,6 +500,7 @@ impl Registry {
                     updated_at: st.updated_at,
                     anchor: st.updated_at,
                     fresh: false,
+                    quiet: true,
                 };
                 let h2 = self.spawn_loop(h.config(), init);
                 self.0.units.insert(name.to_string(), Slot::Live(h2));

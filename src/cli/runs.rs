@@ -149,10 +149,11 @@ pub async fn logs(ctx: &Ctx, a: LogsArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    // Following from the start is all `Run.Follow` (it reads the stored log first): reading
-    // with `Run.Logs` before would show an active run's in-memory tail twice.
-    if a.follow && a.tail.is_none() {
-        let arg = FollowArg { id, offset: None, stream, timestamps: a.timestamps };
+    // Following is all `Run.Follow`, `--tail` included (it reads what is stored first, then
+    // goes live): reading with `Run.Logs` before would show an active run's in-memory tail
+    // twice.
+    if a.follow {
+        let arg = FollowArg { id, offset: None, stream, timestamps: a.timestamps, tail: a.tail };
         return follow(ctx, arg).await;
     }
     // With --tail, one call gives the last lines and where they end; following goes on
@@ -168,20 +169,13 @@ pub async fn logs(ctx: &Ctx, a: LogsArgs) -> anyhow::Result<()> {
         }
         None => read_all(ctx, id, &stream, a.timestamps, !ctx.json).await?,
     };
-    let offset = all.next_offset;
-    if ctx.json && !a.follow {
+    if ctx.json {
         output::json(&all)?;
     }
-    if !a.follow {
-        if !any && !all.active {
-            return says_why_nothing(ctx, id).await;
-        }
-        return Ok(());
+    if !any && !all.active {
+        return says_why_nothing(ctx, id).await;
     }
-    if ctx.json && !all.data.is_empty() {
-        output::json_line(&FollowItem::Output { stream: stream.clone(), data: all.data })?;
-    }
-    follow(ctx, FollowArg { id, offset: Some(offset), stream, timestamps: a.timestamps }).await
+    Ok(())
 }
 
 /// Reads a run's whole stored log page by page, printing each page as it comes when `print`

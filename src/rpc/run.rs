@@ -15,6 +15,8 @@ use crate::store::logs::{self, LogQuery, Stream};
 
 /// Default and largest page of `Run.List`.
 const RUN_PAGE: (u32, u32) = (50, 1000);
+/// The newest bytes of a run's in-memory tail a follower is sent when it starts.
+const FOLLOW_TAIL: usize = 1 << 20;
 /// Default and largest slice of `Run.Logs`, in bytes.
 const LOG_PAGE: (u32, u32) = (64 * 1024, 1 << 20);
 
@@ -54,6 +56,43 @@ impl Api {
         }
         info
     }
+}
+
+/// Reads a run's log; a run that printed nothing has no file, which reads as empty.
+async fn read_or_empty(l: &logs::Logs, id: i64, q: LogQuery) -> Result<logs::LogSlice, Error> {
+    match l.read(id, q).await {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(logs::LogSlice { eof: true, ..Default::default() })
+        }
+        other => other,
+    }
+}
+
+/// The longest valid UTF-8 prefix of `buf` as text; an unfinished sequence at the end stays
+/// in `buf`. Bytes that can never be valid are replaced.
+fn take_utf8(buf: &mut Vec<u8>) -> String {
+    let keep = match std::str::from_utf8(buf) {
+        Ok(_) => 0,
+        Err(e) if e.error_len().is_none() => buf.len() - e.valid_up_to(),
+        Err(_) => 0,
+    };
+    let rest = buf.split_off(buf.len() - keep);
+    let text = String::from_utf8_lossy(buf).into_owned();
+    *buf = rest;
+    text
+}
+
+/// Prefixes each line of `text` that starts a line with `at`.
+fn stamp_lines(text: &str, at: jiff::Timestamp, at_line_start: &mut bool) -> String {
+    let mut out = String::with_capacity(text.len() + 32);
+    for piece in text.split_inclusive('\n') {
+        if *at_line_start {
+            out.push_str(&format!("{at:.6} "));
+        }
+        out.push_str(piece);
+        *at_line_start = piece.ends_with('\n');
+    }
+    out
 }
 
 fn parse_stream(s: Option<&str>) -> Result<Option<Stream>, Error> {
@@ -99,26 +138,21 @@ impl RunApiServer for Api {
     async fn logs(&self, arg: LogsArg) -> RpcResult<LogsResult> {
         let rec = self.registry.run(arg.id).await.map_err(rpc_error)?;
         let stream = parse_stream(arg.stream.as_deref()).map_err(rpc_error)?;
+        let limit = arg.limit.unwrap_or(LOG_PAGE.0).clamp(1, LOG_PAGE.1) as usize;
+        let store_logs = self.registry.store().logs().clone();
+        let active = !rec.state.is_final();
+        // While a run is active and over its limit, its tail lives in memory: it is shown
+        // after the file's content, newest `limit` bytes at most, as a snapshot.
+        let live = if active { store_logs.subscribe(arg.id, Some(limit)).await } else { None };
         let q = LogQuery {
             stream,
             offset: arg.offset.unwrap_or(0),
-            limit: arg.limit.unwrap_or(LOG_PAGE.0).clamp(1, LOG_PAGE.1) as usize,
+            limit,
             tail: arg.tail.map(|n| n as usize),
             timestamps: arg.timestamps,
-            end: None,
+            end: live.as_ref().map(|f| f.file_len),
         };
-        let store_logs = self.registry.store().logs().clone();
-        let active = !rec.state.is_final();
-        // While a run is active and over its limit, its tail lives in memory: add it after
-        // the file's end.
-        let live = if active { store_logs.subscribe(arg.id).await } else { None };
-        let slice = match store_logs.read(arg.id, q.clone()).await {
-            Ok(s) => s,
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                logs::LogSlice { eof: true, ..Default::default() }
-            }
-            Err(e) => return Err(rpc_error(e)),
-        };
+        let slice = read_or_empty(&store_logs, arg.id, q.clone()).await.map_err(rpc_error)?;
         let mut out = LogsResult {
             data: slice.data,
             next_offset: slice.next_offset,
@@ -126,16 +160,16 @@ impl RunApiServer for Api {
             truncated: slice.truncated || rec.truncated,
             active,
         };
-        if let Some(f) = live {
-            let has_tail = !f.tail.is_empty() || f.cut.iter().any(|&c| c > 0);
-            if has_tail && slice.eof {
-                let tail = logs::render_chunks(&f.tail, f.cut, &q);
-                out.data = match q.tail {
-                    Some(n) => logs::last_lines(&(out.data + &tail), n),
-                    None => out.data + &tail,
-                };
-                out.truncated |= f.cut.iter().any(|&c| c > 0);
-            }
+        if let Some(f) = live
+            && slice.eof
+            && (!f.tail.is_empty() || f.cut.iter().any(|&c| c > 0))
+        {
+            let tail = logs::render_chunks(&f.tail, f.cut, &q);
+            out.data = match q.tail {
+                Some(n) => logs::last_lines(&(out.data + &tail), n),
+                None => out.data + &tail,
+            };
+            out.truncated |= f.cut.iter().any(|&c| c > 0);
         }
         Ok(out)
     }
@@ -167,23 +201,26 @@ impl RunApiServer for Api {
             }
         };
         // A queued run has no log yet: wait for it to open, or for the run to end unstarted.
-        let mut opened = store.logs().subscribe_when_open(arg.id).await;
-        let live = loop {
+        let mut opened = store.logs().subscribe_when_open(arg.id, Some(FOLLOW_TAIL)).await;
+        let live = 'wait: loop {
             if let Ok(f) = opened.try_recv() {
                 break Some(f);
             }
             if store.get_run(arg.id).await.map_err(|e| e.to_string())?.state.is_final() {
                 break None;
             }
-            tokio::select! {
-                f = &mut opened => break f.ok(),
-                e = events.recv() => match e {
-                    Ok(e) if e.run == Some(arg.id) && e.kind == "run.finished" => break None,
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        return Err("the daemon is shutting down".into());
-                    }
-                },
+            loop {
+                tokio::select! {
+                    f = &mut opened => break 'wait f.ok(),
+                    e = events.recv() => match e {
+                        Ok(e) if e.run == Some(arg.id) && e.kind == "run.finished" => break,
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            return Err("the daemon is shutting down".into());
+                        }
+                    },
+                }
             }
         };
         drop(opened);
@@ -196,51 +233,70 @@ impl RunApiServer for Api {
             // Only what was written before the subscription: the rest comes live.
             end: live.as_ref().map(|f| f.file_len),
         };
-        // 1. What the file holds (up to its length when we subscribed, if the run is active).
-        let mut offset = q.offset;
-        loop {
-            let slice = match store.logs().read(arg.id, LogQuery { offset, ..q.clone() }).await {
-                Ok(s) => s,
-                Err(_) => break,
-            };
-            if !slice.data.is_empty() {
-                send(FollowItem::Output { stream: None, data: slice.data }).await?;
+        if let Some(n) = arg.tail {
+            // The last `n` lines of what is there so far (file and kept tail), then live.
+            let file = read_or_empty(
+                store.logs(),
+                arg.id,
+                LogQuery { tail: Some(n as usize), ..q.clone() },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let kept =
+                live.as_ref().map(|f| logs::render_chunks(&f.tail, f.cut, &q)).unwrap_or_default();
+            let data = logs::last_lines(&(file.data + &kept), n as usize);
+            if !data.is_empty() {
+                send(FollowItem::Output { stream: None, data }).await?;
             }
-            if slice.next_offset == offset || slice.eof {
-                break;
+        } else {
+            // 1. What the file holds (up to its length when we subscribed, if the run is active).
+            let mut offset = q.offset;
+            loop {
+                let slice = match store.logs().read(arg.id, LogQuery { offset, ..q.clone() }).await
+                {
+                    Ok(s) => s,
+                    Err(_) => break,
+                };
+                if !slice.data.is_empty() {
+                    send(FollowItem::Output { stream: None, data: slice.data }).await?;
+                }
+                if slice.next_offset == offset || slice.eof {
+                    break;
+                }
+                offset = slice.next_offset;
             }
-            offset = slice.next_offset;
+            // 2. The tail kept in memory.
+            if let Some(f) = &live {
+                let tail = logs::render_chunks(&f.tail, f.cut, &q);
+                if !tail.is_empty() {
+                    send(FollowItem::Output { stream: None, data: tail }).await?;
+                }
+            }
         }
-        // 2. The tail kept in memory, then every chunk as it is written.
+        // 3. Every chunk as it is written. Pipe reads split characters anywhere: an unfinished
+        // UTF-8 sequence waits for the rest of its stream's bytes.
         if let Some(mut f) = live {
-            let tail = logs::render_chunks(&f.tail, f.cut, &q);
-            if !tail.is_empty() {
-                send(FollowItem::Output { stream: None, data: tail }).await?;
-            }
-            let mut at_line_start = true;
+            let mut carry: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+            let mut at_line_start = [true, true];
             loop {
                 match f.live.recv().await {
                     Ok(c) => {
                         if stream.is_some_and(|s| s != c.stream) {
                             continue;
                         }
-                        let mut text = String::new();
-                        if q.timestamps {
-                            for piece in String::from_utf8_lossy(&c.data).split_inclusive('\n') {
-                                if at_line_start {
-                                    text.push_str(&format!("{:.6} ", c.at));
-                                }
-                                text.push_str(piece);
-                                at_line_start = piece.ends_with('\n');
-                            }
-                        } else {
-                            text = String::from_utf8_lossy(&c.data).into_owned();
+                        let i = usize::from(c.stream == Stream::Stderr);
+                        carry[i].extend_from_slice(&c.data);
+                        let text = take_utf8(&mut carry[i]);
+                        if text.is_empty() {
+                            continue;
                         }
-                        send(FollowItem::Output {
-                            stream: Some(c.stream.as_str().into()),
-                            data: text,
-                        })
-                        .await?;
+                        let data = if q.timestamps {
+                            stamp_lines(&text, c.at, &mut at_line_start[i])
+                        } else {
+                            text
+                        };
+                        send(FollowItem::Output { stream: Some(c.stream.as_str().into()), data })
+                            .await?;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         let data = format!("[… {n} chunks skipped: this follower fell behind …]\n");
@@ -249,8 +305,15 @@ impl RunApiServer for Api {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 }
             }
+            for (i, rest) in carry.iter().enumerate() {
+                if !rest.is_empty() {
+                    let s = if i == 0 { Stream::Stdout } else { Stream::Stderr };
+                    let data = String::from_utf8_lossy(rest).into_owned();
+                    send(FollowItem::Output { stream: Some(s.as_str().into()), data }).await?;
+                }
+            }
         }
-        // 3. The run's end, once it is recorded.
+        // 4. The run's end, once it is recorded.
         loop {
             let rec = store.get_run(arg.id).await.map_err(|e| e.to_string())?;
             if rec.state.is_final() {

@@ -302,6 +302,9 @@ pub struct FollowArg {
     /// Prefix lines with their time.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub timestamps: bool,
+    /// Start with the last N lines (instead of from `offset`), then follow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<u32>,
 }
 
 /// One message of a `Run.Follow` subscription.

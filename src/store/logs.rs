@@ -107,11 +107,13 @@ enum Msg {
     },
     Subscribe {
         run: i64,
+        tail_max: Option<usize>,
         reply: oneshot::Sender<Option<Follow>>,
     },
     /// Like `Subscribe`, but waits for the log to be opened if it is not yet.
     SubscribeWhenOpen {
         run: i64,
+        tail_max: Option<usize>,
         reply: oneshot::Sender<Follow>,
     },
     Totals {
@@ -180,9 +182,13 @@ impl Logs {
 
     /// Subscribes to a run's output as soon as its log is opened (at once if it is open). The
     /// receiver never resolves for a run that never starts: wait on its end alongside.
-    pub async fn subscribe_when_open(&self, run: i64) -> oneshot::Receiver<Follow> {
+    pub async fn subscribe_when_open(
+        &self,
+        run: i64,
+        tail_max: Option<usize>,
+    ) -> oneshot::Receiver<Follow> {
         let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::SubscribeWhenOpen { run, reply }).await;
+        let _ = self.tx.send(Msg::SubscribeWhenOpen { run, tail_max, reply }).await;
         rx
     }
 
@@ -194,9 +200,10 @@ impl Logs {
     }
 
     /// Subscribes to a run's output; `None` when the run's log is closed (the run ended).
-    pub async fn subscribe(&self, run: i64) -> Option<Follow> {
+    /// `tail_max` bounds the copy of the in-memory tail to its newest bytes.
+    pub async fn subscribe(&self, run: i64, tail_max: Option<usize>) -> Option<Follow> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Subscribe { run, reply }).await.ok()?;
+        self.tx.send(Msg::Subscribe { run, tail_max, reply }).await.ok()?;
         rx.await.ok().flatten()
     }
 }
@@ -360,15 +367,31 @@ impl RunLog {
         self.append(&buf);
     }
 
-    fn tail_chunks(&self) -> Vec<LiveChunk> {
-        let mut all: Vec<LiveChunk> = Vec::new();
-        for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
-            for (at, data) in &self.streams[i].ring {
-                all.push(LiveChunk { stream, at: *at, data: Arc::from(data.as_slice()) });
-            }
+    /// The kept tail of both streams, oldest first; `max` keeps only its newest `max` bytes
+    /// (what is left out is added to the returned per-stream cut counts).
+    fn tail_chunks(&self, max: Option<usize>) -> (Vec<LiveChunk>, [u64; 2]) {
+        let mut cut = [self.streams[0].dropped, self.streams[1].dropped];
+        // Sort references first: only the chunks that are kept get copied.
+        let mut refs: Vec<(Timestamp, usize, &Vec<u8>)> = Vec::new();
+        for (i, st) in self.streams.iter().enumerate() {
+            refs.extend(st.ring.iter().map(|(at, data)| (*at, i, data)));
         }
-        all.sort_by_key(|c| c.at);
-        all
+        refs.sort_by_key(|r| r.0);
+        let mut budget = max.unwrap_or(usize::MAX);
+        let mut kept = Vec::new();
+        for (at, i, data) in refs.into_iter().rev() {
+            if budget == 0 {
+                cut[i] += data.len() as u64;
+                continue;
+            }
+            let take = data.len().min(budget);
+            budget -= take;
+            cut[i] += (data.len() - take) as u64;
+            let stream = if i == 0 { Stream::Stdout } else { Stream::Stderr };
+            kept.push(LiveChunk { stream, at, data: Arc::from(&data[data.len() - take..]) });
+        }
+        kept.reverse();
+        (kept, cut)
     }
 
     fn finish(mut self) -> LogSummary {
@@ -382,7 +405,7 @@ impl RunLog {
                 );
             }
         }
-        for c in self.tail_chunks() {
+        for c in self.tail_chunks(None).0 {
             encode(&mut buf, c.stream, c.at, &c.data);
         }
         self.append(&buf);
@@ -398,20 +421,19 @@ impl RunLog {
 }
 
 impl RunLog {
-    fn follow(&self) -> Follow {
-        Follow {
-            live: self.live.subscribe(),
-            file_len: self.len,
-            tail: self.tail_chunks(),
-            cut: [self.streams[0].dropped, self.streams[1].dropped],
-        }
+    fn follow(&self, tail_max: Option<usize>) -> Follow {
+        let (tail, cut) = self.tail_chunks(tail_max);
+        Follow { live: self.live.subscribe(), file_len: self.len, tail, cut }
     }
 }
+
+/// A follower waiting for a run's log to open, with the tail budget it asked for.
+type Waiter = (Option<usize>, oneshot::Sender<Follow>);
 
 fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
     let mut runs: HashMap<i64, RunLog> = HashMap::new();
     // Followers of runs whose log is not open yet (queued runs).
-    let mut waiting: HashMap<i64, Vec<oneshot::Sender<Follow>>> = HashMap::new();
+    let mut waiting: HashMap<i64, Vec<Waiter>> = HashMap::new();
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Msg::Open { run, limit, reply } => {
@@ -425,8 +447,8 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
                     streams: [StreamState::new(), StreamState::new()],
                     live,
                 });
-                for w in waiting.remove(&run).unwrap_or_default() {
-                    let _ = w.send(log.follow());
+                for (tail_max, w) in waiting.remove(&run).unwrap_or_default() {
+                    let _ = w.send(log.follow(tail_max));
                 }
                 let _ = reply.send(Ok(()));
             }
@@ -443,20 +465,20 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
                 let t = runs.get(&run).map(|l| [l.streams[0].total, l.streams[1].total]);
                 let _ = reply.send(t);
             }
-            Msg::Subscribe { run, reply } => {
-                let _ = reply.send(runs.get(&run).map(RunLog::follow));
+            Msg::Subscribe { run, tail_max, reply } => {
+                let _ = reply.send(runs.get(&run).map(|l| l.follow(tail_max)));
             }
-            Msg::SubscribeWhenOpen { run, reply } => match runs.get(&run) {
+            Msg::SubscribeWhenOpen { run, tail_max, reply } => match runs.get(&run) {
                 Some(log) => {
-                    let _ = reply.send(log.follow());
+                    let _ = reply.send(log.follow(tail_max));
                 }
                 None => {
                     // Forget followers that gave up (their run never started).
                     waiting.retain(|_, ws| {
-                        ws.retain(|w| !w.is_closed());
+                        ws.retain(|(_, w)| !w.is_closed());
                         !ws.is_empty()
                     });
-                    waiting.entry(run).or_default().push(reply);
+                    waiting.entry(run).or_default().push((tail_max, reply));
                 }
             },
         }
@@ -560,6 +582,9 @@ fn render(out: &mut Vec<u8>, rec: &Record<'_>, q: &LogQuery, at_line_start: &mut
     }
 }
 
+/// Most bytes one [`read`] call scans (it may return less output than asked, with progress).
+const SCAN_LIMIT: u64 = 8 << 20;
+
 /// Reads part of a run's log file as text. Always makes progress: at least one whole record
 /// is returned unless the end is reached.
 pub fn read(path: &Path, q: &LogQuery) -> std::io::Result<LogSlice> {
@@ -578,9 +603,11 @@ pub fn read(path: &Path, q: &LogQuery) -> std::io::Result<LogSlice> {
     let mut consumed = 0usize;
     let mut at_line_start = true;
     let mut truncated = false;
+    // Bytes of `raw` already dropped (consumed records are not kept in memory).
+    let mut base = 0usize;
     'read: loop {
         while let Some(nl) = raw[consumed..].iter().position(|&b| b == b'\n') {
-            if out.len() >= want && consumed > 0 {
+            if out.len() >= want && base + consumed > 0 {
                 break 'read;
             }
             if let Some(rec) = decode(&raw[consumed..consumed + nl]) {
@@ -589,7 +616,13 @@ pub fn read(path: &Path, q: &LogQuery) -> std::io::Result<LogSlice> {
             }
             consumed += nl + 1;
         }
-        if pos >= stop || (out.len() >= want && consumed > 0) {
+        raw.drain(..consumed);
+        base += consumed;
+        consumed = 0;
+        // A filter that matches nothing must not scan a huge file in one call: report
+        // progress instead.
+        let scanned_enough = pos - start > SCAN_LIMIT && base > 0;
+        if pos >= stop || (out.len() >= want && base > 0) || scanned_enough {
             break;
         }
         let block = (stop - pos).min(64 * 1024) as usize;
@@ -598,7 +631,7 @@ pub fn read(path: &Path, q: &LogQuery) -> std::io::Result<LogSlice> {
         f.read_exact(&mut raw[before..])?;
         pos += block as u64;
     }
-    let next = start + consumed as u64;
+    let next = start + (base + consumed) as u64;
     Ok(LogSlice {
         data: String::from_utf8_lossy(&out).into_owned(),
         next_offset: next,
@@ -607,31 +640,37 @@ pub fn read(path: &Path, q: &LogQuery) -> std::io::Result<LogSlice> {
     })
 }
 
-/// The last `n` lines before `stop`, reading the file backwards only as far as needed.
+/// The last `n` lines before `stop`, reading the file backwards only as far as needed. Each
+/// block is decoded once: only the lines it completes are counted.
 fn read_tail(f: &mut File, stop: u64, n: usize, q: &LogQuery) -> std::io::Result<LogSlice> {
+    let wanted = |r: &Record<'_>| match r {
+        Record::Output(s, _, _, ended) => *ended && q.stream.is_none_or(|w| w == *s),
+        Record::Cut(..) => true,
+    };
     let mut buf: Vec<u8> = Vec::new();
     let mut pos = stop;
-    loop {
-        // Enough when the region holds more than `n` line-ending records of the wanted
-        // streams (the extra one guarantees the first kept line is whole).
-        let ends = buf
-            .split(|&b| b == b'\n')
-            .filter_map(decode)
-            .filter(|r| match r {
-                Record::Output(s, _, _, ended) => *ended && q.stream.is_none_or(|w| w == *s),
-                Record::Cut(..) => true,
-            })
-            .count();
-        if ends > n || pos == 0 {
-            break;
-        }
+    let mut ends = 0usize;
+    // Enough when the region holds more than `n` line-ending records of the wanted streams
+    // (the extra one guarantees the first kept line is whole).
+    while ends <= n && pos > 0 {
         let block = pos.min(64 * 1024);
         pos -= block;
         f.seek(SeekFrom::Start(pos))?;
         let mut chunk = vec![0u8; block as usize];
         f.read_exact(&mut chunk)?;
+        let old_first = buf.iter().position(|&b| b == b'\n');
+        let clen = chunk.len();
         chunk.extend_from_slice(&buf);
         buf = chunk;
+        // Lines completed by this block: from its first whole line (or the file's start) up
+        // to the end of what was the first, partial line of the region read before.
+        let end = old_first.map_or(buf.len(), |i| clen + i + 1);
+        let start = if pos == 0 {
+            0
+        } else {
+            buf[..clen].iter().position(|&b| b == b'\n').map_or(end, |i| i + 1)
+        };
+        ends += buf[start..end].split(|&b| b == b'\n').filter_map(decode).filter(wanted).count();
     }
     // Unless at the start of the file, the first line may be a piece of a record.
     let first = if pos == 0 {
@@ -795,6 +834,32 @@ mod tests {
         assert!(size < 80 * 1024, "{size}");
         let tail = read(&logs.path(5), &LogQuery { tail: Some(3), ..Default::default() }).unwrap();
         assert_eq!(tail.data, "\n\n\n");
+    }
+
+    #[tokio::test]
+    async fn tail_reads_backwards_across_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::start(dir.path().to_path_buf()).unwrap();
+        logs.open(6, 64 << 20).await.unwrap();
+        let mut out = String::new();
+        let mut err = String::new();
+        for i in 0..20_000u32 {
+            let line = format!("line {i} {}\n", "x".repeat((i % 50) as usize));
+            if i % 3 == 0 {
+                err.push_str(&line);
+                logs.write(6, Stream::Stderr, at(i), line.into_bytes()).await;
+            } else {
+                out.push_str(&line);
+                logs.write(6, Stream::Stdout, at(i), line.into_bytes()).await;
+            }
+        }
+        logs.finish(6).await;
+        for n in [1, 7, 1000, 5000] {
+            let q = LogQuery { tail: Some(n), stream: Some(Stream::Stderr), ..Default::default() };
+            assert_eq!(read(&logs.path(6), &q).unwrap().data, last_lines(&err, n), "stderr {n}");
+            let q = LogQuery { tail: Some(n), stream: Some(Stream::Stdout), ..Default::default() };
+            assert_eq!(read(&logs.path(6), &q).unwrap().data, last_lines(&out, n), "stdout {n}");
+        }
     }
 
     #[test]

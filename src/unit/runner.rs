@@ -90,6 +90,8 @@ pub struct InitialState {
     pub anchor: Timestamp,
     /// Just added (`add` trigger) rather than loaded at daemon start.
     pub fresh: bool,
+    /// Start nothing on its own (a unit brought back after a failed delete).
+    pub quiet: bool,
 }
 
 /// Spawns the loop of a unit and returns its handle, and a receiver that resolves once the
@@ -145,7 +147,7 @@ pub fn spawn(
         failures_total: init.failures_total,
         last_run: init.last_run,
     };
-    tracker.spawn(l.run(rx, token, init.fresh, init.last_fire, ready_tx));
+    tracker.spawn(l.run(rx, token, init.fresh, init.quiet, init.last_fire, ready_tx));
     (handle, ready_rx)
 }
 
@@ -211,10 +213,11 @@ impl Loop {
         mut rx: mpsc::Receiver<Control>,
         token: CancellationToken,
         fresh: bool,
+        quiet: bool,
         last_fire: Option<Timestamp>,
         ready: oneshot::Sender<()>,
     ) {
-        self.start_up(fresh, last_fire).await;
+        self.start_up(fresh, quiet, last_fire).await;
         self.answer(ready, ());
         loop {
             self.publish();
@@ -268,8 +271,13 @@ impl Loop {
         }
     }
 
-    async fn start_up(&mut self, fresh: bool, last_fire: Option<Timestamp>) {
+    async fn start_up(&mut self, fresh: bool, quiet: bool, last_fire: Option<Timestamp>) {
         let now = Timestamp::now();
+        if quiet {
+            self.next_fire =
+                self.cfg.schedule.as_ref().and_then(|s| s.next_after(now, self.anchor));
+            return;
+        }
         if let Some(s) = self.cfg.schedule.clone() {
             // Fire times before the anchor (the last edit) belong to an older definition.
             let since = last_fire.map_or(self.anchor, |l| l.max(self.anchor));
@@ -365,6 +373,10 @@ impl Loop {
                     .map(|_| n + q);
                 self.answer(reply, r);
             }
+            Control::Pause { paused, reply } if paused == self.paused => {
+                // Already so: nothing to record, nothing to start.
+                self.answer(reply, Ok(()));
+            }
             Control::Pause { paused, reply } => {
                 let kind = if paused { "unit.paused" } else { "unit.resumed" };
                 let r = self.env.store.set_flags(&self.cfg.name, paused, self.stopped, kind).await;
@@ -422,7 +434,11 @@ impl Loop {
             }
             Control::Cancel { run, reply } => {
                 if let Some(a) = self.active.get_mut(&run) {
-                    *a.reason.lock().expect("reason lock") = Some(reason::CANCELLED.into());
+                    // A stop already under way (a timeout, say) keeps its reason.
+                    a.reason
+                        .lock()
+                        .expect("reason lock")
+                        .get_or_insert_with(|| reason::CANCELLED.into());
                     a.token.cancel();
                     a.waiters.push(reply);
                 } else if self.queued.as_ref().is_some_and(|q| q.id == run) {
@@ -569,6 +585,10 @@ impl Loop {
 
     /// Starts a run now; `None` if it could not even be recorded.
     async fn start_run(&mut self, trigger: Trigger, attempt: u32) -> Option<RunRecord> {
+        if self.shared.token.is_cancelled() {
+            // Shutting down: a fire or retry that raced the cancellation starts nothing.
+            return None;
+        }
         let rec = match self
             .env
             .store
@@ -610,16 +630,21 @@ impl Loop {
         self.tasks.insert(task.id(), id);
     }
 
-    /// A run task panicked: record its run `failed` so that nothing stays `running`.
+    /// A run task panicked: close its log and record its run `failed`, so that nothing stays
+    /// `running` and followers end; then carry on as after any other end.
     async fn crashed(&mut self, e: tokio::task::JoinError) {
         tracing::error!(unit = %self.cfg.name, error = %e, "a run task failed");
         let Some(id) = self.tasks.remove(&e.id()) else { return };
         let Some(a) = self.active.get(&id) else { return };
         let mut rec = a.record.clone();
+        let summary = self.env.store.logs().finish(id).await;
         rec.state = RunState::Failed;
         rec.ended_at = Some(Timestamp::now());
+        rec.stdout_bytes = summary.stdout_bytes;
+        rec.stderr_bytes = summary.stderr_bytes;
+        rec.truncated = summary.truncated;
         rec.reason = Some("internal error: the run's task failed; see the daemon's log".into());
-        self.record_end(rec).await;
+        self.finished(rec).await;
     }
 
     /// Records a run's end in the store, then forgets it as active. The loop does the commit
