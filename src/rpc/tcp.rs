@@ -398,16 +398,33 @@ fn to_legacy(json: &RawValue) -> Box<RawValue> {
     serde_json::value::to_raw_value(&legacy).unwrap_or_else(|_| json.to_owned())
 }
 
-/// Handles one complete JSON value; returns the reply to write, if any.
-async fn handle_value<S>(service: &S, ctx: &ConnCtx, value: Vec<u8>) -> Option<Box<RawValue>>
-where
+/// The RPC service stack a connection dispatches to (middleware over [`TcpRpcService`]).
+trait Service:
+    RpcServiceT<
+        MethodResponse = MethodResponse,
+        BatchResponse = MethodResponse,
+        NotificationResponse = MethodResponse,
+    > + Send
+    + Sync
+{
+}
+
+impl<S> Service for S where
     S: RpcServiceT<
             MethodResponse = MethodResponse,
             BatchResponse = MethodResponse,
             NotificationResponse = MethodResponse,
         > + Send
-        + Sync,
+        + Sync
 {
+}
+
+/// Handles one complete JSON value; returns the reply to write, if any.
+async fn handle_value<S: Service>(
+    service: &S,
+    ctx: &ConnCtx,
+    value: Vec<u8>,
+) -> Option<Box<RawValue>> {
     let Ok(text) = String::from_utf8(value) else {
         return Some(error_json(Id::Null, ErrorCode::ParseError.code(), "Parse error"));
     };
@@ -422,15 +439,11 @@ where
     }
 }
 
-async fn handle_single<S>(service: &S, ctx: &ConnCtx, text: String) -> Option<Box<RawValue>>
-where
-    S: RpcServiceT<
-            MethodResponse = MethodResponse,
-            BatchResponse = MethodResponse,
-            NotificationResponse = MethodResponse,
-        > + Send
-        + Sync,
-{
+async fn handle_single<S: Service>(
+    service: &S,
+    ctx: &ConnCtx,
+    text: String,
+) -> Option<Box<RawValue>> {
     // A request without "jsonrpc" comes from Go's net/rpc/jsonrpc (JSON-RPC 1.0).
     let legacy = match serde_json::from_str::<HashMap<Cow<'_, str>, &RawValue>>(&text) {
         Ok(members) => !members.contains_key("jsonrpc"),
@@ -474,15 +487,7 @@ where
     ))
 }
 
-async fn handle_batch<S>(service: &S, ctx: &ConnCtx, text: &str) -> Option<Box<RawValue>>
-where
-    S: RpcServiceT<
-            MethodResponse = MethodResponse,
-            BatchResponse = MethodResponse,
-            NotificationResponse = MethodResponse,
-        > + Send
-        + Sync,
-{
+async fn handle_batch<S: Service>(service: &S, ctx: &ConnCtx, text: &str) -> Option<Box<RawValue>> {
     let Ok(entries) = serde_json::from_str::<Vec<&RawValue>>(text) else {
         return Some(error_json(Id::Null, ErrorCode::ParseError.code(), "Parse error"));
     };
