@@ -138,7 +138,11 @@ pub async fn run(
         ..ServeConfig::default()
     };
     let address_file = cfg.state_dir.join(ADDRESS_FILE);
-    std::fs::write(&address_file, format!("{local}\n")).map_err(|e| Error::io(&address_file, e))?;
+    // Written whole and renamed into place: a reader never sees half an address.
+    let tmp = cfg.state_dir.join(format!("{ADDRESS_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{local}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &address_file))
+        .map_err(|e| Error::io(&address_file, e))?;
     tracing::info!(
         addr = %local,
         state_dir = %cfg.state_dir.display(),

@@ -89,7 +89,8 @@ impl TestDaemon {
             {
                 panic!("taskd exited early ({st}):\n{}", self.log());
             }
-            std::fs::read_to_string(dir.join("address")).ok().map(|s| s.trim().to_string())
+            let text = std::fs::read_to_string(dir.join("address")).ok()?;
+            text.ends_with('\n').then(|| text.trim().to_string())
         });
         self.token = std::fs::read_to_string(dir.join("token")).unwrap_or_default().trim().into();
     }
