@@ -434,15 +434,36 @@ pub fn kill_stale_run(
 ) -> usize {
     let group = kill_stale_group(pgid, start_ticks, sig);
     let Some((key, value)) = tag else { return group };
-    let tagged = tagged_processes(&tag_entry(key, value));
-    group
-        + tagged
-            .iter()
-            .filter(|t| t.start_ticks >= start_ticks)
-            // Already signalled through their group.
-            .filter(|t| group == 0 || t.pgrp != pgid)
-            .filter(|t| kill(Pid::from_raw(t.pid as i32), sig).is_ok())
-            .count()
+    // Those in the group were signalled through it.
+    let skip = (group > 0).then_some(pgid);
+    group + signal_tagged(key, value, start_ticks, skip, sig)
+}
+
+/// Sends `sig` to every process carrying the tag `key=value` that started at or after
+/// `start_ticks`, except members of process group `skip`. For a lost run whose pid was never
+/// recorded (the daemon died right after spawning it), this is the only way to find it.
+pub fn kill_tagged(key: &str, value: &str, start_ticks: u64, sig: Signal) -> usize {
+    signal_tagged(key, value, start_ticks, None, sig)
+}
+
+fn signal_tagged(key: &str, value: &str, since: u64, skip: Option<u32>, sig: Signal) -> usize {
+    tagged_processes(&tag_entry(key, value))
+        .iter()
+        .filter(|t| t.start_ticks >= since)
+        .filter(|t| skip != Some(t.pgrp))
+        .filter(|t| kill(Pid::from_raw(t.pid as i32), sig).is_ok())
+        .count()
+}
+
+/// The start-time value (`/proc/<pid>/stat` field 22: clock ticks since boot) of a process
+/// started at `unix_secs`; `None` when that is before this boot.
+pub fn ticks_since_boot(unix_secs: f64) -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: f64 = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let since = unix_secs - btime;
+    (since >= 0.0 && hz > 0).then_some((since * hz as f64) as u64)
 }
 
 /// The system boot id (`/proc/sys/kernel/random/boot_id`), so that pids and start ticks
@@ -1379,6 +1400,18 @@ mod tests {
         assert_eq!(kill_stale_group(pgid, ticks, Signal::SIGKILL), 1);
         eventually("the member to be gone", || is_gone(sleep)).await;
         assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
+    }
+
+    #[test]
+    fn ticks_since_boot_matches_proc_start_times() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let mine = read_stat(std::process::id()).unwrap().start_ticks;
+        let ticks = ticks_since_boot(now).expect("this boot");
+        assert!(ticks >= mine, "{ticks} < {mine}");
+        assert!(ticks_since_boot(0.0).is_none(), "1970 is before this boot");
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -121,17 +121,29 @@ impl Registry {
         let stale = store.recover_stale_runs().await?;
         let mut to_kill = Vec::new();
         for s in &stale {
+            let tag = runner::run_tag(&state_dir_id, s.record.id);
             // Only a pid from this boot can still be the run's process group.
             if let (Some(pid), Some(start)) = (s.record.pid, s.pid_start)
                 && s.boot_id.is_some()
                 && s.boot_id == boot_id
             {
                 // By group and by tag: processes that left the group are found by the latter.
-                let tag = runner::run_tag(&state_dir_id, s.record.id);
                 let n = exec::kill_stale_run(pid, start, Some((&tag.0, &tag.1)), SIGTERM);
                 if n > 0 {
                     tracing::warn!(run = s.record.id, pid, n, "stopping processes of a lost run");
-                    to_kill.push((pid, start, tag));
+                    to_kill.push((Some(pid), start, tag));
+                }
+            } else if s.record.pid.is_none()
+                && let Some(started) = s.record.started_at
+                // The previous daemon died before it recorded the pid: find the run by its
+                // tag, among processes started since (a second earlier, for clock rounding).
+                && let Some(since) =
+                    exec::ticks_since_boot(started.as_millisecond() as f64 / 1000.0 - 1.0)
+            {
+                let n = exec::kill_tagged(&tag.0, &tag.1, since, SIGTERM);
+                if n > 0 {
+                    tracing::warn!(run = s.record.id, n, "stopping processes of a lost run");
+                    to_kill.push((None, since, tag));
                 }
             }
             tracing::warn!(run = s.record.id, unit = %s.record.unit, state = %s.record.state, "run left active by the previous daemon");
@@ -147,7 +159,12 @@ impl Registry {
                 // Scanning /proc blocks: not on an async thread.
                 let _ = tokio::task::spawn_blocking(move || {
                     for (pid, start, tag) in to_kill {
-                        exec::kill_stale_run(pid, start, Some((&tag.0, &tag.1)), SIGKILL);
+                        match pid {
+                            Some(pid) => {
+                                exec::kill_stale_run(pid, start, Some((&tag.0, &tag.1)), SIGKILL)
+                            }
+                            None => exec::kill_tagged(&tag.0, &tag.1, start, SIGKILL),
+                        };
                     }
                 })
                 .await;
