@@ -177,6 +177,11 @@ impl Registry {
             keep_runs: cfg.keep_runs,
             boot_id,
             state_dir_id,
+            identity: Arc::new(
+                tokio::task::spawn_blocking(runner::daemon_identity)
+                    .await
+                    .map_err(|_| Error::ShuttingDown)?,
+            ),
         };
         let reg = Registry(Arc::new(Shared {
             units: DashMap::new(),

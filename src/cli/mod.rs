@@ -326,18 +326,20 @@ impl Ctx {
                 .unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
         };
         let token_file = state_dir.join("token");
-        let token = match &cli.token {
-            Some(t) => Some(t.trim().to_string()),
+        // An empty --token or TASKD_TOKEN counts as not given.
+        let given = cli.token.as_deref().map(str::trim).filter(|t| !t.is_empty());
+        let token = match given {
+            Some(t) => Some(t.to_string()),
             // No token file means a daemon with `--auth none` (or none started yet): try
             // without logging in; a daemon that wants one answers "unauthorized" with a hint.
             None => read_trimmed(&token_file),
         };
         let start_hint = if state_dir == default_dir {
-            "start it with: taskd".to_string()
+            "start it with: taskd (or pass --state-dir/--addr for a daemon elsewhere)".to_string()
         } else {
             format!("start it with: taskd --state-dir {}", state_dir.display())
         };
-        let token_hint = if cli.token.is_some() {
+        let token_hint = if given.is_some() {
             format!(
                 "the token given with --token or TASKD_TOKEN was refused; the daemon's token is in {}",
                 token_file.display()

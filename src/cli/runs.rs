@@ -118,8 +118,14 @@ pub async fn runs(ctx: &Ctx, a: RunsArgs) -> anyhow::Result<()> {
 
 /// The run a `logs` target names: a number is a run id, anything else a unit's newest run.
 async fn resolve_run(ctx: &Ctx, target: &str) -> anyhow::Result<i64> {
+    // A number is a run id; a unit named like a number is found when no run has that id.
     if let Ok(id) = target.parse::<i64>() {
-        return Ok(id);
+        match ctx.client.get(id).await {
+            Err(e)
+                if crate::rpc::client::error_code(&e)
+                    == Some(crate::error::codes::RUN_NOT_FOUND) => {}
+            _ => return Ok(id),
+        }
     }
     let arg = RunListArg { unit: Some(target.to_string()), limit: Some(1), ..Default::default() };
     let runs = ctx.call(ctx.client.list(Some(arg))).await?;

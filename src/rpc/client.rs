@@ -22,6 +22,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one call may take before it fails with `RequestTimeout`.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Notifications a subscription may have waiting before the client drops it.
+pub const SUBSCRIPTION_BUFFER: usize = 1 << 16;
+
 /// Largest message the client accepts from the daemon, in bytes.
 const MAX_MESSAGE_SIZE: u64 = 64 * 1024 * 1024;
 
@@ -55,6 +58,14 @@ impl ClientError {
 /// than because the daemon answered with an error.
 pub fn is_connection_error(err: &RpcError) -> bool {
     matches!(err, RpcError::Transport(_) | RpcError::RestartNeeded(_) | RpcError::RequestTimeout)
+}
+
+/// The JSON-RPC error code the daemon answered with, if the call got an error answer.
+pub fn error_code(err: &RpcError) -> Option<i32> {
+    match err {
+        RpcError::Call(e) => Some(e.code()),
+        _ => None,
+    }
 }
 
 /// Sending half of the NDJSON transport: one message and `\n` per write.
@@ -133,8 +144,12 @@ impl Client {
             .map_err(connect_err)?;
         let _ = stream.set_nodelay(true);
         let (tx, rx) = ndjson_transport(stream);
-        let inner =
-            ClientBuilder::default().request_timeout(REQUEST_TIMEOUT).build_with_tokio(tx, rx);
+        let inner = ClientBuilder::default()
+            .request_timeout(REQUEST_TIMEOUT)
+            // A replay of stored events or a log backlog arrives in a burst; the client
+            // must not give up on a subscription because it came fast.
+            .max_buffer_capacity_per_subscription(SUBSCRIPTION_BUFFER)
+            .build_with_tokio(tx, rx);
         if let Some(token) = token {
             let ok: bool = inner
                 .request("Auth.Login", rpc_params![token])

@@ -15,6 +15,8 @@ use crate::store::logs::{self, LogQuery, Stream};
 
 /// Default and largest page of `Run.List`.
 const RUN_PAGE: (u32, u32) = (50, 1000);
+/// Bytes of live output a follower gathers into one message at most.
+const FOLLOW_BATCH: usize = 256 * 1024;
 /// The newest bytes of a run's in-memory tail a follower is sent when it starts.
 const FOLLOW_TAIL: usize = 1 << 20;
 /// Default and largest slice of `Run.Logs`, in bytes.
@@ -276,33 +278,71 @@ impl RunApiServer for Api {
         // 3. Every chunk as it is written. Pipe reads split characters anywhere: an unfinished
         // UTF-8 sequence waits for the rest of its stream's bytes.
         if let Some(mut f) = live {
+            use tokio::sync::broadcast::error::{RecvError, TryRecvError};
             let mut carry: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
             let mut at_line_start = [true, true];
             loop {
-                match f.live.recv().await {
-                    Ok(c) => {
-                        if stream.is_some_and(|s| s != c.stream) {
-                            continue;
-                        }
-                        let i = usize::from(c.stream == Stream::Stderr);
-                        carry[i].extend_from_slice(&c.data);
-                        let text = take_utf8(&mut carry[i]);
-                        if text.is_empty() {
-                            continue;
-                        }
-                        let data = if q.timestamps {
-                            stamp_lines(&text, c.at, &mut at_line_start[i])
-                        } else {
-                            text
-                        };
-                        send(FollowItem::Output { stream: Some(c.stream.as_str().into()), data })
-                            .await?;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                let first = match f.live.recv().await {
+                    Ok(c) => c,
+                    Err(RecvError::Lagged(n)) => {
                         let data = format!("[… {n} chunks skipped: this follower fell behind …]\n");
                         send(FollowItem::Output { stream: None, data }).await?;
+                        continue;
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    Err(RecvError::Closed) => break,
+                };
+                // Whatever else is already waiting goes out in the same messages: one message
+                // per chunk cannot keep up with a chatty process.
+                let mut batch = vec![first];
+                let mut size = batch[0].data.len();
+                while size < FOLLOW_BATCH {
+                    match f.live.try_recv() {
+                        Ok(c) => {
+                            size += c.data.len();
+                            batch.push(c);
+                        }
+                        Err(TryRecvError::Lagged(n)) => {
+                            let data =
+                                format!("[… {n} chunks skipped: this follower fell behind …]\n");
+                            batch.push(logs::LiveChunk {
+                                stream: Stream::Stdout,
+                                at: jiff::Timestamp::now(),
+                                data: std::sync::Arc::from(data.as_bytes()),
+                            });
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let mut pending: Option<(Stream, String)> = None;
+                for c in batch {
+                    if stream.is_some_and(|s| s != c.stream) {
+                        continue;
+                    }
+                    let i = usize::from(c.stream == Stream::Stderr);
+                    carry[i].extend_from_slice(&c.data);
+                    let text = take_utf8(&mut carry[i]);
+                    if text.is_empty() {
+                        continue;
+                    }
+                    let text = if q.timestamps {
+                        stamp_lines(&text, c.at, &mut at_line_start[i])
+                    } else {
+                        text
+                    };
+                    match &mut pending {
+                        Some((s, buf)) if *s == c.stream => buf.push_str(&text),
+                        _ => {
+                            if let Some((s, data)) = pending.take() {
+                                send(FollowItem::Output { stream: Some(s.as_str().into()), data })
+                                    .await?;
+                            }
+                            pending = Some((c.stream, text));
+                        }
+                    }
+                }
+                if let Some((s, data)) = pending {
+                    send(FollowItem::Output { stream: Some(s.as_str().into()), data }).await?;
                 }
             }
             for (i, rest) in carry.iter().enumerate() {

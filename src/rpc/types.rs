@@ -128,10 +128,13 @@ pub fn describe_schedule(s: &UnitSnapshot) -> (String, String) {
 
 impl From<&UnitSnapshot> for UnitInfo {
     fn from(s: &UnitSnapshot) -> Self {
+        let mut definition = s.config.filled();
+        // `paused` shows whether the unit is paused now, not only how it was created.
+        definition["paused"] = s.status.paused.into();
         UnitInfo {
             name: s.config.name.clone(),
             state: s.status.state.as_str().into(),
-            definition: s.config.filled(),
+            definition,
             next_fire: s.status.next_fire.map(fmt_time),
             last_run: s.status.last_run.as_ref().map(RunInfo::from),
             active_runs: s.status.active.clone(),

@@ -213,8 +213,12 @@ struct StreamState {
     total: u64,
     /// Bytes of records this stream put in the file's head.
     head: u64,
+    /// Bytes of output in the file's head.
+    head_payload: u64,
     /// The newest output beyond the head, oldest first.
     ring: VecDeque<(Timestamp, Vec<u8>)>,
+    /// Bytes of output in the ring.
+    ring_bytes: u64,
     /// What the ring will cost on disk (records included).
     ring_cost: u64,
     /// Bytes of output dropped between head and ring.
@@ -223,7 +227,15 @@ struct StreamState {
 
 impl StreamState {
     fn new() -> Self {
-        StreamState { total: 0, head: 0, ring: VecDeque::new(), ring_cost: 0, dropped: 0 }
+        StreamState {
+            total: 0,
+            head: 0,
+            head_payload: 0,
+            ring: VecDeque::new(),
+            ring_bytes: 0,
+            ring_cost: 0,
+            dropped: 0,
+        }
     }
 }
 
@@ -330,35 +342,44 @@ impl RunLog {
         let half = self.half;
         let st = &mut self.streams[stream.index()];
         st.total += data.len() as u64;
-        // The limit counts bytes on disk (records included), so many short lines cannot
-        // blow a small limit up into a large file.
-        let room = half.saturating_sub(st.head);
+        // The head keeps the first `half` bytes of output, and takes at most twice that on
+        // disk: a flood of tiny lines (each stored with its time) cannot blow a limit up.
+        let payload_room = half.saturating_sub(st.head_payload) as usize;
+        let disk_room = (2 * half).saturating_sub(st.head);
         let mut buf = Vec::new();
-        let taken = encode_within(&mut buf, stream, at, &data, room);
+        let head = &data[..payload_room.min(data.len())];
+        let taken = encode_within(&mut buf, stream, at, head, disk_room);
         st.head += buf.len() as u64;
+        st.head_payload += taken as u64;
         let rest = &data[taken..];
         if !rest.is_empty() {
             // Once the head is full, it stays full: what follows belongs to the tail.
-            st.head = st.head.max(half);
+            st.head = st.head.max(2 * half);
+            st.head_payload = st.head_payload.max(half);
+            st.ring_bytes += rest.len() as u64;
             st.ring_cost += encoded_cost(rest);
             st.ring.push_back((at, rest.to_vec()));
-            while st.ring_cost > half {
-                let excess = (st.ring_cost - half) as usize;
+            // The tail likewise: the newest `half` bytes, at most twice that on disk.
+            while st.ring_bytes > half || st.ring_cost > 2 * half {
+                let bytes_over = (st.ring_bytes.saturating_sub(half)) as usize;
+                let cost_over = st.ring_cost.saturating_sub(2 * half) as usize;
                 let front = st.ring.front_mut().expect("ring holds the excess");
                 let cost = encoded_cost(&front.1);
-                if cost <= excess as u64 || front.1.len() <= 1 {
+                if front.1.len() <= bytes_over.max(1) || cost as usize <= cost_over {
+                    st.ring_bytes -= front.1.len() as u64;
                     st.ring_cost -= cost;
                     st.dropped += front.1.len() as u64;
                     st.ring.pop_front();
                 } else {
-                    // Drop just enough of the front to shed `excess` bytes of records.
+                    // Drop just enough of the front to get under both bounds.
                     let mut shed = 0usize;
                     let mut k = 0;
-                    while k < front.1.len() - 1 && shed < excess {
+                    while k < front.1.len() - 1 && (k < bytes_over || shed < cost_over) {
                         shed += if front.1[k] == b'\n' { RECORD_OVERHEAD as usize } else { 1 };
                         k += 1;
                     }
                     front.1.drain(..k);
+                    st.ring_bytes -= k as u64;
                     st.ring_cost = st.ring_cost - cost + encoded_cost(&front.1);
                     st.dropped += k as u64;
                 }
@@ -437,7 +458,7 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Msg::Open { run, limit, reply } => {
-                let (live, _) = broadcast::channel(256);
+                let (live, _) = broadcast::channel(1024);
                 let log = runs.entry(run).or_insert(RunLog {
                     path: path_in(&dir, run),
                     file: None,
@@ -830,8 +851,21 @@ mod tests {
             logs.write(5, Stream::Stdout, at(1), vec![b'\n'; 10_000]).await;
         }
         logs.finish(5).await;
+        // Tiny lines: the disk bound (twice the limit) holds.
         let size = std::fs::metadata(logs.path(5)).unwrap().len();
-        assert!(size < 80 * 1024, "{size}");
+        assert!(size <= 2 * 64 * 1024 + 200, "{size}");
+        // Ordinary lines: the whole limit of output is kept.
+        logs.open(7, 64 * 1024).await.unwrap();
+        let line = format!("{}\n", "y".repeat(79));
+        for i in 0..5000 {
+            logs.write(7, Stream::Stdout, at(i), line.clone().into_bytes()).await;
+        }
+        let sum = logs.finish(7).await;
+        assert!(sum.truncated);
+        let kept = read(&logs.path(7), &LogQuery { limit: 1 << 20, ..Default::default() }).unwrap();
+        let output = kept.data.lines().filter(|l| l.starts_with('y')).count() * 80;
+        // (Two lines are cut where head and tail meet, and count whole here.)
+        assert!((63 * 1024..=64 * 1024 + 160).contains(&output), "kept {output} bytes");
         let tail = read(&logs.path(5), &LogQuery { tail: Some(3), ..Default::default() }).unwrap();
         assert_eq!(tail.data, "\n\n\n");
     }

@@ -209,7 +209,7 @@ impl UnitDef {
     pub fn from_toml(text: &str, name: &str) -> Result<UnitDef> {
         // The whole message: it shows the line and column of the mistake.
         let table: toml::Table = toml::from_str(text)
-            .map_err(|e| Error::invalid("definition", e.to_string().trim_end().to_string()))?;
+            .map_err(|e| Error::invalid("file", e.to_string().trim_end().to_string()))?;
         let mut value =
             serde_json::to_value(table).map_err(|e| Error::invalid("definition", e.to_string()))?;
         let obj = value.as_object_mut().expect("a TOML table is an object");

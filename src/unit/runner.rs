@@ -40,6 +40,22 @@ pub struct RunnerEnv {
     pub boot_id: Option<String>,
     /// Identifies the state directory in run tags ([`state_dir_id`]).
     pub state_dir_id: String,
+    /// The daemon's own account (name, home), for the environment of runs without `user`.
+    pub identity: Arc<(String, String)>,
+}
+
+/// The daemon's account name and home directory, from the user database (the daemon's own
+/// environment may lack `USER`, under systemd for instance). Blocks: call it off the async
+/// threads.
+pub fn daemon_identity() -> (String, String) {
+    let uid = nix::unistd::getuid();
+    match exec::User::lookup(&uid.to_string()) {
+        Ok(u) => (u.name, u.home.display().to_string()),
+        Err(_) => (
+            std::env::var("USER").unwrap_or_else(|_| uid.to_string()),
+            std::env::var("HOME").unwrap_or_else(|_| "/".into()),
+        ),
+    }
 }
 
 /// The environment variable that tags every process of a run ([`run_tag`]).
@@ -341,7 +357,16 @@ impl Loop {
     fn publish(&self) {
         let mut st = self.shared.status.lock().expect("unit status lock");
         st.state = self.derive_state();
-        st.next_fire = if self.paused { None } else { self.next_fire };
+        // The next time something starts on its own: a fire, or a retry/restart after back-off.
+        let pending = self.pending.as_ref().map(|p| {
+            let wait = p.at.saturating_duration_since(Instant::now());
+            Timestamp::now() + jiff::SignedDuration::try_from(wait).unwrap_or_default()
+        });
+        st.next_fire = match (self.paused, pending, self.next_fire) {
+            (true, _, _) => None,
+            (false, Some(p), Some(f)) => Some(p.min(f)),
+            (false, p, f) => p.or(f),
+        };
         st.last_run = self.last_run.clone();
         st.active = self.active.keys().copied().collect();
         st.active.sort_unstable();
@@ -746,7 +771,12 @@ impl Loop {
 
 /// The environment every run gets: a fixed base (the daemon's own is not copied), the
 /// unit's `env` on top, and `TASKD_*` variables describing the run.
-fn run_env(cfg: &UnitConfig, rec: &RunRecord, user: Option<&exec::User>) -> Vec<(String, String)> {
+fn run_env(
+    cfg: &UnitConfig,
+    rec: &RunRecord,
+    user: Option<&exec::User>,
+    identity: &(String, String),
+) -> Vec<(String, String)> {
     let mut env: std::collections::BTreeMap<String, String> = Default::default();
     env.insert(
         "PATH".into(),
@@ -754,10 +784,7 @@ fn run_env(cfg: &UnitConfig, rec: &RunRecord, user: Option<&exec::User>) -> Vec<
     );
     let (name, home) = match user {
         Some(u) => (u.name.clone(), u.home.display().to_string()),
-        None => (
-            std::env::var("USER").unwrap_or_else(|_| nix::unistd::getuid().to_string()),
-            std::env::var("HOME").unwrap_or_else(|_| "/".into()),
-        ),
+        None => identity.clone(),
     };
     env.insert("HOME".into(), home);
     env.insert("USER".into(), name.clone());
@@ -928,7 +955,7 @@ async fn spawn_and_wait(
     let cwd = cfg.cwd.clone().unwrap_or_else(|| env.work_dir.clone());
     let spec = exec::Spec {
         argv,
-        env: run_env(cfg, rec, user.as_ref()),
+        env: run_env(cfg, rec, user.as_ref(), &env.identity),
         cwd,
         user,
         tag: Some(run_tag(&env.state_dir_id, rec.id)),

@@ -561,3 +561,43 @@ fn help_groups_the_global_options() {
     assert!(!edit.contains("[default: skip]"), "{edit}");
     assert!(ok(d.taskctl(&["add", "--help"])).contains("Create without starting"));
 }
+
+#[test]
+fn events_replays_thousands_of_events_without_falling_behind() {
+    let d = TestDaemon::start();
+    // 500 one-shot units: 1,500 stored events (added, started, finished).
+    let mut raw = d.raw();
+    for i in 0..500 {
+        let req = serde_json::json!({"jsonrpc": "2.0", "id": i, "method": "TaskUnit.Add",
+            "params": [{"name": format!("e{i}"), "command": ["true"]}]});
+        raw.send(format!("{req}\n").as_bytes());
+    }
+    for _ in 0..500 {
+        assert!(raw.recv().get("result").is_some());
+    }
+    wait_for("every run to be recorded", || {
+        let runs = d.call("Run.List", serde_json::json!({"state": "succeeded", "limit": 1000}));
+        (runs.as_array()?.len() == 500).then_some(())
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_taskctl"))
+        .arg("--state-dir")
+        .arg(d.state_dir())
+        .args(["--json", "events", "--after", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn taskctl events");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut last = 0;
+    for _ in 0..1500 {
+        let line = lines.next().expect("an event").expect("a line");
+        let e: Value = serde_json::from_str(&line).expect("one JSON event per line");
+        let seq = e["seq"].as_i64().expect("seq");
+        assert!(seq > last, "events in order, once each");
+        last = seq;
+    }
+    assert!(child.try_wait().expect("try_wait").is_none(), "events still following");
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+}

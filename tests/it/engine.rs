@@ -91,10 +91,12 @@ fn the_daemon_environment_is_not_copied_into_runs() {
     let d = TestDaemon::start();
     let info = d.call(
         "TaskUnit.Add",
-        json!({"name": "envcheck", "command": ["sh", "-c", "echo ${RUST_LOG:-unset}"]}),
+        json!({"name": "envcheck", "command": ["sh", "-c", "echo ${RUST_LOG:-unset} $USER"]}),
     );
     let r = d.wait_run_end(run_id(&info));
-    assert_eq!(d.call("Run.Logs", json!({"id": r["id"]}))["data"], "unset\n");
+    // USER names the daemon's account from the user database, not from its environment.
+    let me = nix::unistd::User::from_uid(nix::unistd::getuid()).unwrap().unwrap().name;
+    assert_eq!(d.call("Run.Logs", json!({"id": r["id"]}))["data"], format!("unset {me}\n"));
 }
 
 #[test]
