@@ -341,14 +341,15 @@ fn unit_line(u: &UnitInfo) -> String {
     let (kind, schedule) = kind_and_schedule(&u.definition);
     let what = if kind == "service" { kind } else { format!("{kind}, {schedule}") };
     let mut s = format!("{} ({what})", u.name);
-    if u.state == "paused" {
+    let active = u.last_run.as_ref().filter(|r| u.active_runs.contains(&r.id));
+    let paused = u.state == "paused" || u.definition["paused"] == json!(true);
+    if paused {
         s.push_str(": paused");
-    } else if let Some(r) = u.last_run.as_ref().filter(|r| u.active_runs.contains(&r.id)) {
-        s.push_str(&format!(
-            ": run {} {}",
-            r.id,
-            if r.state == "queued" { "queued" } else { "started" }
-        ));
+        if let Some(r) = active {
+            s.push_str(&format!(" (run {} still {})", r.id, r.state));
+        }
+    } else if let Some(r) = active {
+        s.push_str(&format!(": run {} {}", r.id, r.state));
     } else if let Some(next) = &u.next_fire {
         s.push_str(&format!(": next run {}", relative(next)));
     } else if let Some(r) = &u.last_run {
