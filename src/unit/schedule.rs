@@ -53,7 +53,10 @@ impl Schedule {
         }
         let parser =
             CronParser::builder().seconds(Seconds::Optional).year(Year::Disallowed).build();
-        let cron = parser.parse(trimmed).map_err(|e| ("cron", format!("{expr:?}: {e}")))?;
+        let cron = parser.parse(trimmed).map_err(|e| {
+            let why = out_of_range(trimmed).unwrap_or_else(|| e.to_string());
+            ("cron", format!("{expr:?}: {why}"))
+        })?;
         let tz = match tz {
             None => TimeZone::system(),
             Some(name) => TimeZone::get(name).map_err(|_| {
@@ -92,6 +95,33 @@ impl Schedule {
     }
 }
 
+/// Names the first field holding a number outside its range (`minute: 61 is out of range
+/// 0-59`), to explain a parse error better than the parser does.
+fn out_of_range(expr: &str) -> Option<String> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let names: &[(&str, u32, u32)] = &[
+        ("second", 0, 59),
+        ("minute", 0, 59),
+        ("hour", 0, 23),
+        ("day of month", 1, 31),
+        ("month", 1, 12),
+        ("day of week", 0, 7),
+    ];
+    let names = if fields.len() == 6 { names } else { &names[1..] };
+    for (field, (name, lo, hi)) in fields.iter().zip(names) {
+        // Numbers in lists, ranges and steps: `1,5`, `10-20`, `*/15` (a step is not a value).
+        for part in field.split(',') {
+            let values = part.split('/').next().unwrap_or("");
+            for n in values.split('-').filter_map(|v| v.parse::<u32>().ok()) {
+                if n < *lo || n > *hi {
+                    return Some(format!("{name}: {n} is out of range {lo}-{hi}"));
+                }
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,7 +158,11 @@ mod tests {
     #[test]
     fn cron_errors_name_their_field() {
         assert_eq!(Schedule::cron("* * *", None).unwrap_err().0, "cron");
-        assert_eq!(Schedule::cron("61 * * * *", None).unwrap_err().0, "cron");
+        let (field, why) = Schedule::cron("61 * * * *", None).unwrap_err();
+        assert_eq!(field, "cron");
+        assert!(why.ends_with("minute: 61 is out of range 0-59"), "{why}");
+        let why = Schedule::cron("0 0 25 * * *", None).unwrap_err().1;
+        assert!(why.ends_with("hour: 25 is out of range 0-23"), "{why}");
         assert_eq!(Schedule::cron("* * * * *", Some("Nowhere/Land")).unwrap_err().0, "tz");
         assert_eq!(Schedule::cron("0 0 30 2 *", None).unwrap_err().0, "cron");
     }
