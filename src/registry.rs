@@ -173,7 +173,6 @@ impl Registry {
         let env = RunnerEnv {
             store: store.clone(),
             work_dir: cfg.work_dir.clone(),
-            scripts_dir: store.dir().join("scripts"),
             keep_runs: cfg.keep_runs,
             boot_id,
             state_dir_id,
@@ -589,11 +588,6 @@ impl Registry {
             }
         }
         UnitState::ALL.iter().map(|s| (*s, counts.get(s).copied().unwrap_or(0))).collect()
-    }
-
-    /// Whether a run is active (queued or running) according to the store.
-    pub async fn is_active(&self, id: i64) -> Result<bool> {
-        Ok(!self.0.store.get_run(id).await?.state.is_final())
     }
 }
 

@@ -32,8 +32,6 @@ pub struct RunnerEnv {
     pub store: Store,
     /// Default working directory (`<state-dir>/work`).
     pub work_dir: PathBuf,
-    /// Where scripts are written before they run.
-    pub scripts_dir: PathBuf,
     /// Runs kept per unit unless the unit says otherwise.
     pub keep_runs: u32,
     /// This boot's id, recorded with each pid.
