@@ -522,7 +522,14 @@ pub async fn show(ctx: &Ctx, a: NameArg) -> anyhow::Result<()> {
             .iter()
             // Empty defaults (no env, no args, no description) say nothing.
             .filter(|(k, v)| k.as_str() != "name" && !is_empty(v))
-            .map(|(k, v)| (k.clone(), output::value_text(k, v)))
+            .flat_map(|(k, v)| match (k.as_str(), v) {
+                // One variable per line, quoted: values may hold spaces, '=' or newlines.
+                ("env", Value::Object(vars)) => vars
+                    .iter()
+                    .map(|(name, val)| (format!("env.{name}"), val.to_string()))
+                    .collect::<Vec<_>>(),
+                _ => vec![(k.clone(), output::value_text(k, v))],
+            })
             .collect();
         s.push_str(&output::key_values(&rows, "  "));
     }

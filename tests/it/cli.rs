@@ -59,7 +59,11 @@ fn add_list_show_edit_del_round_trip() {
         show.lines().any(|l| l.trim_start().starts_with("every:") && l.ends_with(" 5m")),
         "{show}"
     );
-    assert!(show.contains("A=1"), "{show}");
+    // One environment variable per line, its value quoted.
+    assert!(
+        show.lines().any(|l| l.trim_start().starts_with("env.A:") && l.ends_with("\"1\"")),
+        "{show}"
+    );
 
     // Switching from an interval to cron in one edit: the interval goes away by itself.
     let out = ok(d.taskctl(&["edit", "hello", "--cron", "0 3 * * *", "--description", "nightly"]));
