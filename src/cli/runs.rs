@@ -117,7 +117,9 @@ pub async fn runs(ctx: &Ctx, a: RunsArgs) -> anyhow::Result<()> {
 }
 
 /// The run a `logs` target names: a number is a run id, anything else a unit's newest run.
-async fn resolve_run(ctx: &Ctx, target: &str) -> anyhow::Result<i64> {
+/// With `wait`, a unit that has no run yet is waited for (`logs -f` of a unit just added
+/// with a schedule).
+async fn resolve_run(ctx: &Ctx, target: &str, wait: bool) -> anyhow::Result<i64> {
     // A number is a run id; a unit named like a number is found when no run has that id.
     if let Ok(id) = target.parse::<i64>() {
         match ctx.client.get(id).await {
@@ -136,18 +138,53 @@ async fn resolve_run(ctx: &Ctx, target: &str) -> anyhow::Result<i64> {
             // different fixes.
             ctx.call(crate::rpc::unit::TaskUnitApiClient::get(&*ctx.client, target.to_string()))
                 .await?;
+            if wait {
+                return first_run(ctx, target).await;
+            }
             Err(CliError::Refused {
                 message: format!("unit {target:?} has no runs yet"),
-                hint: None,
+                hint: Some(format!("'taskctl logs -f {target}' waits for its first run")),
             }
             .into())
         }
     }
 }
 
+/// Waits for the first run of `unit` and returns its id.
+async fn first_run(ctx: &Ctx, unit: &str) -> anyhow::Result<i64> {
+    use crate::rpc::events::EventsApiClient;
+    use crate::rpc::types::SubscribeArg;
+    // Subscribe before looking again, so a run that starts in between is not missed.
+    let mut sub = ctx.call(ctx.client.subscribe_events(Some(SubscribeArg::default()))).await?;
+    let arg = RunListArg { unit: Some(unit.to_string()), limit: Some(1), ..Default::default() };
+    if let Some(r) = ctx.call(ctx.client.list(Some(arg))).await?.first() {
+        return Ok(r.id);
+    }
+    if !ctx.json {
+        eprintln!("taskctl: waiting for the first run of {unit}…");
+    }
+    loop {
+        let item = tokio::select! {
+            item = sub.next() => item,
+            // Interrupted while waiting: nothing to show, and nothing failed.
+            _ = tokio::signal::ctrl_c() => return Err(CliError::Closed.into()),
+        };
+        match item {
+            Some(Ok(e)) if e.unit == unit && e.kind.starts_with("run.") => {
+                if let Some(id) = e.run {
+                    return Ok(id);
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(anyhow::Error::new(e).context("bad event from taskd")),
+            None => return Err(CliError::Disconnected.into()),
+        }
+    }
+}
+
 /// `taskctl logs`.
 pub async fn logs(ctx: &Ctx, a: LogsArgs) -> anyhow::Result<()> {
-    let id = resolve_run(ctx, &a.target).await?;
+    let id = resolve_run(ctx, &a.target, a.follow).await?;
     let stream = if a.stdout {
         Some("stdout".to_string())
     } else if a.stderr {

@@ -605,3 +605,31 @@ fn events_replays_thousands_of_events_without_falling_behind() {
     child.kill().expect("kill");
     child.wait().expect("reap");
 }
+
+#[test]
+fn logs_follow_waits_for_a_units_first_run() {
+    let d = TestDaemon::start();
+    ok(d.taskctl(&["add", "soon", "--paused", "--", "echo", "first"]));
+    // Without -f there is nothing to show yet, and the hint says how to wait.
+    let (code, err) = fails(d.taskctl(&["logs", "soon"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("has no runs yet") && err.contains("logs -f soon"), "{err}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_taskctl"))
+        .arg("--state-dir")
+        .arg(d.state_dir())
+        .args(["logs", "-f", "soon"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn taskctl logs -f");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("a line");
+    assert!(line.contains("waiting for the first run of soon"), "{line}");
+    // The paused one-shot job runs when resumed; the follower shows it and ends.
+    ok(d.taskctl(&["resume", "soon"]));
+    let out = child.wait_with_output().expect("taskctl ends");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "first\n");
+}
