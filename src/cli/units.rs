@@ -124,7 +124,7 @@ pub struct DefArgs {
     /// Environment variable for the command (repeatable)
     #[arg(long, value_name = "K=V", value_parser = env_pair)]
     pub env: Vec<(String, String)>,
-    /// Working directory
+    /// Working directory (a relative path is taken from where taskctl runs)
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<String>,
     /// Run as this account (needs a root daemon)
@@ -212,7 +212,27 @@ impl DefArgs {
             put("env", json!(env));
         }
         if let Some(v) = &self.cwd {
-            put("cwd", json!(v));
+            // The daemon wants an absolute path; `--cwd .` means here, as in a shell.
+            let path = std::path::Path::new(v);
+            let joined = if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                std::env::current_dir()
+                    .map_err(|e| CliError::Usage(format!("--cwd {v}: {e}")))?
+                    .join(path)
+            };
+            // `.` and `..` resolved lexically, as the shell shows the directory.
+            let mut abs = std::path::PathBuf::new();
+            for c in joined.components() {
+                match c {
+                    std::path::Component::CurDir => {}
+                    std::path::Component::ParentDir => {
+                        abs.pop();
+                    }
+                    other => abs.push(other),
+                }
+            }
+            put("cwd", json!(abs));
         }
         if let Some(v) = &self.user {
             put("user", json!(v));

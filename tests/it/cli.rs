@@ -633,3 +633,14 @@ fn logs_follow_waits_for_a_units_first_run() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "first\n");
 }
+
+#[test]
+fn a_relative_cwd_is_taken_from_where_taskctl_runs() {
+    let d = TestDaemon::start();
+    let info = json(d.taskctl(&["--json", "add", "here", "--cwd", ".", "--", "pwd"]));
+    let run = info["last_run"]["id"].as_i64().expect("a run");
+    assert_eq!(d.wait_run_end(run)["state"], "succeeded");
+    let here = std::env::current_dir().unwrap();
+    assert_eq!(info["definition"]["cwd"], here.display().to_string());
+    assert_eq!(ok(d.taskctl(&["logs", "here"])), format!("{}\n", here.display()));
+}
