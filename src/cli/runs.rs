@@ -89,7 +89,8 @@ pub struct CancelArgs {
 
 /// `taskctl runs`.
 pub async fn runs(ctx: &Ctx, a: RunsArgs) -> anyhow::Result<()> {
-    let arg = RunListArg { unit: a.unit, state: a.state, limit: a.limit, before: a.before };
+    let limit = a.limit.unwrap_or(50);
+    let arg = RunListArg { unit: a.unit, state: a.state, limit: Some(limit), before: a.before };
     let runs = ctx.call(ctx.client.list(Some(arg))).await?;
     if ctx.json {
         return output::json(&runs);
@@ -113,7 +114,14 @@ pub async fn runs(ctx: &Ctx, a: RunsArgs) -> anyhow::Result<()> {
             Cell::new(r.reason.as_deref().unwrap_or_default()),
         ]);
     }
-    output::print_table(&t)
+    output::print_table(&t)?;
+    // A full page probably has more behind it: say how to get them.
+    if runs.len() == limit as usize
+        && let Some(last) = runs.last()
+    {
+        eprintln!("… older runs: taskctl runs --before {} (or --limit up to 1000)", last.id);
+    }
+    Ok(())
 }
 
 /// The run a `logs` target names: a number is a run id, anything else a unit's newest run.
