@@ -69,5 +69,7 @@ pub fn methods(api: Api) -> RpcModule<()> {
     m.merge(EventsApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(DaemonApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(AuthApiServer::into_rpc(api)).expect("unique method names");
+    let doc = super::discover::document();
+    m.register_method("rpc.discover", move |_, _, _| doc.clone()).expect("unique method names");
     m
 }

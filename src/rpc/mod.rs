@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod client;
 pub mod daemon;
+pub mod discover;
 pub mod events;
 pub mod listener;
 pub mod middleware;

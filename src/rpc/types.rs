@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -20,7 +21,7 @@ pub fn fmt_time(t: Timestamp) -> String {
 }
 
 /// One run, as every method returns it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RunInfo {
     /// Run id: monotonic, never reused.
     pub id: i64,
@@ -83,7 +84,7 @@ impl From<&RunRecord> for RunInfo {
 }
 
 /// One unit in full (`TaskUnit.Get`, `Add`, `Edit`, `Pause`, `Resume`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct UnitInfo {
     /// The unit's name.
     pub name: String,
@@ -147,7 +148,7 @@ impl From<&UnitSnapshot> for UnitInfo {
 }
 
 /// One unit in a `TaskUnit.List`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct UnitSummary {
     /// The unit's name.
     pub name: String,
@@ -187,17 +188,17 @@ impl From<&UnitSnapshot> for UnitSummary {
 }
 
 /// `TaskUnit.Add`'s argument: a definition, or a bare name (tick unit or unit file).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum AddArg {
     /// A bare name.
     Name(String),
     /// A unit definition object.
-    Definition(Value),
+    Definition(#[schemars(with = "crate::unit::UnitDef")] Value),
 }
 
 /// `TaskUnit.Add`'s result: `true` for the bare-name form, else the unit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum AddResult {
     /// The bare-name form's answer.
@@ -207,7 +208,7 @@ pub enum AddResult {
 }
 
 /// `TaskUnit.Delete`'s argument.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum DeleteArg {
     /// A bare name.
@@ -223,7 +224,7 @@ pub enum DeleteArg {
 }
 
 /// `TaskUnit.List`'s argument.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListArg {
     /// Only units in this state.
@@ -235,7 +236,7 @@ pub struct ListArg {
 }
 
 /// `Run.List`'s argument.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunListArg {
     /// Only runs of this unit.
@@ -253,7 +254,7 @@ pub struct RunListArg {
 }
 
 /// `Run.Logs`'s argument.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogsArg {
     /// The run.
@@ -276,7 +277,7 @@ pub struct LogsArg {
 }
 
 /// `Run.Logs`'s result.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct LogsResult {
     /// The output.
     pub data: String,
@@ -291,7 +292,7 @@ pub struct LogsResult {
 }
 
 /// `Run.Follow`'s argument.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FollowArg {
     /// The run.
@@ -311,7 +312,7 @@ pub struct FollowArg {
 }
 
 /// One message of a `Run.Follow` subscription.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FollowItem {
     /// Output.
@@ -330,7 +331,7 @@ pub enum FollowItem {
 }
 
 /// `Events.Subscribe`'s argument.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubscribeArg {
     /// Replay stored events after this sequence number first.
@@ -339,7 +340,7 @@ pub struct SubscribeArg {
 }
 
 /// One event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct EventInfo {
     /// Sequence number.
     pub seq: i64,
@@ -371,7 +372,7 @@ impl From<&Event> for EventInfo {
 }
 
 /// `Daemon.Status`'s result.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StatusInfo {
     /// taskd's version.
     pub version: String,

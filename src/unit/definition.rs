@@ -38,7 +38,7 @@ pub fn validate_name(name: &str) -> Result<()> {
 }
 
 /// A size given either as a number of bytes or as a string such as `"1MiB"`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum ByteSize {
     /// A plain number of bytes.
@@ -51,7 +51,8 @@ macro_rules! unit_def {
     ($( $(#[$doc:meta])* $field:ident : $ty:ty ),* $(,)?) => {
         /// A unit definition as the user gave it: every field optional except `name`.
         /// Serialises with only the fields that are set.
-        #[derive(Debug, Clone, Default, PartialEq, Serialize)]
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, schemars::JsonSchema)]
+        #[schemars(deny_unknown_fields)]
         pub struct UnitDef {
             /// The unit's name.
             pub name: String,

@@ -1193,3 +1193,20 @@ fn a_silent_client_does_not_hold_up_others() {
     let v = d.call("Daemon.Status", json!({}));
     assert_eq!(v["auth"], "token");
 }
+
+#[test]
+fn rpc_discover_describes_the_api_without_login() {
+    let d = TestDaemon::start();
+    let mut c = Raw::connect(&d.addr);
+    let doc = result(&c.call("rpc.discover", json!({}))).clone();
+    assert_eq!(doc["openrpc"], "1.3.2");
+    let names: BTreeSet<String> = doc["methods"]
+        .as_array()
+        .expect("methods")
+        .iter()
+        .map(|m| m["name"].as_str().expect("name").to_owned())
+        .collect();
+    for m in ["TaskUnit.Add", "Run.Follow", "Events.Subscribe", "Auth.Login", "rpc.discover"] {
+        assert!(names.contains(m), "{m} missing from {names:?}");
+    }
+}
