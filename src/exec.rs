@@ -1021,6 +1021,20 @@ mod tests {
         std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap()
     }
 
+    /// A tagged run whose command leaves a setsid escapee, then prints `ready` (as `rest`
+    /// says) and goes on with `rest`. Returns once `ready` is read: the run's spec and
+    /// process, the escapee's pid, and the directory holding its pid file.
+    async fn spawn_with_escapee(rest: &str) -> (Spec, Process, u32, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let spec = tagged_sh(&escapee_script(&pid_file, rest));
+        let (tx, mut rx) = mpsc::channel(16);
+        let process = Process::spawn(&spec, tx).unwrap();
+        assert_eq!(rx.recv().await.unwrap().data, b"ready\n");
+        let escapee = read_pid(&pid_file);
+        (spec, process, escapee, dir)
+    }
+
     /// Spawns `spec` with a collector that gathers every chunk until the readers are done.
     fn start(spec: &Spec) -> (Process, JoinHandle<Vec<Chunk>>) {
         let (tx, mut rx) = mpsc::channel(16);
@@ -1251,13 +1265,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn stop_kills_tagged_processes_that_left_the_group() {
         setup();
-        let dir = tempfile::tempdir().unwrap();
-        let pid_file = dir.path().join("pid");
-        let spec = tagged_sh(&escapee_script(&pid_file, "echo ready; sleep 1000"));
-        let (tx, mut rx) = mpsc::channel(16);
-        let process = Process::spawn(&spec, tx).unwrap();
-        assert_eq!(rx.recv().await.unwrap().data, b"ready\n");
-        let escapee = read_pid(&pid_file);
+        let (_spec, process, escapee, _dir) = spawn_with_escapee("echo ready; sleep 1000").await;
         assert_ne!(read_stat(escapee).unwrap().pgrp, process.pid());
         let stop = CancellationToken::new();
         stop.cancel();
@@ -1289,17 +1297,7 @@ mod tests {
     async fn a_run_that_leaves_nothing_behind_is_not_scanned_for() {
         setup();
         // Another run's escapee is an untracked child of ours meanwhile, but not tagged as ours.
-        let dir = tempfile::tempdir().unwrap();
-        let pid_file = dir.path().join("pid");
-        let (other, mut other_out) = {
-            let (tx, rx) = mpsc::channel(16);
-            (
-                Process::spawn(&tagged_sh(&escapee_script(&pid_file, "echo; sleep 1000")), tx)
-                    .unwrap(),
-                rx,
-            )
-        };
-        other_out.recv().await.unwrap();
+        let (_, other, other_escapee, _dir) = spawn_with_escapee("echo ready; sleep 1000").await;
         let spec = tagged_sh("true");
         let (process, _) = start(&spec);
         assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
@@ -1307,7 +1305,7 @@ mod tests {
         let stop = CancellationToken::new();
         stop.cancel();
         other.wait(stop, LONG).await;
-        assert!(is_gone(read_pid(&pid_file)));
+        assert!(is_gone(other_escapee));
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -1417,15 +1415,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn kill_stale_run_finds_processes_by_tag() {
         setup();
-        let dir = tempfile::tempdir().unwrap();
-        let pid_file = dir.path().join("pid");
         // "ready" only once the leader's own `sleep` exists, so that all three can be counted.
-        let spec = tagged_sh(&escapee_script(&pid_file, "sleep 1000 & echo ready; wait"));
-        let (tx, mut rx) = mpsc::channel(16);
-        let process = Process::spawn(&spec, tx).unwrap();
-        assert_eq!(rx.recv().await.unwrap().data, b"ready\n");
+        let (spec, process, escapee, _dir) =
+            spawn_with_escapee("sleep 1000 & echo ready; wait").await;
         let (pgid, ticks) = (process.pid(), process.start_ticks().unwrap());
-        let escapee = read_pid(&pid_file);
         let (key, value) = spec.tag.clone().unwrap();
         let tag = Some((key.as_str(), value.as_str()));
         // Recorded as started later than they did: none of them is the lost run's.

@@ -12,11 +12,21 @@ use crate::unit::UnitDef;
 struct Method {
     name: &'static str,
     summary: &'static str,
-    /// The argument's name and schema, and whether it may be omitted.
-    param: Option<(&'static str, Schema, bool)>,
+    /// The one argument's name and schema, and whether it may be omitted.
+    param: (&'static str, Schema, bool),
     result: Schema,
     /// For a subscription: the method that ends it.
     unsubscribe: Option<&'static str>,
+}
+
+fn method(
+    name: &'static str,
+    summary: &'static str,
+    param: (&'static str, Schema, bool),
+    result: Schema,
+    unsubscribe: Option<&'static str>,
+) -> Method {
+    Method { name, summary, param, result, unsubscribe }
 }
 
 fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
@@ -31,133 +41,124 @@ pub fn document() -> Value {
     let name = |g: &mut SchemaGenerator| schema::<String>(g);
     let id = |g: &mut SchemaGenerator| schema::<i64>(g);
     let methods = vec![
-        Method {
-            name: "TaskUnit.Add",
-            summary: "Add a unit: a definition, or a bare name (tick unit or unit file; answers true)",
-            param: Some(("unit", schema::<AddArg>(g), false)),
-            result: schema::<AddResult>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "TaskUnit.Delete",
-            summary: "Delete a unit after stopping its active runs",
-            param: Some(("unit", schema::<DeleteArg>(g), false)),
-            result: schema::<bool>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "TaskUnit.Edit",
-            summary: "Apply a JSON merge patch {name, …fields} to a unit's definition",
-            param: Some(("patch", schema::<UnitDef>(g), false)),
-            result: schema::<UnitInfo>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "TaskUnit.List",
-            summary: "List units, filtered by state and name glob",
-            param: Some(("filter", schema::<ListArg>(g), true)),
-            result: schema::<Vec<UnitSummary>>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "TaskUnit.Get",
-            summary: "One unit: definition, state, next fire time, last run, counters",
-            param: Some(("name", name(g), false)),
-            result: schema::<UnitInfo>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "TaskUnit.Start",
-            summary: "Start a run now (or the active one, per the overlap policy)",
-            param: Some(("name", name(g), false)),
-            result: schema::<RunInfo>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "TaskUnit.Stop",
-            summary: "Stop every active run; a service stays stopped until Start",
-            param: Some(("name", name(g), false)),
-            result: schema::<u64>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "TaskUnit.Pause",
-            summary: "Pause schedules and restarts",
-            param: Some(("name", name(g), false)),
-            result: schema::<UnitInfo>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "TaskUnit.Resume",
-            summary: "Resume a paused unit",
-            param: Some(("name", name(g), false)),
-            result: schema::<UnitInfo>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "Run.List",
-            summary: "Runs, newest first, paged by id",
-            param: Some(("filter", schema::<RunListArg>(g), true)),
-            result: schema::<Vec<RunInfo>>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "Run.Get",
-            summary: "One run",
-            param: Some(("id", id(g), false)),
-            result: schema::<RunInfo>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "Run.Cancel",
-            summary: "Stop a run (TERM, grace, KILL); answers with the run as it ended",
-            param: Some(("id", id(g), false)),
-            result: schema::<RunInfo>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "Run.Logs",
-            summary: "A slice of a run's output",
-            param: Some(("query", schema::<LogsArg>(g), false)),
-            result: schema::<LogsResult>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "Run.Follow",
-            summary: "Subscription: a run's output as it is written, then its end state",
-            param: Some(("query", schema::<FollowArg>(g), false)),
-            result: schema::<FollowItem>(g),
-            unsubscribe: Some("Run.Unfollow"),
-        },
-        Method {
-            name: "Events.Subscribe",
-            summary: "Subscription: every committed change, optionally replayed after a seq",
-            param: Some(("from", schema::<SubscribeArg>(g), true)),
-            result: schema::<EventInfo>(g),
-            unsubscribe: Some("Events.Unsubscribe"),
-        },
-        Method {
-            name: "Daemon.Status",
-            summary: "Version, uptime, unit and run counts, listeners",
-            param: Some(("none", schema::<Value>(g), true)),
-            result: schema::<StatusInfo>(g),
-            unsubscribe: None,
-        },
-        Method {
-            name: "Auth.Login",
-            summary: "Authenticate this raw TCP connection with the daemon's token",
-            param: Some(("token", name(g), false)),
-            result: schema::<bool>(g),
-            unsubscribe: None,
-        },
+        method(
+            "TaskUnit.Add",
+            "Add a unit: a definition, or a bare name (tick unit or unit file; answers true)",
+            ("unit", schema::<AddArg>(g), false),
+            schema::<AddResult>(g),
+            None,
+        ),
+        method(
+            "TaskUnit.Delete",
+            "Delete a unit after stopping its active runs",
+            ("unit", schema::<DeleteArg>(g), false),
+            schema::<bool>(g),
+            None,
+        ),
+        method(
+            "TaskUnit.Edit",
+            "Apply a JSON merge patch {name, …fields} to a unit's definition",
+            ("patch", schema::<UnitDef>(g), false),
+            schema::<UnitInfo>(g),
+            None,
+        ),
+        method(
+            "TaskUnit.List",
+            "List units, filtered by state and name glob",
+            ("filter", schema::<ListArg>(g), true),
+            schema::<Vec<UnitSummary>>(g),
+            None,
+        ),
+        method(
+            "TaskUnit.Get",
+            "One unit: definition, state, next fire time, last run, counters",
+            ("name", name(g), false),
+            schema::<UnitInfo>(g),
+            None,
+        ),
+        method(
+            "TaskUnit.Start",
+            "Start a run now (or the active one, per the overlap policy)",
+            ("name", name(g), false),
+            schema::<RunInfo>(g),
+            None,
+        ),
+        method(
+            "TaskUnit.Stop",
+            "Stop every active run; a service stays stopped until Start",
+            ("name", name(g), false),
+            schema::<u64>(g),
+            None,
+        ),
+        method(
+            "TaskUnit.Pause",
+            "Pause schedules and restarts",
+            ("name", name(g), false),
+            schema::<UnitInfo>(g),
+            None,
+        ),
+        method(
+            "TaskUnit.Resume",
+            "Resume a paused unit",
+            ("name", name(g), false),
+            schema::<UnitInfo>(g),
+            None,
+        ),
+        method(
+            "Run.List",
+            "Runs, newest first, paged by id",
+            ("filter", schema::<RunListArg>(g), true),
+            schema::<Vec<RunInfo>>(g),
+            None,
+        ),
+        method("Run.Get", "One run", ("id", id(g), false), schema::<RunInfo>(g), None),
+        method(
+            "Run.Cancel",
+            "Stop a run (TERM, grace, KILL); answers with the run as it ended",
+            ("id", id(g), false),
+            schema::<RunInfo>(g),
+            None,
+        ),
+        method(
+            "Run.Logs",
+            "A slice of a run's output",
+            ("query", schema::<LogsArg>(g), false),
+            schema::<LogsResult>(g),
+            None,
+        ),
+        method(
+            "Run.Follow",
+            "Subscription: a run's output as it is written, then its end state",
+            ("query", schema::<FollowArg>(g), false),
+            schema::<FollowItem>(g),
+            Some("Run.Unfollow"),
+        ),
+        method(
+            "Events.Subscribe",
+            "Subscription: every committed change, optionally replayed after a seq",
+            ("from", schema::<SubscribeArg>(g), true),
+            schema::<EventInfo>(g),
+            Some("Events.Unsubscribe"),
+        ),
+        method(
+            "Daemon.Status",
+            "Version, uptime, unit and run counts, listeners",
+            ("none", schema::<Value>(g), true),
+            schema::<StatusInfo>(g),
+            None,
+        ),
+        method(
+            "Auth.Login",
+            "Authenticate this raw TCP connection with the daemon's token",
+            ("token", name(g), false),
+            schema::<bool>(g),
+            None,
+        ),
     ];
     let mut out: Vec<Value> = Vec::new();
     for m in methods {
-        let params: Vec<Value> = m
-            .param
-            .into_iter()
-            .map(|(n, s, optional)| json!({"name": n, "required": !optional, "schema": s}))
-            .collect();
+        let (pname, pschema, optional) = m.param;
+        let params = json!([{"name": pname, "required": !optional, "schema": pschema}]);
         let mut doc = json!({
             "name": m.name,
             "summary": m.summary,
