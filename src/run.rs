@@ -167,6 +167,8 @@ pub struct RunRecord {
     pub pid: Option<u32>,
     /// When the run was created (queued or started).
     pub queued_at: Timestamp,
+    /// For a scheduled run, the fire time it was started for.
+    pub scheduled_at: Option<Timestamp>,
     /// When the process started.
     pub started_at: Option<Timestamp>,
     /// When it ended.

@@ -39,6 +39,10 @@ pub struct RunInfo {
     pub pid: Option<u32>,
     /// When it was created.
     pub queued_at: String,
+    /// For a run its schedule started, the fire time it was for; `started_at` minus this is
+    /// how late it fired.
+    #[serde(default)]
+    pub scheduled_at: Option<String>,
     /// When the process started.
     pub started_at: Option<String>,
     /// When it ended.
@@ -70,6 +74,7 @@ impl From<&RunRecord> for RunInfo {
             host: r.host.clone(),
             pid: r.pid,
             queued_at: fmt_time(r.queued_at),
+            scheduled_at: r.scheduled_at.map(fmt_time),
             started_at: r.started_at.map(fmt_time),
             ended_at: r.ended_at.map(fmt_time),
             duration_ms: r.duration(Timestamp::now()).map(|d| d.as_millis() as i64),

@@ -11,7 +11,7 @@ pub mod logs;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -143,6 +143,8 @@ impl Tx<'_> {
 struct Job {
     work: Box<dyn FnOnce(&mut Tx<'_>) -> bool + Send>,
     done: Done,
+    /// Nobody waits for it: it may wait up to [`LINGER`] to share a commit with others.
+    lazy: bool,
 }
 
 /// Answers a job's caller with the commit's error, if any.
@@ -152,6 +154,7 @@ impl Job {
     fn new<T: Send + 'static>(
         f: impl FnOnce(&mut Tx<'_>) -> Result<T> + Send + 'static,
         answer: impl FnOnce(Result<T>) + Send + 'static,
+        lazy: bool,
     ) -> Job {
         let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
         let slot2 = slot.clone();
@@ -170,6 +173,7 @@ impl Job {
                 };
                 answer(r);
             }),
+            lazy,
         }
     }
 }
@@ -208,6 +212,7 @@ CREATE TABLE IF NOT EXISTS runs (
     pid_start INTEGER,
     boot_id TEXT,
     queued_at INTEGER NOT NULL,
+    scheduled_at INTEGER,
     started_at INTEGER,
     ended_at INTEGER,
     exit_code INTEGER,
@@ -237,10 +242,31 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 ";
 
+/// Columns added to a table after its first release: `(table, column, type)`. A store written
+/// by an older taskd gets them on open; `CREATE TABLE` above already has them.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("runs", "scheduled_at", "INTEGER")];
+
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, ty) in ADDED_COLUMNS {
+        let present: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |r| r.get(0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Events kept for `Events.Subscribe { after_seq }` replay.
 const EVENTS_KEPT: i64 = 100_000;
 /// Changes committed together at most.
 const MAX_BATCH: usize = 512;
+/// How long a batch of changes nobody waits for (a pid, a fire time, an audit record) waits
+/// for an awaited change to commit with, saving a sync of the disk. Bounds their delay.
+const LINGER: Duration = Duration::from_millis(20);
 
 fn ts(us: i64) -> Timestamp {
     Timestamp::from_microsecond(us).unwrap_or(Timestamp::UNIX_EPOCH)
@@ -251,7 +277,7 @@ fn opt_ts(us: Option<i64>) -> Option<Timestamp> {
 }
 
 const RUN_COLUMNS: &str = "id, unit, state, trigger, attempt, host, pid, queued_at, started_at, \
-     ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated";
+     ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated, scheduled_at";
 
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
     let state: String = r.get(2)?;
@@ -273,6 +299,7 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         stdout_bytes: r.get::<_, i64>(13)? as u64,
         stderr_bytes: r.get::<_, i64>(14)? as u64,
         truncated: r.get(15)?,
+        scheduled_at: opt_ts(r.get(16)?),
     })
 }
 
@@ -308,6 +335,7 @@ impl Store {
         // FULL: a commit is on disk before the caller hears "ok", even across power loss.
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
         conn.execute_batch(SCHEMA)?;
+        add_missing_columns(&conn)?;
 
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let (events, _) = broadcast::channel(4096);
@@ -343,9 +371,13 @@ impl Store {
         F: FnOnce(&mut Tx<'_>) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job = Job::new(f, move |r| {
-            let _ = tx.send(r);
-        });
+        let job = Job::new(
+            f,
+            move |r| {
+                let _ = tx.send(r);
+            },
+            false,
+        );
         self.jobs.send(job).map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
@@ -356,11 +388,15 @@ impl Store {
     where
         F: FnOnce(&mut Tx<'_>) -> Result<()> + Send + 'static,
     {
-        let job = Job::new(f, move |r| {
-            if let Err(e) = r {
-                tracing::error!(what, error = %e, "store update failed");
-            }
-        });
+        let job = Job::new(
+            f,
+            move |r| {
+                if let Err(e) = r {
+                    tracing::error!(what, error = %e, "store update failed");
+                }
+            },
+            true,
+        );
         if self.jobs.send(job).is_err() {
             tracing::warn!(what, "store closed; change dropped");
         }
@@ -509,20 +545,22 @@ impl Store {
         state: RunState,
         trigger: Trigger,
         attempt: u32,
+        scheduled_at: Option<Timestamp>,
     ) -> Result<RunRecord> {
         let unit = unit.to_string();
         self.call(move |t| {
             let now = Timestamp::now();
             let started = (state == RunState::Running).then_some(now);
             t.conn.execute(
-                "INSERT INTO runs(unit, state, trigger, attempt, host, queued_at, started_at) \
-                 VALUES (?1, ?2, ?3, ?4, 'local', ?5, ?6)",
+                "INSERT INTO runs(unit, state, trigger, attempt, host, queued_at, scheduled_at, \
+                 started_at) VALUES (?1, ?2, ?3, ?4, 'local', ?5, ?6, ?7)",
                 params![
                     unit,
                     state.as_str(),
                     trigger.as_str(),
                     attempt,
                     now.as_microsecond(),
+                    scheduled_at.map(|s| s.as_microsecond()),
                     started.map(|s| s.as_microsecond())
                 ],
             )?;
@@ -544,6 +582,7 @@ impl Store {
                 host: "local".into(),
                 pid: None,
                 queued_at: now,
+                scheduled_at,
                 started_at: started,
                 ended_at: None,
                 exit_code: None,
@@ -579,12 +618,20 @@ impl Store {
         .await
     }
 
-    /// Records the process of a started run. Not awaited.
-    pub fn set_pid(&self, id: i64, pid: u32, pid_start: Option<u64>, boot_id: Option<String>) {
+    /// Records the process of a started run and when it started. Not awaited.
+    pub fn set_pid(
+        &self,
+        id: i64,
+        pid: u32,
+        started: Timestamp,
+        pid_start: Option<u64>,
+        boot_id: Option<String>,
+    ) {
         self.call_detached("pid", move |t| {
             t.conn.execute(
-                "UPDATE runs SET pid = ?2, pid_start = ?3, boot_id = ?4 WHERE id = ?1",
-                params![id, pid, pid_start.map(|s| s as i64), boot_id],
+                "UPDATE runs SET pid = ?2, started_at = ?3, pid_start = ?4, boot_id = ?5 \
+                 WHERE id = ?1",
+                params![id, pid, started.as_microsecond(), pid_start.map(|s| s as i64), boot_id],
             )?;
             Ok(())
         });
@@ -692,8 +739,8 @@ impl Store {
                 .query_map([], |r| {
                     Ok(StaleRun {
                         record: run_from_row(r)?,
-                        pid_start: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
-                        boot_id: r.get(17)?,
+                        pid_start: r.get::<_, Option<i64>>("pid_start")?.map(|v| v as u64),
+                        boot_id: r.get("boot_id")?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -879,7 +926,18 @@ fn db_thread(
 ) {
     let mut since_prune = 0usize;
     while let Ok(first) = rx.recv() {
+        let mut lazy = first.lazy;
         let mut batch = vec![first];
+        let linger_until = Instant::now() + LINGER;
+        while lazy && batch.len() < MAX_BATCH {
+            match rx.recv_timeout(linger_until.saturating_duration_since(Instant::now())) {
+                Ok(j) => {
+                    lazy = j.lazy;
+                    batch.push(j);
+                }
+                Err(_) => break,
+            }
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(j) => batch.push(j),
@@ -994,9 +1052,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.insert_unit(unit("u")).await.unwrap();
-        let running = store.create_run("u", RunState::Running, Trigger::Add, 1).await.unwrap();
-        let queued = store.create_run("u", RunState::Queued, Trigger::Manual, 1).await.unwrap();
-        store.set_pid(running.id, 4242, Some(7), Some("boot".into()));
+        let running =
+            store.create_run("u", RunState::Running, Trigger::Add, 1, None).await.unwrap();
+        let queued =
+            store.create_run("u", RunState::Queued, Trigger::Manual, 1, None).await.unwrap();
+        store.set_pid(running.id, 4242, Timestamp::now(), Some(7), Some("boot".into()));
         let stale = store.recover_stale_runs().await.unwrap();
         assert_eq!(stale.len(), 2);
         let r = stale.iter().find(|s| s.record.id == running.id).unwrap();
@@ -1008,7 +1068,39 @@ mod tests {
         assert_eq!(store.get_run(queued.id).await.unwrap().state, RunState::Cancelled);
         store.delete_unit("u", false).await.unwrap();
         store.insert_unit(unit("u")).await.unwrap();
-        let next = store.create_run("u", RunState::Running, Trigger::Add, 1).await.unwrap();
+        let next = store.create_run("u", RunState::Running, Trigger::Add, 1, None).await.unwrap();
         assert!(next.id > queued.id, "run ids are never reused");
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_scheduled_at_opens_and_keeps_its_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(dir.path().join("taskd.db")).unwrap();
+            old.execute_batch(&SCHEMA.replace("    scheduled_at INTEGER,\n", "")).unwrap();
+            old.execute(
+                "INSERT INTO runs(unit, state, trigger, attempt, host, queued_at) \
+                 VALUES ('u', 'succeeded', 'add', 1, 'local', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.get_run(1).await.unwrap();
+        assert_eq!((old.state, old.scheduled_at), (RunState::Succeeded, None));
+        let at = Timestamp::from_second(1_700_000_000).unwrap();
+        let new = store.create_run("u", RunState::Running, Trigger::Schedule, 1, Some(at));
+        let id = new.await.unwrap().id;
+        assert_eq!(store.get_run(id).await.unwrap().scheduled_at, Some(at));
+    }
+
+    #[tokio::test]
+    async fn a_change_nobody_waits_for_commits_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut events = store.subscribe_events();
+        store.emit("unit.fatal", "u", None);
+        let e = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        assert_eq!(e.expect("committed after lingering").unwrap().kind, "unit.fatal");
     }
 }

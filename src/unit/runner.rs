@@ -505,11 +505,11 @@ impl Loop {
             }
             match self.cfg.overlap {
                 Overlap::Skip => return Ok(a.record.clone()),
-                Overlap::Queue => return self.enqueue(trigger).await,
+                Overlap::Queue => return self.enqueue(trigger, None).await,
                 Overlap::Allow => {}
                 Overlap::Replace => {
                     self.stop_all(reason::REPLACED);
-                    return self.enqueue(trigger).await;
+                    return self.enqueue(trigger, None).await;
                 }
             }
         }
@@ -522,11 +522,20 @@ impl Loop {
         })
     }
 
-    async fn enqueue(&mut self, trigger: Trigger) -> Result<RunRecord> {
+    /// Queues a run behind the active one; `scheduled` is the fire time it is for, if any.
+    async fn enqueue(
+        &mut self,
+        trigger: Trigger,
+        scheduled: Option<Timestamp>,
+    ) -> Result<RunRecord> {
         if let Some(q) = &self.queued {
             return Ok(q.clone());
         }
-        let rec = self.env.store.create_run(&self.cfg.name, RunState::Queued, trigger, 1).await?;
+        let rec = self
+            .env
+            .store
+            .create_run(&self.cfg.name, RunState::Queued, trigger, 1, scheduled)
+            .await?;
         self.queued = Some(rec.clone());
         Ok(rec)
     }
@@ -546,7 +555,7 @@ impl Loop {
                     return;
                 }
                 Overlap::Queue => {
-                    if let Err(e) = self.enqueue(Trigger::Schedule).await {
+                    if let Err(e) = self.enqueue(Trigger::Schedule, Some(fired_at)).await {
                         tracing::error!(unit = %self.cfg.name, error = %e, "cannot queue a run");
                     }
                     return;
@@ -554,14 +563,14 @@ impl Loop {
                 Overlap::Allow => {}
                 Overlap::Replace => {
                     self.stop_all(reason::REPLACED);
-                    if let Err(e) = self.enqueue(Trigger::Schedule).await {
+                    if let Err(e) = self.enqueue(Trigger::Schedule, Some(fired_at)).await {
                         tracing::error!(unit = %self.cfg.name, error = %e, "cannot queue a run");
                     }
                     return;
                 }
             }
         }
-        self.start_run(Trigger::Schedule, 1).await;
+        self.start_run_for(Trigger::Schedule, 1, Some(fired_at)).await;
     }
 
     /// Signals every active run to stop with `reason`; returns how many.
@@ -608,6 +617,16 @@ impl Loop {
 
     /// Starts a run now; `None` if it could not even be recorded.
     async fn start_run(&mut self, trigger: Trigger, attempt: u32) -> Option<RunRecord> {
+        self.start_run_for(trigger, attempt, None).await
+    }
+
+    /// Starts a run now for the fire time `scheduled`, if a schedule started it.
+    async fn start_run_for(
+        &mut self,
+        trigger: Trigger,
+        attempt: u32,
+        scheduled: Option<Timestamp>,
+    ) -> Option<RunRecord> {
         if self.shared.token.is_cancelled() {
             // Shutting down: a fire or retry that raced the cancellation starts nothing.
             return None;
@@ -615,7 +634,7 @@ impl Loop {
         let rec = match self
             .env
             .store
-            .create_run(&self.cfg.name, RunState::Running, trigger, attempt)
+            .create_run(&self.cfg.name, RunState::Running, trigger, attempt, scheduled)
             .await
         {
             Ok(r) => r,
@@ -851,8 +870,9 @@ async fn execute(
     rec.stderr_bytes = summary.stderr_bytes;
     rec.truncated = summary.truncated;
     match outcome {
-        Outcome::Exited { termination, stopped, pid } => {
+        Outcome::Exited { termination, stopped, pid, started } => {
             rec.pid = Some(pid);
+            rec.started_at = Some(started);
             match termination {
                 exec::Termination::Exited(c) => rec.exit_code = Some(c),
                 exec::Termination::Signaled(s) => rec.signal = Some(s),
@@ -889,7 +909,7 @@ async fn execute(
 }
 
 enum Outcome {
-    Exited { termination: exec::Termination, stopped: bool, pid: u32 },
+    Exited { termination: exec::Termination, stopped: bool, pid: u32, started: Timestamp },
     Ticked,
     NotStarted(String),
 }
@@ -969,7 +989,8 @@ async fn spawn_and_wait(
         }
     };
     let pid = proc.pid();
-    env.store.set_pid(rec.id, pid, proc.start_ticks(), env.boot_id.clone());
+    let started = Timestamp::now();
+    env.store.set_pid(rec.id, pid, started, proc.start_ticks(), env.boot_id.clone());
     let logs = env.store.logs().clone();
     let run_id = rec.id;
     let forward = async move {
@@ -1000,7 +1021,7 @@ async fn spawn_and_wait(
     if let Some(p) = script_path {
         env.store.remove_script(p);
     }
-    Outcome::Exited { termination: exit.termination, stopped: exit.stopped, pid }
+    Outcome::Exited { termination: exit.termination, stopped: exit.stopped, pid, started }
 }
 
 #[cfg(test)]

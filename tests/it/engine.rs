@@ -262,8 +262,18 @@ fn interval_jobs_fire_and_skip_overlapping_fires() {
     let u = d.wait_unit("tick", "three runs", |u| u["runs_total"].as_u64() >= Some(3));
     // Each run takes 500 ms and fires come every 200 ms: overlapping fires were skipped.
     let runs = d.call("Run.List", json!({"unit": "tick"}));
+    let time = |v: &Value| v.as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+    let mut slots = Vec::new();
     for r in runs.as_array().unwrap() {
         assert_eq!(r["trigger"], "schedule");
+        // Each run names the fire time it was for, and started at or after it.
+        let (slot, started) = (time(&r["scheduled_at"]), time(&r["started_at"]));
+        assert!(started >= slot, "{r}");
+        slots.push(slot);
+    }
+    for w in slots.windows(2) {
+        let gap = (w[0] - w[1]).total(jiff::Unit::Millisecond).unwrap();
+        assert!(gap > 0.0 && (gap / 200.0).fract() == 0.0, "fire times on the 200 ms grid: {gap}");
     }
     let active: Vec<_> =
         runs.as_array().unwrap().iter().filter(|r| r["state"] == "running").collect();
@@ -276,6 +286,7 @@ fn queue_overlap_keeps_one_waiting_run() {
     d.call("TaskUnit.Add", json!({"name": "q", "command": ["sleep", "0.4"], "overlap": "queue"}));
     let second = d.call("TaskUnit.Start", json!("q"));
     assert_eq!(second["state"], "queued");
+    assert!(second["scheduled_at"].is_null(), "only a schedule's runs have a fire time");
     let third = d.call("TaskUnit.Start", json!("q"));
     assert_eq!(third["id"], second["id"], "at most one queued run");
     let r = d.wait_run_end(second["id"].as_i64().unwrap());
