@@ -1,6 +1,7 @@
 //! Output rendering for `taskctl`: tables, relative times, durations, run outcomes and JSON.
 
 use std::io::{IsTerminal, Write};
+use std::sync::OnceLock;
 
 use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
 use jiff::{Timestamp, Zoned};
@@ -55,9 +56,13 @@ pub fn table(header: &[&str]) -> Table {
     t
 }
 
-/// Whether to colour output: only on a terminal, and never when `NO_COLOR` is set.
+/// Whether to colour output: only on a terminal, and never when `NO_COLOR` is set. Asked
+/// once per process: a table of many rows asks for every cell.
 fn colour() -> bool {
-    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    static COLOUR: OnceLock<bool> = OnceLock::new();
+    *COLOUR.get_or_init(|| {
+        std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    })
 }
 
 /// A table cell for a unit or run state, coloured by how it is doing when colour is on.
