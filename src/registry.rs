@@ -82,6 +82,9 @@ struct Shared {
 #[derive(Clone)]
 pub struct Registry(Arc<Shared>);
 
+/// Units loaded from the store at a time at start-up.
+const LOAD_PAGE: u32 = 1000;
+
 /// Longest `name_glob` accepted.
 pub const MAX_GLOB: usize = 256;
 
@@ -209,40 +212,63 @@ impl Registry {
             root,
             tracker,
         }));
-        let last: std::collections::HashMap<String, RunRecord> =
-            store.last_runs().await?.into_iter().map(|r| (r.unit.clone(), r)).collect();
-        for u in store.load_units().await? {
-            let def = match UnitDef::from_json(u.definition.clone()) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::error!(unit = %u.name, error = %e, "stored definition no longer parses; skipped");
-                    continue;
-                }
-            };
-            let config = match UnitConfig::validate(def, &reg.0.cfg.validate) {
-                Ok(c) => Arc::new(c),
-                Err(e) => {
-                    tracing::error!(unit = %u.name, error = %e, "stored definition no longer validates; skipped");
-                    continue;
-                }
-            };
-            let init = InitialState {
-                paused: u.paused,
-                stopped: u.stopped,
-                last_fire: u.last_fire,
-                runs_total: u.runs_total,
-                failures_total: u.failures_total,
-                last_run: last.get(&u.name).cloned(),
-                created_at: u.created_at,
-                updated_at: u.updated_at,
-                anchor: u.anchor,
-                fresh: false,
-                quiet: false,
-            };
-            let h = reg.spawn_loop(config, init);
-            reg.write().insert(u.name, Slot::Live(h));
+        let started = std::time::Instant::now();
+        // A page at a time: the stored form of 100,000 units never sits in memory beside the
+        // loaded one.
+        let mut after = String::new();
+        loop {
+            let page = store.load_units_page(after.clone(), LOAD_PAGE).await?;
+            let full = page.len() == LOAD_PAGE as usize;
+            if let Some((u, _)) = page.last() {
+                after = u.name.clone();
+            }
+            for (u, last_run) in page {
+                reg.load(u, last_run);
+            }
+            if !full {
+                break;
+            }
         }
+        tracing::info!(
+            units = reg.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "units loaded and their loops started"
+        );
         Ok(reg)
+    }
+
+    /// Starts the loop of a stored unit; one whose definition no longer parses or validates
+    /// is skipped, and says why.
+    fn load(&self, u: StoredUnit, last_run: Option<RunRecord>) {
+        let def = match UnitDef::from_json(u.definition) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(unit = %u.name, error = %e, "stored definition no longer parses; skipped");
+                return;
+            }
+        };
+        let config = match UnitConfig::validate(def, &self.0.cfg.validate) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(unit = %u.name, error = %e, "stored definition no longer validates; skipped");
+                return;
+            }
+        };
+        let init = InitialState {
+            paused: u.paused,
+            stopped: u.stopped,
+            last_fire: u.last_fire,
+            runs_total: u.runs_total,
+            failures_total: u.failures_total,
+            last_run,
+            created_at: u.created_at,
+            updated_at: u.updated_at,
+            anchor: u.anchor,
+            fresh: false,
+            quiet: false,
+        };
+        let h = self.spawn_loop(config, init);
+        self.write().insert(u.name, Slot::Live(h));
     }
 
     fn read(&self) -> RwLockReadGuard<'_, BTreeMap<String, Slot>> {
