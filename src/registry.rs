@@ -1,13 +1,15 @@
-//! The registry: a `DashMap` from unit name to the unit's handle, and every operation the
-//! API offers on units. It validates, records through the store, and hands work to each
-//! unit's loop; it never holds a map guard across an `.await` (it clones the handle out).
+//! The registry: a map from unit name to the unit's handle, sorted by name, and every
+//! operation the API offers on units. It validates, records through the store, and hands
+//! work to each unit's loop; it never holds the map's lock across an `.await` (it clones the
+//! handle out).
 
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::ops::Bound;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry;
 use jiff::Timestamp;
 use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
 use serde_json::Value;
@@ -31,13 +33,17 @@ pub struct UnitSnapshot {
     pub status: UnitStatus,
 }
 
-/// Filter for [`Registry::list`].
+/// Filter and page for [`Registry::list`].
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     /// Only units in this state.
     pub state: Option<UnitState>,
     /// Only names matching this glob (`*` and `?`).
     pub name_glob: Option<String>,
+    /// Only names after this one (the last name of the previous page).
+    pub after: Option<String>,
+    /// At most this many units (`0`: no limit).
+    pub limit: usize,
 }
 
 /// How the registry is set up.
@@ -62,9 +68,11 @@ enum Slot {
 }
 
 struct Shared {
-    units: DashMap<String, Slot>,
+    /// Sorted by name, so a page of `list` starts where the previous one ended without
+    /// looking at the units before it.
+    units: RwLock<BTreeMap<String, Slot>>,
     store: Store,
-    env: RunnerEnv,
+    env: Arc<RunnerEnv>,
     cfg: RegistryConfig,
     root: CancellationToken,
     tracker: TaskTracker,
@@ -74,13 +82,27 @@ struct Shared {
 #[derive(Clone)]
 pub struct Registry(Arc<Shared>);
 
+/// Units loaded from the store at a time at start-up.
+const LOAD_PAGE: u32 = 1000;
+
 /// Longest `name_glob` accepted.
 pub const MAX_GLOB: usize = 256;
 
 /// Whether `name` matches `glob` (`*` any run of characters, `?` one character). Iterative,
 /// with one backtrack point, so no pattern can take more than `O(glob × name)` steps.
 pub fn glob_match(glob: &str, name: &str) -> bool {
-    let (g, n) = (glob.as_bytes(), name.as_bytes());
+    glob_match_bytes(glob.as_bytes(), name)
+}
+
+/// The literal start of a glob (up to its first `*` or `?`): every name it matches begins
+/// with it.
+fn glob_prefix(glob: &str) -> &str {
+    // Both wildcards are ASCII, so the cut is on a character boundary.
+    &glob[..glob.find(['*', '?']).unwrap_or(glob.len())]
+}
+
+fn glob_match_bytes(glob: &[u8], name: &str) -> bool {
+    let (g, n) = (glob, name.as_bytes());
     let (mut gi, mut ni) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ni < n.len() {
@@ -170,7 +192,7 @@ impl Registry {
                 .await;
             });
         }
-        let env = RunnerEnv {
+        let env = Arc::new(RunnerEnv {
             store: store.clone(),
             work_dir: cfg.work_dir.clone(),
             keep_runs: cfg.keep_runs,
@@ -181,49 +203,80 @@ impl Registry {
                     .await
                     .map_err(|_| Error::ShuttingDown)?,
             ),
-        };
+        });
         let reg = Registry(Arc::new(Shared {
-            units: DashMap::new(),
+            units: RwLock::new(BTreeMap::new()),
             store: store.clone(),
             env,
             cfg,
             root,
             tracker,
         }));
-        let last: std::collections::HashMap<String, RunRecord> =
-            store.last_runs().await?.into_iter().map(|r| (r.unit.clone(), r)).collect();
-        for u in store.load_units().await? {
-            let def = match UnitDef::from_json(u.definition.clone()) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::error!(unit = %u.name, error = %e, "stored definition no longer parses; skipped");
-                    continue;
-                }
-            };
-            let config = match UnitConfig::validate(def, &reg.0.cfg.validate) {
-                Ok(c) => Arc::new(c),
-                Err(e) => {
-                    tracing::error!(unit = %u.name, error = %e, "stored definition no longer validates; skipped");
-                    continue;
-                }
-            };
-            let init = InitialState {
-                paused: u.paused,
-                stopped: u.stopped,
-                last_fire: u.last_fire,
-                runs_total: u.runs_total,
-                failures_total: u.failures_total,
-                last_run: last.get(&u.name).cloned(),
-                created_at: u.created_at,
-                updated_at: u.updated_at,
-                anchor: u.anchor,
-                fresh: false,
-                quiet: false,
-            };
-            let h = reg.spawn_loop(config, init);
-            reg.0.units.insert(u.name, Slot::Live(h));
+        let started = std::time::Instant::now();
+        // A page at a time: the stored form of 100,000 units never sits in memory beside the
+        // loaded one.
+        let mut after = String::new();
+        loop {
+            let page = store.load_units_page(after.clone(), LOAD_PAGE).await?;
+            let full = page.len() == LOAD_PAGE as usize;
+            if let Some((u, _)) = page.last() {
+                after = u.name.clone();
+            }
+            for (u, last_run) in page {
+                reg.load(u, last_run);
+            }
+            if !full {
+                break;
+            }
         }
+        tracing::info!(
+            units = reg.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "units loaded and their loops started"
+        );
         Ok(reg)
+    }
+
+    /// Starts the loop of a stored unit; one whose definition no longer parses or validates
+    /// is skipped, and says why.
+    fn load(&self, u: StoredUnit, last_run: Option<RunRecord>) {
+        let def = match UnitDef::from_json(u.definition) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(unit = %u.name, error = %e, "stored definition no longer parses; skipped");
+                return;
+            }
+        };
+        let config = match UnitConfig::validate(def, &self.0.cfg.validate) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(unit = %u.name, error = %e, "stored definition no longer validates; skipped");
+                return;
+            }
+        };
+        let init = InitialState {
+            paused: u.paused,
+            stopped: u.stopped,
+            last_fire: u.last_fire,
+            runs_total: u.runs_total,
+            failures_total: u.failures_total,
+            last_run,
+            created_at: u.created_at,
+            updated_at: u.updated_at,
+            anchor: u.anchor,
+            fresh: false,
+            quiet: false,
+        };
+        let h = self.spawn_loop(config, init);
+        self.write().insert(u.name, Slot::Live(h));
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<String, Slot>> {
+        self.0.units.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<String, Slot>> {
+        self.0.units.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn spawn_loop(&self, config: Arc<UnitConfig>, init: InitialState) -> UnitHandle {
@@ -237,7 +290,7 @@ impl Registry {
 
     /// The handle of a unit.
     pub fn handle(&self, name: &str) -> Result<UnitHandle> {
-        match self.0.units.get(name).as_deref() {
+        match self.read().get(name) {
             Some(Slot::Live(h)) => Ok(h.clone()),
             _ => Err(Error::UnitNotFound(name.to_string())),
         }
@@ -249,35 +302,49 @@ impl Registry {
         Ok(UnitSnapshot { config: h.config(), status: h.status() })
     }
 
-    /// Snapshots of the units that match `f`, sorted by name.
+    /// Snapshots of the units that match `f`, sorted by name: at most `f.limit`, the first
+    /// ones named after `f.after`. The cost is that of the units looked at, from the cursor
+    /// (or the glob's literal prefix) on; a unit filtered out costs no allocation.
     pub fn list(&self, f: &ListFilter) -> Vec<UnitSnapshot> {
-        let handles: Vec<UnitHandle> = self
-            .0
-            .units
-            .iter()
-            .filter_map(|e| match e.value() {
-                Slot::Live(h) => Some(h.clone()),
-                Slot::Reserved => None,
-            })
-            .filter(|h| f.name_glob.as_deref().is_none_or(|g| glob_match(g, h.name())))
-            .collect();
-        let mut out: Vec<UnitSnapshot> = handles
-            .into_iter()
-            .map(|h| UnitSnapshot { config: h.config(), status: h.status() })
-            .filter(|s| f.state.is_none_or(|st| s.status.state == st))
-            .collect();
-        out.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        let glob = f.name_glob.as_deref().unwrap_or("*");
+        let prefix = glob_prefix(glob);
+        let start = match f.after.as_deref() {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        let limit = if f.limit == 0 { usize::MAX } else { f.limit };
+        let mut out = Vec::new();
+        let units = self.read();
+        for (name, slot) in units.range::<str, _>((start, Bound::Unbounded)) {
+            if !name.starts_with(prefix) {
+                break;
+            }
+            let Slot::Live(h) = slot else { continue };
+            if !glob_match_bytes(glob.as_bytes(), name) {
+                continue;
+            }
+            let status = match f.state {
+                None => Some(h.status()),
+                Some(st) => h.status_if(|s| s.state == st),
+            };
+            if let Some(status) = status {
+                out.push(UnitSnapshot { config: h.config(), status });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
         out
     }
 
     /// How many units exist.
     pub fn len(&self) -> usize {
-        self.0.units.len()
+        self.read().len()
     }
 
     /// Whether there are no units.
     pub fn is_empty(&self) -> bool {
-        self.0.units.is_empty()
+        self.read().is_empty()
     }
 
     /// Checks what validation cannot know without looking at this machine: that `cwd` is a
@@ -327,16 +394,19 @@ impl Registry {
             return Err(Error::ShuttingDown);
         }
         let name = config.name.clone();
-        if self.0.units.len() >= self.0.cfg.max_units {
-            return Err(Error::Limit(format!(
-                "at most {} units (max_units); delete some first",
-                self.0.cfg.max_units
-            )));
-        }
-        match self.0.units.entry(name.clone()) {
-            Entry::Occupied(_) => return Err(Error::UnitExists(name)),
-            Entry::Vacant(v) => {
-                v.insert(Slot::Reserved);
+        {
+            let mut units = self.write();
+            if units.len() >= self.0.cfg.max_units {
+                return Err(Error::Limit(format!(
+                    "at most {} units (max_units); delete some first",
+                    self.0.cfg.max_units
+                )));
+            }
+            match units.entry(name.clone()) {
+                Entry::Occupied(_) => return Err(Error::UnitExists(name)),
+                Entry::Vacant(v) => {
+                    v.insert(Slot::Reserved);
+                }
             }
         }
         let now = Timestamp::now();
@@ -353,7 +423,7 @@ impl Registry {
             failures_total: 0,
         };
         if let Err(e) = self.0.store.insert_unit(stored).await {
-            self.0.units.remove(&name);
+            self.write().remove(&name);
             return Err(e);
         }
         let init = InitialState {
@@ -371,7 +441,7 @@ impl Registry {
         };
         let (h, ready) =
             runner::spawn(self.0.env.clone(), config, init, &self.0.root, &self.0.tracker);
-        self.0.units.insert(name.clone(), Slot::Live(h.clone()));
+        self.write().insert(name.clone(), Slot::Live(h.clone()));
         // Answer with the run `add` started, if any.
         let _ = ready.await;
         Ok(UnitSnapshot { config: h.config(), status: h.status() })
@@ -504,7 +574,7 @@ impl Registry {
         let r = self.0.store.delete_unit(name, keep_history).await;
         match r {
             Ok(()) | Err(Error::UnitNotFound(_)) => {
-                self.0.units.remove(name);
+                self.write().remove(name);
                 Ok(())
             }
             Err(e) => {
@@ -524,7 +594,7 @@ impl Registry {
                     quiet: true,
                 };
                 let h2 = self.spawn_loop(h.config(), init);
-                self.0.units.insert(name.to_string(), Slot::Live(h2));
+                self.write().insert(name.to_string(), Slot::Live(h2));
                 Err(e)
             }
         }
@@ -582,9 +652,9 @@ impl Registry {
     /// Counts of units per state.
     pub fn unit_counts(&self) -> Vec<(UnitState, usize)> {
         let mut counts = std::collections::HashMap::new();
-        for e in self.0.units.iter() {
-            if let Slot::Live(h) = e.value() {
-                *counts.entry(h.status().state).or_insert(0usize) += 1;
+        for slot in self.read().values() {
+            if let Slot::Live(h) = slot {
+                *counts.entry(h.state()).or_insert(0usize) += 1;
             }
         }
         UnitState::ALL.iter().map(|s| (*s, counts.get(s).copied().unwrap_or(0))).collect()

@@ -11,8 +11,9 @@ use serde_json::{Map, Value, json};
 
 use super::output::{self, kind_and_schedule, relative, run_summary, time_and_relative};
 use super::{CliError, Ctx};
-use crate::rpc::types::{AddArg, AddResult, DeleteArg, ListArg, UnitInfo};
+use crate::rpc::types::{AddArg, AddResult, DeleteArg, ListArg, UnitInfo, UnitSummary};
 use crate::rpc::unit::TaskUnitApiClient;
+use crate::rpc::unit::UNIT_PAGE;
 use crate::unit::definition::{FIELDS, parse_duration};
 
 /// Unit states, for `list --state`.
@@ -339,6 +340,14 @@ pub struct DelArgs {
     pub keep_history: bool,
 }
 
+/// `--limit` for `list`: a positive number.
+fn list_limit(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<i64>() {
+        Ok(n) if n >= 1 => Ok(n as usize),
+        _ => Err("must be a positive number".into()),
+    }
+}
+
 /// `taskctl list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
@@ -347,6 +356,18 @@ pub struct ListArgs {
     pub state: Option<String>,
     /// Only units whose name matches this glob
     pub glob: Option<String>,
+    /// At most N units, the first by name [default: all]
+    #[arg(
+        long,
+        short = 'n',
+        value_name = "N",
+        value_parser = list_limit,
+        allow_negative_numbers = true
+    )]
+    pub limit: Option<usize>,
+    /// Only units named after this one (paging)
+    #[arg(long, value_name = "NAME")]
+    pub after: Option<String>,
 }
 
 /// Commands that take one unit name.
@@ -478,9 +499,32 @@ pub async fn del(ctx: &Ctx, a: DelArgs) -> anyhow::Result<()> {
 
 /// `taskctl list`.
 pub async fn list(ctx: &Ctx, a: ListArgs) -> anyhow::Result<()> {
-    let filtered = a.state.is_some() || a.glob.is_some();
-    let arg = ListArg { state: a.state, name_glob: a.glob };
-    let units = ctx.call(ctx.client.list(Some(arg))).await?;
+    let filtered = a.state.is_some() || a.glob.is_some() || a.after.is_some();
+    let want = a.limit.unwrap_or(usize::MAX);
+    // Page by page, of the daemon's default size; one more than asked for, so that a cut list
+    // can say so.
+    let mut units: Vec<UnitSummary> = Vec::new();
+    let mut after = a.after;
+    let more = loop {
+        let page = (want.saturating_add(1) - units.len()).min(UNIT_PAGE.0 as usize) as u32;
+        let arg = ListArg {
+            state: a.state.clone(),
+            name_glob: a.glob.clone(),
+            limit: Some(page),
+            after: after.clone(),
+        };
+        let got = ctx.call(ctx.client.list(Some(arg))).await?;
+        let full = got.len() == page as usize;
+        after = got.last().map(|u| u.name.clone());
+        units.extend(got);
+        if units.len() > want {
+            units.truncate(want);
+            break true;
+        }
+        if !full {
+            break false;
+        }
+    };
     if ctx.json {
         return output::json(&units);
     }
@@ -506,7 +550,11 @@ pub async fn list(ctx: &Ctx, a: ListArgs) -> anyhow::Result<()> {
             Cell::new(u.failures_total),
         ]);
     }
-    output::print_table(&t)
+    output::print_table(&t)?;
+    if more && let Some(last) = units.last() {
+        eprintln!("… more units: taskctl list --after {} (or a larger --limit)", last.name);
+    }
+    Ok(())
 }
 
 /// `taskctl show`.

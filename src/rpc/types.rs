@@ -228,7 +228,8 @@ pub enum DeleteArg {
     },
 }
 
-/// `TaskUnit.List`'s argument.
+/// `TaskUnit.List`'s argument. Units come sorted by name, a page at a time: a page of
+/// `limit` units means there may be more, asked for with `after` set to the page's last name.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListArg {
@@ -238,6 +239,12 @@ pub struct ListArg {
     /// Only names matching this glob.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name_glob: Option<String>,
+    /// At most this many units (default 1000, at most 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Only units named after this (the last name of the previous page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
 
 /// `Run.List`'s argument.

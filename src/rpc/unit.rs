@@ -10,6 +10,10 @@ use crate::error::Error;
 use crate::registry::ListFilter;
 use crate::unit::UnitDef;
 
+/// Default and largest page of `TaskUnit.List`. A page of 10,000 summaries is a few MiB of
+/// JSON; the default keeps a plain `{}` answering every unit of a daemon with up to a thousand.
+pub const UNIT_PAGE: (u32, u32) = (1000, 10_000);
+
 /// The `TaskUnit` method group. Every method takes exactly one argument.
 #[rpc(server, client, namespace = "TaskUnit", namespace_separator = ".")]
 pub trait TaskUnitApi {
@@ -26,7 +30,8 @@ pub trait TaskUnitApi {
     #[method(name = "Edit")]
     async fn edit(&self, patch: Value) -> RpcResult<UnitInfo>;
 
-    /// Lists units, optionally filtered by state and name glob.
+    /// Lists units sorted by name, optionally filtered by state and name glob, a page at a
+    /// time (`limit`, default 1000, at most 10000; `after`: the last name of the previous page).
     #[method(name = "List")]
     async fn list(&self, arg: Option<ListArg>) -> RpcResult<Vec<UnitSummary>>;
 
@@ -102,7 +107,18 @@ impl TaskUnitApiServer for Api {
                 format!("at most {} characters", crate::registry::MAX_GLOB),
             )));
         }
-        let f = ListFilter { state, name_glob: arg.name_glob };
+        let limit = match arg.limit {
+            None => UNIT_PAGE.0,
+            Some(n) if (1..=UNIT_PAGE.1).contains(&n) => n,
+            Some(n) => {
+                return Err(rpc_error(Error::invalid(
+                    "limit",
+                    format!("{n} is not between 1 and {} (a page of units)", UNIT_PAGE.1),
+                )));
+            }
+        };
+        let f =
+            ListFilter { state, name_glob: arg.name_glob, after: arg.after, limit: limit as usize };
         Ok(self.registry.list(&f).iter().map(UnitSummary::from).collect())
     }
 

@@ -188,6 +188,8 @@ pub struct Store {
 }
 
 /// The schema. `runs.id` is AUTOINCREMENT so that ids are never reused, even after deletes.
+/// `run_counts` (runs per state, kept by triggers) answers `Daemon.Status` without counting a
+/// history of millions of runs on the store thread.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS units (
     name TEXT PRIMARY KEY,
@@ -224,6 +226,20 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_by_unit ON runs(unit, id);
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs(state) WHERE state IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS run_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS run_counts_insert AFTER INSERT ON runs BEGIN
+    INSERT INTO run_counts(state, n) VALUES (NEW.state, 1)
+        ON CONFLICT(state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS run_counts_delete AFTER DELETE ON runs BEGIN
+    UPDATE run_counts SET n = n - 1 WHERE state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS run_counts_update AFTER UPDATE OF state ON runs
+    WHEN OLD.state IS NOT NEW.state BEGIN
+    UPDATE run_counts SET n = n - 1 WHERE state = OLD.state;
+    INSERT INTO run_counts(state, n) VALUES (NEW.state, 1)
+        ON CONFLICT(state) DO UPDATE SET n = n + 1;
+END;
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     time INTEGER NOT NULL,
@@ -260,6 +276,9 @@ fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Events buffered for subscribers; one that falls further behind goes back to the table.
+/// Each slot is ~140 bytes, allocated at start.
+const EVENTS_BUFFERED: usize = 1024;
 /// Events kept for `Events.Subscribe { after_seq }` replay.
 const EVENTS_KEPT: i64 = 100_000;
 /// Changes committed together at most.
@@ -303,19 +322,24 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
     })
 }
 
-fn unit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredUnit> {
-    let def: String = r.get(1)?;
+/// The columns [`unit_from_row`] reads, in its order.
+const UNIT_COLUMNS: &str = "name, definition, created_at, updated_at, paused, stopped, last_fire, \
+     runs_total, failures_total, COALESCE(anchor, updated_at)";
+
+/// A unit from the row's columns `base..`, in the order of [`UNIT_COLUMNS`].
+fn unit_from_row(r: &rusqlite::Row<'_>, base: usize) -> rusqlite::Result<StoredUnit> {
+    let def: String = r.get(base + 1)?;
     Ok(StoredUnit {
-        name: r.get(0)?,
+        name: r.get(base)?,
         definition: serde_json::from_str(&def).unwrap_or(serde_json::Value::Null),
-        created_at: ts(r.get(2)?),
-        updated_at: ts(r.get(3)?),
-        paused: r.get(4)?,
-        stopped: r.get(5)?,
-        last_fire: opt_ts(r.get(6)?),
-        runs_total: r.get::<_, i64>(7)? as u64,
-        failures_total: r.get::<_, i64>(8)? as u64,
-        anchor: ts(r.get(9)?),
+        created_at: ts(r.get(base + 2)?),
+        updated_at: ts(r.get(base + 3)?),
+        paused: r.get(base + 4)?,
+        stopped: r.get(base + 5)?,
+        last_fire: opt_ts(r.get(base + 6)?),
+        runs_total: r.get::<_, i64>(base + 7)? as u64,
+        failures_total: r.get::<_, i64>(base + 8)? as u64,
+        anchor: ts(r.get(base + 9)?),
     })
 }
 
@@ -334,11 +358,24 @@ impl Store {
         }
         // FULL: a commit is on disk before the caller hears "ok", even across power loss.
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        // The schema, and the run counts of a database from before they were kept, at once.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let counted: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'run_counts'",
+            [],
+            |r| r.get(0),
+        )?;
         conn.execute_batch(SCHEMA)?;
         add_missing_columns(&conn)?;
+        if !counted {
+            conn.execute_batch(
+                "INSERT INTO run_counts(state, n) SELECT state, COUNT(*) FROM runs GROUP BY state",
+            )?;
+        }
+        conn.execute_batch("COMMIT")?;
 
         let (jobs, rx) = std_mpsc::channel::<Job>();
-        let (events, _) = broadcast::channel(4096);
+        let (events, _) = broadcast::channel(EVENTS_BUFFERED);
         let ev = events.clone();
         let thread_logs_dir = logs_dir.clone();
         std::thread::Builder::new()
@@ -405,11 +442,10 @@ impl Store {
     /// All units.
     pub async fn load_units(&self) -> Result<Vec<StoredUnit>> {
         self.call(|t| {
-            let mut st = t.conn.prepare(
-                "SELECT name, definition, created_at, updated_at, paused, stopped, last_fire, \
-                 runs_total, failures_total, COALESCE(anchor, updated_at) FROM units ORDER BY name",
-            )?;
-            let rows = st.query_map([], unit_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut st =
+                t.conn.prepare(&format!("SELECT {UNIT_COLUMNS} FROM units ORDER BY name"))?;
+            let rows =
+                st.query_map([], |r| unit_from_row(r, 0))?.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await
@@ -714,14 +750,36 @@ impl Store {
         .await
     }
 
-    /// The newest run of every unit (for unit summaries).
-    pub async fn last_runs(&self) -> Result<Vec<RunRecord>> {
-        self.call(|t| {
+    /// The units named after `after` (all of them for `""`), in name order, at most `limit`,
+    /// each with its newest run. Start-up loads units a page at a time, so that a large set is
+    /// never held in memory twice; the newest run is one index lookup per unit, whatever the
+    /// length of the history.
+    pub async fn load_units_page(
+        &self,
+        after: String,
+        limit: u32,
+    ) -> Result<Vec<(StoredUnit, Option<RunRecord>)>> {
+        self.call(move |t| {
+            // The run's columns first, where `run_from_row` reads them. No column name is in
+            // both tables, so only the run's need their table named.
+            let run_cols: Vec<String> =
+                RUN_COLUMNS.split(',').map(|c| format!("r.{}", c.trim())).collect();
             let sql = format!(
-                "SELECT {RUN_COLUMNS} FROM runs WHERE id IN (SELECT MAX(id) FROM runs GROUP BY unit)"
+                "SELECT {}, {UNIT_COLUMNS} FROM units u LEFT JOIN runs r \
+                 ON r.id = (SELECT MAX(id) FROM runs WHERE unit = u.name) \
+                 WHERE u.name > ?1 ORDER BY u.name LIMIT ?2",
+                run_cols.join(", ")
             );
-            let mut st = t.conn.prepare(&sql)?;
-            let rows = st.query_map([], run_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut st = t.conn.prepare_cached(&sql)?;
+            let rows = st
+                .query_map(params![after, limit], |r| {
+                    let run = match r.get::<_, Option<i64>>(0)? {
+                        Some(_) => Some(run_from_row(r)?),
+                        None => None,
+                    };
+                    Ok((unit_from_row(r, run_cols.len())?, run))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await
@@ -841,7 +899,7 @@ impl Store {
     /// Counts of runs by state, for `Daemon.Status`.
     pub async fn run_counts(&self) -> Result<Vec<(String, u64)>> {
         self.call(|t| {
-            let mut st = t.conn.prepare("SELECT state, COUNT(*) FROM runs GROUP BY state")?;
+            let mut st = t.conn.prepare("SELECT state, n FROM run_counts WHERE n > 0")?;
             let rows = st
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -975,6 +1033,9 @@ fn db_thread(
             done.push(job.done);
         }
         let commit = conn.execute_batch("COMMIT");
+        // One line per commit (one fsync) at debug level: `RUST_LOG=taskd::store=debug`
+        // shows how many changes each shared.
+        tracing::debug!(changes = done.len(), ok = commit.is_ok(), "store commit");
         let err = commit.as_ref().err().map(|e| e.to_string());
         if err.is_some() {
             let _ = conn.execute_batch("ROLLBACK");
@@ -1045,6 +1106,65 @@ mod tests {
         seen.sort();
         assert_eq!(seen, ["a", "b"]);
         assert!(events.try_recv().is_err());
+    }
+
+    /// The kept counts, and the counts by a scan of the table.
+    async fn counts(store: &Store) -> (Vec<(String, u64)>, Vec<(String, u64)>) {
+        let mut kept = store.run_counts().await.unwrap();
+        kept.sort();
+        let scanned = store
+            .call(|t| {
+                let mut st =
+                    t.conn.prepare("SELECT state, COUNT(*) FROM runs GROUP BY state ORDER BY 1")?;
+                let rows = st
+                    .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(rows)
+            })
+            .await
+            .unwrap();
+        (kept, scanned)
+    }
+
+    #[tokio::test]
+    async fn run_counts_follow_every_change_and_are_rebuilt_for_an_old_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert_unit(unit("u")).await.unwrap();
+        store.insert_unit(unit("v")).await.unwrap();
+        for _ in 0..4 {
+            let r =
+                store.create_run("u", RunState::Running, Trigger::Manual, 1, None).await.unwrap();
+            let mut done = r.clone();
+            done.state = RunState::Succeeded;
+            store.finish_run(done, 2).await.unwrap();
+        }
+        store.create_run("v", RunState::Queued, Trigger::Manual, 1, None).await.unwrap();
+        store.create_run("v", RunState::Running, Trigger::Manual, 1, None).await.unwrap();
+        let (kept, scanned) = counts(&store).await;
+        assert_eq!(kept, scanned);
+        assert_eq!(kept, [("queued".into(), 1), ("running".into(), 1), ("succeeded".into(), 2)]);
+        store.recover_stale_runs().await.unwrap();
+        store.delete_unit("u", false).await.unwrap();
+        let (kept, scanned) = counts(&store).await;
+        assert_eq!(kept, scanned);
+        assert_eq!(kept, [("cancelled".into(), 1), ("lost".into(), 1)]);
+        store.flush().await.unwrap();
+        drop(store);
+
+        // A database from before the counts were kept gets them counted once, at open.
+        let db = Connection::open(dir.path().join("taskd.db")).unwrap();
+        db.execute_batch(
+            "DROP TRIGGER run_counts_insert; DROP TRIGGER run_counts_update; \
+             DROP TRIGGER run_counts_delete; DROP TABLE run_counts; INSERT INTO runs(unit, state, trigger, attempt, host, \
+             queued_at) VALUES ('v', 'failed', 'manual', 1, 'local', 0)",
+        )
+        .unwrap();
+        drop(db);
+        let store = Store::open(dir.path()).unwrap();
+        let (kept, scanned) = counts(&store).await;
+        assert_eq!(kept, scanned);
+        assert_eq!(kept.len(), 3);
     }
 
     #[tokio::test]

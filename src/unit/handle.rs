@@ -1,10 +1,11 @@
 //! The handle the registry keeps for each unit: its current definition, a status snapshot the
-//! unit loop keeps up to date, the unit's cancellation token and its control channel.
+//! unit loop keeps up to date, the unit's cancellation token and its control mailbox.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
 
 use jiff::Timestamp;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::definition::UnitConfig;
@@ -131,11 +132,76 @@ pub enum Control {
     },
 }
 
+/// The requests waiting for a unit's loop. A queue and a `Notify` rather than a channel: a
+/// tokio channel allocates a block of slots up front, which at 100,000 idle units is most
+/// of a unit's memory. How many requests can wait is bounded by the RPC limits (connections
+/// times requests in flight).
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    queue: Mutex<MailboxQueue>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct MailboxQueue {
+    items: VecDeque<Control>,
+    closed: bool,
+}
+
+impl Mailbox {
+    fn queue(&self) -> std::sync::MutexGuard<'_, MailboxQueue> {
+        self.queue.lock().expect("unit mailbox lock")
+    }
+
+    /// Queues a request; gives it back if the loop is gone.
+    fn send(&self, c: Control) -> std::result::Result<(), Control> {
+        let mut q = self.queue();
+        if q.closed {
+            return Err(c);
+        }
+        q.items.push_back(c);
+        drop(q);
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+/// The loop's end of a unit's [`Mailbox`]. Dropping it (the loop ended, or panicked) closes
+/// the mailbox and drops what waits in it, so every caller hears that the loop is gone.
+pub(crate) struct Inbox(pub(crate) Arc<UnitShared>);
+
+impl Inbox {
+    /// The next request, waiting for one if needed. Cancel-safe: a request is taken out of
+    /// the queue only when this returns it.
+    pub(crate) async fn recv(&mut self) -> Option<Control> {
+        loop {
+            if let Some(c) = self.0.mailbox.queue().items.pop_front() {
+                return Some(c);
+            }
+            // `notify_one` stores a permit when no one waits, so a request queued between
+            // the look above and this wait is not missed.
+            self.0.mailbox.wake.notified().await;
+        }
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let items = {
+            let mut q = self.0.mailbox.queue();
+            q.closed = true;
+            std::mem::take(&mut q.items)
+        };
+        // Dropped outside the lock: each drop answers a caller with "gone".
+        drop(items);
+    }
+}
+
 pub(crate) struct UnitShared {
     pub(crate) name: String,
     pub(crate) config: RwLock<Arc<UnitConfig>>,
     pub(crate) status: Mutex<UnitStatus>,
-    pub(crate) control: mpsc::Sender<Control>,
+    pub(crate) mailbox: Mailbox,
     pub(crate) token: CancellationToken,
     /// Serialises changes to this unit (edit, pause, delete) made by callers.
     pub(crate) op: tokio::sync::Mutex<()>,
@@ -161,6 +227,18 @@ impl UnitHandle {
         self.0.status.lock().expect("unit status lock").clone()
     }
 
+    /// The unit's state, without copying the rest of its status.
+    pub fn state(&self) -> UnitState {
+        self.0.status.lock().expect("unit status lock").state
+    }
+
+    /// A snapshot of the unit's status if it satisfies `keep` (looked at under the same lock,
+    /// so the snapshot is the status that was tested).
+    pub fn status_if(&self, keep: impl FnOnce(&UnitStatus) -> bool) -> Option<UnitStatus> {
+        let st = self.0.status.lock().expect("unit status lock");
+        keep(&st).then(|| st.clone())
+    }
+
     /// Sends a request to the unit's loop and waits for the answer.
     pub(crate) async fn ask<T>(
         &self,
@@ -175,7 +253,7 @@ impl UnitHandle {
                 Error::UnitNotFound(self.0.name.clone())
             }
         };
-        self.0.control.send(make(tx)).await.map_err(|_| gone())?;
+        self.0.mailbox.send(make(tx)).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
     }
 

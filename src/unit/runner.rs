@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::definition::{Action, CatchUp, Overlap, Restart, UnitConfig};
-use super::handle::{Control, UnitHandle, UnitShared, UnitState, UnitStatus};
+use super::handle::{Control, Inbox, UnitHandle, UnitShared, UnitState, UnitStatus};
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::run::{RunRecord, RunState, Trigger, reason};
@@ -111,13 +111,12 @@ pub struct InitialState {
 /// Spawns the loop of a unit and returns its handle, and a receiver that resolves once the
 /// loop has started what it starts on its own (the `add` run, a service).
 pub fn spawn(
-    env: RunnerEnv,
+    env: Arc<RunnerEnv>,
     config: Arc<UnitConfig>,
     init: InitialState,
     parent: &CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) -> (UnitHandle, oneshot::Receiver<()>) {
-    let (tx, rx) = mpsc::channel(64);
     let (ready_tx, ready_rx) = oneshot::channel();
     let token = parent.child_token();
     let shared = Arc::new(UnitShared {
@@ -135,11 +134,12 @@ pub fn spawn(
             paused: init.paused,
             stopped: init.stopped,
         }),
-        control: tx,
+        mailbox: Default::default(),
         token: token.clone(),
         op: tokio::sync::Mutex::new(()),
     });
     let handle = UnitHandle(shared.clone());
+    let inbox = Inbox(shared.clone());
     let l = Loop {
         env,
         shared,
@@ -161,7 +161,8 @@ pub fn spawn(
         failures_total: init.failures_total,
         last_run: init.last_run,
     };
-    tracker.spawn(l.run(rx, token, init.fresh, init.quiet, init.last_fire, ready_tx));
+    // Boxed: the task's future then holds a pointer to the loop's state, not a copy of it.
+    tracker.spawn(Box::new(l).run(inbox, token, init.fresh, init.quiet, init.last_fire, ready_tx));
     (handle, ready_rx)
 }
 
@@ -180,7 +181,7 @@ struct Pending {
 }
 
 struct Loop {
-    env: RunnerEnv,
+    env: Arc<RunnerEnv>,
     shared: Arc<UnitShared>,
     cfg: Arc<UnitConfig>,
     runs: JoinSet<RunRecord>,
@@ -223,15 +224,17 @@ fn instant_of(t: Timestamp) -> Instant {
 
 impl Loop {
     async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Control>,
+        mut self: Box<Self>,
+        mut rx: Inbox,
         token: CancellationToken,
         fresh: bool,
         quiet: bool,
         last_fire: Option<Timestamp>,
         ready: oneshot::Sender<()>,
     ) {
-        self.start_up(fresh, quiet, last_fire).await;
+        // Every handler below is boxed: the loop's own future stays small (it is most of an
+        // idle unit's memory), and a handler's state exists only while it runs.
+        Box::pin(self.start_up(fresh, quiet, last_fire)).await;
         self.answer(ready, ());
         loop {
             self.publish();
@@ -245,7 +248,7 @@ impl Loop {
             tokio::select! {
                 ctl = rx.recv() => match ctl {
                     Some(c) => {
-                        if self.control(c).await {
+                        if Box::pin(self.control(c)).await {
                             break;
                         }
                     }
@@ -255,27 +258,30 @@ impl Loop {
                     match done {
                         Ok((task, rec)) => {
                             self.tasks.remove(&task);
-                            self.finished(rec).await
+                            Box::pin(self.finished(rec)).await
                         }
-                        Err(e) => self.crashed(e).await,
+                        Err(e) => Box::pin(self.crashed(e)).await,
                     }
                     if self.deleting.is_some() && self.active.is_empty() {
                         break;
                     }
                 }
-                _ = sleep_until_opt(fire_at) => self.fire().await,
+                _ = sleep_until_opt(fire_at) => Box::pin(self.fire()).await,
                 _ = sleep_until_opt(pending_at) => {
                     // A retry or restart never runs alongside another run of the unit.
                     if let Some(p) = self.pending.take()
                         && self.active.is_empty()
                     {
-                        self.start_run(p.trigger, p.attempt).await;
+                        Box::pin(self.start_run(p.trigger, p.attempt)).await;
                     }
                 }
                 _ = token.cancelled(), if self.deleting.is_none() => {
                     self.stop_all(reason::SHUTDOWN);
-                    self.cancel_queued(reason::SHUTDOWN).await;
-                    self.drain().await;
+                    Box::pin(async {
+                        self.cancel_queued(reason::SHUTDOWN).await;
+                        self.drain().await;
+                    })
+                    .await;
                     break;
                 }
             }
@@ -850,7 +856,7 @@ fn to_log_stream(s: exec::Stream) -> Stream {
 
 /// Runs one run to its end; the loop records it.
 async fn execute(
-    env: RunnerEnv,
+    env: Arc<RunnerEnv>,
     cfg: Arc<UnitConfig>,
     mut rec: RunRecord,
     stop: CancellationToken,

@@ -40,6 +40,41 @@ fn json(out: Output) -> Value {
 }
 
 #[test]
+fn list_shows_every_unit_page_by_page() {
+    let d = TestDaemon::start();
+    // More than one page of the daemon's (1000).
+    let defs: Vec<Value> = (0..1203)
+        .map(
+            |i| serde_json::json!({"name": format!("u{i:04}"), "every": "1h", "command": ["true"]}),
+        )
+        .collect();
+    d.add_many(&defs);
+    let all = json(d.taskctl(&["--json", "list"]));
+    let names: Vec<&str> = all
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|u| u["name"].as_str().expect("name"))
+        .collect();
+    let want: Vec<String> = (0..1203).map(|i| format!("u{i:04}")).collect();
+    assert_eq!(names, want);
+    let table = ok(d.taskctl(&["list"]));
+    assert_eq!(table.lines().filter(|l| l.starts_with('u')).count(), 1203, "{table}");
+
+    // --limit cuts the list and says how to see the rest; --after starts after a name.
+    let out = d.taskctl(&["list", "--limit", "2", "u1*"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let rows: Vec<String> =
+        ok(out).lines().skip(1).map(|l| l.split_whitespace().next().unwrap_or("").into()).collect();
+    assert_eq!(rows, ["u1000", "u1001"]);
+    assert!(err.contains("taskctl list --after u1001"), "{err}");
+    let rest = json(d.taskctl(&["--json", "list", "--after", "u1199"]));
+    assert_eq!(rest.as_array().expect("an array").len(), 3, "{rest}");
+    let (code, err) = fails(d.taskctl(&["list", "--limit", "0"]));
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
 fn add_list_show_edit_del_round_trip() {
     let d = TestDaemon::start();
     let out = ok(d.taskctl(&["add", "hello", "--every", "5m", "--env", "A=1", "--", "echo", "hi"]));

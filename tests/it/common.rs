@@ -178,6 +178,22 @@ impl TestDaemon {
         }
     }
 
+    /// Adds every definition over one connection, all requests sent before the first answer
+    /// is read (so they share commits), failing the test on any error.
+    pub fn add_many(&self, defs: &[Value]) {
+        let mut c = self.raw();
+        let mut batch = String::new();
+        for (i, def) in defs.iter().enumerate() {
+            let req = json!({"jsonrpc": "2.0", "id": i, "method": "TaskUnit.Add", "params": [def]});
+            batch.push_str(&format!("{req}\n"));
+        }
+        c.send(batch.as_bytes());
+        for _ in defs {
+            let v = c.recv();
+            assert!(v.get("error").is_none(), "TaskUnit.Add failed: {v}");
+        }
+    }
+
     /// Polls `TaskUnit.Get` until `cond` holds for the unit info.
     pub fn wait_unit(&self, name: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
         let mut conn = self.raw();

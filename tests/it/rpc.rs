@@ -269,6 +269,97 @@ fn every_method_answers_with_its_documented_shape() {
     assert_eq!(names(&left), BTreeSet::from(["sleeper".to_owned()]));
 }
 
+/// Every page of `TaskUnit.List` with `arg` (plus `limit` and `after`), concatenated; fails
+/// the test if a page is longer than `limit` or out of order.
+fn all_pages(c: &mut Raw, arg: Value, limit: u64) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    loop {
+        let mut a = arg.clone();
+        a["limit"] = json!(limit);
+        if let Some(last) = out.last() {
+            a["after"] = json!(last);
+        }
+        let page = result(&c.call("TaskUnit.List", a)).as_array().expect("an array").clone();
+        assert!(page.len() as u64 <= limit, "a page longer than its limit");
+        let names: Vec<String> =
+            page.iter().map(|u| u["name"].as_str().expect("name").to_owned()).collect();
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "a page out of order: {names:?}");
+        assert!(out.last().is_none_or(|l| names.first().is_none_or(|f| f > l)), "pages overlap");
+        out.extend(names);
+        if (page.len() as u64) < limit {
+            return out;
+        }
+    }
+}
+
+#[test]
+fn list_pages_in_name_order_after_filtering() {
+    let d = TestDaemon::start();
+    // 1005 units, added out of order: `a-0000`…, `b-0000`…; the odd ones paused.
+    let mut defs: Vec<Value> = (0..1005)
+        .map(|i| {
+            let name = format!("{}-{:04}", if i % 3 == 0 { "b" } else { "a" }, i);
+            json!({"name": name, "every": "1h", "command": ["true"], "paused": i % 2 == 1})
+        })
+        .collect();
+    defs.reverse();
+    d.add_many(&defs);
+    let mut all: Vec<String> =
+        defs.iter().map(|d| d["name"].as_str().expect("name").to_owned()).collect();
+    all.sort();
+    let mut c = d.raw();
+
+    // A plain `{}` answers the first page of 1000; paging with a small limit answers each
+    // unit exactly once, in order.
+    let first = result(&c.call("TaskUnit.List", json!({}))).as_array().expect("array").clone();
+    assert_eq!(first.len(), 1000);
+    assert_eq!(first[0]["name"], all[0]);
+    assert_eq!(first[999]["name"], all[999]);
+    assert_eq!(all_pages(&mut c, json!({}), 97), all);
+    assert_eq!(all_pages(&mut c, json!({}), 1005), all);
+
+    // Filters apply before paging: every page is full until the last.
+    let b: Vec<String> = all.iter().filter(|n| n.starts_with("b-")).cloned().collect();
+    assert_eq!(all_pages(&mut c, json!({"name_glob": "b-*"}), 10), b);
+    let paused: Vec<String> =
+        all.iter().filter(|n| n[2..].parse::<u32>().expect("number") % 2 == 1).cloned().collect();
+    assert_eq!(all_pages(&mut c, json!({"state": "paused"}), 33), paused);
+    let both: Vec<String> = all
+        .iter()
+        .filter(|n| n.starts_with("a-") && n.ends_with('7') && paused.contains(n))
+        .cloned()
+        .collect();
+    assert!(!both.is_empty());
+    assert_eq!(all_pages(&mut c, json!({"name_glob": "a-*7", "state": "paused"}), 4), both);
+    // A cursor need not be a unit's name; past the end there is nothing.
+    let v = c.call("TaskUnit.List", json!({"after": "a-0500x", "limit": 2}));
+    assert_eq!(names(result(&v)), BTreeSet::from(["a-0502".to_owned(), "a-0503".to_owned()]));
+    let v = c.call("TaskUnit.List", json!({"after": "c", "name_glob": "b-*"}));
+    assert_eq!(*result(&v), json!([]));
+
+    // Bad pages are refused, naming the field.
+    for (arg, field) in [
+        (json!({"limit": 0}), "limit"),
+        (json!({"limit": 10_001}), "limit"),
+        (json!({"limit": 5, "name_glob": "x".repeat(257)}), "name_glob"),
+        (json!({"state": "asleep"}), "state"),
+    ] {
+        let v = c.call("TaskUnit.List", arg.clone());
+        assert_eq!(code(&v), i64::from(codes::INVALID_DEFINITION), "{arg}: {v}");
+        assert_eq!(error(&v)["data"]["field"], field, "{arg}: {v}");
+    }
+    for arg in [
+        json!({"limit": "10"}),
+        json!({"limit": -1}),
+        json!({"limit": 1.5}),
+        json!({"after": 7}),
+        json!({"page": 2}),
+    ] {
+        let v = c.call("TaskUnit.List", arg.clone());
+        assert_eq!(code(&v), INVALID_PARAMS, "{arg}: {v}");
+    }
+}
+
 #[test]
 fn a_bare_params_value_is_the_same_as_a_one_element_array() {
     let d = TestDaemon::start_with(&["--auth", "none"]);
