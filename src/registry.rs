@@ -58,6 +58,9 @@ pub struct RegistryConfig {
 enum Slot {
     /// The name is taken by an `Add` that is still being recorded.
     Reserved,
+    /// A stored unit whose definition no longer loads: not listed, but its name stays taken
+    /// until it is deleted.
+    Unloadable,
     Live(UnitHandle),
 }
 
@@ -197,6 +200,7 @@ impl Registry {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(unit = %u.name, error = %e, "stored definition no longer parses; skipped");
+                    reg.0.units.insert(u.name, Slot::Unloadable);
                     continue;
                 }
             };
@@ -204,6 +208,7 @@ impl Registry {
                 Ok(c) => Arc::new(c),
                 Err(e) => {
                     tracing::error!(unit = %u.name, error = %e, "stored definition no longer validates; skipped");
+                    reg.0.units.insert(u.name, Slot::Unloadable);
                     continue;
                 }
             };
@@ -257,7 +262,7 @@ impl Registry {
             .iter()
             .filter_map(|e| match e.value() {
                 Slot::Live(h) => Some(h.clone()),
-                Slot::Reserved => None,
+                Slot::Reserved | Slot::Unloadable => None,
             })
             .filter(|h| f.name_glob.as_deref().is_none_or(|g| glob_match(g, h.name())))
             .collect();
@@ -484,16 +489,20 @@ impl Registry {
     }
 
     async fn delete_now(&self, name: &str, keep_history: bool) -> Result<()> {
-        let h = match self.handle(name) {
-            Ok(h) => h,
-            // Stored but not loaded (its definition no longer validates): delete it all the same.
-            Err(e) => {
-                return match self.0.store.delete_unit(name, keep_history).await {
-                    Ok(()) => Ok(()),
-                    Err(Error::UnitNotFound(_)) => Err(e),
-                    Err(other) => Err(other),
-                };
+        let h = match self.0.units.get(name).as_deref() {
+            Some(Slot::Live(h)) => Some(h.clone()),
+            Some(Slot::Unloadable) => None,
+            // An `Add` still being recorded is not there yet: its row may already be committed,
+            // and deleting that would leave a unit running that a restart forgets.
+            Some(Slot::Reserved) | None => return Err(Error::UnitNotFound(name.to_string())),
+        };
+        let Some(h) = h else {
+            // Stored, but its definition no longer loads: delete the record all the same.
+            let r = self.0.store.delete_unit(name, keep_history).await;
+            if matches!(r, Ok(()) | Err(Error::UnitNotFound(_))) {
+                self.0.units.remove_if(name, |_, s| matches!(s, Slot::Unloadable));
             }
+            return r;
         };
         let _guard = h.lock().await;
         match self.handle(name) {

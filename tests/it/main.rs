@@ -4,4 +4,5 @@ mod cli;
 mod common;
 mod engine;
 mod go;
+mod load;
 mod rpc;
