@@ -534,7 +534,9 @@ impl Registry {
                 };
                 let h2 = self.spawn_loop(h.config(), init);
                 self.0.units.insert(name.to_string(), Slot::Live(h2));
-                Err(e)
+                Err(Error::NotRecorded(format!(
+                    "unit {name:?} was not deleted ({e}); its runs were stopped"
+                )))
             }
         }
     }

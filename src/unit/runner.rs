@@ -393,7 +393,14 @@ impl Loop {
                     .store
                     .set_flags(&self.cfg.name, self.paused, self.stopped, "unit.stopped")
                     .await
-                    .map(|_| n + q);
+                    .map(|_| n + q)
+                    .map_err(|e| {
+                        Error::NotRecorded(format!(
+                            "{} run(s) stopped, but the stop was not recorded ({e}): a daemon \
+                             restart would start the unit again",
+                            n + q
+                        ))
+                    });
                 self.answer(reply, r);
             }
             Control::Pause { paused, reply } if paused == self.paused => {
@@ -514,12 +521,7 @@ impl Loop {
             }
         }
         self.pending = None;
-        self.start_run(trigger, 1).await.ok_or_else(|| {
-            Error::Conflict(format!(
-                "unit {:?} could not start a run; see its last run",
-                self.cfg.name
-            ))
-        })
+        self.try_start_run(trigger, 1).await
     }
 
     async fn enqueue(&mut self, trigger: Trigger) -> Result<RunRecord> {
@@ -606,26 +608,27 @@ impl Loop {
         self.cfg.keep_runs.unwrap_or(self.env.keep_runs)
     }
 
-    /// Starts a run now; `None` if it could not even be recorded.
+    /// Starts a run now; `None` if it could not even be recorded (the error is logged).
     async fn start_run(&mut self, trigger: Trigger, attempt: u32) -> Option<RunRecord> {
+        self.try_start_run(trigger, attempt).await.ok()
+    }
+
+    /// Starts a run now, or says why it could not be recorded.
+    async fn try_start_run(&mut self, trigger: Trigger, attempt: u32) -> Result<RunRecord> {
         if self.shared.token.is_cancelled() {
             // Shutting down: a fire or retry that raced the cancellation starts nothing.
-            return None;
+            return Err(Error::ShuttingDown);
         }
-        let rec = match self
+        let rec = self
             .env
             .store
             .create_run(&self.cfg.name, RunState::Running, trigger, attempt)
             .await
-        {
-            Ok(r) => r,
-            Err(e) => {
+            .inspect_err(|e| {
                 tracing::error!(unit = %self.cfg.name, error = %e, "cannot record a new run");
-                return None;
-            }
-        };
+            })?;
         self.launch(rec.clone());
-        Some(rec)
+        Ok(rec)
     }
 
     fn launch(&mut self, rec: RunRecord) {
