@@ -55,6 +55,10 @@ pub enum Error {
     /// A batch of changes could not be committed (disk full, read-only state directory…).
     #[error("store: {0}")]
     Storage(String),
+    /// A change was only partly made: the store could not record the rest. The message says
+    /// what was done.
+    #[error("{0}")]
+    NotRecorded(String),
     /// A file under the state directory could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -88,7 +92,9 @@ impl Error {
             Error::RunNotFound(_) => codes::RUN_NOT_FOUND,
             Error::Conflict(_) | Error::ShuttingDown => codes::CONFLICT,
             Error::Limit(_) => codes::LIMIT_EXCEEDED,
-            Error::Store(_) | Error::Storage(_) | Error::Io { .. } => codes::STORAGE,
+            Error::Store(_) | Error::Storage(_) | Error::NotRecorded(_) | Error::Io { .. } => {
+                codes::STORAGE
+            }
         }
     }
 }

@@ -64,6 +64,9 @@ pub struct RegistryConfig {
 enum Slot {
     /// The name is taken by an `Add` that is still being recorded.
     Reserved,
+    /// A stored unit whose definition no longer loads: not listed, but its name stays taken
+    /// until it is deleted.
+    Unloadable,
     Live(UnitHandle),
 }
 
@@ -244,6 +247,7 @@ impl Registry {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(unit = %u.name, error = %e, "stored definition no longer parses; skipped");
+                self.write().insert(u.name, Slot::Unloadable);
                 return;
             }
         };
@@ -251,6 +255,7 @@ impl Registry {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(unit = %u.name, error = %e, "stored definition no longer validates; skipped");
+                self.write().insert(u.name, Slot::Unloadable);
                 return;
             }
         };
@@ -554,16 +559,23 @@ impl Registry {
     }
 
     async fn delete_now(&self, name: &str, keep_history: bool) -> Result<()> {
-        let h = match self.handle(name) {
-            Ok(h) => h,
-            // Stored but not loaded (its definition no longer validates): delete it all the same.
-            Err(e) => {
-                return match self.0.store.delete_unit(name, keep_history).await {
-                    Ok(()) => Ok(()),
-                    Err(Error::UnitNotFound(_)) => Err(e),
-                    Err(other) => Err(other),
-                };
+        let h = match self.read().get(name) {
+            Some(Slot::Live(h)) => Some(h.clone()),
+            Some(Slot::Unloadable) => None,
+            // An `Add` still being recorded is not there yet: its row may already be committed,
+            // and deleting that would leave a unit running that a restart forgets.
+            Some(Slot::Reserved) | None => return Err(Error::UnitNotFound(name.to_string())),
+        };
+        let Some(h) = h else {
+            // Stored, but its definition no longer loads: delete the record all the same.
+            let r = self.0.store.delete_unit(name, keep_history).await;
+            if matches!(r, Ok(()) | Err(Error::UnitNotFound(_))) {
+                let mut units = self.write();
+                if matches!(units.get(name), Some(Slot::Unloadable)) {
+                    units.remove(name);
+                }
             }
+            return r;
         };
         let _guard = h.lock().await;
         match self.handle(name) {
@@ -595,7 +607,9 @@ impl Registry {
                 };
                 let h2 = self.spawn_loop(h.config(), init);
                 self.write().insert(name.to_string(), Slot::Live(h2));
-                Err(e)
+                Err(Error::NotRecorded(format!(
+                    "unit {name:?} was not deleted ({e}); its runs were stopped"
+                )))
             }
         }
     }

@@ -53,6 +53,10 @@ pub fn rpc_error(e: Error) -> ErrorObjectOwned {
                 None::<()>,
             )
         }
+        Error::NotRecorded(_) => {
+            tracing::error!(error = %e, "storage failure answered to a client");
+            ErrorObjectOwned::owned(code, format!("storage failure: {e}"), None::<()>)
+        }
         _ => ErrorObjectOwned::owned(code, e.to_string(), None::<()>),
     }
 }

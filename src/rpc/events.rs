@@ -32,16 +32,17 @@ impl EventsApiServer for Api {
     ) -> SubscriptionResult {
         let store = self.registry.store().clone();
         let mut rx = store.subscribe_events();
-        let sink = pending.accept().await?;
         let after = arg.and_then(|a| a.after_seq);
         // Replay from the store until it has nothing newer, then follow the live channel;
         // a follower that lags behind goes back to the store for what it missed. Without
-        // `after_seq`, "now" is the newest event at subscription time.
+        // `after_seq`, "now" is the newest event before the subscription is confirmed: a
+        // change the client asks for once it has the confirmation comes after it.
         let mut replay = after.is_some();
         let mut last = match after {
             Some(a) => a,
             None => store.last_event_seq().await.map_err(|e| e.to_string())?,
         };
+        let sink = pending.accept().await?;
         loop {
             if replay {
                 let page =

@@ -282,7 +282,10 @@ struct RunLog {
     /// Created on the first output: most runs of small jobs print nothing, and creating a
     /// file is the costliest part of a run's log.
     file: Option<File>,
+    /// The file could not be created: the run's output is not kept on disk.
     failed: bool,
+    /// A write failed (disk full…) and that was logged: later failures are only counted.
+    write_failed: bool,
     len: u64,
     half: u64,
     streams: [StreamState; 2],
@@ -314,9 +317,14 @@ fn encode(out: &mut Vec<u8>, stream: Stream, at: Timestamp, data: &[u8]) {
 }
 
 impl RunLog {
-    fn append(&mut self, buf: &[u8]) {
-        if buf.is_empty() || self.failed {
-            return;
+    /// Appends whole records to the file; false if they could not be written (nothing of
+    /// them is left in the file then, so the records before and after stay whole).
+    fn append(&mut self, buf: &[u8]) -> bool {
+        if buf.is_empty() {
+            return true;
+        }
+        if self.failed {
+            return false;
         }
         if self.file.is_none() {
             match File::create(&self.path) {
@@ -324,17 +332,24 @@ impl RunLog {
                 Err(e) => {
                     tracing::warn!(path = %self.path.display(), error = %e, "cannot create a run log");
                     self.failed = true;
-                    return;
+                    return false;
                 }
             }
         }
         let file = self.file.as_mut().expect("just created");
-        match file.write_all(buf) {
-            Ok(()) => self.len += buf.len() as u64,
-            Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot write a run log")
-            }
+        let Err(e) = file.write_all(buf) else {
+            self.len += buf.len() as u64;
+            return true;
+        };
+        if !self.write_failed {
+            self.write_failed = true;
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot write a run log; output is cut until it can");
         }
+        // Drop the part of a record that made it, and carry on where the file ended.
+        if file.set_len(self.len).and_then(|()| file.seek(SeekFrom::Start(self.len))).is_err() {
+            self.failed = true;
+        }
+        false
     }
 
     fn write(&mut self, stream: Stream, at: Timestamp, data: Vec<u8>) {
@@ -385,7 +400,11 @@ impl RunLog {
                 }
             }
         }
-        self.append(&buf);
+        if !self.append(&buf) {
+            // Output that could not be written counts as cut: readers see a cut marker.
+            let st = &mut self.streams[stream.index()];
+            st.dropped += taken as u64;
+        }
     }
 
     /// The kept tail of both streams, oldest first; `max` keeps only its newest `max` bytes
@@ -429,14 +448,16 @@ impl RunLog {
         for c in self.tail_chunks(None).0 {
             encode(&mut buf, c.stream, c.at, &c.data);
         }
-        self.append(&buf);
+        let tail_written = self.append(&buf);
         if let Some(f) = self.file.as_mut() {
             let _ = f.flush();
         }
+        let kept_in_memory = self.streams.iter().any(|s| !s.ring.is_empty());
         LogSummary {
             stdout_bytes: self.streams[0].total,
             stderr_bytes: self.streams[1].total,
-            truncated: self.streams.iter().any(|s| s.dropped > 0),
+            truncated: self.streams.iter().any(|s| s.dropped > 0)
+                || (!tail_written && kept_in_memory),
         }
     }
 }
@@ -463,6 +484,7 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
                     path: path_in(&dir, run),
                     file: None,
                     failed: false,
+                    write_failed: false,
                     len: 0,
                     half: (limit / 2).max(1),
                     streams: [StreamState::new(), StreamState::new()],

@@ -6,11 +6,18 @@
 //! change does not undo the others), commits once, and only then answers the callers and
 //! publishes the events the batch produced. An answer therefore means the change is durable,
 //! and a burst of changes costs one `fsync`.
+//!
+//! When a commit fails (disk full, read-only state directory…), every change in the batch is
+//! refused with a storage error and nothing of it is kept. From then on each job gets a
+//! transaction of its own, so reads keep being answered while changes fail, until a change
+//! commits again. The end of a run that could not be recorded is kept in memory and retried
+//! every second, so that a run never stays `running` in the store once space is back.
 
 pub mod logs;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -178,6 +185,9 @@ impl Job {
     }
 }
 
+/// Ends of runs that could not be recorded yet, with their unit's `keep_runs`.
+type Unrecorded = Arc<Mutex<Vec<(RunRecord, u32)>>>;
+
 /// A cheap-to-clone handle to the store.
 #[derive(Clone)]
 pub struct Store {
@@ -185,6 +195,7 @@ pub struct Store {
     events: broadcast::Sender<Event>,
     logs: Logs,
     dir: PathBuf,
+    unrecorded: Unrecorded,
 }
 
 /// The schema. `runs.id` is AUTOINCREMENT so that ids are never reused, even after deletes.
@@ -286,6 +297,8 @@ const MAX_BATCH: usize = 512;
 /// How long a batch of changes nobody waits for (a pid, a fire time, an audit record) waits
 /// for an awaited change to commit with, saving a sync of the disk. Bounds their delay.
 const LINGER: Duration = Duration::from_millis(20);
+/// How often the store thread retries recording the ends of runs it could not record.
+const RETRY: Duration = Duration::from_secs(1);
 
 fn ts(us: i64) -> Timestamp {
     Timestamp::from_microsecond(us).unwrap_or(Timestamp::UNIX_EPOCH)
@@ -376,14 +389,19 @@ impl Store {
 
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
-        let ev = events.clone();
-        let thread_logs_dir = logs_dir.clone();
+        let unrecorded = Unrecorded::default();
+        let thread = StoreThread {
+            conn,
+            events: events.clone(),
+            logs_dir: logs_dir.clone(),
+            unrecorded: unrecorded.clone(),
+        };
         std::thread::Builder::new()
             .name("taskd-store".into())
-            .spawn(move || db_thread(conn, rx, ev, thread_logs_dir))
+            .spawn(move || thread.run(rx))
             .map_err(|e| Error::io(dir, e))?;
         let logs = Logs::start(logs_dir)?;
-        Ok(Store { jobs, events, logs, dir: dir.to_path_buf() })
+        Ok(Store { jobs, events, logs, dir: dir.to_path_buf(), unrecorded })
     }
 
     /// The state directory.
@@ -674,41 +692,20 @@ impl Store {
     }
 
     /// Records the end of a run, updates the unit's counters, and deletes runs (and logs)
-    /// beyond the newest `keep_runs` of that unit.
+    /// beyond the newest `keep_runs` of that unit. If it cannot be recorded now, the error is
+    /// returned and the store keeps retrying until it is.
     pub async fn finish_run(&self, rec: RunRecord, keep_runs: u32) -> Result<()> {
-        self.call(move |t| {
-            let ended = rec.ended_at.unwrap_or_else(Timestamp::now);
-            let n = t.conn.execute(
-                "UPDATE runs SET state = ?2, started_at = ?3, ended_at = ?4, exit_code = ?5, \
-                 signal = ?6, reason = ?7, stdout_bytes = ?8, stderr_bytes = ?9, truncated = ?10, \
-                 pid = COALESCE(?11, pid) WHERE id = ?1 AND state IN ('queued', 'running')",
-                params![
-                    rec.id,
-                    rec.state.as_str(),
-                    rec.started_at.map(|s| s.as_microsecond()),
-                    ended.as_microsecond(),
-                    rec.exit_code,
-                    rec.signal,
-                    rec.reason,
-                    rec.stdout_bytes as i64,
-                    rec.stderr_bytes as i64,
-                    rec.truncated,
-                    rec.pid,
-                ],
-            )?;
-            if n == 0 {
-                return Ok(());
-            }
-            if matches!(rec.state, RunState::Failed | RunState::TimedOut) {
-                t.conn.execute(
-                    "UPDATE units SET failures_total = failures_total + 1 WHERE name = ?1",
-                    params![rec.unit],
-                )?;
-            }
-            t.emit("run.finished", &rec.unit, Some(rec.id), Some(rec.state.as_str()))?;
-            prune(t, &rec.unit, keep_runs)
-        })
-        .await
+        let again = rec.clone();
+        let r = self.call(move |t| write_end(t, &rec, keep_runs)).await;
+        if let Err(e) = &r
+            && !matches!(e, Error::ShuttingDown)
+        {
+            tracing::warn!(run = again.id, error = %e, "the end of a run is not recorded yet; retrying");
+            lock(&self.unrecorded).push((again, keep_runs));
+            // Wake the store thread, which retries from now on.
+            self.call_detached("retry", |_| Ok(()));
+        }
+        r
     }
 
     /// One run.
@@ -959,6 +956,40 @@ fn get_run(conn: &Connection, id: i64) -> Result<Option<RunRecord>> {
     Ok(conn.prepare_cached(&sql)?.query_row(params![id], run_from_row).optional()?)
 }
 
+/// Records the end of a run (see [`Store::finish_run`]); nothing happens if it already ended.
+fn write_end(t: &mut Tx<'_>, rec: &RunRecord, keep_runs: u32) -> Result<()> {
+    let ended = rec.ended_at.unwrap_or_else(Timestamp::now);
+    let n = t.conn.execute(
+        "UPDATE runs SET state = ?2, started_at = ?3, ended_at = ?4, exit_code = ?5, \
+         signal = ?6, reason = ?7, stdout_bytes = ?8, stderr_bytes = ?9, truncated = ?10, \
+         pid = COALESCE(?11, pid) WHERE id = ?1 AND state IN ('queued', 'running')",
+        params![
+            rec.id,
+            rec.state.as_str(),
+            rec.started_at.map(|s| s.as_microsecond()),
+            ended.as_microsecond(),
+            rec.exit_code,
+            rec.signal,
+            rec.reason,
+            rec.stdout_bytes as i64,
+            rec.stderr_bytes as i64,
+            rec.truncated,
+            rec.pid,
+        ],
+    )?;
+    if n == 0 {
+        return Ok(());
+    }
+    if matches!(rec.state, RunState::Failed | RunState::TimedOut) {
+        t.conn.execute(
+            "UPDATE units SET failures_total = failures_total + 1 WHERE name = ?1",
+            params![rec.unit],
+        )?;
+    }
+    t.emit("run.finished", &rec.unit, Some(rec.id), Some(rec.state.as_str()))?;
+    prune(t, &rec.unit, keep_runs)
+}
+
 fn prune(t: &mut Tx<'_>, unit: &str, keep: u32) -> Result<()> {
     let ids: Vec<i64> = t
         .conn
@@ -976,61 +1007,158 @@ fn prune(t: &mut Tx<'_>, unit: &str, keep: u32) -> Result<()> {
     Ok(())
 }
 
-fn db_thread(
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What one transaction did.
+struct Committed {
+    /// Why it did not commit, if it did not.
+    error: Option<String>,
+    /// Whether a job changed something that was committed.
+    wrote: bool,
+}
+
+/// The store thread: the only owner of the SQLite connection.
+struct StoreThread {
     conn: Connection,
-    rx: std_mpsc::Receiver<Job>,
     events: broadcast::Sender<Event>,
     logs_dir: PathBuf,
-) {
-    let mut since_prune = 0usize;
-    while let Ok(first) = rx.recv() {
-        let mut lazy = first.lazy;
-        let mut batch = vec![first];
-        let linger_until = Instant::now() + LINGER;
-        while lazy && batch.len() < MAX_BATCH {
-            match rx.recv_timeout(linger_until.saturating_duration_since(Instant::now())) {
-                Ok(j) => {
-                    lazy = j.lazy;
-                    batch.push(j);
+    unrecorded: Unrecorded,
+}
+
+/// Whether commits fail (disk full…): then each job gets a transaction of its own.
+struct Health {
+    failing: bool,
+    next_retry: Instant,
+}
+
+impl Health {
+    /// Takes note of a transaction's outcome.
+    fn note(&mut self, c: &Committed) {
+        match &c.error {
+            Some(e) if !self.failing => {
+                tracing::error!(error = %e, "store: cannot commit; changes are refused until they can be written, reads go on");
+                self.failing = true;
+            }
+            None if self.failing && c.wrote => {
+                tracing::info!("store: changes are written again");
+                self.failing = false;
+                // Record the ends of runs that wait for it now.
+                self.next_retry = Instant::now();
+            }
+            _ => {}
+        }
+    }
+}
+
+impl StoreThread {
+    fn run(self, rx: std_mpsc::Receiver<Job>) {
+        let mut since_prune = 0usize;
+        let mut health = Health { failing: false, next_retry: Instant::now() };
+        loop {
+            let retrying = !lock(&self.unrecorded).is_empty();
+            let first = if retrying {
+                let wait = health.next_retry.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(wait) {
+                    Ok(j) => Some(j),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
                 }
-                Err(_) => break,
+            } else {
+                match rx.recv() {
+                    Ok(j) => Some(j),
+                    Err(_) => break,
+                }
+            };
+            if retrying && Instant::now() >= health.next_retry {
+                health.next_retry = Instant::now() + RETRY;
+                let c = self.record_unrecorded();
+                health.note(&c);
+            }
+            let Some(first) = first else { continue };
+            let mut lazy = first.lazy;
+            let mut batch = vec![first];
+            let linger_until = Instant::now() + LINGER;
+            while lazy && batch.len() < MAX_BATCH {
+                match rx.recv_timeout(linger_until.saturating_duration_since(Instant::now())) {
+                    Ok(j) => {
+                        lazy = j.lazy;
+                        batch.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            if health.failing {
+                for job in batch {
+                    let c = self.commit(vec![job]);
+                    health.note(&c);
+                }
+            } else {
+                let c = self.commit(batch);
+                health.note(&c);
+                since_prune += usize::from(c.error.is_none());
+            }
+            if since_prune >= 1024 {
+                since_prune = 0;
+                let _ = self.conn.execute(
+                    "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?1",
+                    params![EVENTS_KEPT],
+                );
             }
         }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
+        // The daemon is stopping: a last try for ends not recorded yet (else they are `lost`
+        // at the next start).
+        if !lock(&self.unrecorded).is_empty() {
+            self.record_unrecorded();
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    }
+
+    /// Runs `batch` in one transaction, each job in its own savepoint, commits, answers every
+    /// job, and publishes the events (and deletes the files) of a committed batch. If the
+    /// commit fails, the jobs that ran before any change in it was made, and changed nothing
+    /// themselves, still get their answers: they read only what was committed before.
+    fn commit(&self, batch: Vec<Job>) -> Committed {
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             // Nothing can be written: answer every caller with the error, run nothing.
             let msg = e.to_string();
-            tracing::error!(error = %msg, "store: cannot begin a transaction");
             for job in batch {
                 (job.done)(Some(&msg));
             }
-            continue;
+            return Committed { error: Some(msg), wrote: false };
         }
+        let conn = &self.conn;
         let mut tx = Tx {
-            conn: &conn,
+            conn,
             events: Vec::new(),
             delete_after_commit: Vec::new(),
-            logs_dir: &logs_dir,
+            logs_dir: &self.logs_dir,
         };
+        let mut wrote = false;
         let mut done = Vec::with_capacity(batch.len());
         for job in batch {
             let events_before = tx.events.len();
             let deletes_before = tx.delete_after_commit.len();
+            let changes_before = conn.total_changes();
             let savepoint = conn.execute_batch("SAVEPOINT job");
             let failed = (job.work)(&mut tx);
+            let clean = !wrote;
             if failed && savepoint.is_ok() {
                 // Undo whatever the failing change wrote, keeping the rest of the batch.
                 let _ = conn.execute_batch("ROLLBACK TO job");
                 tx.events.truncate(events_before);
                 tx.delete_after_commit.truncate(deletes_before);
+            } else {
+                wrote |= conn.total_changes() != changes_before;
             }
             let _ = conn.execute_batch("RELEASE job");
-            done.push(job.done);
+            done.push((job.done, clean && !wrote));
         }
         let commit = conn.execute_batch("COMMIT");
         // One line per commit (one fsync) at debug level: `RUST_LOG=taskd::store=debug`
@@ -1041,25 +1169,46 @@ fn db_thread(
             let _ = conn.execute_batch("ROLLBACK");
         }
         let Tx { events: evs, delete_after_commit, .. } = tx;
-        for d in done {
-            d(err.as_deref());
+        for (d, read_only) in done {
+            d(if read_only { None } else { err.as_deref() });
         }
         if err.is_none() {
             for e in evs {
-                let _ = events.send(e);
+                let _ = self.events.send(e);
             }
             for p in delete_after_commit {
                 let _ = std::fs::remove_file(&p);
             }
-            since_prune += 1;
-            if since_prune >= 1024 {
-                since_prune = 0;
-                let _ = conn.execute(
-                    "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?1",
-                    params![EVENTS_KEPT],
-                );
-            }
         }
+        Committed { error: err, wrote }
+    }
+
+    /// Tries again to record the ends of runs that could not be recorded.
+    fn record_unrecorded(&self) -> Committed {
+        let ends = std::mem::take(&mut *lock(&self.unrecorded));
+        let back = Arc::new(Mutex::new(Vec::new()));
+        let jobs = ends
+            .into_iter()
+            .map(|(rec, keep)| {
+                let (again, back) = (rec.clone(), back.clone());
+                Job::new(
+                    move |t| write_end(t, &rec, keep),
+                    move |r: Result<()>| {
+                        if r.is_err() {
+                            lock(&back).push((again, keep));
+                        }
+                    },
+                    true,
+                )
+            })
+            .collect();
+        let c = self.commit(jobs);
+        let back = std::mem::take(&mut *lock(&back));
+        if back.is_empty() {
+            tracing::info!("store: the ends of runs that were not recorded now are");
+        }
+        lock(&self.unrecorded).extend(back);
+        c
     }
 }
 

@@ -399,7 +399,14 @@ impl Loop {
                     .store
                     .set_flags(&self.cfg.name, self.paused, self.stopped, "unit.stopped")
                     .await
-                    .map(|_| n + q);
+                    .map(|_| n + q)
+                    .map_err(|e| {
+                        Error::NotRecorded(format!(
+                            "{} run(s) stopped, but the stop was not recorded ({e}): a daemon \
+                             restart would start the unit again",
+                            n + q
+                        ))
+                    });
                 self.answer(reply, r);
             }
             Control::Pause { paused, reply } if paused == self.paused => {
@@ -520,12 +527,7 @@ impl Loop {
             }
         }
         self.pending = None;
-        self.start_run(trigger, 1).await.ok_or_else(|| {
-            Error::Conflict(format!(
-                "unit {:?} could not start a run; see its last run",
-                self.cfg.name
-            ))
-        })
+        self.try_start_run(trigger, 1, None).await
     }
 
     /// Queues a run behind the active one; `scheduled` is the fire time it is for, if any.
@@ -576,7 +578,8 @@ impl Loop {
                 }
             }
         }
-        self.start_run_for(Trigger::Schedule, 1, Some(fired_at)).await;
+        // One that cannot be recorded is logged; the next fire tries again.
+        let _ = self.try_start_run(Trigger::Schedule, 1, Some(fired_at)).await;
     }
 
     /// Signals every active run to stop with `reason`; returns how many.
@@ -621,36 +624,33 @@ impl Loop {
         self.cfg.keep_runs.unwrap_or(self.env.keep_runs)
     }
 
-    /// Starts a run now; `None` if it could not even be recorded.
+    /// Starts a run now; `None` if it could not even be recorded (the error is logged).
     async fn start_run(&mut self, trigger: Trigger, attempt: u32) -> Option<RunRecord> {
-        self.start_run_for(trigger, attempt, None).await
+        self.try_start_run(trigger, attempt, None).await.ok()
     }
 
-    /// Starts a run now for the fire time `scheduled`, if a schedule started it.
-    async fn start_run_for(
+    /// Starts a run now, for the fire time `scheduled` if a schedule started it, or says why
+    /// it could not be recorded.
+    async fn try_start_run(
         &mut self,
         trigger: Trigger,
         attempt: u32,
         scheduled: Option<Timestamp>,
-    ) -> Option<RunRecord> {
+    ) -> Result<RunRecord> {
         if self.shared.token.is_cancelled() {
             // Shutting down: a fire or retry that raced the cancellation starts nothing.
-            return None;
+            return Err(Error::ShuttingDown);
         }
-        let rec = match self
+        let rec = self
             .env
             .store
             .create_run(&self.cfg.name, RunState::Running, trigger, attempt, scheduled)
             .await
-        {
-            Ok(r) => r,
-            Err(e) => {
+            .inspect_err(|e| {
                 tracing::error!(unit = %self.cfg.name, error = %e, "cannot record a new run");
-                return None;
-            }
-        };
+            })?;
         self.launch(rec.clone());
-        Some(rec)
+        Ok(rec)
     }
 
     fn launch(&mut self, rec: RunRecord) {

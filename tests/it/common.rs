@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,11 @@ pub fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
 /// A daemon under test.
 pub struct TestDaemon {
     /// The state directory (kept across restarts).
-    pub dir: tempfile::TempDir,
+    state: PathBuf,
+    /// The daemon's own log (its standard error).
+    log: PathBuf,
+    /// Removes the state directory at the end, when the harness made it.
+    _temp: Option<tempfile::TempDir>,
     /// `host:port` it listens on.
     pub addr: String,
     /// The token (empty with `--auth none`).
@@ -47,8 +51,26 @@ impl TestDaemon {
     /// Starts a daemon with extra flags.
     pub fn start_with(extra: &[&str]) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
+        let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
+        Self::start_full(state, log, Some(dir), extra)
+    }
+
+    /// Starts a daemon on the state directory `state` (which the caller cleans up), writing
+    /// its own log to `log`.
+    pub fn start_at(state: &Path, log: &Path) -> TestDaemon {
+        Self::start_full(state.to_path_buf(), log.to_path_buf(), None, &[])
+    }
+
+    fn start_full(
+        state: PathBuf,
+        log: PathBuf,
+        temp: Option<tempfile::TempDir>,
+        extra: &[&str],
+    ) -> TestDaemon {
         let mut d = TestDaemon {
-            dir,
+            state,
+            log,
+            _temp: temp,
             addr: String::new(),
             token: String::new(),
             child: None,
@@ -60,20 +82,20 @@ impl TestDaemon {
 
     /// The state directory.
     pub fn state_dir(&self) -> &Path {
-        self.dir.path()
+        &self.state
     }
 
     fn spawn(&mut self) {
-        let addr_file = self.dir.path().join("address");
+        let addr_file = self.state.join("address");
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("daemon.log"))
+            .open(&self.log)
             .expect("daemon log");
         let child = Command::new(env!("CARGO_BIN_EXE_taskd"))
             .args(["--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(self.dir.path())
+            .arg(&self.state)
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -82,7 +104,7 @@ impl TestDaemon {
             .spawn()
             .expect("spawn taskd");
         self.child = Some(child);
-        let dir = self.dir.path().to_path_buf();
+        let dir = self.state.clone();
         self.addr = wait_for("the daemon to listen", || {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(st)) = c.try_wait()
@@ -97,7 +119,7 @@ impl TestDaemon {
 
     /// The daemon's own log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The daemon's pid.
@@ -147,7 +169,7 @@ impl TestDaemon {
     /// Runs `taskctl` with `input` on its standard input.
     pub fn taskctl_stdin(&self, args: &[&str], input: Option<&str>) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskctl"));
-        cmd.arg("--state-dir").arg(self.dir.path()).args(args);
+        cmd.arg("--state-dir").arg(&self.state).args(args);
         cmd.env_remove("TASKD_ADDR").env_remove("TASKD_TOKEN").env("NO_COLOR", "1");
         cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());

@@ -3,5 +3,7 @@
 mod cli;
 mod common;
 mod engine;
+mod faults;
 mod go;
+mod load;
 mod rpc;
