@@ -248,6 +248,17 @@ async fn raw_tcp_framing() {
     assert!(r["error"]["message"].as_str().expect("message").contains("1024"), "{r}");
     assert_eq!(c.call(echo(6, json!("still here"))).await["result"], "still here");
 
+    // Oversized and pretty-printed, longer than one read, with a request after it on its last
+    // line: one LIMIT_EXCEEDED, and the lines inside the value are not taken for requests.
+    let lines = vec![format!("\"{}\"", "y".repeat(100)); 400].join(",\n");
+    let big = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":8,\"method\":\"Test.Echo\",\"params\":[[\n{lines}\n]]}} {}\n",
+        echo(9, json!("after big"))
+    );
+    c.send(big.as_bytes()).await;
+    assert_eq!(c.json().await["error"]["code"], codes::LIMIT_EXCEEDED);
+    assert_eq!(c.json().await, json!({"jsonrpc":"2.0","id":9,"result":"after big"}));
+
     // Half-close: the reply to a request sent just before EOF still arrives.
     c.send(b"{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"Test.Slow\",\"params\":[100]}").await;
     c.wr.shutdown().await.expect("half-close");

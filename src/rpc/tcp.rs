@@ -155,14 +155,14 @@ impl RpcServiceT for TcpRpcService {
     }
 }
 
-/// What the framer found in the input.
+/// What a [`Framer`] found in the input.
 #[derive(Debug, PartialEq, Eq)]
-enum Frame {
-    /// One complete top-level JSON value (not yet validated).
+pub enum Frame {
+    /// One complete top-level JSON value, checked to be valid JSON (UTF-8, any JSON type).
     Value(Vec<u8>),
-    /// A value over the size limit (already discarded).
+    /// A value longer than the limit. Its bytes are dropped as they arrive, up to its end.
     TooLarge,
-    /// Input that cannot start or finish a JSON value (already being discarded to `\n`).
+    /// Input that is not JSON. The framer drops input up to and including the next `\n`.
     Syntax,
 }
 
@@ -173,13 +173,18 @@ enum Kind {
     Scalar,
 }
 
-/// Splits a byte stream into top-level JSON values.
+/// Splits a byte stream into top-level JSON values, the framing of the raw-TCP transport.
 ///
 /// It scans each byte once, tracking nesting and strings, instead of re-running a JSON parser
 /// over the whole buffer after every read: a request arriving one byte at a time would
 /// otherwise cost time quadratic in its size. serde_json then validates each complete value.
+///
+/// The frames produced depend only on the bytes, never on how they were split into
+/// [`push`](Framer::push)es, and after [`next_frame`](Framer::next_frame) returns `None` at
+/// most the size limit stays buffered: a value over the limit is reported as soon as it
+/// passes the limit and then skipped without being kept.
 #[derive(Debug)]
-struct Framer {
+pub struct Framer {
     buf: Vec<u8>,
     max: usize,
     kind: Option<Kind>,
@@ -187,11 +192,15 @@ struct Framer {
     depth: usize,
     in_str: bool,
     escape: bool,
+    /// Dropping input up to the next `\n`, after input that is not JSON.
     discarding: bool,
+    /// The current value is over the limit: its bytes are dropped while its end is tracked.
+    skipping: bool,
 }
 
 impl Framer {
-    fn new(max: usize) -> Self {
+    /// A framer for values of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
         Self {
             buf: Vec::new(),
             max,
@@ -201,16 +210,18 @@ impl Framer {
             in_str: false,
             escape: false,
             discarding: false,
+            skipping: false,
         }
     }
 
-    fn push(&mut self, data: &[u8]) {
+    /// Appends input read from the stream.
+    pub fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
     }
 
-    /// Drops input up to and including the next `\n`, to resynchronise after bad input.
-    fn resync(&mut self) {
-        self.discarding = true;
+    /// Bytes held, waiting for the rest of a value.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     fn reset_value(&mut self) {
@@ -219,60 +230,94 @@ impl Framer {
         self.depth = 0;
         self.in_str = false;
         self.escape = false;
+        self.skipping = false;
     }
 
-    /// The next frame, or `None` when more input is needed. With `eof`, the input is complete.
-    fn next_frame(&mut self, eof: bool) -> Option<Frame> {
-        if self.discarding {
-            match self.buf.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    self.buf.drain(..=i);
-                    self.discarding = false;
+    /// A value that is not valid JSON: report it and drop input up to the next `\n`.
+    fn syntax_error(&mut self) -> Frame {
+        self.discarding = true;
+        Frame::Syntax
+    }
+
+    /// The next frame, or `None` when more input is needed. With `eof`, the input is complete
+    /// (a number or literal may end there).
+    pub fn next_frame(&mut self, eof: bool) -> Option<Frame> {
+        loop {
+            if self.discarding {
+                match self.buf.iter().position(|&b| b == b'\n') {
+                    Some(i) => {
+                        self.buf.drain(..=i);
+                        self.discarding = false;
+                    }
+                    None => {
+                        self.buf.clear();
+                        return None;
+                    }
                 }
-                None => {
+            }
+            if self.kind.is_none() {
+                let ws = self.buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
+                self.buf.drain(..ws);
+                self.reset_value();
+                let kind = match *self.buf.first()? {
+                    b'{' | b'[' => Kind::Container,
+                    b'"' => Kind::Str,
+                    b'}' | b']' | b',' | b':' => return Some(self.syntax_error()),
+                    _ => Kind::Scalar,
+                };
+                self.kind = Some(kind);
+                // The opening quote of a string is not its end.
+                self.pos = usize::from(matches!(kind, Kind::Str));
+            }
+            match self.scan() {
+                Some(end) if self.skipping => {
+                    self.buf.drain(..end);
+                    self.reset_value();
+                }
+                Some(end) => {
+                    let value: Vec<u8> = self.buf.drain(..end).collect();
+                    self.reset_value();
+                    return Some(self.check(value));
+                }
+                None if self.skipping => {
                     self.buf.clear();
+                    self.pos = 0;
+                    if eof {
+                        self.reset_value();
+                    }
                     return None;
                 }
-            }
-        }
-        if self.kind.is_none() {
-            let ws = self.buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
-            self.buf.drain(..ws);
-            self.reset_value();
-            self.kind = Some(match *self.buf.first()? {
-                b'{' | b'[' => Kind::Container,
-                b'"' => Kind::Str,
-                b'}' | b']' | b',' | b':' => {
-                    self.resync();
-                    return Some(Frame::Syntax);
+                None if self.buf.len() > self.max => {
+                    // Keep scanning the value's structure, but not its bytes.
+                    self.buf.clear();
+                    self.pos = 0;
+                    self.skipping = true;
+                    return Some(Frame::TooLarge);
                 }
-                _ => Kind::Scalar,
-            });
+                None if eof => {
+                    let kind = self.kind;
+                    let rest = std::mem::take(&mut self.buf);
+                    self.reset_value();
+                    // A number or literal may legitimately end at end of input; anything else
+                    // unfinished is a syntax error.
+                    return Some(match kind {
+                        Some(Kind::Scalar) => self.check(rest),
+                        _ => self.syntax_error(),
+                    });
+                }
+                None => return None,
+            }
         }
-        match self.scan() {
-            Some(end) => {
-                let value: Vec<u8> = self.buf.drain(..end).collect();
-                self.reset_value();
-                Some(if end > self.max { Frame::TooLarge } else { Frame::Value(value) })
-            }
-            None if self.buf.len() > self.max => {
-                self.buf.clear();
-                self.reset_value();
-                self.resync();
-                Some(Frame::TooLarge)
-            }
-            None if eof => {
-                let kind = self.kind;
-                let rest = std::mem::take(&mut self.buf);
-                self.reset_value();
-                // A number or literal may legitimately end at end of input; anything else
-                // unfinished is a syntax error.
-                Some(match kind {
-                    Some(Kind::Scalar) => Frame::Value(rest),
-                    _ => Frame::Syntax,
-                })
-            }
-            None => None,
+    }
+
+    /// The frame for one complete value.
+    fn check(&mut self, value: Vec<u8>) -> Frame {
+        if value.len() > self.max {
+            Frame::TooLarge
+        } else if serde_json::from_slice::<&RawValue>(&value).is_err() {
+            self.syntax_error()
+        } else {
+            Frame::Value(value)
         }
     }
 
@@ -287,8 +332,6 @@ impl Framer {
                         return Some(self.pos);
                     }
                 }
-                // The opening quote of a top-level string.
-                Kind::Str if self.pos == 0 => {}
                 Kind::Str => {
                     if self.escape {
                         self.escape = false;
@@ -644,18 +687,13 @@ pub async fn serve_connection<St, L>(
             let Some(frame) = framer.next_frame(eof) else { break };
             let reply = match frame {
                 Frame::Value(value) => {
-                    if serde_json::from_slice::<&RawValue>(&value).is_err() {
-                        framer.resync();
-                        Some(error_json(Id::Null, ErrorCode::ParseError.code(), "Parse error"))
-                    } else {
-                        let (service, ctx, tx) = (service.clone(), ctx.clone(), tx.clone());
-                        calls.spawn(async move {
-                            if let Some(reply) = handle_value(&*service, &ctx, value).await {
-                                let _ = tx.send(reply).await;
-                            }
-                        });
-                        None
-                    }
+                    let (service, ctx, tx) = (service.clone(), ctx.clone(), tx.clone());
+                    calls.spawn(async move {
+                        if let Some(reply) = handle_value(&*service, &ctx, value).await {
+                            let _ = tx.send(reply).await;
+                        }
+                    });
+                    None
                 }
                 Frame::TooLarge => Some(error_json(
                     Id::Null,
@@ -777,6 +815,46 @@ mod tests {
         assert_eq!(frames(&mut f, false), vec![Frame::Syntax, value("{}")]);
         f.push(b"{\"unterminated");
         assert_eq!(frames(&mut f, true), vec![Frame::Syntax]);
+
+        // A complete value that is not JSON also drops the rest of its line.
+        let mut f = Framer::new(64);
+        f.push(b"[1,}] [2]\n[3] nul");
+        assert_eq!(frames(&mut f, false), vec![Frame::Syntax, value("[3]")]);
+        assert_eq!(frames(&mut f, true), vec![Frame::Syntax]);
+    }
+
+    /// Feeds `input` whole and one byte at a time; both must give the same frames.
+    fn frames_whole_and_bytewise(max: usize, input: &[u8]) -> Vec<Frame> {
+        let mut f = Framer::new(max);
+        f.push(input);
+        let whole = frames(&mut f, true);
+        let mut f = Framer::new(max);
+        let mut bytewise = Vec::new();
+        for b in input {
+            f.push(&[*b]);
+            bytewise.extend(frames(&mut f, false));
+            assert!(f.buffered() <= max, "{} bytes buffered", f.buffered());
+        }
+        bytewise.extend(frames(&mut f, true));
+        assert_eq!(whole, bytewise, "frames depend on how {:?} is split", input.escape_ascii());
+        whole
+    }
+
+    #[test]
+    fn framer_skips_an_oversized_value_to_its_end_however_it_arrives() {
+        // Dropping an oversized value up to the next newline instead would depend on where
+        // the input was split: that newline may lie inside the value (pretty-printed JSON),
+        // and a request may follow the value on the same line.
+        assert_eq!(
+            frames_whole_and_bytewise(8, b"[1,2,3,4,5,\n6,7] [1]\n[\"}\"]"),
+            vec![Frame::TooLarge, value("[1]"), value(r#"["}"]"#)]
+        );
+        assert_eq!(
+            frames_whole_and_bytewise(4, b"\"a\\\"bcdef\" 12345 [] 1"),
+            vec![Frame::TooLarge, Frame::TooLarge, value("[]"), value("1")]
+        );
+        // Unfinished at end of input: reported once, as too large.
+        assert_eq!(frames_whole_and_bytewise(4, b"{\"abcdef"), vec![Frame::TooLarge]);
     }
 
     #[test]
