@@ -1,6 +1,7 @@
 //! Faults from outside: a full or read-only state directory, a run's log file deleted under
-//! it, a job that daemonizes. (A missing program, a child that ignores SIGTERM and processes
-//! that leave the run's group are in `engine.rs`.)
+//! it, a job that daemonizes, a stored definition this version cannot load. (A missing
+//! program, a child that ignores SIGTERM and processes that leave the run's group are in
+//! `engine.rs`.)
 //!
 //! The disk tests mount a small tmpfs, which needs root or CAP_SYS_ADMIN: without it they
 //! fail in CI (`CI` set) and skip loudly elsewhere.
@@ -222,4 +223,28 @@ fn a_job_that_daemonizes_leaves_nothing_behind() {
     assert_eq!(r["state"], "succeeded", "{r}");
     let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
     wait_for(&format!("the daemonized pid {pid} to be gone"), || (!alive(pid)).then_some(()));
+}
+
+#[test]
+fn a_stored_unit_that_no_longer_loads_keeps_its_name_until_deleted() {
+    let mut d = TestDaemon::start();
+    d.call("TaskUnit.Add", json!({"name": "old", "command": ["true"], "every": "1h"}));
+    d.terminate();
+    // As if written by a different version: a field this one does not know.
+    let db = rusqlite::Connection::open(d.state_dir().join("taskd.db")).unwrap();
+    let def = r#"{"name": "old", "command": ["true"], "every": "1h", "from_the_future": 1}"#;
+    db.execute("UPDATE units SET definition = ?1 WHERE name = 'old'", [def]).unwrap();
+    drop(db);
+    d.restart();
+    let mut c = d.raw();
+    assert_eq!(names(&c.call("TaskUnit.List", json!({}))["result"]), Vec::<&str>::new());
+    let r = c.call("TaskUnit.Add", json!({"name": "old", "command": ["true"]}));
+    assert_eq!(r["error"]["code"], codes::UNIT_EXISTS, "{r}");
+    assert_eq!(c.call("TaskUnit.Delete", json!("old"))["result"], true);
+    let r = c.call("TaskUnit.Delete", json!("old"));
+    assert_eq!(r["error"]["code"], codes::UNIT_NOT_FOUND, "{r}");
+    d.call("TaskUnit.Add", json!({"name": "old", "command": ["true"], "every": "1h"}));
+    d.kill9();
+    d.restart();
+    assert_eq!(names(&d.call("TaskUnit.List", json!({}))), ["old"]);
 }
