@@ -26,6 +26,9 @@ use crate::unit::ValidateCtx;
 /// `taskctl` finds a daemon started with `--listen 127.0.0.1:0`.
 pub const ADDRESS_FILE: &str = "address";
 
+/// How long a locked state directory is waited for before giving up.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Holds the state directory for this daemon: a second daemon on the same directory fails.
 struct StateLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -42,14 +45,23 @@ fn lock_state_dir(cfg: &Config) -> anyhow::Result<StateLock> {
         .write(true)
         .open(&path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let lock =
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
-            anyhow::anyhow!(
+    // A daemon killed while starting a child leaves that child holding the lock until it
+    // execs, a moment later: wait that moment out before calling the directory taken.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut f = f;
+    loop {
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(StateLock { _lock: lock }),
+            Err((back, _)) if std::time::Instant::now() < deadline => {
+                f = back;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(_) => anyhow::bail!(
                 "another taskd is already using {}; stop it or pass a different --state-dir",
                 cfg.state_dir.display()
-            )
-        })?;
-    Ok(StateLock { _lock: lock })
+            ),
+        }
+    }
 }
 
 /// Gives the allocator's free pages back to the system.

@@ -621,3 +621,18 @@ fn cwd_and_user_must_exist_at_add() {
     assert_eq!(v["error"]["data"]["field"], "bogus", "{v}");
     assert!(d.call("TaskUnit.List", json!({})).as_array().unwrap().is_empty());
 }
+
+#[test]
+fn a_second_daemon_on_the_same_state_directory_is_refused() {
+    let d = TestDaemon::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_taskd"))
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(d.state_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another taskd is already using"), "{err}");
+    // The first one is untouched.
+    assert_eq!(d.call("Daemon.Status", json!({}))["units"]["total"], 0);
+}
