@@ -81,6 +81,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let _lock = lock_state_dir(&cfg)?;
+    exec::catch_ignored_signals();
     if let Err(e) = exec::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper; double-forked grandchildren will not be reaped");
     }

@@ -53,7 +53,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask};
+use nix::sys::signal::{
+    SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal, kill, killpg, sigaction,
+    sigprocmask,
+};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::{Gid, Pid, Uid};
 use tokio::io::AsyncReadExt;
@@ -248,7 +251,7 @@ impl Process {
         // Without a pre_exec hook std spawns with posix_spawn (vfork-like, no page-table copy
         // of the daemon), which already empties the signal mask and resets SIGPIPE; the hook is
         // only needed to switch users or to undo signals the daemon inherited as ignored.
-        if ids.is_some() || *INHERITED_IGNORED {
+        if ids.is_some() || ignores_reset_signals() {
             // SAFETY: the closure runs in the forked child before exec; `child_setup` makes only
             // async-signal-safe calls (sigaction, sigprocmask, setgroups, setgid, setuid), does
             // not allocate, and only reads `ids`, which was built before the fork.
@@ -478,18 +481,40 @@ pub fn boot_id() -> Option<String> {
 const RESET_SIGNALS: [Signal; 5] =
     [Signal::SIGTERM, Signal::SIGINT, Signal::SIGPIPE, Signal::SIGHUP, Signal::SIGQUIT];
 
-/// Whether the daemon inherited one of [`RESET_SIGNALS`] (other than SIGPIPE, which std resets
-/// itself) as ignored — under `nohup`, say. Exec keeps ignored signals ignored, so children
-/// then need [`child_setup`].
-static INHERITED_IGNORED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-    RESET_SIGNALS.iter().filter(|s| **s != Signal::SIGPIPE).any(|&sig| {
-        let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
-        // SAFETY: a null `act` only reads the current disposition into `old`.
-        let rc = unsafe { libc::sigaction(sig as libc::c_int, std::ptr::null(), old.as_mut_ptr()) };
-        // SAFETY: sigaction succeeded, so it filled `old` (which started zeroed anyway).
-        rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
-    })
-});
+/// Whether `sig` is ignored in this process.
+fn is_ignored(sig: Signal) -> bool {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a null `act` only reads the current disposition into `old`.
+    let rc = unsafe { libc::sigaction(sig as libc::c_int, std::ptr::null(), old.as_mut_ptr()) };
+    // SAFETY: sigaction succeeded, so it filled `old` (which started zeroed anyway).
+    rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
+}
+
+/// Whether one of [`RESET_SIGNALS`] (other than SIGPIPE, which std resets itself) is ignored
+/// — inherited under `nohup`, say. Exec keeps ignored signals ignored, so children then need
+/// [`child_setup`], which costs a fork of the whole daemon: [`catch_ignored_signals`] avoids it.
+fn ignores_reset_signals() -> bool {
+    RESET_SIGNALS.iter().filter(|s| **s != Signal::SIGPIPE).any(|&sig| is_ignored(sig))
+}
+
+/// Replaces each of [`RESET_SIGNALS`] that this process inherited as ignored (under `nohup`,
+/// or started with `&` from a script) with a handler that does nothing. The process goes on
+/// ignoring them, but exec resets a handled signal to its default, so children start with
+/// default signals and can be spawned with posix_spawn instead of a fork of the daemon.
+/// Called once at start, before any spawn.
+pub fn catch_ignored_signals() {
+    extern "C" fn ignore(_: libc::c_int) {}
+    for sig in RESET_SIGNALS.into_iter().filter(|s| *s != Signal::SIGPIPE) {
+        if is_ignored(sig) {
+            let act =
+                SigAction::new(SigHandler::Handler(ignore), SaFlags::SA_RESTART, SigSet::empty());
+            // SAFETY: the handler does nothing at all, so it is async-signal-safe.
+            if let Err(e) = unsafe { sigaction(sig, &act) } {
+                tracing::warn!(signal = %sig, error = %e, "cannot replace an ignored signal");
+            }
+        }
+    }
+}
 
 /// Credentials to switch to in the child, resolved before fork.
 struct Ids {

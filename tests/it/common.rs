@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -40,6 +41,8 @@ pub struct TestDaemon {
     pub token: String,
     child: Option<Child>,
     extra: Vec<String>,
+    /// Start the daemon with SIGHUP, SIGINT and SIGQUIT ignored, as `nohup` or `&` would.
+    ignoring_signals: bool,
 }
 
 impl TestDaemon {
@@ -52,13 +55,13 @@ impl TestDaemon {
     pub fn start_with(extra: &[&str]) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
-        Self::start_full(state, log, Some(dir), extra)
+        Self::start_full(state, log, Some(dir), extra, false)
     }
 
     /// Starts a daemon on the state directory `state` (which the caller cleans up), writing
     /// its own log to `log`.
     pub fn start_at(state: &Path, log: &Path) -> TestDaemon {
-        Self::start_full(state.to_path_buf(), log.to_path_buf(), None, &[])
+        Self::start_full(state.to_path_buf(), log.to_path_buf(), None, &[], false)
     }
 
     fn start_full(
@@ -66,6 +69,7 @@ impl TestDaemon {
         log: PathBuf,
         temp: Option<tempfile::TempDir>,
         extra: &[&str],
+        ignoring_signals: bool,
     ) -> TestDaemon {
         let mut d = TestDaemon {
             state,
@@ -75,9 +79,17 @@ impl TestDaemon {
             token: String::new(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            ignoring_signals,
         };
         d.spawn();
         d
+    }
+
+    /// Starts a daemon that inherits SIGHUP, SIGINT and SIGQUIT as ignored.
+    pub fn start_ignoring_signals() -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
+        Self::start_full(state, log, Some(dir), &[], true)
     }
 
     /// The state directory.
@@ -93,16 +105,27 @@ impl TestDaemon {
             .append(true)
             .open(&self.log)
             .expect("daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_taskd"))
-            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskd"));
+        cmd.args(["--listen", "127.0.0.1:0", "--state-dir"])
             .arg(&self.state)
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn taskd");
+            .stderr(log);
+        if self.ignoring_signals {
+            // SAFETY: runs in the child before exec and only calls signal(2), which is
+            // async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    for sig in [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
+                        libc::signal(sig, libc::SIG_IGN);
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn taskd");
         self.child = Some(child);
         let dir = self.state.clone();
         self.addr = wait_for("the daemon to listen", || {

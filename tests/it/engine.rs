@@ -636,3 +636,28 @@ fn a_second_daemon_on_the_same_state_directory_is_refused() {
     // The first one is untouched.
     assert_eq!(d.call("Daemon.Status", json!({}))["units"]["total"], 0);
 }
+
+#[test]
+fn a_daemon_started_with_signals_ignored_still_ignores_them_but_its_children_do_not() {
+    let d = TestDaemon::start_ignoring_signals();
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "sig", "command": ["grep", "SigIgn", "/proc/self/status"]}),
+    );
+    let run = d.wait_run_end(run_id(&info));
+    assert_eq!(run["state"], "succeeded");
+    let logs = d.call("Run.Logs", json!({"id": run["id"]}));
+    let mask = logs["data"].as_str().unwrap().trim().trim_start_matches("SigIgn:").trim();
+    let mask = u64::from_str_radix(mask, 16).unwrap();
+    // Bit n-1 is signal n: HUP 1, INT 2, QUIT 3, PIPE 13, TERM 15.
+    let reset = [1, 2, 3, 13, 15].iter().fold(0u64, |m, s| m | 1 << (s - 1));
+    assert_eq!(mask & reset, 0, "the child starts with these signals at their default: {logs}");
+    // As under nohup: a hangup does not stop the daemon.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    assert_eq!(d.call("TaskUnit.Get", json!("sig"))["name"], "sig");
+    assert!(alive(d.pid() as i32));
+}
