@@ -3,13 +3,13 @@
 //! work to each unit's loop; it never holds the map's lock across an `.await` (it clones the
 //! handle out).
 
-use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
+use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use dashmap::DashMap;
 use jiff::Timestamp;
 use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
 use serde_json::Value;
@@ -61,6 +61,7 @@ pub struct RegistryConfig {
     pub max_units: usize,
 }
 
+#[derive(Clone)]
 enum Slot {
     /// The name is taken by an `Add` that is still being recorded.
     Reserved,
@@ -70,10 +71,72 @@ enum Slot {
     Live(UnitHandle),
 }
 
+/// The units by name: a `DashMap` for the lookups every call makes, concurrently, and a
+/// sorted set of the names beside it, so that a page of `list` starts where the previous one
+/// ended without looking at the units before it.
+///
+/// Changes take the set's write lock first and change the map under it, so the two always
+/// agree for anyone holding the set's lock; `list` holds its read lock, then reads the map. The
+/// lock order (set, then a map shard) is the same everywhere.
+#[derive(Default)]
+struct Units {
+    map: DashMap<String, Slot>,
+    names: RwLock<BTreeSet<String>>,
+}
+
+impl Units {
+    fn names(&self) -> RwLockReadGuard<'_, BTreeSet<String>> {
+        self.names.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn names_mut(&self) -> RwLockWriteGuard<'_, BTreeSet<String>> {
+        self.names.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(&self, name: &str) -> Option<Slot> {
+        self.map.get(name).map(|s| s.value().clone())
+    }
+
+    fn insert(&self, name: String, slot: Slot) {
+        let mut names = self.names_mut();
+        if self.map.insert(name.clone(), slot).is_none() {
+            names.insert(name);
+        }
+    }
+
+    /// Takes `name` for an `Add` in progress, if it is free and there is room.
+    fn reserve(&self, name: &str, max: usize) -> Result<()> {
+        let mut names = self.names_mut();
+        if names.len() >= max {
+            return Err(Error::Limit(format!(
+                "at most {max} units (max_units); delete some first"
+            )));
+        }
+        match self.map.entry(name.to_string()) {
+            dashmap::Entry::Occupied(_) => return Err(Error::UnitExists(name.to_string())),
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Slot::Reserved);
+            }
+        }
+        names.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Removes `name`, or only if its slot is `which`.
+    fn remove_if(&self, name: &str, which: impl FnOnce(&Slot) -> bool) {
+        let mut names = self.names_mut();
+        if self.map.remove_if(name, |_, s| which(s)).is_some() {
+            names.remove(name);
+        }
+    }
+
+    fn remove(&self, name: &str) {
+        self.remove_if(name, |_| true);
+    }
+}
+
 struct Shared {
-    /// Sorted by name, so a page of `list` starts where the previous one ended without
-    /// looking at the units before it.
-    units: RwLock<BTreeMap<String, Slot>>,
+    units: Units,
     store: Store,
     env: Arc<RunnerEnv>,
     cfg: RegistryConfig,
@@ -208,7 +271,7 @@ impl Registry {
             ),
         });
         let reg = Registry(Arc::new(Shared {
-            units: RwLock::new(BTreeMap::new()),
+            units: Units::default(),
             store: store.clone(),
             env,
             cfg,
@@ -247,7 +310,7 @@ impl Registry {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(unit = %u.name, error = %e, "stored definition no longer parses; skipped");
-                self.write().insert(u.name, Slot::Unloadable);
+                self.0.units.insert(u.name, Slot::Unloadable);
                 return;
             }
         };
@@ -255,7 +318,7 @@ impl Registry {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(unit = %u.name, error = %e, "stored definition no longer validates; skipped");
-                self.write().insert(u.name, Slot::Unloadable);
+                self.0.units.insert(u.name, Slot::Unloadable);
                 return;
             }
         };
@@ -273,15 +336,7 @@ impl Registry {
             quiet: false,
         };
         let h = self.spawn_loop(config, init);
-        self.write().insert(u.name, Slot::Live(h));
-    }
-
-    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<String, Slot>> {
-        self.0.units.read().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<String, Slot>> {
-        self.0.units.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0.units.insert(u.name, Slot::Live(h));
     }
 
     fn spawn_loop(&self, config: Arc<UnitConfig>, init: InitialState) -> UnitHandle {
@@ -295,8 +350,8 @@ impl Registry {
 
     /// The handle of a unit.
     pub fn handle(&self, name: &str) -> Result<UnitHandle> {
-        match self.read().get(name) {
-            Some(Slot::Live(h)) => Ok(h.clone()),
+        match self.0.units.get(name) {
+            Some(Slot::Live(h)) => Ok(h),
             _ => Err(Error::UnitNotFound(name.to_string())),
         }
     }
@@ -319,15 +374,15 @@ impl Registry {
         };
         let limit = if f.limit == 0 { usize::MAX } else { f.limit };
         let mut out = Vec::new();
-        let units = self.read();
-        for (name, slot) in units.range::<str, _>((start, Bound::Unbounded)) {
+        let names = self.0.units.names();
+        for name in names.range::<str, _>((start, Bound::Unbounded)) {
             if !name.starts_with(prefix) {
                 break;
             }
-            let Slot::Live(h) = slot else { continue };
             if !glob_match_bytes(glob.as_bytes(), name) {
                 continue;
             }
+            let Some(Slot::Live(h)) = self.0.units.get(name) else { continue };
             let status = match f.state {
                 None => Some(h.status()),
                 Some(st) => h.status_if(|s| s.state == st),
@@ -344,12 +399,12 @@ impl Registry {
 
     /// How many units exist.
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.0.units.map.len()
     }
 
     /// Whether there are no units.
     pub fn is_empty(&self) -> bool {
-        self.read().is_empty()
+        self.0.units.map.is_empty()
     }
 
     /// Checks what validation cannot know without looking at this machine: that `cwd` is a
@@ -399,21 +454,7 @@ impl Registry {
             return Err(Error::ShuttingDown);
         }
         let name = config.name.clone();
-        {
-            let mut units = self.write();
-            if units.len() >= self.0.cfg.max_units {
-                return Err(Error::Limit(format!(
-                    "at most {} units (max_units); delete some first",
-                    self.0.cfg.max_units
-                )));
-            }
-            match units.entry(name.clone()) {
-                Entry::Occupied(_) => return Err(Error::UnitExists(name)),
-                Entry::Vacant(v) => {
-                    v.insert(Slot::Reserved);
-                }
-            }
-        }
+        self.0.units.reserve(&name, self.0.cfg.max_units)?;
         let now = Timestamp::now();
         let stored = StoredUnit {
             name: name.clone(),
@@ -428,7 +469,7 @@ impl Registry {
             failures_total: 0,
         };
         if let Err(e) = self.0.store.insert_unit(stored).await {
-            self.write().remove(&name);
+            self.0.units.remove(&name);
             return Err(e);
         }
         let init = InitialState {
@@ -446,7 +487,7 @@ impl Registry {
         };
         let (h, ready) =
             runner::spawn(self.0.env.clone(), config, init, &self.0.root, &self.0.tracker);
-        self.write().insert(name.clone(), Slot::Live(h.clone()));
+        self.0.units.insert(name.clone(), Slot::Live(h.clone()));
         // Answer with the run `add` started, if any.
         let _ = ready.await;
         Ok(UnitSnapshot { config: h.config(), status: h.status() })
@@ -559,8 +600,8 @@ impl Registry {
     }
 
     async fn delete_now(&self, name: &str, keep_history: bool) -> Result<()> {
-        let h = match self.read().get(name) {
-            Some(Slot::Live(h)) => Some(h.clone()),
+        let h = match self.0.units.get(name) {
+            Some(Slot::Live(h)) => Some(h),
             Some(Slot::Unloadable) => None,
             // An `Add` still being recorded is not there yet: its row may already be committed,
             // and deleting that would leave a unit running that a restart forgets.
@@ -570,10 +611,7 @@ impl Registry {
             // Stored, but its definition no longer loads: delete the record all the same.
             let r = self.0.store.delete_unit(name, keep_history).await;
             if matches!(r, Ok(()) | Err(Error::UnitNotFound(_))) {
-                let mut units = self.write();
-                if matches!(units.get(name), Some(Slot::Unloadable)) {
-                    units.remove(name);
-                }
+                self.0.units.remove_if(name, |s| matches!(s, Slot::Unloadable));
             }
             return r;
         };
@@ -586,7 +624,7 @@ impl Registry {
         let r = self.0.store.delete_unit(name, keep_history).await;
         match r {
             Ok(()) | Err(Error::UnitNotFound(_)) => {
-                self.write().remove(name);
+                self.0.units.remove(name);
                 Ok(())
             }
             Err(e) => {
@@ -606,7 +644,7 @@ impl Registry {
                     quiet: true,
                 };
                 let h2 = self.spawn_loop(h.config(), init);
-                self.write().insert(name.to_string(), Slot::Live(h2));
+                self.0.units.insert(name.to_string(), Slot::Live(h2));
                 Err(Error::NotRecorded(format!(
                     "unit {name:?} was not deleted ({e}); its runs were stopped"
                 )))
@@ -666,8 +704,8 @@ impl Registry {
     /// Counts of units per state.
     pub fn unit_counts(&self) -> Vec<(UnitState, usize)> {
         let mut counts = std::collections::HashMap::new();
-        for slot in self.read().values() {
-            if let Slot::Live(h) = slot {
+        for slot in self.0.units.map.iter() {
+            if let Slot::Live(h) = slot.value() {
                 *counts.entry(h.state()).or_insert(0usize) += 1;
             }
         }
