@@ -703,13 +703,16 @@ impl Registry {
 
     /// Counts of units per state.
     pub fn unit_counts(&self) -> Vec<(UnitState, usize)> {
-        let mut counts = std::collections::HashMap::new();
+        let mut counts = [0usize; UnitState::ALL.len()];
         for slot in self.0.units.map.iter() {
             if let Slot::Live(h) = slot.value() {
-                *counts.entry(h.state()).or_insert(0usize) += 1;
+                let st = h.state();
+                if let Some(i) = UnitState::ALL.iter().position(|s| *s == st) {
+                    counts[i] += 1;
+                }
             }
         }
-        UnitState::ALL.iter().map(|s| (*s, counts.get(s).copied().unwrap_or(0))).collect()
+        UnitState::ALL.into_iter().zip(counts).collect()
     }
 }
 
