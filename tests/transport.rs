@@ -248,6 +248,23 @@ async fn raw_tcp_framing() {
     assert!(r["error"]["message"].as_str().expect("message").contains("1024"), "{r}");
     assert_eq!(c.call(echo(6, json!("still here"))).await["result"], "still here");
 
+    // Oversized, with a request after it on the same line and another on the next line: input
+    // is dropped from the limit to the end of the line, however reads split it, so only the
+    // next line is served.
+    let big = format!(
+        "{} {}\n{}\n",
+        echo(8, json!("y".repeat(3000))),
+        echo(9, json!("same line")),
+        echo(10, json!("next line"))
+    );
+    c.send(big.as_bytes()).await;
+    let mut replies = vec![c.json().await, c.json().await];
+    replies.push(c.call(echo(11, json!("after"))).await);
+    replies.sort_by_key(|r| r["id"].as_u64());
+    assert_eq!(replies[0]["error"]["code"], codes::LIMIT_EXCEEDED, "{replies:?}");
+    assert_eq!(replies[1], json!({"jsonrpc":"2.0","id":10,"result":"next line"}));
+    assert_eq!(replies[2]["id"], 11, "{replies:?}");
+
     // Half-close: the reply to a request sent just before EOF still arrives.
     c.send(b"{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"Test.Slow\",\"params\":[100]}").await;
     c.wr.shutdown().await.expect("half-close");

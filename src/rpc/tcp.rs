@@ -155,14 +155,15 @@ impl RpcServiceT for TcpRpcService {
     }
 }
 
-/// What the framer found in the input.
+/// What a [`Framer`] found in the input.
 #[derive(Debug, PartialEq, Eq)]
-enum Frame {
-    /// One complete top-level JSON value (not yet validated).
+pub enum Frame {
+    /// One complete top-level JSON value, checked to be valid JSON (UTF-8, any JSON type).
     Value(Vec<u8>),
-    /// A value over the size limit (already discarded).
+    /// A value longer than the limit. The framer drops input from it up to the first `\n`
+    /// after the limit.
     TooLarge,
-    /// Input that cannot start or finish a JSON value (already being discarded to `\n`).
+    /// Input that is not JSON. The framer drops input up to and including the next `\n`.
     Syntax,
 }
 
@@ -173,13 +174,19 @@ enum Kind {
     Scalar,
 }
 
-/// Splits a byte stream into top-level JSON values.
+/// Splits a byte stream into top-level JSON values, the framing of the raw-TCP transport.
 ///
 /// It scans each byte once, tracking nesting and strings, instead of re-running a JSON parser
 /// over the whole buffer after every read: a request arriving one byte at a time would
 /// otherwise cost time quadratic in its size. serde_json then validates each complete value.
+///
+/// The frames produced depend only on the bytes, never on how they were split into
+/// [`push`](Framer::push)es, and after [`next_frame`](Framer::next_frame) returns `None` at
+/// most the size limit stays buffered: a value over the limit is reported as soon as it
+/// passes the limit, and input is dropped from there to the next newline, so a client that
+/// sends one value per line (as every known client does) resumes with its next line.
 #[derive(Debug)]
-struct Framer {
+pub struct Framer {
     buf: Vec<u8>,
     max: usize,
     kind: Option<Kind>,
@@ -187,11 +194,13 @@ struct Framer {
     depth: usize,
     in_str: bool,
     escape: bool,
+    /// Dropping input up to the next `\n`, after input that is not JSON or is too large.
     discarding: bool,
 }
 
 impl Framer {
-    fn new(max: usize) -> Self {
+    /// A framer for values of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
         Self {
             buf: Vec::new(),
             max,
@@ -204,13 +213,14 @@ impl Framer {
         }
     }
 
-    fn push(&mut self, data: &[u8]) {
+    /// Appends input read from the stream.
+    pub fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
     }
 
-    /// Drops input up to and including the next `\n`, to resynchronise after bad input.
-    fn resync(&mut self) {
-        self.discarding = true;
+    /// Bytes held, waiting for the rest of a value.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     fn reset_value(&mut self) {
@@ -221,8 +231,15 @@ impl Framer {
         self.escape = false;
     }
 
-    /// The next frame, or `None` when more input is needed. With `eof`, the input is complete.
-    fn next_frame(&mut self, eof: bool) -> Option<Frame> {
+    /// A value that is not valid JSON: report it and drop input up to the next `\n`.
+    fn syntax_error(&mut self) -> Frame {
+        self.discarding = true;
+        Frame::Syntax
+    }
+
+    /// The next frame, or `None` when more input is needed. With `eof`, the input is complete
+    /// (a number or literal may end there).
+    pub fn next_frame(&mut self, eof: bool) -> Option<Frame> {
         if self.discarding {
             match self.buf.iter().position(|&b| b == b'\n') {
                 Some(i) => {
@@ -239,28 +256,24 @@ impl Framer {
             let ws = self.buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
             self.buf.drain(..ws);
             self.reset_value();
-            self.kind = Some(match *self.buf.first()? {
+            let kind = match *self.buf.first()? {
                 b'{' | b'[' => Kind::Container,
                 b'"' => Kind::Str,
-                b'}' | b']' | b',' | b':' => {
-                    self.resync();
-                    return Some(Frame::Syntax);
-                }
+                b'}' | b']' | b',' | b':' => return Some(self.syntax_error()),
                 _ => Kind::Scalar,
-            });
+            };
+            self.kind = Some(kind);
+            // The opening quote of a string is not its end.
+            self.pos = usize::from(matches!(kind, Kind::Str));
         }
         match self.scan() {
+            Some(end) if end > self.max => Some(self.too_large()),
             Some(end) => {
                 let value: Vec<u8> = self.buf.drain(..end).collect();
                 self.reset_value();
-                Some(if end > self.max { Frame::TooLarge } else { Frame::Value(value) })
+                Some(self.check(value))
             }
-            None if self.buf.len() > self.max => {
-                self.buf.clear();
-                self.reset_value();
-                self.resync();
-                Some(Frame::TooLarge)
-            }
+            None if self.buf.len() > self.max => Some(self.too_large()),
             None if eof => {
                 let kind = self.kind;
                 let rest = std::mem::take(&mut self.buf);
@@ -268,11 +281,30 @@ impl Framer {
                 // A number or literal may legitimately end at end of input; anything else
                 // unfinished is a syntax error.
                 Some(match kind {
-                    Some(Kind::Scalar) => Frame::Value(rest),
-                    _ => Frame::Syntax,
+                    Some(Kind::Scalar) => self.check(rest),
+                    _ => self.syntax_error(),
                 })
             }
             None => None,
+        }
+    }
+
+    /// The current value is longer than the limit. Whether it was complete or not, drop its
+    /// first `max + 1` bytes (where the limit is found when it arrives in pieces), then input
+    /// up to the next `\n`: so the same bytes are dropped however the input was split.
+    fn too_large(&mut self) -> Frame {
+        self.buf.drain(..=self.max);
+        self.reset_value();
+        self.discarding = true;
+        Frame::TooLarge
+    }
+
+    /// The frame for one complete value within the limit.
+    fn check(&mut self, value: Vec<u8>) -> Frame {
+        if serde_json::from_slice::<&RawValue>(&value).is_err() {
+            self.syntax_error()
+        } else {
+            Frame::Value(value)
         }
     }
 
@@ -287,8 +319,6 @@ impl Framer {
                         return Some(self.pos);
                     }
                 }
-                // The opening quote of a top-level string.
-                Kind::Str if self.pos == 0 => {}
                 Kind::Str => {
                     if self.escape {
                         self.escape = false;
@@ -644,18 +674,13 @@ pub async fn serve_connection<St, L>(
             let Some(frame) = framer.next_frame(eof) else { break };
             let reply = match frame {
                 Frame::Value(value) => {
-                    if serde_json::from_slice::<&RawValue>(&value).is_err() {
-                        framer.resync();
-                        Some(error_json(Id::Null, ErrorCode::ParseError.code(), "Parse error"))
-                    } else {
-                        let (service, ctx, tx) = (service.clone(), ctx.clone(), tx.clone());
-                        calls.spawn(async move {
-                            if let Some(reply) = handle_value(&*service, &ctx, value).await {
-                                let _ = tx.send(reply).await;
-                            }
-                        });
-                        None
-                    }
+                    let (service, ctx, tx) = (service.clone(), ctx.clone(), tx.clone());
+                    calls.spawn(async move {
+                        if let Some(reply) = handle_value(&*service, &ctx, value).await {
+                            let _ = tx.send(reply).await;
+                        }
+                    });
+                    None
                 }
                 Frame::TooLarge => Some(error_json(
                     Id::Null,
@@ -777,6 +802,55 @@ mod tests {
         assert_eq!(frames(&mut f, false), vec![Frame::Syntax, value("{}")]);
         f.push(b"{\"unterminated");
         assert_eq!(frames(&mut f, true), vec![Frame::Syntax]);
+
+        // A complete value that is not JSON also drops the rest of its line.
+        let mut f = Framer::new(64);
+        f.push(b"[1,}] [2]\n[3] nul");
+        assert_eq!(frames(&mut f, false), vec![Frame::Syntax, value("[3]")]);
+        assert_eq!(frames(&mut f, true), vec![Frame::Syntax]);
+    }
+
+    /// Feeds `input` whole and one byte at a time; both must give the same frames.
+    fn frames_whole_and_bytewise(max: usize, input: &[u8]) -> Vec<Frame> {
+        let mut f = Framer::new(max);
+        f.push(input);
+        let whole = frames(&mut f, true);
+        let mut f = Framer::new(max);
+        let mut bytewise = Vec::new();
+        for b in input {
+            f.push(&[*b]);
+            bytewise.extend(frames(&mut f, false));
+            assert!(f.buffered() <= max, "{} bytes buffered", f.buffered());
+        }
+        bytewise.extend(frames(&mut f, true));
+        assert_eq!(whole, bytewise, "frames depend on how {:?} is split", input.escape_ascii());
+        whole
+    }
+
+    #[test]
+    fn framer_drops_the_same_bytes_of_an_oversized_value_however_it_arrives() {
+        // From the byte past the limit to the next newline, whether the value was complete
+        // when the limit was found or not (a request after it on the same line used to be
+        // served or dropped depending on where reads split the stream).
+        assert_eq!(
+            frames_whole_and_bytewise(8, b"[1,2,3,4,5,6] [1]\n[2]\n\"abcdefghij\"\n[3]"),
+            vec![Frame::TooLarge, value("[2]"), Frame::TooLarge, value("[3]")]
+        );
+        // A newline inside the value before the limit does not end the dropping.
+        assert_eq!(
+            frames_whole_and_bytewise(8, b"[1,\n2,3,4,5,6]\n[7]"),
+            vec![Frame::TooLarge, value("[7]")]
+        );
+        assert_eq!(
+            frames_whole_and_bytewise(4, b"12345 [1]\n1"),
+            vec![Frame::TooLarge, value("1")]
+        );
+        assert_eq!(
+            frames_whole_and_bytewise(3, b"[1]\n[22]\n[3]"),
+            vec![value("[1]"), Frame::TooLarge, value("[3]")]
+        );
+        // Unfinished at end of input: reported once, as too large.
+        assert_eq!(frames_whole_and_bytewise(4, b"{\"abcdef"), vec![Frame::TooLarge]);
     }
 
     #[test]
