@@ -50,6 +50,14 @@ impl Schedule {
             if n != 5 && n != 6 {
                 return Err(("cron", format!("expected 5 or 6 fields, got {n}")));
             }
+            // croner skips empty list items, so a field of only commas matches nothing, and
+            // proving that such an expression never fires takes croner many seconds.
+            if let Some(name) = empty_list_item(trimmed) {
+                return Err((
+                    "cron",
+                    format!("{expr:?}: {name}: a list has an empty item (write e.g. \"1,15\")"),
+                ));
+            }
         }
         let parser =
             CronParser::builder().seconds(Seconds::Optional).year(Year::Disallowed).build();
@@ -95,11 +103,10 @@ impl Schedule {
     }
 }
 
-/// Names the first field holding a number outside its range (`minute: 61 is out of range
-/// 0-59`), to explain a parse error better than the parser does.
-fn out_of_range(expr: &str) -> Option<String> {
-    let fields: Vec<&str> = expr.split_whitespace().collect();
-    let names: &[(&str, u32, u32)] = &[
+/// The fields of a cron expression with their names and ranges; a 5-field expression has no
+/// seconds.
+fn named_fields(expr: &str) -> impl Iterator<Item = (&str, &'static (&'static str, u32, u32))> {
+    const NAMES: &[(&str, u32, u32)] = &[
         ("second", 0, 59),
         ("minute", 0, 59),
         ("hour", 0, 23),
@@ -107,8 +114,22 @@ fn out_of_range(expr: &str) -> Option<String> {
         ("month", 1, 12),
         ("day of week", 0, 7),
     ];
-    let names = if fields.len() == 6 { names } else { &names[1..] };
-    for (field, (name, lo, hi)) in fields.iter().zip(names) {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let names = if fields.len() == 6 { NAMES } else { &NAMES[1..] };
+    fields.into_iter().zip(names)
+}
+
+/// Names the first field with an empty list item (`,5`, `1,,2`, `,`).
+fn empty_list_item(expr: &str) -> Option<&'static str> {
+    named_fields(expr)
+        .find(|(field, _)| field.split(',').any(|item| item.is_empty()))
+        .map(|(_, (name, ..))| *name)
+}
+
+/// Names the first field holding a number outside its range (`minute: 61 is out of range
+/// 0-59`), to explain a parse error better than the parser does.
+fn out_of_range(expr: &str) -> Option<String> {
+    for (field, (name, lo, hi)) in named_fields(expr) {
         // Numbers in lists, ranges and steps: `1,5`, `10-20`, `*/15` (a step is not a value).
         for part in field.split(',') {
             let values = part.split('/').next().unwrap_or("");
@@ -165,6 +186,20 @@ mod tests {
         assert!(why.ends_with("hour: 25 is out of range 0-23"), "{why}");
         assert_eq!(Schedule::cron("* * * * *", Some("Nowhere/Land")).unwrap_err().0, "tz");
         assert_eq!(Schedule::cron("0 0 30 2 *", None).unwrap_err().0, "cron");
+    }
+
+    #[test]
+    fn cron_refuses_empty_list_items() {
+        // A seconds field of only a comma matches no second; croner would search a year of
+        // seconds, for many seconds of CPU, before finding that it never fires.
+        let (field, why) = Schedule::cron(", 30 2 * * *", Some("UTC")).unwrap_err();
+        assert_eq!(field, "cron");
+        assert!(why.ends_with("second: a list has an empty item (write e.g. \"1,15\")"), "{why}");
+        let why = Schedule::cron("0 1,,2 * * *", None).unwrap_err().1;
+        assert!(why.contains("hour: a list has an empty item"), "{why}");
+        let why = Schedule::cron("0 0 * * 1,", None).unwrap_err().1;
+        assert!(why.contains("day of week: a list has an empty item"), "{why}");
+        assert!(Schedule::cron("0,30 9-17 * * MON,FRI", Some("UTC")).is_ok());
     }
 
     #[test]
