@@ -248,16 +248,22 @@ async fn raw_tcp_framing() {
     assert!(r["error"]["message"].as_str().expect("message").contains("1024"), "{r}");
     assert_eq!(c.call(echo(6, json!("still here"))).await["result"], "still here");
 
-    // Oversized and pretty-printed, longer than one read, with a request after it on its last
-    // line: one LIMIT_EXCEEDED, and the lines inside the value are not taken for requests.
-    let lines = vec![format!("\"{}\"", "y".repeat(100)); 400].join(",\n");
+    // Oversized, with a request after it on the same line and another on the next line: input
+    // is dropped from the limit to the end of the line, however reads split it, so only the
+    // next line is served.
     let big = format!(
-        "{{\"jsonrpc\":\"2.0\",\"id\":8,\"method\":\"Test.Echo\",\"params\":[[\n{lines}\n]]}} {}\n",
-        echo(9, json!("after big"))
+        "{} {}\n{}\n",
+        echo(8, json!("y".repeat(3000))),
+        echo(9, json!("same line")),
+        echo(10, json!("next line"))
     );
     c.send(big.as_bytes()).await;
-    assert_eq!(c.json().await["error"]["code"], codes::LIMIT_EXCEEDED);
-    assert_eq!(c.json().await, json!({"jsonrpc":"2.0","id":9,"result":"after big"}));
+    let mut replies = vec![c.json().await, c.json().await];
+    replies.push(c.call(echo(11, json!("after"))).await);
+    replies.sort_by_key(|r| r["id"].as_u64());
+    assert_eq!(replies[0]["error"]["code"], codes::LIMIT_EXCEEDED, "{replies:?}");
+    assert_eq!(replies[1], json!({"jsonrpc":"2.0","id":10,"result":"next line"}));
+    assert_eq!(replies[2]["id"], 11, "{replies:?}");
 
     // Half-close: the reply to a request sent just before EOF still arrives.
     c.send(b"{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"Test.Slow\",\"params\":[100]}").await;

@@ -160,7 +160,8 @@ impl RpcServiceT for TcpRpcService {
 pub enum Frame {
     /// One complete top-level JSON value, checked to be valid JSON (UTF-8, any JSON type).
     Value(Vec<u8>),
-    /// A value longer than the limit. Its bytes are dropped as they arrive, up to its end.
+    /// A value longer than the limit. The framer drops input from it up to the first `\n`
+    /// after the limit.
     TooLarge,
     /// Input that is not JSON. The framer drops input up to and including the next `\n`.
     Syntax,
@@ -182,7 +183,8 @@ enum Kind {
 /// The frames produced depend only on the bytes, never on how they were split into
 /// [`push`](Framer::push)es, and after [`next_frame`](Framer::next_frame) returns `None` at
 /// most the size limit stays buffered: a value over the limit is reported as soon as it
-/// passes the limit and then skipped without being kept.
+/// passes the limit, and input is dropped from there to the next newline, so a client that
+/// sends one value per line (as every known client does) resumes with its next line.
 #[derive(Debug)]
 pub struct Framer {
     buf: Vec<u8>,
@@ -192,10 +194,8 @@ pub struct Framer {
     depth: usize,
     in_str: bool,
     escape: bool,
-    /// Dropping input up to the next `\n`, after input that is not JSON.
+    /// Dropping input up to the next `\n`, after input that is not JSON or is too large.
     discarding: bool,
-    /// The current value is over the limit: its bytes are dropped while its end is tracked.
-    skipping: bool,
 }
 
 impl Framer {
@@ -210,7 +210,6 @@ impl Framer {
             in_str: false,
             escape: false,
             discarding: false,
-            skipping: false,
         }
     }
 
@@ -230,7 +229,6 @@ impl Framer {
         self.depth = 0;
         self.in_str = false;
         self.escape = false;
-        self.skipping = false;
     }
 
     /// A value that is not valid JSON: report it and drop input up to the next `\n`.
@@ -242,79 +240,68 @@ impl Framer {
     /// The next frame, or `None` when more input is needed. With `eof`, the input is complete
     /// (a number or literal may end there).
     pub fn next_frame(&mut self, eof: bool) -> Option<Frame> {
-        loop {
-            if self.discarding {
-                match self.buf.iter().position(|&b| b == b'\n') {
-                    Some(i) => {
-                        self.buf.drain(..=i);
-                        self.discarding = false;
-                    }
-                    None => {
-                        self.buf.clear();
-                        return None;
-                    }
+        if self.discarding {
+            match self.buf.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.buf.drain(..=i);
+                    self.discarding = false;
                 }
-            }
-            if self.kind.is_none() {
-                let ws = self.buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
-                self.buf.drain(..ws);
-                self.reset_value();
-                let kind = match *self.buf.first()? {
-                    b'{' | b'[' => Kind::Container,
-                    b'"' => Kind::Str,
-                    b'}' | b']' | b',' | b':' => return Some(self.syntax_error()),
-                    _ => Kind::Scalar,
-                };
-                self.kind = Some(kind);
-                // The opening quote of a string is not its end.
-                self.pos = usize::from(matches!(kind, Kind::Str));
-            }
-            match self.scan() {
-                Some(end) if self.skipping => {
-                    self.buf.drain(..end);
-                    self.reset_value();
-                }
-                Some(end) => {
-                    let value: Vec<u8> = self.buf.drain(..end).collect();
-                    self.reset_value();
-                    return Some(self.check(value));
-                }
-                None if self.skipping => {
+                None => {
                     self.buf.clear();
-                    self.pos = 0;
-                    if eof {
-                        self.reset_value();
-                    }
                     return None;
                 }
-                None if self.buf.len() > self.max => {
-                    // Keep scanning the value's structure, but not its bytes.
-                    self.buf.clear();
-                    self.pos = 0;
-                    self.skipping = true;
-                    return Some(Frame::TooLarge);
-                }
-                None if eof => {
-                    let kind = self.kind;
-                    let rest = std::mem::take(&mut self.buf);
-                    self.reset_value();
-                    // A number or literal may legitimately end at end of input; anything else
-                    // unfinished is a syntax error.
-                    return Some(match kind {
-                        Some(Kind::Scalar) => self.check(rest),
-                        _ => self.syntax_error(),
-                    });
-                }
-                None => return None,
             }
+        }
+        if self.kind.is_none() {
+            let ws = self.buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
+            self.buf.drain(..ws);
+            self.reset_value();
+            let kind = match *self.buf.first()? {
+                b'{' | b'[' => Kind::Container,
+                b'"' => Kind::Str,
+                b'}' | b']' | b',' | b':' => return Some(self.syntax_error()),
+                _ => Kind::Scalar,
+            };
+            self.kind = Some(kind);
+            // The opening quote of a string is not its end.
+            self.pos = usize::from(matches!(kind, Kind::Str));
+        }
+        match self.scan() {
+            Some(end) if end > self.max => Some(self.too_large()),
+            Some(end) => {
+                let value: Vec<u8> = self.buf.drain(..end).collect();
+                self.reset_value();
+                Some(self.check(value))
+            }
+            None if self.buf.len() > self.max => Some(self.too_large()),
+            None if eof => {
+                let kind = self.kind;
+                let rest = std::mem::take(&mut self.buf);
+                self.reset_value();
+                // A number or literal may legitimately end at end of input; anything else
+                // unfinished is a syntax error.
+                Some(match kind {
+                    Some(Kind::Scalar) => self.check(rest),
+                    _ => self.syntax_error(),
+                })
+            }
+            None => None,
         }
     }
 
-    /// The frame for one complete value.
+    /// The current value is longer than the limit. Whether it was complete or not, drop its
+    /// first `max + 1` bytes (where the limit is found when it arrives in pieces), then input
+    /// up to the next `\n`: so the same bytes are dropped however the input was split.
+    fn too_large(&mut self) -> Frame {
+        self.buf.drain(..=self.max);
+        self.reset_value();
+        self.discarding = true;
+        Frame::TooLarge
+    }
+
+    /// The frame for one complete value within the limit.
     fn check(&mut self, value: Vec<u8>) -> Frame {
-        if value.len() > self.max {
-            Frame::TooLarge
-        } else if serde_json::from_slice::<&RawValue>(&value).is_err() {
+        if serde_json::from_slice::<&RawValue>(&value).is_err() {
             self.syntax_error()
         } else {
             Frame::Value(value)
@@ -841,17 +828,26 @@ mod tests {
     }
 
     #[test]
-    fn framer_skips_an_oversized_value_to_its_end_however_it_arrives() {
-        // Dropping an oversized value up to the next newline instead would depend on where
-        // the input was split: that newline may lie inside the value (pretty-printed JSON),
-        // and a request may follow the value on the same line.
+    fn framer_drops_the_same_bytes_of_an_oversized_value_however_it_arrives() {
+        // From the byte past the limit to the next newline, whether the value was complete
+        // when the limit was found or not (a request after it on the same line used to be
+        // served or dropped depending on where reads split the stream).
         assert_eq!(
-            frames_whole_and_bytewise(8, b"[1,2,3,4,5,\n6,7] [1]\n[\"}\"]"),
-            vec![Frame::TooLarge, value("[1]"), value(r#"["}"]"#)]
+            frames_whole_and_bytewise(8, b"[1,2,3,4,5,6] [1]\n[2]\n\"abcdefghij\"\n[3]"),
+            vec![Frame::TooLarge, value("[2]"), Frame::TooLarge, value("[3]")]
+        );
+        // A newline inside the value before the limit does not end the dropping.
+        assert_eq!(
+            frames_whole_and_bytewise(8, b"[1,\n2,3,4,5,6]\n[7]"),
+            vec![Frame::TooLarge, value("[7]")]
         );
         assert_eq!(
-            frames_whole_and_bytewise(4, b"\"a\\\"bcdef\" 12345 [] 1"),
-            vec![Frame::TooLarge, Frame::TooLarge, value("[]"), value("1")]
+            frames_whole_and_bytewise(4, b"12345 [1]\n1"),
+            vec![Frame::TooLarge, value("1")]
+        );
+        assert_eq!(
+            frames_whole_and_bytewise(3, b"[1]\n[22]\n[3]"),
+            vec![value("[1]"), Frame::TooLarge, value("[3]")]
         );
         // Unfinished at end of input: reported once, as too large.
         assert_eq!(frames_whole_and_bytewise(4, b"{\"abcdef"), vec![Frame::TooLarge]);

@@ -837,7 +837,11 @@ impl UnitConfig {
         put("paused", Value::from(self.paused));
         put("description", Value::from(self.description.clone()));
         put("hosts", Value::from(self.hosts.clone()));
-        if let Action::Tick(d) = self.action {
+        // A service takes no `every` (a tick service ticks every second), and the filled-in
+        // definition must itself be one that validates.
+        if let Action::Tick(d) = self.action
+            && !self.service
+        {
             put("every", Value::from(format_duration(d)));
         }
         if let Some(Schedule::Cron { tz, .. }) = &self.schedule {
@@ -984,6 +988,25 @@ mod tests {
         let s = check(json!({"name": "s", "command": ["x"], "service": true})).unwrap();
         assert_eq!(s.restart, Restart::OnFailure);
         assert_eq!(s.filled()["restart"], "on-failure");
+    }
+
+    #[test]
+    fn filled_definitions_validate_to_themselves() {
+        for def in [
+            json!({"name": "t"}),
+            json!({"name": "t", "every": "10s", "paused": true}),
+            // Found by fuzzing: the filled form of a tick service had an `every`, which a
+            // service refuses.
+            json!({"name": "ts", "service": true}),
+            json!({"name": "s", "script": "sleep 1", "service": true, "restart": "always"}),
+            json!({"name": "c", "command": ["x"], "cron": "0 9 * * MON-FRI", "tz": "UTC"}),
+            json!({"name": "e", "command": ["x"], "every": "90s", "log_limit": 4096}),
+        ] {
+            let filled = check(def.clone()).unwrap().filled();
+            let again = check(filled.clone())
+                .unwrap_or_else(|e| panic!("{def}: filled {filled} does not validate: {e}"));
+            assert_eq!(again.filled(), filled, "{def}");
+        }
     }
 
     #[test]
