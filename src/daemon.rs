@@ -39,7 +39,7 @@ fn lock_state_dir(cfg: &Config) -> anyhow::Result<StateLock> {
         anyhow::anyhow!("cannot create the state directory {}: {e}", cfg.state_dir.display())
     })?;
     let path = cfg.state_dir.join("taskd.lock");
-    let f = std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
@@ -48,7 +48,6 @@ fn lock_state_dir(cfg: &Config) -> anyhow::Result<StateLock> {
     // A daemon killed while starting a child leaves that child holding the lock until it
     // execs, a moment later: wait that moment out before calling the directory taken.
     let deadline = std::time::Instant::now() + LOCK_WAIT;
-    let mut f = f;
     loop {
         match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(lock) => return Ok(StateLock { _lock: lock }),
