@@ -14,7 +14,7 @@ use jsonrpsee::types::{ErrorObject, ErrorObjectOwned};
 use serde_json::{Value, json};
 use taskd::error::codes;
 use taskd::rpc::auth::{Auth, ConnAuth};
-use taskd::rpc::client::Client;
+use taskd::rpc::client::{CallClient, Client};
 use taskd::rpc::listener::{ServeConfig, serve};
 use taskd::rpc::middleware::AuditEntry;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -455,6 +455,49 @@ async fn taskd_client_calls_and_subscribes() {
     let dead = closed.local_addr().expect("addr").to_string();
     drop(closed);
     let err = Client::connect(&dead, None).await.expect_err("no daemon");
+    assert!(err.is_unreachable(), "{err}");
+}
+
+// Two workers: the blocking client holds the test's thread while the server answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_client_makes_one_call_at_a_time_on_a_blocking_socket() {
+    let d = start(Auth::Token(TOKEN.into()), |_| {}).await;
+    let addr = d.addr.to_string();
+
+    let err = CallClient::connect(&addr, Some("wrong")).await.expect_err("wrong token");
+    assert!(!err.is_unreachable(), "{err}");
+
+    let client = CallClient::connect(&addr, Some(TOKEN)).await.expect("connect");
+    let r: Value =
+        client.request("Test.Echo", rpc_params![json!({"a": [1, "é\n"]})]).await.expect("call");
+    assert_eq!(r, json!({"a": [1, "é\n"]}));
+    let e = client.request::<bool, _>("Test.Fail", rpc_params![]).await.expect_err("fails");
+    assert_eq!(taskd::rpc::client::error_code(&e), Some(codes::UNIT_NOT_FOUND), "{e}");
+    assert!(!taskd::rpc::client::is_connection_error(&e));
+    let null: Option<u32> = client.request("Test.Null", rpc_params![]).await.expect("null");
+    assert_eq!(null, None);
+    client.notification("Test.Bump", rpc_params![]).await.expect("notify");
+    // A call after a notification still gets its own answer.
+    let r: Value = client.request("Test.Echo", rpc_params![7]).await.expect("call");
+    assert_eq!(r, json!(7));
+    wait_until("the notification", || d.bumps.load(Ordering::SeqCst) == 1).await;
+
+    // The daemon goes away: the next call fails as a connection error, and so does every
+    // one after it.
+    d.shutdown.cancel();
+    tokio::time::timeout(DEADLINE, d.server).await.expect("serve returns").expect("join");
+    d.tracker.close();
+    tokio::time::timeout(DEADLINE, d.tracker.wait()).await.expect("connections drain");
+    for _ in 0..2 {
+        let e = client.request::<Value, _>("Test.Echo", rpc_params![1]).await.expect_err("gone");
+        assert!(taskd::rpc::client::is_connection_error(&e), "{e}");
+    }
+
+    // Nothing listens on a freshly closed port.
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead = closed.local_addr().expect("addr").to_string();
+    drop(closed);
+    let err = CallClient::connect(&dead, None).await.expect_err("no daemon");
     assert!(err.is_unreachable(), "{err}");
 }
 

@@ -18,11 +18,15 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use jsonrpsee::core::ClientError as RpcError;
+use jsonrpsee::core::client::{BatchResponse, ClientT, Subscription, SubscriptionClientT};
+use jsonrpsee::core::params::BatchRequestBuilder;
+use jsonrpsee::core::traits::ToRpcParams;
+use serde::de::DeserializeOwned;
 
 use crate::config::{DEFAULT_LISTEN, default_state_dir};
 use crate::daemon::ADDRESS_FILE;
 use crate::error::codes;
-use crate::rpc::client::{Client, ClientError, is_connection_error};
+use crate::rpc::client::{CallClient, Client, ClientError, is_connection_error};
 
 /// `taskctl`'s command line.
 #[derive(Debug, Parser)]
@@ -110,25 +114,31 @@ pub enum Command {
     Completions(daemon::CompletionsArgs),
 }
 
+impl Command {
+    /// Whether the command reads a stream of notifications (`events`, `logs -f`), which needs
+    /// the async client; the others make plain calls.
+    fn follows_a_stream(&self) -> bool {
+        matches!(self, Command::Events(_)) || matches!(self, Command::Logs(a) if a.follow)
+    }
+}
+
 /// `taskctl`'s command line as clap builds it, with `edit`'s help adjusted: `edit` shares
 /// `add`'s definition options, but an edit changes only what is given, so the defaults `add`
 /// mentions do not apply, and `--paused` pauses or resumes.
 pub fn command() -> clap::Command {
     Cli::command().mut_subcommand("edit", |edit| {
-        let ids: Vec<String> = edit.get_arguments().map(|a| a.get_id().to_string()).collect();
-        ids.iter().fold(edit, |edit, id| {
-            edit.mut_arg(id, |arg| {
-                if id == "paused" {
-                    return arg.help("Pause the unit (resume it with --no-paused)");
+        edit.mut_args(|arg| {
+            if arg.get_id() == "paused" {
+                return arg.help("Pause the unit (resume it with --no-paused)");
+            }
+            let help = arg.get_help().map(ToString::to_string);
+            match help.as_deref().and_then(|h| h.find(" [default: ").map(|cut| &h[..cut])) {
+                Some(cut) => {
+                    let cut = cut.to_string();
+                    arg.help(cut)
                 }
-                match arg.get_help().map(ToString::to_string) {
-                    Some(help) if help.contains(" [default: ") => {
-                        let cut = help.find(" [default: ").unwrap_or(help.len());
-                        arg.help(help[..cut].to_string())
-                    }
-                    _ => arg,
-                }
-            })
+                None => arg,
+            }
         })
     })
 }
@@ -184,12 +194,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Completions(args) = &cli.command {
         return daemon::completions(args);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    // A command that follows a stream needs the async client, and so a runtime with I/O,
+    // timers and signals; the rest make calls on a blocking socket, and a bare runtime that
+    // costs nothing to start drives them.
+    let streams = cli.command.follows_a_stream();
+    let mut rt = tokio::runtime::Builder::new_current_thread();
+    if streams {
+        rt.enable_all();
+    }
+    let rt = rt.build().map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     rt.block_on(async move {
-        let ctx = Ctx::connect(&cli).await?;
+        let ctx = Ctx::connect(&cli, streams).await?;
         match cli.command {
             Command::Add(a) => units::add(&ctx, a).await,
             Command::Del(a) => units::del(&ctx, a).await,
@@ -295,10 +310,93 @@ pub(crate) fn stdout_error(e: io::Error) -> anyhow::Error {
     }
 }
 
+/// A command's connection to the daemon: plain calls on a blocking socket, or the async
+/// client for a command that follows a stream. Either way it implements the traits the
+/// generated `…ApiClient` methods need.
+pub(crate) enum Conn {
+    /// [`CallClient`]: no subscriptions.
+    Calls(CallClient),
+    /// [`Client`]: calls and subscriptions.
+    Streams(Client),
+}
+
+impl ClientT for Conn {
+    async fn notification<Params>(&self, method: &str, params: Params) -> Result<(), RpcError>
+    where
+        Params: ToRpcParams + Send,
+    {
+        match self {
+            Conn::Calls(c) => c.notification(method, params).await,
+            Conn::Streams(c) => c.notification(method, params).await,
+        }
+    }
+
+    async fn request<R, Params>(&self, method: &str, params: Params) -> Result<R, RpcError>
+    where
+        R: DeserializeOwned,
+        Params: ToRpcParams + Send,
+    {
+        match self {
+            Conn::Calls(c) => c.request(method, params).await,
+            Conn::Streams(c) => c.request(method, params).await,
+        }
+    }
+
+    async fn batch_request<'a, R>(
+        &self,
+        batch: BatchRequestBuilder<'a>,
+    ) -> Result<BatchResponse<'a, R>, RpcError>
+    where
+        R: DeserializeOwned + std::fmt::Debug + 'a,
+    {
+        match self {
+            Conn::Calls(c) => c.batch_request(batch).await,
+            Conn::Streams(c) => c.batch_request(batch).await,
+        }
+    }
+}
+
+impl SubscriptionClientT for Conn {
+    async fn subscribe<'a, Notif, Params>(
+        &self,
+        subscribe_method: &'a str,
+        params: Params,
+        unsubscribe_method: &'a str,
+    ) -> Result<Subscription<Notif>, RpcError>
+    where
+        Params: ToRpcParams + Send,
+        Notif: DeserializeOwned,
+    {
+        match self {
+            Conn::Streams(c) => c.subscribe(subscribe_method, params, unsubscribe_method).await,
+            Conn::Calls(_) => Err(no_streams(subscribe_method)),
+        }
+    }
+
+    async fn subscribe_to_method<Notif>(
+        &self,
+        method: &str,
+    ) -> Result<Subscription<Notif>, RpcError>
+    where
+        Notif: DeserializeOwned,
+    {
+        match self {
+            Conn::Streams(c) => c.subscribe_to_method(method).await,
+            Conn::Calls(_) => Err(no_streams(method)),
+        }
+    }
+}
+
+/// A subscription asked of a calls-only connection: a command that follows a stream must say
+/// so in [`Command::follows_a_stream`].
+fn no_streams(method: &str) -> RpcError {
+    RpcError::Custom(format!("{method} needs a streaming connection"))
+}
+
 /// What every command needs: the connection, where it goes, and how to print.
 pub(crate) struct Ctx {
     /// The connection to the daemon.
-    pub client: Client,
+    pub client: Conn,
     /// The address dialled.
     pub addr: String,
     /// `--json`.
@@ -310,8 +408,9 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    /// Works out the address and token, and connects (logging in when there is a token).
-    async fn connect(cli: &Cli) -> anyhow::Result<Ctx> {
+    /// Works out the address and token, and connects (logging in when there is a token): with
+    /// the async client when the command follows a stream, else with the blocking one.
+    async fn connect(cli: &Cli, streams: bool) -> anyhow::Result<Ctx> {
         let default_dir = default_state_dir();
         let state_dir = cli.state_dir.clone().unwrap_or_else(|| default_dir.clone());
         let addr = match &cli.addr {
@@ -350,7 +449,12 @@ impl Ctx {
                 token_file.display()
             )
         };
-        let client = match Client::connect(&addr, token.as_deref()).await {
+        let connected = if streams {
+            Client::connect(&addr, token.as_deref()).await.map(Conn::Streams)
+        } else {
+            CallClient::connect(&addr, token.as_deref()).await.map(Conn::Calls)
+        };
+        let client = match connected {
             Ok(c) => c,
             Err(e) if e.is_unreachable() => {
                 let why = match &e {

@@ -3,10 +3,10 @@
 use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
 
-use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
 use jiff::{Timestamp, Zoned};
 use serde::Serialize;
 use serde_json::Value;
+use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 use super::stdout_error;
 use crate::rpc::types::RunInfo;
@@ -32,28 +32,148 @@ pub fn json_line<T: Serialize>(value: &T) -> anyhow::Result<()> {
     line(&serde_json::to_string(value)?)
 }
 
-/// A table without borders whose columns are separated by two spaces. On a terminal it
-/// fits its width; otherwise (a pipe, a file) lines are never wrapped.
-pub fn table(header: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_style(presets::NOTHING);
-    if std::io::stdout().is_terminal() {
-        t.set_content_arrangement(ContentArrangement::Dynamic);
-        // A pseudo-terminal may report no size (0 columns): fitting to it would put one
-        // letter per line, so lay the table out at its natural width instead.
-        if t.width().is_none_or(|w| w < 20) {
-            t.set_content_arrangement(ContentArrangement::Disabled);
+/// A table for people to read: a header row, then left-aligned columns two blanks apart,
+/// without borders. On a terminal narrower than the table the widest of its flexible columns
+/// give way until it fits, and cells cut short end in `…`; anywhere else (a pipe, a file)
+/// nothing is cut.
+#[derive(Debug)]
+pub struct Table {
+    header: Vec<Cell>,
+    flexible: Vec<bool>,
+    rows: Vec<Vec<Cell>>,
+}
+
+/// One cell of a [`Table`]: its text, how many columns it takes, and its colour, if any.
+#[derive(Debug)]
+pub struct Cell {
+    text: String,
+    width: usize,
+    colour: Option<&'static str>,
+}
+
+impl Cell {
+    /// A cell showing `text`; control characters (a newline in a reason) become blanks, so a
+    /// row stays one line.
+    pub fn new(text: impl std::fmt::Display) -> Cell {
+        let mut text = text.to_string();
+        if text.bytes().any(|b| b.is_ascii_control()) {
+            text = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
         }
-    } else {
-        t.force_no_tty();
+        Cell { width: text.width(), text, colour: None }
     }
-    t.style_text_only();
-    t.set_header(header.to_vec());
-    for (i, c) in t.column_iter_mut().enumerate() {
-        // No leading blank on the first column; two blanks between columns.
-        c.set_padding((0, if i + 1 == header.len() { 0 } else { 2 }));
+
+    /// The cell in colour: an SGR parameter string (`"31"` is red).
+    fn colour(mut self, sgr: &'static str) -> Cell {
+        self.colour = Some(sgr);
+        self
     }
-    t
+}
+
+impl Table {
+    /// An empty table with these column titles.
+    pub fn new(header: &[&str]) -> Table {
+        Table {
+            header: header.iter().map(Cell::new).collect(),
+            flexible: vec![false; header.len()],
+            rows: Vec::new(),
+        }
+    }
+
+    /// Lets the columns with these titles give way on a narrow terminal: free text such as
+    /// names and reasons, not short values like times and counts that are useless cut.
+    pub fn flexible(mut self, titles: &[&str]) -> Table {
+        for (flexible, h) in self.flexible.iter_mut().zip(&self.header) {
+            *flexible |= titles.contains(&h.text.as_str());
+        }
+        self
+    }
+
+    /// Adds a row: one cell per column.
+    pub fn add_row(&mut self, row: Vec<Cell>) {
+        self.rows.push(row);
+    }
+
+    /// The table as lines of text, at most `fit` columns wide when given (as far as the
+    /// flexible columns can give way: each down to its title's width, at least 3), without
+    /// trailing blanks.
+    pub fn render(&self, fit: Option<usize>) -> String {
+        let n = self.header.len();
+        let mut widths: Vec<usize> = self.header.iter().map(|c| c.width).collect();
+        for row in &self.rows {
+            for (w, c) in widths.iter_mut().zip(row) {
+                *w = (*w).max(c.width);
+            }
+        }
+        if let Some(fit) = fit {
+            let mins: Vec<usize> = (0..n)
+                .map(|i| {
+                    if self.flexible[i] {
+                        widths[i].min(self.header[i].width.max(3))
+                    } else {
+                        widths[i]
+                    }
+                })
+                .collect();
+            let mut excess =
+                (widths.iter().sum::<usize>() + 2 * n.saturating_sub(1)).saturating_sub(fit);
+            while excess > 0 {
+                // The widest column that can still give way gives one column.
+                let widest = (0..n).filter(|&i| widths[i] > mins[i]).max_by_key(|&i| widths[i]);
+                let Some(i) = widest else { break };
+                widths[i] -= 1;
+                excess -= 1;
+            }
+        }
+        let mut out = String::new();
+        for row in std::iter::once(&self.header).chain(&self.rows) {
+            let start = out.len();
+            for (i, (cell, &w)) in row.iter().zip(&widths).enumerate() {
+                let shown = if cell.width > w { cut(&cell.text, w) } else { cell.text.clone() };
+                match cell.colour {
+                    Some(sgr) => {
+                        out.push_str(&format!("\x1b[{sgr}m{shown}\x1b[0m"));
+                    }
+                    None => out.push_str(&shown),
+                }
+                if i + 1 < n {
+                    let pad = w - cell.width.min(w) + 2;
+                    out.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            let kept = out[start..].trim_end_matches(' ').len();
+            out.truncate(start + kept);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// `text` cut to `width` columns, its end replaced by `…`.
+fn cut(text: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut used = 0;
+    for c in text.chars() {
+        let w = c.width().unwrap_or(0);
+        if used + w + 1 > width {
+            break;
+        }
+        out.push(c);
+        used += w;
+    }
+    out.push('…');
+    out
+}
+
+/// The width of the terminal standard output is, if it is one that reports a usable width
+/// (a pseudo-terminal may say 0 columns: fitting to that would help nobody).
+fn terminal_width() -> Option<usize> {
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ only writes a `winsize` to the pointer given, which is valid.
+    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_col >= 20).then_some(usize::from(ws.ws_col))
 }
 
 /// Whether to colour output: only on a terminal, and never when `NO_COLOR` is set. Asked
@@ -72,22 +192,17 @@ pub fn state_cell(state: &str) -> Cell {
         return cell;
     }
     match state {
-        "failed" | "timed_out" | "lost" | "fatal" => cell.fg(Color::Red),
-        "running" | "succeeded" => cell.fg(Color::Green),
-        "backoff" | "queued" | "cancelled" => cell.fg(Color::Yellow),
-        "paused" => cell.fg(Color::DarkGrey),
+        "failed" | "timed_out" | "lost" | "fatal" => cell.colour("31"),
+        "running" | "succeeded" => cell.colour("32"),
+        "backoff" | "queued" | "cancelled" => cell.colour("33"),
+        "paused" => cell.colour("90"),
         _ => cell,
     }
 }
 
-/// Prints a table, without trailing blanks.
+/// Prints a table, fitted to the terminal when standard output is one.
 pub fn print_table(t: &Table) -> anyhow::Result<()> {
-    let mut s = String::new();
-    for l in t.lines() {
-        s.push_str(l.trim_end());
-        s.push('\n');
-    }
-    emit(&s)
+    emit(&t.render(terminal_width()))
 }
 
 /// Parses an RFC 3339 time from the wire.
@@ -282,6 +397,50 @@ mod tests {
         assert_eq!(at("2023-12-29T08:00:00Z"), "3d4h ago");
         assert_eq!(at("2023-12-29T12:00:00Z"), "3d ago");
         assert_eq!(at("2024-01-01T12:00:00Z"), "now");
+    }
+
+    fn sample() -> Table {
+        let mut t = Table::new(&["NAME", "STATE", "REASON"]).flexible(&["NAME", "REASON"]);
+        t.add_row(vec![Cell::new("backup-nightly"), Cell::new("failed"), Cell::new("exit 1")]);
+        t.add_row(vec![Cell::new("web"), Cell::new("running"), Cell::new("")]);
+        t.add_row(vec![Cell::new("x"), Cell::new(7), Cell::new("line one\nline two")]);
+        t
+    }
+
+    #[test]
+    fn tables_line_up_without_trailing_blanks() {
+        assert_eq!(
+            sample().render(None),
+            "NAME            STATE    REASON\n\
+             backup-nightly  failed   exit 1\n\
+             web             running\n\
+             x               7        line one line two\n"
+        );
+    }
+
+    #[test]
+    fn a_narrow_terminal_cuts_the_widest_flexible_column_first() {
+        // Natural width 42: REASON (17) gives way first, then NAME and REASON in turn; STATE
+        // never does, and no column goes below its title.
+        let fitted = sample().render(Some(36));
+        assert_eq!(
+            fitted,
+            "NAME           STATE    REASON\n\
+             backup-night…  failed   exit 1\n\
+             web            running\n\
+             x              7        line one li…\n"
+        );
+        assert!(fitted.lines().all(|l| l.chars().count() <= 36), "{fitted}");
+        let tight = sample().render(Some(20));
+        assert!(tight.contains("\nbac…  failed   exit 1\n"), "{tight}");
+        assert!(tight.ends_with("\nx     7        line …\n"), "{tight}");
+    }
+
+    #[test]
+    fn coloured_cells_are_padded_by_their_text() {
+        let mut t = Table::new(&["STATE", "N"]);
+        t.add_row(vec![Cell::new("ok").colour("32"), Cell::new(1)]);
+        assert_eq!(t.render(None), "STATE  N\n\x1b[32mok\x1b[0m     1\n");
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! `taskctl runs`, `logs` and `cancel`: the `Run.*` methods.
 
 use clap::Args;
-use comfy_table::Cell;
 use jsonrpsee::core::client::SubscriptionCloseReason;
 
 use jsonrpsee::core::ClientError as RpcError;
@@ -98,20 +97,21 @@ pub async fn runs(ctx: &Ctx, a: RunsArgs) -> anyhow::Result<()> {
     if runs.is_empty() {
         return output::line("no runs");
     }
-    let mut t = output::table(&[
+    let mut t = output::Table::new(&[
         "ID", "UNIT", "STATE", "TRIGGER", "ATTEMPT", "STARTED", "DURATION", "EXIT", "REASON",
-    ]);
+    ])
+    .flexible(&["UNIT", "REASON"]);
     for r in &runs {
         t.add_row(vec![
-            Cell::new(r.id),
-            Cell::new(&r.unit),
+            output::Cell::new(r.id),
+            output::Cell::new(&r.unit),
             output::state_cell(&r.state),
-            Cell::new(&r.trigger),
-            Cell::new(r.attempt),
-            Cell::new(r.started_at.as_deref().map(relative).unwrap_or_default()),
-            Cell::new(r.duration_ms.map(duration_ms).unwrap_or_default()),
-            Cell::new(exit_of(r)),
-            Cell::new(r.reason.as_deref().unwrap_or_default()),
+            output::Cell::new(&r.trigger),
+            output::Cell::new(r.attempt),
+            output::Cell::new(r.started_at.as_deref().map(relative).unwrap_or_default()),
+            output::Cell::new(r.duration_ms.map(duration_ms).unwrap_or_default()),
+            output::Cell::new(exit_of(r)),
+            output::Cell::new(r.reason.as_deref().unwrap_or_default()),
         ]);
     }
     output::print_table(&t)?;
@@ -144,7 +144,7 @@ async fn resolve_run(ctx: &Ctx, target: &str, wait: bool) -> anyhow::Result<i64>
         None => {
             // Say whether the unit exists at all: "not found" and "no runs yet" need
             // different fixes.
-            ctx.call(crate::rpc::unit::TaskUnitApiClient::get(&*ctx.client, target.to_string()))
+            ctx.call(crate::rpc::unit::TaskUnitApiClient::get(&ctx.client, target.to_string()))
                 .await?;
             if wait {
                 return first_run(ctx, target).await;
@@ -402,7 +402,7 @@ pub async fn cancel(ctx: &Ctx, a: CancelArgs) -> anyhow::Result<()> {
     }
     // The daemon restarts a service or tick unit after a cancelled run, as after a crash:
     // say so, and how to keep it down.
-    let kind = match crate::rpc::unit::TaskUnitApiClient::get(&*ctx.client, r.unit.clone()).await {
+    let kind = match crate::rpc::unit::TaskUnitApiClient::get(&ctx.client, r.unit.clone()).await {
         Ok(u) => kind_and_schedule(&u.definition).0,
         Err(_) => String::new(),
     };

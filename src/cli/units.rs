@@ -6,7 +6,6 @@ use std::io::Read;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use comfy_table::Cell;
 use serde_json::{Map, Value, json};
 
 use super::output::{self, kind_and_schedule, relative, run_summary, time_and_relative};
@@ -535,19 +534,21 @@ pub async fn list(ctx: &Ctx, a: ListArgs) -> anyhow::Result<()> {
             "no units; add one with `taskctl add NAME -- COMMAND`"
         });
     }
-    let mut t =
-        output::table(&["NAME", "KIND", "SCHEDULE", "STATE", "NEXT", "LAST RUN", "RUNS", "FAILS"]);
+    let mut t = output::Table::new(&[
+        "NAME", "KIND", "SCHEDULE", "STATE", "NEXT", "LAST RUN", "RUNS", "FAILS",
+    ])
+    .flexible(&["NAME", "SCHEDULE", "LAST RUN"]);
     for u in &units {
         let schedule = if u.kind == "service" { String::new() } else { u.schedule.clone() };
         t.add_row(vec![
-            Cell::new(&u.name),
-            Cell::new(&u.kind),
-            Cell::new(schedule),
+            output::Cell::new(&u.name),
+            output::Cell::new(&u.kind),
+            output::Cell::new(schedule),
             output::state_cell(&u.state),
-            Cell::new(u.next_fire.as_deref().map(relative).unwrap_or_default()),
-            Cell::new(u.last_run.as_ref().map(run_summary).unwrap_or_default()),
-            Cell::new(u.runs_total),
-            Cell::new(u.failures_total),
+            output::Cell::new(u.next_fire.as_deref().map(relative).unwrap_or_default()),
+            output::Cell::new(u.last_run.as_ref().map(run_summary).unwrap_or_default()),
+            output::Cell::new(u.runs_total),
+            output::Cell::new(u.failures_total),
         ]);
     }
     output::print_table(&t)?;

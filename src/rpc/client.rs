@@ -1,17 +1,28 @@
-//! The client every Rust caller uses (taskctl, tests, agents): jsonrpsee's async client over a
-//! newline-delimited JSON raw-TCP connection to the daemon's listener.
+//! The clients Rust callers use (taskctl, tests, agents) over a newline-delimited JSON raw-TCP
+//! connection to the daemon's listener.
 //!
-//! [`Client::rpc`] (or deref) gives a `jsonrpsee::core::client::Client`, which implements
-//! `ClientT` and `SubscriptionClientT`, so the macro-generated `…ApiClient` traits work on it.
+//! - [`Client`]: jsonrpsee's async client. [`Client::rpc`] (or deref) gives a
+//!   `jsonrpsee::core::client::Client`, which implements `ClientT` and `SubscriptionClientT`,
+//!   so the macro-generated `…ApiClient` traits work on it, subscriptions included.
+//! - [`CallClient`]: one call after another on a blocking socket, with no runtime, background
+//!   task or timer thread behind it. It implements `ClientT` only. A short-lived process that
+//!   makes a call or two (most `taskctl` commands) starts and finishes faster with it.
 
-use std::io;
+use std::io::{self, BufRead, Read as _, Write};
+use std::net::{TcpStream as StdTcpStream, ToSocketAddrs};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use jsonrpsee::core::ClientError as RpcError;
 use jsonrpsee::core::client::{
-    ClientBuilder, ClientT, ReceivedMessage, TransportReceiverT, TransportSenderT,
+    BatchResponse, ClientBuilder, ClientT, ReceivedMessage, TransportReceiverT, TransportSenderT,
 };
+use jsonrpsee::core::params::BatchRequestBuilder;
+use jsonrpsee::core::traits::ToRpcParams;
 use jsonrpsee::rpc_params;
+use jsonrpsee::types::ErrorObjectOwned;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -98,20 +109,7 @@ impl TransportReceiverT for NdjsonReceiver {
         loop {
             line.clear();
             let n = (&mut self.0).take(MAX_MESSAGE_SIZE).read_until(b'\n', &mut line).await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the daemon closed the connection",
-                ));
-            }
-            if line.last() != Some(&b'\n') && n as u64 >= MAX_MESSAGE_SIZE {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "message from the daemon is too large",
-                ));
-            }
-            // Blank lines carry nothing; skip them rather than hand the client an empty text.
-            if line.iter().any(|b| !b.is_ascii_whitespace()) {
+            if is_message(&line, n)? {
                 break;
             }
         }
@@ -119,6 +117,25 @@ impl TransportReceiverT for NdjsonReceiver {
             .map(ReceivedMessage::Text)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
+}
+
+/// Whether `line`, read with a limit of [`MAX_MESSAGE_SIZE`] (`n` bytes), is a message: blank
+/// lines carry nothing and are skipped; the end of the stream and a line past the limit are
+/// errors.
+fn is_message(line: &[u8], n: usize) -> io::Result<bool> {
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the daemon closed the connection",
+        ));
+    }
+    if line.last() != Some(&b'\n') && n as u64 >= MAX_MESSAGE_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message from the daemon is too large",
+        ));
+    }
+    Ok(line.iter().any(|b| !b.is_ascii_whitespace()))
 }
 
 /// Splits a connected stream into the NDJSON transport halves.
@@ -151,15 +168,7 @@ impl Client {
             .max_buffer_capacity_per_subscription(SUBSCRIPTION_BUFFER)
             .build_with_tokio(tx, rx);
         if let Some(token) = token {
-            let ok: bool = inner
-                .request("Auth.Login", rpc_params![token])
-                .await
-                .map_err(ClientError::Login)?;
-            if !ok {
-                return Err(ClientError::Login(RpcError::Custom(
-                    "the daemon refused the token".into(),
-                )));
-            }
+            login(&inner, token).await?;
         }
         Ok(Client { inner })
     }
@@ -175,5 +184,198 @@ impl std::ops::Deref for Client {
 
     fn deref(&self) -> &Self::Target {
         &self.inner
+    }
+}
+
+/// Calls `Auth.Login` with `token` on a fresh connection.
+async fn login(client: &impl ClientT, token: &str) -> Result<(), ClientError> {
+    let ok: bool =
+        client.request("Auth.Login", rpc_params![token]).await.map_err(ClientError::Login)?;
+    if !ok {
+        return Err(ClientError::Login(RpcError::Custom("the daemon refused the token".into())));
+    }
+    Ok(())
+}
+
+/// A connection for calls made one after another: a blocking socket, with no async runtime,
+/// background task or timer thread behind it, so a short-lived process pays only for the
+/// connect and the calls.
+///
+/// It implements `ClientT`, so the generated `…ApiClient` traits without subscriptions work on
+/// it. Its futures block the thread that polls them until the answer is in, and calls made
+/// from several tasks at once wait for each other: it is for a program that makes one call at
+/// a time, not for a server. After a broken connection or a timed-out call, every later call
+/// fails with a transport error (a late answer must not be taken for the next call's).
+#[derive(Debug)]
+pub struct CallClient {
+    conn: Mutex<Option<CallConn>>,
+}
+
+#[derive(Debug)]
+struct CallConn {
+    stream: io::BufReader<StdTcpStream>,
+    next_id: u64,
+}
+
+/// An answer as [`CallClient`] reads it: the result is decoded as it is read, in one pass.
+#[derive(serde::Deserialize)]
+#[serde(bound(deserialize = "R: DeserializeOwned"))]
+struct Answer<R> {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default = "Option::default")]
+    result: Option<R>,
+    #[serde(default)]
+    error: Option<ErrorObjectOwned>,
+}
+
+impl CallClient {
+    /// Connects to a taskd listener at `addr` (raw TCP), and calls `Auth.Login` with `token`
+    /// if given. Blocks for at most [`CONNECT_TIMEOUT`] per address `addr` resolves to.
+    pub async fn connect(addr: &str, token: Option<&str>) -> Result<CallClient, ClientError> {
+        let stream = connect_blocking(addr)
+            .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })?;
+        let conn = CallConn { stream: io::BufReader::new(stream), next_id: 0 };
+        let client = CallClient { conn: Mutex::new(Some(conn)) };
+        if let Some(token) = token {
+            login(&client, token).await?;
+        }
+        Ok(client)
+    }
+
+    /// Sends one request (with `answer`, reading its answer) or notification; a broken
+    /// connection or a timed-out call leaves the client unusable.
+    fn exchange<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        params: Option<Box<RawValue>>,
+        answer: bool,
+    ) -> Result<Option<R>, RpcError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(conn) = guard.as_mut() else {
+            return Err(transport("the connection to the daemon is broken"));
+        };
+        let result = conn.exchange(method, params, answer);
+        if matches!(result, Err(RpcError::Transport(_) | RpcError::RequestTimeout)) {
+            *guard = None;
+        }
+        result
+    }
+}
+
+impl CallConn {
+    fn exchange<R: DeserializeOwned>(
+        &mut self,
+        method: &str,
+        params: Option<Box<RawValue>>,
+        answer: bool,
+    ) -> Result<Option<R>, RpcError> {
+        let mut msg = String::from(r#"{"jsonrpc":"2.0","#);
+        let id = answer.then(|| {
+            self.next_id += 1;
+            self.next_id
+        });
+        if let Some(id) = id {
+            msg.push_str(&format!(r#""id":{id},"#));
+        }
+        msg.push_str(r#""method":"#);
+        msg.push_str(&serde_json::to_string(method)?);
+        if let Some(params) = params {
+            msg.push_str(r#","params":"#);
+            msg.push_str(params.get());
+        }
+        msg.push_str("}\n");
+        self.stream.get_mut().write_all(msg.as_bytes()).map_err(io_error)?;
+        match id {
+            Some(id) => self.read_answer(id).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads lines until the answer to request `id` and decodes its result.
+    fn read_answer<R: DeserializeOwned>(&mut self, id: u64) -> Result<R, RpcError> {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = (&mut self.stream)
+                .take(MAX_MESSAGE_SIZE)
+                .read_until(b'\n', &mut line)
+                .map_err(io_error)?;
+            if !is_message(&line, n).map_err(io_error)? {
+                continue;
+            }
+            let answer: Answer<R> = serde_json::from_slice(&line)?;
+            // With one call in flight, an error without an id (the daemon could not read the
+            // request) is this call's; anything else not for `id` (a notification) is skipped.
+            if let Some(err) = answer.error.filter(|_| answer.id.is_none_or(|a| a == id)) {
+                return Err(RpcError::Call(err));
+            }
+            if answer.id != Some(id) {
+                continue;
+            }
+            return match answer.result {
+                Some(r) => Ok(r),
+                // `"result": null`, for a method that answers nothing.
+                None => Ok(serde_json::from_str("null")?),
+            };
+        }
+    }
+}
+
+impl ClientT for CallClient {
+    async fn notification<Params>(&self, method: &str, params: Params) -> Result<(), RpcError>
+    where
+        Params: ToRpcParams + Send,
+    {
+        self.exchange::<()>(method, params.to_rpc_params()?, false).map(drop)
+    }
+
+    async fn request<R, Params>(&self, method: &str, params: Params) -> Result<R, RpcError>
+    where
+        R: DeserializeOwned,
+        Params: ToRpcParams + Send,
+    {
+        let answer = self.exchange(method, params.to_rpc_params()?, true)?;
+        answer.ok_or_else(|| RpcError::Custom("no answer to a call".into()))
+    }
+
+    async fn batch_request<'a, R>(
+        &self,
+        _batch: BatchRequestBuilder<'a>,
+    ) -> Result<BatchResponse<'a, R>, RpcError>
+    where
+        R: DeserializeOwned + std::fmt::Debug + 'a,
+    {
+        Err(RpcError::Custom("CallClient makes one call at a time; use Client for batches".into()))
+    }
+}
+
+/// Connects a blocking socket to the first address `addr` resolves to that answers, each
+/// attempt bounded by [`CONNECT_TIMEOUT`], with reads bounded by [`REQUEST_TIMEOUT`].
+fn connect_blocking(addr: &str) -> io::Result<StdTcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "the address resolves to nothing");
+    for sa in addr.to_socket_addrs()? {
+        match StdTcpStream::connect_timeout(&sa, CONNECT_TIMEOUT) {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+                return Ok(stream);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// A transport error with `msg`.
+fn transport(msg: &str) -> RpcError {
+    RpcError::Transport(io::Error::other(msg.to_string()).into())
+}
+
+/// An I/O error of a blocking call: a read that timed out is the call's timeout.
+fn io_error(e: io::Error) -> RpcError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => RpcError::RequestTimeout,
+        _ => RpcError::Transport(e.into()),
     }
 }
