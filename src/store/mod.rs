@@ -292,6 +292,11 @@ fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
 const EVENTS_BUFFERED: usize = 1024;
 /// Events kept for `Events.Subscribe { after_seq }` replay.
 const EVENTS_KEPT: i64 = 100_000;
+/// Audit records kept: the newest this many (about 6 MB), so a busy API does not grow the
+/// database without bound.
+const AUDIT_KEPT: i64 = 100_000;
+/// Commits between two prunings of the events and the audit log.
+const PRUNE_EVERY: usize = 1024;
 /// Changes committed together at most.
 const MAX_BATCH: usize = 512;
 /// How long a batch of changes nobody waits for (a pid, a fire time, an audit record) waits
@@ -1105,12 +1110,11 @@ impl StoreThread {
                 health.note(&c);
                 since_prune += usize::from(c.error.is_none());
             }
-            if since_prune >= 1024 {
+            if since_prune >= PRUNE_EVERY {
                 since_prune = 0;
-                let _ = self.conn.execute(
-                    "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?1",
-                    params![EVENTS_KEPT],
-                );
+                if let Err(e) = prune_logs(&self.conn, EVENTS_KEPT, AUDIT_KEPT) {
+                    tracing::warn!(error = %e, "cannot prune old events and audit records");
+                }
             }
         }
         // The daemon is stopping: a last try for ends not recorded yet (else they are `lost`
@@ -1212,6 +1216,13 @@ impl StoreThread {
     }
 }
 
+/// Deletes all but the newest `events` events and `audit` audit records.
+fn prune_logs(conn: &Connection, events: i64, audit: i64) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?1", [events])?;
+    conn.execute("DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?1", [audit])?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1230,6 +1241,36 @@ mod tests {
             runs_total: 0,
             failures_total: 0,
         }
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_newest_events_and_audit_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..30 {
+            store.insert_unit(unit(&format!("u{i}"))).await.unwrap();
+            store.audit(AuditRecord {
+                time: Timestamp::now(),
+                peer: "local".into(),
+                method: format!("M{i}"),
+                unit: None,
+                outcome: "ok".into(),
+            });
+        }
+        store.flush().await.unwrap();
+        let db = Connection::open(dir.path().join("taskd.db")).unwrap();
+        prune_logs(&db, 5, 10).unwrap();
+        let units: Vec<String> = db
+            .prepare("SELECT unit FROM events ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(units, ["u25", "u26", "u27", "u28", "u29"]);
+        let audit = store.audit_log(100).await.unwrap();
+        let methods: Vec<&str> = audit.iter().map(|a| a.method.as_str()).collect();
+        assert_eq!(methods, ["M29", "M28", "M27", "M26", "M25", "M24", "M23", "M22", "M21", "M20"]);
     }
 
     #[tokio::test]
