@@ -345,6 +345,29 @@ async fn raw_tcp_login_audit_and_subscriptions() {
 }
 
 /// Sends one hand-written HTTP/1.1 request; returns the status code and the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_sent_with_the_login_in_one_write_run_after_it() {
+    let d = start(Auth::Token(TOKEN.into()), |_| {}).await;
+    for round in 0..20 {
+        let mut c = Raw::connect(d.addr).await;
+        let login = json!({"jsonrpc":"2.0","id":0,"method":"Auth.Login","params":[TOKEN]});
+        let mut burst = format!("{login}\n");
+        for id in 1..=8 {
+            burst.push_str(&format!("{}\n", echo(id, json!(id))));
+        }
+        c.send(burst.as_bytes()).await;
+        let mut answers: Vec<Value> = Vec::new();
+        for _ in 0..9 {
+            answers.push(c.json().await);
+        }
+        // The login is answered first; every call after it is authenticated.
+        assert_eq!(answers[0], json!({"jsonrpc":"2.0","id":0,"result":true}), "round {round}");
+        for a in &answers[1..] {
+            assert_eq!(a["result"], a["id"], "round {round}: {a}");
+        }
+    }
+}
+
 async fn http_post(addr: SocketAddr, headers: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let req = format!(
@@ -464,8 +487,13 @@ async fn call_client_makes_one_call_at_a_time_on_a_blocking_socket() {
     let d = start(Auth::Token(TOKEN.into()), |_| {}).await;
     let addr = d.addr.to_string();
 
-    let err = CallClient::connect(&addr, Some("wrong")).await.expect_err("wrong token");
-    assert!(!err.is_unreachable(), "{err}");
+    // The login goes out with the connect and is answered with the first call: a wrong
+    // token fails that call, as the daemon's refusal, not as a broken connection.
+    let client = CallClient::connect(&addr, Some("wrong")).await.expect("connect");
+    for _ in 0..2 {
+        let e = client.request::<Value, _>("Test.Echo", rpc_params![1]).await.expect_err("refused");
+        assert_eq!(taskd::rpc::client::error_code(&e), Some(codes::UNAUTHORIZED), "{e}");
+    }
 
     let client = CallClient::connect(&addr, Some(TOKEN)).await.expect("connect");
     let r: Value =

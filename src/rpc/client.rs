@@ -215,6 +215,8 @@ pub struct CallClient {
 struct CallConn {
     stream: io::BufReader<StdTcpStream>,
     next_id: u64,
+    /// The id of an `Auth.Login` sent but not answered yet.
+    login: Option<u64>,
 }
 
 /// An answer as [`CallClient`] reads it: the result is decoded as it is read, in one pass.
@@ -230,17 +232,22 @@ struct Answer<R> {
 }
 
 impl CallClient {
-    /// Connects to a taskd listener at `addr` (raw TCP), and calls `Auth.Login` with `token`
-    /// if given. Blocks for at most [`CONNECT_TIMEOUT`] per address `addr` resolves to.
+    /// Connects to a taskd listener at `addr` (raw TCP), blocking for at most
+    /// [`CONNECT_TIMEOUT`] per address `addr` resolves to.
+    ///
+    /// With a `token`, `Auth.Login` is sent at once but its answer is read with the first
+    /// call's, saving a round trip: the daemon answers a login before it starts the requests
+    /// after it. A refused token is therefore the first call's error (`UNAUTHORIZED`).
     pub async fn connect(addr: &str, token: Option<&str>) -> Result<CallClient, ClientError> {
         let stream = connect_blocking(addr)
             .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })?;
-        let conn = CallConn { stream: io::BufReader::new(stream), next_id: 0 };
-        let client = CallClient { conn: Mutex::new(Some(conn)) };
+        let mut conn = CallConn { stream: io::BufReader::new(stream), next_id: 0, login: None };
         if let Some(token) = token {
-            login(&client, token).await?;
+            let params = rpc_params![token].to_rpc_params().map_err(RpcError::ParseError);
+            let id = params.and_then(|p| conn.send("Auth.Login", p, true));
+            conn.login = Some(id.map_err(ClientError::Login)?.unwrap_or_default());
         }
-        Ok(client)
+        Ok(CallClient { conn: Mutex::new(Some(conn)) })
     }
 
     /// Sends one request (with `answer`, reading its answer) or notification; a broken
@@ -270,6 +277,28 @@ impl CallConn {
         params: Option<Box<RawValue>>,
         answer: bool,
     ) -> Result<Option<R>, RpcError> {
+        let Some(id) = self.send(method, params, answer)? else { return Ok(None) };
+        if let Some(login) = self.login.take() {
+            let ok = self.read_answer::<bool>(login);
+            if !matches!(ok, Ok(true)) {
+                // The call was refused too; read its answer so the next call reads its own.
+                let _ = self.read_answer::<serde::de::IgnoredAny>(id);
+                return Err(match ok {
+                    Ok(_) => RpcError::Custom("the daemon refused the token".into()),
+                    Err(e) => e,
+                });
+            }
+        }
+        self.read_answer(id).map(Some)
+    }
+
+    /// Writes a request (`answer`: with an id, which is returned) or a notification.
+    fn send(
+        &mut self,
+        method: &str,
+        params: Option<Box<RawValue>>,
+        answer: bool,
+    ) -> Result<Option<u64>, RpcError> {
         let mut msg = String::from(r#"{"jsonrpc":"2.0","#);
         let id = answer.then(|| {
             self.next_id += 1;
@@ -286,10 +315,7 @@ impl CallConn {
         }
         msg.push_str("}\n");
         self.stream.get_mut().write_all(msg.as_bytes()).map_err(io_error)?;
-        match id {
-            Some(id) => self.read_answer(id).map(Some),
-            None => Ok(None),
-        }
+        Ok(id)
     }
 
     /// Reads lines until the answer to request `id` and decodes its result.

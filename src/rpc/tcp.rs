@@ -384,6 +384,21 @@ impl ConnCtx {
     }
 }
 
+/// Whether a request (one JSON value) calls `Auth.Login`. A login is small (a method name and
+/// a token), so a larger value is not read at all.
+fn is_login(value: &[u8]) -> bool {
+    if value.len() > 4096 {
+        return false;
+    }
+    #[derive(serde::Deserialize)]
+    struct Method<'a> {
+        #[serde(borrow)]
+        method: Option<Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Method<'_>>(value)
+        .is_ok_and(|m| m.method.as_deref() == Some("Auth.Login"))
+}
+
 fn error_json(id: Id<'_>, code: i32, message: impl Into<String>) -> Box<RawValue> {
     MethodResponse::error(id, ErrorObject::owned(code, message.into(), None::<()>)).into_json()
 }
@@ -673,6 +688,14 @@ pub async fn serve_connection<St, L>(
         while calls.len() < cfg.max_in_flight {
             let Some(frame) = framer.next_frame(eof) else { break };
             let reply = match frame {
+                // A login is answered before the requests after it start, so a client may
+                // send its login and its first call in one write. It is quick: no I/O.
+                Frame::Value(value) if !ctx.auth.is_set() && is_login(&value) => {
+                    if let Some(reply) = handle_value(&*service, &ctx, value).await {
+                        let _ = tx.send(reply).await;
+                    }
+                    None
+                }
                 Frame::Value(value) => {
                     let (service, ctx, tx) = (service.clone(), ctx.clone(), tx.clone());
                     calls.spawn(async move {
