@@ -15,9 +15,14 @@ fn init_tracing(format: LogFormat) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|s| s.parse::<Targets>().ok())
+    // Empty directives (`RUST_LOG=`, `warn,`) are skipped: `Targets` would read one as "every
+    // target at TRACE".
+    let directives = std::env::var("RUST_LOG").unwrap_or_default();
+    let directives: Vec<&str> =
+        directives.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    let filter = Some(directives.join(","))
+        .filter(|d| !d.is_empty())
+        .and_then(|d| d.parse::<Targets>().ok())
         .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

@@ -56,7 +56,7 @@ impl Cell {
     /// row stays one line.
     pub fn new(text: impl std::fmt::Display) -> Cell {
         let mut text = text.to_string();
-        if text.bytes().any(|b| b.is_ascii_control()) {
+        if text.chars().any(char::is_control) {
             text = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
         }
         Cell { width: text.width(), text, colour: None }
@@ -128,7 +128,11 @@ impl Table {
         for row in std::iter::once(&self.header).chain(&self.rows) {
             let start = out.len();
             for (i, (cell, &w)) in row.iter().zip(&widths).enumerate() {
-                let shown = if cell.width > w { cut(&cell.text, w) } else { cell.text.clone() };
+                let (shown, shown_width) = if cell.width > w {
+                    cut(&cell.text, w)
+                } else {
+                    (cell.text.clone(), cell.width)
+                };
                 match cell.colour {
                     Some(sgr) => {
                         out.push_str(&format!("\x1b[{sgr}m{shown}\x1b[0m"));
@@ -136,7 +140,7 @@ impl Table {
                     None => out.push_str(&shown),
                 }
                 if i + 1 < n {
-                    let pad = w - cell.width.min(w) + 2;
+                    let pad = w - shown_width.min(w) + 2;
                     out.extend(std::iter::repeat_n(' ', pad));
                 }
             }
@@ -148,8 +152,9 @@ impl Table {
     }
 }
 
-/// `text` cut to `width` columns, its end replaced by `…`.
-fn cut(text: &str, width: usize) -> String {
+/// `text` cut to at most `width` columns, its end replaced by `…`, and the columns it takes
+/// (one less than `width` when a wide character did not fit).
+fn cut(text: &str, width: usize) -> (String, usize) {
     let mut out = String::new();
     let mut used = 0;
     for c in text.chars() {
@@ -161,7 +166,7 @@ fn cut(text: &str, width: usize) -> String {
         used += w;
     }
     out.push('…');
-    out
+    (out, used + 1)
 }
 
 /// The width of the terminal standard output is, if it is one that reports a usable width
@@ -434,6 +439,17 @@ mod tests {
         let tight = sample().render(Some(20));
         assert!(tight.contains("\nbac…  failed   exit 1\n"), "{tight}");
         assert!(tight.ends_with("\nx     7        line …\n"), "{tight}");
+    }
+
+    #[test]
+    fn wide_characters_and_controls_keep_columns_aligned() {
+        let mut t = Table::new(&["NAME", "N"]).flexible(&["NAME"]);
+        t.add_row(vec![Cell::new("日本語の名前"), Cell::new(1)]);
+        t.add_row(vec![Cell::new("a\u{9b}b"), Cell::new(2)]);
+        assert_eq!(t.render(None), "NAME          N\n日本語の名前  1\na b           2\n");
+        // Cut to 4 columns, a wide character does not fit beside the `…`: 3 columns shown,
+        // padded to the column's 4.
+        assert_eq!(t.render(Some(7)), "NAME  N\n日…   1\na b   2\n");
     }
 
     #[test]

@@ -204,8 +204,9 @@ async fn login(client: &impl ClientT, token: &str) -> Result<(), ClientError> {
 /// It implements `ClientT`, so the generated `…ApiClient` traits without subscriptions work on
 /// it. Its futures block the thread that polls them until the answer is in, and calls made
 /// from several tasks at once wait for each other: it is for a program that makes one call at
-/// a time, not for a server. After a broken connection or a timed-out call, every later call
-/// fails with a transport error (a late answer must not be taken for the next call's).
+/// a time, not for a server. After a broken connection, a timed-out call or an answer it could
+/// not read, every later call fails with a transport error (a late answer must not be taken
+/// for the next call's).
 #[derive(Debug)]
 pub struct CallClient {
     conn: Mutex<Option<CallConn>>,
@@ -215,8 +216,6 @@ pub struct CallClient {
 struct CallConn {
     stream: io::BufReader<StdTcpStream>,
     next_id: u64,
-    /// The id of an `Auth.Login` sent but not answered yet.
-    login: Option<u64>,
 }
 
 /// An answer as [`CallClient`] reads it: the result is decoded as it is read, in one pass.
@@ -232,22 +231,17 @@ struct Answer<R> {
 }
 
 impl CallClient {
-    /// Connects to a taskd listener at `addr` (raw TCP), blocking for at most
-    /// [`CONNECT_TIMEOUT`] per address `addr` resolves to.
-    ///
-    /// With a `token`, `Auth.Login` is sent at once but its answer is read with the first
-    /// call's, saving a round trip: the daemon answers a login before it starts the requests
-    /// after it. A refused token is therefore the first call's error (`UNAUTHORIZED`).
+    /// Connects to a taskd listener at `addr` (raw TCP), and calls `Auth.Login` with `token`
+    /// if given. Blocks for at most [`CONNECT_TIMEOUT`] per address `addr` resolves to.
     pub async fn connect(addr: &str, token: Option<&str>) -> Result<CallClient, ClientError> {
         let stream = connect_blocking(addr)
             .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })?;
-        let mut conn = CallConn { stream: io::BufReader::new(stream), next_id: 0, login: None };
+        let conn = CallConn { stream: io::BufReader::new(stream), next_id: 0 };
+        let client = CallClient { conn: Mutex::new(Some(conn)) };
         if let Some(token) = token {
-            let params = rpc_params![token].to_rpc_params().map_err(RpcError::ParseError);
-            let id = params.and_then(|p| conn.send("Auth.Login", p, true));
-            conn.login = Some(id.map_err(ClientError::Login)?.unwrap_or_default());
+            login(&client, token).await?;
         }
-        Ok(CallClient { conn: Mutex::new(Some(conn)) })
+        Ok(client)
     }
 
     /// Sends one request (with `answer`, reading its answer) or notification; a broken
@@ -263,7 +257,12 @@ impl CallClient {
             return Err(transport("the connection to the daemon is broken"));
         };
         let result = conn.exchange(method, params, answer);
-        if matches!(result, Err(RpcError::Transport(_) | RpcError::RequestTimeout)) {
+        // An answer that could not be read may have been another call's: stop here rather
+        // than risk reading answers out of step.
+        if matches!(
+            result,
+            Err(RpcError::Transport(_) | RpcError::RequestTimeout | RpcError::ParseError(_))
+        ) {
             *guard = None;
         }
         result
@@ -277,19 +276,10 @@ impl CallConn {
         params: Option<Box<RawValue>>,
         answer: bool,
     ) -> Result<Option<R>, RpcError> {
-        let Some(id) = self.send(method, params, answer)? else { return Ok(None) };
-        if let Some(login) = self.login.take() {
-            let ok = self.read_answer::<bool>(login);
-            if !matches!(ok, Ok(true)) {
-                // The call was refused too; read its answer so the next call reads its own.
-                let _ = self.read_answer::<serde::de::IgnoredAny>(id);
-                return Err(match ok {
-                    Ok(_) => RpcError::Custom("the daemon refused the token".into()),
-                    Err(e) => e,
-                });
-            }
+        match self.send(method, params, answer)? {
+            Some(id) => self.read_answer(id).map(Some),
+            None => Ok(None),
         }
-        self.read_answer(id).map(Some)
     }
 
     /// Writes a request (`answer`: with an id, which is returned) or a notification.

@@ -692,7 +692,13 @@ pub async fn serve_connection<St, L>(
                 // send its login and its first call in one write. It is quick: no I/O.
                 Frame::Value(value) if !ctx.auth.is_set() && is_login(&value) => {
                     if let Some(reply) = handle_value(&*service, &ctx, value).await {
-                        let _ = tx.send(reply).await;
+                        // A client that sends logins without reading the answers fills the
+                        // queue: waiting for room must not outlast the connection.
+                        tokio::select! {
+                            _ = tx.send(reply) => {}
+                            () = shutdown.cancelled() => {}
+                            () = write_failed.cancelled() => {}
+                        }
                     }
                     None
                 }

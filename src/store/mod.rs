@@ -297,6 +297,9 @@ const EVENTS_KEPT: i64 = 100_000;
 const AUDIT_KEPT: i64 = 100_000;
 /// Commits between two prunings of the events and the audit log.
 const PRUNE_EVERY: usize = 1024;
+/// Rows one pruning deletes at most per table, so that the first pruning of a large backlog
+/// (a database from before audit records were pruned) does not hold up commits for long.
+const PRUNE_CHUNK: i64 = 10_000;
 /// Changes committed together at most.
 const MAX_BATCH: usize = 512;
 /// How long a batch of changes nobody waits for (a pid, a fire time, an audit record) waits
@@ -1112,7 +1115,7 @@ impl StoreThread {
             }
             if since_prune >= PRUNE_EVERY {
                 since_prune = 0;
-                if let Err(e) = prune_logs(&self.conn, EVENTS_KEPT, AUDIT_KEPT) {
+                if let Err(e) = prune_logs(&self.conn, EVENTS_KEPT, AUDIT_KEPT, PRUNE_CHUNK) {
                     tracing::warn!(error = %e, "cannot prune old events and audit records");
                 }
             }
@@ -1216,10 +1219,19 @@ impl StoreThread {
     }
 }
 
-/// Deletes all but the newest `events` events and `audit` audit records.
-fn prune_logs(conn: &Connection, events: i64, audit: i64) -> rusqlite::Result<()> {
-    conn.execute("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?1", [events])?;
-    conn.execute("DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?1", [audit])?;
+/// Deletes the oldest events and audit records beyond the newest `events` and `audit`, at most
+/// `chunk` of each.
+fn prune_logs(conn: &Connection, events: i64, audit: i64, chunk: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "DELETE FROM events WHERE seq <= MIN((SELECT MAX(seq) FROM events) - ?1, \
+         (SELECT MIN(seq) FROM events) + ?2 - 1)",
+        [events, chunk],
+    )?;
+    conn.execute(
+        "DELETE FROM audit WHERE id <= MIN((SELECT MAX(id) FROM audit) - ?1, \
+         (SELECT MIN(id) FROM audit) + ?2 - 1)",
+        [audit, chunk],
+    )?;
     Ok(())
 }
 
@@ -1259,7 +1271,15 @@ mod tests {
         }
         store.flush().await.unwrap();
         let db = Connection::open(dir.path().join("taskd.db")).unwrap();
-        prune_logs(&db, 5, 10).unwrap();
+        // At most 8 of each per pruning: events 30 → 22 → 14 → 6 → 5, audit 30 → 22 → 14 → 10.
+        prune_logs(&db, 5, 10, 8).unwrap();
+        let count = |table: &str| -> i64 {
+            db.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).unwrap()
+        };
+        assert_eq!((count("events"), count("audit")), (22, 22));
+        for _ in 0..4 {
+            prune_logs(&db, 5, 10, 8).unwrap();
+        }
         let units: Vec<String> = db
             .prepare("SELECT unit FROM events ORDER BY seq")
             .unwrap()
