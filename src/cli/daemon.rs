@@ -84,7 +84,7 @@ pub async fn status(ctx: &Ctx) -> anyhow::Result<()> {
 /// One event as a line: `12:03:04.123  run.finished  hello  #12  succeeded`.
 fn event_line(e: &EventInfo) -> String {
     let time = parse_time(&e.time)
-        .map(|t| t.to_zoned(jiff::tz::TimeZone::system()).strftime("%H:%M:%S%.3f").to_string())
+        .map(|t| t.to_zoned(output::local_zone()).strftime("%H:%M:%S%.3f").to_string())
         .unwrap_or_else(|| e.time.clone());
     let run = e.run.map(|r| format!("#{r}")).unwrap_or_default();
     let state = e.state.as_deref().unwrap_or("");

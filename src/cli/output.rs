@@ -54,8 +54,12 @@ pub struct Cell {
 impl Cell {
     /// A cell showing `text`; control characters (a newline in a reason) become blanks, so a
     /// row stays one line.
-    pub fn new(text: impl std::fmt::Display) -> Cell {
-        let mut text = text.to_string();
+    pub fn new(text: impl Into<String>) -> Cell {
+        let mut text = text.into();
+        // Most cells are printable ASCII: one column a byte, nothing to replace.
+        if text.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            return Cell { width: text.len(), text, colour: None };
+        }
         if text.chars().any(char::is_control) {
             text = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
         }
@@ -73,7 +77,7 @@ impl Table {
     /// An empty table with these column titles.
     pub fn new(header: &[&str]) -> Table {
         Table {
-            header: header.iter().map(Cell::new).collect(),
+            header: header.iter().map(|h| Cell::new(*h)).collect(),
             flexible: vec![false; header.len()],
             rows: Vec::new(),
         }
@@ -253,11 +257,28 @@ fn short_secs(s: u64) -> String {
 pub fn local_time(s: &str) -> String {
     match parse_time(s) {
         Some(t) => {
-            let z: Zoned = t.to_zoned(jiff::tz::TimeZone::system());
+            let z: Zoned = t.to_zoned(local_zone());
             z.strftime("%Y-%m-%d %H:%M:%S %Z").to_string()
         }
         None => s.to_string(),
     }
+}
+
+/// The local time zone, found once per process. Without `TZ` it is read straight from
+/// `/etc/localtime`: finding it by name (`TimeZone::system`) first lists the whole zoneinfo
+/// tree, about 70 directories, which took longer than the rest of `taskctl show`. The
+/// printed abbreviation (`CEST`) comes from the file either way.
+pub fn local_zone() -> jiff::tz::TimeZone {
+    static ZONE: OnceLock<jiff::tz::TimeZone> = OnceLock::new();
+    ZONE.get_or_init(|| {
+        let from_file = || {
+            let data = std::fs::read("/etc/localtime").ok()?;
+            jiff::tz::TimeZone::tzif("localtime", &data).ok()
+        };
+        let tz_set = std::env::var_os("TZ").is_some_and(|v| !v.is_empty());
+        (!tz_set).then(from_file).flatten().unwrap_or_else(jiff::tz::TimeZone::system)
+    })
+    .clone()
 }
 
 /// A time for humans: the local date and time, with the relative time after it.
@@ -408,7 +429,7 @@ mod tests {
         let mut t = Table::new(&["NAME", "STATE", "REASON"]).flexible(&["NAME", "REASON"]);
         t.add_row(vec![Cell::new("backup-nightly"), Cell::new("failed"), Cell::new("exit 1")]);
         t.add_row(vec![Cell::new("web"), Cell::new("running"), Cell::new("")]);
-        t.add_row(vec![Cell::new("x"), Cell::new(7), Cell::new("line one\nline two")]);
+        t.add_row(vec![Cell::new("x"), Cell::new("7"), Cell::new("line one\nline two")]);
         t
     }
 
@@ -444,8 +465,8 @@ mod tests {
     #[test]
     fn wide_characters_and_controls_keep_columns_aligned() {
         let mut t = Table::new(&["NAME", "N"]).flexible(&["NAME"]);
-        t.add_row(vec![Cell::new("日本語の名前"), Cell::new(1)]);
-        t.add_row(vec![Cell::new("a\u{9b}b"), Cell::new(2)]);
+        t.add_row(vec![Cell::new("日本語の名前"), Cell::new("1")]);
+        t.add_row(vec![Cell::new("a\u{9b}b"), Cell::new("2")]);
         assert_eq!(t.render(None), "NAME          N\n日本語の名前  1\na b           2\n");
         // Cut to 4 columns, a wide character does not fit beside the `…`: 3 columns shown,
         // padded to the column's 4.
@@ -455,7 +476,7 @@ mod tests {
     #[test]
     fn coloured_cells_are_padded_by_their_text() {
         let mut t = Table::new(&["STATE", "N"]);
-        t.add_row(vec![Cell::new("ok").colour("32"), Cell::new(1)]);
+        t.add_row(vec![Cell::new("ok").colour("32"), Cell::new("1")]);
         assert_eq!(t.render(None), "STATE  N\n\x1b[32mok\x1b[0m     1\n");
     }
 

@@ -103,11 +103,11 @@ pub async fn runs(ctx: &Ctx, a: RunsArgs) -> anyhow::Result<()> {
     .flexible(&["UNIT", "REASON"]);
     for r in &runs {
         t.add_row(vec![
-            output::Cell::new(r.id),
+            output::Cell::new(r.id.to_string()),
             output::Cell::new(&r.unit),
             output::state_cell(&r.state),
             output::Cell::new(&r.trigger),
-            output::Cell::new(r.attempt),
+            output::Cell::new(r.attempt.to_string()),
             output::Cell::new(r.started_at.as_deref().map(relative).unwrap_or_default()),
             output::Cell::new(r.duration_ms.map(duration_ms).unwrap_or_default()),
             output::Cell::new(exit_of(r)),

@@ -547,8 +547,8 @@ pub async fn list(ctx: &Ctx, a: ListArgs) -> anyhow::Result<()> {
             output::state_cell(&u.state),
             output::Cell::new(u.next_fire.as_deref().map(relative).unwrap_or_default()),
             output::Cell::new(u.last_run.as_ref().map(run_summary).unwrap_or_default()),
-            output::Cell::new(u.runs_total),
-            output::Cell::new(u.failures_total),
+            output::Cell::new(u.runs_total.to_string()),
+            output::Cell::new(u.failures_total.to_string()),
         ]);
     }
     output::print_table(&t)?;
