@@ -1,5 +1,6 @@
 //! Output rendering for `taskctl`: tables, relative times, durations, run outcomes and JSON.
 
+use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
 
@@ -133,13 +134,18 @@ impl Table {
             let start = out.len();
             for (i, (cell, &w)) in row.iter().zip(&widths).enumerate() {
                 let (shown, shown_width) = if cell.width > w {
-                    cut(&cell.text, w)
+                    let (text, width) = cut(&cell.text, w);
+                    (Cow::Owned(text), width)
                 } else {
-                    (cell.text.clone(), cell.width)
+                    (Cow::Borrowed(cell.text.as_str()), cell.width)
                 };
                 match cell.colour {
                     Some(sgr) => {
-                        out.push_str(&format!("\x1b[{sgr}m{shown}\x1b[0m"));
+                        out.push_str("\x1b[");
+                        out.push_str(sgr);
+                        out.push('m');
+                        out.push_str(&shown);
+                        out.push_str("\x1b[0m");
                     }
                     None => out.push_str(&shown),
                 }
