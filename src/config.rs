@@ -60,6 +60,15 @@ pub struct Args {
     /// Allow listening on a non-loopback address without TLS (prints a warning)
     #[arg(long, env = "TASKD_INSECURE")]
     pub insecure: bool,
+    /// Also accept HTTP and WebSocket requests for this host name (`Host`/`Origin`), besides
+    /// the listener's address and localhost; repeatable
+    #[arg(
+        long = "allow-host",
+        env = "TASKD_ALLOW_HOST",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub allow_host: Vec<String>,
     /// Format of the daemon's own log [default: text]
     #[arg(long, env = "TASKD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -79,6 +88,8 @@ pub struct FileConfig {
     pub auth: Option<AuthMode>,
     /// `--insecure`.
     pub insecure: Option<bool>,
+    /// `--allow-host`: host names browsers may reach the daemon by.
+    pub allow_host: Option<Vec<String>>,
     /// `--log-format`.
     pub log_format: Option<LogFormat>,
     /// Runs kept per unit (default 100).
@@ -110,6 +121,8 @@ pub struct Config {
     pub auth: AuthMode,
     /// Non-loopback without TLS allowed.
     pub insecure: bool,
+    /// Host names accepted in `Host` and `Origin` besides the listener's own and localhost.
+    pub allow_host: Vec<String>,
     /// Log format.
     pub log_format: LogFormat,
     /// Runs kept per unit.
@@ -196,6 +209,11 @@ impl Config {
             units_dir,
             auth: args.auth.or(file.auth).unwrap_or(AuthMode::Token),
             insecure: args.insecure || file.insecure.unwrap_or(false),
+            allow_host: if args.allow_host.is_empty() {
+                file.allow_host.unwrap_or_default()
+            } else {
+                args.allow_host.clone()
+            },
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             keep_runs: file.keep_runs.unwrap_or(100).max(1),
             allowed_dirs: file.allowed_dirs.unwrap_or_default(),
@@ -208,18 +226,31 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Checks the listen address against the security rules: loopback unless `--insecure`,
-    /// and `--auth none` only on loopback. Returns a warning to print, if any.
-    pub fn check_listen(&self, addr: &SocketAddr) -> anyhow::Result<Option<String>> {
+    /// Checks the configuration against the security rules before anything is served:
+    /// `--auth none` only on loopback and never as root, non-loopback only with `--insecure`.
+    /// Returns a warning to print, if any.
+    pub fn check_security(&self, addr: &SocketAddr) -> Result<Option<String>, Refused> {
         let loopback = addr.ip().is_loopback();
-        if !loopback && self.auth == AuthMode::None {
-            anyhow::bail!("--auth none is only allowed on a loopback address; {addr} is not one");
+        if self.auth == AuthMode::None {
+            if !loopback {
+                return Err(Refused(format!(
+                    "--auth none is only allowed on a loopback address; {addr} is not one"
+                )));
+            }
+            if is_root() {
+                return Err(Refused(
+                    "--auth none is refused for a daemon running as root: any local account \
+                     could run commands as root through it. Run taskd as an unprivileged \
+                     account, or use the token (the default)"
+                        .into(),
+                ));
+            }
         }
         if !loopback && !self.insecure {
-            anyhow::bail!(
+            return Err(Refused(format!(
                 "{addr} is not a loopback address: traffic would travel without TLS; \
                  pass --insecure to allow it"
-            );
+            )));
         }
         Ok((!loopback).then(|| {
             format!(
@@ -228,6 +259,11 @@ impl Config {
         }))
     }
 }
+
+/// A configuration the daemon refuses to start with; `taskd` exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
 
 #[cfg(test)]
 mod tests {
@@ -272,11 +308,12 @@ mod tests {
             Config::resolve(&Args { state_dir: Some(dir.path().into()), ..Default::default() })
                 .unwrap();
         let public: SocketAddr = "0.0.0.0:3333".parse().unwrap();
-        assert!(c.check_listen(&public).is_err());
+        assert!(c.check_security(&public).is_err());
         c.insecure = true;
-        assert!(c.check_listen(&public).unwrap().is_some());
+        assert!(c.check_security(&public).unwrap().is_some());
         c.auth = AuthMode::None;
-        assert!(c.check_listen(&public).is_err());
-        assert!(c.check_listen(&"127.0.0.1:1".parse().unwrap()).unwrap().is_none());
+        assert!(c.check_security(&public).is_err());
+        // On loopback `--auth none` is allowed, unless the daemon is root.
+        assert_eq!(c.check_security(&"127.0.0.1:1".parse().unwrap()).is_err(), is_root());
     }
 }

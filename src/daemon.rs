@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -16,52 +16,13 @@ use crate::error::Error;
 use crate::exec;
 use crate::registry::{Registry, RegistryConfig};
 use crate::rpc::api::{Api, ApiContext, methods};
-use crate::rpc::auth::{Auth, load_or_create_token};
-use crate::rpc::listener::{ServeConfig, serve};
+use crate::rpc::auth::Auth;
+use crate::rpc::conn::Gate;
+use crate::rpc::listener::{ServeConfig, listen, serve};
 use crate::rpc::middleware::{AUDITED_METHODS, AuditEntry};
+use crate::state_dir::{self, ADDRESS_FILE};
 use crate::store::{AuditRecord, Store};
 use crate::unit::ValidateCtx;
-
-/// The file in the state directory that holds the address the daemon listens on, so that
-/// `taskctl` finds a daemon started with `--listen 127.0.0.1:0`.
-pub const ADDRESS_FILE: &str = "address";
-
-/// How long a locked state directory is waited for before giving up.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Holds the state directory for this daemon: a second daemon on the same directory fails.
-struct StateLock {
-    _lock: nix::fcntl::Flock<std::fs::File>,
-}
-
-fn lock_state_dir(cfg: &Config) -> anyhow::Result<StateLock> {
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
-        anyhow::anyhow!("cannot create the state directory {}: {e}", cfg.state_dir.display())
-    })?;
-    let path = cfg.state_dir.join("taskd.lock");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    // A daemon killed while starting a child leaves that child holding the lock until it
-    // execs, a moment later: wait that moment out before calling the directory taken.
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    loop {
-        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(StateLock { _lock: lock }),
-            Err((back, _)) if std::time::Instant::now() < deadline => {
-                f = back;
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(_) => anyhow::bail!(
-                "another taskd is already using {}; stop it or pass a different --state-dir",
-                cfg.state_dir.display()
-            ),
-        }
-    }
-}
 
 /// Gives the allocator's free pages back to the system.
 fn trim_heap() {
@@ -72,29 +33,30 @@ fn trim_heap() {
     }
 }
 
-/// Runs the daemon on `listener` until `shutdown` is cancelled, then stops every active run
+/// Runs the daemon on `socket` (bound, not yet listening: see
+/// [`crate::rpc::listener::bind`]) until `shutdown` is cancelled, then stops every active run
 /// (recorded `cancelled`, reason `shutdown`), waits for every task, and returns.
+///
+/// The socket starts accepting only once the state directory is locked, the store open and
+/// the token written, so a client that connects as soon as the port accepts finds them.
 pub async fn run(
     cfg: Config,
-    listener: TcpListener,
+    socket: TcpSocket,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let _lock = lock_state_dir(&cfg)?;
+    let local = socket.local_addr()?;
+    if let Some(warning) = cfg.check_security(&local)? {
+        tracing::warn!("{warning}");
+    }
+    state_dir::prepare(&cfg.state_dir)?;
+    let _lock = state_dir::lock(&cfg.state_dir)?;
     exec::catch_ignored_signals();
     if let Err(e) = exec::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper; double-forked grandchildren will not be reaped");
     }
-    let local = listener.local_addr()?;
-    if let Some(warning) = cfg.check_listen(&local)? {
-        tracing::warn!("{warning}");
-    }
     let store = Store::open(&cfg.state_dir)?;
     let token: Option<Arc<str>> = match cfg.auth {
-        AuthMode::Token => Some(
-            load_or_create_token(&cfg.state_dir)
-                .map_err(|e| Error::io(cfg.state_dir.join("token"), e))?
-                .into(),
-        ),
+        AuthMode::Token => Some(state_dir::load_or_create_token(&cfg.state_dir)?.into()),
         AuthMode::None => None,
     };
     // Shutdown goes in two steps: first every unit stops its runs (clients still connected
@@ -125,12 +87,14 @@ pub async fn run(
     // Loading left holes in the heap (definitions parsed, records copied) between the units'
     // long-lived state; with 100,000 units that is tens of MiB the allocator would keep.
     trim_heap();
+    let gate = Gate::new(cfg.max_connections, token.is_some());
     let api = Api(Arc::new(ApiContext {
         registry: registry.clone(),
         started: Timestamp::now(),
         listeners: vec![local.to_string()],
         token: token.clone(),
         followers: followers.clone(),
+        gate: gate.clone(),
     }));
     let audit_store = store.clone();
     let serve_cfg = ServeConfig {
@@ -159,14 +123,14 @@ pub async fn run(
         }),
         audited_methods: AUDITED_METHODS,
         stop_accepting: stop_accepting.clone(),
+        allow_hosts: cfg.allow_host.clone(),
+        gate: Some(gate),
         ..ServeConfig::default()
     };
-    let address_file = cfg.state_dir.join(ADDRESS_FILE);
+    let listener = listen(socket).map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?;
     // Written whole and renamed into place: a reader never sees half an address.
-    let tmp = cfg.state_dir.join(format!("{ADDRESS_FILE}.tmp"));
-    std::fs::write(&tmp, format!("{local}\n"))
-        .and_then(|()| std::fs::rename(&tmp, &address_file))
-        .map_err(|e| Error::io(&address_file, e))?;
+    let address_file =
+        state_dir::write_private(&cfg.state_dir, ADDRESS_FILE, format!("{local}\n").as_bytes())?;
     tracing::info!(
         addr = %local,
         state_dir = %cfg.state_dir.display(),

@@ -35,10 +35,10 @@ pub enum Error {
         reason: String,
     },
     /// A unit with this name already exists.
-    #[error("unit {0:?} already exists: edit it, or delete it first")]
+    #[error("unit {} already exists: edit it, or delete it first", shown_name(.0))]
     UnitExists(String),
     /// No unit with this name.
-    #[error("unit {0:?} not found")]
+    #[error("unit {} not found", shown_name(.0))]
     UnitNotFound(String),
     /// No run with this id.
     #[error("run {0} not found")]
@@ -97,6 +97,20 @@ impl Error {
             }
         }
     }
+}
+
+/// A name as error messages show it: quoted, and cut when it is longer than any unit name can
+/// be, so that a hostile name is never copied whole into a reply, a log or the audit log.
+pub fn shown_name(name: &str) -> String {
+    const MAX: usize = 64;
+    if name.len() <= MAX {
+        return format!("{name:?}");
+    }
+    let mut end = 32;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes, longer than a unit name can be)", &name[..end], name.len())
 }
 
 /// The library's result type.

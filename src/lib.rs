@@ -9,6 +9,7 @@
 //!
 //! - `daemon` wires everything together: store, registry, listener; runs until cancelled.
 //! - `config` reads flags, `TASKD_*` variables and `taskd.toml`.
+//! - `state_dir` makes the state directory private, locks it, and holds the token file.
 //! - `unit` holds definitions and validation, schedules, and the per-unit loop.
 //! - `run` is the run state machine and the record kept for each run.
 //! - `exec` runs one command in its own process group and stops it with TERM → KILL.
@@ -28,6 +29,7 @@ pub mod exec;
 pub mod registry;
 pub mod rpc;
 pub mod run;
+pub mod state_dir;
 pub mod store;
 pub mod unit;
 

@@ -1,10 +1,10 @@
-//! `taskd`: the daemon's entry point. Parses flags, sets up tracing, binds the listener,
+//! `taskd`: the daemon's entry point. Parses flags, sets up tracing, binds the listener's port,
 //! turns SIGTERM/SIGINT into cancellation of the root token, and runs the daemon.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use taskd::config::{Args, Config, LogFormat};
+use taskd::config::{Args, Config, LogFormat, Refused};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
@@ -34,18 +34,24 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let cfg = Config::resolve(&args)?;
+/// Exit status for a configuration the daemon refuses (bad flags, files or combinations).
+const EXIT_USAGE: u8 = 2;
+
+async fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
+    let usage = |e: anyhow::Error| (EXIT_USAGE, e);
+    let cfg = Config::resolve(&args).map_err(usage)?;
     init_tracing(cfg.log_format);
-    let listener = tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| {
-        anyhow::anyhow!(
+    // Bound, not listening: the daemon starts accepting once its token and store are ready.
+    let socket = taskd::rpc::listener::bind(&cfg.listen).await.map_err(|e| {
+        let e = anyhow::anyhow!(
             "cannot listen on {}: {e} (is another taskd running? try --listen)",
             cfg.listen
-        )
+        );
+        (1, e)
     })?;
     let root = CancellationToken::new();
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| (1, e.into()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| (1, e.into()))?;
     let token = root.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -54,7 +60,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         token.cancel();
     });
-    taskd::daemon::run(cfg, listener, root).await
+    taskd::daemon::run(cfg, socket, root).await.map_err(|e| {
+        let code = if e.is::<Refused>() { EXIT_USAGE } else { 1 };
+        (code, e)
+    })
 }
 
 fn main() -> ExitCode {
@@ -68,9 +77,9 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err((code, e)) => {
             eprintln!("taskd: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }

@@ -24,9 +24,9 @@ use jsonrpsee::core::traits::ToRpcParams;
 use serde::de::DeserializeOwned;
 
 use crate::config::{DEFAULT_LISTEN, default_state_dir};
-use crate::daemon::ADDRESS_FILE;
 use crate::error::codes;
 use crate::rpc::client::{CallClient, Client, ClientError, is_connection_error};
+use crate::state_dir::ADDRESS_FILE;
 
 /// `taskctl`'s command line.
 #[derive(Debug, Parser)]

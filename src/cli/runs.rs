@@ -359,6 +359,13 @@ async fn follow(ctx: &Ctx, arg: FollowArg) -> anyhow::Result<()> {
                         }
                         return Ok(());
                     }
+                    FollowItem::Lagged { message } => {
+                        return Err(CliError::Refused {
+                            message: format!("the daemon stopped following: {message}"),
+                            hint: Some("read it with `taskctl logs RUN` (without -f)".into()),
+                        }
+                        .into());
+                    }
                 }
             }
             Some(Err(e)) => return Err(anyhow::Error::new(e).context("bad message from taskd")),

@@ -449,7 +449,7 @@ pub async fn edit(ctx: &Ctx, a: EditArgs) -> anyhow::Result<()> {
     let mut patch = Map::new();
     patch.insert("name".into(), json!(a.name));
     patch.extend(fields);
-    let info = ctx.call(ctx.client.edit(Value::Object(patch))).await?;
+    let info = ctx.call(ctx.client.edit(patch)).await?;
     if ctx.json {
         return output::json(&info);
     }

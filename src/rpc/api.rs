@@ -8,6 +8,7 @@ use jsonrpsee::RpcModule;
 use jsonrpsee::types::ErrorObjectOwned;
 use serde_json::json;
 
+use super::conn::Gate;
 use crate::error::Error;
 use crate::registry::Registry;
 
@@ -24,6 +25,8 @@ pub struct ApiContext {
     /// Every active `Run.Follow`: at shutdown the daemon lets them deliver their runs' final
     /// state before it closes connections.
     pub followers: tokio_util::task::TaskTracker,
+    /// The listener's connection slots and failed-login counts.
+    pub gate: Arc<Gate>,
 }
 
 /// A cheap-to-clone handle every method group is implemented on.

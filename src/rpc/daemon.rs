@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::api::{Api, rpc_error};
 use super::auth::{ConnAuth, token_eq};
-use super::types::{StatusInfo, fmt_time};
+use super::types::{ConnectionCounts, StatusInfo, fmt_time};
 use crate::error::codes;
 
 /// The `Daemon` method group.
@@ -58,6 +58,11 @@ impl DaemonApiServer for Api {
             listeners: self.listeners.clone(),
             state_dir: self.registry.store().dir().display().to_string(),
             auth: if self.token.is_some() { "token" } else { "none" }.into(),
+            connections: {
+                let (unauthenticated, probation, authenticated) = self.gate.occupancy();
+                ConnectionCounts { authenticated, unauthenticated, probation, max: self.gate.max() }
+            },
+            auth_failures: self.gate.failures_total(),
         })
     }
 }
@@ -69,6 +74,9 @@ impl AuthApiServer for Api {
             return Ok(true);
         };
         if !token_eq(expected, token.trim()) {
+            if let Some(c) = ext.get::<ConnAuth>() {
+                c.failed();
+            }
             return Err(ErrorObjectOwned::owned(
                 codes::UNAUTHORIZED,
                 "wrong token: use the one in <state-dir>/token",

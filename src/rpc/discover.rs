@@ -228,6 +228,7 @@ mod tests {
             listeners: vec![],
             token: None,
             followers: Default::default(),
+            gate: crate::rpc::conn::Gate::new(1, false),
         }));
         let served: BTreeSet<String> = methods(api).method_names().map(str::to_string).collect();
         let doc = document();

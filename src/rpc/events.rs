@@ -1,14 +1,18 @@
 //! `Events.Subscribe`: every committed change, in order, optionally replayed from a sequence
 //! number.
 
-use jsonrpsee::PendingSubscriptionSink;
+use std::sync::Arc;
+
 use jsonrpsee::core::{SubscriptionResult, async_trait};
 use jsonrpsee::proc_macros::rpc;
 use jsonrpsee::server::SubscriptionMessage;
+use jsonrpsee::{Extensions, PendingSubscriptionSink};
 use serde_json::value::to_raw_value;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::api::Api;
+use super::conn::Conn;
+use super::run::NOTIFICATION_OVERHEAD;
 use super::types::{EventInfo, SubscribeArg};
 
 /// Events replayed per store query.
@@ -19,7 +23,14 @@ const REPLAY_PAGE: u32 = 1000;
 pub trait EventsApi {
     /// `{seq, time, kind, unit, run, state}` for every change; with `after_seq`, stored
     /// events after it are sent first.
-    #[subscription(name = "Subscribe", unsubscribe = "Unsubscribe", item = EventInfo)]
+    /// A client that does not read is not sent more than its backlog allows: the events wait
+    /// in the store meanwhile, and are replayed from there.
+    #[subscription(
+        name = "Subscribe",
+        unsubscribe = "Unsubscribe",
+        item = EventInfo,
+        with_extensions
+    )]
     async fn subscribe_events(&self, arg: Option<SubscribeArg>) -> SubscriptionResult;
 }
 
@@ -28,8 +39,10 @@ impl EventsApiServer for Api {
     async fn subscribe_events(
         &self,
         pending: PendingSubscriptionSink,
+        ext: &Extensions,
         arg: Option<SubscribeArg>,
     ) -> SubscriptionResult {
+        let conn = ext.get::<Arc<Conn>>().cloned();
         let store = self.registry.store().clone();
         let mut rx = store.subscribe_events();
         let after = arg.and_then(|a| a.after_seq);
@@ -43,13 +56,24 @@ impl EventsApiServer for Api {
             None => store.last_event_seq().await.map_err(|e| e.to_string())?,
         };
         let sink = pending.accept().await?;
+        let send = async |e: EventInfo| -> SubscriptionResult {
+            let raw = to_raw_value(&e)?;
+            if let Some(c) = &conn {
+                tokio::select! {
+                    () = c.backlog().room() => {}
+                    () = sink.closed() => return Err("closed".into()),
+                }
+                c.backlog().produced(raw.get().len() + NOTIFICATION_OVERHEAD);
+            }
+            sink.send(SubscriptionMessage::from(raw)).await?;
+            Ok(())
+        };
         loop {
             if replay {
                 let page =
                     store.events_after(last, REPLAY_PAGE).await.map_err(|e| e.to_string())?;
                 for e in &page {
-                    sink.send(SubscriptionMessage::from(to_raw_value(&EventInfo::from(e))?))
-                        .await?;
+                    send(EventInfo::from(e)).await?;
                     last = e.seq;
                 }
                 if page.len() < REPLAY_PAGE as usize {
@@ -62,8 +86,7 @@ impl EventsApiServer for Api {
                     if e.seq <= last {
                         continue;
                     }
-                    sink.send(SubscriptionMessage::from(to_raw_value(&EventInfo::from(&e))?))
-                        .await?;
+                    send(EventInfo::from(&e)).await?;
                     last = e.seq;
                 }
                 Err(RecvError::Lagged(_)) => replay = true,

@@ -1,9 +1,10 @@
 //! The one listener: raw TCP, HTTP and WebSocket JSON-RPC on a single port, told apart by each
-//! connection's first byte, with a connection limit shared by all three.
+//! connection's first byte, with connection slots shared by all three ([`super::conn::Gate`]).
 //!
 //! An HTTP request line starts with an ASCII letter (`POST`, `GET`); a JSON value starts with
-//! `{`, `[` or whitespace. HTTP (and WebSocket upgrades) go to jsonrpsee's tower service, raw
-//! TCP to [`super::tcp`], and both run the same middleware from [`super::middleware`].
+//! `{`, `[` or whitespace. HTTP (and WebSocket upgrades) go through [`super::http`] to
+//! jsonrpsee's tower service, raw TCP to [`super::tcp`], and both run the same middleware from
+//! [`super::middleware`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,12 +13,13 @@ use std::time::Duration;
 
 use jsonrpsee::server::{Methods, Server, ServerConfig, StopHandle, stop_channel};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::auth::{Auth, HttpAuthLayer, error_body};
+use super::auth::{Auth, error_body};
+use super::conn::{Conn, Gate, LOGIN_TIMEOUT};
+use super::http::{HTTP_KEEP_ALIVE, HostPolicy, HttpGuardLayer};
 use super::middleware::{AUDITED_METHODS, AuditHook, RpcLayer, no_audit};
 use super::tcp::{self, TcpConfig};
 use crate::error::codes;
@@ -28,6 +30,33 @@ const REFUSE_PEEK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a new connection may take to send its first byte before it is dropped.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connections the kernel queues for the listener before the daemon accepts them.
+const BACKLOG: u32 = 1024;
+
+/// Binds the daemon's address without listening yet: the port is taken (a clash is reported
+/// before anything else happens) but connections are refused until [`listen`], so that a
+/// client never reaches a daemon whose token file is not written yet.
+pub async fn bind(addr: &str) -> std::io::Result<TcpSocket> {
+    let mut last = None;
+    for sa in tokio::net::lookup_host(addr).await? {
+        let socket = if sa.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        // As std's TcpListener::bind: a restarted daemon may take its port back at once.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(sa) {
+            Ok(()) => return Ok(socket),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: no address"))
+    }))
+}
+
+/// Starts accepting connections on a socket from [`bind`].
+pub fn listen(socket: TcpSocket) -> std::io::Result<TcpListener> {
+    socket.listen(BACKLOG)
+}
 
 /// Everything [`serve`] needs to know besides the listener and the methods.
 #[derive(Clone)]
@@ -53,6 +82,11 @@ pub struct ServeConfig {
     /// Cancelled to stop accepting new connections while the existing ones are still served
     /// (until the `shutdown` token passed to [`serve`]).
     pub stop_accepting: CancellationToken,
+    /// Host names browsers may use for the daemon besides its address and localhost.
+    pub allow_hosts: Vec<String>,
+    /// The connection slots, when the caller wants to see them (failed logins, occupancy);
+    /// else [`serve`] makes its own of `max_connections`.
+    pub gate: Option<Arc<Gate>>,
 }
 
 impl Default for ServeConfig {
@@ -68,6 +102,8 @@ impl Default for ServeConfig {
             audit: no_audit(),
             audited_methods: AUDITED_METHODS,
             stop_accepting: CancellationToken::new(),
+            allow_hosts: Vec::new(),
+            gate: None,
         }
     }
 }
@@ -96,6 +132,8 @@ struct Shared {
     shutdown: CancellationToken,
     /// Connection ids are unique across protocols; subscriptions are keyed by them.
     next_conn_id: AtomicU32,
+    gate: Arc<Gate>,
+    hosts: Arc<HostPolicy>,
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then stops accepting and tells every
@@ -125,7 +163,13 @@ pub async fn serve(
         .max_connections(u32::try_from(cfg.max_connections).unwrap_or(u32::MAX))
         .build();
     let (stop, server_handle) = stop_channel();
-    let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    let gate =
+        cfg.gate.clone().unwrap_or_else(|| Gate::new(cfg.max_connections, cfg.auth.is_required()));
+    let local = listener.local_addr().ok();
+    let hosts = Arc::new(HostPolicy::new(
+        local.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        &cfg.allow_hosts,
+    ));
     let shared = Arc::new(Shared {
         cfg,
         methods,
@@ -134,8 +178,9 @@ pub async fn serve(
         stop,
         shutdown: shutdown.clone(),
         next_conn_id: AtomicU32::new(1),
+        gate,
+        hosts,
     });
-    let local = listener.local_addr().ok();
     tracing::debug!(addr = ?local, "rpc listener serving raw TCP, HTTP and WebSocket");
 
     let stop_accepting = shared.cfg.stop_accepting.clone();
@@ -156,18 +201,14 @@ pub async fn serve(
                 }
             }
         };
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => {
+        match shared.gate.admit(Some(peer)) {
+            Some(conn) => {
                 let shared = shared.clone();
-                tracker.spawn(async move {
-                    handle_connection(stream, peer, &shared).await;
-                    drop(permit);
-                });
+                tracker.spawn(async move { handle_connection(stream, conn, &shared).await });
             }
-            Err(_) => {
+            None => {
                 tracing::warn!(%peer, "connection limit reached; refusing");
-                let max = shared.cfg.max_connections;
-                tracker.spawn(refuse(stream, max));
+                tracker.spawn(refuse(stream, shared.gate.max()));
             }
         }
     }
@@ -203,25 +244,30 @@ async fn refuse(mut stream: TcpStream, max: usize) {
     let _ = stream.shutdown().await;
 }
 
-async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+async fn handle_connection(stream: TcpStream, conn: Arc<Conn>, shared: &Shared) {
     let _ = stream.set_nodelay(true);
+    let peer = conn.peer();
     let mut first = [0u8; 1];
-    // `peek` waits for at least one byte; a client that never sends one is dropped.
+    // `peek` waits for at least one byte; a client that never sends one is dropped, at its
+    // login deadline when it needs a login.
+    let first_byte_timeout =
+        if conn.is_authenticated() { FIRST_BYTE_TIMEOUT } else { shared.login_timeout() };
     let peeked = tokio::select! {
         () = shared.shutdown.cancelled() => return,
-        peeked = tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)) => peeked,
+        () = conn.closed() => return,
+        peeked = tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)) => peeked,
     };
     match peeked {
         Ok(Ok(1..)) => {}
         Ok(Ok(0)) | Err(_) => return,
         Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "peek failed");
+            tracing::debug!(?peer, error = %e, "peek failed");
             return;
         }
     }
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     if first[0].is_ascii_alphabetic() {
-        serve_http(stream, peer, conn_id, shared).await;
+        serve_http(stream, conn, conn_id, shared).await;
     } else {
         let cfg = TcpConfig {
             max_request_size: shared.cfg.max_request_size,
@@ -229,11 +275,12 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared)
             max_in_flight: shared.cfg.max_in_flight.max(1),
             idle_timeout: shared.cfg.idle_timeout,
             max_subscriptions: shared.cfg.max_subscriptions,
+            login_timeout: shared.login_timeout(),
             ..TcpConfig::default()
         };
         tcp::serve_connection(
             stream,
-            Some(peer),
+            conn,
             conn_id,
             shared.methods.clone(),
             shared.rpc.builder(),
@@ -244,26 +291,64 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared)
     }
 }
 
-async fn serve_http(stream: TcpStream, peer: SocketAddr, conn_id: u32, shared: &Shared) {
-    let http_middleware = tower::ServiceBuilder::new().layer(HttpAuthLayer::new(
+impl Shared {
+    fn login_timeout(&self) -> Duration {
+        LOGIN_TIMEOUT.min(self.cfg.idle_timeout)
+    }
+}
+
+async fn serve_http(stream: TcpStream, conn: Arc<Conn>, conn_id: u32, shared: &Shared) {
+    let peer = conn.peer();
+    let local = stream.local_addr().ok();
+    let guard = HttpGuardLayer::new(
         shared.cfg.auth.clone(),
-        Some(peer),
+        shared.hosts.clone(),
+        conn.clone(),
+        local,
         shared.cfg.max_request_size,
-    ));
+    );
     let mut svc = Server::builder()
         .set_config(shared.server_cfg.clone())
-        .set_http_middleware(http_middleware)
+        .set_http_middleware(tower::ServiceBuilder::new().layer(guard))
         .set_rpc_middleware(shared.rpc.builder())
         .to_service_builder()
         .connection_id(conn_id)
         .build(shared.methods.clone(), shared.stop.clone());
     // Resolves once every piece of this connection is gone, including a WebSocket session
-    // that jsonrpsee runs on its own task after the upgrade; holding the connection permit
-    // (and the tracker task) until then keeps the limit and shutdown honest.
+    // that jsonrpsee runs on its own task after the upgrade; holding the connection (its
+    // slot, and the tracker task) until then keeps the limits and shutdown honest.
     let session_closed = svc.on_session_closed();
     let stopped = shared.stop.clone().shutdown();
-    if let Err(e) = jsonrpsee::server::serve_with_graceful_shutdown(stream, svc, stopped).await {
-        tracing::debug!(%peer, error = %e, "http connection ended with an error");
+    let keep_alive = HTTP_KEEP_ALIVE.min(shared.cfg.idle_timeout);
+    let served = super::http::serve_connection(stream, conn.clone(), svc, keep_alive, stopped);
+    let login_deadline = tokio::time::sleep(shared.login_timeout());
+    tokio::pin!(served, login_deadline);
+    loop {
+        tokio::select! {
+            res = &mut served => {
+                if let Err(e) = res {
+                    tracing::debug!(?peer, error = %e, "http connection ended with an error");
+                }
+                break;
+            }
+            () = &mut login_deadline, if !conn.is_authenticated() && !conn.is_closed() => {
+                tracing::debug!(?peer, "http connection did not authenticate in time");
+                conn.close();
+            }
+            () = conn.stalled(), if !conn.is_closed() => {
+                tracing::debug!(?peer, "http client stopped reading; closing");
+                conn.close();
+            }
+        }
     }
-    session_closed.await;
+    tokio::pin!(session_closed);
+    loop {
+        tokio::select! {
+            () = &mut session_closed => break,
+            () = conn.stalled(), if !conn.is_closed() => {
+                tracing::debug!(?peer, "websocket client stopped reading; closing");
+                conn.close();
+            }
+        }
+    }
 }

@@ -20,7 +20,9 @@ use serde_json::value::RawValue;
 use tower::layer::util::{Identity, Stack};
 
 use super::auth::{Auth, Authenticated, ConnAuth, Peer, Transport};
+use super::conn::Conn;
 use crate::error::codes;
+use crate::unit::definition::validate_name;
 
 /// The message of the error a call gets before the connection authenticated.
 pub const UNAUTHORIZED_MESSAGE: &str = "unauthorized: call Auth.Login with the daemon's token \
@@ -39,7 +41,6 @@ pub const AUDITED_METHODS: &[&str] = &[
     "TaskUnit.Pause",
     "TaskUnit.Resume",
     "Run.Cancel",
-    "Auth.Login",
 ];
 
 /// One audited call, handed to the audit hook after the call was answered.
@@ -154,20 +155,22 @@ fn normalise_params(params: &mut Option<Cow<'_, RawValue>>) {
     }
 }
 
-/// The unit named by an audited call's argument.
+/// The unit named by an audited call's argument. Only a valid unit name is recorded: a
+/// hostile "name" of a megabyte must not be copied into the audit log.
 fn unit_of(method: &str, params: Option<&Cow<'_, RawValue>>) -> Option<String> {
     // Auth.Login's argument is the token: never copy it anywhere.
     if method.starts_with("Auth.") {
         return None;
     }
     let args: Vec<serde_json::Value> = serde_json::from_str(params?.get()).ok()?;
-    match args.into_iter().next()? {
+    let name = match args.into_iter().next()? {
         serde_json::Value::String(name) => Some(name),
         serde_json::Value::Object(map) => {
             map.get("name").or_else(|| map.get("Name"))?.as_str().map(str::to_owned)
         }
         _ => None,
-    }
+    }?;
+    validate_name(&name).is_ok().then_some(name)
 }
 
 /// The error message inside a serialised error response.
@@ -220,18 +223,26 @@ where
             let ext = req.extensions();
             let transport = ext.get::<Transport>().map_or("unknown", |t| t.0);
             let peer = ext.get::<Peer>().map(|p| p.0);
-            let audit_unit = this
-                .shared
-                .audited
-                .contains(&method)
+            let conn = ext.get::<Arc<Conn>>().cloned();
+            let authorized = this.authorized(&req);
+            // Unauthenticated traffic never writes audit records: it is counted instead, so
+            // that no flood of it can push real records out.
+            let audit_unit = (authorized && this.shared.audited.contains(&method))
                 .then(|| unit_of(&method, req.params.as_ref()));
 
-            let rp = if this.authorized(&req) {
+            let rp = if authorized {
                 this.inner.call(req).await
             } else {
+                if let Some(conn) = &conn {
+                    conn.login_failed();
+                }
                 let err = ErrorObject::owned(codes::UNAUTHORIZED, UNAUTHORIZED_MESSAGE, None::<()>);
                 MethodResponse::error(req.id, err)
             };
+            // Whatever leaves the middleware goes to the connection's writer: count it.
+            if let Some(conn) = &conn {
+                conn.backlog().produced(rp.as_json().get().len());
+            }
 
             let ok = rp.is_success();
             tracing::debug!(
@@ -349,5 +360,7 @@ mod tests {
         assert_eq!(unit_of("TaskUnit.Edit", raw(r#"[{"name":"db"}]"#).as_ref()), Some("db".into()));
         assert_eq!(unit_of("Run.Cancel", raw("[12]").as_ref()), None);
         assert_eq!(unit_of("Auth.Login", raw(r#"["secret"]"#).as_ref()), None);
+        let long = format!("[{:?}]", "x".repeat(100));
+        assert_eq!(unit_of("TaskUnit.Start", raw(&long).as_ref()), None);
     }
 }

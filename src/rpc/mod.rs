@@ -5,9 +5,11 @@
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod conn;
 pub mod daemon;
 pub mod discover;
 pub mod events;
+pub mod http;
 pub mod listener;
 pub mod middleware;
 pub mod run;

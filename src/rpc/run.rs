@@ -1,12 +1,15 @@
 //! `Run.*`: list, get and cancel runs, read their logs, and follow a run's output live.
 
-use jsonrpsee::PendingSubscriptionSink;
+use std::sync::Arc;
+
 use jsonrpsee::core::{RpcResult, SubscriptionResult, async_trait};
 use jsonrpsee::proc_macros::rpc;
 use jsonrpsee::server::SubscriptionMessage;
+use jsonrpsee::{Extensions, PendingSubscriptionSink};
 use serde_json::value::to_raw_value;
 
 use super::api::{Api, rpc_error};
+use super::conn::Conn;
 use super::types::{FollowArg, FollowItem, LogsArg, LogsResult, RunInfo, RunListArg};
 use crate::error::Error;
 use crate::run::{RunRecord, RunState};
@@ -19,6 +22,11 @@ const RUN_PAGE: (u32, u32) = (50, 1000);
 const FOLLOW_BATCH: usize = 256 * 1024;
 /// The newest bytes of a run's in-memory tail a follower is sent when it starts.
 const FOLLOW_TAIL: usize = 1 << 20;
+/// What a follower that fell a whole backlog behind is told before its subscription ends.
+const LAGGED: &str = "this follower fell more than 4 MiB behind the run's output and was \
+     stopped; read the output with Run.Logs, or follow again";
+/// Bytes a subscription notification adds around its item (method, subscription id).
+pub(crate) const NOTIFICATION_OVERHEAD: usize = 96;
 /// Default and largest slice of `Run.Logs`, in bytes.
 const LOG_PAGE: (u32, u32) = (64 * 1024, 1 << 20);
 
@@ -41,8 +49,9 @@ pub trait RunApi {
     #[method(name = "Logs")]
     async fn logs(&self, arg: LogsArg) -> RpcResult<LogsResult>;
 
-    /// A run's output as it is written, then one final message with the run's end state.
-    #[subscription(name = "Follow", unsubscribe = "Unfollow", item = FollowItem)]
+    /// A run's output as it is written, then one final message with the run's end state (or a
+    /// `lagged` message, when the client falls more than 4 MiB behind).
+    #[subscription(name = "Follow", unsubscribe = "Unfollow", item = FollowItem, with_extensions)]
     async fn follow(&self, arg: FollowArg) -> SubscriptionResult;
 }
 
@@ -176,8 +185,14 @@ impl RunApiServer for Api {
         Ok(out)
     }
 
-    async fn follow(&self, pending: PendingSubscriptionSink, arg: FollowArg) -> SubscriptionResult {
+    async fn follow(
+        &self,
+        pending: PendingSubscriptionSink,
+        ext: &Extensions,
+        arg: FollowArg,
+    ) -> SubscriptionResult {
         let _follower = self.followers.token();
+        let conn = ext.get::<Arc<Conn>>().cloned();
         let store = self.registry.store().clone();
         let stream = match parse_stream(arg.stream.as_deref()) {
             Ok(s) => s,
@@ -194,12 +209,25 @@ impl RunApiServer for Api {
         }
         let sink = pending.accept().await?;
         let send = |item: FollowItem| {
-            let sink = &sink;
+            let (sink, conn) = (&sink, &conn);
             async move {
-                let msg = SubscriptionMessage::from(to_raw_value(&item)?);
-                sink.send(msg)
+                // Output does not wait for a slow client: one that fell the whole backlog
+                // behind is told so, and the subscription ends.
+                let lagged = conn.as_ref().is_some_and(|c| c.backlog().is_full());
+                let item =
+                    if lagged { FollowItem::Lagged { message: LAGGED.into() } } else { item };
+                let raw = to_raw_value(&item)?;
+                if let Some(c) = conn {
+                    c.backlog().produced(raw.get().len() + NOTIFICATION_OVERHEAD);
+                }
+                sink.send(SubscriptionMessage::from(raw))
                     .await
-                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
+                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })?;
+                if lagged {
+                    let e: Box<dyn std::error::Error + Send + Sync> = LAGGED.into();
+                    return Err(e);
+                }
+                Ok(())
             }
         };
         // A queued run has no log yet: wait for it to open, or for the run to end unstarted.

@@ -8,7 +8,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +29,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use super::auth::{ConnAuth, Peer, Transport};
+use super::conn::{Conn, ConnIo, LOGIN_TIMEOUT, Standing};
 use crate::error::codes;
 
 /// The error string a legacy (JSON-RPC 1.0) request gets for a subscription method.
@@ -54,6 +54,11 @@ pub struct TcpConfig {
     pub message_buffer_capacity: u32,
     /// On daemon shutdown, how long in-flight calls may take to finish.
     pub drain_timeout: Duration,
+    /// How long a connection that needs a login may take to log in before it is closed.
+    pub login_timeout: Duration,
+    /// Largest JSON value accepted before the login, in bytes: a login is small, and so is
+    /// what a connection that never logs in may make the daemon hold.
+    pub max_login_request_size: u32,
 }
 
 impl Default for TcpConfig {
@@ -66,6 +71,8 @@ impl Default for TcpConfig {
             max_subscriptions: 64,
             message_buffer_capacity: 1024,
             drain_timeout: Duration::from_secs(10),
+            login_timeout: LOGIN_TIMEOUT,
+            max_login_request_size: 16 * 1024,
         }
     }
 }
@@ -223,6 +230,13 @@ impl Framer {
         self.buf.len()
     }
 
+    /// Gives back the memory of a large value once the buffer is small again.
+    pub fn shrink(&mut self) {
+        if self.buf.capacity() > 64 * 1024 && self.buf.len() < 16 * 1024 {
+            self.buf.shrink_to(16 * 1024);
+        }
+    }
+
     fn reset_value(&mut self) {
         self.kind = None;
         self.pos = 0;
@@ -360,20 +374,19 @@ impl Framer {
 /// Per-connection data every request of the connection carries in its extensions.
 #[derive(Clone, Debug)]
 struct ConnCtx {
-    auth: ConnAuth,
-    peer: Option<SocketAddr>,
+    conn: Arc<Conn>,
     conn_id: ConnectionId,
     methods: Methods,
-    max_request_size: u32,
 }
 
 impl ConnCtx {
     fn extensions(&self) -> Extensions {
         let mut ext = Extensions::new();
-        ext.insert(self.auth.clone());
+        ext.insert(ConnAuth::new(self.conn.clone()));
+        ext.insert(self.conn.clone());
         ext.insert(Transport("tcp"));
         ext.insert(self.conn_id);
-        if let Some(peer) = self.peer {
+        if let Some(peer) = self.conn.peer() {
             ext.insert(Peer(peer));
         }
         ext
@@ -504,7 +517,14 @@ async fn handle_single<S: Service>(
     } else {
         text
     };
-    let translate = |json: Box<RawValue>| if legacy { to_legacy(&json) } else { json };
+    let translate = |json: Box<RawValue>| {
+        if !legacy {
+            return json;
+        }
+        let out = to_legacy(&json);
+        ctx.conn.forget(json.get().len().saturating_sub(out.get().len()));
+        out
+    };
 
     if let Ok(mut req) = serde_json::from_str::<Request<'_>>(&text) {
         *req.extensions_mut() = ctx.extensions();
@@ -583,6 +603,34 @@ async fn write_message<W: AsyncWrite + Unpin>(
     }
 }
 
+/// How many messages the writer has written, for a reader that must wait until its own
+/// replies are out.
+#[derive(Debug, Default)]
+struct Written {
+    count: std::sync::atomic::AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl Written {
+    fn add(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// Waits until at least `n` messages have been written.
+    async fn reach(&self, n: u64) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count.load(std::sync::atomic::Ordering::Acquire) >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// Writes queued messages until `close` is cancelled, then flushes what is queued at that
 /// moment and closes the socket. Cancels `failed` when the client cannot be written to.
 async fn write_loop<W: AsyncWrite + Unpin>(
@@ -591,6 +639,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     close: CancellationToken,
     failed: CancellationToken,
     stall_timeout: Duration,
+    written: Arc<Written>,
 ) {
     let mut buf = Vec::new();
     loop {
@@ -603,6 +652,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if !write_message(&mut wr, &mut buf, &msg, stall_timeout).await {
             failed.cancel();
             return;
+        }
+        written.add();
+        if buf.capacity() > 64 * 1024 {
+            buf = Vec::new();
         }
     }
     // Refuse further messages first, so a busy subscription cannot keep the flush going.
@@ -623,23 +676,157 @@ enum Closed {
     Shutdown,
     ReadFailed,
     WriteFailed,
+    /// Closed by the daemon: evicted from probation, or the listener is going away.
+    Evicted,
+    /// No successful `Auth.Login` within the login timeout.
+    LoginTimeout,
+    /// On probation, and its first request was not a login.
+    NotLoggedIn,
+    /// The client did not read its replies for the stall time.
+    Stalled,
 }
 
-/// Serves one raw-TCP connection until the client closes it, it idles out, writing fails, or
-/// `shutdown` is cancelled (then in-flight calls get `drain_timeout` to finish).
+/// One raw-TCP connection being served: the state the read loop and its helpers share.
+struct Session<S> {
+    service: Arc<S>,
+    ctx: Arc<ConnCtx>,
+    conn: Arc<Conn>,
+    tx: mpsc::Sender<Box<RawValue>>,
+    cfg: TcpConfig,
+    calls: JoinSet<()>,
+    framer: Framer,
+    write_failed: CancellationToken,
+    shutdown: CancellationToken,
+    /// Messages this session handed to the writer, and how many the writer has written.
+    pushed: u64,
+    written: Arc<Written>,
+}
+
+impl<S: Service + 'static> Session<S> {
+    /// Queues a reply the transport made itself (the middleware counts call replies).
+    async fn push_own(&mut self, reply: Box<RawValue>) {
+        self.conn.backlog().produced(reply.get().len());
+        self.push(reply).await;
+    }
+
+    /// Queues a reply; gives up when the connection is going away.
+    async fn push(&mut self, reply: Box<RawValue>) {
+        self.pushed += 1;
+        tokio::select! {
+            _ = self.tx.send(reply) => {}
+            () = self.shutdown.cancelled() => {}
+            () = self.write_failed.cancelled() => {}
+            () = self.conn.closed() => {}
+        }
+    }
+
+    /// The reply for a frame that is not a request.
+    fn frame_error(&self, frame: &Frame) -> Box<RawValue> {
+        match frame {
+            Frame::TooLarge => error_json(
+                Id::Null,
+                codes::LIMIT_EXCEEDED,
+                format!(
+                    "request too large: the limit is {} bytes per JSON value{}",
+                    self.framer.max,
+                    if self.conn.is_authenticated() { "" } else { " before Auth.Login" }
+                ),
+            ),
+            _ => error_json(Id::Null, ErrorCode::ParseError.code(), "Parse error"),
+        }
+    }
+
+    /// Before login: handles one frame to the end, its reply written, before the next is
+    /// read, so a call is judged by the login state it arrived in and an unauthenticated
+    /// client holds at most one reply. `Some` when the connection must close.
+    async fn serve_unauthenticated(&mut self, frame: Frame) -> Option<Closed> {
+        let probation = self.conn.standing() == Standing::Probation;
+        let reply = match frame {
+            Frame::Value(value) if probation && !is_login(&value) => {
+                self.push_own(error_json(
+                    Id::Null,
+                    codes::LIMIT_EXCEEDED,
+                    "too many connections: the last slots are kept for clients that call \
+                     Auth.Login first; try again later",
+                ))
+                .await;
+                return Some(Closed::NotLoggedIn);
+            }
+            Frame::Value(value) => {
+                let reply = handle_value(&*self.service, &self.ctx, value).await;
+                if let Some(reply) = reply {
+                    self.push(reply).await;
+                }
+                None
+            }
+            other => Some(self.frame_error(&other)),
+        };
+        if let Some(reply) = reply {
+            self.push_own(reply).await;
+        }
+        if self.conn.is_authenticated() {
+            self.framer.max = self.cfg.max_request_size as usize;
+            return None;
+        }
+        if probation {
+            return Some(Closed::NotLoggedIn);
+        }
+        tokio::select! {
+            () = self.written.reach(self.pushed) => None,
+            () = self.shutdown.cancelled() => Some(Closed::Shutdown),
+            () = self.write_failed.cancelled() => Some(Closed::WriteFailed),
+            () = self.conn.closed() => Some(Closed::Evicted),
+        }
+    }
+
+    /// After login: starts every buffered request there is room for; the rest waits in the
+    /// framer and the socket is not read meanwhile (back-pressure).
+    async fn start_calls(&mut self, eof: bool) {
+        while self.calls.len() < self.cfg.max_in_flight && !self.conn.backlog().is_full() {
+            let Some(frame) = self.framer.next_frame(eof) else { break };
+            match frame {
+                Frame::Value(value) => {
+                    let (service, ctx, tx) =
+                        (self.service.clone(), self.ctx.clone(), self.tx.clone());
+                    self.calls.spawn(async move {
+                        if let Some(reply) = handle_value(&*service, &ctx, value).await {
+                            let _ = tx.send(reply).await;
+                        }
+                    });
+                }
+                other => {
+                    let reply = self.frame_error(&other);
+                    self.conn.backlog().produced(reply.get().len());
+                    let tx = self.tx.clone();
+                    self.calls.spawn(async move {
+                        let _ = tx.send(reply).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Serves one raw-TCP connection until the client closes it, it idles out, writing fails, it
+/// does not log in in time, it stops reading its replies, or `shutdown` is cancelled (then
+/// in-flight calls get `drain_timeout` to finish).
+///
+/// Before `Auth.Login` succeeds (when `conn` needs a login), requests are handled one at a
+/// time, each to its written reply, and may be at most `max_login_request_size` bytes; after
+/// it, up to `max_in_flight` run at once.
 ///
 /// `rpc` is the middleware stack (see [`super::middleware::RpcLayer::builder`]); `conn_id`
 /// must be unique among the server's live connections, since unsubscribing is keyed by it.
 pub async fn serve_connection<St, L>(
     stream: St,
-    peer: Option<SocketAddr>,
+    conn: Arc<Conn>,
     conn_id: u32,
     methods: Methods,
     rpc: RpcServiceBuilder<L>,
     cfg: TcpConfig,
     shutdown: CancellationToken,
 ) where
-    St: AsyncRead + AsyncWrite + Send + 'static,
+    St: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     L: tower::Layer<TcpRpcService>,
     L::Service: RpcServiceT<
             MethodResponse = MethodResponse,
@@ -649,21 +836,26 @@ pub async fn serve_connection<St, L>(
         + Sync
         + 'static,
 {
-    let max = cfg.max_request_size as usize;
-    let (mut rd, wr) = tokio::io::split(stream);
+    let peer = conn.peer();
+    let (mut rd, wr) = tokio::io::split(ConnIo::new(stream, conn.clone()));
     let (tx, rx) = mpsc::channel::<Box<RawValue>>(cfg.message_buffer_capacity.max(1) as usize);
     let close = CancellationToken::new();
     let write_failed = CancellationToken::new();
-    let writer =
-        tokio::spawn(write_loop(rx, wr, close.clone(), write_failed.clone(), cfg.idle_timeout));
+    let written = Arc::new(Written::default());
+    let writer = tokio::spawn(write_loop(
+        rx,
+        wr,
+        close.clone(),
+        write_failed.clone(),
+        cfg.idle_timeout,
+        written.clone(),
+    ));
 
     let subscriptions = Arc::new(Semaphore::new(cfg.max_subscriptions as usize));
     let ctx = Arc::new(ConnCtx {
-        auth: ConnAuth::new(),
-        peer,
+        conn: conn.clone(),
         conn_id: ConnectionId::from(conn_id),
         methods: methods.clone(),
-        max_request_size: cfg.max_request_size,
     });
     let service = Arc::new(rpc.service(TcpRpcService {
         conn_id: ConnectionId::from(conn_id),
@@ -674,77 +866,73 @@ pub async fn serve_connection<St, L>(
         sink: MethodSink::new_with_limit(tx.clone(), cfg.max_response_size),
         id_provider: Arc::new(RandomIntegerIdProvider),
     }));
-
-    let mut framer = Framer::new(max);
-    let mut calls = JoinSet::new();
-    let mut chunk = vec![0u8; 16 * 1024];
+    let first_limit =
+        if conn.is_authenticated() { cfg.max_request_size } else { cfg.max_login_request_size };
+    let mut s = Session {
+        service,
+        ctx,
+        conn: conn.clone(),
+        tx,
+        cfg: cfg.clone(),
+        calls: JoinSet::new(),
+        framer: Framer::new(first_limit as usize),
+        write_failed: write_failed.clone(),
+        shutdown: shutdown.clone(),
+        pushed: 0,
+        written,
+    };
+    // Small until the login: thousands of connections that never log in cost little.
+    let mut chunk = vec![0u8; if conn.is_authenticated() { 16 * 1024 } else { 1024 }];
     let mut eof = false;
     let idle = tokio::time::sleep(cfg.idle_timeout);
     tokio::pin!(idle);
+    let login_deadline = tokio::time::sleep(cfg.login_timeout);
+    tokio::pin!(login_deadline);
+    let stalled = conn.stalled();
+    tokio::pin!(stalled);
 
     let closed = loop {
-        // Start every buffered request there is room for; the rest waits in the framer and
-        // the socket is not read meanwhile (back-pressure).
-        while calls.len() < cfg.max_in_flight {
-            let Some(frame) = framer.next_frame(eof) else { break };
-            let reply = match frame {
-                // A login is answered before the requests after it start, so a client may
-                // send its login and its first call in one write. It is quick: no I/O.
-                Frame::Value(value) if !ctx.auth.is_set() && is_login(&value) => {
-                    if let Some(reply) = handle_value(&*service, &ctx, value).await {
-                        // A client that sends logins without reading the answers fills the
-                        // queue: waiting for room must not outlast the connection.
-                        tokio::select! {
-                            _ = tx.send(reply) => {}
-                            () = shutdown.cancelled() => {}
-                            () = write_failed.cancelled() => {}
-                        }
-                    }
-                    None
-                }
-                Frame::Value(value) => {
-                    let (service, ctx, tx) = (service.clone(), ctx.clone(), tx.clone());
-                    calls.spawn(async move {
-                        if let Some(reply) = handle_value(&*service, &ctx, value).await {
-                            let _ = tx.send(reply).await;
-                        }
-                    });
-                    None
-                }
-                Frame::TooLarge => Some(error_json(
-                    Id::Null,
-                    codes::LIMIT_EXCEEDED,
-                    format!(
-                        "request too large: the limit is {} bytes per JSON value",
-                        ctx.max_request_size
-                    ),
-                )),
-                Frame::Syntax => {
-                    Some(error_json(Id::Null, ErrorCode::ParseError.code(), "Parse error"))
-                }
-            };
-            if let Some(reply) = reply {
-                let tx = tx.clone();
-                calls.spawn(async move {
-                    let _ = tx.send(reply).await;
-                });
+        if conn.is_authenticated() {
+            if chunk.len() < 16 * 1024 {
+                chunk.resize(16 * 1024, 0);
+            }
+            s.start_calls(eof).await;
+        } else if let Some(frame) = s.framer.next_frame(eof) {
+            match s.serve_unauthenticated(frame).await {
+                Some(closed) => break closed,
+                None => continue,
             }
         }
-        if eof && calls.is_empty() {
+        if eof && s.calls.is_empty() {
             break Closed::Eof;
         }
+        s.framer.shrink();
 
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break Closed::Shutdown,
             () = write_failed.cancelled() => break Closed::WriteFailed,
-            Some(_) = calls.join_next(), if !calls.is_empty() => {
+            () = conn.closed() => break Closed::Evicted,
+            () = &mut login_deadline, if !conn.is_authenticated() => {
+                s.push_own(error_json(
+                    Id::Null,
+                    codes::UNAUTHORIZED,
+                    format!(
+                        "login timed out: call Auth.Login within {} s of connecting",
+                        cfg.login_timeout.as_secs()
+                    ),
+                ))
+                .await;
+                break Closed::LoginTimeout;
+            }
+            () = &mut stalled => break Closed::Stalled,
+            Some(_) = s.calls.join_next(), if !s.calls.is_empty() => {
                 idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
             }
-            read = rd.read(&mut chunk), if !eof && calls.len() < cfg.max_in_flight => match read {
+            read = rd.read(&mut chunk), if !eof && s.calls.len() < cfg.max_in_flight => match read {
                 Ok(0) => eof = true,
                 Ok(n) => {
-                    framer.push(&chunk[..n]);
+                    s.framer.push(&chunk[..n]);
                     idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
                 }
                 Err(e) => {
@@ -752,7 +940,7 @@ pub async fn serve_connection<St, L>(
                     break Closed::ReadFailed;
                 }
             },
-            () = &mut idle, if calls.is_empty() && !eof => {
+            () = &mut idle, if s.calls.is_empty() && !eof => {
                 if subscriptions.available_permits() < cfg.max_subscriptions as usize {
                     // An active subscription is not idleness: the client is listening.
                     idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
@@ -763,20 +951,24 @@ pub async fn serve_connection<St, L>(
         }
     };
 
-    if closed == Closed::Shutdown {
-        let drain = async { while calls.join_next().await.is_some() {} };
-        if tokio::time::timeout(cfg.drain_timeout, drain).await.is_err() {
-            tracing::debug!("tcp calls did not finish in time at shutdown");
+    match closed {
+        Closed::Shutdown => {
+            let drain = async { while s.calls.join_next().await.is_some() {} };
+            if tokio::time::timeout(cfg.drain_timeout, drain).await.is_err() {
+                tracing::debug!("tcp calls did not finish in time at shutdown");
+            }
         }
+        // The client does not read: nothing more will reach it.
+        Closed::Stalled | Closed::Evicted => conn.close(),
+        _ => {}
     }
-    calls.shutdown().await;
+    s.calls.shutdown().await;
     tracing::debug!(peer = ?peer, conn_id, reason = ?closed, "tcp connection closed");
 
     // Let the writer flush what is queued, then close; dropping its receiver ends this
     // connection's subscriptions.
     close.cancel();
-    drop(service);
-    drop(tx);
+    drop(s);
     let mut writer = writer;
     if tokio::time::timeout(cfg.drain_timeout, &mut writer).await.is_err() {
         writer.abort();

@@ -193,13 +193,40 @@ impl From<&UnitSnapshot> for UnitSummary {
 }
 
 /// `TaskUnit.Add`'s argument: a definition, or a bare name (tick unit or unit file).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum AddArg {
     /// A bare name.
     Name(String),
     /// A unit definition object.
     Definition(#[schemars(with = "crate::unit::UnitDef")] Value),
+}
+
+/// Anything but a string or an object is a parameter of the wrong type (-32602), not a bad
+/// definition: say which.
+impl<'de> Deserialize<'de> for AddArg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(name) => Ok(AddArg::Name(name)),
+            v @ Value::Object(_) => Ok(AddArg::Definition(v)),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a unit definition (an object) or a unit name (a string), got {}",
+                json_type(&other)
+            ))),
+        }
+    }
+}
+
+/// The JSON type of `v`, as error messages name it.
+pub fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// `TaskUnit.Add`'s result: `true` for the bare-name form, else the unit.
@@ -340,6 +367,11 @@ pub enum FollowItem {
         /// The run.
         run: Box<RunInfo>,
     },
+    /// The last message of a follower that fell too far behind (its client did not read).
+    Lagged {
+        /// What happened and what to do.
+        message: String,
+    },
 }
 
 /// `Events.Subscribe`'s argument.
@@ -404,4 +436,23 @@ pub struct StatusInfo {
     pub state_dir: String,
     /// `token` or `none`.
     pub auth: String,
+    /// Connections open now, and the limit.
+    #[serde(default)]
+    pub connections: ConnectionCounts,
+    /// Failed logins and unauthorized requests since the daemon started.
+    #[serde(default)]
+    pub auth_failures: u64,
+}
+
+/// `Daemon.Status`'s connection counts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ConnectionCounts {
+    /// Logged in (or needing no login).
+    pub authenticated: usize,
+    /// Not logged in yet.
+    pub unauthenticated: usize,
+    /// Admitted into the share kept for logged-in clients, and not logged in yet.
+    pub probation: usize,
+    /// The limit.
+    pub max: usize,
 }

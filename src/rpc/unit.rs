@@ -2,7 +2,7 @@
 
 use jsonrpsee::core::{RpcResult, async_trait};
 use jsonrpsee::proc_macros::rpc;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::api::{Api, rpc_error};
 use super::types::{AddArg, AddResult, DeleteArg, ListArg, RunInfo, UnitInfo, UnitSummary};
@@ -28,7 +28,7 @@ pub trait TaskUnitApi {
 
     /// Applies a JSON merge patch `{name, …fields}` to a unit's definition.
     #[method(name = "Edit")]
-    async fn edit(&self, patch: Value) -> RpcResult<UnitInfo>;
+    async fn edit(&self, patch: Map<String, Value>) -> RpcResult<UnitInfo>;
 
     /// Lists units sorted by name, optionally filtered by state and name glob, a page at a
     /// time (`limit`, default 1000, at most 10000; `after`: the last name of the previous page).
@@ -81,7 +81,7 @@ impl TaskUnitApiServer for Api {
         Ok(true)
     }
 
-    async fn edit(&self, patch: Value) -> RpcResult<UnitInfo> {
+    async fn edit(&self, patch: Map<String, Value>) -> RpcResult<UnitInfo> {
         let name = match patch.get("name") {
             Some(Value::String(n)) => n.clone(),
             _ => {
@@ -91,7 +91,7 @@ impl TaskUnitApiServer for Api {
                 )));
             }
         };
-        let snap = self.registry.edit(&name, patch).await.map_err(rpc_error)?;
+        let snap = self.registry.edit(&name, Value::Object(patch)).await.map_err(rpc_error)?;
         Ok(UnitInfo::from(&snap))
     }
 

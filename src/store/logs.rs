@@ -327,7 +327,13 @@ impl RunLog {
             return false;
         }
         if self.file.is_none() {
-            match File::create(&self.path) {
+            // Private whatever the umask: a run's output may hold secrets.
+            let created = std::os::unix::fs::OpenOptionsExt::mode(
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true),
+                0o600,
+            )
+            .open(&self.path);
+            match created {
                 Ok(f) => self.file = Some(f),
                 Err(e) => {
                     tracing::warn!(path = %self.path.display(), error = %e, "cannot create a run log");

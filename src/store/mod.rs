@@ -367,10 +367,27 @@ fn unit_from_row(r: &rusqlite::Row<'_>, base: usize) -> rusqlite::Result<StoredU
 impl Store {
     /// Opens (creating if needed) the store in `dir`: `taskd.db` and `logs/`.
     pub fn open(dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let private_dir = |p: &Path| {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(p)
+                .map_err(|e| Error::io(p, e))
+        };
+        private_dir(dir)?;
         let logs_dir = dir.join("logs");
-        std::fs::create_dir_all(&logs_dir).map_err(|e| Error::io(&logs_dir, e))?;
+        private_dir(&logs_dir)?;
         let db_path = dir.join("taskd.db");
+        // Created private before SQLite opens it: SQLite gives the WAL and shared-memory files
+        // the database file's mode.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&db_path)
+            .map_err(|e| Error::io(&db_path, e))?;
         let conn = Connection::open(&db_path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;

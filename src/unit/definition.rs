@@ -30,8 +30,9 @@ pub fn validate_name(name: &str) -> Result<()> {
         Err(Error::invalid(
             "name",
             format!(
-                "{name:?} is not a valid unit name: use 1-64 letters, digits, '.', '_' or '-', \
-                 starting with a letter or digit"
+                "{} is not a valid unit name: use 1-64 letters, digits, '.', '_' or '-', \
+                 starting with a letter or digit",
+                crate::error::shown_name(name)
             ),
         ))
     }

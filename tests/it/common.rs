@@ -27,6 +27,13 @@ pub fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Gives a state directory the mode the daemon requires (0700): temporary directories and
+/// tmpfs mounts are made more open.
+pub fn make_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod 700");
+}
+
 /// A daemon under test.
 pub struct TestDaemon {
     /// The state directory (kept across restarts).
@@ -43,6 +50,8 @@ pub struct TestDaemon {
     extra: Vec<String>,
     /// Start the daemon with SIGHUP, SIGINT and SIGQUIT ignored, as `nohup` or `&` would.
     ignoring_signals: bool,
+    /// Run the daemon as this uid and gid (the state directory is given to them).
+    as_user: Option<(u32, u32)>,
 }
 
 impl TestDaemon {
@@ -71,6 +80,7 @@ impl TestDaemon {
         extra: &[&str],
         ignoring_signals: bool,
     ) -> TestDaemon {
+        make_private(&state);
         let mut d = TestDaemon {
             state,
             log,
@@ -80,7 +90,37 @@ impl TestDaemon {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             ignoring_signals,
+            as_user: None,
         };
+        d.spawn();
+        d
+    }
+
+    /// Starts a daemon with `--auth none` (and `extra`). A root daemon refuses `--auth none`,
+    /// so when the tests run as root it runs as `nobody`, owning its state directory.
+    pub fn start_no_auth(extra: &[&str]) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
+        let mut args = vec!["--auth", "none"];
+        args.extend_from_slice(extra);
+        let mut d = TestDaemon {
+            state,
+            log,
+            _temp: Some(dir),
+            addr: String::new(),
+            token: String::new(),
+            child: None,
+            extra: args.iter().map(|s| s.to_string()).collect(),
+            ignoring_signals: false,
+            as_user: None,
+        };
+        make_private(&d.state);
+        if nix::unistd::geteuid().is_root() {
+            let nobody = nix::unistd::User::from_name("nobody").expect("getpwnam").expect("nobody");
+            let ids = (nobody.uid.as_raw(), nobody.gid.as_raw());
+            std::os::unix::fs::chown(&d.state, Some(ids.0), Some(ids.1)).expect("chown state");
+            d.as_user = Some(ids);
+        }
         d.spawn();
         d
     }
@@ -113,6 +153,9 @@ impl TestDaemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if let Some((uid, gid)) = self.as_user {
+            cmd.uid(uid).gid(gid).env("HOME", &self.state);
+        }
         if self.ignoring_signals {
             // SAFETY: runs in the child before exec and only calls signal(2), which is
             // async-signal-safe.

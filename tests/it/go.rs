@@ -113,7 +113,7 @@ fn assert_go_effects(d: &TestDaemon, prefix: &str) {
 #[test]
 fn go_net_rpc_client_without_auth() {
     let Some(client) = go_client() else { return };
-    let d = TestDaemon::start_with(&["--auth", "none"]);
+    let d = TestDaemon::start_no_auth(&[]);
     run_go_client(client, &d, "gonone");
     assert_go_effects(&d, "gonone");
 }

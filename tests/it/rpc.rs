@@ -362,7 +362,7 @@ fn list_pages_in_name_order_after_filtering() {
 
 #[test]
 fn a_bare_params_value_is_the_same_as_a_one_element_array() {
-    let d = TestDaemon::start_with(&["--auth", "none"]);
+    let d = TestDaemon::start_no_auth(&[]);
     let mut c = Raw::connect(&d.addr);
     let def =
         |name: &str| json!({"name": name, "command": ["true"], "every": "1h", "paused": true});
@@ -405,7 +405,7 @@ fn a_bare_params_value_is_the_same_as_a_one_element_array() {
 
 #[test]
 fn batches_mix_calls_notifications_and_invalid_entries() {
-    let d = TestDaemon::start_with(&["--auth", "none"]);
+    let d = TestDaemon::start_no_auth(&[]);
     let mut c = Raw::connect(&d.addr);
     let batch = json!([
         {"jsonrpc": "2.0", "id": 1, "method": "TaskUnit.Add",
@@ -458,7 +458,7 @@ fn batches_mix_calls_notifications_and_invalid_entries() {
 
 #[test]
 fn framing_concatenated_and_split_requests() {
-    let d = TestDaemon::start_with(&["--auth", "none"]);
+    let d = TestDaemon::start_no_auth(&[]);
     let mut c = Raw::connect(&d.addr);
     c.stream.set_nodelay(true).expect("nodelay");
 
@@ -686,7 +686,7 @@ fn every_error_code() {
 #[test]
 fn a_json_object_that_is_not_a_request_is_an_invalid_request() {
     // JSON-RPC 2.0: valid JSON that is not a Request object is -32600, not a parse error.
-    let d = TestDaemon::start_with(&["--auth", "none"]);
+    let d = TestDaemon::start_no_auth(&[]);
     let mut c = Raw::connect(&d.addr);
     for bad in [r#"{"jsonrpc":"2.0"}"#, r#"{"jsonrpc":"2.0","params":[]}"#, "{}"] {
         c.send(format!("{bad}\n").as_bytes());
@@ -1011,8 +1011,12 @@ fn http_post_needs_the_bearer_token() {
     let mut s = TcpStream::connect(&d.addr).expect("connect");
     s.set_read_timeout(Some(DEADLINE)).expect("timeout");
     s.write_all(
-        b"GET / HTTP/1.1\r\nHost: taskd\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        format!(
+            "GET / HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            d.addr
+        )
+        .as_bytes(),
     )
     .expect("write upgrade");
     let mut head = [0u8; 12];
@@ -1228,7 +1232,6 @@ fn state_changes_are_audited_and_durable() {
     assert_eq!(status, 200, "{text}");
 
     let want: Vec<(&str, Option<&str>, Option<&str>)> = vec![
-        ("Auth.Login", None, None),
         ("TaskUnit.Add", Some("audited"), None),
         ("TaskUnit.Add", Some("audited"), Some("already exists")),
         ("TaskUnit.Delete", Some("audited"), None),
@@ -1253,8 +1256,8 @@ fn state_changes_are_audited_and_durable() {
             "the token leaked: {row:?}"
         );
     }
-    assert!(rows[..6].iter().all(|r| r.3.starts_with("tcp:127.0.0.1:")), "{rows:#?}");
-    assert!(rows[6].3.starts_with("http:127.0.0.1:"), "{rows:#?}");
+    assert!(rows[..5].iter().all(|r| r.3.starts_with("tcp:127.0.0.1:")), "{rows:#?}");
+    assert!(rows[5].3.starts_with("http:127.0.0.1:"), "{rows:#?}");
 
     // A graceful stop, then a restart: the answered changes are there.
     let st = d.terminate();
