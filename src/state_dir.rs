@@ -29,9 +29,10 @@ pub const LOCK_FILE: &str = "taskd.lock";
 /// Subdirectories the daemon creates in the state directory.
 pub const SUBDIRS: [&str; 4] = ["logs", "units", "work", "scripts"];
 
-/// Files directly in the state directory that hold the daemon's data.
-const PRIVATE_FILES: [&str; 6] =
-    ["taskd.db", "taskd.db-wal", "taskd.db-shm", "token", ADDRESS_FILE, LOCK_FILE];
+/// Files directly in the state directory that hold the daemon's data, tightened at start
+/// (not the token: a token others could read is refused instead, since it may have leaked).
+const PRIVATE_FILES: [&str; 5] =
+    ["taskd.db", "taskd.db-wal", "taskd.db-shm", ADDRESS_FILE, LOCK_FILE];
 
 /// How long a locked state directory is waited for before giving up.
 const LOCK_WAIT: Duration = Duration::from_secs(1);

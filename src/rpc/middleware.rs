@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use jsonrpsee::core::middleware::{
-    Batch, BatchEntry, Notification, Request, RpcServiceBuilder, RpcServiceT,
+    Batch, BatchEntry, Extensions, Notification, Request, RpcServiceBuilder, RpcServiceT,
 };
 use jsonrpsee::core::server::{BatchResponseBuilder, MethodCallback, MethodResponse, Methods};
 use jsonrpsee::types::{ErrorObject, Id};
@@ -189,13 +189,17 @@ fn error_message(rp: &MethodResponse) -> String {
         .map_or_else(|| "error".to_owned(), |e| e.message)
 }
 
+/// Whether the request's client has authenticated (its bearer token on HTTP and WebSocket,
+/// its connection's login on raw TCP).
+fn authenticated(ext: &Extensions) -> bool {
+    ext.get::<Authenticated>().is_some() || ext.get::<ConnAuth>().is_some_and(ConnAuth::is_set)
+}
+
 impl<S> RpcMiddleware<S> {
     fn authorized(&self, req: &Request<'_>) -> bool {
-        if !self.shared.auth.is_required() || PUBLIC_METHODS.contains(&req.method_name()) {
-            return true;
-        }
-        let ext = req.extensions();
-        ext.get::<Authenticated>().is_some() || ext.get::<ConnAuth>().is_some_and(ConnAuth::is_set)
+        !self.shared.auth.is_required()
+            || PUBLIC_METHODS.contains(&req.method_name())
+            || authenticated(req.extensions())
     }
 }
 
@@ -225,8 +229,10 @@ where
             let peer = ext.get::<Peer>().map(|p| p.0);
             let conn = ext.get::<Arc<Conn>>().cloned();
             let authorized = this.authorized(&req);
-            // Unauthenticated traffic never writes audit records: it is counted instead, so
-            // that no flood of it can push real records out.
+            // Judged after the call, since a login authenticates its own call: unauthenticated
+            // traffic (failed logins included) never writes audit records. It is counted
+            // instead, so that no flood of it can push real records out.
+            let ext = req.extensions().clone();
             let audit_unit = (authorized && this.shared.audited.contains(&method))
                 .then(|| unit_of(&method, req.params.as_ref()));
 
@@ -253,7 +259,8 @@ where
                 ok,
                 "rpc call"
             );
-            if let Some(unit) = audit_unit {
+            let audited = !this.shared.auth.is_required() || authenticated(&ext);
+            if let Some(unit) = audit_unit.filter(|_| audited) {
                 let outcome = if ok { Ok(()) } else { Err(error_message(&rp)) };
                 (this.shared.audit)(AuditEntry { peer, transport, method, unit, outcome });
             }

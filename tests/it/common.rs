@@ -1,7 +1,7 @@
 //! The test harness: a real `taskd` process on `127.0.0.1:0` in a temporary state directory,
 //! driven through real clients (the Rust client, raw sockets, and `taskctl` as built).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -63,6 +63,14 @@ impl TestDaemon {
     /// Starts a daemon with extra flags.
     pub fn start_with(extra: &[&str]) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
+        let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
+        Self::start_full(state, log, Some(dir), extra, false)
+    }
+
+    /// Starts a daemon whose `taskd.toml` is `config`, with extra flags.
+    pub fn start_with_config(config: &str, extra: &[&str]) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("taskd.toml"), config).expect("taskd.toml");
         let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
         Self::start_full(state, log, Some(dir), extra, false)
     }
@@ -372,4 +380,60 @@ pub fn alive(pid: i32) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// A hand-written HTTP/1.1 POST with `Host: addr`; returns the status code and the body.
+pub fn http_post(addr: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut req = format!("POST / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    let (status, _, body) = http_raw(addr, &req);
+    (status, body)
+}
+
+/// Sends `request` as it is and reads the response until the daemon closes the connection;
+/// returns the status code, the head and the body.
+pub fn http_raw(addr: &str, request: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    s.write_all(request.as_bytes()).expect("write request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let text = String::from_utf8(raw).expect("utf-8 response");
+    let (head, body) =
+        text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end: {text:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head:?}"));
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    (status, head.to_owned(), body)
+}
+
+/// The body of a chunked response.
+pub fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").expect("chunk size");
+        let n = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+}
+
+/// The resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
 }

@@ -7,3 +7,4 @@ mod faults;
 mod go;
 mod load;
 mod rpc;
+mod security;

@@ -12,7 +12,7 @@ use jsonrpsee::ws_client::{HeaderMap, HeaderValue, WsClient, WsClientBuilder};
 use serde_json::{Value, json};
 use taskd::error::codes;
 
-use crate::common::{DEADLINE, Raw, TestDaemon, alive, wait_for};
+use crate::common::{DEADLINE, Raw, TestDaemon, alive, http_post, wait_for};
 
 const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
@@ -899,44 +899,6 @@ fn bad_input_changes_nothing_and_the_daemon_keeps_serving() {
     assert_eq!(*result(&fresh.call("TaskUnit.Get", json!("keeper"))), keeper_before);
     assert_eq!(*result(&fresh.call("Run.List", json!({}))), runs_before, "no run was created");
     assert_eq!(*result(&c.call("TaskUnit.List", json!({}))), units_before);
-}
-
-/// A hand-written HTTP/1.1 POST; returns the status code and the body.
-fn http_post(addr: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    let mut req = format!("POST / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    s.write_all(req.as_bytes()).expect("write request");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read response");
-    let text = String::from_utf8(raw).expect("utf-8 response");
-    let (head, body) =
-        text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end: {text:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head:?}"));
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(body) } else { body.to_owned() };
-    (status, body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = s.split_once("\r\n").expect("chunk size");
-        let n = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
-        if n == 0 {
-            return out;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
 }
 
 #[test]
