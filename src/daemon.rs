@@ -79,6 +79,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // First, before anything is spawned.
+    exec::process_hygiene();
     let _lock = lock_state_dir(&cfg)?;
     exec::catch_ignored_signals();
     if let Err(e) = exec::become_subreaper() {

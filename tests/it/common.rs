@@ -43,6 +43,8 @@ pub struct TestDaemon {
     extra: Vec<String>,
     /// Start the daemon with SIGHUP, SIGINT and SIGQUIT ignored, as `nohup` or `&` would.
     ignoring_signals: bool,
+    /// Run in the daemon's process before it execs (an inherited descriptor, a umask…).
+    pre_exec: Option<fn() -> std::io::Result<()>>,
 }
 
 impl TestDaemon {
@@ -80,6 +82,7 @@ impl TestDaemon {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             ignoring_signals,
+            pre_exec: None,
         };
         d.spawn();
         d
@@ -90,6 +93,27 @@ impl TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
         Self::start_full(state, log, Some(dir), &[], true)
+    }
+
+    /// Starts a daemon with extra flags, running `setup` in its process just before it execs
+    /// `taskd`, to start it the way a shell or a service manager might (descriptors left
+    /// open, a umask). `setup` may only make async-signal-safe calls.
+    pub fn start_with_pre_exec(extra: &[&str], setup: fn() -> std::io::Result<()>) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
+        let mut d = TestDaemon {
+            state,
+            log,
+            _temp: Some(dir),
+            addr: String::new(),
+            token: String::new(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ignoring_signals: false,
+            pre_exec: Some(setup),
+        };
+        d.spawn();
+        d
     }
 
     /// The state directory.
@@ -123,6 +147,13 @@ impl TestDaemon {
                     }
                     Ok(())
                 });
+            }
+        }
+        if let Some(setup) = self.pre_exec {
+            // SAFETY: `setup` runs in the child before exec; its contract is to make only
+            // async-signal-safe calls.
+            unsafe {
+                cmd.pre_exec(setup);
             }
         }
         let child = cmd.spawn().expect("spawn taskd");
