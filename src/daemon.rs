@@ -79,7 +79,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // First, before anything is spawned.
+    // First: before anything is created (the umask) or spawned (inherited descriptors).
     exec::process_hygiene();
     let _lock = lock_state_dir(&cfg)?;
     exec::catch_ignored_signals();

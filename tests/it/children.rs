@@ -1,5 +1,7 @@
 //! What a run's process gets from the daemon besides its definition: no file descriptor but
-//! 0, 1 and 2.
+//! 0, 1 and 2, the umask the daemon was started with (while the daemon itself keeps 0077).
+
+use std::os::unix::fs::PermissionsExt;
 
 use serde_json::{Value, json};
 
@@ -74,4 +76,42 @@ fn runs_inherit_no_descriptor_but_stdin_stdout_and_stderr() {
     // A script run too: its interpreter is given the script's path and opens it itself.
     let out = output_of(&d, json!({"name": "fds-script", "script": LIST_FDS}));
     assert_eq!(out, "0\n1\n2\n", "the script run inherited more than stdin, stdout and stderr");
+}
+
+/// Starts the daemon with umask 0027, which neither the usual 0022 nor the daemon's own 0077.
+fn umask_027() -> std::io::Result<()> {
+    // SAFETY: umask is async-signal-safe and cannot fail.
+    unsafe { libc::umask(0o027) };
+    Ok(())
+}
+
+/// The `Umask:` line of `/proc/<pid>/status`.
+fn umask_of(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Umask:")).expect("a Umask line");
+    line.trim_start_matches("Umask:").trim().to_string()
+}
+
+#[test]
+fn runs_start_with_the_umask_the_daemon_was_started_with_while_the_daemon_keeps_0077() {
+    let d = TestDaemon::start_with_pre_exec(&[], umask_027);
+    assert_eq!(umask_of(d.pid()), "0077", "the daemon's own umask");
+    let dir = tempfile::tempdir().unwrap();
+    let made = dir.path().join("made");
+    let out = output_of(
+        &d,
+        json!({"name": "umask", "command": ["sh", "-c", "umask; echo x > \"$0\"", made]}),
+    );
+    assert_eq!(out, "0027\n");
+    let mode = std::fs::metadata(&made).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "a file the run created: {mode:o}");
+    // Meanwhile what the daemon creates is its own: the run's log file, written on the log
+    // writer's thread.
+    let logs = d.state_dir().join("logs");
+    for entry in std::fs::read_dir(&logs).unwrap() {
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", entry.path().display());
+    }
+    assert_eq!(umask_of(d.pid()), "0077", "the daemon's umask after spawning");
 }
