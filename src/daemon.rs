@@ -21,6 +21,7 @@ use crate::rpc::listener::{ServeConfig, serve};
 use crate::rpc::middleware::{AUDITED_METHODS, AuditEntry};
 use crate::store::{AuditRecord, Store};
 use crate::unit::ValidateCtx;
+use crate::unit::definition::resolve_allowed_dirs;
 
 /// The file in the state directory that holds the address the daemon listens on, so that
 /// `taskctl` finds a daemon started with `--listen 127.0.0.1:0`.
@@ -113,7 +114,7 @@ pub async fn run(
         RegistryConfig {
             validate: ValidateCtx {
                 is_root: crate::config::is_root(),
-                allowed_dirs: cfg.allowed_dirs.clone(),
+                allowed_dirs: resolve_allowed_dirs(&cfg.allowed_dirs),
             },
             units_dir: cfg.units_dir.clone(),
             work_dir: cfg.state_dir.join("work"),

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::definition::{Action, CatchUp, Overlap, Restart, UnitConfig};
+use super::definition::{Action, CatchUp, Overlap, Restart, UnitConfig, ValidateCtx};
 use super::handle::{Control, Inbox, UnitHandle, UnitShared, UnitState, UnitStatus};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -30,8 +30,10 @@ use crate::store::logs::Stream;
 pub struct RunnerEnv {
     /// The store.
     pub store: Store,
-    /// Default working directory (`<state-dir>/work`).
+    /// Default working directory (`<state-dir>/work`) of runs without `user`.
     pub work_dir: PathBuf,
+    /// `allowed_dirs`, checked again before each spawn.
+    pub validate: ValidateCtx,
     /// Runs kept per unit unless the unit says otherwise.
     pub keep_runs: u32,
     /// This boot's id, recorded with each pid.
@@ -976,7 +978,20 @@ async fn spawn_and_wait(
         }
         Action::Tick(_) => unreachable!("tick units do not spawn"),
     };
-    let cwd = cfg.cwd.clone().unwrap_or_else(|| env.work_dir.clone());
+    // Resolved again right before the spawn, which starts in the resolved path: a symlink on
+    // the way may have been swapped since `Add`, and `allowed_dirs` may have changed.
+    let cwd = match &cfg.cwd {
+        Some(cwd) => match env.validate.resolve_cwd(cwd) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                if let Some(p) = script_path {
+                    env.store.remove_script(p);
+                }
+                return Outcome::NotStarted(format!("cannot start: {e}"));
+            }
+        },
+        None => env.work_dir.clone(),
+    };
     let spec = exec::Spec {
         argv,
         env: run_env(cfg, rec, user.as_ref(), &env.identity),

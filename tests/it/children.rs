@@ -1,7 +1,9 @@
 //! What a run's process gets from the daemon besides its definition: no file descriptor but
-//! 0, 1 and 2, the umask the daemon was started with (while the daemon itself keeps 0077).
+//! 0, 1 and 2, the umask the daemon was started with (while the daemon itself keeps 0077), and
+//! a working directory checked where it leads, at `Add` and again before each spawn.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use serde_json::{Value, json};
 
@@ -114,4 +116,55 @@ fn runs_start_with_the_umask_the_daemon_was_started_with_while_the_daemon_keeps_
         assert_eq!(mode & 0o077, 0, "{} is {mode:o}", entry.path().display());
     }
     assert_eq!(umask_of(d.pid()), "0077", "the daemon's umask after spawning");
+}
+
+/// Writes `taskd.toml` with `toml` into `dir` and returns the flags that make a daemon read it.
+fn config_flags(dir: &Path, toml: &str) -> Vec<String> {
+    let path = dir.join("taskd.toml");
+    std::fs::write(&path, toml).unwrap();
+    vec!["--config".into(), path.display().to_string()]
+}
+
+/// Asks for `def` to be added and returns the refusal, checking it names `field`.
+fn refusal(d: &TestDaemon, def: Value, field: &str) -> String {
+    let v = d.raw().call("TaskUnit.Add", def);
+    assert_eq!(v["error"]["data"]["field"], field, "{v}");
+    v["error"]["message"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn cwd_is_checked_where_it_leads_at_add_and_again_before_each_spawn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let allowed = tmp.path().join("allowed");
+    std::fs::create_dir_all(allowed.join("swapped")).unwrap();
+    std::os::unix::fs::symlink("/etc", allowed.join("link")).unwrap();
+    let toml = format!("allowed_dirs = [{:?}]\n", allowed.display().to_string());
+    let flags = config_flags(tmp.path(), &toml);
+    let d = TestDaemon::start_with(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // A symlink inside the allowed directory leads to /etc; `link/..` to `/`.
+    let pwd = |name: &str, cwd: &Path| json!({"name": name, "command": ["pwd"], "cwd": cwd});
+    let m = refusal(&d, pwd("link", &allowed.join("link")), "cwd");
+    assert!(m.contains("leads to /etc") && m.contains("not under an allowed directory"), "{m}");
+    let m = refusal(&d, pwd("up", &allowed.join("link/..")), "cwd");
+    assert!(m.contains("leads to /)"), "{m}");
+    let m = refusal(&d, pwd("missing", &allowed.join("missing")), "cwd");
+    assert!(m.contains("does not exist"), "{m}");
+
+    // Allowed at Add, and its first run starts there.
+    let dir = allowed.join("swapped");
+    assert_eq!(
+        output_of(&d, pwd("swap", &dir)),
+        format!("{}\n", dir.canonicalize().unwrap().display())
+    );
+    // Then the directory is swapped for a symlink to /etc: the next run does not start.
+    std::fs::remove_dir(&dir).unwrap();
+    std::os::unix::fs::symlink("/etc", &dir).unwrap();
+    let run = d.call("TaskUnit.Start", json!("swap"));
+    let run = d.wait_run_end(run["id"].as_i64().unwrap());
+    assert_eq!(run["state"], "failed", "{run}");
+    assert!(run["pid"].is_null(), "a process was started: {run}");
+    assert_eq!(run["stdout_bytes"], 0, "{run}");
+    let reason = run["reason"].as_str().unwrap();
+    assert!(reason.contains("cwd") && reason.contains("leads to /etc"), "{reason}");
 }
