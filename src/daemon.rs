@@ -91,6 +91,11 @@ pub async fn run(
     if let Some(warning) = cfg.check_listen(&local)? {
         tracing::warn!("{warning}");
     }
+    if crate::config::is_root() && cfg.allowed_users.is_empty() {
+        tracing::warn!(
+            "running as root without allowed_users: any client can run commands as any account, root included; set allowed_users (--allowed-user NAME)"
+        );
+    }
     let store = Store::open(&cfg.state_dir)?;
     let token: Option<Arc<str>> = match cfg.auth {
         AuthMode::Token => Some(
@@ -115,6 +120,7 @@ pub async fn run(
             validate: ValidateCtx {
                 is_root: crate::config::is_root(),
                 allowed_dirs: resolve_allowed_dirs(&cfg.allowed_dirs),
+                allowed_users: cfg.allowed_users.clone(),
             },
             units_dir: cfg.units_dir.clone(),
             work_dir: cfg.state_dir.join("work"),

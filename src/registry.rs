@@ -409,7 +409,8 @@ impl Registry {
     }
 
     /// Checks what validation cannot know without looking at this machine: that `cwd` leads
-    /// to a directory (under `allowed_dirs`, when set) and that `user` is an account. Done at `Add` and `Edit`, and again by the run before each
+    /// to a directory (under `allowed_dirs`, when set) and that `user` is an account (one of
+    /// `allowed_users`, when set). Done at `Add` and `Edit`, and again by the run before each
     /// spawn, so a unit whose directory disappears later still loads (its runs fail and say
     /// why).
     async fn check_host(&self, config: &UnitConfig) -> Result<()> {
@@ -421,8 +422,9 @@ impl Registry {
                 ctx.resolve_cwd(cwd)?;
             }
             if let Some(name) = &user {
-                exec::User::lookup(name)
+                let account = exec::User::lookup(name)
                     .map_err(|e| Error::invalid("user", format!("{name:?}: {e}")))?;
+                ctx.check_user(&account.name, account.uid)?;
             }
             Ok(())
         })

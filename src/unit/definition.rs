@@ -375,9 +375,9 @@ pub struct UnitConfig {
     pub def: UnitDef,
 }
 
-/// What validation needs to know about the daemon, and the daemon's limits on where units
-/// run, which are checked against this machine at `Add`, `Edit` and before each spawn
-/// ([`ValidateCtx::resolve_cwd`]).
+/// What validation needs to know about the daemon, and the daemon's limits on where and as
+/// whom units run, which are checked against this machine at `Add`, `Edit` and before each
+/// spawn ([`ValidateCtx::resolve_cwd`], [`ValidateCtx::check_user`]).
 #[derive(Debug, Clone, Default)]
 pub struct ValidateCtx {
     /// Whether the daemon runs as root (`user` is refused otherwise).
@@ -385,6 +385,8 @@ pub struct ValidateCtx {
     /// When non-empty, `cwd` must resolve to a directory under one of these, which are
     /// resolved paths themselves ([`resolve_allowed_dirs`]).
     pub allowed_dirs: Vec<PathBuf>,
+    /// When non-empty, `user` must name one of these accounts (by name or numeric uid).
+    pub allowed_users: Vec<String>,
 }
 
 impl ValidateCtx {
@@ -425,6 +427,23 @@ impl ValidateCtx {
             ));
         }
         Ok(resolved)
+    }
+
+    /// Checks the account a unit runs as (its login name and uid, once looked up) against
+    /// `allowed_users`. Errors name `user`.
+    pub fn check_user(&self, name: &str, uid: u32) -> Result<()> {
+        if self.allowed_users.is_empty()
+            || self.allowed_users.iter().any(|a| a == name || *a == uid.to_string())
+        {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "user",
+            format!(
+                "{name:?} is not one of the daemon's allowed_users ({})",
+                self.allowed_users.join(", ")
+            ),
+        ))
     }
 }
 
@@ -1058,6 +1077,24 @@ mod tests {
         assert!(ctx.resolve_cwd(&allowed.join("real")).is_ok());
         assert!(ctx.resolve_cwd(&alias.join("real")).is_ok());
         reason_of(ctx.resolve_cwd(&tmp.path().join("outside")));
+    }
+
+    #[test]
+    fn users_are_checked_against_allowed_users_by_name_or_uid() {
+        assert!(ValidateCtx::default().check_user("root", 0).is_ok());
+        let ctx = ValidateCtx {
+            allowed_users: vec!["www-data".into(), "1001".into()],
+            ..Default::default()
+        };
+        assert!(ctx.check_user("www-data", 33).is_ok());
+        assert!(ctx.check_user("backup", 1001).is_ok());
+        match ctx.check_user("root", 0) {
+            Err(Error::Invalid { field, reason }) => {
+                assert_eq!(field, "user");
+                assert!(reason.contains("allowed_users (www-data, 1001)"), "{reason}");
+            }
+            other => panic!("root was let through: {other:?}"),
+        }
     }
 
     #[test]

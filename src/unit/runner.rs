@@ -32,7 +32,7 @@ pub struct RunnerEnv {
     pub store: Store,
     /// Default working directory (`<state-dir>/work`) of runs without `user`.
     pub work_dir: PathBuf,
-    /// `allowed_dirs`, checked again before each spawn.
+    /// `allowed_dirs` and `allowed_users`, checked again before each spawn.
     pub validate: ValidateCtx,
     /// Runs kept per unit unless the unit says otherwise.
     pub keep_runs: u32,
@@ -962,6 +962,12 @@ async fn spawn_and_wait(
             }
         }
     };
+    // `allowed_users` may have changed since `Add` (a restart with other settings).
+    if let Some(u) = &user
+        && let Err(e) = env.validate.check_user(&u.name, u.uid)
+    {
+        return Outcome::NotStarted(format!("cannot start: {e}"));
+    }
     let mut script_path = None;
     let argv = match &cfg.action {
         Action::Command(cmd) => cmd.iter().chain(cfg.args.iter()).cloned().collect(),

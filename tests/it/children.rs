@@ -168,3 +168,63 @@ fn cwd_is_checked_where_it_leads_at_add_and_again_before_each_spawn() {
     let reason = run["reason"].as_str().unwrap();
     assert!(reason.contains("cwd") && reason.contains("leads to /etc"), "{reason}");
 }
+
+/// Whether this process may run units as other accounts (root). Outside CI a test that needs
+/// it skips, saying so loudly; in CI (`CI` set) it fails instead.
+fn can_switch_users(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+    assert!(!in_ci, "CI is set but {test} cannot run units as other accounts: it needs root");
+    eprintln!(
+        "\n!!!!!!!! SKIPPING {test}: running units as other accounts needs root. In CI it \
+         fails. !!!!!!!!\n"
+    );
+    false
+}
+
+const ROOT_WARNING: &str = "any client can run commands as any account, root included";
+
+#[test]
+fn allowed_users_limits_the_accounts_units_run_as_at_add_and_before_each_spawn() {
+    if !can_switch_users("allowed_users_limits_the_accounts_units_run_as") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = config_flags(tmp.path(), "allowed_users = [\"nobody\"]\n");
+    let mut d = TestDaemon::start_with(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!d.log().contains(ROOT_WARNING), "warned although allowed_users is set");
+
+    let id = |name: &str, user: &str| json!({"name": name, "command": ["id", "-un"], "user": user});
+    let m = refusal(&d, id("as-root", "root"), "user");
+    assert!(m.contains("\"root\" is not one of the daemon's allowed_users (nobody)"), "{m}");
+    assert_eq!(output_of(&d, id("as-nobody", "nobody")), "nobody\n");
+    // The same account by its uid.
+    let uid = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid.to_string();
+    assert_eq!(output_of(&d, id("as-65534", &uid)), "nobody\n");
+
+    // Restarted with another list, the unit is still there, but its runs do not start.
+    d.terminate();
+    std::fs::write(tmp.path().join("taskd.toml"), "allowed_users = [\"daemon\"]\n").unwrap();
+    d.restart();
+    let run = d.call("TaskUnit.Start", json!("as-nobody"));
+    let run = d.wait_run_end(run["id"].as_i64().unwrap());
+    assert_eq!(run["state"], "failed", "{run}");
+    assert!(run["pid"].is_null(), "a process was started: {run}");
+    let reason = run["reason"].as_str().unwrap();
+    assert!(reason.contains("\"nobody\" is not one of the daemon's allowed_users"), "{reason}");
+}
+
+#[test]
+fn a_root_daemon_without_allowed_users_warns_and_taskd_allowed_users_is_a_list() {
+    if !can_switch_users("a_root_daemon_without_allowed_users_warns") {
+        return;
+    }
+    let d = TestDaemon::start();
+    assert!(d.log().contains(ROOT_WARNING), "no warning:\n{}", d.log());
+    let d = TestDaemon::start_with_env(&[], &[("TASKD_ALLOWED_USERS", "daemon,nobody")]);
+    assert!(!d.log().contains(ROOT_WARNING), "warned although allowed_users is set");
+    let m = refusal(&d, json!({"name": "r", "command": ["true"], "user": "root"}), "user");
+    assert!(m.contains("allowed_users (daemon, nobody)"), "{m}");
+}

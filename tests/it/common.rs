@@ -45,6 +45,8 @@ pub struct TestDaemon {
     ignoring_signals: bool,
     /// Run in the daemon's process before it execs (an inherited descriptor, a umask…).
     pre_exec: Option<fn() -> std::io::Result<()>>,
+    /// Extra environment variables for the daemon (`TASKD_*` settings).
+    env: Vec<(String, String)>,
 }
 
 impl TestDaemon {
@@ -83,6 +85,7 @@ impl TestDaemon {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             ignoring_signals,
             pre_exec: None,
+            env: Vec::new(),
         };
         d.spawn();
         d
@@ -111,6 +114,27 @@ impl TestDaemon {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             ignoring_signals: false,
             pre_exec: Some(setup),
+            env: Vec::new(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts a daemon with extra flags and environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
+        let mut d = TestDaemon {
+            state,
+            log,
+            _temp: Some(dir),
+            addr: String::new(),
+            token: String::new(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ignoring_signals: false,
+            pre_exec: None,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         d.spawn();
         d
@@ -134,6 +158,7 @@ impl TestDaemon {
             .arg(&self.state)
             .args(&self.extra)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
