@@ -357,7 +357,8 @@ pub struct UnitConfig {
     pub success_codes: Vec<i32>,
     /// Extra environment.
     pub env: BTreeMap<String, String>,
-    /// Working directory; `None` means the state directory's `work/`.
+    /// Working directory; `None` means the state directory's `work/`, or with `user` that
+    /// account's home directory.
     pub cwd: Option<PathBuf>,
     /// Account to run as.
     pub user: Option<String>,

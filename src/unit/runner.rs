@@ -30,7 +30,8 @@ use crate::store::logs::Stream;
 pub struct RunnerEnv {
     /// The store.
     pub store: Store,
-    /// Default working directory (`<state-dir>/work`) of runs without `user`.
+    /// Default working directory (`<state-dir>/work`) of runs without `user` (those with
+    /// one start in the account's home directory).
     pub work_dir: PathBuf,
     /// `allowed_dirs` and `allowed_users`, checked again before each spawn.
     pub validate: ValidateCtx,
@@ -849,6 +850,13 @@ fn script_argv(text: &str, path: &std::path::Path, args: &[String]) -> Vec<Strin
     argv
 }
 
+/// Where a run as `user` without `cwd` starts: the account's home directory (the state
+/// directory's `work/` belongs to the daemon's account), or `/` when it has none (`nobody`'s is
+/// `/nonexistent`), as login(1) does.
+fn home_of(user: &exec::User) -> PathBuf {
+    if user.home.is_dir() { user.home.clone() } else { PathBuf::from("/") }
+}
+
 fn to_log_stream(s: exec::Stream) -> Stream {
     match s {
         exec::Stream::Stdout => Stream::Stdout,
@@ -996,7 +1004,10 @@ async fn spawn_and_wait(
                 return Outcome::NotStarted(format!("cannot start: {e}"));
             }
         },
-        None => env.work_dir.clone(),
+        None => match &user {
+            Some(u) => home_of(u),
+            None => env.work_dir.clone(),
+        },
     };
     let spec = exec::Spec {
         argv,

@@ -228,3 +228,28 @@ fn a_root_daemon_without_allowed_users_warns_and_taskd_allowed_users_is_a_list()
     let m = refusal(&d, json!({"name": "r", "command": ["true"], "user": "root"}), "user");
     assert!(m.contains("allowed_users (daemon, nobody)"), "{m}");
 }
+
+/// Where a run as `name` without `cwd` should start: its home directory, or `/` without one.
+fn home_of(name: &str) -> String {
+    let home = nix::unistd::User::from_name(name).unwrap().unwrap().dir;
+    match home.canonicalize() {
+        Ok(home) if home.is_dir() => home.display().to_string(),
+        _ => "/".into(),
+    }
+}
+
+#[test]
+fn a_unit_with_a_user_and_no_cwd_starts_in_that_accounts_home() {
+    if !can_switch_users("a_unit_with_a_user_and_no_cwd_starts_in_that_accounts_home") {
+        return;
+    }
+    let d = TestDaemon::start();
+    for user in ["root", "nobody"] {
+        let out = output_of(&d, json!({"name": user, "command": ["pwd"], "user": user}));
+        assert_eq!(out, format!("{}\n", home_of(user)), "a run as {user}");
+    }
+    // Without `user`, the state directory's work/ as before.
+    let out = output_of(&d, json!({"name": "daemon", "command": ["pwd"]}));
+    let work = d.state_dir().join("work").canonicalize().unwrap();
+    assert_eq!(out, format!("{}\n", work.display()));
+}
