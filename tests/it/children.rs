@@ -253,3 +253,36 @@ fn a_unit_with_a_user_and_no_cwd_starts_in_that_accounts_home() {
     let work = d.state_dir().join("work").canonicalize().unwrap();
     assert_eq!(out, format!("{}\n", work.display()));
 }
+
+#[test]
+fn scripts_are_readable_by_the_daemons_account_only() {
+    let d = TestDaemon::start();
+    let out = output_of(&d, json!({"name": "s", "script": "stat -c '%a' \"$0\"; dirname \"$0\""}));
+    let scripts = d.state_dir().join("scripts");
+    assert_eq!(out, format!("600\n{}\n", scripts.display()));
+}
+
+#[test]
+fn scripts_of_units_with_a_user_are_that_accounts_alone_and_removed_after_the_run() {
+    if !can_switch_users("scripts_of_units_with_a_user_are_that_accounts_alone") {
+        return;
+    }
+    let d = TestDaemon::start();
+    // As the state directory will be: nobody but the daemon's account may enter it.
+    std::fs::set_permissions(d.state_dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let script = "#!/bin/sh\nid -un\nstat -c '%U %a' \"$0\"\necho \"$0\"\n";
+    let out = output_of(&d, json!({"name": "s", "script": script, "user": "nobody"}));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["nobody", "nobody 400"], "{out}");
+    let path = Path::new(lines[2]);
+    assert!(!path.starts_with(d.state_dir()), "{}", path.display());
+    // Removed once the run has ended (the removal is not awaited by the run).
+    crate::common::wait_for("the script to be removed", || (!path.exists()).then_some(()));
+    // And descriptors stay closed for a run that switches accounts (it forks to do so).
+    let out = output_of(&d, json!({"name": "fds", "script": LIST_FDS, "user": "nobody"}));
+    assert_eq!(out, "0\n1\n2\n", "the run as nobody inherited more than stdin, stdout and stderr");
+    let out =
+        output_of(&d, json!({"name": "umask", "command": ["sh", "-c", "umask"], "user": "nobody"}));
+    let mine = umask_of(std::process::id());
+    assert_eq!(out, format!("{mine}\n"), "a run as nobody: the umask taskd was started with");
+}
