@@ -245,6 +245,9 @@ impl Process {
     /// receiver is awaited (nothing is dropped), a receiver that is gone makes the readers
     /// discard. Must be called within a tokio runtime, whose tasks read the pipes.
     ///
+    /// The child is spawned on the spawner thread (see the module docs), and gets no file
+    /// descriptor but 0, 1 and 2 once [`process_hygiene`] has run.
+    ///
     /// Errors name the program or directory at fault, e.g.
     /// `No such file or directory: "nonexistent-cmd"`.
     pub fn spawn(spec: &Spec, output: mpsc::Sender<Chunk>) -> io::Result<Process> {

@@ -993,7 +993,9 @@ async fn spawn_and_wait(
         Action::Tick(_) => unreachable!("tick units do not spawn"),
     };
     // Resolved again right before the spawn, which starts in the resolved path: a symlink on
-    // the way may have been swapped since `Add`, and `allowed_dirs` may have changed.
+    // the way may have been swapped since `Add`, and `allowed_dirs` may have changed. (A swap
+    // in the microseconds between this and the child's chdir is not caught: that would take
+    // entering the directory through a descriptor opened here.)
     let cwd = match &cfg.cwd {
         Some(cwd) => match env.validate.resolve_cwd(cwd) {
             Ok(resolved) => resolved,
