@@ -72,6 +72,15 @@ pub struct Args {
     /// Format of the daemon's own log [default: text]
     #[arg(long, env = "TASKD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// An account units may run as (`user`); repeat for more. When none is given (here or in
+    /// taskd.toml), a root daemon lets units run as any account [env: comma-separated]
+    #[arg(
+        long = "allowed-user",
+        env = "TASKD_ALLOWED_USERS",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub allowed_users: Vec<String>,
 }
 
 /// Keys of `taskd.toml`. Every flag has a key of the same name (with `_`), plus the limits.
@@ -96,6 +105,8 @@ pub struct FileConfig {
     pub keep_runs: Option<u32>,
     /// When set, a unit's `cwd` must lie under one of these.
     pub allowed_dirs: Option<Vec<PathBuf>>,
+    /// `--allowed-user`, as a list: when set, a unit's `user` must be one of these.
+    pub allowed_users: Option<Vec<String>>,
     /// Largest request in bytes or `"1MiB"` (default 1 MiB).
     pub max_request_size: Option<ByteSize>,
     /// Most connections at once (default 1024).
@@ -129,6 +140,8 @@ pub struct Config {
     pub keep_runs: u32,
     /// Allowed working directories (empty: any).
     pub allowed_dirs: Vec<PathBuf>,
+    /// Accounts units may run as (empty: any).
+    pub allowed_users: Vec<String>,
     /// Largest request.
     pub max_request_size: u32,
     /// Most connections.
@@ -217,6 +230,11 @@ impl Config {
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             keep_runs: file.keep_runs.unwrap_or(100).max(1),
             allowed_dirs: file.allowed_dirs.unwrap_or_default(),
+            allowed_users: if args.allowed_users.is_empty() {
+                file.allowed_users.unwrap_or_default()
+            } else {
+                args.allowed_users.clone()
+            },
             max_request_size,
             max_connections: file.max_connections.unwrap_or(1024).max(1),
             max_in_flight: file.max_in_flight.unwrap_or(64).max(1),
@@ -299,6 +317,23 @@ mod tests {
         std::fs::write(dir.path().join("taskd.toml"), "keep_run = 7\n").unwrap();
         let e = Config::resolve(&args).unwrap_err().to_string();
         assert!(e.contains("keep_run"), "{e}");
+    }
+
+    #[test]
+    fn allowed_users_come_from_flags_or_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("taskd.toml"), "allowed_users = [\"www-data\"]\n").unwrap();
+        let state = dir.path().to_str().unwrap();
+        let resolve = |argv: &[&str]| {
+            let args = Args::try_parse_from(argv).unwrap();
+            Config::resolve(&args).unwrap().allowed_users
+        };
+        assert_eq!(resolve(&["taskd", "--state-dir", state]), ["www-data"]);
+        assert_eq!(
+            resolve(&["taskd", "--state-dir", state, "--allowed-user", "a", "--allowed-user", "b"]),
+            ["a", "b"]
+        );
+        // TASKD_ALLOWED_USERS (comma-separated) is tried on the real binary, in tests/it.
     }
 
     #[test]

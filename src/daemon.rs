@@ -23,6 +23,7 @@ use crate::rpc::middleware::{AUDITED_METHODS, AuditEntry};
 use crate::state_dir::{self, ADDRESS_FILE};
 use crate::store::{AuditRecord, Store};
 use crate::unit::ValidateCtx;
+use crate::unit::definition::resolve_allowed_dirs;
 
 /// Gives the allocator's free pages back to the system.
 fn trim_heap() {
@@ -44,9 +45,16 @@ pub async fn run(
     socket: TcpSocket,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // First: before anything is created (the umask) or spawned (inherited descriptors).
+    exec::process_hygiene();
     let local = socket.local_addr()?;
     if let Some(warning) = cfg.check_security(&local)? {
         tracing::warn!("{warning}");
+    }
+    if crate::config::is_root() && cfg.allowed_users.is_empty() {
+        tracing::warn!(
+            "running as root without allowed_users: any client can run commands as any account, root included; set allowed_users (--allowed-user NAME)"
+        );
     }
     state_dir::prepare(&cfg.state_dir)?;
     let _lock = state_dir::lock(&cfg.state_dir)?;
@@ -73,7 +81,8 @@ pub async fn run(
         RegistryConfig {
             validate: ValidateCtx {
                 is_root: crate::config::is_root(),
-                allowed_dirs: cfg.allowed_dirs.clone(),
+                allowed_dirs: resolve_allowed_dirs(&cfg.allowed_dirs),
+                allowed_users: cfg.allowed_users.clone(),
             },
             units_dir: cfg.units_dir.clone(),
             work_dir: cfg.state_dir.join("work"),

@@ -40,6 +40,33 @@
 //! microseconds between reading `/proc` and signalling. Putting each run in a cgroup (and
 //! killing the cgroup) would be the complete answer; it needs a delegated cgroup subtree, which
 //! a daemon started from a login shell does not have.
+//!
+//! # What children get
+//!
+//! Only what [`Spec`] says: its argv, environment and working directory, stdin `/dev/null`,
+//! stdout and stderr piped, default signal dispositions and an empty signal mask. They also
+//! get no file descriptor but 0, 1 and 2 and the umask the daemon was started with, which
+//! takes [`process_hygiene`] at start:
+//!
+//! - Every descriptor from 3 up is marked close-on-exec (`close_range`), including any the
+//!   daemon inherited from whoever started it; everything the daemon opens later is opened
+//!   close-on-exec (std, tokio and SQLite all do).
+//! - The daemon runs with umask 0077, so every file it or SQLite creates is private. A umask
+//!   belongs to a thread's filesystem context (`fs_struct`, which also holds the working
+//!   directory), shared by all the daemon's threads. Children must not get 0077, and
+//!   `posix_spawn` has no way to set a umask, so every spawn happens on one thread,
+//!   `taskd-spawner`, which gave itself a filesystem context of its own
+//!   (`unshare(CLONE_FS)`) and set its umask back to the daemon's original one: a child
+//!   created without `CLONE_FS` (`posix_spawn`'s clone, or a fork) copies the context of the
+//!   thread that created it. Spawns were serialised anyway (the reaper's lock is held across
+//!   each, see [`Process::spawn`]), so one thread costs no throughput; handing each spawn to it
+//!   costs a few microseconds. Where `unshare` is refused (a seccomp filter), the child sets
+//!   its umask before exec instead, which needs a fork of the daemon (about 5x slower).
+//!
+//! **Architecture Invariant:** every child is spawned on the spawner thread, and through
+//! `posix_spawn` unless a `pre_exec` hook is needed (switching users, signals inherited as
+//! ignored, or the fallback above): a fork copies the daemon's page tables, which at hundreds
+//! of spawns a second is most of the cost.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
@@ -49,7 +76,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -218,6 +245,9 @@ impl Process {
     /// receiver is awaited (nothing is dropped), a receiver that is gone makes the readers
     /// discard. Must be called within a tokio runtime, whose tasks read the pipes.
     ///
+    /// The child is spawned on the spawner thread (see the module docs), and gets no file
+    /// descriptor but 0, 1 and 2 once [`process_hygiene`] has run.
+    ///
     /// Errors name the program or directory at fault, e.g.
     /// `No such file or directory: "nonexistent-cmd"`.
     pub fn spawn(spec: &Spec, output: mpsc::Sender<Chunk>) -> io::Result<Process> {
@@ -260,22 +290,12 @@ impl Process {
             }
         }
 
-        // Held across spawn, map insert and reading /proc so that the reaper cannot reap the
-        // child (and lose its status, or let its pid be reused) before it is registered.
-        let mut guard = lock_waiters();
-        let waiters = match guard.as_mut() {
-            Some(waiters) => waiters,
-            None => {
-                start_reaper()?;
-                guard.insert(HashMap::new())
-            }
+        // On the spawner thread, for the children's umask (see the module docs).
+        let Spawned { mut child, exit, start_ticks } = match spawn_on_spawner(cmd)? {
+            Ok(spawned) => spawned,
+            Err(e) => return Err(spawn_error(e, spec)),
         };
-        let mut child = cmd.spawn().map_err(|e| spawn_error(e, spec))?;
         let pid = child.id();
-        let (tx, exit) = oneshot::channel();
-        waiters.insert(pid, tx);
-        let start_ticks = read_stat(pid).map(|s| s.start_ticks);
-        drop(guard);
 
         let pipes = (child.stdout.take(), child.stderr.take());
         let finish = CancellationToken::new();
@@ -768,13 +788,188 @@ fn termination_of(received: Result<Termination, oneshot::error::RecvError>) -> T
 }
 
 // ---------------------------------------------------------------------------------------------
+// Process hygiene and the spawner thread
+// ---------------------------------------------------------------------------------------------
+
+/// The umask the daemon was started with, which children start with: recorded by
+/// [`process_hygiene`] before it sets 0077 (or by the spawner thread, if it starts first).
+static CHILD_UMASK: OnceLock<libc::mode_t> = OnceLock::new();
+
+/// Process-wide set-up for a daemon that spawns children, done first thing at start (before
+/// any file is created or child spawned; calling it again changes nothing):
+///
+/// - marks every file descriptor from 3 up close-on-exec, so that children inherit none of
+///   those the daemon got from whoever started it;
+/// - sets the umask to 0077, so that every file the daemon or SQLite creates is private,
+///   while children still start with the umask the daemon was started with (module docs).
+pub fn process_hygiene() {
+    if let Err(e) = cloexec_from(3) {
+        tracing::warn!(error = %e, "cannot mark inherited file descriptors close-on-exec; children may inherit them");
+    }
+    // SAFETY: umask only swaps the mask of this process's filesystem context; it cannot fail.
+    let started_with = unsafe { libc::umask(0o077) };
+    CHILD_UMASK.get_or_init(|| started_with);
+}
+
+/// Marks every file descriptor from `first` up close-on-exec: `close_range` (Linux 5.11),
+/// else one `fcntl` per descriptor listed in `/proc/self/fd`.
+fn cloexec_from(first: libc::c_uint) -> io::Result<()> {
+    // SAFETY: with CLOSE_RANGE_CLOEXEC, close_range only sets a flag on open descriptors; it
+    // takes no pointers.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC)
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    // ENOSYS on older kernels, EINVAL where the flag is unknown, EPERM under some seccomp
+    // filters.
+    cloexec_by_listing(first)
+}
+
+/// The fallback of [`cloexec_from`]: lists `/proc/self/fd` whole first (the listing's own
+/// descriptor is in it, and closed by the time the flags are set: `fcntl` then fails with
+/// EBADF, which is ignored), then sets `FD_CLOEXEC` on each descriptor from `first` up.
+fn cloexec_by_listing(first: libc::c_uint) -> io::Result<()> {
+    let fds: Vec<libc::c_int> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd: &libc::c_int| fd >= 0 && fd as libc::c_uint >= first)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD and F_SETFD read and set the flags of a descriptor number; a number
+        // that is not open gives EBADF and changes nothing.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A spawned child, registered with the reaper.
+struct Spawned {
+    child: std::process::Child,
+    exit: oneshot::Receiver<Termination>,
+    start_ticks: Option<u64>,
+}
+
+/// A command for the spawner thread, and where to send what became of it.
+struct SpawnJob {
+    cmd: std::process::Command,
+    reply: std::sync::mpsc::SyncSender<io::Result<Spawned>>,
+}
+
+/// The spawner thread's queue; `None` until the first spawn starts it.
+static SPAWNER: Mutex<Option<std::sync::mpsc::Sender<SpawnJob>>> = Mutex::new(None);
+
+/// Has the spawner thread spawn `cmd` and register it with the reaper; waits for it. The
+/// outer error is about the machinery (the reaper or the spawner could not start), the inner
+/// one is `cmd.spawn()`'s.
+fn spawn_on_spawner(cmd: std::process::Command) -> io::Result<io::Result<Spawned>> {
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    let mut job = SpawnJob { cmd, reply };
+    let mut spawner = SPAWNER.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut restarted = false;
+    loop {
+        let queue = match spawner.as_ref() {
+            Some(queue) => queue,
+            None => spawner.insert(start_spawner()?),
+        };
+        match queue.send(job) {
+            Ok(()) => break,
+            // The thread is gone (it panicked, which it should never do): start another once.
+            Err(std::sync::mpsc::SendError(back)) if !restarted => {
+                job = back;
+                *spawner = None;
+                restarted = true;
+            }
+            Err(_) => return Err(io::Error::other("the spawner thread keeps dying")),
+        }
+    }
+    drop(spawner);
+    answer.recv().map_err(|_| io::Error::other("the spawner thread died while spawning"))
+}
+
+/// Starts the reaper if it is not running yet, then the spawner thread, which gives itself a
+/// filesystem context of its own with the children's umask and spawns whatever it is sent.
+fn start_spawner() -> io::Result<std::sync::mpsc::Sender<SpawnJob>> {
+    {
+        let mut waiters = lock_waiters();
+        if waiters.is_none() {
+            start_reaper()?;
+            *waiters = Some(HashMap::new());
+        }
+    }
+    let (queue, jobs) = std::sync::mpsc::channel::<SpawnJob>();
+    std::thread::Builder::new()
+        .name("taskd-spawner".into())
+        .spawn(move || {
+            let own_umask = take_child_umask();
+            for mut job in jobs {
+                if !own_umask && let Some(&mask) = CHILD_UMASK.get() {
+                    // SAFETY: runs in the forked child before exec; umask is async-signal-safe
+                    // and the closure only copies `mask`.
+                    unsafe {
+                        job.cmd.pre_exec(move || {
+                            libc::umask(mask);
+                            Ok(())
+                        });
+                    }
+                }
+                // The caller may be gone only if it panicked; nothing to do then.
+                let _ = job.reply.send(spawn_registered(&mut job.cmd));
+            }
+        })
+        .map_err(|e| io::Error::new(e.kind(), format!("starting the spawner thread: {e}")))?;
+    Ok(queue)
+}
+
+/// Gives the calling thread a filesystem context of its own and sets its umask to the one
+/// children start with; returns whether that worked. Without it the thread shares the
+/// daemon's umask (0077 once [`process_hygiene`] ran).
+fn take_child_umask() -> bool {
+    // SAFETY: unshare(CLONE_FS) only gives this thread its own copy of the root, working
+    // directory and umask; it takes no pointers.
+    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+        let e = io::Error::last_os_error();
+        tracing::warn!(error = %e, "cannot give the spawner thread a umask of its own; children get theirs set after a fork of the daemon, which is slower");
+        return false;
+    }
+    // SAFETY: from here on the umask is this thread's alone: reading it by setting it (umask
+    // has no getter) affects no other thread.
+    let current = unsafe { libc::umask(0o077) };
+    let mask = *CHILD_UMASK.get_or_init(|| current);
+    // SAFETY: as above.
+    unsafe { libc::umask(mask) };
+    true
+}
+
+/// Spawns `cmd` and registers it with the reaper, on the spawner thread.
+fn spawn_registered(cmd: &mut std::process::Command) -> io::Result<Spawned> {
+    // Held across spawn, map insert and reading /proc so that the reaper cannot reap the
+    // child (and lose its status, or let its pid be reused) before it is registered.
+    let mut guard = lock_waiters();
+    let Some(waiters) = guard.as_mut() else {
+        return Err(io::Error::other("the child reaper is not running"));
+    };
+    let child = cmd.spawn()?;
+    let pid = child.id();
+    let (tx, exit) = oneshot::channel();
+    waiters.insert(pid, tx);
+    let start_ticks = read_stat(pid).map(|s| s.start_ticks);
+    Ok(Spawned { child, exit, start_ticks })
+}
+
+// ---------------------------------------------------------------------------------------------
 // The reaper
 // ---------------------------------------------------------------------------------------------
 
 type Waiters = HashMap<u32, oneshot::Sender<Termination>>;
 
 /// Leaders waiting for their status; `None` until the reaper has been started. Spawning and
-/// reaping both hold this lock (see [`Process::spawn`]).
+/// reaping both hold this lock (see `spawn_registered`).
 static WAITERS: Mutex<Option<Waiters>> = Mutex::new(None);
 
 fn lock_waiters() -> MutexGuard<'static, Option<Waiters>> {
@@ -1469,6 +1664,30 @@ mod tests {
         assert_eq!(wait_normally(process).await.termination, Termination::Exited(0));
         let out = text(&collector.await.unwrap(), Stream::Stdout);
         assert_eq!(out, format!("{}\n{}\n", nobody.uid, nobody.gid));
+    }
+
+    #[test]
+    fn descriptors_from_a_number_up_are_marked_close_on_exec() {
+        let flags = |fd| {
+            // SAFETY: F_GETFD only reads a descriptor's flags.
+            unsafe { libc::fcntl(fd, libc::F_GETFD) }
+        };
+        let file = std::fs::File::open("/dev/null").unwrap();
+        for (how, mark) in [
+            ("close_range", cloexec_from as fn(libc::c_uint) -> io::Result<()>),
+            ("listing /proc/self/fd", cloexec_by_listing),
+        ] {
+            // A copy without close-on-exec, numbered above what the rest of the tests use.
+            // SAFETY: F_DUPFD duplicates an open descriptor; the copy is closed below.
+            let fd =
+                unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_DUPFD, 900) };
+            assert!(fd >= 900, "F_DUPFD: {}", io::Error::last_os_error());
+            assert_eq!(flags(fd) & libc::FD_CLOEXEC, 0);
+            mark(fd as libc::c_uint).unwrap();
+            assert_eq!(flags(fd) & libc::FD_CLOEXEC, libc::FD_CLOEXEC, "{how}");
+            // SAFETY: `fd` is ours and closed once.
+            unsafe { libc::close(fd) };
+        }
     }
 
     #[test]

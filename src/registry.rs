@@ -261,6 +261,7 @@ impl Registry {
         let env = Arc::new(RunnerEnv {
             store: store.clone(),
             work_dir: cfg.work_dir.clone(),
+            validate: cfg.validate.clone(),
             keep_runs: cfg.keep_runs,
             boot_id,
             state_dir_id,
@@ -407,32 +408,28 @@ impl Registry {
         self.0.units.map.is_empty()
     }
 
-    /// Checks what validation cannot know without looking at this machine: that `cwd` is a
-    /// directory and `user` an account. Done at `Add` and `Edit` only, so a unit whose
-    /// directory disappears later still loads (its runs fail and say why).
-    async fn check_host(config: &UnitConfig) -> Result<()> {
-        if let Some(cwd) = &config.cwd {
-            match tokio::fs::metadata(cwd).await {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(Error::invalid(
-                        "cwd",
-                        format!("{} is not a directory", cwd.display()),
-                    ));
-                }
-                Err(e) => return Err(Error::invalid("cwd", format!("{}: {e}", cwd.display()))),
+    /// Checks what validation cannot know without looking at this machine: that `cwd` leads
+    /// to a directory (under `allowed_dirs`, when set) and that `user` is an account (one of
+    /// `allowed_users`, when set). Done at `Add` and `Edit`, and again by the run before each
+    /// spawn, so a unit whose directory disappears later still loads (its runs fail and say
+    /// why).
+    async fn check_host(&self, config: &UnitConfig) -> Result<()> {
+        let ctx = self.0.cfg.validate.clone();
+        let (cwd, user) = (config.cwd.clone(), config.user.clone());
+        // canonicalize and NSS lookups block.
+        tokio::task::spawn_blocking(move || {
+            if let Some(cwd) = &cwd {
+                ctx.resolve_cwd(cwd)?;
             }
-        }
-        if let Some(user) = config.user.clone() {
-            let u = user.clone();
-            let found = tokio::task::spawn_blocking(move || exec::User::lookup(&u))
-                .await
-                .map_err(|_| Error::ShuttingDown)?;
-            if let Err(e) = found {
-                return Err(Error::invalid("user", format!("{user:?}: {e}")));
+            if let Some(name) = &user {
+                let account = exec::User::lookup(name)
+                    .map_err(|e| Error::invalid("user", format!("{name:?}: {e}")))?;
+                ctx.check_user(&account.name, account.uid)?;
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
+        .map_err(|_| Error::ShuttingDown)?
     }
 
     /// Adds a unit from a definition. Answers once the unit is durable and its loop started.
@@ -440,7 +437,7 @@ impl Registry {
     /// name reserved.
     pub async fn add(&self, def: UnitDef) -> Result<UnitSnapshot> {
         let config = Arc::new(UnitConfig::validate(def, &self.0.cfg.validate)?);
-        Self::check_host(&config).await?;
+        self.check_host(&config).await?;
         let this = self.clone();
         self.0
             .tracker
@@ -560,7 +557,7 @@ impl Registry {
         merge_patch(&mut doc, &patch);
         let def = UnitDef::from_json(doc)?;
         let config = Arc::new(UnitConfig::validate(def, &self.0.cfg.validate)?);
-        Self::check_host(&config).await?;
+        self.check_host(&config).await?;
         let rescheduled = (&old.def.every, &old.def.cron, &old.def.tz)
             != (&config.def.every, &config.def.cron, &config.def.tz);
         let now = Timestamp::now();

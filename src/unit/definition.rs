@@ -358,7 +358,8 @@ pub struct UnitConfig {
     pub success_codes: Vec<i32>,
     /// Extra environment.
     pub env: BTreeMap<String, String>,
-    /// Working directory; `None` means the state directory's `work/`.
+    /// Working directory; `None` means the state directory's `work/`, or with `user` that
+    /// account's home directory.
     pub cwd: Option<PathBuf>,
     /// Account to run as.
     pub user: Option<String>,
@@ -376,13 +377,93 @@ pub struct UnitConfig {
     pub def: UnitDef,
 }
 
-/// What validation needs to know about the daemon.
+/// What validation needs to know about the daemon, and the daemon's limits on where and as
+/// whom units run, which are checked against this machine at `Add`, `Edit` and before each
+/// spawn ([`ValidateCtx::resolve_cwd`], [`ValidateCtx::check_user`]).
 #[derive(Debug, Clone, Default)]
 pub struct ValidateCtx {
     /// Whether the daemon runs as root (`user` is refused otherwise).
     pub is_root: bool,
-    /// When non-empty, `cwd` must lie under one of these.
+    /// When non-empty, `cwd` must resolve to a directory under one of these, which are
+    /// resolved paths themselves ([`resolve_allowed_dirs`]).
     pub allowed_dirs: Vec<PathBuf>,
+    /// When non-empty, `user` must name one of these accounts (by name or numeric uid).
+    pub allowed_users: Vec<String>,
+}
+
+impl ValidateCtx {
+    /// Resolves a unit's `cwd` as the kernel would on the way in: symlinks followed, `..`
+    /// taken after them (`allowed/link/..` is the parent of where `link` leads). Checks that
+    /// it is a directory and, when `allowed_dirs` is set, that it lies under one of them.
+    /// Returns the resolved path, which is where a run should start. Errors name `cwd`.
+    ///
+    /// Reads the file system: call it off the async threads where that matters.
+    pub fn resolve_cwd(&self, cwd: &Path) -> Result<PathBuf> {
+        let resolved = std::fs::canonicalize(cwd).map_err(|e| {
+            let reason = if e.kind() == std::io::ErrorKind::NotFound && !self.allowed_dirs.is_empty()
+            {
+                format!(
+                    "{} does not exist: with allowed_dirs set, it must, so that where it leads                      can be checked",
+                    cwd.display()
+                )
+            } else {
+                format!("{}: {e}", cwd.display())
+            };
+            Error::invalid("cwd", reason)
+        })?;
+        let shown = if resolved == cwd {
+            cwd.display().to_string()
+        } else {
+            format!("{} (which leads to {})", cwd.display(), resolved.display())
+        };
+        if !resolved.is_dir() {
+            return Err(Error::invalid("cwd", format!("{shown} is not a directory")));
+        }
+        if !self.allowed_dirs.is_empty()
+            && !self.allowed_dirs.iter().any(|d| resolved.starts_with(d))
+        {
+            let dirs: Vec<_> = self.allowed_dirs.iter().map(|d| d.display().to_string()).collect();
+            return Err(Error::invalid(
+                "cwd",
+                format!("{shown} is not under an allowed directory ({})", dirs.join(", ")),
+            ));
+        }
+        Ok(resolved)
+    }
+
+    /// Checks the account a unit runs as (its login name and uid, once looked up) against
+    /// `allowed_users`. Errors name `user`.
+    pub fn check_user(&self, name: &str, uid: u32) -> Result<()> {
+        if self.allowed_users.is_empty()
+            || self.allowed_users.iter().any(|a| a == name || *a == uid.to_string())
+        {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "user",
+            format!(
+                "{name:?} is not one of the daemon's allowed_users ({})",
+                self.allowed_users.join(", ")
+            ),
+        ))
+    }
+}
+
+/// Resolves the daemon's `allowed_dirs` once at start, so that resolved `cwd`s can be
+/// compared with them (an allowed directory reached through a symlink, `/srv` → `/data/srv`,
+/// still allows what lies under it). One that cannot be resolved (it does not exist yet) is
+/// kept as given, after a warning: a `cwd` under it is allowed only if it resolves to a path
+/// under that spelling.
+pub fn resolve_allowed_dirs(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    dirs.iter()
+        .map(|d| match std::fs::canonicalize(d) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                tracing::warn!(dir = %d.display(), error = %e, "allowed_dirs: cannot resolve this directory; restart taskd once it exists");
+                d.clone()
+            }
+        })
+        .collect()
 }
 
 /// Parses a duration such as `"500ms"`, `"30s"`, `"5m"`, `"1h30m"` or `"2d"`.
@@ -521,27 +602,6 @@ fn one_of<T: Copy>(field: &str, v: &str, options: &[(&str, T)]) -> Result<T> {
         let names: Vec<_> = options.iter().map(|(k, _)| *k).collect();
         Error::invalid(field, format!("{v:?} is not one of {}", names.join(", ")))
     })
-}
-
-/// Whether `path` lies under one of `dirs` (after resolving `.` and `..` lexically).
-fn under_any(path: &Path, dirs: &[PathBuf]) -> bool {
-    let norm = normalize(path);
-    dirs.iter().any(|d| norm.starts_with(normalize(d)))
-}
-
-fn normalize(p: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
 }
 
 impl UnitConfig {
@@ -700,14 +760,8 @@ impl UnitConfig {
                 if !p.is_absolute() {
                     return Err(Error::invalid("cwd", format!("{c:?} must be an absolute path")));
                 }
-                if !ctx.allowed_dirs.is_empty() && !under_any(&p, &ctx.allowed_dirs) {
-                    let dirs: Vec<_> =
-                        ctx.allowed_dirs.iter().map(|d| d.display().to_string()).collect();
-                    return Err(Error::invalid(
-                        "cwd",
-                        format!("{c:?} is not under an allowed directory ({})", dirs.join(", ")),
-                    ));
-                }
+                // Where it leads (and so whether it is allowed) is a question for the file
+                // system, asked at `Add`, `Edit` and each spawn: `ValidateCtx::resolve_cwd`.
                 Some(p)
             }
         };
@@ -967,15 +1021,82 @@ mod tests {
         assert_eq!(e.to_string(), "cron: expected 5 or 6 fields, got 4");
     }
 
+    /// `allowed_dirs = [<tmp>/allowed]`, with `<tmp>/allowed/{real, link -> /etc}` and
+    /// `<tmp>/outside`.
+    fn allowed_tree() -> (tempfile::TempDir, PathBuf, ValidateCtx) {
+        let tmp = tempfile::tempdir().unwrap();
+        let allowed = tmp.path().join("allowed");
+        std::fs::create_dir_all(allowed.join("real")).unwrap();
+        std::fs::create_dir(tmp.path().join("outside")).unwrap();
+        std::os::unix::fs::symlink("/etc", allowed.join("link")).unwrap();
+        let ctx = ValidateCtx {
+            allowed_dirs: resolve_allowed_dirs(std::slice::from_ref(&allowed)),
+            ..ValidateCtx::default()
+        };
+        (tmp, allowed, ctx)
+    }
+
+    fn reason_of(r: Result<PathBuf>) -> String {
+        match r {
+            Err(Error::Invalid { field, reason }) if field == "cwd" => reason,
+            other => panic!("expected an invalid cwd, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn cwd_must_be_under_allowed_dirs() {
-        let ctx = ValidateCtx { is_root: false, allowed_dirs: vec![PathBuf::from("/srv")] };
-        let def = UnitDef::from_json(json!({"name": "a", "command": ["x"], "cwd": "/srv/../etc"}))
-            .unwrap();
-        assert!(UnitConfig::validate(def, &ctx).is_err());
-        let def =
-            UnitDef::from_json(json!({"name": "a", "command": ["x"], "cwd": "/srv/app"})).unwrap();
-        assert!(UnitConfig::validate(def, &ctx).is_ok());
+    fn cwd_is_checked_where_it_leads() {
+        let (_tmp, allowed, ctx) = allowed_tree();
+        let real = allowed.join("real").canonicalize().unwrap();
+        assert_eq!(ctx.resolve_cwd(&allowed.join("real")).unwrap(), real);
+        assert_eq!(ctx.resolve_cwd(&allowed.join("real/../real/.")).unwrap(), real);
+        // A symlink inside an allowed directory leads out of it.
+        let reason = reason_of(ctx.resolve_cwd(&allowed.join("link")));
+        assert!(reason.contains("which leads to /etc") && reason.contains("not under"), "{reason}");
+        // `..` is taken after the symlink: `link/..` is `/`.
+        let reason = reason_of(ctx.resolve_cwd(&allowed.join("link/..")));
+        assert!(reason.contains("which leads to /)"), "{reason}");
+        // Lexically under, but `..` climbs out.
+        reason_of(ctx.resolve_cwd(&allowed.join("../outside")));
+        let reason = reason_of(ctx.resolve_cwd(&allowed.join("missing")));
+        assert!(reason.contains("does not exist"), "{reason}");
+        std::fs::write(allowed.join("file"), "").unwrap();
+        let reason = reason_of(ctx.resolve_cwd(&allowed.join("file")));
+        assert!(reason.contains("not a directory"), "{reason}");
+        // Without allowed_dirs, anywhere that exists.
+        let open = ValidateCtx::default();
+        assert_eq!(open.resolve_cwd(&allowed.join("link")).unwrap(), Path::new("/etc"));
+    }
+
+    #[test]
+    fn allowed_dirs_reached_through_a_symlink_are_resolved_at_start() {
+        let (tmp, allowed, _) = allowed_tree();
+        let alias = tmp.path().join("alias");
+        std::os::unix::fs::symlink(&allowed, &alias).unwrap();
+        let ctx = ValidateCtx {
+            allowed_dirs: resolve_allowed_dirs(std::slice::from_ref(&alias)),
+            ..ValidateCtx::default()
+        };
+        assert!(ctx.resolve_cwd(&allowed.join("real")).is_ok());
+        assert!(ctx.resolve_cwd(&alias.join("real")).is_ok());
+        reason_of(ctx.resolve_cwd(&tmp.path().join("outside")));
+    }
+
+    #[test]
+    fn users_are_checked_against_allowed_users_by_name_or_uid() {
+        assert!(ValidateCtx::default().check_user("root", 0).is_ok());
+        let ctx = ValidateCtx {
+            allowed_users: vec!["www-data".into(), "1001".into()],
+            ..Default::default()
+        };
+        assert!(ctx.check_user("www-data", 33).is_ok());
+        assert!(ctx.check_user("backup", 1001).is_ok());
+        match ctx.check_user("root", 0) {
+            Err(Error::Invalid { field, reason }) => {
+                assert_eq!(field, "user");
+                assert!(reason.contains("allowed_users (www-data, 1001)"), "{reason}");
+            }
+            other => panic!("root was let through: {other:?}"),
+        }
     }
 
     #[test]

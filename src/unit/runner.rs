@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::definition::{Action, CatchUp, Overlap, Restart, UnitConfig};
+use super::definition::{Action, CatchUp, Overlap, Restart, UnitConfig, ValidateCtx};
 use super::handle::{Control, Inbox, UnitHandle, UnitShared, UnitState, UnitStatus};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -30,8 +30,11 @@ use crate::store::logs::Stream;
 pub struct RunnerEnv {
     /// The store.
     pub store: Store,
-    /// Default working directory (`<state-dir>/work`).
+    /// Default working directory (`<state-dir>/work`) of runs without `user` (those with
+    /// one start in the account's home directory).
     pub work_dir: PathBuf,
+    /// `allowed_dirs` and `allowed_users`, checked again before each spawn.
+    pub validate: ValidateCtx,
     /// Runs kept per unit unless the unit says otherwise.
     pub keep_runs: u32,
     /// This boot's id, recorded with each pid.
@@ -847,6 +850,13 @@ fn script_argv(text: &str, path: &std::path::Path, args: &[String]) -> Vec<Strin
     argv
 }
 
+/// Where a run as `user` without `cwd` starts: the account's home directory (the state
+/// directory's `work/` belongs to the daemon's account), or `/` when it has none (`nobody`'s is
+/// `/nonexistent`), as login(1) does.
+fn home_of(user: &exec::User) -> PathBuf {
+    if user.home.is_dir() { user.home.clone() } else { PathBuf::from("/") }
+}
+
 fn to_log_stream(s: exec::Stream) -> Stream {
     match s {
         exec::Stream::Stdout => Stream::Stdout,
@@ -960,6 +970,12 @@ async fn spawn_and_wait(
             }
         }
     };
+    // `allowed_users` may have changed since `Add` (a restart with other settings).
+    if let Some(u) = &user
+        && let Err(e) = env.validate.check_user(&u.name, u.uid)
+    {
+        return Outcome::NotStarted(format!("cannot start: {e}"));
+    }
     let mut script_path = None;
     let argv = match &cfg.action {
         Action::Command(cmd) => cmd.iter().chain(cfg.args.iter()).cloned().collect(),
@@ -976,7 +992,25 @@ async fn spawn_and_wait(
         }
         Action::Tick(_) => unreachable!("tick units do not spawn"),
     };
-    let cwd = cfg.cwd.clone().unwrap_or_else(|| env.work_dir.clone());
+    // Resolved again right before the spawn, which starts in the resolved path: a symlink on
+    // the way may have been swapped since `Add`, and `allowed_dirs` may have changed. (A swap
+    // in the microseconds between this and the child's chdir is not caught: that would take
+    // entering the directory through a descriptor opened here.)
+    let cwd = match &cfg.cwd {
+        Some(cwd) => match env.validate.resolve_cwd(cwd) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                if let Some(p) = script_path {
+                    env.store.remove_script(p);
+                }
+                return Outcome::NotStarted(format!("cannot start: {e}"));
+            }
+        },
+        None => match &user {
+            Some(u) => home_of(u),
+            None => env.work_dir.clone(),
+        },
+    };
     let spec = exec::Spec {
         argv,
         env: run_env(cfg, rec, user.as_ref(), &env.identity),

@@ -52,6 +52,10 @@ pub struct TestDaemon {
     ignoring_signals: bool,
     /// Run the daemon as this uid and gid (the state directory is given to them).
     as_user: Option<(u32, u32)>,
+    /// Run in the daemon's process before it execs (an inherited descriptor, a umask…).
+    pre_exec: Option<fn() -> std::io::Result<()>>,
+    /// Extra environment variables for the daemon (`TASKD_*` settings).
+    env: Vec<(String, String)>,
 }
 
 impl TestDaemon {
@@ -62,82 +66,85 @@ impl TestDaemon {
 
     /// Starts a daemon with extra flags.
     pub fn start_with(extra: &[&str]) -> TestDaemon {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
-        Self::start_full(state, log, Some(dir), extra, false)
+        Self::unstarted(extra).started()
     }
 
     /// Starts a daemon whose `taskd.toml` is `config`, with extra flags.
     pub fn start_with_config(config: &str, extra: &[&str]) -> TestDaemon {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("taskd.toml"), config).expect("taskd.toml");
-        let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
-        Self::start_full(state, log, Some(dir), extra, false)
+        let d = Self::unstarted(extra);
+        std::fs::write(d.state.join("taskd.toml"), config).expect("taskd.toml");
+        d.started()
     }
 
     /// Starts a daemon on the state directory `state` (which the caller cleans up), writing
     /// its own log to `log`.
     pub fn start_at(state: &Path, log: &Path) -> TestDaemon {
-        Self::start_full(state.to_path_buf(), log.to_path_buf(), None, &[], false)
-    }
-
-    fn start_full(
-        state: PathBuf,
-        log: PathBuf,
-        temp: Option<tempfile::TempDir>,
-        extra: &[&str],
-        ignoring_signals: bool,
-    ) -> TestDaemon {
-        make_private(&state);
-        let mut d = TestDaemon {
-            state,
-            log,
-            _temp: temp,
-            addr: String::new(),
-            token: String::new(),
-            child: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            ignoring_signals,
-            as_user: None,
-        };
-        d.spawn();
-        d
+        let mut d = Self::unstarted(&[]);
+        make_private(state);
+        (d.state, d.log, d._temp) = (state.to_path_buf(), log.to_path_buf(), None);
+        d.started()
     }
 
     /// Starts a daemon with `--auth none` (and `extra`). A root daemon refuses `--auth none`,
     /// so when the tests run as root it runs as `nobody`, owning its state directory.
     pub fn start_no_auth(extra: &[&str]) -> TestDaemon {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
         let mut args = vec!["--auth", "none"];
         args.extend_from_slice(extra);
-        let mut d = TestDaemon {
-            state,
-            log,
-            _temp: Some(dir),
-            addr: String::new(),
-            token: String::new(),
-            child: None,
-            extra: args.iter().map(|s| s.to_string()).collect(),
-            ignoring_signals: false,
-            as_user: None,
-        };
-        make_private(&d.state);
+        let mut d = Self::unstarted(&args);
         if nix::unistd::geteuid().is_root() {
             let nobody = nix::unistd::User::from_name("nobody").expect("getpwnam").expect("nobody");
             let ids = (nobody.uid.as_raw(), nobody.gid.as_raw());
             std::os::unix::fs::chown(&d.state, Some(ids.0), Some(ids.1)).expect("chown state");
             d.as_user = Some(ids);
         }
-        d.spawn();
-        d
+        d.started()
     }
 
     /// Starts a daemon that inherits SIGHUP, SIGINT and SIGQUIT as ignored.
     pub fn start_ignoring_signals() -> TestDaemon {
+        let mut d = Self::unstarted(&[]);
+        d.ignoring_signals = true;
+        d.started()
+    }
+
+    /// Starts a daemon with extra flags, running `setup` in its process just before it execs
+    /// `taskd`, to start it the way a shell or a service manager might (descriptors left
+    /// open, a umask). `setup` may only make async-signal-safe calls.
+    pub fn start_with_pre_exec(extra: &[&str], setup: fn() -> std::io::Result<()>) -> TestDaemon {
+        let mut d = Self::unstarted(extra);
+        d.pre_exec = Some(setup);
+        d.started()
+    }
+
+    /// Starts a daemon with extra flags and environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> TestDaemon {
+        let mut d = Self::unstarted(extra);
+        d.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        d.started()
+    }
+
+    /// A daemon not started yet, with its own private temporary state directory.
+    fn unstarted(extra: &[&str]) -> TestDaemon {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (state, log) = (dir.path().to_path_buf(), dir.path().join("daemon.log"));
-        Self::start_full(state, log, Some(dir), &[], true)
+        make_private(dir.path());
+        TestDaemon {
+            state: dir.path().to_path_buf(),
+            log: dir.path().join("daemon.log"),
+            _temp: Some(dir),
+            addr: String::new(),
+            token: String::new(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ignoring_signals: false,
+            as_user: None,
+            pre_exec: None,
+            env: Vec::new(),
+        }
+    }
+
+    fn started(mut self) -> TestDaemon {
+        self.spawn();
+        self
     }
 
     /// The state directory.
@@ -158,6 +165,7 @@ impl TestDaemon {
             .arg(&self.state)
             .args(&self.extra)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -174,6 +182,13 @@ impl TestDaemon {
                     }
                     Ok(())
                 });
+            }
+        }
+        if let Some(setup) = self.pre_exec {
+            // SAFETY: `setup` runs in the child before exec; its contract is to make only
+            // async-signal-safe calls.
+            unsafe {
+                cmd.pre_exec(setup);
             }
         }
         let child = cmd.spawn().expect("spawn taskd");
