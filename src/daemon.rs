@@ -117,6 +117,7 @@ pub async fn run(
         idle_timeout: cfg.idle_timeout,
         audit: Arc::new(move |e: AuditEntry| {
             audit_store.audit(AuditRecord {
+                id: 0,
                 time: Timestamp::now(),
                 peer: match e.peer {
                     Some(p) => format!("{}:{p}", e.transport),

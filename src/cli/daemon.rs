@@ -1,5 +1,5 @@
-//! `taskctl status`, `events` and `completions`: the `Daemon` and `Events` methods, and shell
-//! completion scripts.
+//! `taskctl status`, `events`, `audit` and `completions`: the `Daemon`, `Events` and `Audit`
+//! methods, and shell completion scripts.
 
 use clap::Args;
 use clap_complete::Shell;
@@ -7,9 +7,10 @@ use jsonrpsee::core::client::SubscriptionCloseReason;
 
 use super::output::{self, parse_time};
 use super::{CliError, Ctx, stdout_error};
+use crate::rpc::audit::AuditApiClient;
 use crate::rpc::daemon::DaemonApiClient;
 use crate::rpc::events::EventsApiClient;
-use crate::rpc::types::{EventInfo, SubscribeArg};
+use crate::rpc::types::{AuditListArg, ConnectionCounts, EventInfo, SubscribeArg};
 
 /// `taskctl events`.
 #[derive(Debug, Args)]
@@ -17,6 +18,55 @@ pub struct EventsArgs {
     /// First replay the stored events after this sequence number
     #[arg(long, value_name = "SEQ")]
     pub after: Option<i64>,
+}
+
+/// `taskctl audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// At most N records, 1-1000 [default: 50]
+    #[arg(
+        long,
+        short = 'n',
+        value_name = "N",
+        value_parser = super::runs::run_limit,
+        allow_negative_numbers = true
+    )]
+    pub limit: Option<u32>,
+    /// Only records with an id below this (paging)
+    #[arg(long, value_name = "ID")]
+    pub before: Option<i64>,
+}
+
+/// `taskctl audit`: the newest audit records as a table.
+pub async fn audit(ctx: &Ctx, a: AuditArgs) -> anyhow::Result<()> {
+    let limit = a.limit.unwrap_or(50);
+    let arg = AuditListArg { limit: Some(limit), before: a.before };
+    let rows = ctx.call(AuditApiClient::list(&ctx.client, Some(arg))).await?;
+    if ctx.json {
+        return output::json(&rows);
+    }
+    if rows.is_empty() {
+        return output::line("no audit records");
+    }
+    let mut t = output::Table::new(&["ID", "TIME", "PEER", "METHOD", "UNIT", "OUTCOME"])
+        .flexible(&["UNIT", "OUTCOME"]);
+    for r in &rows {
+        t.add_row(vec![
+            output::Cell::new(r.id.to_string()),
+            output::Cell::new(output::relative(&r.time)),
+            output::Cell::new(&r.peer),
+            output::Cell::new(&r.method),
+            output::Cell::new(r.unit.as_deref().unwrap_or_default()),
+            output::Cell::new(&r.outcome),
+        ]);
+    }
+    output::print_table(&t)?;
+    if rows.len() == limit as usize
+        && let Some(last) = rows.last()
+    {
+        eprintln!("… older records: taskctl audit --before {} (or --limit up to 1000)", last.id);
+    }
+    Ok(())
 }
 
 /// `taskctl completions`.
@@ -55,6 +105,16 @@ fn counts<N: std::fmt::Display + PartialEq + Default>(
     format!("{} ({})", parts.join(""), rest.join(", "))
 }
 
+/// `4 of 1024 (3 logged in, 1 not yet)`.
+fn connections(c: &ConnectionCounts) -> String {
+    let open = c.authenticated + c.unauthenticated + c.probation;
+    let waiting = c.unauthenticated + c.probation;
+    if waiting == 0 {
+        return format!("{open} of {}", c.max);
+    }
+    format!("{open} of {} ({} logged in, {waiting} not yet)", c.max, c.authenticated)
+}
+
 /// `taskctl status`.
 pub async fn status(ctx: &Ctx) -> anyhow::Result<()> {
     let s = ctx.call(ctx.client.status(None)).await?;
@@ -77,6 +137,8 @@ pub async fn status(ctx: &Ctx) -> anyhow::Result<()> {
         ("auth".into(), s.auth.clone()),
         ("units".into(), counts(&s.units)),
         ("runs".into(), counts(&s.runs)),
+        ("connections".into(), connections(&s.connections)),
+        ("failed logins".into(), s.auth_failures.to_string()),
     ];
     output::emit(&output::key_values(&rows, ""))
 }

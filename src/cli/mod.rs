@@ -110,6 +110,8 @@ pub enum Command {
     Status,
     /// Print every change as it happens, until interrupted
     Events(daemon::EventsArgs),
+    /// Show the audit log: state-changing calls of authenticated clients, newest first
+    Audit(daemon::AuditArgs),
     /// Print a shell completion script
     Completions(daemon::CompletionsArgs),
 }
@@ -220,6 +222,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Cancel(a) => runs::cancel(&ctx, a).await,
             Command::Status => daemon::status(&ctx).await,
             Command::Events(a) => daemon::events(&ctx, a).await,
+            Command::Audit(a) => daemon::audit(&ctx, a).await,
             Command::Completions(_) => unreachable!("handled before connecting"),
         }
     })

@@ -21,7 +21,7 @@ pub const RUN_STATES: [&str; 7] =
     ["queued", "running", "succeeded", "failed", "timed_out", "cancelled", "lost"];
 
 /// `--limit` for `runs`: 1 to 1000.
-fn run_limit(s: &str) -> Result<u32, String> {
+pub(super) fn run_limit(s: &str) -> Result<u32, String> {
     match s.trim().parse::<i64>() {
         Ok(n @ 1..=1000) => Ok(n as u32),
         _ => Err("must be 1-1000".into()),

@@ -66,6 +66,7 @@ pub fn rpc_error(e: Error) -> ErrorObjectOwned {
 
 /// Every method of the API, ready to serve.
 pub fn methods(api: Api) -> RpcModule<()> {
+    use super::audit::AuditApiServer;
     use super::daemon::{AuthApiServer, DaemonApiServer};
     use super::events::EventsApiServer;
     use super::run::RunApiServer;
@@ -75,6 +76,7 @@ pub fn methods(api: Api) -> RpcModule<()> {
     m.merge(RunApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(EventsApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(DaemonApiServer::into_rpc(api.clone())).expect("unique method names");
+    m.merge(AuditApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(AuthApiServer::into_rpc(api)).expect("unique method names");
     let doc = super::discover::document();
     m.register_method("rpc.discover", move |_, _, _| doc.clone()).expect("unique method names");

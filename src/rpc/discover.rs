@@ -148,6 +148,13 @@ pub fn document() -> Value {
             None,
         ),
         method(
+            "Audit.List",
+            "Audit records (state-changing calls of authenticated clients), newest first",
+            ("filter", schema::<AuditListArg>(g), true),
+            schema::<Vec<AuditInfo>>(g),
+            None,
+        ),
+        method(
             "Auth.Login",
             "Authenticate this raw TCP connection with the daemon's token",
             ("token", name(g), false),

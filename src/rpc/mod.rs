@@ -3,6 +3,7 @@
 //! the client.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod conn;

@@ -292,6 +292,48 @@ pub struct RunListArg {
     pub before: Option<i64>,
 }
 
+/// `Audit.List`'s argument.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuditListArg {
+    /// At most this many (default 50, at most 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Only records with an id below this (for paging).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<i64>,
+}
+
+/// One audit record: a state-changing call by an authenticated client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditInfo {
+    /// Its number (newer records have larger ones).
+    pub id: i64,
+    /// When the call was answered (RFC 3339).
+    pub time: String,
+    /// Transport and address of the client: `tcp:127.0.0.1:41234`.
+    pub peer: String,
+    /// The method called.
+    pub method: String,
+    /// The unit it was about, when it named a valid one.
+    pub unit: Option<String>,
+    /// `ok`, or the error the client got.
+    pub outcome: String,
+}
+
+impl From<&crate::store::AuditRecord> for AuditInfo {
+    fn from(a: &crate::store::AuditRecord) -> Self {
+        Self {
+            id: a.id,
+            time: fmt_time(a.time),
+            peer: a.peer.clone(),
+            method: a.method.clone(),
+            unit: a.unit.clone(),
+            outcome: a.outcome.clone(),
+        }
+    }
+}
+
 /// `Run.Logs`'s argument.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

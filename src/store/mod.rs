@@ -74,6 +74,8 @@ pub struct Event {
 /// One line of the audit log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditRecord {
+    /// Its number, increasing; given by the store (0 in a record to append).
+    pub id: i64,
     /// When the call was made.
     pub time: Timestamp,
     /// Who made it (address, or `local`).
@@ -896,20 +898,22 @@ impl Store {
         });
     }
 
-    /// The newest `limit` audit records, newest first.
-    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditRecord>> {
+    /// The newest `limit` audit records (below id `before`, when given), newest first.
+    pub async fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditRecord>> {
         self.call(move |t| {
             let mut st = t.conn.prepare(
-                "SELECT time, peer, method, unit, outcome FROM audit ORDER BY id DESC LIMIT ?1",
+                "SELECT id, time, peer, method, unit, outcome FROM audit WHERE id < ?2 \
+                 ORDER BY id DESC LIMIT ?1",
             )?;
             let rows = st
-                .query_map(params![limit], |r| {
+                .query_map(params![limit, before.unwrap_or(i64::MAX)], |r| {
                     Ok(AuditRecord {
-                        time: ts(r.get(0)?),
-                        peer: r.get(1)?,
-                        method: r.get(2)?,
-                        unit: r.get(3)?,
-                        outcome: r.get(4)?,
+                        id: r.get(0)?,
+                        time: ts(r.get(1)?),
+                        peer: r.get(2)?,
+                        method: r.get(3)?,
+                        unit: r.get(4)?,
+                        outcome: r.get(5)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -1357,6 +1361,7 @@ mod tests {
         for i in 0..30 {
             store.insert_unit(unit(&format!("u{i}"))).await.unwrap();
             store.audit(AuditRecord {
+                id: 0,
                 time: Timestamp::now(),
                 peer: "local".into(),
                 method: format!("M{i}"),
@@ -1383,9 +1388,12 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         assert_eq!(units, ["u25", "u26", "u27", "u28", "u29"]);
-        let audit = store.audit_log(100).await.unwrap();
+        let audit = store.audit_log(100, None).await.unwrap();
         let methods: Vec<&str> = audit.iter().map(|a| a.method.as_str()).collect();
         assert_eq!(methods, ["M29", "M28", "M27", "M26", "M25", "M24", "M23", "M22", "M21", "M20"]);
+        let older = store.audit_log(3, Some(audit[4].id)).await.unwrap();
+        let methods: Vec<&str> = older.iter().map(|a| a.method.as_str()).collect();
+        assert_eq!(methods, ["M24", "M23", "M22"]);
     }
 
     #[tokio::test]

@@ -575,3 +575,44 @@ fn a_parameter_of_the_wrong_type_is_invalid_params() {
     assert!(v.to_string().contains("unit definition"), "{message}: {v}");
     assert!(unit_names(&d).is_empty());
 }
+
+#[test]
+fn the_audit_log_is_read_newest_first_by_those_who_may() {
+    let d = TestDaemon::start();
+    for name in ["a1", "a2", "a3"] {
+        d.call("TaskUnit.Add", json!({"name": name, "command": ["true"], "paused": true}));
+    }
+    d.call("TaskUnit.Delete", json!("a2"));
+    let rows = wait_for("four audit records", || {
+        let rows = d.call("Audit.List", json!({}));
+        (rows.as_array()?.len() == 4).then_some(rows)
+    });
+    let rows = rows.as_array().expect("rows");
+    let seen: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["method"].as_str().expect("method"), r["unit"].as_str().expect("unit")))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("TaskUnit.Delete", "a2"),
+            ("TaskUnit.Add", "a3"),
+            ("TaskUnit.Add", "a2"),
+            ("TaskUnit.Add", "a1")
+        ]
+    );
+    assert!(rows.iter().all(|r| r["outcome"] == "ok" && r["peer"].as_str().is_some()));
+    let older = d.call("Audit.List", json!({"limit": 2, "before": rows[1]["id"]}));
+    assert_eq!(older.as_array().expect("rows")[..], rows[2..4]);
+    // taskctl audit shows the same.
+    let out = d.taskctl(&["audit", "--json", "--limit", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v.as_array().expect("rows")[0], rows[0]);
+    let out = d.taskctl(&["audit"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("TaskUnit.Delete") && text.contains("a2"), "{text}");
+    // Not without the token.
+    let v = Raw::connect(&d.addr).call("Audit.List", json!({}));
+    assert_eq!(code(&v), i64::from(codes::UNAUTHORIZED));
+}
