@@ -38,7 +38,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use jsonrpsee::core::BoxError;
 use jsonrpsee::server::{HttpBody, HttpRequest, HttpResponse};
-use tokio::net::TcpStream;
 
 use super::auth::{Auth, Authenticated, Peer, Transport, error_body, token_eq};
 use super::conn::{Conn, ConnIo};
@@ -328,14 +327,15 @@ where
 ///
 /// Returns once the HTTP exchange is over; a WebSocket session it upgraded to goes on in
 /// jsonrpsee's own task, over the same [`ConnIo`].
-pub async fn serve_connection<S>(
-    stream: TcpStream,
+pub async fn serve_connection<I, S>(
+    stream: I,
     conn: Arc<Conn>,
     service: S,
     keep_alive: Duration,
     stopped: impl Future<Output = ()>,
 ) -> Result<(), hyper::Error>
 where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<http::Request<hyper::body::Incoming>, Response = HttpResponse>
         + Clone
         + Send
