@@ -50,6 +50,9 @@ pub const HTTP_UNAUTHORIZED_MESSAGE: &str = "missing or wrong bearer token: pass
 /// How long an HTTP keep-alive connection may wait for its next request.
 pub const HTTP_KEEP_ALIVE: Duration = Duration::from_secs(60);
 
+/// The largest request head (request line and headers), in bytes: 431 beyond.
+pub const MAX_HEADER_SIZE: usize = 32 * 1024;
+
 /// Host names in a refusal are cut to this many characters.
 const ECHO_MAX: usize = 80;
 
@@ -345,7 +348,13 @@ where
 {
     let io = TokioIo::new(ConnIo::new(stream, conn.clone()));
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(keep_alive).keep_alive(true);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(keep_alive)
+        .keep_alive(true)
+        // A request head is small; a client may not make the daemon buffer a large one.
+        .max_header_size(MAX_HEADER_SIZE)
+        .max_buf_size(MAX_HEADER_SIZE.max(64 * 1024));
     let served = builder.serve_connection(io, TowerToHyperService::new(service)).with_upgrades();
     tokio::pin!(served, stopped);
     tokio::select! {

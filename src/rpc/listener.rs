@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use jsonrpsee::server::{Methods, Server, ServerConfig, StopHandle, stop_channel};
+use jsonrpsee::server::{Methods, PingConfig, Server, ServerConfig, StopHandle, stop_channel};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +23,9 @@ use super::http::{HTTP_KEEP_ALIVE, HostPolicy, HttpGuardLayer};
 use super::middleware::{AUDITED_METHODS, AuditHook, RpcLayer, no_audit};
 use super::tcp::{self, TcpConfig};
 use crate::error::codes;
+
+/// Connections over the limit being told so at once; more are closed without a word.
+const MAX_REFUSERS: usize = 64;
 
 /// How long a connection over the limit may take to show its first byte, so that it can be
 /// refused in its own protocol.
@@ -159,6 +162,9 @@ pub async fn serve(
         .max_response_body_size(cfg.max_response_size)
         .max_subscriptions_per_connection(cfg.max_subscriptions)
         .set_message_buffer_capacity(1024)
+        // A WebSocket peer that stops answering pings (a closed laptop, a vanished tab) is
+        // closed instead of holding its slot forever.
+        .enable_ws_ping(PingConfig::new())
         // The limit across protocols is ours (below); jsonrpsee's guard is per connection here.
         .max_connections(u32::try_from(cfg.max_connections).unwrap_or(u32::MAX))
         .build();
@@ -184,6 +190,7 @@ pub async fn serve(
     tracing::debug!(addr = ?local, "rpc listener serving raw TCP, HTTP and WebSocket");
 
     let stop_accepting = shared.cfg.stop_accepting.clone();
+    let refusers = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSERS));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -207,8 +214,18 @@ pub async fn serve(
                 tracker.spawn(async move { handle_connection(stream, conn, &shared).await });
             }
             None => {
-                tracing::warn!(%peer, "connection limit reached; refusing");
-                tracker.spawn(refuse(stream, shared.gate.max()));
+                // Telling a refused client why takes a moment; a flood of them is just closed.
+                match refusers.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tracing::warn!(%peer, "connection limit reached; refusing");
+                        let max = shared.gate.max();
+                        tracker.spawn(async move {
+                            refuse(stream, max).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => drop(stream),
+                }
             }
         }
     }

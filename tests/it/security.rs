@@ -616,3 +616,18 @@ fn the_audit_log_is_read_newest_first_by_those_who_may() {
     let v = Raw::connect(&d.addr).call("Audit.List", json!({}));
     assert_eq!(code(&v), i64::from(codes::UNAUTHORIZED));
 }
+
+#[test]
+fn a_huge_request_head_is_refused() {
+    let d = TestDaemon::start();
+    let big = "x".repeat(100_000);
+    let (status, _, _) = http_raw(
+        &d.addr,
+        &format!(
+            "POST / HTTP/1.1\r\nHost: {}\r\nX-Big: {big}\r\nContent-Length: 0\r\n\r\n",
+            d.addr
+        ),
+    );
+    assert_eq!(status, 431);
+    assert_eq!(d.call("Daemon.Status", json!({}))["auth"], "token");
+}
