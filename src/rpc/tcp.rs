@@ -700,6 +700,8 @@ struct Session<S> {
     /// Messages this session handed to the writer, and how many the writer has written.
     pushed: u64,
     written: Arc<Written>,
+    /// When a connection that has not logged in is closed.
+    login_deadline: tokio::time::Instant,
 }
 
 impl<S: Service + 'static> Session<S> {
@@ -771,11 +773,14 @@ impl<S: Service + 'static> Session<S> {
         if probation {
             return Some(Closed::NotLoggedIn);
         }
+        // A client that does not read its answer keeps its connection no longer than its
+        // login deadline.
         tokio::select! {
             () = self.written.reach(self.pushed) => None,
             () = self.shutdown.cancelled() => Some(Closed::Shutdown),
             () = self.write_failed.cancelled() => Some(Closed::WriteFailed),
             () = self.conn.closed() => Some(Closed::Evicted),
+            () = tokio::time::sleep_until(self.login_deadline) => Some(Closed::LoginTimeout),
         }
     }
 
@@ -880,13 +885,14 @@ pub async fn serve_connection<St, L>(
         shutdown: shutdown.clone(),
         pushed: 0,
         written,
+        login_deadline: tokio::time::Instant::now() + cfg.login_timeout,
     };
     // Small until the login: thousands of connections that never log in cost little.
     let mut chunk = vec![0u8; if conn.is_authenticated() { 16 * 1024 } else { 1024 }];
     let mut eof = false;
     let idle = tokio::time::sleep(cfg.idle_timeout);
     tokio::pin!(idle);
-    let login_deadline = tokio::time::sleep(cfg.login_timeout);
+    let login_deadline = tokio::time::sleep_until(s.login_deadline);
     tokio::pin!(login_deadline);
     let stalled = conn.stalled();
     tokio::pin!(stalled);
@@ -926,6 +932,9 @@ pub async fn serve_connection<St, L>(
                 break Closed::LoginTimeout;
             }
             () = &mut stalled => break Closed::Stalled,
+            // Requests may wait in the framer for room in the backlog: start them once there
+            // is, even if the client sends nothing more.
+            () = conn.backlog().room(), if conn.backlog().is_full() => {}
             Some(_) = s.calls.join_next(), if !s.calls.is_empty() => {
                 idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
             }

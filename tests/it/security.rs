@@ -631,3 +631,36 @@ fn a_huge_request_head_is_refused() {
     assert_eq!(status, 431);
     assert_eq!(d.call("Daemon.Status", json!({}))["auth"], "token");
 }
+
+#[test]
+fn a_client_that_reads_slowly_gets_every_reply() {
+    let d = TestDaemon::start();
+    // Large replies: a few of them fill the backlog while the rest of the requests wait,
+    // already read, in the daemon.
+    let defs: Vec<Value> = (0..100)
+        .map(|i| {
+            json!({"name": format!("u{i:03}"), "command": ["true"], "paused": true,
+                        "description": "d".repeat(2_000)})
+        })
+        .collect();
+    d.add_many(&defs);
+    let c = d.raw();
+    let list = json!({"jsonrpc": "2.0", "id": 1, "method": "TaskUnit.List", "params": [{}]});
+    let n = 80;
+    c.stream
+        .try_clone()
+        .expect("clone")
+        .write_all(format!("{list}\n").repeat(n).as_bytes())
+        .expect("write");
+    // Nothing is read for a while: the backlog fills and the daemon stops.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut reader = BufReader::new(c.stream);
+    let mut bytes = 0;
+    for i in 0..n {
+        let mut line = String::new();
+        let got = reader.read_line(&mut line).unwrap_or_else(|e| panic!("reply {i}: {e}"));
+        assert!(got > 0, "the daemon closed after {i} replies");
+        bytes += got;
+    }
+    assert!(bytes > 8 << 20, "only {bytes} bytes: the backlog was never full");
+}
