@@ -211,21 +211,9 @@ impl<'de> Deserialize<'de> for AddArg {
             v @ Value::Object(_) => Ok(AddArg::Definition(v)),
             other => Err(serde::de::Error::custom(format!(
                 "expected a unit definition (an object) or a unit name (a string), got {}",
-                json_type(&other)
+                crate::unit::definition::kind_of(&other)
             ))),
         }
-    }
-}
-
-/// The JSON type of `v`, as error messages name it.
-pub fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

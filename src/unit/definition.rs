@@ -154,7 +154,8 @@ unit_def! {
     keep_runs: u32,
 }
 
-fn kind_of(v: &Value) -> &'static str {
+/// The JSON type of `v`, as error messages name it (`a number`, `an object`).
+pub fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
