@@ -245,8 +245,11 @@ where
                 let err = ErrorObject::owned(codes::UNAUTHORIZED, UNAUTHORIZED_MESSAGE, None::<()>);
                 MethodResponse::error(req.id, err)
             };
-            // Whatever leaves the middleware goes to the connection's writer: count it.
-            if let Some(conn) = &conn {
+            // A call's reply goes to the connection's writer: count it. (A subscription's
+            // answer went out through its sink, and a notification gets none.)
+            if let Some(conn) = &conn
+                && (rp.is_method_call() || rp.is_batch())
+            {
                 conn.backlog().produced(rp.as_json().get().len());
             }
 

@@ -25,8 +25,11 @@ const FOLLOW_TAIL: usize = 1 << 20;
 /// What a follower that fell a whole backlog behind is told before its subscription ends.
 const LAGGED: &str = "this follower fell more than 4 MiB behind the run's output and was \
      stopped; read the output with Run.Logs, or follow again";
-/// Bytes a subscription notification adds around its item (method, subscription id).
-pub(crate) const NOTIFICATION_OVERHEAD: usize = 96;
+/// Bytes a subscription notification adds around its item, at least: the shortest wrapper,
+/// `{"jsonrpc":"2.0","method":"Run.Follow","params":{"subscription":1,"result":…}}`, is 77.
+/// Never more than the real overhead: a count above what reaches the socket would stay in a
+/// connection's backlog for good.
+pub(crate) const NOTIFICATION_OVERHEAD: usize = 64;
 /// Default and largest slice of `Run.Logs`, in bytes.
 const LOG_PAGE: (u32, u32) = (64 * 1024, 1 << 20);
 
