@@ -1,10 +1,12 @@
-//! The daemon: opens the store, recovers and starts every unit, and serves the API on the
-//! listener it is given until its token is cancelled; then stops every run and drains.
+//! The daemon: secures the state directory, opens the store, recovers and starts every unit,
+//! and serves the API on the socket it is given until its token is cancelled; then stops
+//! every run and drains.
 //!
 //! `run` installs no signal handler and never exits the process: `main` (or a test) binds the
 //! listener, owns the root token, and decides what a signal means.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio::net::TcpSocket;
@@ -19,7 +21,7 @@ use crate::rpc::api::{Api, ApiContext, methods};
 use crate::rpc::auth::Auth;
 use crate::rpc::conn::Gate;
 use crate::rpc::listener::{ServeConfig, listen, serve};
-use crate::rpc::middleware::{AUDITED_METHODS, AuditEntry};
+use crate::rpc::middleware::{AUDITED_METHODS, AuditEntry, AuditHook};
 use crate::state_dir::{self, ADDRESS_FILE};
 use crate::store::{AuditRecord, Store};
 use crate::unit::ValidateCtx;
@@ -34,6 +36,102 @@ fn trim_heap() {
     }
 }
 
+/// What start-up secured before anything is served: the state directory's lock, the store,
+/// and the token (none with `--auth none`).
+struct Opened {
+    _lock: state_dir::StateLock,
+    store: Store,
+    token: Option<Arc<str>>,
+}
+
+/// Everything before the units are loaded: the process itself made safe to spawn from, the
+/// security rules checked, the state directory made private and locked, the store opened and
+/// the token written.
+fn open_state(cfg: &Config, local: &std::net::SocketAddr) -> anyhow::Result<Opened> {
+    // First: before anything is created (the umask) or spawned (inherited descriptors).
+    exec::process_hygiene();
+    if let Some(warning) = cfg.check_security(local)? {
+        tracing::warn!("{warning}");
+    }
+    if crate::config::is_root() && cfg.allowed_users.is_empty() {
+        tracing::warn!(
+            "running as root without allowed_users: any client can run commands as any account, root included; set allowed_users (--allowed-user NAME)"
+        );
+    }
+    state_dir::prepare(&cfg.state_dir)?;
+    let lock = state_dir::lock(&cfg.state_dir)?;
+    exec::catch_ignored_signals();
+    if let Err(e) = exec::become_subreaper() {
+        tracing::warn!(error = %e, "cannot become a child subreaper; double-forked grandchildren will not be reaped");
+    }
+    let store = Store::open(&cfg.state_dir)?;
+    let token = match cfg.auth {
+        AuthMode::Token => Some(state_dir::load_or_create_token(&cfg.state_dir)?.into()),
+        AuthMode::None => None,
+    };
+    std::fs::create_dir_all(&cfg.units_dir).map_err(|e| Error::io(&cfg.units_dir, e))?;
+    Ok(Opened { _lock: lock, store, token })
+}
+
+/// The audit hook: every audited call becomes a record in the store (not awaited).
+fn audit_to(store: Store) -> AuditHook {
+    Arc::new(move |e: AuditEntry| {
+        store.audit(AuditRecord {
+            id: 0,
+            time: Timestamp::now(),
+            peer: match e.peer {
+                Some(p) => format!("{}:{p}", e.transport),
+                None => e.transport.to_string(),
+            },
+            method: e.method,
+            unit: e.unit,
+            outcome: match e.outcome {
+                Ok(()) => "ok".into(),
+                Err(m) => m,
+            },
+        })
+    })
+}
+
+/// The tokens and trackers shutdown goes through, in order (see [`Stopping::stop`]).
+#[derive(Default)]
+struct Stopping {
+    /// Every unit's loop and runs.
+    units_root: CancellationToken,
+    unit_tasks: TaskTracker,
+    /// Every active `Run.Follow`.
+    followers: TaskTracker,
+    /// No new connections.
+    stop_accepting: CancellationToken,
+    /// The listener and every connection.
+    listener_stop: CancellationToken,
+    conn_tasks: TaskTracker,
+}
+
+impl Stopping {
+    /// Shutdown goes in two steps: first every unit stops its runs (clients still connected
+    /// see them end: `Run.Follow` gets its final message), then the listener closes.
+    async fn stop(self, store: &Store, server: tokio::task::JoinHandle<()>) -> anyhow::Result<()> {
+        tracing::info!("shutting down: stopping active runs");
+        self.stop_accepting.cancel();
+        self.units_root.cancel();
+        self.unit_tasks.close();
+        self.unit_tasks.wait().await;
+        store.flush().await?;
+        // Every run has ended; followers only have their final message left to send.
+        self.followers.close();
+        let followed = tokio::time::timeout(Duration::from_secs(5), self.followers.wait()).await;
+        if followed.is_err() {
+            tracing::warn!("some Run.Follow subscribers did not finish; closing anyway");
+        }
+        self.listener_stop.cancel();
+        let _ = server.await;
+        self.conn_tasks.close();
+        self.conn_tasks.wait().await;
+        Ok(())
+    }
+}
+
 /// Runs the daemon on `socket` (bound, not yet listening: see
 /// [`crate::rpc::listener::bind`]) until `shutdown` is cancelled, then stops every active run
 /// (recorded `cancelled`, reason `shutdown`), waits for every task, and returns.
@@ -45,37 +143,9 @@ pub async fn run(
     socket: TcpSocket,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // First: before anything is created (the umask) or spawned (inherited descriptors).
-    exec::process_hygiene();
     let local = socket.local_addr()?;
-    if let Some(warning) = cfg.check_security(&local)? {
-        tracing::warn!("{warning}");
-    }
-    if crate::config::is_root() && cfg.allowed_users.is_empty() {
-        tracing::warn!(
-            "running as root without allowed_users: any client can run commands as any account, root included; set allowed_users (--allowed-user NAME)"
-        );
-    }
-    state_dir::prepare(&cfg.state_dir)?;
-    let _lock = state_dir::lock(&cfg.state_dir)?;
-    exec::catch_ignored_signals();
-    if let Err(e) = exec::become_subreaper() {
-        tracing::warn!(error = %e, "cannot become a child subreaper; double-forked grandchildren will not be reaped");
-    }
-    let store = Store::open(&cfg.state_dir)?;
-    let token: Option<Arc<str>> = match cfg.auth {
-        AuthMode::Token => Some(state_dir::load_or_create_token(&cfg.state_dir)?.into()),
-        AuthMode::None => None,
-    };
-    // Shutdown goes in two steps: first every unit stops its runs (clients still connected
-    // see them end: `Run.Follow` gets its final message), then the listener closes.
-    let units_root = CancellationToken::new();
-    let unit_tasks = TaskTracker::new();
-    let listener_stop = CancellationToken::new();
-    let stop_accepting = CancellationToken::new();
-    let followers = TaskTracker::new();
-    let conn_tasks = TaskTracker::new();
-    std::fs::create_dir_all(&cfg.units_dir).map_err(|e| Error::io(&cfg.units_dir, e))?;
+    let Opened { _lock, store, token } = open_state(&cfg, &local)?;
+    let stopping = Stopping::default();
     let registry = Registry::open(
         store.clone(),
         RegistryConfig {
@@ -89,8 +159,8 @@ pub async fn run(
             keep_runs: cfg.keep_runs,
             max_units: cfg.max_units,
         },
-        units_root.clone(),
-        unit_tasks.clone(),
+        stopping.units_root.clone(),
+        stopping.unit_tasks.clone(),
     )
     .await?;
     // Loading left holes in the heap (definitions parsed, records copied) between the units'
@@ -102,10 +172,9 @@ pub async fn run(
         started: Timestamp::now(),
         listeners: vec![local.to_string()],
         token: token.clone(),
-        followers: followers.clone(),
+        followers: stopping.followers.clone(),
         gate: gate.clone(),
     }));
-    let audit_store = store.clone();
     let serve_cfg = ServeConfig {
         auth: match &token {
             Some(t) => Auth::Token(t.clone()),
@@ -115,24 +184,9 @@ pub async fn run(
         max_connections: cfg.max_connections,
         max_in_flight: cfg.max_in_flight,
         idle_timeout: cfg.idle_timeout,
-        audit: Arc::new(move |e: AuditEntry| {
-            audit_store.audit(AuditRecord {
-                id: 0,
-                time: Timestamp::now(),
-                peer: match e.peer {
-                    Some(p) => format!("{}:{p}", e.transport),
-                    None => e.transport.to_string(),
-                },
-                method: e.method,
-                unit: e.unit,
-                outcome: match e.outcome {
-                    Ok(()) => "ok".into(),
-                    Err(m) => m,
-                },
-            })
-        }),
+        audit: audit_to(store.clone()),
         audited_methods: AUDITED_METHODS,
-        stop_accepting: stop_accepting.clone(),
+        stop_accepting: stopping.stop_accepting.clone(),
         allow_hosts: cfg.allow_host.clone(),
         gate: Some(gate),
         ..ServeConfig::default()
@@ -152,25 +206,11 @@ pub async fn run(
         listener,
         methods(api),
         serve_cfg,
-        listener_stop.clone(),
-        conn_tasks.clone(),
+        stopping.listener_stop.clone(),
+        stopping.conn_tasks.clone(),
     ));
     shutdown.cancelled().await;
-    tracing::info!("shutting down: stopping active runs");
-    stop_accepting.cancel();
-    units_root.cancel();
-    unit_tasks.close();
-    unit_tasks.wait().await;
-    store.flush().await?;
-    // Every run has ended; followers only have their final message left to send.
-    followers.close();
-    if tokio::time::timeout(std::time::Duration::from_secs(5), followers.wait()).await.is_err() {
-        tracing::warn!("some Run.Follow subscribers did not finish; closing anyway");
-    }
-    listener_stop.cancel();
-    let _ = server.await;
-    conn_tasks.close();
-    conn_tasks.wait().await;
+    stopping.stop(&store, server).await?;
     let _ = std::fs::remove_file(&address_file);
     tracing::info!("taskd stopped");
     Ok(())
