@@ -702,6 +702,8 @@ struct Session<S> {
     written: Arc<Written>,
     /// When a connection that has not logged in is closed.
     login_deadline: tokio::time::Instant,
+    /// Subscription slots: an active subscription keeps the connection from idling out.
+    subscriptions: Arc<Semaphore>,
 }
 
 impl<S: Service + 'static> Session<S> {
@@ -841,8 +843,7 @@ pub async fn serve_connection<St, L>(
         + Sync
         + 'static,
 {
-    let peer = conn.peer();
-    let (mut rd, wr) = tokio::io::split(ConnIo::new(stream, conn.clone()));
+    let (rd, wr) = tokio::io::split(ConnIo::new(stream, conn.clone()));
     let (tx, rx) = mpsc::channel::<Box<RawValue>>(cfg.message_buffer_capacity.max(1) as usize);
     let close = CancellationToken::new();
     let write_failed = CancellationToken::new();
@@ -881,98 +882,16 @@ pub async fn serve_connection<St, L>(
         cfg: cfg.clone(),
         calls: JoinSet::new(),
         framer: Framer::new(first_limit as usize),
-        write_failed: write_failed.clone(),
-        shutdown: shutdown.clone(),
+        write_failed,
+        shutdown,
         pushed: 0,
         written,
         login_deadline: tokio::time::Instant::now() + cfg.login_timeout,
+        subscriptions,
     };
-    // Small until the login: thousands of connections that never log in cost little.
-    let mut chunk = vec![0u8; if conn.is_authenticated() { 16 * 1024 } else { 1024 }];
-    let mut eof = false;
-    let idle = tokio::time::sleep(cfg.idle_timeout);
-    tokio::pin!(idle);
-    let login_deadline = tokio::time::sleep_until(s.login_deadline);
-    tokio::pin!(login_deadline);
-    let stalled = conn.stalled();
-    tokio::pin!(stalled);
-
-    let closed = loop {
-        if conn.is_authenticated() {
-            if chunk.len() < 16 * 1024 {
-                chunk.resize(16 * 1024, 0);
-            }
-            s.start_calls(eof).await;
-        } else if let Some(frame) = s.framer.next_frame(eof) {
-            match s.serve_unauthenticated(frame).await {
-                Some(closed) => break closed,
-                None => continue,
-            }
-        }
-        if eof && s.calls.is_empty() {
-            break Closed::Eof;
-        }
-        s.framer.shrink();
-
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break Closed::Shutdown,
-            () = write_failed.cancelled() => break Closed::WriteFailed,
-            () = conn.closed() => break Closed::Evicted,
-            () = &mut login_deadline, if !conn.is_authenticated() => {
-                s.push_own(error_json(
-                    Id::Null,
-                    codes::UNAUTHORIZED,
-                    format!(
-                        "login timed out: call Auth.Login within {} s of connecting",
-                        cfg.login_timeout.as_secs()
-                    ),
-                ))
-                .await;
-                break Closed::LoginTimeout;
-            }
-            () = &mut stalled => break Closed::Stalled,
-            // Requests may wait in the framer for room in the backlog: start them once there
-            // is, even if the client sends nothing more.
-            () = conn.backlog().room(), if conn.backlog().is_full() => {}
-            Some(_) = s.calls.join_next(), if !s.calls.is_empty() => {
-                idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
-            }
-            read = rd.read(&mut chunk), if !eof && s.calls.len() < cfg.max_in_flight => match read {
-                Ok(0) => eof = true,
-                Ok(n) => {
-                    s.framer.push(&chunk[..n]);
-                    idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "tcp read failed");
-                    break Closed::ReadFailed;
-                }
-            },
-            () = &mut idle, if s.calls.is_empty() && !eof => {
-                if subscriptions.available_permits() < cfg.max_subscriptions as usize {
-                    // An active subscription is not idleness: the client is listening.
-                    idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
-                } else {
-                    break Closed::Idle;
-                }
-            }
-        }
-    };
-
-    match closed {
-        Closed::Shutdown => {
-            let drain = async { while s.calls.join_next().await.is_some() {} };
-            if tokio::time::timeout(cfg.drain_timeout, drain).await.is_err() {
-                tracing::debug!("tcp calls did not finish in time at shutdown");
-            }
-        }
-        // The client does not read: nothing more will reach it.
-        Closed::Stalled | Closed::Evicted => conn.close(),
-        _ => {}
-    }
-    s.calls.shutdown().await;
-    tracing::debug!(peer = ?peer, conn_id, reason = ?closed, "tcp connection closed");
+    let closed = s.serve(rd).await;
+    s.finish(closed).await;
+    tracing::debug!(peer = ?conn.peer(), conn_id, reason = ?closed, "tcp connection closed");
 
     // Let the writer flush what is queued, then close; dropping its receiver ends this
     // connection's subscriptions.
@@ -981,6 +900,102 @@ pub async fn serve_connection<St, L>(
     let mut writer = writer;
     if tokio::time::timeout(cfg.drain_timeout, &mut writer).await.is_err() {
         writer.abort();
+    }
+}
+
+impl<S: Service + 'static> Session<S> {
+    /// Reads and serves requests until the connection ends; says why it did.
+    async fn serve<R: AsyncRead + Unpin>(&mut self, mut rd: R) -> Closed {
+        let (conn, cfg) = (self.conn.clone(), self.cfg.clone());
+        // Small until the login: thousands of connections that never log in cost little.
+        let mut chunk = vec![0u8; if conn.is_authenticated() { 16 * 1024 } else { 1024 }];
+        let mut eof = false;
+        let idle = tokio::time::sleep(cfg.idle_timeout);
+        tokio::pin!(idle);
+        let login_deadline = tokio::time::sleep_until(self.login_deadline);
+        tokio::pin!(login_deadline);
+        let stalled = conn.stalled();
+        tokio::pin!(stalled);
+        loop {
+            if conn.is_authenticated() {
+                if chunk.len() < 16 * 1024 {
+                    chunk.resize(16 * 1024, 0);
+                }
+                self.start_calls(eof).await;
+            } else if let Some(frame) = self.framer.next_frame(eof) {
+                match self.serve_unauthenticated(frame).await {
+                    Some(closed) => return closed,
+                    None => continue,
+                }
+            }
+            if eof && self.calls.is_empty() {
+                return Closed::Eof;
+            }
+            self.framer.shrink();
+
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return Closed::Shutdown,
+                () = self.write_failed.cancelled() => return Closed::WriteFailed,
+                () = conn.closed() => return Closed::Evicted,
+                () = &mut login_deadline, if !conn.is_authenticated() => {
+                    self.push_own(error_json(
+                        Id::Null,
+                        codes::UNAUTHORIZED,
+                        format!(
+                            "login timed out: call Auth.Login within {} s of connecting",
+                            cfg.login_timeout.as_secs()
+                        ),
+                    ))
+                    .await;
+                    return Closed::LoginTimeout;
+                }
+                () = &mut stalled => return Closed::Stalled,
+                // Requests may wait in the framer for room in the backlog: start them once
+                // there is, even if the client sends nothing more.
+                () = conn.backlog().room(), if conn.backlog().is_full() => {}
+                Some(_) = self.calls.join_next(), if !self.calls.is_empty() => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                }
+                read = rd.read(&mut chunk), if !eof && self.calls.len() < cfg.max_in_flight => {
+                    match read {
+                        Ok(0) => eof = true,
+                        Ok(n) => {
+                            self.framer.push(&chunk[..n]);
+                            idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "tcp read failed");
+                            return Closed::ReadFailed;
+                        }
+                    }
+                }
+                () = &mut idle, if self.calls.is_empty() && !eof => {
+                    if self.subscriptions.available_permits() < cfg.max_subscriptions as usize {
+                        // An active subscription is not idleness: the client is listening.
+                        idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
+                    } else {
+                        return Closed::Idle;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the calls still running: at shutdown they get `drain_timeout` to answer; a client
+    /// that stopped reading or was evicted gets nothing more.
+    async fn finish(&mut self, closed: Closed) {
+        match closed {
+            Closed::Shutdown => {
+                let drain = async { while self.calls.join_next().await.is_some() {} };
+                if tokio::time::timeout(self.cfg.drain_timeout, drain).await.is_err() {
+                    tracing::debug!("tcp calls did not finish in time at shutdown");
+                }
+            }
+            Closed::Stalled | Closed::Evicted => self.conn.close(),
+            _ => {}
+        }
+        self.calls.shutdown().await;
     }
 }
 
