@@ -253,24 +253,41 @@ impl Gate {
 #[derive(Debug)]
 pub struct Backlog {
     queued: AtomicUsize,
+    /// Bytes written to the socket since the connection opened.
+    sent_total: AtomicU64,
     limit: usize,
-    drained: Notify,
+    /// Notified when the backlog crosses its limit either way, or empties.
+    changed: Notify,
 }
 
 impl Default for Backlog {
     fn default() -> Self {
-        Self { queued: AtomicUsize::new(0), limit: BACKLOG_LIMIT, drained: Notify::new() }
+        Self {
+            queued: AtomicUsize::new(0),
+            sent_total: AtomicU64::new(0),
+            limit: BACKLOG_LIMIT,
+            changed: Notify::new(),
+        }
     }
 }
 
 impl Backlog {
-    /// Counts `n` bytes handed to the writer.
+    /// Counts `n` bytes handed to the writer; wakes waiters when the backlog becomes full.
     pub fn produced(&self, n: usize) {
-        self.queued.fetch_add(n, Ordering::AcqRel);
+        let before = self.queued.fetch_add(n, Ordering::AcqRel);
+        if before < self.limit && before + n >= self.limit {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Bytes written to the socket so far.
+    fn sent_total(&self) -> u64 {
+        self.sent_total.load(Ordering::Acquire)
     }
 
     /// Counts `n` bytes written to the socket; wakes waiters when room appears.
     fn sent(&self, n: usize) -> bool {
+        self.sent_total.fetch_add(n as u64, Ordering::AcqRel);
         let before = self
             .queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| Some(q.saturating_sub(n)))
@@ -278,7 +295,7 @@ impl Backlog {
         let after = before.saturating_sub(n);
         let freed = before >= self.limit && after < self.limit || before > 0 && after == 0;
         if freed {
-            self.drained.notify_waiters();
+            self.changed.notify_waiters();
         }
         freed
     }
@@ -305,7 +322,7 @@ impl Backlog {
 
     async fn wait_until(&self, cond: impl Fn(&Self) -> bool) {
         loop {
-            let notified = self.drained.notified();
+            let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if cond(self) {
@@ -399,15 +416,15 @@ impl Conn {
         self.close.cancelled().await;
     }
 
-    /// Resolves when the backlog has been at its limit for [`BACKLOG_STALL`] without a pause:
-    /// the client stopped reading.
+    /// Resolves when the backlog has been at its limit for [`BACKLOG_STALL`] and not a byte
+    /// of it reached the socket meanwhile: the client stopped reading. (A client that reads,
+    /// however slowly, is not stalled.)
     pub async fn stalled(&self) {
         loop {
-            if !self.backlog.is_full() {
-                self.backlog.wait_until(Backlog::is_full).await;
-            }
-            let drained = self.backlog.room();
-            if tokio::time::timeout(BACKLOG_STALL, drained).await.is_err() {
+            self.backlog.wait_until(Backlog::is_full).await;
+            let mark = self.backlog.sent_total();
+            tokio::time::sleep(BACKLOG_STALL).await;
+            if self.backlog.is_full() && self.backlog.sent_total() == mark {
                 return;
             }
         }
@@ -576,6 +593,28 @@ mod tests {
         let f = lock(&gate.failures);
         assert_eq!(f.by_peer.len(), TRACKED_PEERS);
         assert_eq!(f.untracked, 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_full_with_no_progress_for_the_stall_time_is_noticed() {
+        let gate = Gate::new(4, false);
+        let conn = gate.admit(peer()).expect("conn");
+        let stalled = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.stalled().await }
+        });
+        tokio::task::yield_now().await;
+        conn.backlog().produced(BACKLOG_LIMIT + 1000);
+        // A client that reads, however little, is not stalled.
+        for _ in 0..4 {
+            tokio::time::sleep(BACKLOG_STALL / 2).await;
+            conn.backlog().sent(10);
+        }
+        tokio::time::sleep(BACKLOG_STALL / 2).await;
+        assert!(!stalled.is_finished(), "a slow reader is not stalled");
+        // One that stops is, a stall time after its last byte.
+        tokio::time::sleep(BACKLOG_STALL * 2).await;
+        assert!(stalled.is_finished(), "a backlog full for the stall time is a stalled client");
     }
 
     #[tokio::test]

@@ -309,18 +309,18 @@ impl RunApiServer for Api {
         // 3. Every chunk as it is written. Pipe reads split characters anywhere: an unfinished
         // UTF-8 sequence waits for the rest of its stream's bytes.
         if let Some(mut f) = live {
-            use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+            use crate::store::live::LiveError;
             let mut carry: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
             let mut at_line_start = [true, true];
             loop {
                 let first = match f.live.recv().await {
                     Ok(c) => c,
-                    Err(RecvError::Lagged(n)) => {
+                    Err(LiveError::Lagged(n)) => {
                         let data = format!("[… {n} chunks skipped: this follower fell behind …]\n");
                         send(FollowItem::Output { stream: None, data }).await?;
                         continue;
                     }
-                    Err(RecvError::Closed) => break,
+                    Err(LiveError::Closed) => break,
                 };
                 // Whatever else is already waiting goes out in the same messages: one message
                 // per chunk cannot keep up with a chatty process.
@@ -328,11 +328,11 @@ impl RunApiServer for Api {
                 let mut size = batch[0].data.len();
                 while size < FOLLOW_BATCH {
                     match f.live.try_recv() {
-                        Ok(c) => {
+                        Ok(Some(c)) => {
                             size += c.data.len();
                             batch.push(c);
                         }
-                        Err(TryRecvError::Lagged(n)) => {
+                        Err(LiveError::Lagged(n)) => {
                             let data =
                                 format!("[… {n} chunks skipped: this follower fell behind …]\n");
                             batch.push(logs::LiveChunk {
@@ -342,7 +342,7 @@ impl RunApiServer for Api {
                             });
                             break;
                         }
-                        Err(_) => break,
+                        Ok(None) | Err(LiveError::Closed) => break,
                     }
                 }
                 let mut pending: Option<(Stream, String)> = None;

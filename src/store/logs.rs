@@ -9,7 +9,8 @@
 //! `log_limit` is kept per stream: the first half of it goes to the file as it arrives (the
 //! head); past that, the stream's output is kept in a ring of the newest half (the tail) in
 //! memory, and written after a cut marker when the run ends. The pipe is never blocked:
-//! output past the limit only moves the ring. Followers get every chunk live.
+//! output past the limit only moves the ring. Followers get every chunk live, through a
+//! feed bounded in bytes ([`super::live`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -18,8 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+use super::live::{LIVE_BUDGET, LiveFeed, LiveReceiver};
 use crate::error::{Error, Result};
 
 /// Which output stream.
@@ -69,7 +71,7 @@ pub struct LiveChunk {
 /// What a run's log held at the moment a follower subscribed.
 pub struct Follow {
     /// Every chunk written after the subscription.
-    pub live: broadcast::Receiver<LiveChunk>,
+    pub live: LiveReceiver,
     /// The file's length at that moment: read the file up to here first.
     pub file_len: u64,
     /// Then the tails kept in memory (oldest first), with the bytes cut before them.
@@ -100,6 +102,8 @@ enum Msg {
         stream: Stream,
         at: Timestamp,
         data: Vec<u8>,
+        /// Its bytes' share of [`WRITE_QUEUE_BYTES`], given back once it is written.
+        _queued: OwnedSemaphorePermit,
     },
     Finish {
         run: i64,
@@ -122,11 +126,17 @@ enum Msg {
     },
 }
 
+/// Output waiting for the writer thread, in bytes, across all runs: a run that prints faster
+/// than the disk takes it waits (its pipe is read more slowly) instead of queueing without
+/// bound in the daemon's memory.
+pub const WRITE_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Handle to the log writer thread.
 #[derive(Clone)]
 pub struct Logs {
     tx: mpsc::Sender<Msg>,
     dir: PathBuf,
+    queued: Arc<Semaphore>,
 }
 
 /// The log file of run `id` under `dir`.
@@ -143,7 +153,7 @@ impl Logs {
             .name("taskd-logs".into())
             .spawn(move || writer_thread(d, rx))
             .map_err(|e| Error::io(&dir, e))?;
-        Ok(Logs { tx, dir })
+        Ok(Logs { tx, dir, queued: Arc::new(Semaphore::new(WRITE_QUEUE_BYTES)) })
     }
 
     /// The log file of run `id`.
@@ -158,9 +168,11 @@ impl Logs {
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// Appends output of a run.
+    /// Appends output of a run; waits while the writer thread has its fill of output queued.
     pub async fn write(&self, run: i64, stream: Stream, at: Timestamp, data: Vec<u8>) {
-        let _ = self.tx.send(Msg::Write { run, stream, at, data }).await;
+        let bytes = data.len().clamp(1, WRITE_QUEUE_BYTES) as u32;
+        let Ok(queued) = self.queued.clone().acquire_many_owned(bytes).await else { return };
+        let _ = self.tx.send(Msg::Write { run, stream, at, data, _queued: queued }).await;
     }
 
     /// Writes the kept tails, closes the file and returns the totals.
@@ -289,7 +301,7 @@ struct RunLog {
     len: u64,
     half: u64,
     streams: [StreamState; 2],
-    live: broadcast::Sender<LiveChunk>,
+    live: LiveFeed,
 }
 
 fn ts_text(at: Timestamp) -> String {
@@ -359,7 +371,9 @@ impl RunLog {
     }
 
     fn write(&mut self, stream: Stream, at: Timestamp, data: Vec<u8>) {
-        let _ = self.live.send(LiveChunk { stream, at, data: Arc::from(data.as_slice()) });
+        if self.live.has_receivers() {
+            self.live.send(LiveChunk { stream, at, data: Arc::from(data.as_slice()) });
+        }
         let half = self.half;
         let st = &mut self.streams[stream.index()];
         st.total += data.len() as u64;
@@ -485,7 +499,7 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Msg::Open { run, limit, reply } => {
-                let (live, _) = broadcast::channel(1024);
+                let live = LiveFeed::new(LIVE_BUDGET);
                 let log = runs.entry(run).or_insert(RunLog {
                     path: path_in(&dir, run),
                     file: None,
@@ -501,7 +515,7 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
                 }
                 let _ = reply.send(Ok(()));
             }
-            Msg::Write { run, stream, at, data } => {
+            Msg::Write { run, stream, at, data, .. } => {
                 if let Some(log) = runs.get_mut(&run) {
                     log.write(stream, at, data);
                 }

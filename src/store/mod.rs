@@ -13,6 +13,7 @@
 //! commits again. The end of a run that could not be recorded is kept in memory and retried
 //! every second, so that a run never stays `running` in the store once space is back.
 
+pub mod live;
 pub mod logs;
 
 use std::path::{Path, PathBuf};

@@ -415,7 +415,9 @@ pub fn http_raw(addr: &str, request: &str) -> (u16, String, String) {
     s.set_read_timeout(Some(DEADLINE)).expect("timeout");
     s.write_all(request.as_bytes()).expect("write request");
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read response");
+    if let Err(e) = s.read_to_end(&mut raw) {
+        panic!("no complete response (the daemon kept the connection open?): {e}");
+    }
     let text = String::from_utf8(raw).expect("utf-8 response");
     let (head, body) =
         text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end: {text:?}"));
