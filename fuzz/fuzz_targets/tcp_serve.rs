@@ -14,62 +14,23 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use jsonrpsee::RpcModule;
 use jsonrpsee::core::server::Methods;
-use jsonrpsee::types::{ErrorObject, ErrorObjectOwned};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use taskd::rpc::auth::{Auth, ConnAuth};
+use taskd::rpc::auth::Auth;
+use taskd::rpc::conn::{Gate, Standing};
 use taskd::rpc::middleware::{RpcLayer, no_audit};
 use taskd::rpc::tcp::{TcpConfig, serve_connection};
+use taskd_fuzz::{TOKEN, methods};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
-
-const TOKEN: &str = "fuzz";
 
 struct Server {
     runtime: Runtime,
     methods: Methods,
     layer: RpcLayer,
     cfg: TcpConfig,
-}
-
-fn methods() -> Methods {
-    let mut m = RpcModule::new(());
-    m.register_method("Test.Echo", |params, _, _| params.one::<Value>()).expect("register");
-    m.register_method("Test.Fail", |_, _, _| {
-        Err::<(), _>(ErrorObject::owned(-32010, "it failed", None::<()>))
-    })
-    .expect("register");
-    m.register_method("Test.Null", |_, _, _| Ok::<(), ErrorObjectOwned>(())).expect("register");
-    m.register_async_method("Test.Async", |params, _, _| async move {
-        tokio::task::yield_now().await;
-        params.one::<Value>()
-    })
-    .expect("register");
-    m.register_method("Auth.Login", |params, _, ext| {
-        let token: String = params.one()?;
-        if token != TOKEN {
-            return Err(ErrorObject::owned(-32001, "wrong token", None::<()>));
-        }
-        if let Some(flag) = ext.get::<ConnAuth>() {
-            flag.set();
-        }
-        Ok(true)
-    })
-    .expect("register");
-    m.register_subscription("Test.Sub", "Test.Item", "Test.Unsub", |_, pending, _, _| async move {
-        let Ok(sink) = pending.accept().await else { return };
-        for i in 0..3 {
-            let item = serde_json::value::to_raw_value(&i).expect("json");
-            if sink.send(item).await.is_err() {
-                return;
-            }
-        }
-    })
-    .expect("register");
-    m.into()
 }
 
 fn server() -> &'static Server {
@@ -88,6 +49,9 @@ fn server() -> &'static Server {
             max_subscriptions: 2,
             message_buffer_capacity: 2,
             drain_timeout: Duration::from_secs(1),
+            login_timeout: Duration::from_secs(10),
+            // Below the limit after the login, so that both limits are within reach.
+            max_login_request_size: 256,
         };
         let layer = RpcLayer::new(
             &methods,
@@ -120,13 +84,23 @@ fn check_message(line: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     let Some((&split, input)) = data.split_first() else { return };
-    let piece = usize::from(split).max(1);
+    let piece = usize::from(split & 0x7f).max(1);
+    let probation = split & 0x80 != 0;
     let s = server();
+    // A gate of its own per input: four slots, the last kept for clients that log in. Three
+    // connections that never log in fill the others when this one is to be on probation.
+    let gate = Gate::new(4, true);
+    let holders: Vec<_> = (0..if probation { 3 } else { 0 })
+        .map(|_| gate.admit(None).expect("a free slot"))
+        .collect();
+    let conn = gate.admit(None).expect("a slot for the fuzzed connection");
+    let expected = if probation { Standing::Probation } else { Standing::Unauthenticated };
+    assert_eq!(conn.standing(), expected);
     let output = s.runtime.block_on(async {
-        let (client, conn) = tokio::io::duplex(4096);
+        let (client, stream) = tokio::io::duplex(4096);
         let served = tokio::spawn(serve_connection(
+            stream,
             conn,
-            None,
             1,
             s.methods.clone(),
             s.layer.builder(),
@@ -151,6 +125,7 @@ fuzz_target!(|data: &[u8]| {
         served.await.expect("serve_connection panicked");
         out
     });
+    drop(holders);
     if output.is_empty() {
         return;
     }
