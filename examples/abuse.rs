@@ -130,6 +130,9 @@ struct Seen {
     threads_peak: u64,
     fds_peak: u64,
     rss_last: u64,
+    /// Pages of TCP buffers in the kernel, machine-wide (`/proc/net/sockstat`): RSS does not
+    /// count what the daemon's sockets hold there.
+    tcp_pages_peak: u64,
     /// CPU ticks at the phase's first and last sample: the daemon (not the runs it spawns),
     /// this program, and each CPU's busy and total.
     ticks_first: Option<Ticks>,
@@ -143,6 +146,26 @@ struct Ticks {
     me: u64,
     /// Busy and total ticks of CPU 0 and CPU 1.
     cpus: [(u64, u64); 2],
+}
+
+/// Pages the kernel holds in TCP buffers, machine-wide.
+fn tcp_pages() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let tcp = text.lines().find(|l| l.starts_with("TCP:")).unwrap_or("");
+    let mut words = tcp.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "mem" {
+            return words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    0
+}
+
+/// The size of a page, in KiB.
+fn page_kib() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(bytes).unwrap_or(4096) / 1024
 }
 
 /// utime + stime of a process, in ticks.
@@ -247,6 +270,7 @@ fn sampler(pid: u32, watch: Arc<Watch>, stop: Arc<AtomicBool>) {
             s.anon_peak = s.anon_peak.max(v[1]);
             s.threads_peak = s.threads_peak.max(v[2]);
             s.fds_peak = s.fds_peak.max(fds);
+            s.tcp_pages_peak = s.tcp_pages_peak.max(tcp_pages());
             let t = ticks(pid);
             s.ticks_first.get_or_insert(t);
             s.ticks_last = Some(t);
@@ -524,6 +548,10 @@ fn table(a: &Args, f: &Figures, shape: &str) -> String {
     );
     row("daemon RSS at phase end (MiB)", per(&|i| format!("{:.1}", mib(f.seen[i].rss_last))));
     row("daemon RssAnon peak (MiB)", per(&|i| format!("{:.1}", mib(f.seen[i].anon_peak))));
+    row(
+        "kernel TCP buffers, both ends (MiB, peak)",
+        per(&|i| format!("{:.1}", mib(f.seen[i].tcp_pages_peak * page_kib()))),
+    );
     row("daemon threads (peak)", per(&|i| f.seen[i].threads_peak.to_string()));
     row("daemon open descriptors (peak, every 1 s)", per(&|i| f.seen[i].fds_peak.to_string()));
     let cpu = |i: usize, g: &dyn Fn(&Ticks) -> (u64, u64)| match f.seen[i] {
