@@ -84,6 +84,8 @@ fn split_authority(authority: &str) -> Option<(String, Option<u16>)> {
             None => (authority, None),
         }
     };
+    // A trailing dot names the same host (`localhost.`); what is left must not be empty.
+    let host = host.strip_suffix('.').unwrap_or(host);
     if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b)) {
         return None;
     }
@@ -94,8 +96,13 @@ fn split_authority(authority: &str) -> Option<(String, Option<u16>)> {
         }
         Some(_) => return None,
     };
-    let host = host.strip_suffix('.').unwrap_or(host);
     Some((host.to_ascii_lowercase(), port))
+}
+
+/// Trims HTTP's optional whitespace (spaces and tabs) and nothing else: a `Host` ending in a
+/// no-break space is not `localhost`.
+fn trim_ows(s: &str) -> &str {
+    s.trim_matches([' ', '\t'])
 }
 
 fn cut(s: &str) -> String {
@@ -111,7 +118,7 @@ impl HostPolicy {
         let mut names = Vec::new();
         let mut named_ports = Vec::new();
         for entry in allow_hosts {
-            match split_authority(entry.trim()) {
+            match split_authority(trim_ows(entry)) {
                 Some((host, Some(port))) => named_ports.push((host, port)),
                 Some((host, None)) => names.push(host),
                 None => tracing::warn!(entry = %entry, "--allow-host: not a host name; ignored"),
@@ -152,7 +159,7 @@ impl HostPolicy {
             return Err("a Host header is required".into());
         };
         let host = String::from_utf8_lossy(host);
-        match split_authority(host.trim()) {
+        match split_authority(trim_ows(&host)) {
             Some((name, port)) if self.is_own(&name, port.unwrap_or(80), local) => {}
             _ => {
                 return Err(format!(
@@ -165,7 +172,7 @@ impl HostPolicy {
         let Some(origin) = origin else { return Ok(()) };
         let origin = String::from_utf8_lossy(origin);
         let own = || {
-            let (scheme, rest) = origin.trim().split_once("://")?;
+            let (scheme, rest) = trim_ows(&origin).split_once("://")?;
             let default_port = match scheme.to_ascii_lowercase().as_str() {
                 "http" => 80,
                 "https" => 443,
@@ -269,6 +276,14 @@ where
         let layer = &self.layer;
         let refuse = |resp| -> Self::Future { Box::pin(std::future::ready(Ok(resp))) };
         let headers = req.headers();
+        // One of each, or the request is ambiguous (RFC 9112 §3.2: several Hosts are a 400).
+        if headers.get_all(HOST).iter().count() > 1 || headers.get_all(ORIGIN).iter().count() > 1 {
+            return refuse(refusal(
+                StatusCode::BAD_REQUEST,
+                codes::UNAUTHORIZED,
+                "a request carries at most one Host and one Origin header",
+            ));
+        }
         let host = headers.get(HOST).map(HeaderValue::as_bytes);
         let origin = headers.get(ORIGIN).map(HeaderValue::as_bytes);
         if let Err(why) = layer.hosts.check(host, origin, layer.local) {
@@ -391,6 +406,11 @@ mod tests {
             assert!(!ok(&p, host, None), "{host}");
         }
         assert!(p.check(None, None, None).is_err(), "no Host");
+        for odd in ["localhost:3333\u{a0}", "\u{b}localhost:3333", ".:3333", "..:3333"] {
+            assert!(!ok(&p, odd, None), "{odd:?}");
+        }
+        assert!(ok(&p, " localhost.:3333\t", None));
+        assert!(policy(&["."]).check(Some(b"."), None, None).is_err(), "no empty name");
         // The address the connection reached counts as the daemon's own.
         let local = Some("10.1.2.3:3333".parse().expect("addr"));
         assert!(p.check(Some(b"10.1.2.3:3333"), None, local).is_ok());

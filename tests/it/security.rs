@@ -740,3 +740,15 @@ fn a_client_that_reads_slowly_gets_every_reply() {
     }
     assert!(bytes > 8 << 20, "only {bytes} bytes: the backlog was never full");
 }
+
+#[test]
+fn a_second_host_or_origin_header_is_refused() {
+    let d = TestDaemon::start();
+    let bearer = format!("Authorization: Bearer {}\r\n", d.token);
+    let (status, _, body) =
+        post(&d.addr, &d.addr, &format!("Host: evil.example\r\n{bearer}"), &add_body("two-hosts"));
+    assert_eq!(status, 400, "{body}");
+    let origins = format!("Origin: http://{}\r\nOrigin: http://evil.example\r\n", d.addr);
+    assert_eq!(ws_upgrade(&d.addr, &d.addr, &format!("{origins}{bearer}")), 400);
+    assert!(unit_names(&d).is_empty());
+}
