@@ -356,6 +356,31 @@ fn start_daemon(taskd: &str, dir: &Path, pin: bool) -> Res<(Child, String, Strin
     }
 }
 
+/// The daemon's side of its connections (`ss`, local port `port`): how many in each state, and
+/// the bytes waiting in their send queues.
+fn daemon_sockets(port: &str) -> String {
+    let filter = format!("( sport = :{port} )");
+    let out = match Command::new("ss").args(["-tnH", &filter]).output() {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        _ => return "(ss not available)".into(),
+    };
+    let mut by_state: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 {
+            continue;
+        }
+        let e = by_state.entry(f[0].to_string()).or_default();
+        e.0 += 1;
+        e.1 += f[2].parse::<u64>().unwrap_or(0);
+    }
+    by_state
+        .iter()
+        .map(|(st, (n, q))| format!("{st} {n} ({:.1} MiB unsent)", *q as f64 / 1048576.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One call of a good client or the monitor: its result, or why there is none.
 async fn call(c: &mut Conn, method: &str, arg: Value) -> Result<(Value, Duration), String> {
     match timeout(CALL_LIMIT, c.call(method, &arg.to_string())).await {
@@ -517,6 +542,7 @@ struct Figures {
     hwm_attack: u64,
     hwm_end: u64,
     rollup: String,
+    sockets: String,
     alive: bool,
     tally: std::collections::BTreeMap<(&'static str, &'static str), u64>,
     log_lines: usize,
@@ -637,6 +663,7 @@ fn table(a: &Args, f: &Figures, shape: &str) -> String {
         mib(f.hwm_end)
     );
     let _ = writeln!(out, "smaps_rollup at the end of the attack: {}", f.rollup);
+    let _ = writeln!(out, "the daemon's sockets 0.5 s before the end of the attack: {}", f.sockets);
     let _ = writeln!(
         out,
         "auth_failures at the end: {}; daemon log (RUST_LOG=warn): {} lines, {} bytes, {} of \
@@ -760,6 +787,12 @@ fn run(a: Args) -> Res<bool> {
         for _ in 0..slots {
             attackers.push(h.spawn(attack::slot_holder(t.clone())));
         }
+        // The daemon's side of every connection just before the attackers let go: a client
+        // that never reads cannot see that the daemon closed it (the FIN waits behind the
+        // unread replies), but the daemon's socket says so.
+        tokio::time::sleep_until(until - Duration::from_millis(500)).await;
+        let port = addr.rsplit(':').next().unwrap_or("0").to_string();
+        let sockets = tokio::task::spawn_blocking(move || daemon_sockets(&port)).await?;
         tokio::time::sleep_until(until).await;
         // Every attacker lets go at `until`; give them a moment to drop their sockets.
         let all = futures_join(attackers);
@@ -801,7 +834,7 @@ fn run(a: Args) -> Res<bool> {
         }
         let _ = poller.await;
         let _ = probe.await;
-        Ok((good, good_errors, hwm_attack, rollup, slots))
+        Ok((good, good_errors, hwm_attack, rollup, slots, sockets))
     });
     drop(attack_rt);
     let hwm_end = proc_status(pid, &["VmHWM"]).map_or(0, |v| v[0]);
@@ -824,7 +857,7 @@ fn run(a: Args) -> Res<bool> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    let (good, good_errors, hwm_attack, rollup, slots) = match outcome {
+    let (good, good_errors, hwm_attack, rollup, slots, sockets) = match outcome {
         Ok(o) => o,
         Err(e) => {
             let _ = child.kill();
@@ -843,6 +876,7 @@ fn run(a: Args) -> Res<bool> {
         hwm_attack,
         hwm_end,
         rollup,
+        sockets,
         alive,
         tally: tally.snapshot(),
         log_lines: log.lines().count(),

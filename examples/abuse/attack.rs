@@ -103,7 +103,9 @@ async fn never_read(t: Target, class: &'static str, payload: impl Fn() -> Vec<u8
                 break;
             }
             if t.over() {
-                t.tally.add(class, "open at the end");
+                // Maybe closed by the daemon all the same: its FIN waits behind the replies
+                // this client never read (the daemon's sockets are counted at the end).
+                t.tally.add(class, "not seen closed at the end");
                 return;
             }
             sleep(CLOSE_POLL).await;
