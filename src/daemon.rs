@@ -36,6 +36,24 @@ fn trim_heap() {
     }
 }
 
+/// Gives the heap back to the system after a connection that held a large backlog (a
+/// client that did not read) is gone, at most once a second: glibc keeps what it freed, and a
+/// daemon that was attacked would otherwise stay tens of MiB larger.
+async fn trim_after_heavy_closes(gate: Arc<Gate>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = gate.heavy_close() => {}
+            () = stop.cancelled() => return,
+        }
+        // Let the other connections of a burst go too.
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = stop.cancelled() => return,
+        }
+        tokio::task::spawn_blocking(trim_heap);
+    }
+}
+
 /// What start-up secured before anything is served: the state directory's lock, the store,
 /// and the token (none with `--auth none`).
 struct Opened {
@@ -167,6 +185,9 @@ pub async fn run(
     // long-lived state; with 100,000 units that is tens of MiB the allocator would keep.
     trim_heap();
     let gate = Gate::new(cfg.max_connections, token.is_some());
+    stopping
+        .conn_tasks
+        .spawn(trim_after_heavy_closes(gate.clone(), stopping.listener_stop.clone()));
     let api = Api(Arc::new(ApiContext {
         registry: registry.clone(),
         started: Timestamp::now(),

@@ -38,8 +38,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -56,6 +57,9 @@ pub const BACKLOG_STALL: Duration = Duration::from_secs(30);
 
 /// How long a connection may take to log in (when the daemon has a token).
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A backlog this large, once its connection is gone, is worth giving back to the system.
+pub const HEAVY_BACKLOG: usize = 1024 * 1024;
 
 /// Peers whose failed logins are counted one by one; the rest are counted together.
 const TRACKED_PEERS: usize = 1024;
@@ -112,6 +116,8 @@ pub struct Gate {
     failures: Mutex<Failures>,
     failures_total: AtomicU64,
     next_id: AtomicU64,
+    /// Notified when a connection that held a large backlog is gone.
+    heavy_closed: Notify,
 }
 
 impl std::fmt::Debug for Gate {
@@ -135,6 +141,7 @@ impl Gate {
             failures: Mutex::default(),
             failures_total: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
+            heavy_closed: Notify::new(),
         })
     }
 
@@ -155,7 +162,9 @@ impl Gate {
         } else if counts.total() < self.max {
             Some(Standing::Probation)
         } else {
-            // Full: the oldest connection still on probation makes room, if there is one.
+            // Full: the oldest connection still on probation makes room, if there is one. A
+            // client that logs in as it connects is evicted only if a quarter of the slots'
+            // worth of connections arrive before its login does.
             let mut evicted = false;
             while let Some((_, weak)) = counts.probation.pop_front() {
                 if let Some(old) = weak.upgrade() {
@@ -178,6 +187,7 @@ impl Gate {
             close: CancellationToken::new(),
             backlog: Backlog::default(),
             read_waker: Mutex::new(None),
+            socket: AtomicI32::new(-1),
         });
         match standing {
             Standing::Unauthenticated => counts.unauthenticated += 1,
@@ -247,6 +257,12 @@ impl Gate {
     pub fn failures_total(&self) -> u64 {
         self.failures_total.load(Ordering::Relaxed)
     }
+
+    /// Resolves when a connection whose backlog held [`HEAVY_BACKLOG`] or more is gone: the
+    /// allocator keeps what it freed unless told to give it back.
+    pub async fn heavy_close(&self) {
+        self.heavy_closed.notified().await;
+    }
 }
 
 /// Bytes handed to a connection's writer and not yet written to its socket.
@@ -255,6 +271,8 @@ pub struct Backlog {
     queued: AtomicUsize,
     /// Bytes written to the socket since the connection opened.
     sent_total: AtomicU64,
+    /// The most ever queued.
+    high_water: AtomicUsize,
     limit: usize,
     /// Notified when the backlog crosses its limit either way, or empties.
     changed: Notify,
@@ -265,6 +283,7 @@ impl Default for Backlog {
         Self {
             queued: AtomicUsize::new(0),
             sent_total: AtomicU64::new(0),
+            high_water: AtomicUsize::new(0),
             limit: BACKLOG_LIMIT,
             changed: Notify::new(),
         }
@@ -275,6 +294,7 @@ impl Backlog {
     /// Counts `n` bytes handed to the writer; wakes waiters when the backlog becomes full.
     pub fn produced(&self, n: usize) {
         let before = self.queued.fetch_add(n, Ordering::AcqRel);
+        self.high_water.fetch_max(before + n, Ordering::Relaxed);
         if before < self.limit && before + n >= self.limit {
             self.changed.notify_waiters();
         }
@@ -343,6 +363,8 @@ pub struct Conn {
     close: CancellationToken,
     backlog: Backlog,
     read_waker: Mutex<Option<Waker>>,
+    /// The socket's descriptor while its [`ConnIo`] lives (-1 otherwise), to reset it.
+    socket: AtomicI32,
 }
 
 impl std::fmt::Debug for Conn {
@@ -390,6 +412,12 @@ impl Conn {
         }
     }
 
+    /// Names the connection's socket, so that [`Conn::close`] can reset it; the socket must
+    /// then be served through a [`ConnIo`], which forgets it when it is dropped.
+    pub fn attach_socket(&self, socket: &impl AsRawFd) {
+        self.socket.store(socket.as_raw_fd(), Ordering::Release);
+    }
+
     /// Counts a failed login or unauthorized request of this connection's peer.
     pub fn login_failed(&self) {
         self.gate.login_failed(self.peer);
@@ -400,8 +428,25 @@ impl Conn {
         &self.backlog
     }
 
-    /// Closes the connection: every later read or write of its [`ConnIo`] fails.
+    /// Closes the connection: every later read or write of its [`ConnIo`] fails, and the
+    /// socket is reset when it is dropped, so that what the client never read does not linger
+    /// in the kernel's buffers either.
     pub fn close(&self) {
+        let fd = self.socket.load(Ordering::Acquire);
+        if fd >= 0 {
+            let off = libc::linger { l_onoff: 1, l_linger: 0 };
+            // SAFETY: `fd` is the connection's socket: `ConnIo` clears it before dropping the
+            // socket. setsockopt only reads `off`, whose size is passed.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&off as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+        }
         self.close.cancel();
         self.wake_reader();
     }
@@ -441,6 +486,9 @@ impl Drop for Conn {
     fn drop(&mut self) {
         let standing = *self.standing.get_mut().unwrap_or_else(PoisonError::into_inner);
         self.gate.release(self.id, standing);
+        if self.backlog.high_water.load(Ordering::Relaxed) >= HEAVY_BACKLOG {
+            self.gate.heavy_closed.notify_one();
+        }
     }
 }
 
@@ -456,6 +504,13 @@ impl<S> ConnIo<S> {
     /// Wraps `inner`, the socket of `conn`.
     pub fn new(inner: S, conn: Arc<Conn>) -> Self {
         Self { inner, conn }
+    }
+}
+
+impl<S> Drop for ConnIo<S> {
+    fn drop(&mut self) {
+        // The descriptor is about to be closed, and its number reused.
+        self.conn.socket.store(-1, Ordering::Release);
     }
 }
 

@@ -263,6 +263,7 @@ async fn refuse(mut stream: TcpStream, max: usize) {
 
 async fn handle_connection(stream: TcpStream, conn: Arc<Conn>, shared: &Shared) {
     let _ = stream.set_nodelay(true);
+    conn.attach_socket(&stream);
     let peer = conn.peer();
     let mut first = [0u8; 1];
     // `peek` waits for at least one byte; a client that never sends one is dropped, at its

@@ -1251,9 +1251,11 @@ fn a_silent_client_does_not_hold_up_others() {
 }
 
 #[test]
-fn rpc_discover_describes_the_api_without_login() {
+fn rpc_discover_describes_the_api_to_clients_that_logged_in() {
     let d = TestDaemon::start();
-    let mut c = Raw::connect(&d.addr);
+    let v = Raw::connect(&d.addr).call("rpc.discover", json!({}));
+    assert_eq!(code(&v), i64::from(codes::UNAUTHORIZED), "{v}");
+    let mut c = d.raw();
     let doc = result(&c.call("rpc.discover", json!({}))).clone();
     assert_eq!(doc["openrpc"], "1.3.2");
     let names: BTreeSet<String> = doc["methods"]
