@@ -19,7 +19,7 @@ use crate::store::logs::{self, LogQuery, Stream};
 /// Default and largest page of `Run.List`.
 const RUN_PAGE: (u32, u32) = (50, 1000);
 /// Bytes of live output a follower gathers into one message at most.
-const FOLLOW_BATCH: usize = 256 * 1024;
+const FOLLOW_BATCH: usize = 64 * 1024;
 /// The newest bytes of a run's in-memory tail a follower is sent when it starts.
 const FOLLOW_TAIL: usize = 1 << 20;
 /// What a follower that fell a whole backlog behind is told before its subscription ends.

@@ -129,7 +129,7 @@ enum Msg {
 /// Output waiting for the writer thread, in bytes, across all runs: a run that prints faster
 /// than the disk takes it waits (its pipe is read more slowly) instead of queueing without
 /// bound in the daemon's memory.
-pub const WRITE_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+pub const WRITE_QUEUE_BYTES: usize = 2 * 1024 * 1024;
 
 /// Handle to the log writer thread.
 #[derive(Clone)]
@@ -227,8 +227,8 @@ struct StreamState {
     head: u64,
     /// Bytes of output in the file's head.
     head_payload: u64,
-    /// The newest output beyond the head, oldest first.
-    ring: VecDeque<(Timestamp, Vec<u8>)>,
+    /// The newest output beyond the head, oldest first, each piece with its cost on disk.
+    ring: VecDeque<(Timestamp, Vec<u8>, u64)>,
     /// Bytes of output in the ring.
     ring_bytes: u64,
     /// What the ring will cost on disk (records included).
@@ -370,7 +370,7 @@ impl RunLog {
         false
     }
 
-    fn write(&mut self, stream: Stream, at: Timestamp, data: Vec<u8>) {
+    fn write(&mut self, stream: Stream, at: Timestamp, mut data: Vec<u8>) {
         if self.live.has_receivers() {
             self.live.send(LiveChunk { stream, at, data: Arc::from(data.as_slice()) });
         }
@@ -386,20 +386,22 @@ impl RunLog {
         let taken = encode_within(&mut buf, stream, at, head, disk_room);
         st.head += buf.len() as u64;
         st.head_payload += taken as u64;
-        let rest = &data[taken..];
-        if !rest.is_empty() {
+        if taken < data.len() {
+            // Past the head, the chunk itself goes to the ring: no copy.
+            let rest = if taken == 0 { data } else { data.split_off(taken) };
             // Once the head is full, it stays full: what follows belongs to the tail.
             st.head = st.head.max(2 * half);
             st.head_payload = st.head_payload.max(half);
+            let cost = encoded_cost(&rest);
             st.ring_bytes += rest.len() as u64;
-            st.ring_cost += encoded_cost(rest);
-            st.ring.push_back((at, rest.to_vec()));
+            st.ring_cost += cost;
+            st.ring.push_back((at, rest, cost));
             // The tail likewise: the newest `half` bytes, at most twice that on disk.
             while st.ring_bytes > half || st.ring_cost > 2 * half {
                 let bytes_over = (st.ring_bytes.saturating_sub(half)) as usize;
                 let cost_over = st.ring_cost.saturating_sub(2 * half) as usize;
                 let front = st.ring.front_mut().expect("ring holds the excess");
-                let cost = encoded_cost(&front.1);
+                let cost = front.2;
                 if front.1.len() <= bytes_over.max(1) || cost as usize <= cost_over {
                     st.ring_bytes -= front.1.len() as u64;
                     st.ring_cost -= cost;
@@ -414,8 +416,9 @@ impl RunLog {
                         k += 1;
                     }
                     front.1.drain(..k);
+                    front.2 = encoded_cost(&front.1);
                     st.ring_bytes -= k as u64;
-                    st.ring_cost = st.ring_cost - cost + encoded_cost(&front.1);
+                    st.ring_cost = st.ring_cost - cost + front.2;
                     st.dropped += k as u64;
                 }
             }
@@ -434,7 +437,7 @@ impl RunLog {
         // Sort references first: only the chunks that are kept get copied.
         let mut refs: Vec<(Timestamp, usize, &Vec<u8>)> = Vec::new();
         for (i, st) in self.streams.iter().enumerate() {
-            refs.extend(st.ring.iter().map(|(at, data)| (*at, i, data)));
+            refs.extend(st.ring.iter().map(|(at, data, _)| (*at, i, data)));
         }
         refs.sort_by_key(|r| r.0);
         let mut budget = max.unwrap_or(usize::MAX);

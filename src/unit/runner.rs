@@ -1018,7 +1018,7 @@ async fn spawn_and_wait(
         user,
         tag: Some(run_tag(&env.state_dir_id, rec.id)),
     };
-    let (out_tx, mut out_rx) = mpsc::channel::<exec::Chunk>(64);
+    let (out_tx, mut out_rx) = mpsc::channel::<exec::Chunk>(16);
     let proc = match exec::Process::spawn(&spec, out_tx) {
         Ok(p) => p,
         Err(e) => {
