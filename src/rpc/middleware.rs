@@ -233,7 +233,8 @@ where
             // Judged after the call, since a login authenticates its own call: unauthenticated
             // traffic (failed logins included) never writes audit records. It is counted
             // instead, so that no flood of it can push real records out.
-            let ext = req.extensions().clone();
+            let bearer = req.extensions().get::<Authenticated>().is_some();
+            let login = req.extensions().get::<ConnAuth>().cloned();
             let audit_unit = (authorized && this.shared.audited.contains(&method))
                 .then(|| unit_of(&method, req.params.as_ref()));
 
@@ -263,7 +264,9 @@ where
                 ok,
                 "rpc call"
             );
-            let audited = !this.shared.auth.is_required() || authenticated(&ext);
+            let audited = !this.shared.auth.is_required()
+                || bearer
+                || login.as_ref().is_some_and(ConnAuth::is_set);
             if let Some(unit) = audit_unit.filter(|_| audited) {
                 let outcome = if ok { Ok(()) } else { Err(error_message(&rp)) };
                 (this.shared.audit)(AuditEntry { peer, transport, method, unit, outcome });
