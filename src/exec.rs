@@ -68,6 +68,7 @@
 //! ignored, or the fallback above): a fork copies the daemon's page tables, which at hundreds
 //! of spawns a second is most of the cost.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::io::{self, Read};
@@ -86,7 +87,6 @@ use nix::sys::signal::{
 };
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::{Gid, Pid, Uid};
-use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
@@ -618,6 +618,26 @@ fn spawn_error(e: io::Error, spec: &Spec) -> io::Error {
     io::Error::new(e.kind(), message)
 }
 
+thread_local! {
+    /// The read buffer of the runtime thread polling a reader: a pipe is read only once it is
+    /// readable, into this, and what was read leaves as a chunk of its own size. A run waiting
+    /// for output holds no buffer (a 64 KiB buffer per stream was 128 KiB per running run).
+    static READ_SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_BUF].into_boxed_slice());
+}
+
+/// The next output of `pipe`, copied out at its size; empty at EOF.
+async fn read_chunk(pipe: &mut pipe::Receiver) -> io::Result<Vec<u8>> {
+    loop {
+        pipe.readable().await?;
+        let read =
+            READ_SCRATCH.with_borrow_mut(|buf| pipe.try_read(buf).map(|n| buf[..n].to_vec()));
+        match read {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
 /// Reads one pipe to EOF, sending what it reads. Never stops reading because of the receiver:
 /// a full pipe would block the child.
 async fn read_pipe(
@@ -626,19 +646,18 @@ async fn read_pipe(
     output: mpsc::Sender<Chunk>,
     finish: CancellationToken,
 ) {
-    let mut buf = vec![0u8; READ_BUF];
     let mut receiver_gone = false;
     let mut budget = FINISH_BUDGET;
     loop {
         // Reading first: once told to finish, keep going while data is there to be read.
         let read = tokio::select! {
             biased;
-            r = pipe.read(&mut buf) => r,
+            r = read_chunk(&mut pipe) => r,
             _ = finish.cancelled() => break,
         };
-        let n = match read {
-            Ok(0) => break,
-            Ok(n) => n,
+        let data = match read {
+            Ok(data) if data.is_empty() => break,
+            Ok(data) => data,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::warn!(?stream, "reading command output: {e}");
@@ -646,10 +665,10 @@ async fn read_pipe(
             }
         };
         if finish.is_cancelled() {
-            budget = budget.saturating_sub(n);
+            budget = budget.saturating_sub(data.len());
         }
         if !receiver_gone {
-            let chunk = Chunk { stream, data: buf[..n].to_vec(), at: jiff::Timestamp::now() };
+            let chunk = Chunk { stream, data, at: jiff::Timestamp::now() };
             // Awaited outside the select: a slow receiver delays us, it never loses data.
             receiver_gone = output.send(chunk).await.is_err();
         }

@@ -414,6 +414,9 @@ impl Registry {
     /// spawn, so a unit whose directory disappears later still loads (its runs fail and say
     /// why).
     async fn check_host(&self, config: &UnitConfig) -> Result<()> {
+        if config.cwd.is_none() && config.user.is_none() {
+            return Ok(());
+        }
         let ctx = self.0.cfg.validate.clone();
         let (cwd, user) = (config.cwd.clone(), config.user.clone());
         // canonicalize and NSS lookups block.
