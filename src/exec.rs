@@ -78,6 +78,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -231,8 +232,9 @@ pub struct Process {
     pid: u32,
     start_ticks: Option<u64>,
     exit: oneshot::Receiver<Termination>,
-    readers: Vec<JoinHandle<()>>,
-    /// Tells the readers to stop waiting for EOF once the pipes are empty.
+    /// The task reading stdout and stderr.
+    reader: JoinHandle<()>,
+    /// Tells the reader to stop waiting for EOF once the pipes are empty.
     finish: CancellationToken,
     /// The environment entry `KEY=VALUE` of [`Spec::tag`].
     tag: Option<Vec<u8>>,
@@ -241,16 +243,16 @@ pub struct Process {
 impl Process {
     /// Spawns `spec` in a new process group (setpgid), stdin /dev/null, stdout and stderr piped.
     ///
-    /// Output chunks are sent on `output` as they are read. The pipes are always drained: a slow
-    /// receiver is awaited (nothing is dropped), a receiver that is gone makes the readers
-    /// discard. Must be called within a tokio runtime, whose tasks read the pipes.
+    /// Output chunks are sent to `output` as they are read, by one task that reads both pipes.
+    /// The pipes are always drained: a slow receiver is awaited (nothing is dropped), a
+    /// receiver that is gone makes the reader discard. Must be called within a tokio runtime, whose tasks read the pipes.
     ///
     /// The child is spawned on the spawner thread (see the module docs), and gets no file
     /// descriptor but 0, 1 and 2 once [`process_hygiene`] has run.
     ///
     /// Errors name the program or directory at fault, e.g.
     /// `No such file or directory: "nonexistent-cmd"`.
-    pub fn spawn(spec: &Spec, output: mpsc::Sender<Chunk>) -> io::Result<Process> {
+    pub fn spawn(spec: &Spec, output: impl Output) -> io::Result<Process> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(io::Error::other("exec::Process::spawn needs a tokio runtime"));
         }
@@ -299,20 +301,15 @@ impl Process {
 
         let pipes = (child.stdout.take(), child.stderr.take());
         let finish = CancellationToken::new();
-        let readers = match pipes {
-            (Some(stdout), Some(stderr)) => {
-                [(Stream::Stdout, OwnedFd::from(stdout)), (Stream::Stderr, OwnedFd::from(stderr))]
-                    .into_iter()
-                    .map(|(stream, fd)| {
-                        let rx = pipe::Receiver::from_owned_fd(fd)?;
-                        Ok(tokio::spawn(read_pipe(rx, stream, output.clone(), finish.clone())))
-                    })
-                    .collect::<io::Result<Vec<_>>>()
-            }
+        let receivers = match pipes {
+            (Some(stdout), Some(stderr)) => pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))
+                .and_then(|out| {
+                    Ok([Some(out), Some(pipe::Receiver::from_owned_fd(OwnedFd::from(stderr))?)])
+                }),
             _ => Err(io::Error::other("stdout or stderr was not piped")),
         };
-        let readers = match readers {
-            Ok(readers) => readers,
+        let reader = match receivers {
+            Ok(pipes) => tokio::spawn(pump(pipes, output, finish.clone())),
             Err(e) => {
                 // Without readers the child could block on a full pipe forever: do not leave
                 // it behind. The reaper collects it.
@@ -321,7 +318,7 @@ impl Process {
             }
         };
         let tag = spec.tag.as_ref().map(|(key, value)| tag_entry(key, value));
-        Ok(Process { pid, start_ticks, exit, readers, finish, tag })
+        Ok(Process { pid, start_ticks, exit, reader, finish, tag })
     }
 
     /// The leader's pid, which is also the process group id.
@@ -392,12 +389,10 @@ impl Process {
     /// Waits for the readers to reach EOF, but only [`READER_GRACE`]: a process that left the
     /// group may hold the pipes open. After that they drain what is left and stop.
     async fn finish_readers(&mut self) {
-        let readers = &mut self.readers;
+        let reader = &mut self.reader;
         let join = async move {
-            for reader in readers.iter_mut() {
-                if let Err(e) = reader.await {
-                    tracing::error!("output reader failed: {e}");
-                }
+            if let Err(e) = reader.await {
+                tracing::error!("output reader failed: {e}");
             }
         };
         tokio::pin!(join);
@@ -625,52 +620,92 @@ thread_local! {
     static READ_SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_BUF].into_boxed_slice());
 }
 
-/// The next output of `pipe`, copied out at its size; empty at EOF.
-async fn read_chunk(pipe: &mut pipe::Receiver) -> io::Result<Vec<u8>> {
-    loop {
-        pipe.readable().await?;
-        let read =
-            READ_SCRATCH.with_borrow_mut(|buf| pipe.try_read(buf).map(|n| buf[..n].to_vec()));
-        match read {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            r => return r,
-        }
+/// Where a process's output goes, chunk by chunk, as it is read.
+pub trait Output: Send + 'static {
+    /// Takes one chunk. The pipes are not read while this is pending (a slow receiver slows
+    /// the child down, it never loses output); false when the receiver is gone, after which
+    /// output is read and discarded.
+    fn send(&mut self, chunk: Chunk) -> impl Future<Output = bool> + Send;
+}
+
+impl Output for mpsc::Sender<Chunk> {
+    async fn send(&mut self, chunk: Chunk) -> bool {
+        mpsc::Sender::send(self, chunk).await.is_ok()
     }
 }
 
-/// Reads one pipe to EOF, sending what it reads. Never stops reading because of the receiver:
-/// a full pipe would block the child.
-async fn read_pipe(
-    mut pipe: pipe::Receiver,
-    stream: Stream,
-    output: mpsc::Sender<Chunk>,
+/// Reads whichever of `pipes` is readable, taking turns so that a child that keeps one of
+/// them full does not starve the other: which one, and what was read (empty at EOF).
+fn poll_pipes(
+    cx: &mut Context<'_>,
+    pipes: &[Option<pipe::Receiver>; 2],
+    turn: &mut usize,
+) -> Poll<(usize, io::Result<Vec<u8>>)> {
+    for k in 0..2 {
+        let i = (*turn + k) % 2;
+        let Some(pipe) = &pipes[i] else { continue };
+        loop {
+            match pipe.poll_read_ready(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => return Poll::Ready((i, Err(e))),
+                Poll::Ready(Ok(())) => {
+                    let read = READ_SCRATCH
+                        .with_borrow_mut(|buf| pipe.try_read(buf).map(|n| buf[..n].to_vec()));
+                    match read {
+                        // The readiness was stale and is now cleared: polling again registers
+                        // for the next.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        r => {
+                            *turn = i + 1;
+                            return Poll::Ready((i, r));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Poll::Pending
+}
+
+/// Reads stdout and stderr to EOF, sending what it reads: one task per run, holding no buffer
+/// while the child is quiet. Never stops reading because of the receiver: a full pipe would
+/// block the child.
+async fn pump(
+    mut pipes: [Option<pipe::Receiver>; 2],
+    mut output: impl Output,
     finish: CancellationToken,
 ) {
+    const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
     let mut receiver_gone = false;
     let mut budget = FINISH_BUDGET;
-    loop {
+    let mut turn = 0;
+    while pipes.iter().any(Option::is_some) {
         // Reading first: once told to finish, keep going while data is there to be read.
-        let read = tokio::select! {
+        let (i, read) = tokio::select! {
             biased;
-            r = read_chunk(&mut pipe) => r,
+            r = std::future::poll_fn(|cx| poll_pipes(cx, &pipes, &mut turn)) => r,
             _ = finish.cancelled() => break,
         };
+        let stream = STREAMS[i];
         let data = match read {
-            Ok(data) if data.is_empty() => break,
+            Ok(data) if data.is_empty() => {
+                pipes[i] = None;
+                continue;
+            }
             Ok(data) => data,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::warn!(?stream, "reading command output: {e}");
-                break;
+                pipes[i] = None;
+                continue;
             }
         };
         if finish.is_cancelled() {
             budget = budget.saturating_sub(data.len());
         }
         if !receiver_gone {
-            let chunk = Chunk { stream, data, at: jiff::Timestamp::now() };
             // Awaited outside the select: a slow receiver delays us, it never loses data.
-            receiver_gone = output.send(chunk).await.is_err();
+            receiver_gone = !output.send(Chunk { stream, data, at: jiff::Timestamp::now() }).await;
         }
         if budget == 0 {
             break;

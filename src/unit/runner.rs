@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::exec;
 use crate::run::{RunRecord, RunState, Trigger, reason};
 use crate::store::Store;
-use crate::store::logs::Stream;
+use crate::store::logs::{Logs, Stream};
 
 /// What every unit loop needs from the daemon.
 #[derive(Clone)]
@@ -190,7 +190,8 @@ struct Loop {
     runs: JoinSet<RunRecord>,
     /// Which run each task in `runs` executes, to account for a task that panicked.
     tasks: HashMap<tokio::task::Id, i64>,
-    active: HashMap<i64, ActiveRun>,
+    /// Boxed: a map allocates room for several entries, and most units have one run at most.
+    active: HashMap<i64, Box<ActiveRun>>,
     /// One run waiting for the active one (`overlap: queue`, or a replace in progress).
     queued: Option<RunRecord>,
     next_fire: Option<Timestamp>,
@@ -666,12 +667,12 @@ impl Loop {
         let reason = Arc::new(Mutex::new(None));
         self.active.insert(
             rec.id,
-            ActiveRun {
+            Box::new(ActiveRun {
                 token: token.clone(),
                 reason: reason.clone(),
                 record: rec.clone(),
                 waiters: Vec::new(),
-            },
+            }),
         );
         self.last_run = Some(rec.clone());
         let env = self.env.clone();
@@ -857,6 +858,20 @@ fn home_of(user: &exec::User) -> PathBuf {
     if user.home.is_dir() { user.home.clone() } else { PathBuf::from("/") }
 }
 
+/// A run's output, handed straight to its log as it is read: `wait` returns once every chunk
+/// has been handed over.
+struct ToLog {
+    logs: Logs,
+    run: i64,
+}
+
+impl exec::Output for ToLog {
+    async fn send(&mut self, c: exec::Chunk) -> bool {
+        self.logs.write(self.run, to_log_stream(c.stream), c.at, c.data).await;
+        true
+    }
+}
+
 fn to_log_stream(s: exec::Stream) -> Stream {
     match s {
         exec::Stream::Stdout => Stream::Stdout,
@@ -1018,8 +1033,8 @@ async fn spawn_and_wait(
         user,
         tag: Some(run_tag(&env.state_dir_id, rec.id)),
     };
-    let (out_tx, mut out_rx) = mpsc::channel::<exec::Chunk>(16);
-    let proc = match exec::Process::spawn(&spec, out_tx) {
+    let output = ToLog { logs: env.store.logs().clone(), run: rec.id };
+    let proc = match exec::Process::spawn(&spec, output) {
         Ok(p) => p,
         Err(e) => {
             if let Some(p) = script_path {
@@ -1031,18 +1046,10 @@ async fn spawn_and_wait(
     let pid = proc.pid();
     let started = Timestamp::now();
     env.store.set_pid(rec.id, pid, started, proc.start_ticks(), env.boot_id.clone());
-    let logs = env.store.logs().clone();
-    let run_id = rec.id;
-    let forward = async move {
-        while let Some(c) = out_rx.recv().await {
-            logs.write(run_id, to_log_stream(c.stream), c.at, c.data).await;
-        }
-    };
     let stop_proc = stop.child_token();
     let mut timer = cfg.timeout.map(|t| Box::pin(tokio::time::sleep(t)));
     let wait = proc.wait(stop_proc.clone(), cfg.kill_grace);
     tokio::pin!(wait);
-    let forward = tokio::spawn(forward);
     let exit = loop {
         tokio::select! {
             exit = &mut wait => break exit,
@@ -1057,7 +1064,6 @@ async fn spawn_and_wait(
             }
         }
     };
-    let _ = forward.await;
     if let Some(p) = script_path {
         env.store.remove_script(p);
     }
