@@ -63,6 +63,7 @@ impl DaemonApiServer for Api {
                 ConnectionCounts { authenticated, unauthenticated, probation, max: self.gate.max() }
             },
             auth_failures: self.gate.failures_total(),
+            store_commits: self.registry.store().commits(),
         })
     }
 }

@@ -472,6 +472,10 @@ pub struct StatusInfo {
     /// Failed logins and unauthorized requests since the daemon started.
     #[serde(default)]
     pub auth_failures: u64,
+    /// Store transactions committed since the daemon started (each one `fsync`): changes
+    /// made together share one.
+    #[serde(default)]
+    pub store_commits: u64,
 }
 
 /// `Daemon.Status`'s connection counts.

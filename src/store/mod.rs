@@ -17,6 +17,7 @@ pub mod live;
 pub mod logs;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -199,6 +200,7 @@ pub struct Store {
     logs: Logs,
     dir: PathBuf,
     unrecorded: Unrecorded,
+    commits: Arc<AtomicU64>,
 }
 
 /// The schema. `runs.id` is AUTOINCREMENT so that ids are never reused, even after deletes.
@@ -418,18 +420,26 @@ impl Store {
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
         let unrecorded = Unrecorded::default();
+        let commits = Arc::new(AtomicU64::new(0));
         let thread = StoreThread {
             conn,
             events: events.clone(),
             logs_dir: logs_dir.clone(),
             unrecorded: unrecorded.clone(),
+            commits: commits.clone(),
         };
         std::thread::Builder::new()
             .name("taskd-store".into())
             .spawn(move || thread.run(rx))
             .map_err(|e| Error::io(dir, e))?;
         let logs = Logs::start(logs_dir)?;
-        Ok(Store { jobs, events, logs, dir: dir.to_path_buf(), unrecorded })
+        Ok(Store { jobs, events, logs, dir: dir.to_path_buf(), unrecorded, commits })
+    }
+
+    /// Transactions committed since the store was opened (each one `fsync`): how well changes
+    /// share commits, for `Daemon.Status` and the tests.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// The state directory.
@@ -630,50 +640,18 @@ impl Store {
         scheduled_at: Option<Timestamp>,
     ) -> Result<RunRecord> {
         let unit = unit.to_string();
+        self.call(move |t| insert_run(t, unit, state, trigger, attempt, scheduled_at)).await
+    }
+
+    /// Records new running runs of `unit`, one per trigger, in one change: a burst of starts
+    /// of one unit shares a commit (one `fsync`) as starts of different units do.
+    pub async fn create_runs(&self, unit: &str, triggers: Vec<Trigger>) -> Result<Vec<RunRecord>> {
+        let unit = unit.to_string();
         self.call(move |t| {
-            let now = Timestamp::now();
-            let started = (state == RunState::Running).then_some(now);
-            t.conn.execute(
-                "INSERT INTO runs(unit, state, trigger, attempt, host, queued_at, scheduled_at, \
-                 started_at) VALUES (?1, ?2, ?3, ?4, 'local', ?5, ?6, ?7)",
-                params![
-                    unit,
-                    state.as_str(),
-                    trigger.as_str(),
-                    attempt,
-                    now.as_microsecond(),
-                    scheduled_at.map(|s| s.as_microsecond()),
-                    started.map(|s| s.as_microsecond())
-                ],
-            )?;
-            let id = t.conn.last_insert_rowid();
-            if state == RunState::Running {
-                t.conn.execute(
-                    "UPDATE units SET runs_total = runs_total + 1 WHERE name = ?1",
-                    params![unit],
-                )?;
-            }
-            let kind = if state == RunState::Running { "run.started" } else { "run.queued" };
-            t.emit(kind, &unit, Some(id), Some(state.as_str()))?;
-            Ok(RunRecord {
-                id,
-                unit,
-                state,
-                trigger,
-                attempt,
-                host: "local".into(),
-                pid: None,
-                queued_at: now,
-                scheduled_at,
-                started_at: started,
-                ended_at: None,
-                exit_code: None,
-                signal: None,
-                reason: None,
-                stdout_bytes: 0,
-                stderr_bytes: 0,
-                truncated: false,
-            })
+            triggers
+                .into_iter()
+                .map(|trigger| insert_run(t, unit.clone(), RunState::Running, trigger, 1, None))
+                .collect()
         })
         .await
     }
@@ -731,6 +709,22 @@ impl Store {
             tracing::warn!(run = again.id, error = %e, "the end of a run is not recorded yet; retrying");
             lock(&self.unrecorded).push((again, keep_runs));
             // Wake the store thread, which retries from now on.
+            self.call_detached("retry", |_| Ok(()));
+        }
+        r
+    }
+
+    /// Records the ends of several runs of one unit in one change (one commit), as
+    /// [`Store::finish_run`] does each.
+    pub async fn finish_runs(&self, recs: Vec<RunRecord>, keep_runs: u32) -> Result<()> {
+        let again = recs.clone();
+        let r =
+            self.call(move |t| recs.iter().try_for_each(|rec| write_end(t, rec, keep_runs))).await;
+        if let Err(e) = &r
+            && !matches!(e, Error::ShuttingDown)
+        {
+            tracing::warn!(runs = again.len(), error = %e, "the ends of runs are not recorded yet; retrying");
+            lock(&self.unrecorded).extend(again.into_iter().map(|rec| (rec, keep_runs)));
             self.call_detached("retry", |_| Ok(()));
         }
         r
@@ -1100,6 +1094,60 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Inserts a new run of `unit` (running or queued) and says so in the events.
+fn insert_run(
+    t: &mut Tx<'_>,
+    unit: String,
+    state: RunState,
+    trigger: Trigger,
+    attempt: u32,
+    scheduled_at: Option<Timestamp>,
+) -> Result<RunRecord> {
+    let now = Timestamp::now();
+    let started = (state == RunState::Running).then_some(now);
+    t.conn.execute(
+        "INSERT INTO runs(unit, state, trigger, attempt, host, queued_at, scheduled_at, \
+             started_at) VALUES (?1, ?2, ?3, ?4, 'local', ?5, ?6, ?7)",
+        params![
+            unit,
+            state.as_str(),
+            trigger.as_str(),
+            attempt,
+            now.as_microsecond(),
+            scheduled_at.map(|s| s.as_microsecond()),
+            started.map(|s| s.as_microsecond())
+        ],
+    )?;
+    let id = t.conn.last_insert_rowid();
+    if state == RunState::Running {
+        t.conn.execute(
+            "UPDATE units SET runs_total = runs_total + 1 WHERE name = ?1",
+            params![unit],
+        )?;
+    }
+    let kind = if state == RunState::Running { "run.started" } else { "run.queued" };
+    t.emit(kind, &unit, Some(id), Some(state.as_str()))?;
+    Ok(RunRecord {
+        id,
+        unit,
+        state,
+        trigger,
+        attempt,
+        host: "local".into(),
+        pid: None,
+        queued_at: now,
+        scheduled_at,
+        started_at: started,
+        ended_at: None,
+        exit_code: None,
+        signal: None,
+        reason: None,
+        stdout_bytes: 0,
+        stderr_bytes: 0,
+        truncated: false,
+    })
+}
+
 /// What one transaction did.
 struct Committed {
     /// Why it did not commit, if it did not.
@@ -1114,6 +1162,8 @@ struct StoreThread {
     events: broadcast::Sender<Event>,
     logs_dir: PathBuf,
     unrecorded: Unrecorded,
+    /// See [`Store::commits`].
+    commits: Arc<AtomicU64>,
 }
 
 /// Whether commits fail (disk full…): then each job gets a transaction of its own.
@@ -1255,6 +1305,8 @@ impl StoreThread {
         let err = commit.as_ref().err().map(|e| e.to_string());
         if err.is_some() {
             let _ = conn.execute_batch("ROLLBACK");
+        } else {
+            self.commits.fetch_add(1, Ordering::Relaxed);
         }
         let Tx { events: evs, delete_after_commit, .. } = tx;
         for (d, read_only) in done {

@@ -185,6 +185,30 @@ impl Inbox {
     }
 }
 
+impl Inbox {
+    /// Takes the `Start` requests at the front of the queue, up to `max`, without waiting, so
+    /// that a burst of starts of one unit is recorded in one change. Stops at the first other
+    /// request: requests are still handled in the order they came.
+    pub(crate) fn take_starts(
+        &mut self,
+        max: usize,
+    ) -> Vec<(Trigger, oneshot::Sender<Result<RunRecord>>)> {
+        let mut q = self.0.mailbox.queue();
+        let mut starts = Vec::new();
+        while starts.len() < max {
+            match q.items.pop_front() {
+                Some(Control::Start { trigger, reply }) => starts.push((trigger, reply)),
+                Some(other) => {
+                    q.items.push_front(other);
+                    break;
+                }
+                None => break,
+            }
+        }
+        starts
+    }
+}
+
 impl Drop for Inbox {
     fn drop(&mut self) {
         let items = {

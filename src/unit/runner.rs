@@ -176,6 +176,9 @@ struct ActiveRun {
     waiters: Vec<oneshot::Sender<Result<RunRecord>>>,
 }
 
+/// At most this many `Start`s waiting together are recorded in one change.
+const STARTS_TOGETHER: usize = 256;
+
 /// A retry or restart waiting for its back-off delay.
 struct Pending {
     at: Instant,
@@ -251,6 +254,13 @@ impl Loop {
                 if self.deleting.is_some() { None } else { self.pending.as_ref().map(|p| p.at) };
             tokio::select! {
                 ctl = rx.recv() => match ctl {
+                    // Starts that each make a new run: take the others waiting behind this
+                    // one and record them all in one change.
+                    Some(Control::Start { trigger, reply }) if self.starts_together() => {
+                        let mut starts = vec![(trigger, reply)];
+                        starts.extend(rx.take_starts(STARTS_TOGETHER - 1));
+                        Box::pin(self.manual_starts(starts)).await;
+                    }
                     Some(c) => {
                         if Box::pin(self.control(c)).await {
                             break;
@@ -259,12 +269,26 @@ impl Loop {
                     None => break,
                 },
                 Some(done) = self.runs.join_next_with_id(), if !self.runs.is_empty() => {
-                    match done {
-                        Ok((task, rec)) => {
-                            self.tasks.remove(&task);
-                            Box::pin(self.finished(rec)).await
+                    // Runs of a unit that starts them together also end together: the ends
+                    // already there are recorded in one change.
+                    let mut ended = Vec::new();
+                    let mut next = Some(done);
+                    while let Some(done) = next {
+                        match done {
+                            Ok((task, rec)) => {
+                                self.tasks.remove(&task);
+                                ended.push(rec);
+                            }
+                            Err(e) => Box::pin(self.crashed(e)).await,
                         }
-                        Err(e) => Box::pin(self.crashed(e)).await,
+                        next = if self.starts_together() {
+                            self.runs.try_join_next_with_id()
+                        } else {
+                            None
+                        };
+                    }
+                    if !ended.is_empty() {
+                        Box::pin(self.finished(ended)).await;
                     }
                     if self.deleting.is_some() && self.active.is_empty() {
                         break;
@@ -534,6 +558,47 @@ impl Loop {
         self.try_start_run(trigger, 1, None).await
     }
 
+    /// Whether every `Start` makes a new run at once: a job with `overlap: allow`, so that
+    /// starts waiting together can be recorded together ([`Loop::manual_starts`]).
+    fn starts_together(&self) -> bool {
+        self.cfg.overlap == Overlap::Allow
+            && !self.cfg.service
+            && !self.cfg.is_tick()
+            && self.deleting.is_none()
+    }
+
+    /// Several `Start`s of a unit for which each is a new run ([`Loop::starts_together`]),
+    /// recorded in one change (one commit), then launched and answered in order.
+    async fn manual_starts(&mut self, starts: Vec<(Trigger, oneshot::Sender<Result<RunRecord>>)>) {
+        // What `manual_start` does before starting; `stopped` only concerns continuous units.
+        self.fatal = false;
+        self.failures_in_row = 0;
+        self.starts.clear();
+        self.pending = None;
+        let (triggers, replies): (Vec<_>, Vec<_>) = starts.into_iter().unzip();
+        if self.shared.token.is_cancelled() {
+            for reply in replies {
+                self.answer(reply, Err(Error::ShuttingDown));
+            }
+            return;
+        }
+        match self.env.store.create_runs(&self.cfg.name, triggers).await {
+            Ok(recs) => {
+                for (rec, reply) in recs.into_iter().zip(replies) {
+                    self.launch(rec.clone());
+                    self.answer(reply, Ok(rec));
+                }
+            }
+            Err(e) => {
+                tracing::error!(unit = %self.cfg.name, error = %e, "cannot record new runs");
+                let msg = e.to_string();
+                for reply in replies {
+                    self.answer(reply, Err(Error::Storage(msg.clone())));
+                }
+            }
+        }
+    }
+
     /// Queues a run behind the active one; `scheduled` is the fire time it is for, if any.
     async fn enqueue(
         &mut self,
@@ -696,7 +761,7 @@ impl Loop {
         rec.stderr_bytes = summary.stderr_bytes;
         rec.truncated = summary.truncated;
         rec.reason = Some("internal error: the run's task failed; see the daemon's log".into());
-        self.finished(rec).await;
+        self.finished(vec![rec]).await;
     }
 
     /// Records a run's end in the store, then forgets it as active. The loop does the commit
@@ -706,6 +771,11 @@ impl Loop {
         if let Err(e) = self.env.store.finish_run(rec.clone(), self.keep_runs()).await {
             tracing::error!(run = rec.id, error = %e, "cannot record the end of a run");
         }
+        self.forget(rec);
+    }
+
+    /// Forgets a run whose end is recorded: answers who waited for it, counts it.
+    fn forget(&mut self, rec: RunRecord) {
         // Stopping a run on purpose is not a failure; losing it is.
         if matches!(rec.state, RunState::Failed | RunState::TimedOut | RunState::Lost) {
             self.failures_total += 1;
@@ -720,7 +790,24 @@ impl Loop {
         }
     }
 
-    async fn finished(&mut self, rec: RunRecord) {
+    /// Records the ends of runs (in one change), then does what each end calls for.
+    async fn finished(&mut self, recs: Vec<RunRecord>) {
+        let keep = self.keep_runs();
+        let stored = match &recs[..] {
+            [rec] => self.env.store.finish_run(rec.clone(), keep).await,
+            _ => self.env.store.finish_runs(recs.clone(), keep).await,
+        };
+        if let Err(e) = stored {
+            tracing::error!(unit = %self.cfg.name, error = %e, "cannot record the end of a run");
+        }
+        for rec in recs {
+            self.forget(rec.clone());
+            self.after_end(rec).await;
+        }
+    }
+
+    /// What the end of a recorded run calls for: the queued run, a retry, a restart.
+    async fn after_end(&mut self, rec: RunRecord) {
         let lived = rec.duration(Timestamp::now()).and_then(|d| Duration::try_from(d).ok());
         let state = rec.state;
         let attempt = rec.attempt;
@@ -729,7 +816,6 @@ impl Loop {
         // keep it down there is `TaskUnit.Stop`. Every other stop is final.
         let cancel_only = rec.reason.as_deref() == Some(reason::CANCELLED);
         let stopped_by_us = state == RunState::Cancelled && !(continuous && cancel_only);
-        self.record_end(rec).await;
         if self.deleting.is_some() {
             return;
         }

@@ -661,3 +661,38 @@ fn a_daemon_started_with_signals_ignored_still_ignores_them_but_its_children_do_
     assert_eq!(d.call("TaskUnit.Get", json!("sig"))["name"], "sig");
     assert!(alive(d.pid() as i32));
 }
+
+#[test]
+fn a_burst_of_starts_of_one_unit_shares_commits() {
+    let d = TestDaemon::start();
+    // The add starts the job's first run: let it end first.
+    let info =
+        d.call("TaskUnit.Add", json!({"name": "burst", "command": ["true"], "overlap": "allow"}));
+    d.wait_run_end(run_id(&info));
+    let commits = || d.call("Daemon.Status", json!({}))["store_commits"].as_u64().expect("count");
+    const N: usize = 200;
+    let before = commits();
+    let mut c = d.raw();
+    let burst: String = (0..N)
+        .map(|i| {
+            let req = json!({"jsonrpc": "2.0", "id": 100 + i, "method": "TaskUnit.Start", "params": ["burst"]});
+            format!("{req}\n")
+        })
+        .collect();
+    c.send(burst.as_bytes());
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..N {
+        let v = c.recv();
+        let id = v["result"]["id"].as_i64().unwrap_or_else(|| panic!("TaskUnit.Start failed: {v}"));
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), N, "every start is a run of its own");
+    let info = d.wait_unit("burst", "every run ended", |u| {
+        u["runs_total"] == N + 1 && u["active_runs"].as_array().is_some_and(Vec::is_empty)
+    });
+    assert_eq!(info["failures_total"], 0, "{info}");
+    // One commit per start and one per end would be 2 × N: the starts waiting together are
+    // recorded together, and so are the ends that arrive together.
+    let used = commits() - before;
+    assert!(used < N as u64 / 2, "{N} runs (starts and ends) took {used} commits");
+}
