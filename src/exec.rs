@@ -32,11 +32,11 @@
 //! child that is not a leader we track (a process orphaned by the run is reparented to the
 //! daemon, the subreaper) and that child carries the tag (or cannot be read). That check reads
 //! one `/proc/self/task/<pid>/children` file and the environment of untracked children only.
-//! A run that is *stopped* is always scanned (twice: to signal, then to check nothing is
-//! left), on the runtime thread that stops it: stopping N runs among P processes reads
-//! N × P files. That is what limits a shutdown with thousands of running services (9,000
-//! services: more than ten minutes); sharing one scan among the runs stopped together is the
-//! fix still to make.
+//! A run that is *stopped* is always scanned (to signal, then to check nothing is left). Those
+//! scans are shared: one thread (`taskd-procscan`) walks /proc for every run that asked
+//! before the walk started, so stopping N runs at once (a shutdown with thousands of running
+//! services) costs a few walks, not N, and no walk blocks a runtime thread. (Recovery at
+//! start still scans once per stale run, on a blocking thread.)
 //!
 //! Limits: `/proc/<pid>/environ` is the environment the process was *started* with, and only
 //! readable for processes we may ptrace (a non-root daemon sees its own user's processes, not
@@ -82,7 +82,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -362,7 +362,7 @@ impl Process {
                 // Runs end by the thousand per second and almost never leave anything behind:
                 // look through /proc only when the cheap checks say something may be left.
                 if (group_alive(run.pgid) || run.may_have_escaped())
-                    && let Some(tagged) = run.terminate()
+                    && let Some(tagged) = run.terminate().await
                     && !run.wait_gone(tagged, Instant::now() + grace).await
                 {
                     killed = run.kill().await;
@@ -371,7 +371,7 @@ impl Process {
             }
             None => {
                 stopped = true;
-                let tagged = run.terminate().unwrap_or_default();
+                let tagged = run.terminate().await.unwrap_or_default();
                 let deadline = Instant::now() + grace;
                 let leader = tokio::time::timeout_at(deadline, &mut self.exit).await.ok();
                 let gone = match leader {
@@ -731,17 +731,18 @@ impl Members<'_> {
     /// stopped process would only act on the SIGTERM once continued, and would otherwise always
     /// need SIGKILL. Returns the tagged processes signalled, or `None` if there was nothing at
     /// all to signal.
-    fn terminate(&self) -> Option<Vec<Stat>> {
+    async fn terminate(&self) -> Option<Vec<Stat>> {
         let group = killpg(self.pgid, Signal::SIGTERM).is_ok();
         let _ = killpg(self.pgid, Signal::SIGCONT);
-        let tagged = self.signal_tagged(&[Signal::SIGTERM, Signal::SIGCONT]);
+        let tagged = self.signal_tagged(&[Signal::SIGTERM, Signal::SIGCONT]).await;
         (group || !tagged.is_empty()).then_some(tagged)
     }
 
-    /// Sends `signals` to every process carrying the tag (a full /proc scan); returns them.
-    fn signal_tagged(&self, signals: &[Signal]) -> Vec<Stat> {
+    /// Sends `signals` to every process carrying the tag (a /proc scan, shared with the runs
+    /// that ask at the same time); returns them.
+    async fn signal_tagged(&self, signals: &[Signal]) -> Vec<Stat> {
         let Some(tag) = self.tag else { return Vec::new() };
-        let found = tagged_processes(tag);
+        let found = shared_scan(tag).await;
         for process in &found {
             for &sig in signals {
                 let _ = kill(Pid::from_raw(process.pid as i32), sig);
@@ -759,7 +760,7 @@ impl Members<'_> {
     async fn wait_gone(&self, mut tagged: Vec<Stat>, deadline: Instant) -> bool {
         loop {
             if !group_alive(self.pgid) && tagged.iter().all(has_ended) {
-                tagged = self.signal_tagged(&[Signal::SIGTERM, Signal::SIGCONT]);
+                tagged = self.signal_tagged(&[Signal::SIGTERM, Signal::SIGCONT]).await;
                 if tagged.is_empty() {
                     return true;
                 }
@@ -780,7 +781,7 @@ impl Members<'_> {
         let mut killed = false;
         loop {
             let group = killpg(self.pgid, Signal::SIGKILL).is_ok();
-            let tagged = self.signal_tagged(&[Signal::SIGKILL]);
+            let tagged = self.signal_tagged(&[Signal::SIGKILL]).await;
             if !group && tagged.is_empty() {
                 return killed;
             }
@@ -1215,6 +1216,116 @@ fn tagged_processes(entry: &[u8]) -> Vec<Stat> {
         .filter_map(read_stat)
         .filter(|s| s.state != 'Z')
         .collect()
+}
+
+/// One /proc scan for tagged processes: when it started, the tag keys it looked for, and the
+/// live processes carrying each `KEY=VALUE` entry of those keys.
+struct TagScan {
+    started: std::time::Instant,
+    keys: Vec<Vec<u8>>,
+    by_entry: HashMap<Vec<u8>, Vec<Stat>>,
+}
+
+/// Scans /proc on a thread of its own for every run that asks, one scan at a time: see
+/// [`shared_scan`].
+struct Scanner {
+    /// Tag keys asked for since the current scan started.
+    asked: Mutex<Vec<Vec<u8>>>,
+    wake: std::sync::Condvar,
+    /// The newest scan.
+    scans: tokio::sync::watch::Sender<Option<Arc<TagScan>>>,
+}
+
+/// The scanner, started on first use; `None` if its thread could not be started.
+fn scanner() -> Option<&'static Scanner> {
+    static SCANNER: OnceLock<Option<&'static Scanner>> = OnceLock::new();
+    *SCANNER.get_or_init(|| {
+        let scanner: &'static Scanner = Box::leak(Box::new(Scanner {
+            asked: Mutex::new(Vec::new()),
+            wake: std::sync::Condvar::new(),
+            scans: tokio::sync::watch::Sender::new(None),
+        }));
+        let spawned = std::thread::Builder::new().name("taskd-procscan".into()).spawn(move || {
+            loop {
+                let keys = {
+                    let mut asked = scanner.asked.lock().unwrap_or_else(PoisonError::into_inner);
+                    while asked.is_empty() {
+                        asked = scanner.wake.wait(asked).unwrap_or_else(PoisonError::into_inner);
+                    }
+                    std::mem::take(&mut *asked)
+                };
+                scanner.scans.send_replace(Some(Arc::new(scan_tags(keys))));
+            }
+        });
+        match spawned {
+            Ok(_) => Some(scanner),
+            Err(e) => {
+                // Every caller then scans on its own (see `shared_scan`).
+                tracing::error!("cannot start the /proc scanner thread: {e}");
+                None
+            }
+        }
+    })
+}
+
+/// What [`tagged_processes`] finds, from a scan that started after this call: one scan of
+/// /proc serves every run that asked before it started. Stopping N runs at once (a shutdown
+/// with thousands of services) then costs a few scans instead of N, each of which reads the
+/// environment of every process, and no scan blocks a runtime thread.
+async fn shared_scan(entry: &[u8]) -> Vec<Stat> {
+    #[cfg(test)]
+    tests::record_scan(entry);
+    let key = entry.split(|&b| b == b'=').next().unwrap_or_default();
+    let Some(s) = scanner() else { return tagged_processes(entry) };
+    let mut scans = s.scans.subscribe();
+    let asked = std::time::Instant::now();
+    {
+        let mut keys = s.asked.lock().unwrap_or_else(PoisonError::into_inner);
+        if !keys.iter().any(|k| k == key) {
+            keys.push(key.to_vec());
+        }
+        s.wake.notify_one();
+    }
+    loop {
+        let found = scans.borrow_and_update().as_ref().and_then(|scan| {
+            (scan.started >= asked && scan.keys.iter().any(|k| k == key))
+                .then(|| scan.by_entry.get(entry).cloned().unwrap_or_default())
+        });
+        if let Some(found) = found {
+            return found;
+        }
+        if scans.changed().await.is_err() {
+            return tagged_processes(entry);
+        }
+    }
+}
+
+/// Walks /proc once: the live processes (but the daemon) whose environment has one of `keys`,
+/// by their `KEY=VALUE` entry.
+fn scan_tags(keys: Vec<Vec<u8>>) -> TagScan {
+    let started = std::time::Instant::now();
+    let me = std::process::id();
+    let prefixes: Vec<Vec<u8>> = keys.iter().map(|k| [k.as_slice(), b"="].concat()).collect();
+    let mut buf = Vec::new();
+    let mut by_entry: HashMap<Vec<u8>, Vec<Stat>> = HashMap::new();
+    for pid in all_pids().filter(|&pid| pid != me) {
+        buf.clear();
+        let read = std::fs::File::open(format!("/proc/{pid}/environ"))
+            .and_then(|mut f| f.read_to_end(&mut buf));
+        if read.is_err() {
+            continue;
+        }
+        let entries: Vec<&[u8]> =
+            buf.split(|&b| b == 0).filter(|e| prefixes.iter().any(|p| e.starts_with(p))).collect();
+        if entries.is_empty() {
+            continue;
+        }
+        let Some(stat) = read_stat(pid).filter(|s| s.state != 'Z') else { continue };
+        for entry in entries {
+            by_entry.entry(entry.to_vec()).or_default().push(stat);
+        }
+    }
+    TagScan { started, keys, by_entry }
 }
 
 /// The children of the daemon's main thread, from `/proc/self/task/<pid>/children`; `None` if
