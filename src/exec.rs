@@ -1308,6 +1308,8 @@ fn scan_tags(keys: Vec<Vec<u8>>) -> TagScan {
     let prefixes: Vec<Vec<u8>> = keys.iter().map(|k| [k.as_slice(), b"="].concat()).collect();
     let mut buf = Vec::new();
     let mut by_entry: HashMap<Vec<u8>, Vec<Stat>> = HashMap::new();
+    #[cfg(test)]
+    tests::WALKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for pid in all_pids().filter(|&pid| pid != me) {
         buf.clear();
         let read = std::fs::File::open(format!("/proc/{pid}/environ"))
@@ -1376,6 +1378,10 @@ mod tests {
     /// The tag entries of every full /proc scan so far, so a test can tell whether its own
     /// (unique) tag was scanned for while other tests run alongside.
     static SCANNED: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+    /// Walks of /proc made by the shared scanner.
+    pub(super) static WALKS: std::sync::atomic::AtomicUsize =
+        std::sync::atomic::AtomicUsize::new(0);
 
     pub(super) fn record_scan(entry: &[u8]) {
         SCANNED.lock().unwrap_or_else(PoisonError::into_inner).push(entry.to_vec());
@@ -1574,6 +1580,30 @@ mod tests {
         for member in &members {
             eventually("the group's members to be gone", || is_gone(member.pid)).await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn runs_stopped_together_share_their_proc_walks() {
+        setup();
+        const RUNS: usize = 24;
+        let runs: Vec<Process> =
+            (0..RUNS).map(|_| start(&tagged_sh("exec sleep 1000")).0).collect();
+        for p in &runs {
+            let pid = p.pid();
+            eventually("the sleep to start", || comms(&group_members(pid)) == ["sleep"]).await;
+        }
+        let before = WALKS.load(std::sync::atomic::Ordering::Relaxed);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let waits: Vec<_> =
+            runs.into_iter().map(|p| tokio::spawn(p.wait(stop.clone(), LONG))).collect();
+        for w in waits {
+            assert!(w.await.unwrap().stopped);
+        }
+        // Each stop asks for a scan to signal and one to check: 2 × RUNS walks unshared. Other
+        // tests running alongside may add a few of their own.
+        let walks = WALKS.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(walks < RUNS, "{RUNS} runs stopped together walked /proc {walks} times");
     }
 
     #[tokio::test(flavor = "multi_thread")]
