@@ -250,7 +250,8 @@ impl Process {
     ///
     /// Output chunks are sent to `output` as they are read, by one task that reads both pipes.
     /// The pipes are always drained: a slow receiver is awaited (nothing is dropped), a
-    /// receiver that is gone makes the reader discard. Must be called within a tokio runtime, whose tasks read the pipes.
+    /// receiver that is gone makes the reader discard. Must be called within a tokio runtime,
+    /// whose tasks read the pipes.
     ///
     /// The child is spawned on the spawner thread (see the module docs), and gets no file
     /// descriptor but 0, 1 and 2 once [`process_hygiene`] has run.
@@ -1209,13 +1210,12 @@ fn environ_has(pid: u32, entry: &[u8], buf: &mut Vec<u8>) -> io::Result<bool> {
 fn tagged_processes(entry: &[u8]) -> Vec<Stat> {
     #[cfg(test)]
     tests::record_scan(entry);
-    let me = std::process::id();
-    let mut buf = Vec::new();
-    all_pids()
-        .filter(|&pid| pid != me && environ_has(pid, entry, &mut buf).unwrap_or(false))
-        .filter_map(read_stat)
-        .filter(|s| s.state != 'Z')
-        .collect()
+    scan_tags(vec![tag_key(entry).to_vec()]).by_entry.remove(entry).unwrap_or_default()
+}
+
+/// The `KEY` of a `KEY=VALUE` tag entry.
+fn tag_key(entry: &[u8]) -> &[u8] {
+    entry.split(|&b| b == b'=').next().unwrap_or_default()
 }
 
 /// One /proc scan for tagged processes: when it started, the tag keys it looked for, and the
@@ -1275,7 +1275,7 @@ fn scanner() -> Option<&'static Scanner> {
 async fn shared_scan(entry: &[u8]) -> Vec<Stat> {
     #[cfg(test)]
     tests::record_scan(entry);
-    let key = entry.split(|&b| b == b'=').next().unwrap_or_default();
+    let key = tag_key(entry);
     let Some(s) = scanner() else { return tagged_processes(entry) };
     let mut scans = s.scans.subscribe();
     let asked = std::time::Instant::now();

@@ -701,21 +701,11 @@ impl Store {
     /// beyond the newest `keep_runs` of that unit. If it cannot be recorded now, the error is
     /// returned and the store keeps retrying until it is.
     pub async fn finish_run(&self, rec: RunRecord, keep_runs: u32) -> Result<()> {
-        let again = rec.clone();
-        let r = self.call(move |t| write_end(t, &rec, keep_runs)).await;
-        if let Err(e) = &r
-            && !matches!(e, Error::ShuttingDown)
-        {
-            tracing::warn!(run = again.id, error = %e, "the end of a run is not recorded yet; retrying");
-            lock(&self.unrecorded).push((again, keep_runs));
-            // Wake the store thread, which retries from now on.
-            self.call_detached("retry", |_| Ok(()));
-        }
-        r
+        self.finish_runs(vec![rec], keep_runs).await
     }
 
     /// Records the ends of several runs of one unit in one change (one commit), as
-    /// [`Store::finish_run`] does each.
+    /// [`Store::finish_run`] does for one.
     pub async fn finish_runs(&self, recs: Vec<RunRecord>, keep_runs: u32) -> Result<()> {
         let again = recs.clone();
         let r =
@@ -723,7 +713,8 @@ impl Store {
         if let Err(e) = &r
             && !matches!(e, Error::ShuttingDown)
         {
-            tracing::warn!(runs = again.len(), error = %e, "the ends of runs are not recorded yet; retrying");
+            let runs: Vec<i64> = again.iter().map(|r| r.id).collect();
+            tracing::warn!(?runs, error = %e, "the end of a run is not recorded yet; retrying");
             lock(&self.unrecorded).extend(again.into_iter().map(|rec| (rec, keep_runs)));
             self.call_detached("retry", |_| Ok(()));
         }

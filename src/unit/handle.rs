@@ -183,9 +183,7 @@ impl Inbox {
             self.0.mailbox.wake.notified().await;
         }
     }
-}
 
-impl Inbox {
     /// Takes the `Start` requests at the front of the queue, up to `max`, without waiting, so
     /// that a burst of starts of one unit is recorded in one change. Stops at the first other
     /// request: requests are still handled in the order they came.

@@ -792,12 +792,7 @@ impl Loop {
 
     /// Records the ends of runs (in one change), then does what each end calls for.
     async fn finished(&mut self, recs: Vec<RunRecord>) {
-        let keep = self.keep_runs();
-        let stored = match &recs[..] {
-            [rec] => self.env.store.finish_run(rec.clone(), keep).await,
-            _ => self.env.store.finish_runs(recs.clone(), keep).await,
-        };
-        if let Err(e) = stored {
+        if let Err(e) = self.env.store.finish_runs(recs.clone(), self.keep_runs()).await {
             tracing::error!(unit = %self.cfg.name, error = %e, "cannot record the end of a run");
         }
         for rec in recs {
