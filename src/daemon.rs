@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{AuthMode, Config};
 use crate::error::Error;
 use crate::exec;
+use crate::heap;
 use crate::registry::{Registry, RegistryConfig};
 use crate::rpc::api::{Api, ApiContext, methods};
 use crate::rpc::auth::Auth;
@@ -26,33 +27,6 @@ use crate::state_dir::{self, ADDRESS_FILE};
 use crate::store::{AuditRecord, Store};
 use crate::unit::ValidateCtx;
 use crate::unit::definition::resolve_allowed_dirs;
-
-/// Gives the allocator's free pages back to the system.
-fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks glibc's own free lists; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Gives the heap back to the system after a connection that held a large backlog (a
-/// client that did not read) is gone, at most once a second: glibc keeps what it freed, and a
-/// daemon that was attacked would otherwise stay tens of MiB larger.
-async fn trim_after_heavy_closes(gate: Arc<Gate>, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = gate.heavy_close() => {}
-            () = stop.cancelled() => return,
-        }
-        // Let the other connections of a burst go too.
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            () = stop.cancelled() => return,
-        }
-        tokio::task::spawn_blocking(trim_heap);
-    }
-}
 
 /// What start-up secured before anything is served: the state directory's lock, the store,
 /// and the token (none with `--auth none`).
@@ -161,6 +135,7 @@ pub async fn run(
     socket: TcpSocket,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    heap::tune();
     let local = socket.local_addr()?;
     let Opened { _lock, store, token } = open_state(&cfg, &local)?;
     let stopping = Stopping::default();
@@ -183,11 +158,9 @@ pub async fn run(
     .await?;
     // Loading left holes in the heap (definitions parsed, records copied) between the units'
     // long-lived state; with 100,000 units that is tens of MiB the allocator would keep.
-    trim_heap();
+    heap::trim();
     let gate = Gate::new(cfg.max_connections, token.is_some());
-    stopping
-        .conn_tasks
-        .spawn(trim_after_heavy_closes(gate.clone(), stopping.listener_stop.clone()));
+    stopping.conn_tasks.spawn(heap::give_back_after_bursts(stopping.listener_stop.clone()));
     let api = Api(Arc::new(ApiContext {
         registry: registry.clone(),
         started: Timestamp::now(),

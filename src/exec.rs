@@ -74,7 +74,7 @@
 //! of spawns a second is most of the cost.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
@@ -426,7 +426,14 @@ pub fn kill_stale_group(pgid: u32, start_ticks: u64, sig: Signal) -> usize {
     if pgid <= 1 || pgid > i32::MAX as u32 {
         return 0;
     }
-    let members = group_members(pgid);
+    signal_stale_group(pgid, start_ticks, sig, &group_members(pgid))
+}
+
+/// [`kill_stale_group`] with the group's `members` (live processes) already found.
+fn signal_stale_group(pgid: u32, start_ticks: u64, sig: Signal, members: &[Stat]) -> usize {
+    if pgid <= 1 || pgid > i32::MAX as u32 {
+        return 0;
+    }
     match read_stat(pgid) {
         // The pid is in use by a different process: the kernel does not hand out a pid that is
         // still a process group id, so our old group is empty.
@@ -443,40 +450,68 @@ pub fn kill_stale_group(pgid: u32, start_ticks: u64, sig: Signal) -> usize {
     }
 }
 
-/// Like [`kill_stale_group`], and also sends `sig` to every process carrying the run's `tag`
-/// ([`Spec::tag`]) that started at or after `start_ticks`: those that left the group. Returns
-/// how many processes were signalled.
+/// A run of a crashed daemon whose processes may still be alive: see [`kill_leftovers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// Its process group, when the previous daemon recorded one in this boot.
+    pub pgid: Option<u32>,
+    /// When its process started (the group leader's start ticks), or, without a group, a
+    /// time before it started: processes older than this are not the run's.
+    pub since: u64,
+    /// Its [`Spec::tag`].
+    pub tag: (String, String),
+}
+
+/// Sends `sig` to the processes of each run a crashed daemon left: its process group
+/// ([`kill_stale_group`]) and every process carrying its tag that started at or after
+/// `since`, which finds those that left the group, and a run whose pid was never recorded
+/// (the daemon died right after spawning it). Returns how many processes of each run were
+/// signalled, in `runs`' order.
 ///
-/// Used at daemon start for the runs of a crashed daemon; check [`boot_id`] first. The start
-/// ticks keep a process that carries the tag from an earlier use of it (an older daemon on the
-/// same state directory) out of reach.
-pub fn kill_stale_run(
-    pgid: u32,
-    start_ticks: u64,
-    tag: Option<(&str, &str)>,
-    sig: Signal,
-) -> usize {
-    let group = kill_stale_group(pgid, start_ticks, sig);
-    let Some((key, value)) = tag else { return group };
-    // Those in the group were signalled through it.
-    let skip = (group > 0).then_some(pgid);
-    group + signal_tagged(key, value, start_ticks, skip, sig)
-}
-
-/// Sends `sig` to every process carrying the tag `key=value` that started at or after
-/// `start_ticks`, except members of process group `skip`. For a lost run whose pid was never
-/// recorded (the daemon died right after spawning it), this is the only way to find it.
-pub fn kill_tagged(key: &str, value: &str, start_ticks: u64, sig: Signal) -> usize {
-    signal_tagged(key, value, start_ticks, None, sig)
-}
-
-fn signal_tagged(key: &str, value: &str, since: u64, skip: Option<u32>, sig: Signal) -> usize {
-    tagged_processes(&tag_entry(key, value))
+/// One walk of /proc serves every run: a daemon killed with a thousand services running finds
+/// their processes in one pass at its next start, not a thousand. Used at daemon start; check
+/// [`boot_id`] first. The start ticks keep a process that carries the tag from an earlier use
+/// of it (an older daemon on the same state directory) out of reach.
+pub fn kill_leftovers(runs: &[Leftover], sig: Signal) -> Vec<usize> {
+    if runs.is_empty() {
+        return Vec::new();
+    }
+    // One walk for the members of every group, one for the tags.
+    let wanted: HashSet<u32> = runs.iter().filter_map(|r| r.pgid).collect();
+    let mut members: HashMap<u32, Vec<Stat>> = HashMap::new();
+    if !wanted.is_empty() {
+        for s in all_stats().filter(|s| s.state != 'Z' && wanted.contains(&s.pgrp)) {
+            members.entry(s.pgrp).or_default().push(s);
+        }
+    }
+    let groups: Vec<usize> = runs
         .iter()
-        .filter(|t| t.start_ticks >= since)
-        .filter(|t| skip != Some(t.pgrp))
-        .filter(|t| kill(Pid::from_raw(t.pid as i32), sig).is_ok())
-        .count()
+        .map(|r| {
+            r.pgid.map_or(0, |g| {
+                signal_stale_group(g, r.since, sig, members.get(&g).map_or(&[], Vec::as_slice))
+            })
+        })
+        .collect();
+    let mut keys: Vec<Vec<u8>> = runs.iter().map(|r| r.tag.0.as_bytes().to_vec()).collect();
+    keys.sort();
+    keys.dedup();
+    let scan = scan_tags(keys);
+    runs.iter()
+        .zip(groups)
+        .map(|(r, group)| {
+            // Those in the group were signalled through it.
+            let skip = r.pgid.filter(|_| group > 0);
+            let tagged = scan.by_entry.get(&tag_entry(&r.tag.0, &r.tag.1)).map_or(0, |found| {
+                found
+                    .iter()
+                    .filter(|t| t.start_ticks >= r.since)
+                    .filter(|t| skip != Some(t.pgrp))
+                    .filter(|t| kill(Pid::from_raw(t.pid as i32), sig).is_ok())
+                    .count()
+            });
+            group + tagged
+        })
+        .collect()
 }
 
 /// The start-time value (`/proc/<pid>/stat` field 22: clock ticks since boot) of a process
@@ -1833,19 +1868,31 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn kill_stale_run_finds_processes_by_tag() {
+    async fn kill_leftovers_finds_processes_by_group_and_tag_in_one_walk() {
         setup();
         // "ready" only once the leader's own `sleep` exists, so that all three can be counted.
         let (spec, process, escapee, _dir) =
             spawn_with_escapee("sleep 1000 & echo ready; wait").await;
         let (pgid, ticks) = (process.pid(), process.start_ticks().unwrap());
-        let (key, value) = spec.tag.clone().unwrap();
-        let tag = Some((key.as_str(), value.as_str()));
+        let tag = spec.tag.clone().unwrap();
+        let run = |pgid, since| Leftover { pgid, since, tag: tag.clone() };
+        // Other runs, never started, whose tags nothing carries.
+        let others: Vec<Leftover> = (0..19)
+            .map(|i| Leftover { tag: (tag.0.clone(), format!("no-such-run-{i}")), ..run(None, 0) })
+            .collect();
         // Recorded as started later than they did: none of them is the lost run's.
-        assert_eq!(kill_stale_run(pgid, u64::MAX, tag, Signal::SIGKILL), 0);
+        let late = [others.clone(), vec![run(Some(pgid), u64::MAX)]].concat();
+        assert!(kill_leftovers(&late, Signal::SIGKILL).iter().all(|&n| n == 0));
         assert!(!is_gone(escapee));
-        // The leader, its `sleep 1000` and the escapee.
-        assert_eq!(kill_stale_run(pgid, ticks, tag, Signal::SIGKILL), 3);
+        // The leader, its `sleep 1000` and the escapee; the twenty runs in one walk (other
+        // tests running alongside may add a few of their own).
+        let walks = WALKS.load(std::sync::atomic::Ordering::Relaxed);
+        let runs = [others, vec![run(Some(pgid), ticks)]].concat();
+        let killed = kill_leftovers(&runs, Signal::SIGKILL);
+        assert_eq!(killed[..19], [0; 19]);
+        assert_eq!(killed[19], 3);
+        let walks = WALKS.load(std::sync::atomic::Ordering::Relaxed) - walks;
+        assert!(walks < 10, "20 leftover runs walked /proc {walks} times");
         assert_eq!(wait_normally(process).await.termination, Termination::Signaled(9));
         eventually("the escapee to be gone", || is_gone(escapee)).await;
     }

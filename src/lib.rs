@@ -9,6 +9,7 @@
 //!
 //! - `daemon` wires everything together: store, registry, listener; runs until cancelled.
 //! - `config` reads flags, `TASKD_*` variables and `taskd.toml`.
+//! - `heap` tunes glibc's allocator for a server and gives freed memory back after bursts.
 //! - `state_dir` makes the state directory private, locks it, and holds the token file.
 //! - `unit` holds definitions and validation, schedules, and the per-unit loop.
 //! - `run` is the run state machine and the record kept for each run.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod exec;
+pub mod heap;
 pub mod registry;
 pub mod rpc;
 pub mod run;

@@ -194,6 +194,72 @@ fn glob_match_bytes(glob: &[u8], name: &str) -> bool {
     g[gi..].iter().all(|&c| c == b'*')
 }
 
+/// Stops what is left of the runs a crashed daemon left active (`stale`): SIGTERM now to their
+/// process groups and tagged processes, SIGKILL five seconds later to those that had any. One
+/// walk of /proc finds the tagged processes of every run (see [`exec::kill_leftovers`]).
+async fn stop_stale_runs(
+    stale: &[crate::store::StaleRun],
+    boot_id: &Option<String>,
+    state_dir_id: &str,
+    root: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let mut runs = Vec::new();
+    for s in stale {
+        tracing::warn!(run = s.record.id, unit = %s.record.unit, state = %s.record.state, "run left active by the previous daemon");
+        let tag = runner::run_tag(state_dir_id, s.record.id);
+        // Only a pid from this boot can still be the run's process group; by group and by
+        // tag, as processes that left the group are found by the latter.
+        let run = if let (Some(pid), Some(start)) = (s.record.pid, s.pid_start)
+            && s.boot_id.is_some()
+            && s.boot_id == *boot_id
+        {
+            exec::Leftover { pgid: Some(pid), since: start, tag }
+        } else if s.record.pid.is_none()
+            && let Some(started) = s.record.started_at
+            // The previous daemon died before it recorded the pid: find the run by its tag,
+            // among processes started since (a second earlier, for clock rounding).
+            && let Some(since) =
+                exec::ticks_since_boot(started.as_millisecond() as f64 / 1000.0 - 1.0)
+        {
+            exec::Leftover { pgid: None, since, tag }
+        } else {
+            continue;
+        };
+        runs.push((s.record.id, run));
+    }
+    if runs.is_empty() {
+        return;
+    }
+    // Scanning /proc blocks: not on an async thread.
+    let to_kill = tokio::task::spawn_blocking(move || {
+        let (ids, runs): (Vec<i64>, Vec<exec::Leftover>) = runs.into_iter().unzip();
+        let stopped = exec::kill_leftovers(&runs, SIGTERM);
+        let mut to_kill = Vec::new();
+        for ((id, run), n) in ids.into_iter().zip(runs).zip(stopped) {
+            if n > 0 {
+                tracing::warn!(run = id, pid = run.pgid, n, "stopping processes of a lost run");
+                to_kill.push(run);
+            }
+        }
+        to_kill
+    })
+    .await
+    .unwrap_or_default();
+    if to_kill.is_empty() {
+        return;
+    }
+    let stop = root.clone();
+    tracker.spawn(async move {
+        // The grace a lost run's processes get; a shutdown meanwhile cuts it short.
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.cancelled() => {}
+        }
+        let _ = tokio::task::spawn_blocking(move || exec::kill_leftovers(&to_kill, SIGKILL)).await;
+    });
+}
+
 impl Registry {
     /// Recovers from a previous daemon (stale runs become `lost`, their process groups are
     /// killed), loads every unit and starts its loop.
@@ -207,57 +273,7 @@ impl Registry {
         let boot_id = exec::boot_id();
         let state_dir_id = runner::state_dir_id(store.dir());
         let stale = store.recover_stale_runs().await?;
-        let mut to_kill = Vec::new();
-        for s in &stale {
-            let tag = runner::run_tag(&state_dir_id, s.record.id);
-            // Only a pid from this boot can still be the run's process group.
-            if let (Some(pid), Some(start)) = (s.record.pid, s.pid_start)
-                && s.boot_id.is_some()
-                && s.boot_id == boot_id
-            {
-                // By group and by tag: processes that left the group are found by the latter.
-                let n = exec::kill_stale_run(pid, start, Some((&tag.0, &tag.1)), SIGTERM);
-                if n > 0 {
-                    tracing::warn!(run = s.record.id, pid, n, "stopping processes of a lost run");
-                    to_kill.push((Some(pid), start, tag));
-                }
-            } else if s.record.pid.is_none()
-                && let Some(started) = s.record.started_at
-                // The previous daemon died before it recorded the pid: find the run by its
-                // tag, among processes started since (a second earlier, for clock rounding).
-                && let Some(since) =
-                    exec::ticks_since_boot(started.as_millisecond() as f64 / 1000.0 - 1.0)
-            {
-                let n = exec::kill_tagged(&tag.0, &tag.1, since, SIGTERM);
-                if n > 0 {
-                    tracing::warn!(run = s.record.id, n, "stopping processes of a lost run");
-                    to_kill.push((None, since, tag));
-                }
-            }
-            tracing::warn!(run = s.record.id, unit = %s.record.unit, state = %s.record.state, "run left active by the previous daemon");
-        }
-        if !to_kill.is_empty() {
-            let stop = root.clone();
-            tracker.spawn(async move {
-                // The grace a lost run's processes get; a shutdown meanwhile cuts it short.
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = stop.cancelled() => {}
-                }
-                // Scanning /proc blocks: not on an async thread.
-                let _ = tokio::task::spawn_blocking(move || {
-                    for (pid, start, tag) in to_kill {
-                        match pid {
-                            Some(pid) => {
-                                exec::kill_stale_run(pid, start, Some((&tag.0, &tag.1)), SIGKILL)
-                            }
-                            None => exec::kill_tagged(&tag.0, &tag.1, start, SIGKILL),
-                        };
-                    }
-                })
-                .await;
-            });
-        }
+        stop_stale_runs(&stale, &boot_id, &state_dir_id, &root, &tracker).await;
         let env = Arc::new(RunnerEnv {
             store: store.clone(),
             work_dir: cfg.work_dir.clone(),
@@ -363,10 +379,13 @@ impl Registry {
         Ok(UnitSnapshot { config: h.config(), status: h.status() })
     }
 
-    /// Snapshots of the units that match `f`, sorted by name: at most `f.limit`, the first
-    /// ones named after `f.after`. The cost is that of the units looked at, from the cursor
-    /// (or the glob's literal prefix) on; a unit filtered out costs no allocation.
-    pub fn list(&self, f: &ListFilter) -> Vec<UnitSnapshot> {
+    /// Shows `each` the units that match `f`, in name order: at most `f.limit`, the first ones
+    /// named after `f.after`. `each` sees a unit's definition and status under its status lock,
+    /// so a list can write its answer straight from them, copying nothing first (keep `each`
+    /// short: the unit's loop waits for that lock). The cost is that of the units looked at,
+    /// from the cursor (or the glob's literal prefix) on; a unit filtered out costs no
+    /// allocation.
+    pub fn list(&self, f: &ListFilter, mut each: impl FnMut(&UnitConfig, &UnitStatus)) {
         let glob = f.name_glob.as_deref().unwrap_or("*");
         let prefix = glob_prefix(glob);
         let start = match f.after.as_deref() {
@@ -374,7 +393,7 @@ impl Registry {
             _ => Bound::Included(prefix),
         };
         let limit = if f.limit == 0 { usize::MAX } else { f.limit };
-        let mut out = Vec::new();
+        let mut shown = 0;
         let names = self.0.units.names();
         for name in names.range::<str, _>((start, Bound::Unbounded)) {
             if !name.starts_with(prefix) {
@@ -383,19 +402,18 @@ impl Registry {
             if !glob_match_bytes(glob.as_bytes(), name) {
                 continue;
             }
-            let Some(Slot::Live(h)) = self.0.units.get(name) else { continue };
-            let status = match f.state {
-                None => Some(h.status()),
-                Some(st) => h.status_if(|s| s.state == st),
-            };
-            if let Some(status) = status {
-                out.push(UnitSnapshot { config: h.config(), status });
-                if out.len() >= limit {
+            // Borrowed from the map, not cloned: a list touches each unit once.
+            let Some(slot) = self.0.units.map.get(name.as_str()) else { continue };
+            let Slot::Live(h) = slot.value() else { continue };
+            let config = h.config();
+            let keep = |s: &UnitStatus| f.state.is_none_or(|st| s.state == st);
+            if h.status_if(keep, |s| each(&config, s)).is_some() {
+                shown += 1;
+                if shown >= limit {
                     break;
                 }
             }
         }
-        out
     }
 
     /// How many units exist.

@@ -500,19 +500,19 @@ pub async fn del(ctx: &Ctx, a: DelArgs) -> anyhow::Result<()> {
 pub async fn list(ctx: &Ctx, a: ListArgs) -> anyhow::Result<()> {
     let filtered = a.state.is_some() || a.glob.is_some() || a.after.is_some();
     let want = a.limit.unwrap_or(usize::MAX);
-    // Page by page, of the daemon's default size; one more than asked for, so that a cut list
-    // can say so.
+    // Page by page, of the largest size the daemon gives (a daemon with a thousand units answers
+    // in one call, not two); one more than asked for, so that a cut list can say so.
     let mut units: Vec<UnitSummary> = Vec::new();
     let mut after = a.after;
     let more = loop {
-        let page = (want.saturating_add(1) - units.len()).min(UNIT_PAGE.0 as usize) as u32;
+        let page = (want.saturating_add(1) - units.len()).min(UNIT_PAGE.1 as usize) as u32;
         let arg = ListArg {
             state: a.state.clone(),
             name_glob: a.glob.clone(),
             limit: Some(page),
             after: after.clone(),
         };
-        let got = ctx.call(ctx.client.list(Some(arg))).await?;
+        let got = ctx.call(ctx.client.list(Some(arg))).await?.into_value()?;
         let full = got.len() == page as usize;
         after = got.last().map(|u| u.name.clone());
         units.extend(got);

@@ -97,6 +97,10 @@ impl TransportSenderT for NdjsonSender {
     }
 }
 
+/// Bytes the receiving half reads at a time: a list of a thousand units is half a MiB, which
+/// 8 KiB reads (the default) take sixty system calls and wake-ups to bring in.
+const READ_BUFFER: usize = 64 * 1024;
+
 /// Receiving half of the NDJSON transport: one message per line.
 #[derive(Debug)]
 pub struct NdjsonReceiver(BufReader<OwnedReadHalf>);
@@ -141,7 +145,7 @@ fn is_message(line: &[u8], n: usize) -> io::Result<bool> {
 /// Splits a connected stream into the NDJSON transport halves.
 pub fn ndjson_transport(stream: TcpStream) -> (NdjsonSender, NdjsonReceiver) {
     let (rd, wr) = stream.into_split();
-    (NdjsonSender(wr), NdjsonReceiver(BufReader::new(rd)))
+    (NdjsonSender(wr), NdjsonReceiver(BufReader::with_capacity(READ_BUFFER, rd)))
 }
 
 /// A connection to a taskd daemon.

@@ -61,6 +61,9 @@ pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A backlog this large, once its connection is gone, is worth giving back to the system.
 pub const HEAVY_BACKLOG: usize = 1024 * 1024;
 
+/// A message this large, once written, is worth giving back to the system.
+pub const LARGE_MESSAGE: usize = 256 * 1024;
+
 /// Peers whose failed logins are counted one by one; the rest are counted together.
 const TRACKED_PEERS: usize = 1024;
 
@@ -116,8 +119,6 @@ pub struct Gate {
     failures: Mutex<Failures>,
     failures_total: AtomicU64,
     next_id: AtomicU64,
-    /// Notified when a connection that held a large backlog is gone.
-    heavy_closed: Notify,
 }
 
 impl std::fmt::Debug for Gate {
@@ -141,7 +142,6 @@ impl Gate {
             failures: Mutex::default(),
             failures_total: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
-            heavy_closed: Notify::new(),
         })
     }
 
@@ -257,12 +257,6 @@ impl Gate {
     pub fn failures_total(&self) -> u64 {
         self.failures_total.load(Ordering::Relaxed)
     }
-
-    /// Resolves when a connection whose backlog held [`HEAVY_BACKLOG`] or more is gone: the
-    /// allocator keeps what it freed unless told to give it back.
-    pub async fn heavy_close(&self) {
-        self.heavy_closed.notified().await;
-    }
 }
 
 /// Bytes handed to a connection's writer and not yet written to its socket.
@@ -293,6 +287,9 @@ impl Default for Backlog {
 impl Backlog {
     /// Counts `n` bytes handed to the writer; wakes waiters when the backlog becomes full.
     pub fn produced(&self, n: usize) {
+        if n >= LARGE_MESSAGE {
+            crate::heap::note_large_free();
+        }
         let before = self.queued.fetch_add(n, Ordering::AcqRel);
         self.high_water.fetch_max(before + n, Ordering::Relaxed);
         if before < self.limit && before + n >= self.limit {
@@ -487,7 +484,7 @@ impl Drop for Conn {
         let standing = *self.standing.get_mut().unwrap_or_else(PoisonError::into_inner);
         self.gate.release(self.id, standing);
         if self.backlog.high_water.load(Ordering::Relaxed) >= HEAVY_BACKLOG {
-            self.gate.heavy_closed.notify_one();
+            crate::heap::note_large_free();
         }
     }
 }

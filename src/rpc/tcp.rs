@@ -580,17 +580,32 @@ async fn handle_batch<S: Service>(service: &S, ctx: &ConnCtx, text: &str) -> Opt
     (rp.is_method_call() || rp.is_batch()).then(|| rp.into_json())
 }
 
-/// Writes one message and `\n` in a single write; false when the client is gone or stalled.
+/// Largest message copied into the writer's buffer to go out with its `\n` in one write; a
+/// larger one (a list of a thousand units) is written from where it is, then the `\n`.
+const COPIED_MESSAGE: usize = 64 * 1024;
+
+/// Writes one message and `\n`; false when the client is gone or stalled.
 async fn write_message<W: AsyncWrite + Unpin>(
     wr: &mut W,
     buf: &mut Vec<u8>,
     msg: &RawValue,
     stall_timeout: Duration,
 ) -> bool {
-    buf.clear();
-    buf.extend_from_slice(msg.get().as_bytes());
-    buf.push(b'\n');
-    match tokio::time::timeout(stall_timeout, wr.write_all(buf)).await {
+    let msg = msg.get().as_bytes();
+    let write = async {
+        if msg.len() > COPIED_MESSAGE {
+            wr.write_all(msg).await?;
+            wr.write_all(b"\n").await
+        } else {
+            // Exact, so a connection keeps at most `COPIED_MESSAGE` bytes of buffer.
+            buf.clear();
+            buf.reserve_exact(msg.len() + 1);
+            buf.extend_from_slice(msg);
+            buf.push(b'\n');
+            wr.write_all(buf).await
+        }
+    };
+    match tokio::time::timeout(stall_timeout, write).await {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "tcp write failed");
@@ -641,7 +656,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     stall_timeout: Duration,
     written: Arc<Written>,
 ) {
-    let mut buf = Vec::new();
+    let mut buf = Vec::with_capacity(1024);
     loop {
         let msg = tokio::select! {
             biased;
@@ -654,9 +669,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             return;
         }
         written.add();
-        if buf.capacity() > 64 * 1024 {
-            buf = Vec::new();
-        }
     }
     // Refuse further messages first, so a busy subscription cannot keep the flush going.
     rx.close();

@@ -1,52 +1,103 @@
 //! Wire types: the JSON shapes of every method's argument and result, shared by the server,
 //! `taskctl` and the tests. Field names are snake_case and never renamed; members may be added.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
+use jiff::fmt::StdFmtWrite;
+use jiff::fmt::temporal::DateTimePrinter;
 use jiff::tz::TimeZone;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::registry::UnitSnapshot;
+use crate::registry::{ListFilter, Registry, UnitSnapshot};
 use crate::run::RunRecord;
 use crate::store::Event;
 use crate::unit::definition::{Action, format_duration};
 use crate::unit::schedule::Schedule;
+use crate::unit::{UnitConfig, UnitStatus};
 
-/// Renders a time as RFC 3339 with the daemon's local offset, to the microsecond.
+/// Renders a time as RFC 3339 with the daemon's local offset, to the microsecond
+/// (`2026-12-02T14:35:37.123456+01:00`).
 pub fn fmt_time(t: Timestamp) -> String {
-    t.to_zoned(TimeZone::system()).strftime("%Y-%m-%dT%H:%M:%S%.6f%:z").to_string()
+    Time { at: t, tz: &TimeZone::system() }.to_string()
 }
 
-/// One run, as every method returns it.
+/// The clock a list renders its times with: one time zone lookup and one `now` for every
+/// unit in it, not one per time.
+pub struct Clock {
+    tz: TimeZone,
+    now: Timestamp,
+}
+
+impl Clock {
+    /// The system's time zone, and now.
+    pub fn now() -> Self {
+        Clock { tz: TimeZone::system(), now: Timestamp::now() }
+    }
+
+    fn time(&self, at: Timestamp) -> Time<'_> {
+        Time { at, tz: &self.tz }
+    }
+}
+
+/// A time as [`fmt_time`] renders it, written straight into the reply when serialized (no
+/// string of its own). A server's side of the time fields of [`RunInfoOf`] and
+/// [`UnitSummaryOf`].
+#[derive(Debug, Clone, Copy)]
+pub struct Time<'a> {
+    at: Timestamp,
+    tz: &'a TimeZone,
+}
+
+impl std::fmt::Display for Time<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // jiff's RFC 3339 printer, not a strftime pattern parsed per time.
+        const PRINTER: DateTimePrinter = DateTimePrinter::new().precision(Some(6));
+        PRINTER
+            .print_timestamp_with_offset(&self.at, self.tz.to_offset(self.at), StdFmtWrite(f))
+            .map_err(|_| std::fmt::Error)
+    }
+}
+
+impl Serialize for Time<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One run, as every method returns it: [`RunInfo`]. `S` holds its strings and `T` its
+/// times: `String`s for a client and for single results, borrowed strings and [`Time`]s for
+/// a list written straight from the engine's records ([`RunInfoOf::view`]). One field list
+/// for both, so they cannot drift apart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct RunInfo {
+#[schemars(rename = "RunInfo")]
+pub struct RunInfoOf<S, T> {
     /// Run id: monotonic, never reused.
     pub id: i64,
     /// The unit's name.
-    pub unit: String,
+    pub unit: S,
     /// `queued`, `running`, `succeeded`, `failed`, `timed_out`, `cancelled`, `lost`.
-    pub state: String,
+    pub state: S,
     /// `add`, `manual`, `schedule`, `retry`, `restart`, `catch-up`.
-    pub trigger: String,
+    pub trigger: S,
     /// 1 for the first attempt.
     pub attempt: u32,
     /// Where it ran.
-    pub host: String,
+    pub host: S,
     /// Process id (= process group id).
     pub pid: Option<u32>,
     /// When it was created.
-    pub queued_at: String,
+    pub queued_at: T,
     /// For a run its schedule started, the fire time it was for; `started_at` minus this is
     /// how late it fired.
-    #[serde(default)]
-    pub scheduled_at: Option<String>,
+    pub scheduled_at: Option<T>,
     /// When the process started.
-    pub started_at: Option<String>,
+    pub started_at: Option<T>,
     /// When it ended.
-    pub ended_at: Option<String>,
+    pub ended_at: Option<T>,
     /// Milliseconds between start and end (or now, while running).
     pub duration_ms: Option<i64>,
     /// Exit code, if it exited.
@@ -54,7 +105,7 @@ pub struct RunInfo {
     /// Signal number, if a signal ended it.
     pub signal: Option<i32>,
     /// Why it was stopped, lost, or failed to start.
-    pub reason: Option<String>,
+    pub reason: Option<S>,
     /// Bytes written to stdout.
     pub stdout_bytes: u64,
     /// Bytes written to stderr.
@@ -63,27 +114,62 @@ pub struct RunInfo {
     pub truncated: bool,
 }
 
-impl From<&RunRecord> for RunInfo {
-    fn from(r: &RunRecord) -> Self {
-        RunInfo {
+/// One run, as a client reads it.
+pub type RunInfo = RunInfoOf<String, String>;
+
+/// A run as a list writes it, borrowed from the engine's record.
+pub type RunView<'a> = RunInfoOf<Cow<'a, str>, Time<'a>>;
+
+impl<'a> RunView<'a> {
+    /// `r`, borrowed, with its times rendered by `clock` as it is serialized.
+    pub fn view(r: &'a RunRecord, clock: &'a Clock) -> Self {
+        RunInfoOf {
             id: r.id,
-            unit: r.unit.clone(),
-            state: r.state.as_str().into(),
-            trigger: r.trigger.as_str().into(),
+            unit: Cow::Borrowed(&r.unit),
+            state: Cow::Borrowed(r.state.as_str()),
+            trigger: Cow::Borrowed(r.trigger.as_str()),
             attempt: r.attempt,
-            host: r.host.clone(),
+            host: Cow::Borrowed(&r.host),
             pid: r.pid,
-            queued_at: fmt_time(r.queued_at),
-            scheduled_at: r.scheduled_at.map(fmt_time),
-            started_at: r.started_at.map(fmt_time),
-            ended_at: r.ended_at.map(fmt_time),
-            duration_ms: r.duration(Timestamp::now()).map(|d| d.as_millis() as i64),
+            queued_at: clock.time(r.queued_at),
+            scheduled_at: r.scheduled_at.map(|t| clock.time(t)),
+            started_at: r.started_at.map(|t| clock.time(t)),
+            ended_at: r.ended_at.map(|t| clock.time(t)),
+            duration_ms: r.duration(clock.now).map(|d| d.as_millis() as i64),
             exit_code: r.exit_code,
             signal: r.signal,
-            reason: r.reason.clone(),
+            reason: r.reason.as_deref().map(Cow::Borrowed),
             stdout_bytes: r.stdout_bytes,
             stderr_bytes: r.stderr_bytes,
             truncated: r.truncated,
+        }
+    }
+}
+
+impl From<&RunRecord> for RunInfo {
+    fn from(r: &RunRecord) -> Self {
+        let clock = Clock::now();
+        let v = RunInfoOf::view(r, &clock);
+        let time = |t: Time<'_>| t.to_string();
+        RunInfoOf {
+            id: v.id,
+            unit: v.unit.into_owned(),
+            state: v.state.into_owned(),
+            trigger: v.trigger.into_owned(),
+            attempt: v.attempt,
+            host: v.host.into_owned(),
+            pid: v.pid,
+            queued_at: time(v.queued_at),
+            scheduled_at: v.scheduled_at.map(time),
+            started_at: v.started_at.map(time),
+            ended_at: v.ended_at.map(time),
+            duration_ms: v.duration_ms,
+            exit_code: v.exit_code,
+            signal: v.signal,
+            reason: v.reason.map(Cow::into_owned),
+            stdout_bytes: v.stdout_bytes,
+            stderr_bytes: v.stderr_bytes,
+            truncated: v.truncated,
         }
     }
 }
@@ -115,20 +201,19 @@ pub struct UnitInfo {
 
 /// What kind of unit, and when it runs, in a few words (`every 5m`, `cron 0 3 * * *`,
 /// `service`, `once`, `tick 1s`).
-pub fn describe_schedule(s: &UnitSnapshot) -> (String, String) {
-    let c = &s.config;
+pub fn describe_schedule(c: &UnitConfig) -> (&'static str, Cow<'static, str>) {
     if let Action::Tick(d) = c.action {
-        return ("tick".into(), format!("every {}", format_duration(d)));
+        return ("tick", format!("every {}", format_duration(d)).into());
     }
     if c.service {
-        return ("service".into(), "continuous".into());
+        return ("service", "continuous".into());
     }
     match &c.schedule {
         Some(Schedule::Every { period }) => {
-            ("job".into(), format!("every {}", format_duration(*period)))
+            ("job", format!("every {}", format_duration(*period)).into())
         }
-        Some(Schedule::Cron { expr, .. }) => ("job".into(), format!("cron {expr}")),
-        None => ("job".into(), "once".into()),
+        Some(Schedule::Cron { expr, .. }) => ("job", format!("cron {expr}").into()),
+        None => ("job", "once".into()),
     }
 }
 
@@ -152,42 +237,128 @@ impl From<&UnitSnapshot> for UnitInfo {
     }
 }
 
-/// One unit in a `TaskUnit.List`.
+/// A large result serialized by the method itself, once, into one buffer.
+///
+/// jsonrpsee serializes a method's result through a size-bounded writer whose every token is
+/// a call of its own, then checks the whole reply is valid JSON: for a list of a thousand
+/// units that is a third of the call. A result serialized ahead into `Encoded::Json` passes
+/// that writer as one copy. Clients see the same JSON and decode it as `T`
+/// (`Encoded::Value`); the server never does.
+#[derive(Debug, Clone)]
+pub enum Encoded<T> {
+    /// Serialized by the server.
+    Json(Box<serde_json::value::RawValue>),
+    /// Decoded by a client.
+    Value(T),
+}
+
+impl<T> Encoded<T> {
+    /// `value`, serialized now: a value whose JSON is that of a `T` (a view of the engine's
+    /// state written as `T` is, such as [`UnitView`] for [`UnitSummary`]).
+    pub fn encode(value: &impl Serialize) -> serde_json::Result<Self> {
+        serde_json::value::to_raw_value(value).map(Encoded::Json)
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> Encoded<T> {
+    /// The value, decoding it if it is still JSON.
+    pub fn into_value(self) -> serde_json::Result<T> {
+        match self {
+            Encoded::Json(json) => serde_json::from_str(json.get()),
+            Encoded::Value(v) => Ok(v),
+        }
+    }
+}
+
+impl<T: Serialize> Serialize for Encoded<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Encoded::Json(json) => json.serialize(s),
+            Encoded::Value(v) => v.serialize(s),
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Encoded<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize(d).map(Encoded::Value)
+    }
+}
+
+/// One unit in a `TaskUnit.List`: [`UnitSummary`] for a client, [`UnitView`] for the
+/// server writing it (see [`RunInfoOf`] for `S` and `T`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct UnitSummary {
+#[schemars(rename = "UnitSummary")]
+pub struct UnitSummaryOf<S, T> {
     /// The unit's name.
-    pub name: String,
+    pub name: S,
     /// Its state.
-    pub state: String,
+    pub state: S,
     /// `job`, `service` or `tick`.
-    pub kind: String,
+    pub kind: S,
     /// `once`, `every 5m`, `cron …`, `continuous`.
-    pub schedule: String,
+    pub schedule: S,
     /// When it fires next.
-    pub next_fire: Option<String>,
+    pub next_fire: Option<T>,
     /// The newest run.
-    pub last_run: Option<RunInfo>,
+    pub last_run: Option<RunInfoOf<S, T>>,
     /// Runs started, ever.
     pub runs_total: u64,
     /// Runs that did not succeed, ever.
     pub failures_total: u64,
     /// The unit's description.
-    pub description: String,
+    pub description: S,
 }
 
-impl From<&UnitSnapshot> for UnitSummary {
-    fn from(s: &UnitSnapshot) -> Self {
-        let (kind, schedule) = describe_schedule(s);
-        UnitSummary {
-            name: s.config.name.clone(),
-            state: s.status.state.as_str().into(),
-            kind,
+/// One unit in a `TaskUnit.List`, as a client reads it.
+pub type UnitSummary = UnitSummaryOf<String, String>;
+
+/// Units as `TaskUnit.List` writes them: the units `filter` picks, each written from its
+/// definition and status under its status lock ([`Registry::list`]), no copy made first.
+pub struct ListView<'a> {
+    /// Where the units are.
+    pub registry: &'a Registry,
+    /// Which units.
+    pub filter: &'a ListFilter,
+}
+
+impl Serialize for ListView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let clock = Clock::now();
+        let mut seq = s.serialize_seq(None)?;
+        let mut failed = None;
+        self.registry.list(self.filter, |config, status| {
+            if failed.is_none() {
+                let unit = UnitSummaryOf::view(config, status, &clock);
+                failed = seq.serialize_element(&unit).err();
+            }
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => seq.end(),
+        }
+    }
+}
+
+/// A unit as a list writes it, borrowed from its definition and status.
+pub type UnitView<'a> = UnitSummaryOf<Cow<'a, str>, Time<'a>>;
+
+impl<'a> UnitView<'a> {
+    /// The unit with this definition and status, borrowed, with its times rendered by
+    /// `clock` as it is serialized.
+    pub fn view(config: &'a UnitConfig, status: &'a UnitStatus, clock: &'a Clock) -> Self {
+        let (kind, schedule) = describe_schedule(config);
+        UnitSummaryOf {
+            name: Cow::Borrowed(&config.name),
+            state: Cow::Borrowed(status.state.as_str()),
+            kind: Cow::Borrowed(kind),
             schedule,
-            next_fire: s.status.next_fire.map(fmt_time),
-            last_run: s.status.last_run.as_ref().map(RunInfo::from),
-            runs_total: s.status.runs_total,
-            failures_total: s.status.failures_total,
-            description: s.config.description.clone(),
+            next_fire: status.next_fire.map(|t| clock.time(t)),
+            last_run: status.last_run.as_ref().map(|r| RunInfoOf::view(r, clock)),
+            runs_total: status.runs_total,
+            failures_total: status.failures_total,
+            description: Cow::Borrowed(&config.description),
         }
     }
 }
@@ -489,4 +660,88 @@ pub struct ConnectionCounts {
     pub probation: usize,
     /// The limit.
     pub max: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_unit_written_from_its_view_reads_back_as_the_summary_a_client_expects() {
+        use crate::run::{RunState, Trigger};
+        use crate::unit::{UnitDef, UnitState, ValidateCtx};
+        let def = serde_json::json!({"name": "nightly", "command": ["true"], "every": "5m",
+                                     "description": "a \"quoted\" job"});
+        let config =
+            UnitConfig::validate(UnitDef::from_json(def).unwrap(), &ValidateCtx::default())
+                .unwrap();
+        let at: Timestamp = "2026-12-02T14:35:37.123456Z".parse().unwrap();
+        let run = RunRecord {
+            id: 7,
+            unit: "nightly".into(),
+            state: RunState::Failed,
+            trigger: Trigger::Schedule,
+            attempt: 2,
+            host: "local".into(),
+            pid: Some(4242),
+            queued_at: at,
+            scheduled_at: Some(at),
+            started_at: Some(at),
+            ended_at: Some(at + jiff::SignedDuration::from_millis(1500)),
+            exit_code: Some(3),
+            signal: None,
+            reason: Some("exited with 3".into()),
+            stdout_bytes: 10,
+            stderr_bytes: 20,
+            truncated: true,
+        };
+        let status = UnitStatus {
+            state: UnitState::Waiting,
+            next_fire: Some(at),
+            last_run: Some(run.clone()),
+            active: Vec::new(),
+            runs_total: 9,
+            failures_total: 4,
+            created_at: at,
+            updated_at: at,
+            paused: false,
+            stopped: false,
+        };
+        let clock = Clock::now();
+        let json = serde_json::to_string(&UnitSummaryOf::view(&config, &status, &clock)).unwrap();
+        let got: UnitSummary = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            got,
+            UnitSummary {
+                name: "nightly".into(),
+                state: "waiting".into(),
+                kind: "job".into(),
+                schedule: "every 5m".into(),
+                next_fire: Some(fmt_time(at)),
+                last_run: Some(RunInfo::from(&run)),
+                runs_total: 9,
+                failures_total: 4,
+                description: "a \"quoted\" job".into(),
+            }
+        );
+        let last = got.last_run.unwrap();
+        assert_eq!((last.state.as_str(), last.duration_ms), ("failed", Some(1500)));
+        assert_eq!(last.reason.as_deref(), Some("exited with 3"));
+    }
+
+    #[test]
+    fn times_render_as_rfc_3339_with_the_local_offset_to_the_microsecond() {
+        let cases = [
+            ("2026-12-02T14:35:37.123456789Z", "UTC", "2026-12-02T14:35:37.123456+00:00"),
+            ("2026-12-02T14:35:37Z", "Asia/Kolkata", "2026-12-02T20:05:37.000000+05:30"),
+            ("2026-07-01T00:00:00.5Z", "America/New_York", "2026-06-30T20:00:00.500000-04:00"),
+            ("2026-01-01T00:00:00.000001Z", "America/New_York", "2025-12-31T19:00:00.000001-05:00"),
+        ];
+        for (at, zone, want) in cases {
+            let t: Timestamp = at.parse().unwrap();
+            let tz = TimeZone::get(zone).unwrap();
+            assert_eq!(Time { at: t, tz: &tz }.to_string(), want, "{at} in {zone}");
+            assert_eq!(serde_json::to_value(Time { at: t, tz: &tz }).unwrap(), want);
+        }
+    }
 }

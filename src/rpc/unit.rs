@@ -2,10 +2,13 @@
 
 use jsonrpsee::core::{RpcResult, async_trait};
 use jsonrpsee::proc_macros::rpc;
+use jsonrpsee::types::ErrorCode;
 use serde_json::{Map, Value};
 
 use super::api::{Api, rpc_error};
-use super::types::{AddArg, AddResult, DeleteArg, ListArg, RunInfo, UnitInfo, UnitSummary};
+use super::types::{
+    AddArg, AddResult, DeleteArg, Encoded, ListArg, ListView, RunInfo, UnitInfo, UnitSummary,
+};
 use crate::error::Error;
 use crate::registry::ListFilter;
 use crate::unit::UnitDef;
@@ -33,7 +36,7 @@ pub trait TaskUnitApi {
     /// Lists units sorted by name, optionally filtered by state and name glob, a page at a
     /// time (`limit`, default 1000, at most 10000; `after`: the last name of the previous page).
     #[method(name = "List")]
-    async fn list(&self, arg: Option<ListArg>) -> RpcResult<Vec<UnitSummary>>;
+    async fn list(&self, arg: Option<ListArg>) -> RpcResult<Encoded<Vec<UnitSummary>>>;
 
     /// One unit in full.
     #[method(name = "Get")]
@@ -95,7 +98,7 @@ impl TaskUnitApiServer for Api {
         Ok(UnitInfo::from(&snap))
     }
 
-    async fn list(&self, arg: Option<ListArg>) -> RpcResult<Vec<UnitSummary>> {
+    async fn list(&self, arg: Option<ListArg>) -> RpcResult<Encoded<Vec<UnitSummary>>> {
         let arg = arg.unwrap_or_default();
         let state = arg
             .state
@@ -119,7 +122,10 @@ impl TaskUnitApiServer for Api {
         };
         let f =
             ListFilter { state, name_glob: arg.name_glob, after: arg.after, limit: limit as usize };
-        Ok(self.registry.list(&f).iter().map(UnitSummary::from).collect())
+        Encoded::encode(&ListView { registry: &self.registry, filter: &f }).map_err(|e| {
+            tracing::error!(error = %e, "cannot serialize a list of units");
+            ErrorCode::InternalError.into()
+        })
     }
 
     async fn get(&self, name: String) -> RpcResult<UnitInfo> {

@@ -254,11 +254,15 @@ impl UnitHandle {
         self.0.status.lock().expect("unit status lock").state
     }
 
-    /// A snapshot of the unit's status if it satisfies `keep` (looked at under the same lock,
-    /// so the snapshot is the status that was tested).
-    pub fn status_if(&self, keep: impl FnOnce(&UnitStatus) -> bool) -> Option<UnitStatus> {
+    /// `view` of the unit's status if it satisfies `keep`, both under one lock, so the view is
+    /// of the status that was tested. Keep `view` short: the unit's loop waits for the lock.
+    pub fn status_if<T>(
+        &self,
+        keep: impl FnOnce(&UnitStatus) -> bool,
+        view: impl FnOnce(&UnitStatus) -> T,
+    ) -> Option<T> {
         let st = self.0.status.lock().expect("unit status lock");
-        keep(&st).then(|| st.clone())
+        keep(&st).then(|| view(&st))
     }
 
     /// Sends a request to the unit's loop and waits for the answer.

@@ -163,17 +163,29 @@ fn delete_stops_processes_that_left_the_group() {
 #[test]
 fn recovery_stops_processes_that_left_the_group() {
     let mut d = TestDaemon::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let info = d.call(
-        "TaskUnit.Add",
-        json!({"name": "esc", "command": ["sh", "-c", escapee_script(tmp.path())]}),
-    );
-    let escapee = pids(tmp.path(), &["escapee"])[0];
+    // Several runs, each with a process that left its group: found together at the restart.
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let runs: Vec<(i64, i32)> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, tmp)| {
+            let info = d.call(
+                "TaskUnit.Add",
+                json!({"name": format!("esc{i}"),
+                       "command": ["sh", "-c", escapee_script(tmp.path())]}),
+            );
+            (run_id(&info), pids(tmp.path(), &["escapee"])[0])
+        })
+        .collect();
     d.kill9();
-    assert!(alive(escapee), "the escapee should outlive a killed daemon");
+    for &(_, escapee) in &runs {
+        assert!(alive(escapee), "the escapee should outlive a killed daemon");
+    }
     d.restart();
-    assert_eq!(d.call("Run.Get", json!(run_id(&info)))["state"], "lost");
-    wait_for(&format!("escapee {escapee} to be killed"), || (!alive(escapee)).then_some(()));
+    for (id, escapee) in runs {
+        assert_eq!(d.call("Run.Get", json!(id))["state"], "lost");
+        wait_for(&format!("escapee {escapee} to be killed"), || (!alive(escapee)).then_some(()));
+    }
 }
 
 #[test]
