@@ -12,6 +12,7 @@
 //! - `heap` tunes glibc's allocator for a server and gives freed memory back after bursts.
 //! - `state_dir` makes the state directory private, locks it, and holds the token file.
 //! - `unit` holds definitions and validation, schedules, and the per-unit loop.
+//! - `names` defines the enums whose values have wire names (`named_enum!`).
 //! - `run` is the run state machine and the record kept for each run.
 //! - `exec` runs one command in its own process group and stops it with TERM → KILL.
 //! - `store` is the only module that touches SQLite and log files.
@@ -21,6 +22,8 @@
 //!
 //! Data of one run flows one way: `rpc` → `registry` → `unit` loop → `exec`, and the loop
 //! records what happened through `store`.
+
+mod names;
 
 pub mod cli;
 pub mod config;

@@ -1,58 +1,34 @@
 //! Runs: one execution of a unit. The run state machine, triggers, and the record kept for
 //! every run.
 
-use std::fmt;
-use std::str::FromStr;
-
 use jiff::Timestamp;
 
-/// The state of a run. The only transitions are
-/// `queued → running → succeeded | failed | timed_out | cancelled | lost` and
-/// `queued → cancelled`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RunState {
-    /// Waiting for an active run of the same unit to end (`overlap: queue`).
-    Queued,
-    /// The process is running.
-    Running,
-    /// Exited with a code in `success_codes`.
-    Succeeded,
-    /// Exited with another code, was killed by a signal it was not sent by taskd, or could
-    /// not be started.
-    Failed,
-    /// Stopped because it ran longer than `timeout`.
-    TimedOut,
-    /// Stopped on request (cancel, stop, delete, replace, shutdown).
-    Cancelled,
-    /// The daemon went away while the run was active.
-    Lost,
+use crate::names::named_enum;
+
+named_enum! {
+    /// The state of a run. The only transitions are
+    /// `queued → running → succeeded | failed | timed_out | cancelled | lost` and
+    /// `queued → cancelled`.
+    pub enum RunState("a run state") {
+        /// Waiting for an active run of the same unit to end (`overlap: queue`).
+        Queued = "queued",
+        /// The process is running.
+        Running = "running",
+        /// Exited with a code in `success_codes`.
+        Succeeded = "succeeded",
+        /// Exited with another code, was killed by a signal it was not sent by taskd, or
+        /// could not be started.
+        Failed = "failed",
+        /// Stopped because it ran longer than `timeout`.
+        TimedOut = "timed_out",
+        /// Stopped on request (cancel, stop, delete, replace, shutdown).
+        Cancelled = "cancelled",
+        /// The daemon went away while the run was active.
+        Lost = "lost",
+    }
 }
 
 impl RunState {
-    /// Every state, in lifecycle order.
-    pub const ALL: [RunState; 7] = [
-        RunState::Queued,
-        RunState::Running,
-        RunState::Succeeded,
-        RunState::Failed,
-        RunState::TimedOut,
-        RunState::Cancelled,
-        RunState::Lost,
-    ];
-
-    /// The wire name (`timed_out`, …).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunState::Queued => "queued",
-            RunState::Running => "running",
-            RunState::Succeeded => "succeeded",
-            RunState::Failed => "failed",
-            RunState::TimedOut => "timed_out",
-            RunState::Cancelled => "cancelled",
-            RunState::Lost => "lost",
-        }
-    }
-
     /// Whether the run has ended.
     pub fn is_final(self) -> bool {
         !matches!(self, RunState::Queued | RunState::Running)
@@ -68,84 +44,41 @@ impl RunState {
     }
 }
 
-impl fmt::Display for RunState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+named_enum! {
+    /// Why a run started.
+    pub enum Trigger("a trigger") {
+        /// The unit was just added.
+        Add = "add",
+        /// `TaskUnit.Start`.
+        Manual = "manual",
+        /// A fire time of its schedule.
+        Schedule = "schedule",
+        /// A retry of a failed job run.
+        Retry = "retry",
+        /// A service restart.
+        Restart = "restart",
+        /// A fire time missed while the daemon was down (`catch_up: once`).
+        CatchUp = "catch-up",
     }
 }
 
-impl FromStr for RunState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        RunState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
-            let names: Vec<_> = RunState::ALL.iter().map(|s| s.as_str()).collect();
-            format!("{s:?} is not a run state ({})", names.join(", "))
-        })
+named_enum! {
+    /// Why taskd stopped a run: the `reason` recorded with its `cancelled` and `timed_out`
+    /// runs (other runs' reasons are messages: why a run failed to start, was lost…).
+    pub enum StopReason("a stop reason") {
+        /// `Run.Cancel`. A service or tick unit is then restarted as after a crash.
+        Cancelled = "cancelled",
+        /// `TaskUnit.Stop`: the unit stays down until started.
+        Stopped = "stopped",
+        /// `TaskUnit.Delete`.
+        Deleted = "deleted",
+        /// A newer run replaced it (`overlap: replace`).
+        Replaced = "replaced",
+        /// The daemon shut down.
+        Shutdown = "shutdown",
+        /// It ran longer than `timeout`.
+        Timeout = "timeout",
     }
-}
-
-/// Why a run started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Trigger {
-    /// The unit was just added.
-    Add,
-    /// `TaskUnit.Start`.
-    Manual,
-    /// A fire time of its schedule.
-    Schedule,
-    /// A retry of a failed job run.
-    Retry,
-    /// A service restart.
-    Restart,
-    /// A fire time missed while the daemon was down (`catch_up: once`).
-    CatchUp,
-}
-
-impl Trigger {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Add => "add",
-            Trigger::Manual => "manual",
-            Trigger::Schedule => "schedule",
-            Trigger::Retry => "retry",
-            Trigger::Restart => "restart",
-            Trigger::CatchUp => "catch-up",
-        }
-    }
-}
-
-impl FromStr for Trigger {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        [
-            Trigger::Add,
-            Trigger::Manual,
-            Trigger::Schedule,
-            Trigger::Retry,
-            Trigger::Restart,
-            Trigger::CatchUp,
-        ]
-        .into_iter()
-        .find(|t| t.as_str() == s)
-        .ok_or_else(|| format!("{s:?} is not a trigger"))
-    }
-}
-
-/// Why a run was stopped: the `reason` recorded with `cancelled` and `timed_out` runs.
-pub mod reason {
-    /// `Run.Cancel`. A service or tick unit is then restarted as after a crash.
-    pub const CANCELLED: &str = "cancelled";
-    /// `TaskUnit.Stop`: the unit stays down until started.
-    pub const STOPPED: &str = "stopped";
-    /// `TaskUnit.Delete`.
-    pub const DELETED: &str = "deleted";
-    /// A newer run replaced it (`overlap: replace`).
-    pub const REPLACED: &str = "replaced";
-    /// The daemon shut down.
-    pub const SHUTDOWN: &str = "shutdown";
-    /// It ran longer than `timeout`.
-    pub const TIMEOUT: &str = "timeout";
 }
 
 /// Everything recorded about one run.
@@ -188,6 +121,13 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// Why taskd stopped it, if it did (a `cancelled` or `timed_out` run).
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        matches!(self.state, RunState::Cancelled | RunState::TimedOut)
+            .then(|| self.reason.as_deref()?.parse().ok())
+            .flatten()
+    }
+
     /// How long the run took (or has taken so far, given `now`).
     pub fn duration(&self, now: Timestamp) -> Option<jiff::SignedDuration> {
         let start = self.started_at?;
@@ -216,13 +156,5 @@ mod tests {
                 assert_eq!(a.can_become(b), allowed.contains(&(a, b)), "{a} -> {b}");
             }
         }
-    }
-
-    #[test]
-    fn names_round_trip() {
-        for s in RunState::ALL {
-            assert_eq!(s.as_str().parse::<RunState>().unwrap(), s);
-        }
-        assert_eq!("catch-up".parse::<Trigger>().unwrap(), Trigger::CatchUp);
     }
 }

@@ -10,15 +10,13 @@ use super::output::{self, duration_ms, exit_of, kind_and_schedule, relative};
 use super::{CliError, Ctx};
 use crate::rpc::run::RunApiClient;
 use crate::rpc::types::{FollowArg, FollowItem, LogsArg, LogsResult, RunInfo, RunListArg};
+use crate::run::RunState;
+use crate::store::EventKind;
 use crate::store::logs::last_lines;
 
 /// Bytes asked for per `Run.Logs` page. The daemon caps a response at 1 MiB including its
 /// JSON wrapping and escapes, so a page stays well below that.
 const LOG_PAGE: u32 = 64 * 1024;
-
-/// Run states, for `runs --state`.
-pub const RUN_STATES: [&str; 7] =
-    ["queued", "running", "succeeded", "failed", "timed_out", "cancelled", "lost"];
 
 /// `--limit` for `runs`: 1 to 1000.
 pub(super) fn run_limit(s: &str) -> Result<u32, String> {
@@ -39,7 +37,7 @@ pub struct RunsArgs {
     /// Only runs of this unit
     pub unit: Option<String>,
     /// Only runs in this state
-    #[arg(long, value_name = "S", value_parser = RUN_STATES)]
+    #[arg(long, value_name = "S", value_parser = RunState::ALL.map(RunState::as_str))]
     pub state: Option<String>,
     /// At most N runs, 1-1000 [default: 50]
     #[arg(
@@ -178,7 +176,9 @@ async fn first_run(ctx: &Ctx, unit: &str) -> anyhow::Result<i64> {
             _ = tokio::signal::ctrl_c() => return Err(CliError::Closed.into()),
         };
         match item {
-            Some(Ok(e)) if e.unit == unit && e.kind.starts_with("run.") => {
+            Some(Ok(e))
+                if e.unit == unit && e.kind.parse::<EventKind>().is_ok_and(EventKind::is_run) =>
+            {
                 if let Some(id) = e.run {
                     return Ok(id);
                 }

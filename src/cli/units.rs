@@ -13,10 +13,8 @@ use super::{CliError, Ctx};
 use crate::rpc::types::{AddArg, AddResult, DeleteArg, ListArg, UnitInfo, UnitSummary};
 use crate::rpc::unit::TaskUnitApiClient;
 use crate::rpc::unit::UNIT_PAGE;
+use crate::unit::UnitState;
 use crate::unit::definition::{FIELDS, parse_duration};
-
-/// Unit states, for `list --state`.
-pub const UNIT_STATES: [&str; 6] = ["waiting", "running", "backoff", "paused", "done", "fatal"];
 
 /// A duration option, checked here so that a typo is a usage error with clap's message.
 fn duration(s: &str) -> Result<String, String> {
@@ -351,7 +349,7 @@ fn list_limit(s: &str) -> Result<usize, String> {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Only units in this state
-    #[arg(long, value_name = "S", value_parser = UNIT_STATES)]
+    #[arg(long, value_name = "S", value_parser = UnitState::ALL.map(UnitState::as_str))]
     pub state: Option<String>,
     /// Only units whose name matches this glob
     pub glob: Option<String>,

@@ -13,8 +13,8 @@ use super::conn::Conn;
 use super::types::{FollowArg, FollowItem, LogsArg, LogsResult, RunInfo, RunListArg};
 use crate::error::Error;
 use crate::run::{RunRecord, RunState};
-use crate::store::RunFilter;
 use crate::store::logs::{self, LogQuery, Stream};
+use crate::store::{EventKind, RunFilter};
 
 /// Default and largest page of `Run.List`.
 const RUN_PAGE: (u32, u32) = (50, 1000);
@@ -246,7 +246,7 @@ impl RunApiServer for Api {
                 tokio::select! {
                     f = &mut opened => break 'wait f.ok(),
                     e = events.recv() => match e {
-                        Ok(e) if e.run == Some(arg.id) && e.kind == "run.finished" => break,
+                        Ok(e) if e.run == Some(arg.id) && e.kind == EventKind::RunFinished => break,
                         Ok(_) => continue,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => {
@@ -393,7 +393,7 @@ impl RunApiServer for Api {
             }
             loop {
                 match events.recv().await {
-                    Ok(e) if e.run == Some(arg.id) && e.kind == "run.finished" => break,
+                    Ok(e) if e.run == Some(arg.id) && e.kind == EventKind::RunFinished => break,
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {

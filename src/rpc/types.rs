@@ -608,7 +608,7 @@ impl From<&Event> for EventInfo {
         EventInfo {
             seq: e.seq,
             time: fmt_time(e.time),
-            kind: e.kind.clone(),
+            kind: e.kind.as_str().into(),
             unit: e.unit.clone(),
             run: e.run,
             state: e.state.clone(),

@@ -27,6 +27,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::error::{Error, Result};
+use crate::names::named_enum;
 use crate::run::{RunRecord, RunState, Trigger};
 
 pub use logs::Logs;
@@ -56,6 +57,41 @@ pub struct StoredUnit {
     pub failures_total: u64,
 }
 
+named_enum! {
+    /// What an [`Event`] says happened.
+    pub enum EventKind("an event kind") {
+        /// `TaskUnit.Add`.
+        UnitAdded = "unit.added",
+        /// `TaskUnit.Edit`.
+        UnitEdited = "unit.edited",
+        /// `TaskUnit.Delete`.
+        UnitDeleted = "unit.deleted",
+        /// `TaskUnit.Start` of a stopped service (its flag cleared).
+        UnitStarted = "unit.started",
+        /// `TaskUnit.Stop`.
+        UnitStopped = "unit.stopped",
+        /// `TaskUnit.Pause`.
+        UnitPaused = "unit.paused",
+        /// `TaskUnit.Resume`.
+        UnitResumed = "unit.resumed",
+        /// A service hit its start limit.
+        UnitFatal = "unit.fatal",
+        /// A run was created to wait for the unit's active one (`overlap: queue`).
+        RunQueued = "run.queued",
+        /// A run started.
+        RunStarted = "run.started",
+        /// A run ended (its `state` says how).
+        RunFinished = "run.finished",
+    }
+}
+
+impl EventKind {
+    /// Whether it is about a run (`run.*`).
+    pub fn is_run(self) -> bool {
+        matches!(self, EventKind::RunQueued | EventKind::RunStarted | EventKind::RunFinished)
+    }
+}
+
 /// A change notification, as stored and broadcast.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -63,8 +99,8 @@ pub struct Event {
     pub seq: i64,
     /// When it happened.
     pub time: Timestamp,
-    /// What happened: `unit.added`, `run.started`, `run.finished`, …
-    pub kind: String,
+    /// What happened.
+    pub kind: EventKind,
     /// The unit concerned.
     pub unit: String,
     /// The run concerned, if any.
@@ -125,7 +161,7 @@ pub struct Tx<'a> {
 impl Tx<'_> {
     fn emit(
         &mut self,
-        kind: &str,
+        kind: EventKind,
         unit: &str,
         run: Option<i64>,
         state: Option<&str>,
@@ -133,13 +169,13 @@ impl Tx<'_> {
         let time = Timestamp::now();
         self.conn.execute(
             "INSERT INTO events(time, kind, unit, run, state) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![time.as_microsecond(), kind, unit, run, state],
+            params![time.as_microsecond(), kind.as_str(), unit, run, state],
         )?;
         let seq = self.conn.last_insert_rowid();
         self.events.push(Event {
             seq,
             time,
-            kind: kind.into(),
+            kind,
             unit: unit.into(),
             run,
             state: state.map(str::to_string),
@@ -527,7 +563,7 @@ impl Store {
             if n == 0 {
                 return Err(Error::UnitExists(u.name));
             }
-            t.emit("unit.added", &u.name, None, None)
+            t.emit(EventKind::UnitAdded, &u.name, None, None)
         })
         .await
     }
@@ -561,7 +597,7 @@ impl Store {
             if n == 0 {
                 return Err(Error::UnitNotFound(name));
             }
-            t.emit("unit.edited", &name, None, None)
+            t.emit(EventKind::UnitEdited, &name, None, None)
         })
         .await
     }
@@ -572,9 +608,9 @@ impl Store {
         name: &str,
         paused: bool,
         stopped: bool,
-        kind: &str,
+        kind: EventKind,
     ) -> Result<()> {
-        let (name, kind) = (name.to_string(), kind.to_string());
+        let name = name.to_string();
         self.call(move |t| {
             let n = t.conn.execute(
                 "UPDATE units SET paused = ?2, stopped = ?3 WHERE name = ?1",
@@ -583,7 +619,7 @@ impl Store {
             if n == 0 {
                 return Err(Error::UnitNotFound(name));
             }
-            t.emit(&kind, &name, None, None)
+            t.emit(kind, &name, None, None)
         })
         .await
     }
@@ -601,7 +637,7 @@ impl Store {
     }
 
     /// Emits an event that changes nothing else (`unit.fatal`, …). Not awaited.
-    pub fn emit(&self, kind: &'static str, unit: &str, state: Option<&'static str>) {
+    pub fn emit(&self, kind: EventKind, unit: &str, state: Option<&'static str>) {
         let unit = unit.to_string();
         self.call_detached("event", move |t| t.emit(kind, &unit, None, state));
     }
@@ -625,7 +661,7 @@ impl Store {
                     t.delete_after_commit.push(logs::path_in(t.logs_dir, id));
                 }
             }
-            t.emit("unit.deleted", &name, None, None)
+            t.emit(EventKind::UnitDeleted, &name, None, None)
         })
         .await
     }
@@ -672,7 +708,7 @@ impl Store {
                 "UPDATE units SET runs_total = runs_total + 1 WHERE name = ?1",
                 params![rec.unit],
             )?;
-            t.emit("run.started", &rec.unit, Some(id), Some("running"))?;
+            t.emit(EventKind::RunStarted, &rec.unit, Some(id), Some("running"))?;
             Ok(rec)
         })
         .await
@@ -831,7 +867,7 @@ impl Store {
                         params![s.record.unit],
                     )?;
                 }
-                t.emit("run.finished", &s.record.unit, Some(s.record.id), Some(state.as_str()))?;
+                t.emit(EventKind::RunFinished, &s.record.unit, Some(s.record.id), Some(state.as_str()))?;
                 s.record.state = state;
                 s.record.ended_at = Some(now);
                 s.record.reason = Some(reason.into());
@@ -861,7 +897,13 @@ impl Store {
                     Ok(Event {
                         seq: r.get(0)?,
                         time: ts(r.get(1)?),
-                        kind: r.get(2)?,
+                        kind: r.get::<_, String>(2)?.parse().map_err(|e: String| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                2,
+                                rusqlite::types::Type::Text,
+                                e.into(),
+                            )
+                        })?,
                         unit: r.get(3)?,
                         run: r.get(4)?,
                         state: r.get(5)?,
@@ -1060,7 +1102,7 @@ fn write_end(t: &mut Tx<'_>, rec: &RunRecord, keep_runs: u32) -> Result<()> {
             params![rec.unit],
         )?;
     }
-    t.emit("run.finished", &rec.unit, Some(rec.id), Some(rec.state.as_str()))?;
+    t.emit(EventKind::RunFinished, &rec.unit, Some(rec.id), Some(rec.state.as_str()))?;
     prune(t, &rec.unit, keep_runs)
 }
 
@@ -1116,7 +1158,8 @@ fn insert_run(
             params![unit],
         )?;
     }
-    let kind = if state == RunState::Running { "run.started" } else { "run.queued" };
+    let kind =
+        if state == RunState::Running { EventKind::RunStarted } else { EventKind::RunQueued };
     t.emit(kind, &unit, Some(id), Some(state.as_str()))?;
     Ok(RunRecord {
         id,
@@ -1576,8 +1619,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut events = store.subscribe_events();
-        store.emit("unit.fatal", "u", None);
+        store.emit(EventKind::UnitFatal, "u", None);
         let e = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
-        assert_eq!(e.expect("committed after lingering").unwrap().kind, "unit.fatal");
+        assert_eq!(e.expect("committed after lingering").unwrap().kind, EventKind::UnitFatal);
     }
 }

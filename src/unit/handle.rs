@@ -10,56 +10,24 @@ use tokio_util::sync::CancellationToken;
 
 use super::definition::UnitConfig;
 use crate::error::{Error, Result};
+use crate::names::named_enum;
 use crate::run::{RunRecord, Trigger};
 
-/// A unit's state as `list` shows it, derived from what its loop is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum UnitState {
-    /// Next fire time known, or idle until started.
-    Waiting,
-    /// At least one run is active.
-    Running,
-    /// Waiting to retry a failed run or restart a service.
-    Backoff,
-    /// Paused by the user.
-    Paused,
-    /// A one-shot job finished and nothing is scheduled.
-    Done,
-    /// A service hit its start limit; `start` resets it.
-    Fatal,
-}
-
-impl UnitState {
-    /// Every state.
-    pub const ALL: [UnitState; 6] = [
-        UnitState::Waiting,
-        UnitState::Running,
-        UnitState::Backoff,
-        UnitState::Paused,
-        UnitState::Done,
-        UnitState::Fatal,
-    ];
-
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UnitState::Waiting => "waiting",
-            UnitState::Running => "running",
-            UnitState::Backoff => "backoff",
-            UnitState::Paused => "paused",
-            UnitState::Done => "done",
-            UnitState::Fatal => "fatal",
-        }
-    }
-}
-
-impl std::str::FromStr for UnitState {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        UnitState::ALL.into_iter().find(|u| u.as_str() == s).ok_or_else(|| {
-            let names: Vec<_> = UnitState::ALL.iter().map(|s| s.as_str()).collect();
-            format!("{s:?} is not a unit state ({})", names.join(", "))
-        })
+named_enum! {
+    /// A unit's state as `list` shows it, derived from what its loop is doing.
+    pub enum UnitState("a unit state") {
+        /// Next fire time known, or idle until started.
+        Waiting = "waiting",
+        /// At least one run is active.
+        Running = "running",
+        /// Waiting to retry a failed run or restart a service.
+        Backoff = "backoff",
+        /// Paused by the user.
+        Paused = "paused",
+        /// A one-shot job finished and nothing is scheduled.
+        Done = "done",
+        /// A service hit its start limit; `start` resets it.
+        Fatal = "fatal",
     }
 }
 

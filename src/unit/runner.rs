@@ -21,9 +21,9 @@ use super::definition::{Action, CatchUp, Overlap, Restart, UnitConfig, ValidateC
 use super::handle::{Control, Inbox, UnitHandle, UnitShared, UnitState, UnitStatus};
 use crate::error::{Error, Result};
 use crate::exec;
-use crate::run::{RunRecord, RunState, Trigger, reason};
-use crate::store::Store;
+use crate::run::{RunRecord, RunState, StopReason, Trigger};
 use crate::store::logs::{Logs, Stream};
+use crate::store::{EventKind, Store};
 
 /// What every unit loop needs from the daemon.
 #[derive(Clone)]
@@ -171,7 +171,7 @@ pub fn spawn(
 
 struct ActiveRun {
     token: CancellationToken,
-    reason: Arc<Mutex<Option<String>>>,
+    reason: Arc<Mutex<Option<StopReason>>>,
     record: RunRecord,
     waiters: Vec<oneshot::Sender<Result<RunRecord>>>,
 }
@@ -304,9 +304,9 @@ impl Loop {
                     }
                 }
                 _ = token.cancelled(), if self.deleting.is_none() => {
-                    self.stop_all(reason::SHUTDOWN);
+                    self.stop_all(StopReason::Shutdown);
                     Box::pin(async {
-                        self.cancel_queued(reason::SHUTDOWN).await;
+                        self.cancel_queued(StopReason::Shutdown).await;
                         self.drain().await;
                     })
                     .await;
@@ -416,8 +416,8 @@ impl Loop {
                 self.answer(reply, r);
             }
             Control::Stop { reply } => {
-                let n = self.stop_all(reason::STOPPED);
-                let q = self.cancel_queued(reason::STOPPED).await;
+                let n = self.stop_all(StopReason::Stopped);
+                let q = self.cancel_queued(StopReason::Stopped).await;
                 self.pending = None;
                 if self.cfg.service || self.cfg.is_tick() {
                     self.stopped = true;
@@ -425,7 +425,7 @@ impl Loop {
                 let r = self
                     .env
                     .store
-                    .set_flags(&self.cfg.name, self.paused, self.stopped, "unit.stopped")
+                    .set_flags(&self.cfg.name, self.paused, self.stopped, EventKind::UnitStopped)
                     .await
                     .map(|_| n + q)
                     .map_err(|e| {
@@ -442,7 +442,7 @@ impl Loop {
                 self.answer(reply, Ok(()));
             }
             Control::Pause { paused, reply } => {
-                let kind = if paused { "unit.paused" } else { "unit.resumed" };
+                let kind = if paused { EventKind::UnitPaused } else { EventKind::UnitResumed };
                 let r = self.env.store.set_flags(&self.cfg.name, paused, self.stopped, kind).await;
                 if r.is_ok() {
                     self.paused = paused;
@@ -499,14 +499,11 @@ impl Loop {
             Control::Cancel { run, reply } => {
                 if let Some(a) = self.active.get_mut(&run) {
                     // A stop already under way (a timeout, say) keeps its reason.
-                    a.reason
-                        .lock()
-                        .expect("reason lock")
-                        .get_or_insert_with(|| reason::CANCELLED.into());
+                    a.reason.lock().expect("reason lock").get_or_insert(StopReason::Cancelled);
                     a.token.cancel();
                     a.waiters.push(reply);
                 } else if self.queued.as_ref().is_some_and(|q| q.id == run) {
-                    let r = self.cancel_queued(reason::CANCELLED).await;
+                    let r = self.cancel_queued(StopReason::Cancelled).await;
                     let rec = self.last_run.clone().filter(|_| r > 0);
                     self.answer(reply, rec.ok_or(Error::RunNotFound(run)));
                 } else {
@@ -514,8 +511,8 @@ impl Loop {
                 }
             }
             Control::Delete { reply } => {
-                self.stop_all(reason::DELETED);
-                self.cancel_queued(reason::DELETED).await;
+                self.stop_all(StopReason::Deleted);
+                self.cancel_queued(StopReason::Deleted).await;
                 self.pending = None;
                 self.next_fire = None;
                 self.deleting = Some(reply);
@@ -537,7 +534,10 @@ impl Loop {
         self.starts.clear();
         if self.stopped {
             self.stopped = false;
-            self.env.store.set_flags(&self.cfg.name, self.paused, false, "unit.started").await?;
+            self.env
+                .store
+                .set_flags(&self.cfg.name, self.paused, false, EventKind::UnitStarted)
+                .await?;
         }
         let continuous = self.cfg.service || self.cfg.is_tick();
         if let Some(a) = self.active.values().next() {
@@ -549,7 +549,7 @@ impl Loop {
                 Overlap::Queue => return self.enqueue(trigger, None).await,
                 Overlap::Allow => {}
                 Overlap::Replace => {
-                    self.stop_all(reason::REPLACED);
+                    self.stop_all(StopReason::Replaced);
                     return self.enqueue(trigger, None).await;
                 }
             }
@@ -639,7 +639,7 @@ impl Loop {
                 }
                 Overlap::Allow => {}
                 Overlap::Replace => {
-                    self.stop_all(reason::REPLACED);
+                    self.stop_all(StopReason::Replaced);
                     if let Err(e) = self.enqueue(Trigger::Schedule, Some(fired_at)).await {
                         tracing::error!(unit = %self.cfg.name, error = %e, "cannot queue a run");
                     }
@@ -652,11 +652,11 @@ impl Loop {
     }
 
     /// Signals every active run to stop with `reason`; returns how many.
-    fn stop_all(&mut self, reason: &str) -> usize {
+    fn stop_all(&mut self, reason: StopReason) -> usize {
         for a in self.active.values() {
             let mut r = a.reason.lock().expect("reason lock");
             if r.is_none() {
-                *r = Some(reason.to_string());
+                *r = Some(reason);
             }
             a.token.cancel();
         }
@@ -664,11 +664,11 @@ impl Loop {
     }
 
     /// Cancels the queued run, if any; returns how many (0 or 1).
-    async fn cancel_queued(&mut self, reason: &str) -> usize {
+    async fn cancel_queued(&mut self, reason: StopReason) -> usize {
         let Some(mut q) = self.queued.take() else { return 0 };
         q.state = RunState::Cancelled;
         q.ended_at = Some(Timestamp::now());
-        q.reason = Some(reason.into());
+        q.reason = Some(reason.as_str().into());
         if let Err(e) = self.env.store.finish_run(q.clone(), self.keep_runs()).await {
             tracing::error!(unit = %self.cfg.name, error = %e, "cannot record a cancelled run");
         }
@@ -809,7 +809,7 @@ impl Loop {
         let continuous = self.cfg.service || self.cfg.is_tick();
         // `Run.Cancel` of a service's (or tick unit's) run restarts it as after a crash; to
         // keep it down there is `TaskUnit.Stop`. Every other stop is final.
-        let cancel_only = rec.reason.as_deref() == Some(reason::CANCELLED);
+        let cancel_only = rec.stop_reason() == Some(StopReason::Cancelled);
         let stopped_by_us = state == RunState::Cancelled && !(continuous && cancel_only);
         if self.deleting.is_some() {
             return;
@@ -857,7 +857,7 @@ impl Loop {
             if self.starts.len() >= limit.count as usize {
                 self.fatal = true;
                 tracing::warn!(unit = %self.cfg.name, "service hit its start limit; now fatal");
-                self.env.store.emit("unit.fatal", &self.cfg.name, Some("fatal"));
+                self.env.store.emit(EventKind::UnitFatal, &self.cfg.name, Some("fatal"));
                 return;
             }
             let delay = self.cfg.backoff.delay(self.failures_in_row);
@@ -966,7 +966,7 @@ async fn execute(
     cfg: Arc<UnitConfig>,
     mut rec: RunRecord,
     stop: CancellationToken,
-    reason: Arc<Mutex<Option<String>>>,
+    reason: Arc<Mutex<Option<StopReason>>>,
 ) -> RunRecord {
     let logs = env.store.logs().clone();
     if let Err(e) = logs.open(rec.id, cfg.log_limit).await {
@@ -990,14 +990,10 @@ async fn execute(
                 exec::Termination::Signaled(s) => rec.signal = Some(s),
             }
             // Only a shutdown cancels a run without giving a reason (it cancels the parent).
-            let why = reason.lock().expect("reason lock").clone().or(Some(reason::SHUTDOWN.into()));
+            let why = reason.lock().expect("reason lock").unwrap_or(StopReason::Shutdown);
             rec.state = if stopped {
-                rec.reason = why.clone();
-                if why.as_deref() == Some(reason::TIMEOUT) {
-                    RunState::TimedOut
-                } else {
-                    RunState::Cancelled
-                }
+                rec.reason = Some(why.as_str().into());
+                if why == StopReason::Timeout { RunState::TimedOut } else { RunState::Cancelled }
             } else {
                 match termination {
                     exec::Termination::Exited(c) if cfg.success_codes.contains(&c) => {
@@ -1009,8 +1005,8 @@ async fn execute(
         }
         Outcome::Ticked => {
             rec.state = RunState::Cancelled;
-            rec.reason =
-                reason.lock().expect("reason lock").clone().or(Some(reason::SHUTDOWN.into()));
+            let why = reason.lock().expect("reason lock").unwrap_or(StopReason::Shutdown);
+            rec.reason = Some(why.as_str().into());
         }
         Outcome::NotStarted(msg) => {
             rec.state = RunState::Failed;
@@ -1052,7 +1048,7 @@ async fn spawn_and_wait(
     cfg: &UnitConfig,
     rec: &RunRecord,
     stop: &CancellationToken,
-    reason: &Arc<Mutex<Option<String>>>,
+    reason: &Arc<Mutex<Option<StopReason>>>,
 ) -> Outcome {
     let user = match &cfg.user {
         None => None,
@@ -1138,7 +1134,7 @@ async fn spawn_and_wait(
                 timer = None;
                 let mut r = reason.lock().expect("reason lock");
                 if r.is_none() {
-                    *r = Some(reason::TIMEOUT.into());
+                    *r = Some(StopReason::Timeout);
                 }
                 drop(r);
                 stop_proc.cancel();
