@@ -14,6 +14,8 @@
 //! - `unit` holds definitions and validation, schedules, and the per-unit loop.
 //! - `names` defines the enums whose values have wire names (`named_enum!`).
 //! - `run` is the run state machine and the record kept for each run.
+//! - `executor` runs a unit's run where it executes (today: this host, through `exec`) and
+//!   hands back how it ended; the unit loop only decides that it happens and records it.
 //! - `exec` runs one command in its own process group and stops it with TERM → KILL.
 //! - `store` is the only module that touches SQLite and log files.
 //! - `registry` maps unit names to their handles and offers every unit operation.
@@ -30,6 +32,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod exec;
+pub mod executor;
 pub mod heap;
 pub mod registry;
 pub mod rpc;

@@ -7,17 +7,16 @@ use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
 
 use dashmap::DashMap;
 use jiff::Timestamp;
-use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
 use crate::exec;
+use crate::executor::LocalExecutor;
 use crate::run::{RunRecord, Trigger};
 use crate::store::{RunFilter, Store, StoredUnit};
 use crate::unit::definition::{FIELDS, merge_patch};
@@ -194,72 +193,6 @@ fn glob_match_bytes(glob: &[u8], name: &str) -> bool {
     g[gi..].iter().all(|&c| c == b'*')
 }
 
-/// Stops what is left of the runs a crashed daemon left active (`stale`): SIGTERM now to their
-/// process groups and tagged processes, SIGKILL five seconds later to those that had any. One
-/// walk of /proc finds the tagged processes of every run (see [`exec::kill_leftovers`]).
-async fn stop_stale_runs(
-    stale: &[crate::store::StaleRun],
-    boot_id: &Option<String>,
-    state_dir_id: &str,
-    root: &CancellationToken,
-    tracker: &TaskTracker,
-) {
-    let mut runs = Vec::new();
-    for s in stale {
-        tracing::warn!(run = s.record.id, unit = %s.record.unit, state = %s.record.state, "run left active by the previous daemon");
-        let tag = runner::run_tag(state_dir_id, s.record.id);
-        // Only a pid from this boot can still be the run's process group; by group and by
-        // tag, as processes that left the group are found by the latter.
-        let run = if let (Some(pid), Some(start)) = (s.record.pid, s.pid_start)
-            && s.boot_id.is_some()
-            && s.boot_id == *boot_id
-        {
-            exec::Leftover { pgid: Some(pid), since: start, tag }
-        } else if s.record.pid.is_none()
-            && let Some(started) = s.record.started_at
-            // The previous daemon died before it recorded the pid: find the run by its tag,
-            // among processes started since (a second earlier, for clock rounding).
-            && let Some(since) =
-                exec::ticks_since_boot(started.as_millisecond() as f64 / 1000.0 - 1.0)
-        {
-            exec::Leftover { pgid: None, since, tag }
-        } else {
-            continue;
-        };
-        runs.push((s.record.id, run));
-    }
-    if runs.is_empty() {
-        return;
-    }
-    // Scanning /proc blocks: not on an async thread.
-    let to_kill = tokio::task::spawn_blocking(move || {
-        let (ids, runs): (Vec<i64>, Vec<exec::Leftover>) = runs.into_iter().unzip();
-        let stopped = exec::kill_leftovers(&runs, SIGTERM);
-        let mut to_kill = Vec::new();
-        for ((id, run), n) in ids.into_iter().zip(runs).zip(stopped) {
-            if n > 0 {
-                tracing::warn!(run = id, pid = run.pgid, n, "stopping processes of a lost run");
-                to_kill.push(run);
-            }
-        }
-        to_kill
-    })
-    .await
-    .unwrap_or_default();
-    if to_kill.is_empty() {
-        return;
-    }
-    let stop = root.clone();
-    tracker.spawn(async move {
-        // The grace a lost run's processes get; a shutdown meanwhile cuts it short.
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            _ = stop.cancelled() => {}
-        }
-        let _ = tokio::task::spawn_blocking(move || exec::kill_leftovers(&to_kill, SIGKILL)).await;
-    });
-}
-
 impl Registry {
     /// Recovers from a previous daemon (stale runs become `lost`, their process groups are
     /// killed), loads every unit and starts its loop.
@@ -269,24 +202,12 @@ impl Registry {
         root: CancellationToken,
         tracker: TaskTracker,
     ) -> Result<Registry> {
-        std::fs::create_dir_all(&cfg.work_dir).map_err(|e| Error::io(&cfg.work_dir, e))?;
-        let boot_id = exec::boot_id();
-        let state_dir_id = runner::state_dir_id(store.dir());
+        let executor = Arc::new(
+            LocalExecutor::new(store.clone(), cfg.work_dir.clone(), cfg.validate.clone()).await?,
+        );
         let stale = store.recover_stale_runs().await?;
-        stop_stale_runs(&stale, &boot_id, &state_dir_id, &root, &tracker).await;
-        let env = Arc::new(RunnerEnv {
-            store: store.clone(),
-            work_dir: cfg.work_dir.clone(),
-            validate: cfg.validate.clone(),
-            keep_runs: cfg.keep_runs,
-            boot_id,
-            state_dir_id,
-            identity: Arc::new(
-                tokio::task::spawn_blocking(runner::daemon_identity)
-                    .await
-                    .map_err(|_| Error::ShuttingDown)?,
-            ),
-        });
+        executor.recover(&stale, &root, &tracker).await;
+        let env = Arc::new(RunnerEnv { store: store.clone(), keep_runs: cfg.keep_runs, executor });
         let reg = Registry(Arc::new(Shared {
             units: Units::default(),
             store: store.clone(),

@@ -2,12 +2,11 @@
 //! It turns schedule fires, manual starts, retries and service restarts into runs, applies
 //! the overlap policy, stops runs on request, and publishes a status snapshot.
 //!
-//! Each run is its own task (in the loop's `JoinSet`) with a child cancellation token; it
-//! spawns the process through `exec`, forwards output to the run's log, enforces `timeout`,
-//! and records the outcome through the store before handing the record back to the loop.
+//! Each run is its own task (in the loop's `JoinSet`) with a child cancellation token: the
+//! executor ([`crate::executor`]) runs it to its end and hands the record back, and the loop
+//! records the outcome through the store.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,12 +16,11 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::definition::{Action, CatchUp, Overlap, Restart, UnitConfig, ValidateCtx};
+use super::definition::{CatchUp, Overlap, Restart, UnitConfig};
 use super::handle::{Control, Inbox, UnitHandle, UnitShared, UnitState, UnitStatus};
 use crate::error::{Error, Result};
-use crate::exec;
+use crate::executor::{LocalExecutor, StopCause};
 use crate::run::{RunRecord, RunState, StopReason, Trigger};
-use crate::store::logs::{Logs, Stream};
 use crate::store::{EventKind, Store};
 
 /// What every unit loop needs from the daemon.
@@ -30,59 +28,10 @@ use crate::store::{EventKind, Store};
 pub struct RunnerEnv {
     /// The store.
     pub store: Store,
-    /// Default working directory (`<state-dir>/work`) of runs without `user` (those with
-    /// one start in the account's home directory).
-    pub work_dir: PathBuf,
-    /// `allowed_dirs` and `allowed_users`, checked again before each spawn.
-    pub validate: ValidateCtx,
     /// Runs kept per unit unless the unit says otherwise.
     pub keep_runs: u32,
-    /// This boot's id, recorded with each pid.
-    pub boot_id: Option<String>,
-    /// Identifies the state directory in run tags ([`state_dir_id`]).
-    pub state_dir_id: String,
-    /// The daemon's own account (name, home), for the environment of runs without `user`.
-    pub identity: Arc<(String, String)>,
-}
-
-/// The daemon's account name and home directory, from the user database (the daemon's own
-/// environment may lack `USER`, under systemd for instance). Blocks: call it off the async
-/// threads.
-pub fn daemon_identity() -> (String, String) {
-    let uid = nix::unistd::getuid();
-    match exec::User::lookup(&uid.to_string()) {
-        Ok(u) => (u.name, u.home.display().to_string()),
-        Err(_) => (
-            std::env::var("USER").unwrap_or_else(|_| uid.to_string()),
-            std::env::var("HOME").unwrap_or_else(|_| "/".into()),
-        ),
-    }
-}
-
-/// The environment variable that tags every process of a run ([`run_tag`]).
-pub const RUN_TAG_VAR: &str = "TASKD_RUN_TAG";
-
-/// An id for the state directory `dir` (a 64-bit FNV-1a hash of its canonical path, in hex),
-/// the same for every daemon started on it, different for daemons on other directories.
-pub fn state_dir_id(dir: &std::path::Path) -> String {
-    use std::os::unix::ffi::OsStrExt;
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
-    // Spelled out rather than std's hasher, which may change between Rust releases: a daemon
-    // built by a newer compiler must still find the processes of its predecessor's runs.
-    let hash = dir.as_os_str().as_bytes().iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    format!("{hash:016x}")
-}
-
-/// The tag of run `run_id` ([`exec::Spec::tag`]): `TASKD_RUN_TAG=<state dir id>-<run id>`.
-///
-/// Not `TASKD_RUN_ID` alone: run ids restart at 1 in every state directory, and every process
-/// carrying a run's tag is stopped with it, so other daemons' runs (tests run many side by
-/// side; a root daemon sees every user's processes) must not share it. A restarted daemon
-/// computes the same tag to find a lost run's processes.
-pub fn run_tag(state_dir_id: &str, run_id: i64) -> (String, String) {
-    (RUN_TAG_VAR.into(), format!("{state_dir_id}-{run_id}"))
+    /// Where runs execute: this host.
+    pub executor: Arc<LocalExecutor>,
 }
 
 /// How a unit loop starts.
@@ -171,7 +120,7 @@ pub fn spawn(
 
 struct ActiveRun {
     token: CancellationToken,
-    reason: Arc<Mutex<Option<StopReason>>>,
+    why: StopCause,
     record: RunRecord,
     waiters: Vec<oneshot::Sender<Result<RunRecord>>>,
 }
@@ -499,7 +448,7 @@ impl Loop {
             Control::Cancel { run, reply } => {
                 if let Some(a) = self.active.get_mut(&run) {
                     // A stop already under way (a timeout, say) keeps its reason.
-                    a.reason.lock().expect("reason lock").get_or_insert(StopReason::Cancelled);
+                    a.why.set(StopReason::Cancelled);
                     a.token.cancel();
                     a.waiters.push(reply);
                 } else if self.queued.as_ref().is_some_and(|q| q.id == run) {
@@ -654,10 +603,7 @@ impl Loop {
     /// Signals every active run to stop with `reason`; returns how many.
     fn stop_all(&mut self, reason: StopReason) -> usize {
         for a in self.active.values() {
-            let mut r = a.reason.lock().expect("reason lock");
-            if r.is_none() {
-                *r = Some(reason);
-            }
+            a.why.set(reason);
             a.token.cancel();
         }
         self.active.len()
@@ -729,21 +675,20 @@ impl Loop {
             self.starts.push_back(Instant::now());
         }
         let token = self.shared.token.child_token();
-        let reason = Arc::new(Mutex::new(None));
+        let why = StopCause::default();
         self.active.insert(
             rec.id,
             Box::new(ActiveRun {
                 token: token.clone(),
-                reason: reason.clone(),
+                why: why.clone(),
                 record: rec.clone(),
                 waiters: Vec::new(),
             }),
         );
         self.last_run = Some(rec.clone());
-        let env = self.env.clone();
-        let cfg = self.cfg.clone();
         let id = rec.id;
-        let task = self.runs.spawn(execute(env, cfg, rec, token, reason));
+        let run = self.env.executor.clone().execute(self.cfg.clone(), rec, token, why);
+        let task = self.runs.spawn(run);
         self.tasks.insert(task.id(), id);
     }
 
@@ -874,302 +819,5 @@ impl Loop {
                 attempt: attempt + 1,
             });
         }
-    }
-}
-
-/// The environment every run gets: a fixed base (the daemon's own is not copied), the
-/// unit's `env` on top, and `TASKD_*` variables describing the run.
-fn run_env(
-    cfg: &UnitConfig,
-    rec: &RunRecord,
-    user: Option<&exec::User>,
-    identity: &(String, String),
-) -> Vec<(String, String)> {
-    let mut env: std::collections::BTreeMap<String, String> = Default::default();
-    env.insert(
-        "PATH".into(),
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-    );
-    let (name, home) = match user {
-        Some(u) => (u.name.clone(), u.home.display().to_string()),
-        None => identity.clone(),
-    };
-    env.insert("HOME".into(), home);
-    env.insert("USER".into(), name.clone());
-    env.insert("LOGNAME".into(), name);
-    env.insert("SHELL".into(), "/bin/sh".into());
-    if let Ok(lang) = std::env::var("LANG") {
-        env.insert("LANG".into(), lang);
-    }
-    env.insert("TASKD_UNIT".into(), cfg.name.clone());
-    env.insert("TASKD_RUN_ID".into(), rec.id.to_string());
-    env.insert("TASKD_ATTEMPT".into(), rec.attempt.to_string());
-    env.insert("TASKD_TRIGGER".into(), rec.trigger.as_str().into());
-    for (k, v) in &cfg.env {
-        env.insert(k.clone(), v.clone());
-    }
-    env.into_iter().collect()
-}
-
-/// The argv of a script run: its `#!` interpreter (with one optional argument), else `/bin/sh`.
-fn script_argv(text: &str, path: &std::path::Path, args: &[String]) -> Vec<String> {
-    let mut argv = Vec::new();
-    match text.strip_prefix("#!").and_then(|rest| rest.lines().next()) {
-        Some(line) if !line.trim().is_empty() => {
-            let line = line.trim();
-            match line.split_once(char::is_whitespace) {
-                Some((interp, arg)) => {
-                    argv.push(interp.to_string());
-                    argv.push(arg.trim().to_string());
-                }
-                None => argv.push(line.to_string()),
-            }
-        }
-        _ => argv.push("/bin/sh".into()),
-    }
-    argv.push(path.display().to_string());
-    argv.extend(args.iter().cloned());
-    argv
-}
-
-/// Where a run as `user` without `cwd` starts: the account's home directory (the state
-/// directory's `work/` belongs to the daemon's account), or `/` when it has none (`nobody`'s is
-/// `/nonexistent`), as login(1) does.
-fn home_of(user: &exec::User) -> PathBuf {
-    if user.home.is_dir() { user.home.clone() } else { PathBuf::from("/") }
-}
-
-/// A run's output, handed straight to its log as it is read: `wait` returns once every chunk
-/// has been handed over.
-struct ToLog {
-    logs: Logs,
-    run: i64,
-}
-
-impl exec::Output for ToLog {
-    async fn send(&mut self, c: exec::Chunk) -> bool {
-        self.logs.write(self.run, to_log_stream(c.stream), c.at, c.data).await;
-        true
-    }
-}
-
-fn to_log_stream(s: exec::Stream) -> Stream {
-    match s {
-        exec::Stream::Stdout => Stream::Stdout,
-        exec::Stream::Stderr => Stream::Stderr,
-    }
-}
-
-/// Runs one run to its end; the loop records it.
-async fn execute(
-    env: Arc<RunnerEnv>,
-    cfg: Arc<UnitConfig>,
-    mut rec: RunRecord,
-    stop: CancellationToken,
-    reason: Arc<Mutex<Option<StopReason>>>,
-) -> RunRecord {
-    let logs = env.store.logs().clone();
-    if let Err(e) = logs.open(rec.id, cfg.log_limit).await {
-        tracing::error!(run = rec.id, error = %e, "cannot open the run's log");
-    }
-    let outcome = match &cfg.action {
-        Action::Tick(every) => tick(&env, &cfg, &rec, *every, &stop).await,
-        _ => spawn_and_wait(&env, &cfg, &rec, &stop, &reason).await,
-    };
-    let summary = logs.finish(rec.id).await;
-    rec.ended_at = Some(Timestamp::now());
-    rec.stdout_bytes = summary.stdout_bytes;
-    rec.stderr_bytes = summary.stderr_bytes;
-    rec.truncated = summary.truncated;
-    match outcome {
-        Outcome::Exited { termination, stopped, pid, started } => {
-            rec.pid = Some(pid);
-            rec.started_at = Some(started);
-            match termination {
-                exec::Termination::Exited(c) => rec.exit_code = Some(c),
-                exec::Termination::Signaled(s) => rec.signal = Some(s),
-            }
-            // Only a shutdown cancels a run without giving a reason (it cancels the parent).
-            let why = reason.lock().expect("reason lock").unwrap_or(StopReason::Shutdown);
-            rec.state = if stopped {
-                rec.reason = Some(why.as_str().into());
-                if why == StopReason::Timeout { RunState::TimedOut } else { RunState::Cancelled }
-            } else {
-                match termination {
-                    exec::Termination::Exited(c) if cfg.success_codes.contains(&c) => {
-                        RunState::Succeeded
-                    }
-                    _ => RunState::Failed,
-                }
-            };
-        }
-        Outcome::Ticked => {
-            rec.state = RunState::Cancelled;
-            let why = reason.lock().expect("reason lock").unwrap_or(StopReason::Shutdown);
-            rec.reason = Some(why.as_str().into());
-        }
-        Outcome::NotStarted(msg) => {
-            rec.state = RunState::Failed;
-            rec.reason = Some(msg);
-        }
-    }
-    rec
-}
-
-enum Outcome {
-    Exited { termination: exec::Termination, stopped: bool, pid: u32, started: Timestamp },
-    Ticked,
-    NotStarted(String),
-}
-
-async fn tick(
-    env: &RunnerEnv,
-    cfg: &UnitConfig,
-    rec: &RunRecord,
-    every: Duration,
-    stop: &CancellationToken,
-) -> Outcome {
-    let logs = env.store.logs();
-    let mut next = Instant::now();
-    loop {
-        let now = Timestamp::now();
-        let line = format!("tick {} {}\n", cfg.name, now.strftime("%Y-%m-%dT%H:%M:%S%:z"));
-        logs.write(rec.id, Stream::Stdout, now, line.into_bytes()).await;
-        next += every;
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            _ = stop.cancelled() => return Outcome::Ticked,
-        }
-    }
-}
-
-async fn spawn_and_wait(
-    env: &RunnerEnv,
-    cfg: &UnitConfig,
-    rec: &RunRecord,
-    stop: &CancellationToken,
-    reason: &Arc<Mutex<Option<StopReason>>>,
-) -> Outcome {
-    let user = match &cfg.user {
-        None => None,
-        Some(name) => {
-            // NSS lookups may block (LDAP, files): keep them off the async threads.
-            let n = name.clone();
-            match tokio::task::spawn_blocking(move || exec::User::lookup(&n)).await {
-                Ok(Ok(u)) => Some(u),
-                Ok(Err(e)) => return Outcome::NotStarted(format!("cannot run as {name:?}: {e}")),
-                Err(e) => return Outcome::NotStarted(format!("cannot run as {name:?}: {e}")),
-            }
-        }
-    };
-    // `allowed_users` may have changed since `Add` (a restart with other settings).
-    if let Some(u) = &user
-        && let Err(e) = env.validate.check_user(&u.name, u.uid)
-    {
-        return Outcome::NotStarted(format!("cannot start: {e}"));
-    }
-    let mut script_path = None;
-    let argv = match &cfg.action {
-        Action::Command(cmd) => cmd.iter().chain(cfg.args.iter()).cloned().collect(),
-        Action::Script(text) => {
-            match env.store.write_script(rec.id, text, user.as_ref().map(|u| (u.uid, u.gid))).await
-            {
-                Ok(p) => {
-                    let argv = script_argv(text, &p, &cfg.args);
-                    script_path = Some(p);
-                    argv
-                }
-                Err(e) => return Outcome::NotStarted(format!("cannot write the script: {e}")),
-            }
-        }
-        Action::Tick(_) => unreachable!("tick units do not spawn"),
-    };
-    // Resolved again right before the spawn, which starts in the resolved path: a symlink on
-    // the way may have been swapped since `Add`, and `allowed_dirs` may have changed. (A swap
-    // in the microseconds between this and the child's chdir is not caught: that would take
-    // entering the directory through a descriptor opened here.)
-    let cwd = match &cfg.cwd {
-        Some(cwd) => match env.validate.resolve_cwd(cwd) {
-            Ok(resolved) => resolved,
-            Err(e) => {
-                if let Some(p) = script_path {
-                    env.store.remove_script(p);
-                }
-                return Outcome::NotStarted(format!("cannot start: {e}"));
-            }
-        },
-        None => match &user {
-            Some(u) => home_of(u),
-            None => env.work_dir.clone(),
-        },
-    };
-    let spec = exec::Spec {
-        argv,
-        env: run_env(cfg, rec, user.as_ref(), &env.identity),
-        cwd,
-        user,
-        tag: Some(run_tag(&env.state_dir_id, rec.id)),
-    };
-    let output = ToLog { logs: env.store.logs().clone(), run: rec.id };
-    let proc = match exec::Process::spawn(&spec, output) {
-        Ok(p) => p,
-        Err(e) => {
-            if let Some(p) = script_path {
-                env.store.remove_script(p);
-            }
-            return Outcome::NotStarted(format!("cannot start: {e}"));
-        }
-    };
-    let pid = proc.pid();
-    let started = Timestamp::now();
-    env.store.set_pid(rec.id, pid, started, proc.start_ticks(), env.boot_id.clone());
-    let stop_proc = stop.child_token();
-    let mut timer = cfg.timeout.map(|t| Box::pin(tokio::time::sleep(t)));
-    let wait = proc.wait(stop_proc.clone(), cfg.kill_grace);
-    tokio::pin!(wait);
-    let exit = loop {
-        tokio::select! {
-            exit = &mut wait => break exit,
-            _ = async { timer.as_mut().expect("guarded").await }, if timer.is_some() => {
-                timer = None;
-                let mut r = reason.lock().expect("reason lock");
-                if r.is_none() {
-                    *r = Some(StopReason::Timeout);
-                }
-                drop(r);
-                stop_proc.cancel();
-            }
-        }
-    };
-    if let Some(p) = script_path {
-        env.store.remove_script(p);
-    }
-    Outcome::Exited { termination: exit.termination, stopped: exit.stopped, pid, started }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scripts_run_with_their_interpreter() {
-        let p = std::path::Path::new("/s");
-        assert_eq!(script_argv("echo hi", p, &[]), ["/bin/sh", "/s"]);
-        assert_eq!(
-            script_argv("#!/usr/bin/env python3\nprint(1)", p, &["a".into()]),
-            ["/usr/bin/env", "python3", "/s", "a"]
-        );
-        assert_eq!(script_argv("#!/bin/bash\n", p, &[]), ["/bin/bash", "/s"]);
-    }
-
-    #[test]
-    fn run_tags_tell_state_directories_apart() {
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let id = state_dir_id(a.path());
-        assert_eq!(id.len(), 16);
-        // Stable: a restarted daemon must compute the same tag.
-        assert_eq!(state_dir_id(&a.path().join("../").join(a.path().file_name().unwrap())), id);
-        assert_ne!(state_dir_id(b.path()), id);
-        assert_eq!(run_tag(&id, 42), ("TASKD_RUN_TAG".to_string(), format!("{id}-42")));
     }
 }

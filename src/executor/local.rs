@@ -1,0 +1,472 @@
+//! The executor of this host: runs spawned through [`crate::exec`] as the unit says (account,
+//! environment, script file, working directory), their output written to their log as it
+//! is read, their pid recorded with this boot's id, and, at start-up, the processes of runs
+//! a crashed daemon left behind found and stopped ([`LocalExecutor::recover`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::StopCause;
+use crate::error::{Error, Result};
+use crate::exec;
+use crate::run::{RunRecord, RunState, StopReason};
+use crate::store::logs::{Logs, Stream};
+use crate::store::{StaleRun, Store};
+use crate::unit::definition::{Action, UnitConfig, ValidateCtx};
+
+/// Runs units' runs on this host.
+pub struct LocalExecutor {
+    /// Run logs, script files and recorded pids.
+    store: Store,
+    /// Default working directory (`<state-dir>/work`) of runs without `user` (those with
+    /// one start in the account's home directory).
+    work_dir: PathBuf,
+    /// `allowed_dirs` and `allowed_users`, checked again before each spawn.
+    validate: ValidateCtx,
+    /// This boot's id, recorded with each pid.
+    boot_id: Option<String>,
+    /// Identifies the state directory in run tags ([`state_dir_id`]).
+    state_dir_id: String,
+    /// The daemon's own account (name, home), for the environment of runs without `user`.
+    identity: (String, String),
+}
+
+impl LocalExecutor {
+    /// The executor of the daemon whose store is `store`. Looks the daemon's own account up
+    /// (off the async threads).
+    pub async fn new(store: Store, work_dir: PathBuf, validate: ValidateCtx) -> Result<Self> {
+        std::fs::create_dir_all(&work_dir).map_err(|e| Error::io(&work_dir, e))?;
+        let identity =
+            tokio::task::spawn_blocking(daemon_identity).await.map_err(|_| Error::ShuttingDown)?;
+        Ok(LocalExecutor {
+            state_dir_id: state_dir_id(store.dir()),
+            store,
+            work_dir,
+            validate,
+            boot_id: exec::boot_id(),
+            identity,
+        })
+    }
+
+    /// Runs `rec` of the unit defined by `cfg` to its end and returns it with how it ended
+    /// (state, exit code or signal, reason, output sizes). `stop` stops it; `why` says why
+    /// (a timeout sets it here).
+    pub fn execute(
+        self: Arc<Self>,
+        cfg: Arc<UnitConfig>,
+        rec: RunRecord,
+        stop: CancellationToken,
+        why: StopCause,
+    ) -> impl Future<Output = RunRecord> + Send + 'static {
+        execute(self, cfg, rec, stop, why)
+    }
+}
+
+impl LocalExecutor {
+    /// Stops what is left of the runs a crashed daemon left active (`stale`): SIGTERM now to their
+    /// process groups and tagged processes, SIGKILL five seconds later (on `tracker`, cut short by
+    /// `root`) to those that had any. One walk of /proc finds the tagged processes of every run
+    /// (see [`exec::kill_leftovers`]).
+    pub async fn recover(
+        &self,
+        stale: &[StaleRun],
+        root: &CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        let (boot_id, state_dir_id) = (&self.boot_id, &self.state_dir_id);
+        let mut runs = Vec::new();
+        for s in stale {
+            tracing::warn!(run = s.record.id, unit = %s.record.unit, state = %s.record.state, "run left active by the previous daemon");
+            let tag = run_tag(state_dir_id, s.record.id);
+            // Only a pid from this boot can still be the run's process group; by group and by
+            // tag, as processes that left the group are found by the latter.
+            let run = if let (Some(pid), Some(start)) = (s.record.pid, s.pid_start)
+                && s.boot_id.is_some()
+                && s.boot_id == *boot_id
+            {
+                exec::Leftover { pgid: Some(pid), since: start, tag }
+            } else if s.record.pid.is_none()
+            && let Some(started) = s.record.started_at
+            // The previous daemon died before it recorded the pid: find the run by its tag,
+            // among processes started since (a second earlier, for clock rounding).
+            && let Some(since) =
+                exec::ticks_since_boot(started.as_millisecond() as f64 / 1000.0 - 1.0)
+            {
+                exec::Leftover { pgid: None, since, tag }
+            } else {
+                continue;
+            };
+            runs.push((s.record.id, run));
+        }
+        if runs.is_empty() {
+            return;
+        }
+        // Scanning /proc blocks: not on an async thread.
+        let to_kill = tokio::task::spawn_blocking(move || {
+            let (ids, runs): (Vec<i64>, Vec<exec::Leftover>) = runs.into_iter().unzip();
+            let stopped = exec::kill_leftovers(&runs, SIGTERM);
+            let mut to_kill = Vec::new();
+            for ((id, run), n) in ids.into_iter().zip(runs).zip(stopped) {
+                if n > 0 {
+                    tracing::warn!(run = id, pid = run.pgid, n, "stopping processes of a lost run");
+                    to_kill.push(run);
+                }
+            }
+            to_kill
+        })
+        .await
+        .unwrap_or_default();
+        if to_kill.is_empty() {
+            return;
+        }
+        let stop = root.clone();
+        tracker.spawn(async move {
+            // The grace a lost run's processes get; a shutdown meanwhile cuts it short.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = stop.cancelled() => {}
+            }
+            let _ =
+                tokio::task::spawn_blocking(move || exec::kill_leftovers(&to_kill, SIGKILL)).await;
+        });
+    }
+}
+
+/// The daemon's account name and home directory, from the user database (the daemon's own
+/// environment may lack `USER`, under systemd for instance). Blocks: call it off the async
+/// threads.
+pub fn daemon_identity() -> (String, String) {
+    let uid = nix::unistd::getuid();
+    match exec::User::lookup(&uid.to_string()) {
+        Ok(u) => (u.name, u.home.display().to_string()),
+        Err(_) => (
+            std::env::var("USER").unwrap_or_else(|_| uid.to_string()),
+            std::env::var("HOME").unwrap_or_else(|_| "/".into()),
+        ),
+    }
+}
+
+/// The environment variable that tags every process of a run ([`run_tag`]).
+pub const RUN_TAG_VAR: &str = "TASKD_RUN_TAG";
+
+/// An id for the state directory `dir` (a 64-bit FNV-1a hash of its canonical path, in hex),
+/// the same for every daemon started on it, different for daemons on other directories.
+pub fn state_dir_id(dir: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    // Spelled out rather than std's hasher, which may change between Rust releases: a daemon
+    // built by a newer compiler must still find the processes of its predecessor's runs.
+    let hash = dir.as_os_str().as_bytes().iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// The tag of run `run_id` ([`exec::Spec::tag`]): `TASKD_RUN_TAG=<state dir id>-<run id>`.
+///
+/// Not `TASKD_RUN_ID` alone: run ids restart at 1 in every state directory, and every process
+/// carrying a run's tag is stopped with it, so other daemons' runs (tests run many side by
+/// side; a root daemon sees every user's processes) must not share it. A restarted daemon
+/// computes the same tag to find a lost run's processes.
+pub fn run_tag(state_dir_id: &str, run_id: i64) -> (String, String) {
+    (RUN_TAG_VAR.into(), format!("{state_dir_id}-{run_id}"))
+}
+
+/// The environment every run gets: a fixed base (the daemon's own is not copied), the
+/// unit's `env` on top, and `TASKD_*` variables describing the run.
+fn run_env(
+    cfg: &UnitConfig,
+    rec: &RunRecord,
+    user: Option<&exec::User>,
+    identity: &(String, String),
+) -> Vec<(String, String)> {
+    let mut env: std::collections::BTreeMap<String, String> = Default::default();
+    env.insert(
+        "PATH".into(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+    );
+    let (name, home) = match user {
+        Some(u) => (u.name.clone(), u.home.display().to_string()),
+        None => identity.clone(),
+    };
+    env.insert("HOME".into(), home);
+    env.insert("USER".into(), name.clone());
+    env.insert("LOGNAME".into(), name);
+    env.insert("SHELL".into(), "/bin/sh".into());
+    if let Ok(lang) = std::env::var("LANG") {
+        env.insert("LANG".into(), lang);
+    }
+    env.insert("TASKD_UNIT".into(), cfg.name.clone());
+    env.insert("TASKD_RUN_ID".into(), rec.id.to_string());
+    env.insert("TASKD_ATTEMPT".into(), rec.attempt.to_string());
+    env.insert("TASKD_TRIGGER".into(), rec.trigger.as_str().into());
+    for (k, v) in &cfg.env {
+        env.insert(k.clone(), v.clone());
+    }
+    env.into_iter().collect()
+}
+
+/// The argv of a script run: its `#!` interpreter (with one optional argument), else `/bin/sh`.
+fn script_argv(text: &str, path: &std::path::Path, args: &[String]) -> Vec<String> {
+    let mut argv = Vec::new();
+    match text.strip_prefix("#!").and_then(|rest| rest.lines().next()) {
+        Some(line) if !line.trim().is_empty() => {
+            let line = line.trim();
+            match line.split_once(char::is_whitespace) {
+                Some((interp, arg)) => {
+                    argv.push(interp.to_string());
+                    argv.push(arg.trim().to_string());
+                }
+                None => argv.push(line.to_string()),
+            }
+        }
+        _ => argv.push("/bin/sh".into()),
+    }
+    argv.push(path.display().to_string());
+    argv.extend(args.iter().cloned());
+    argv
+}
+
+/// Where a run as `user` without `cwd` starts: the account's home directory (the state
+/// directory's `work/` belongs to the daemon's account), or `/` when it has none (`nobody`'s is
+/// `/nonexistent`), as login(1) does.
+fn home_of(user: &exec::User) -> PathBuf {
+    if user.home.is_dir() { user.home.clone() } else { PathBuf::from("/") }
+}
+
+/// A run's output, handed straight to its log as it is read: `wait` returns once every chunk
+/// has been handed over.
+struct ToLog {
+    logs: Logs,
+    run: i64,
+}
+
+impl exec::Output for ToLog {
+    async fn send(&mut self, c: exec::Chunk) -> bool {
+        self.logs.write(self.run, to_log_stream(c.stream), c.at, c.data).await;
+        true
+    }
+}
+
+fn to_log_stream(s: exec::Stream) -> Stream {
+    match s {
+        exec::Stream::Stdout => Stream::Stdout,
+        exec::Stream::Stderr => Stream::Stderr,
+    }
+}
+
+/// Runs one run to its end; the loop records it.
+async fn execute(
+    env: Arc<LocalExecutor>,
+    cfg: Arc<UnitConfig>,
+    mut rec: RunRecord,
+    stop: CancellationToken,
+    why: StopCause,
+) -> RunRecord {
+    let logs = env.store.logs().clone();
+    if let Err(e) = logs.open(rec.id, cfg.log_limit).await {
+        tracing::error!(run = rec.id, error = %e, "cannot open the run's log");
+    }
+    let outcome = match &cfg.action {
+        Action::Tick(every) => tick(&env, &cfg, &rec, *every, &stop).await,
+        _ => spawn_and_wait(&env, &cfg, &rec, &stop, &why).await,
+    };
+    let summary = logs.finish(rec.id).await;
+    rec.ended_at = Some(Timestamp::now());
+    rec.stdout_bytes = summary.stdout_bytes;
+    rec.stderr_bytes = summary.stderr_bytes;
+    rec.truncated = summary.truncated;
+    match outcome {
+        Outcome::Exited { termination, stopped, pid, started } => {
+            rec.pid = Some(pid);
+            rec.started_at = Some(started);
+            match termination {
+                exec::Termination::Exited(c) => rec.exit_code = Some(c),
+                exec::Termination::Signaled(s) => rec.signal = Some(s),
+            }
+            // Only a shutdown cancels a run without giving a reason (it cancels the parent).
+            let why = why.get();
+            rec.state = if stopped {
+                rec.reason = Some(why.as_str().into());
+                if why == StopReason::Timeout { RunState::TimedOut } else { RunState::Cancelled }
+            } else {
+                match termination {
+                    exec::Termination::Exited(c) if cfg.success_codes.contains(&c) => {
+                        RunState::Succeeded
+                    }
+                    _ => RunState::Failed,
+                }
+            };
+        }
+        Outcome::Ticked => {
+            rec.state = RunState::Cancelled;
+            rec.reason = Some(why.get().as_str().into());
+        }
+        Outcome::NotStarted(msg) => {
+            rec.state = RunState::Failed;
+            rec.reason = Some(msg);
+        }
+    }
+    rec
+}
+
+enum Outcome {
+    Exited { termination: exec::Termination, stopped: bool, pid: u32, started: Timestamp },
+    Ticked,
+    NotStarted(String),
+}
+
+async fn tick(
+    env: &LocalExecutor,
+    cfg: &UnitConfig,
+    rec: &RunRecord,
+    every: Duration,
+    stop: &CancellationToken,
+) -> Outcome {
+    let logs = env.store.logs();
+    let mut next = Instant::now();
+    loop {
+        let now = Timestamp::now();
+        let line = format!("tick {} {}\n", cfg.name, now.strftime("%Y-%m-%dT%H:%M:%S%:z"));
+        logs.write(rec.id, Stream::Stdout, now, line.into_bytes()).await;
+        next += every;
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = stop.cancelled() => return Outcome::Ticked,
+        }
+    }
+}
+
+async fn spawn_and_wait(
+    env: &LocalExecutor,
+    cfg: &UnitConfig,
+    rec: &RunRecord,
+    stop: &CancellationToken,
+    why: &StopCause,
+) -> Outcome {
+    let user = match &cfg.user {
+        None => None,
+        Some(name) => {
+            // NSS lookups may block (LDAP, files): keep them off the async threads.
+            let n = name.clone();
+            match tokio::task::spawn_blocking(move || exec::User::lookup(&n)).await {
+                Ok(Ok(u)) => Some(u),
+                Ok(Err(e)) => return Outcome::NotStarted(format!("cannot run as {name:?}: {e}")),
+                Err(e) => return Outcome::NotStarted(format!("cannot run as {name:?}: {e}")),
+            }
+        }
+    };
+    // `allowed_users` may have changed since `Add` (a restart with other settings).
+    if let Some(u) = &user
+        && let Err(e) = env.validate.check_user(&u.name, u.uid)
+    {
+        return Outcome::NotStarted(format!("cannot start: {e}"));
+    }
+    let mut script_path = None;
+    let argv = match &cfg.action {
+        Action::Command(cmd) => cmd.iter().chain(cfg.args.iter()).cloned().collect(),
+        Action::Script(text) => {
+            match env.store.write_script(rec.id, text, user.as_ref().map(|u| (u.uid, u.gid))).await
+            {
+                Ok(p) => {
+                    let argv = script_argv(text, &p, &cfg.args);
+                    script_path = Some(p);
+                    argv
+                }
+                Err(e) => return Outcome::NotStarted(format!("cannot write the script: {e}")),
+            }
+        }
+        Action::Tick(_) => unreachable!("tick units do not spawn"),
+    };
+    // Resolved again right before the spawn, which starts in the resolved path: a symlink on
+    // the way may have been swapped since `Add`, and `allowed_dirs` may have changed. (A swap
+    // in the microseconds between this and the child's chdir is not caught: that would take
+    // entering the directory through a descriptor opened here.)
+    let cwd = match &cfg.cwd {
+        Some(cwd) => match env.validate.resolve_cwd(cwd) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                if let Some(p) = script_path {
+                    env.store.remove_script(p);
+                }
+                return Outcome::NotStarted(format!("cannot start: {e}"));
+            }
+        },
+        None => match &user {
+            Some(u) => home_of(u),
+            None => env.work_dir.clone(),
+        },
+    };
+    let spec = exec::Spec {
+        argv,
+        env: run_env(cfg, rec, user.as_ref(), &env.identity),
+        cwd,
+        user,
+        tag: Some(run_tag(&env.state_dir_id, rec.id)),
+    };
+    let output = ToLog { logs: env.store.logs().clone(), run: rec.id };
+    let proc = match exec::Process::spawn(&spec, output) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(p) = script_path {
+                env.store.remove_script(p);
+            }
+            return Outcome::NotStarted(format!("cannot start: {e}"));
+        }
+    };
+    let pid = proc.pid();
+    let started = Timestamp::now();
+    env.store.set_pid(rec.id, pid, started, proc.start_ticks(), env.boot_id.clone());
+    let stop_proc = stop.child_token();
+    let mut timer = cfg.timeout.map(|t| Box::pin(tokio::time::sleep(t)));
+    let wait = proc.wait(stop_proc.clone(), cfg.kill_grace);
+    tokio::pin!(wait);
+    let exit = loop {
+        tokio::select! {
+            exit = &mut wait => break exit,
+            _ = async { timer.as_mut().expect("guarded").await }, if timer.is_some() => {
+                timer = None;
+                why.set(StopReason::Timeout);
+                stop_proc.cancel();
+            }
+        }
+    };
+    if let Some(p) = script_path {
+        env.store.remove_script(p);
+    }
+    Outcome::Exited { termination: exit.termination, stopped: exit.stopped, pid, started }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_run_with_their_interpreter() {
+        let p = std::path::Path::new("/s");
+        assert_eq!(script_argv("echo hi", p, &[]), ["/bin/sh", "/s"]);
+        assert_eq!(
+            script_argv("#!/usr/bin/env python3\nprint(1)", p, &["a".into()]),
+            ["/usr/bin/env", "python3", "/s", "a"]
+        );
+        assert_eq!(script_argv("#!/bin/bash\n", p, &[]), ["/bin/bash", "/s"]);
+    }
+
+    #[test]
+    fn run_tags_tell_state_directories_apart() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let id = state_dir_id(a.path());
+        assert_eq!(id.len(), 16);
+        // Stable: a restarted daemon must compute the same tag.
+        assert_eq!(state_dir_id(&a.path().join("../").join(a.path().file_name().unwrap())), id);
+        assert_ne!(state_dir_id(b.path()), id);
+        assert_eq!(run_tag(&id, 42), ("TASKD_RUN_TAG".to_string(), format!("{id}-42")));
+    }
+}

@@ -1,0 +1,37 @@
+//! Where runs execute. The unit loop decides *that* a run happens (schedules, overlap,
+//! retries, restarts) and records it; an executor decides *how*: it runs the record it is
+//! handed to its end, writes the output to the run's log as it comes, and hands the record
+//! back with how it ended. What is the executing host's business stays behind this line: the
+//! account a run uses, its environment, its script file, its working directory, the boot
+//! and process ids it is recorded with, and stopping what a crashed daemon left running.
+//!
+//! Today there is one executor, [`local::LocalExecutor`], which runs processes on this host
+//! through [`crate::exec`]. A remote executor (a `taskd agent`) takes the same run record,
+//! stop token and [`StopCause`], and gives back the same record.
+
+pub mod local;
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::run::StopReason;
+
+pub use local::LocalExecutor;
+
+/// Why a run is being stopped: set by whoever stops it first (the unit loop on cancel, stop,
+/// delete or replace; the executor on timeout), read by the executor once the run has ended.
+/// Unset means the daemon is shutting down: a shutdown cancels every run through their
+/// parent token, without a word.
+#[derive(Debug, Clone, Default)]
+pub struct StopCause(Arc<Mutex<Option<StopReason>>>);
+
+impl StopCause {
+    /// Records `reason`, unless a stop is already under way with its own (a timeout, say).
+    pub fn set(&self, reason: StopReason) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(reason);
+    }
+
+    /// Why the run was stopped.
+    pub fn get(&self) -> StopReason {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).unwrap_or(StopReason::Shutdown)
+    }
+}
