@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::StopCause;
+use super::{OnStart, StopCause};
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::run::{RunRecord, RunState, StopReason};
@@ -57,15 +57,16 @@ impl LocalExecutor {
 
     /// Runs `rec` of the unit defined by `cfg` to its end and returns it with how it ended
     /// (state, exit code or signal, reason, output sizes). `stop` stops it; `why` says why
-    /// (a timeout sets it here).
+    /// (a timeout sets it here); `started` is told when its process has started.
     pub fn execute(
         self: Arc<Self>,
         cfg: Arc<UnitConfig>,
         rec: RunRecord,
         stop: CancellationToken,
         why: StopCause,
+        started: OnStart,
     ) -> impl Future<Output = RunRecord> + Send + 'static {
-        execute(self, cfg, rec, stop, why)
+        execute(self, cfg, rec, stop, why, started)
     }
 }
 
@@ -269,6 +270,7 @@ async fn execute(
     mut rec: RunRecord,
     stop: CancellationToken,
     why: StopCause,
+    started: OnStart,
 ) -> RunRecord {
     let logs = env.store.logs().clone();
     if let Err(e) = logs.open(rec.id, cfg.log_limit).await {
@@ -276,7 +278,7 @@ async fn execute(
     }
     let outcome = match &cfg.action {
         Action::Tick(every) => tick(&env, &cfg, &rec, *every, &stop).await,
-        _ => spawn_and_wait(&env, &cfg, &rec, &stop, &why).await,
+        _ => spawn_and_wait(&env, &cfg, &rec, &stop, &why, started).await,
     };
     let summary = logs.finish(rec.id).await;
     rec.ended_at = Some(Timestamp::now());
@@ -350,6 +352,7 @@ async fn spawn_and_wait(
     rec: &RunRecord,
     stop: &CancellationToken,
     why: &StopCause,
+    on_start: OnStart,
 ) -> Outcome {
     let user = match &cfg.user {
         None => None,
@@ -424,6 +427,7 @@ async fn spawn_and_wait(
     let pid = proc.pid();
     let started = Timestamp::now();
     env.store.set_pid(rec.id, pid, started, proc.start_ticks(), env.boot_id.clone());
+    on_start(pid, started);
     let stop_proc = stop.child_token();
     let mut timer = cfg.timeout.map(|t| Box::pin(tokio::time::sleep(t)));
     let wait = proc.wait(stop_proc.clone(), cfg.kill_grace);

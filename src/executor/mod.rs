@@ -7,15 +7,21 @@
 //!
 //! Today there is one executor, [`local::LocalExecutor`], which runs processes on this host
 //! through [`crate::exec`]. A remote executor (a `taskd agent`) takes the same run record,
-//! stop token and [`StopCause`], and gives back the same record.
+//! stop token, [`StopCause`] and [`OnStart`], and gives back the same record.
 
 pub mod local;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use jiff::Timestamp;
+
 use crate::run::StopReason;
 
 pub use local::LocalExecutor;
+
+/// Told once, when a run's process has started: its pid and when. Not told for a run that
+/// never starts a process (it failed to start, or is a tick unit's).
+pub type OnStart = Box<dyn FnOnce(u32, Timestamp) + Send>;
 
 /// Why a run is being stopped: set by whoever stops it first (the unit loop on cancel, stop,
 /// delete or replace; the executor on timeout), read by the executor once the run has ended.

@@ -93,6 +93,15 @@ pub enum Control {
         /// The run as it ended.
         reply: oneshot::Sender<Result<RunRecord>>,
     },
+    /// From a run's executor: its process started. Answers nothing.
+    Started {
+        /// The run.
+        run: i64,
+        /// Its process id (= process group id).
+        pid: u32,
+        /// When it started.
+        at: Timestamp,
+    },
     /// `TaskUnit.Delete`: stop every run, wait for them, and end the loop.
     Delete {
         /// Answered once every run has ended and been recorded.
@@ -249,6 +258,11 @@ impl UnitHandle {
         };
         self.0.mailbox.send(make(tx)).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
+    }
+
+    /// Queues a notice that wants no answer; dropped if the loop is gone.
+    pub(crate) fn tell(&self, c: Control) {
+        let _ = self.0.mailbox.send(c);
     }
 
     pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::definition::{CatchUp, Overlap, Restart, UnitConfig};
 use super::handle::{Control, Inbox, UnitHandle, UnitShared, UnitState, UnitStatus};
 use crate::error::{Error, Result};
-use crate::executor::{LocalExecutor, StopCause};
+use crate::executor::{LocalExecutor, OnStart, StopCause};
 use crate::run::{RunRecord, RunState, StopReason, Trigger};
 use crate::store::{EventKind, Store};
 
@@ -459,6 +459,16 @@ impl Loop {
                     self.answer(reply, Err(Error::Conflict(format!("run {run} is not active"))));
                 }
             }
+            Control::Started { run, pid, at } => {
+                // A run that has ended meanwhile was recorded with these already.
+                if let Some(a) = self.active.get_mut(&run) {
+                    a.record.pid = Some(pid);
+                    a.record.started_at = Some(at);
+                    if self.last_run.as_ref().is_some_and(|l| l.id == run) {
+                        self.last_run = Some(a.record.clone());
+                    }
+                }
+            }
             Control::Delete { reply } => {
                 self.stop_all(StopReason::Deleted);
                 self.cancel_queued(StopReason::Deleted).await;
@@ -687,7 +697,10 @@ impl Loop {
         );
         self.last_run = Some(rec.clone());
         let id = rec.id;
-        let run = self.env.executor.clone().execute(self.cfg.clone(), rec, token, why);
+        let unit = UnitHandle(self.shared.clone());
+        let started: OnStart =
+            Box::new(move |pid, at| unit.tell(Control::Started { run: id, pid, at }));
+        let run = self.env.executor.clone().execute(self.cfg.clone(), rec, token, why, started);
         let task = self.runs.spawn(run);
         self.tasks.insert(task.id(), id);
     }

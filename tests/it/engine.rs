@@ -708,3 +708,16 @@ fn a_burst_of_starts_of_one_unit_shares_commits() {
     let used = commits() - before;
     assert!(used < N as u64 / 2, "{N} runs (starts and ends) took {used} commits");
 }
+
+#[test]
+fn a_running_runs_pid_and_start_show_in_its_units_last_run() {
+    let d = TestDaemon::start();
+    d.call("TaskUnit.Add", json!({"name": "svc", "command": ["sleep", "1000"], "service": true}));
+    let unit = d.wait_unit("svc", "its run's pid", |u| u["last_run"]["pid"].is_u64());
+    let run = d.call("Run.Get", unit["last_run"]["id"].clone());
+    assert_eq!(run["state"], "running");
+    assert_eq!(unit["last_run"]["pid"], run["pid"], "{unit} vs {run}");
+    assert_eq!(unit["last_run"]["started_at"], run["started_at"], "{unit} vs {run}");
+    let list = d.call("TaskUnit.List", json!({}));
+    assert_eq!(list[0]["last_run"]["pid"], run["pid"], "{list}");
+}
