@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{OnStart, StopCause};
+use super::{OnStart, StopCause, scripts};
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::run::{RunRecord, RunState, StopReason};
@@ -25,6 +25,8 @@ use crate::unit::definition::{Action, UnitConfig, ValidateCtx};
 pub struct LocalExecutor {
     /// Run logs, script files and recorded pids.
     store: Store,
+    /// Where scripts of runs as the daemon's own account are written (`<state-dir>/scripts`).
+    scripts_dir: PathBuf,
     /// Default working directory (`<state-dir>/work`) of runs without `user` (those with
     /// one start in the account's home directory).
     work_dir: PathBuf,
@@ -47,6 +49,7 @@ impl LocalExecutor {
             tokio::task::spawn_blocking(daemon_identity).await.map_err(|_| Error::ShuttingDown)?;
         Ok(LocalExecutor {
             state_dir_id: state_dir_id(store.dir()),
+            scripts_dir: store.dir().join("scripts"),
             store,
             work_dir,
             validate,
@@ -376,7 +379,13 @@ async fn spawn_and_wait(
     let argv = match &cfg.action {
         Action::Command(cmd) => cmd.iter().chain(cfg.args.iter()).cloned().collect(),
         Action::Script(text) => {
-            match env.store.write_script(rec.id, text, user.as_ref().map(|u| (u.uid, u.gid))).await
+            match scripts::write(
+                &env.scripts_dir,
+                rec.id,
+                text,
+                user.as_ref().map(|u| (u.uid, u.gid)),
+            )
+            .await
             {
                 Ok(p) => {
                     let argv = script_argv(text, &p, &cfg.args);
@@ -397,7 +406,7 @@ async fn spawn_and_wait(
             Ok(resolved) => resolved,
             Err(e) => {
                 if let Some(p) = script_path {
-                    env.store.remove_script(p);
+                    scripts::remove(p);
                 }
                 return Outcome::NotStarted(format!("cannot start: {e}"));
             }
@@ -419,7 +428,7 @@ async fn spawn_and_wait(
         Ok(p) => p,
         Err(e) => {
             if let Some(p) = script_path {
-                env.store.remove_script(p);
+                scripts::remove(p);
             }
             return Outcome::NotStarted(format!("cannot start: {e}"));
         }
@@ -443,7 +452,7 @@ async fn spawn_and_wait(
         }
     };
     if let Some(p) = script_path {
-        env.store.remove_script(p);
+        scripts::remove(p);
     }
     Outcome::Exited { termination: exit.termination, stopped: exit.stopped, pid, started }
 }

@@ -10,6 +10,7 @@
 //! stop token, [`StopCause`] and [`OnStart`], and gives back the same record.
 
 pub mod local;
+pub mod scripts;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
