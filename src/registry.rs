@@ -203,7 +203,13 @@ impl Registry {
         tracker: TaskTracker,
     ) -> Result<Registry> {
         let executor = Arc::new(
-            LocalExecutor::new(store.clone(), cfg.work_dir.clone(), cfg.validate.clone()).await?,
+            LocalExecutor::new(
+                store.clone(),
+                store.dir(),
+                cfg.work_dir.clone(),
+                cfg.validate.clone(),
+            )
+            .await?,
         );
         let stale = store.recover_stale_runs().await?;
         executor.recover(&stale, &root, &tracker).await;

@@ -3,7 +3,7 @@
 //! is read, their pid recorded with this boot's id, and, at start-up, the processes of runs
 //! a crashed daemon left behind found and stopped ([`LocalExecutor::recover`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,18 +13,44 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{OnStart, StopCause, scripts};
+use super::{OnStart, RunSink, StopCause, scripts};
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::run::{RunRecord, RunState, StopReason};
-use crate::store::logs::{Logs, Stream};
+use crate::store::logs::{LogSummary, Stream};
 use crate::store::{StaleRun, Store};
 use crate::unit::definition::{Action, UnitConfig, ValidateCtx};
 
-/// Runs units' runs on this host.
-pub struct LocalExecutor {
-    /// Run logs, script files and recorded pids.
-    store: Store,
+/// The daemon's sink: output to the run's log file, the start to the runs table.
+impl RunSink for Store {
+    async fn open(&self, run: i64, limit: u64) -> Result<()> {
+        self.logs().open(run, limit).await
+    }
+
+    async fn write(&self, run: i64, stream: Stream, at: Timestamp, data: Vec<u8>) {
+        self.logs().write(run, stream, at, data).await;
+    }
+
+    async fn finish(&self, run: i64) -> LogSummary {
+        self.logs().finish(run).await
+    }
+
+    fn started(
+        &self,
+        run: i64,
+        pid: u32,
+        at: Timestamp,
+        start_ticks: Option<u64>,
+        boot_id: Option<String>,
+    ) {
+        self.set_pid(run, pid, at, start_ticks, boot_id);
+    }
+}
+
+/// Runs units' runs on this host, their output and starts going to `S`.
+pub struct LocalExecutor<S = Store> {
+    /// Where output and starts go.
+    sink: S,
     /// Where scripts of runs as the daemon's own account are written (`<state-dir>/scripts`).
     scripts_dir: PathBuf,
     /// Default working directory (`<state-dir>/work`) of runs without `user` (those with
@@ -40,17 +66,22 @@ pub struct LocalExecutor {
     identity: (String, String),
 }
 
-impl LocalExecutor {
-    /// The executor of the daemon whose store is `store`. Looks the daemon's own account up
-    /// (off the async threads).
-    pub async fn new(store: Store, work_dir: PathBuf, validate: ValidateCtx) -> Result<Self> {
+impl<S: RunSink> LocalExecutor<S> {
+    /// An executor for the state directory `state_dir`, its runs' output and starts going to
+    /// `sink`. Looks the account it runs as up (off the async threads).
+    pub async fn new(
+        sink: S,
+        state_dir: &Path,
+        work_dir: PathBuf,
+        validate: ValidateCtx,
+    ) -> Result<Self> {
         std::fs::create_dir_all(&work_dir).map_err(|e| Error::io(&work_dir, e))?;
         let identity =
             tokio::task::spawn_blocking(daemon_identity).await.map_err(|_| Error::ShuttingDown)?;
         Ok(LocalExecutor {
-            state_dir_id: state_dir_id(store.dir()),
-            scripts_dir: store.dir().join("scripts"),
-            store,
+            state_dir_id: state_dir_id(state_dir),
+            scripts_dir: state_dir.join("scripts"),
+            sink,
             work_dir,
             validate,
             boot_id: exec::boot_id(),
@@ -73,7 +104,7 @@ impl LocalExecutor {
     }
 }
 
-impl LocalExecutor {
+impl<S> LocalExecutor<S> {
     /// Stops what is left of the runs a crashed daemon left active (`stale`): SIGTERM now to their
     /// process groups and tagged processes, SIGKILL five seconds later (on `tracker`, cut short by
     /// `root`) to those that had any. One walk of /proc finds the tagged processes of every run
@@ -247,14 +278,14 @@ fn home_of(user: &exec::User) -> PathBuf {
 
 /// A run's output, handed straight to its log as it is read: `wait` returns once every chunk
 /// has been handed over.
-struct ToLog {
-    logs: Logs,
+struct ToSink<S> {
+    sink: S,
     run: i64,
 }
 
-impl exec::Output for ToLog {
+impl<S: RunSink> exec::Output for ToSink<S> {
     async fn send(&mut self, c: exec::Chunk) -> bool {
-        self.logs.write(self.run, to_log_stream(c.stream), c.at, c.data).await;
+        self.sink.write(self.run, to_log_stream(c.stream), c.at, c.data).await;
         true
     }
 }
@@ -267,23 +298,22 @@ fn to_log_stream(s: exec::Stream) -> Stream {
 }
 
 /// Runs one run to its end; the loop records it.
-async fn execute(
-    env: Arc<LocalExecutor>,
+async fn execute<S: RunSink>(
+    env: Arc<LocalExecutor<S>>,
     cfg: Arc<UnitConfig>,
     mut rec: RunRecord,
     stop: CancellationToken,
     why: StopCause,
     started: OnStart,
 ) -> RunRecord {
-    let logs = env.store.logs().clone();
-    if let Err(e) = logs.open(rec.id, cfg.log_limit).await {
+    if let Err(e) = env.sink.open(rec.id, cfg.log_limit).await {
         tracing::error!(run = rec.id, error = %e, "cannot open the run's log");
     }
     let outcome = match &cfg.action {
         Action::Tick(every) => tick(&env, &cfg, &rec, *every, &stop).await,
         _ => spawn_and_wait(&env, &cfg, &rec, &stop, &why, started).await,
     };
-    let summary = logs.finish(rec.id).await;
+    let summary = env.sink.finish(rec.id).await;
     rec.ended_at = Some(Timestamp::now());
     rec.stdout_bytes = summary.stdout_bytes;
     rec.stderr_bytes = summary.stderr_bytes;
@@ -328,19 +358,18 @@ enum Outcome {
     NotStarted(String),
 }
 
-async fn tick(
-    env: &LocalExecutor,
+async fn tick<S: RunSink>(
+    env: &LocalExecutor<S>,
     cfg: &UnitConfig,
     rec: &RunRecord,
     every: Duration,
     stop: &CancellationToken,
 ) -> Outcome {
-    let logs = env.store.logs();
     let mut next = Instant::now();
     loop {
         let now = Timestamp::now();
         let line = format!("tick {} {}\n", cfg.name, now.strftime("%Y-%m-%dT%H:%M:%S%:z"));
-        logs.write(rec.id, Stream::Stdout, now, line.into_bytes()).await;
+        env.sink.write(rec.id, Stream::Stdout, now, line.into_bytes()).await;
         next += every;
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
@@ -349,8 +378,8 @@ async fn tick(
     }
 }
 
-async fn spawn_and_wait(
-    env: &LocalExecutor,
+async fn spawn_and_wait<S: RunSink>(
+    env: &LocalExecutor<S>,
     cfg: &UnitConfig,
     rec: &RunRecord,
     stop: &CancellationToken,
@@ -423,7 +452,7 @@ async fn spawn_and_wait(
         user,
         tag: Some(run_tag(&env.state_dir_id, rec.id)),
     };
-    let output = ToLog { logs: env.store.logs().clone(), run: rec.id };
+    let output = ToSink { sink: env.sink.clone(), run: rec.id };
     let proc = match exec::Process::spawn(&spec, output) {
         Ok(p) => p,
         Err(e) => {
@@ -435,7 +464,7 @@ async fn spawn_and_wait(
     };
     let pid = proc.pid();
     let started = Timestamp::now();
-    env.store.set_pid(rec.id, pid, started, proc.start_ticks(), env.boot_id.clone());
+    env.sink.started(rec.id, pid, started, proc.start_ticks(), env.boot_id.clone());
     on_start(pid, started);
     let stop_proc = stop.child_token();
     let mut timer = cfg.timeout.map(|t| Box::pin(tokio::time::sleep(t)));
@@ -459,7 +488,101 @@ async fn spawn_and_wait(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::run::Trigger;
+    use crate::unit::UnitDef;
+
+    /// A sink that keeps everything in memory: the executor needs no store.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Sunk>>);
+
+    /// What [`Kept`] was given: output chunks, and (run, pid) starts.
+    type Sunk = (Vec<(Stream, Vec<u8>)>, Vec<(i64, u32)>);
+
+    impl RunSink for Kept {
+        async fn open(&self, _run: i64, _limit: u64) -> Result<()> {
+            Ok(())
+        }
+
+        async fn write(&self, _run: i64, stream: Stream, _at: Timestamp, data: Vec<u8>) {
+            self.0.lock().unwrap().0.push((stream, data));
+        }
+
+        async fn finish(&self, _run: i64) -> LogSummary {
+            let kept = self.0.lock().unwrap();
+            let bytes = |s: Stream| {
+                kept.0.iter().filter(|(k, _)| *k == s).map(|(_, d)| d.len() as u64).sum()
+            };
+            LogSummary {
+                stdout_bytes: bytes(Stream::Stdout),
+                stderr_bytes: bytes(Stream::Stderr),
+                truncated: false,
+            }
+        }
+
+        fn started(&self, run: i64, pid: u32, _: Timestamp, _: Option<u64>, _: Option<String>) {
+            self.0.lock().unwrap().1.push((run, pid));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_run_executes_into_any_sink() {
+        exec::become_subreaper().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Kept::default();
+        let ex = Arc::new(
+            LocalExecutor::new(
+                sink.clone(),
+                dir.path(),
+                dir.path().join("work"),
+                ValidateCtx::default(),
+            )
+            .await
+            .unwrap(),
+        );
+        let def = serde_json::json!({"name": "u", "command": ["sh", "-c", "echo out; echo err >&2; exit 3"]});
+        let cfg = UnitConfig::validate(UnitDef::from_json(def).unwrap(), &ValidateCtx::default())
+            .unwrap();
+        let now = Timestamp::now();
+        let rec = RunRecord {
+            id: 7,
+            unit: "u".into(),
+            state: RunState::Running,
+            trigger: Trigger::Manual,
+            attempt: 1,
+            host: "local".into(),
+            pid: None,
+            queued_at: now,
+            scheduled_at: None,
+            started_at: Some(now),
+            ended_at: None,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            truncated: false,
+        };
+        let told = Arc::new(Mutex::new(None));
+        let t = told.clone();
+        let on_start: OnStart = Box::new(move |pid, _| *t.lock().unwrap() = Some(pid));
+        let why = StopCause::default();
+        let ended = ex.execute(Arc::new(cfg), rec, CancellationToken::new(), why, on_start).await;
+        assert_eq!((ended.state, ended.exit_code), (RunState::Failed, Some(3)));
+        assert_eq!((ended.stdout_bytes, ended.stderr_bytes), (4, 4));
+        let kept = sink.0.lock().unwrap();
+        let of = |s: Stream| -> Vec<u8> {
+            kept.0.iter().filter(|(k, _)| *k == s).flat_map(|(_, d)| d.clone()).collect()
+        };
+        assert_eq!(
+            (of(Stream::Stdout), of(Stream::Stderr)),
+            (b"out\n".to_vec(), b"err\n".to_vec())
+        );
+        assert_eq!(kept.1, [(7, ended.pid.unwrap())]);
+        assert_eq!(*told.lock().unwrap(), ended.pid);
+    }
 
     #[test]
     fn scripts_run_with_their_interpreter() {

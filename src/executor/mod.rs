@@ -16,9 +16,44 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use jiff::Timestamp;
 
+use crate::error::Result;
 use crate::run::StopReason;
+use crate::store::logs::{LogSummary, Stream};
 
 pub use local::LocalExecutor;
+
+/// Where an executor puts what its runs produce: their output, and the fact of their start.
+/// The daemon's is its store (log files, the runs table: `impl RunSink for Store` in
+/// [`local`]); an agent's will be its journal and its connection to the server. So the
+/// executor itself knows nothing of either.
+pub trait RunSink: Clone + Send + Sync + 'static {
+    /// Gets ready for `run`'s output, keeping at most `limit` bytes per stream.
+    fn open(&self, run: i64, limit: u64) -> impl Future<Output = Result<()>> + Send;
+
+    /// One chunk of `run`'s output, read at `at`. May wait: the run's pipes are not read
+    /// meanwhile, so a slow sink slows the run down instead of losing output.
+    fn write(
+        &self,
+        run: i64,
+        stream: Stream,
+        at: Timestamp,
+        data: Vec<u8>,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// `run`'s output has ended: what was written and kept.
+    fn finish(&self, run: i64) -> impl Future<Output = LogSummary> + Send;
+
+    /// `run`'s process started: its pid, when, its start time in clock ticks since boot and
+    /// the boot's id, which a restarted daemon (or agent) needs to find it again. Not awaited.
+    fn started(
+        &self,
+        run: i64,
+        pid: u32,
+        at: Timestamp,
+        start_ticks: Option<u64>,
+        boot_id: Option<String>,
+    );
+}
 
 /// Told once, when a run's process has started: its pid and when. Not told for a run that
 /// never starts a process (it failed to start, or is a tick unit's).
