@@ -364,122 +364,146 @@ impl Loop {
                 let r = self.manual_start(trigger).await;
                 self.answer(reply, r);
             }
-            Control::Stop { reply } => {
-                let n = self.stop_all(StopReason::Stopped);
-                let q = self.cancel_queued(StopReason::Stopped).await;
-                self.pending = None;
-                if self.cfg.service || self.cfg.is_tick() {
-                    self.stopped = true;
-                }
-                let r = self
-                    .env
-                    .store
-                    .set_flags(&self.cfg.name, self.paused, self.stopped, EventKind::UnitStopped)
-                    .await
-                    .map(|_| n + q)
-                    .map_err(|e| {
-                        Error::NotRecorded(format!(
-                            "{} run(s) stopped, but the stop was not recorded ({e}): a daemon \
-                             restart would start the unit again",
-                            n + q
-                        ))
-                    });
-                self.answer(reply, r);
-            }
-            Control::Pause { paused, reply } if paused == self.paused => {
-                // Already so: nothing to record, nothing to start.
-                self.answer(reply, Ok(()));
-            }
-            Control::Pause { paused, reply } => {
-                let kind = if paused { EventKind::UnitPaused } else { EventKind::UnitResumed };
-                let r = self.env.store.set_flags(&self.cfg.name, paused, self.stopped, kind).await;
-                if r.is_ok() {
-                    self.paused = paused;
-                    if !paused {
-                        // Resuming is a fresh start: a fatal service gets its starts back.
-                        self.fatal = false;
-                        self.starts.clear();
-                        self.failures_in_row = 0;
-                        let now = Timestamp::now();
-                        let idle = self.active.is_empty() && self.pending.is_none();
-                        if let Some(s) = &self.cfg.schedule {
-                            self.next_fire = s.next_after(now, self.anchor);
-                        } else if (self.cfg.service || self.cfg.is_tick()) && !self.stopped && idle
-                        {
-                            self.start_run(Trigger::Manual, 1).await;
-                        } else if idle && self.last_run.is_none() && self.runs_total == 0 {
-                            // A one-shot job added paused runs when it is resumed.
-                            self.start_run(Trigger::Add, 1).await;
-                        }
-                    } else {
-                        self.pending = None;
-                    }
-                }
-                self.answer(reply, r);
-            }
-            Control::Edit { config, at, reply } => {
-                let was_continuous = self.cfg.service || self.cfg.is_tick();
-                let old = &self.cfg.def;
-                let rescheduled = (&old.every, &old.cron, &old.tz)
-                    != (&config.def.every, &config.def.cron, &config.def.tz);
-                *self.shared.config.write().expect("unit config lock") = config.clone();
-                self.cfg = config;
-                self.shared.status.lock().expect("unit status lock").updated_at = at;
-                // Only a new schedule moves the next fire; other edits leave it due.
-                if rescheduled {
-                    self.anchor = at;
-                    self.next_fire =
-                        self.cfg.schedule.as_ref().and_then(|s| s.next_after(Timestamp::now(), at));
-                }
-                let continuous = self.cfg.service || self.cfg.is_tick();
-                if continuous != was_continuous {
-                    // A pending retry (job) or restart (service) belongs to the old kind.
-                    self.pending = None;
-                }
-                if continuous && !was_continuous && !self.paused && self.active.is_empty() {
-                    self.stopped = false;
+            Control::Stop { reply } => self.stop(reply).await,
+            Control::Pause { paused, reply } => self.pause(paused, reply).await,
+            Control::Edit { config, at, reply } => self.edit(config, at, reply).await,
+            Control::Cancel { run, reply } => self.cancel(run, reply).await,
+            Control::Started { run, pid, at } => self.started(run, pid, at),
+            Control::Delete { reply } => return self.delete(reply).await,
+        }
+        false
+    }
+
+    /// `TaskUnit.Stop`: every run stopped, and a service kept down until started.
+    async fn stop(&mut self, reply: oneshot::Sender<Result<usize>>) {
+        let n = self.stop_all(StopReason::Stopped);
+        let q = self.cancel_queued(StopReason::Stopped).await;
+        self.pending = None;
+        if self.cfg.service || self.cfg.is_tick() {
+            self.stopped = true;
+        }
+        let r = self
+            .env
+            .store
+            .set_flags(&self.cfg.name, self.paused, self.stopped, EventKind::UnitStopped)
+            .await
+            .map(|_| n + q)
+            .map_err(|e| {
+                Error::NotRecorded(format!(
+                    "{} run(s) stopped, but the stop was not recorded ({e}): a daemon \
+                         restart would start the unit again",
+                    n + q
+                ))
+            });
+        self.answer(reply, r);
+    }
+
+    /// `TaskUnit.Pause` and `Resume`.
+    async fn pause(&mut self, paused: bool, reply: oneshot::Sender<Result<()>>) {
+        if paused == self.paused {
+            // Already so: nothing to record, nothing to start.
+            self.answer(reply, Ok(()));
+            return;
+        }
+        let kind = if paused { EventKind::UnitPaused } else { EventKind::UnitResumed };
+        let r = self.env.store.set_flags(&self.cfg.name, paused, self.stopped, kind).await;
+        if r.is_ok() {
+            self.paused = paused;
+            if !paused {
+                // Resuming is a fresh start: a fatal service gets its starts back.
+                self.fatal = false;
+                self.starts.clear();
+                self.failures_in_row = 0;
+                let now = Timestamp::now();
+                let idle = self.active.is_empty() && self.pending.is_none();
+                if let Some(s) = &self.cfg.schedule {
+                    self.next_fire = s.next_after(now, self.anchor);
+                } else if (self.cfg.service || self.cfg.is_tick()) && !self.stopped && idle {
                     self.start_run(Trigger::Manual, 1).await;
+                } else if idle && self.last_run.is_none() && self.runs_total == 0 {
+                    // A one-shot job added paused runs when it is resumed.
+                    self.start_run(Trigger::Add, 1).await;
                 }
-                if !continuous {
-                    self.fatal = false;
-                }
-                self.answer(reply, Ok(()));
-            }
-            Control::Cancel { run, reply } => {
-                if let Some(a) = self.active.get_mut(&run) {
-                    // A stop already under way (a timeout, say) keeps its reason.
-                    a.why.set(StopReason::Cancelled);
-                    a.token.cancel();
-                    a.waiters.push(reply);
-                } else if self.queued.as_ref().is_some_and(|q| q.id == run) {
-                    let r = self.cancel_queued(StopReason::Cancelled).await;
-                    let rec = self.last_run.clone().filter(|_| r > 0);
-                    self.answer(reply, rec.ok_or(Error::RunNotFound(run)));
-                } else {
-                    self.answer(reply, Err(Error::Conflict(format!("run {run} is not active"))));
-                }
-            }
-            Control::Started { run, pid, at } => {
-                // A run that has ended meanwhile was recorded with these already.
-                if let Some(a) = self.active.get_mut(&run) {
-                    a.record.pid = Some(pid);
-                    a.record.started_at = Some(at);
-                    if self.last_run.as_ref().is_some_and(|l| l.id == run) {
-                        self.last_run = Some(a.record.clone());
-                    }
-                }
-            }
-            Control::Delete { reply } => {
-                self.stop_all(StopReason::Deleted);
-                self.cancel_queued(StopReason::Deleted).await;
+            } else {
                 self.pending = None;
-                self.next_fire = None;
-                self.deleting = Some(reply);
-                if self.active.is_empty() {
-                    self.drain().await;
-                    return true;
-                }
             }
+        }
+        self.answer(reply, r);
+    }
+
+    /// `TaskUnit.Edit`: the new definition applies from the next run.
+    async fn edit(
+        &mut self,
+        config: Arc<UnitConfig>,
+        at: Timestamp,
+        reply: oneshot::Sender<Result<()>>,
+    ) {
+        let was_continuous = self.cfg.service || self.cfg.is_tick();
+        let old = &self.cfg.def;
+        let rescheduled = (&old.every, &old.cron, &old.tz)
+            != (&config.def.every, &config.def.cron, &config.def.tz);
+        *self.shared.config.write().expect("unit config lock") = config.clone();
+        self.cfg = config;
+        self.shared.status.lock().expect("unit status lock").updated_at = at;
+        // Only a new schedule moves the next fire; other edits leave it due.
+        if rescheduled {
+            self.anchor = at;
+            self.next_fire =
+                self.cfg.schedule.as_ref().and_then(|s| s.next_after(Timestamp::now(), at));
+        }
+        let continuous = self.cfg.service || self.cfg.is_tick();
+        if continuous != was_continuous {
+            // A pending retry (job) or restart (service) belongs to the old kind.
+            self.pending = None;
+        }
+        if continuous && !was_continuous && !self.paused && self.active.is_empty() {
+            self.stopped = false;
+            self.start_run(Trigger::Manual, 1).await;
+        }
+        if !continuous {
+            self.fatal = false;
+        }
+        self.answer(reply, Ok(()));
+    }
+
+    /// `Run.Cancel`: answered once the run has ended (a queued one, at once).
+    async fn cancel(&mut self, run: i64, reply: oneshot::Sender<Result<RunRecord>>) {
+        if let Some(a) = self.active.get_mut(&run) {
+            // A stop already under way (a timeout, say) keeps its reason.
+            a.why.set(StopReason::Cancelled);
+            a.token.cancel();
+            a.waiters.push(reply);
+        } else if self.queued.as_ref().is_some_and(|q| q.id == run) {
+            let r = self.cancel_queued(StopReason::Cancelled).await;
+            let rec = self.last_run.clone().filter(|_| r > 0);
+            self.answer(reply, rec.ok_or(Error::RunNotFound(run)));
+        } else {
+            self.answer(reply, Err(Error::Conflict(format!("run {run} is not active"))));
+        }
+    }
+
+    /// The executor says run `run`'s process started.
+    fn started(&mut self, run: i64, pid: u32, at: Timestamp) {
+        // A run that has ended meanwhile was recorded with these already.
+        if let Some(a) = self.active.get_mut(&run) {
+            a.record.pid = Some(pid);
+            a.record.started_at = Some(at);
+            if self.last_run.as_ref().is_some_and(|l| l.id == run) {
+                self.last_run = Some(a.record.clone());
+            }
+        }
+    }
+
+    /// `TaskUnit.Delete`: every run stopped; true when the loop can end now (nothing active).
+    async fn delete(&mut self, reply: oneshot::Sender<()>) -> bool {
+        self.stop_all(StopReason::Deleted);
+        self.cancel_queued(StopReason::Deleted).await;
+        self.pending = None;
+        self.next_fire = None;
+        self.deleting = Some(reply);
+        if self.active.is_empty() {
+            self.drain().await;
+            return true;
         }
         false
     }
