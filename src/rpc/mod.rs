@@ -10,6 +10,7 @@ pub mod conn;
 pub mod daemon;
 pub mod discover;
 pub mod events;
+mod follow;
 pub mod http;
 pub mod listener;
 pub mod middleware;

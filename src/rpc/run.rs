@@ -4,27 +4,19 @@ use std::sync::Arc;
 
 use jsonrpsee::core::{RpcResult, SubscriptionResult, async_trait};
 use jsonrpsee::proc_macros::rpc;
-use jsonrpsee::server::SubscriptionMessage;
 use jsonrpsee::{Extensions, PendingSubscriptionSink};
-use serde_json::value::to_raw_value;
 
 use super::api::{Api, rpc_error};
 use super::conn::Conn;
+use super::follow::{self, parse_stream, read_or_empty};
 use super::types::{FollowArg, FollowItem, LogsArg, LogsResult, RunInfo, RunListArg};
 use crate::error::Error;
 use crate::run::{RunRecord, RunState};
-use crate::store::logs::{self, LogQuery, Stream};
-use crate::store::{EventKind, RunFilter};
+use crate::store::RunFilter;
+use crate::store::logs::{self, LogQuery};
 
 /// Default and largest page of `Run.List`.
 const RUN_PAGE: (u32, u32) = (50, 1000);
-/// Bytes of live output a follower gathers into one message at most.
-const FOLLOW_BATCH: usize = 64 * 1024;
-/// The newest bytes of a run's in-memory tail a follower is sent when it starts.
-const FOLLOW_TAIL: usize = 1 << 20;
-/// What a follower that fell a whole backlog behind is told before its subscription ends.
-const LAGGED: &str = "this follower fell more than 4 MiB behind the run's output and was \
-     stopped; read the output with Run.Logs, or follow again";
 /// Bytes a subscription notification adds around its item, at least: the shortest wrapper,
 /// `{"jsonrpc":"2.0","method":"Run.Follow","params":{"subscription":1,"result":…}}`, is 77.
 /// Never more than the real overhead: a count above what reaches the socket would stay in a
@@ -69,54 +61,6 @@ impl Api {
             info.stderr_bytes = err;
         }
         info
-    }
-}
-
-/// Reads a run's log; a run that printed nothing has no file, which reads as empty.
-async fn read_or_empty(l: &logs::Logs, id: i64, q: LogQuery) -> Result<logs::LogSlice, Error> {
-    match l.read(id, q).await {
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            Ok(logs::LogSlice { eof: true, ..Default::default() })
-        }
-        other => other,
-    }
-}
-
-/// The longest valid UTF-8 prefix of `buf` as text; an unfinished sequence at the end stays
-/// in `buf`. Bytes that can never be valid are replaced.
-fn take_utf8(buf: &mut Vec<u8>) -> String {
-    let keep = match std::str::from_utf8(buf) {
-        Ok(_) => 0,
-        Err(e) if e.error_len().is_none() => buf.len() - e.valid_up_to(),
-        Err(_) => 0,
-    };
-    let rest = buf.split_off(buf.len() - keep);
-    let text = String::from_utf8_lossy(buf).into_owned();
-    *buf = rest;
-    text
-}
-
-/// Prefixes each line of `text` that starts a line with `at`.
-fn stamp_lines(text: &str, at: jiff::Timestamp, at_line_start: &mut bool) -> String {
-    let mut out = String::with_capacity(text.len() + 32);
-    for piece in text.split_inclusive('\n') {
-        if *at_line_start {
-            out.push_str(&format!("{at:.6} "));
-        }
-        out.push_str(piece);
-        *at_line_start = piece.ends_with('\n');
-    }
-    out
-}
-
-fn parse_stream(s: Option<&str>) -> Result<Option<Stream>, Error> {
-    match s {
-        None | Some("both") | Some("") => Ok(None),
-        Some("stdout") => Ok(Some(Stream::Stdout)),
-        Some("stderr") => Ok(Some(Stream::Stderr)),
-        Some(other) => {
-            Err(Error::invalid("stream", format!("{other:?} is not stdout, stderr or both")))
-        }
     }
 }
 
@@ -196,211 +140,6 @@ impl RunApiServer for Api {
     ) -> SubscriptionResult {
         let _follower = self.followers.token();
         let conn = ext.get::<Arc<Conn>>().cloned();
-        let store = self.registry.store().clone();
-        let stream = match parse_stream(arg.stream.as_deref()) {
-            Ok(s) => s,
-            Err(e) => {
-                pending.reject(rpc_error(e)).await;
-                return Ok(());
-            }
-        };
-        // Subscribe to events before looking at the run, so its end cannot slip between.
-        let mut events = store.subscribe_events();
-        if let Err(e) = store.get_run(arg.id).await {
-            pending.reject(rpc_error(e)).await;
-            return Ok(());
-        }
-        let sink = pending.accept().await?;
-        let send = |item: FollowItem| {
-            let (sink, conn) = (&sink, &conn);
-            async move {
-                // Output does not wait for a slow client: one that fell the whole backlog
-                // behind is told so, and the subscription ends.
-                let lagged = conn.as_ref().is_some_and(|c| c.backlog().is_full());
-                let item =
-                    if lagged { FollowItem::Lagged { message: LAGGED.into() } } else { item };
-                let raw = to_raw_value(&item)?;
-                if let Some(c) = conn {
-                    c.backlog().produced(raw.get().len() + NOTIFICATION_OVERHEAD);
-                }
-                sink.send(SubscriptionMessage::from(raw))
-                    .await
-                    .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })?;
-                if lagged {
-                    let e: Box<dyn std::error::Error + Send + Sync> = LAGGED.into();
-                    return Err(e);
-                }
-                Ok(())
-            }
-        };
-        // A queued run has no log yet: wait for it to open, or for the run to end unstarted.
-        let mut opened = store.logs().subscribe_when_open(arg.id, Some(FOLLOW_TAIL)).await;
-        let live = 'wait: loop {
-            if let Ok(f) = opened.try_recv() {
-                break Some(f);
-            }
-            if store.get_run(arg.id).await.map_err(|e| e.to_string())?.state.is_final() {
-                break None;
-            }
-            loop {
-                tokio::select! {
-                    f = &mut opened => break 'wait f.ok(),
-                    e = events.recv() => match e {
-                        Ok(e) if e.run == Some(arg.id) && e.kind == EventKind::RunFinished => break,
-                        Ok(_) => continue,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                            return Err("the daemon is shutting down".into());
-                        }
-                    },
-                }
-            }
-        };
-        drop(opened);
-        let q = LogQuery {
-            stream,
-            offset: arg.offset.unwrap_or(0),
-            limit: 64 * 1024,
-            tail: None,
-            timestamps: arg.timestamps,
-            // Only what was written before the subscription: the rest comes live.
-            end: live.as_ref().map(|f| f.file_len),
-        };
-        if let Some(n) = arg.tail {
-            // The last `n` lines of what is there so far (file and kept tail), then live.
-            let file = read_or_empty(
-                store.logs(),
-                arg.id,
-                LogQuery { tail: Some(n as usize), ..q.clone() },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            let kept =
-                live.as_ref().map(|f| logs::render_chunks(&f.tail, f.cut, &q)).unwrap_or_default();
-            let data = logs::last_lines(&(file.data + &kept), n as usize);
-            if !data.is_empty() {
-                send(FollowItem::Output { stream: None, data }).await?;
-            }
-        } else {
-            // 1. What the file holds (up to its length when we subscribed, if the run is active).
-            let mut offset = q.offset;
-            loop {
-                let slice = match store.logs().read(arg.id, LogQuery { offset, ..q.clone() }).await
-                {
-                    Ok(s) => s,
-                    Err(_) => break,
-                };
-                if !slice.data.is_empty() {
-                    send(FollowItem::Output { stream: None, data: slice.data }).await?;
-                }
-                if slice.next_offset == offset || slice.eof {
-                    break;
-                }
-                offset = slice.next_offset;
-            }
-            // 2. The tail kept in memory.
-            if let Some(f) = &live {
-                let tail = logs::render_chunks(&f.tail, f.cut, &q);
-                if !tail.is_empty() {
-                    send(FollowItem::Output { stream: None, data: tail }).await?;
-                }
-            }
-        }
-        // 3. Every chunk as it is written. Pipe reads split characters anywhere: an unfinished
-        // UTF-8 sequence waits for the rest of its stream's bytes.
-        if let Some(mut f) = live {
-            use crate::store::live::LiveError;
-            let mut carry: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
-            let mut at_line_start = [true, true];
-            loop {
-                let first = match f.live.recv().await {
-                    Ok(c) => c,
-                    Err(LiveError::Lagged(n)) => {
-                        let data = format!("[… {n} chunks skipped: this follower fell behind …]\n");
-                        send(FollowItem::Output { stream: None, data }).await?;
-                        continue;
-                    }
-                    Err(LiveError::Closed) => break,
-                };
-                // Whatever else is already waiting goes out in the same messages: one message
-                // per chunk cannot keep up with a chatty process.
-                let mut batch = vec![first];
-                let mut size = batch[0].data.len();
-                while size < FOLLOW_BATCH {
-                    match f.live.try_recv() {
-                        Ok(Some(c)) => {
-                            size += c.data.len();
-                            batch.push(c);
-                        }
-                        Err(LiveError::Lagged(n)) => {
-                            let data =
-                                format!("[… {n} chunks skipped: this follower fell behind …]\n");
-                            batch.push(logs::LiveChunk {
-                                stream: Stream::Stdout,
-                                at: jiff::Timestamp::now(),
-                                data: std::sync::Arc::from(data.as_bytes()),
-                            });
-                            break;
-                        }
-                        Ok(None) | Err(LiveError::Closed) => break,
-                    }
-                }
-                let mut pending: Option<(Stream, String)> = None;
-                for c in batch {
-                    if stream.is_some_and(|s| s != c.stream) {
-                        continue;
-                    }
-                    let i = usize::from(c.stream == Stream::Stderr);
-                    carry[i].extend_from_slice(&c.data);
-                    let text = take_utf8(&mut carry[i]);
-                    if text.is_empty() {
-                        continue;
-                    }
-                    let text = if q.timestamps {
-                        stamp_lines(&text, c.at, &mut at_line_start[i])
-                    } else {
-                        text
-                    };
-                    match &mut pending {
-                        Some((s, buf)) if *s == c.stream => buf.push_str(&text),
-                        _ => {
-                            if let Some((s, data)) = pending.take() {
-                                send(FollowItem::Output { stream: Some(s.as_str().into()), data })
-                                    .await?;
-                            }
-                            pending = Some((c.stream, text));
-                        }
-                    }
-                }
-                if let Some((s, data)) = pending {
-                    send(FollowItem::Output { stream: Some(s.as_str().into()), data }).await?;
-                }
-            }
-            for (i, rest) in carry.iter().enumerate() {
-                if !rest.is_empty() {
-                    let s = if i == 0 { Stream::Stdout } else { Stream::Stderr };
-                    let data = String::from_utf8_lossy(rest).into_owned();
-                    send(FollowItem::Output { stream: Some(s.as_str().into()), data }).await?;
-                }
-            }
-        }
-        // 4. The run's end, once it is recorded.
-        loop {
-            let rec = store.get_run(arg.id).await.map_err(|e| e.to_string())?;
-            if rec.state.is_final() {
-                send(FollowItem::End { run: Box::new(RunInfo::from(&rec)) }).await?;
-                return Ok(());
-            }
-            loop {
-                match events.recv().await {
-                    Ok(e) if e.run == Some(arg.id) && e.kind == EventKind::RunFinished => break,
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        return Err("the daemon is shutting down".into());
-                    }
-                }
-            }
-        }
+        follow::follow(self.registry.store().clone(), conn, pending, arg).await
     }
 }
