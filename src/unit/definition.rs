@@ -605,95 +605,213 @@ fn one_of<T: Copy>(field: &str, v: &str, options: &[(&str, T)]) -> Result<T> {
     })
 }
 
+/// `command`, `script`, or neither (a tick unit, every `every`).
+fn action_of(def: &UnitDef, every: Option<Duration>) -> Result<Action> {
+    Ok(match (&def.command, &def.script) {
+        (Some(_), Some(_)) => {
+            return Err(Error::invalid("script", "give either command or script, not both"));
+        }
+        (Some(cmd), None) => {
+            if cmd.is_empty() {
+                return Err(Error::invalid("command", "must not be empty"));
+            }
+            if cmd[0].is_empty() {
+                return Err(Error::invalid("command", "the program (first element) is empty"));
+            }
+            if cmd.iter().any(|a| a.contains('\0')) {
+                return Err(Error::invalid("command", "arguments must not contain NUL"));
+            }
+            Action::Command(cmd.clone())
+        }
+        (None, Some(text)) => {
+            if text.trim().is_empty() {
+                return Err(Error::invalid("script", "must not be empty"));
+            }
+            Action::Script(text.clone())
+        }
+        (None, None) => Action::Tick(every.unwrap_or(Duration::from_secs(1))),
+    })
+}
+
+/// `every` or `cron` (with `tz`), checked against the unit's kind.
+fn schedule_of(
+    def: &UnitDef,
+    service: bool,
+    is_tick: bool,
+    every: Option<Duration>,
+) -> Result<Option<Schedule>> {
+    if def.every.is_some() && def.cron.is_some() {
+        return Err(Error::invalid("cron", "give at most one of every and cron"));
+    }
+    if service && (def.every.is_some() || def.cron.is_some()) {
+        let f = if def.every.is_some() { "every" } else { "cron" };
+        return Err(Error::invalid(f, "a service runs continuously and takes no schedule"));
+    }
+    if def.tz.is_some() && def.cron.is_none() {
+        return Err(Error::invalid("tz", "only applies to cron schedules"));
+    }
+    if is_tick && def.cron.is_some() {
+        return Err(Error::invalid(
+            "cron",
+            "a tick unit (no command or script) ticks every `every`; give a command to use cron",
+        ));
+    }
+    Ok(if is_tick {
+        None
+    } else if let Some(d) = every {
+        Some(Schedule::every(d))
+    } else if let Some(expr) = &def.cron {
+        Some(
+            Schedule::cron(expr, def.tz.as_deref())
+                .map_err(|(field, reason)| Error::invalid(field, reason))?,
+        )
+    } else {
+        None
+    })
+}
+
+/// `restart`: services only; on failure by default.
+fn restart_of(def: &UnitDef, service: bool) -> Result<Restart> {
+    Ok(match &def.restart {
+        None => {
+            if service {
+                Restart::OnFailure
+            } else {
+                Restart::Never
+            }
+        }
+        Some(r) => {
+            let r = one_of(
+                "restart",
+                r,
+                &[
+                    ("always", Restart::Always),
+                    ("on-failure", Restart::OnFailure),
+                    ("never", Restart::Never),
+                ],
+            )?;
+            if !service && r != Restart::Never {
+                return Err(Error::invalid(
+                    "restart",
+                    "only services restart; use retries for jobs, or set service = true",
+                ));
+            }
+            r
+        }
+    })
+}
+
+/// `retries`: jobs only, at most 1000.
+fn retries_of(def: &UnitDef, service: bool) -> Result<u32> {
+    let retries = def.retries.unwrap_or(0);
+    if retries > 1000 {
+        return Err(Error::invalid("retries", "at most 1000"));
+    }
+    if service && retries > 0 {
+        return Err(Error::invalid("retries", "services restart instead; use restart/backoff"));
+    }
+    Ok(retries)
+}
+
+/// `success_codes`: exit codes, at least one; `[0]` by default.
+fn success_codes_of(def: &UnitDef) -> Result<Vec<i32>> {
+    let success_codes = def.success_codes.clone().unwrap_or_else(|| vec![0]);
+    if success_codes.is_empty() {
+        return Err(Error::invalid("success_codes", "must list at least one exit code"));
+    }
+    if let Some(bad) = success_codes.iter().find(|c| !(0..=255).contains(*c)) {
+        return Err(Error::invalid("success_codes", format!("{bad} is not an exit code (0-255)")));
+    }
+    Ok(success_codes)
+}
+
+/// `env`: names without `=` or NUL, values without NUL.
+fn env_of(def: &UnitDef) -> Result<BTreeMap<String, String>> {
+    let env = def.env.clone().unwrap_or_default();
+    for (k, v) in &env {
+        if k.is_empty() {
+            return Err(Error::invalid("env", "variable names must not be empty"));
+        }
+        if k.contains('=') || k.contains('\0') {
+            return Err(Error::invalid(format!("env.{k}"), "names contain neither '=' nor NUL"));
+        }
+        if v.contains('\0') {
+            return Err(Error::invalid(format!("env.{k}"), "values must not contain NUL"));
+        }
+    }
+    Ok(env)
+}
+
+/// `cwd`: an absolute path (where it leads is checked against the file system later).
+fn cwd_of(def: &UnitDef) -> Result<Option<PathBuf>> {
+    Ok(match &def.cwd {
+        None => None,
+        Some(c) => {
+            let p = PathBuf::from(c);
+            if !p.is_absolute() {
+                return Err(Error::invalid("cwd", format!("{c:?} must be an absolute path")));
+            }
+            // Where it leads (and so whether it is allowed) is a question for the file
+            // system, asked at `Add`, `Edit` and each spawn: `ValidateCtx::resolve_cwd`.
+            Some(p)
+        }
+    })
+}
+
+/// `user`: another account, for a daemon running as root.
+fn user_of(def: &UnitDef, ctx: &ValidateCtx) -> Result<Option<String>> {
+    Ok(match &def.user {
+        None => None,
+        Some(u) => {
+            if u.is_empty() {
+                return Err(Error::invalid("user", "must not be empty"));
+            }
+            if !ctx.is_root {
+                return Err(Error::invalid(
+                    "user",
+                    "running as another account needs a daemon running as root",
+                ));
+            }
+            Some(u.clone())
+        }
+    })
+}
+
+/// `log_limit`: bytes kept per stream, 1 KiB to 1 GiB; 1 MiB by default.
+fn log_limit_of(def: &UnitDef) -> Result<u64> {
+    Ok(match &def.log_limit {
+        None => 1 << 20,
+        Some(s) => {
+            let n = parse_size(s).map_err(|e| Error::invalid("log_limit", e))?;
+            if !(1024..=(1 << 30)).contains(&n) {
+                return Err(Error::invalid("log_limit", "must be between 1KiB and 1GiB"));
+            }
+            n
+        }
+    })
+}
+
+/// `hosts`: `["local"]` until agents exist.
+fn hosts_of(def: &UnitDef) -> Result<Vec<String>> {
+    let hosts = def.hosts.clone().unwrap_or_else(|| vec!["local".into()]);
+    if hosts != ["local"] {
+        return Err(Error::invalid(
+            "hosts",
+            "only [\"local\"] is supported by this daemon (agents come later)",
+        ));
+    }
+    Ok(hosts)
+}
+
 impl UnitConfig {
     /// Validates `def`, naming the field and the reason on the first problem found.
     pub fn validate(def: UnitDef, ctx: &ValidateCtx) -> Result<UnitConfig> {
         validate_name(&def.name)?;
         let service = def.service.unwrap_or(false);
-
         let every = duration_field("every", &def.every)?;
-        let action = match (&def.command, &def.script) {
-            (Some(_), Some(_)) => {
-                return Err(Error::invalid("script", "give either command or script, not both"));
-            }
-            (Some(cmd), None) => {
-                if cmd.is_empty() {
-                    return Err(Error::invalid("command", "must not be empty"));
-                }
-                if cmd[0].is_empty() {
-                    return Err(Error::invalid("command", "the program (first element) is empty"));
-                }
-                if cmd.iter().any(|a| a.contains('\0')) {
-                    return Err(Error::invalid("command", "arguments must not contain NUL"));
-                }
-                Action::Command(cmd.clone())
-            }
-            (None, Some(text)) => {
-                if text.trim().is_empty() {
-                    return Err(Error::invalid("script", "must not be empty"));
-                }
-                Action::Script(text.clone())
-            }
-            (None, None) => Action::Tick(every.unwrap_or(Duration::from_secs(1))),
-        };
-        let is_tick = matches!(action, Action::Tick(_));
-
-        if def.every.is_some() && def.cron.is_some() {
-            return Err(Error::invalid("cron", "give at most one of every and cron"));
-        }
-        if service && (def.every.is_some() || def.cron.is_some()) {
-            let f = if def.every.is_some() { "every" } else { "cron" };
-            return Err(Error::invalid(f, "a service runs continuously and takes no schedule"));
-        }
-        if def.tz.is_some() && def.cron.is_none() {
-            return Err(Error::invalid("tz", "only applies to cron schedules"));
-        }
-        if is_tick && def.cron.is_some() {
-            return Err(Error::invalid(
-                "cron",
-                "a tick unit (no command or script) ticks every `every`; give a command to use cron",
-            ));
-        }
-        let schedule = if is_tick {
-            None
-        } else if let Some(d) = every {
-            Some(Schedule::every(d))
-        } else if let Some(expr) = &def.cron {
-            Some(
-                Schedule::cron(expr, def.tz.as_deref())
-                    .map_err(|(field, reason)| Error::invalid(field, reason))?,
-            )
-        } else {
-            None
-        };
-
-        let restart = match &def.restart {
-            None => {
-                if service {
-                    Restart::OnFailure
-                } else {
-                    Restart::Never
-                }
-            }
-            Some(r) => {
-                let r = one_of(
-                    "restart",
-                    r,
-                    &[
-                        ("always", Restart::Always),
-                        ("on-failure", Restart::OnFailure),
-                        ("never", Restart::Never),
-                    ],
-                )?;
-                if !service && r != Restart::Never {
-                    return Err(Error::invalid(
-                        "restart",
-                        "only services restart; use retries for jobs, or set service = true",
-                    ));
-                }
-                r
-            }
-        };
+        let action = action_of(&def, every)?;
+        let schedule = schedule_of(&def, service, matches!(action, Action::Tick(_)), every)?;
+        let restart = restart_of(&def, service)?;
         let backoff = match &def.backoff {
             None => Backoff { first: Duration::from_secs(1), max: Duration::from_secs(60) },
             Some(s) => parse_backoff(s).map_err(|e| Error::invalid("backoff", e))?,
@@ -702,13 +820,7 @@ impl UnitConfig {
             None => StartLimit { count: 5, window: Duration::from_secs(60) },
             Some(s) => parse_start_limit(s).map_err(|e| Error::invalid("start_limit", e))?,
         };
-        let retries = def.retries.unwrap_or(0);
-        if retries > 1000 {
-            return Err(Error::invalid("retries", "at most 1000"));
-        }
-        if service && retries > 0 {
-            return Err(Error::invalid("retries", "services restart instead; use restart/backoff"));
-        }
+        let retries = retries_of(&def, service)?;
         let timeout = duration_field("timeout", &def.timeout)?;
         let kill_grace =
             duration_field("kill_grace", &def.kill_grace)?.unwrap_or(Duration::from_secs(5));
@@ -729,75 +841,12 @@ impl UnitConfig {
             None => CatchUp::Skip,
             Some(c) => one_of("catch_up", c, &[("skip", CatchUp::Skip), ("once", CatchUp::Once)])?,
         };
-        let success_codes = def.success_codes.clone().unwrap_or_else(|| vec![0]);
-        if success_codes.is_empty() {
-            return Err(Error::invalid("success_codes", "must list at least one exit code"));
-        }
-        if let Some(bad) = success_codes.iter().find(|c| !(0..=255).contains(*c)) {
-            return Err(Error::invalid(
-                "success_codes",
-                format!("{bad} is not an exit code (0-255)"),
-            ));
-        }
-        let env = def.env.clone().unwrap_or_default();
-        for (k, v) in &env {
-            if k.is_empty() {
-                return Err(Error::invalid("env", "variable names must not be empty"));
-            }
-            if k.contains('=') || k.contains('\0') {
-                return Err(Error::invalid(
-                    format!("env.{k}"),
-                    "names contain neither '=' nor NUL",
-                ));
-            }
-            if v.contains('\0') {
-                return Err(Error::invalid(format!("env.{k}"), "values must not contain NUL"));
-            }
-        }
-        let cwd = match &def.cwd {
-            None => None,
-            Some(c) => {
-                let p = PathBuf::from(c);
-                if !p.is_absolute() {
-                    return Err(Error::invalid("cwd", format!("{c:?} must be an absolute path")));
-                }
-                // Where it leads (and so whether it is allowed) is a question for the file
-                // system, asked at `Add`, `Edit` and each spawn: `ValidateCtx::resolve_cwd`.
-                Some(p)
-            }
-        };
-        let user = match &def.user {
-            None => None,
-            Some(u) => {
-                if u.is_empty() {
-                    return Err(Error::invalid("user", "must not be empty"));
-                }
-                if !ctx.is_root {
-                    return Err(Error::invalid(
-                        "user",
-                        "running as another account needs a daemon running as root",
-                    ));
-                }
-                Some(u.clone())
-            }
-        };
-        let log_limit = match &def.log_limit {
-            None => 1 << 20,
-            Some(s) => {
-                let n = parse_size(s).map_err(|e| Error::invalid("log_limit", e))?;
-                if !(1024..=(1 << 30)).contains(&n) {
-                    return Err(Error::invalid("log_limit", "must be between 1KiB and 1GiB"));
-                }
-                n
-            }
-        };
-        let hosts = def.hosts.clone().unwrap_or_else(|| vec!["local".into()]);
-        if hosts != ["local"] {
-            return Err(Error::invalid(
-                "hosts",
-                "only [\"local\"] is supported by this daemon (agents come later)",
-            ));
-        }
+        let success_codes = success_codes_of(&def)?;
+        let env = env_of(&def)?;
+        let cwd = cwd_of(&def)?;
+        let user = user_of(&def, ctx)?;
+        let log_limit = log_limit_of(&def)?;
+        let hosts = hosts_of(&def)?;
         if let Some(0) = def.keep_runs {
             return Err(Error::invalid("keep_runs", "must be at least 1"));
         }
