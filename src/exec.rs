@@ -100,6 +100,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::names::named_enum;
+
 /// The search path used when the command's environment has no `PATH`.
 pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
@@ -188,13 +190,15 @@ impl User {
     }
 }
 
-/// Which output pipe a chunk was read from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stream {
-    /// Standard output.
-    Stdout,
-    /// Standard error.
-    Stderr,
+named_enum! {
+    /// Which output pipe a chunk was read from; the same two streams all the way to the log
+    /// and the wire.
+    pub enum Stream("a stream") {
+        /// Standard output.
+        Stdout = "stdout",
+        /// Standard error.
+        Stderr = "stderr",
+    }
 }
 
 /// A piece of output, as read from the pipe.

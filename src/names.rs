@@ -1,5 +1,5 @@
 //! Enums whose values have names on the wire and in the store (`RunState`, `Trigger`,
-//! `UnitState`, `StopReason`, `EventKind`): each name is written once, in the enum's
+//! `UnitState`, `StopReason`, `EventKind`, `Stream`): each name is written once, in the enum's
 //! definition, and `ALL`, `as_str`, `FromStr` and `Display` all come from it.
 
 /// Defines a fieldless enum with a wire name per variant:
@@ -65,6 +65,7 @@ pub(crate) use named_enum;
 mod tests {
     use std::str::FromStr;
 
+    use crate::exec::Stream;
     use crate::run::{RunState, StopReason, Trigger};
     use crate::store::EventKind;
     use crate::unit::UnitState;
@@ -87,6 +88,7 @@ mod tests {
         round_trips(&StopReason::ALL);
         round_trips(&UnitState::ALL);
         round_trips(&EventKind::ALL);
+        round_trips(&Stream::ALL);
         let err = "later".parse::<RunState>().unwrap_err();
         assert!(err.starts_with("\"later\" is not a run state (queued, running,"), "{err}");
     }

@@ -285,15 +285,8 @@ struct ToSink<S> {
 
 impl<S: RunSink> exec::Output for ToSink<S> {
     async fn send(&mut self, c: exec::Chunk) -> bool {
-        self.sink.write(self.run, to_log_stream(c.stream), c.at, c.data).await;
+        self.sink.write(self.run, c.stream, c.at, c.data).await;
         true
-    }
-}
-
-fn to_log_stream(s: exec::Stream) -> Stream {
-    match s {
-        exec::Stream::Stdout => Stream::Stdout,
-        exec::Stream::Stderr => Stream::Stderr,
     }
 }
 

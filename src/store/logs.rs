@@ -24,24 +24,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use super::live::{LIVE_BUDGET, LiveFeed, LiveReceiver};
 use crate::error::{Error, Result};
 
-/// Which output stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stream {
-    /// Standard output.
-    Stdout,
-    /// Standard error.
-    Stderr,
-}
+pub use crate::exec::Stream;
 
+/// Where a stream's records go in a log file.
 impl Stream {
-    /// `stdout` or `stderr`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stream::Stdout => "stdout",
-            Stream::Stderr => "stderr",
-        }
-    }
-
     fn index(self) -> usize {
         match self {
             Stream::Stdout => 0,
