@@ -6,7 +6,9 @@
 //! jsonrpsee copies once) that means handing the pages back after every call and faulting
 //! them in again at the next: a third of the call's time. [`tune`] fixes the thresholds so
 //! an arena keeps up to [`KEEP_FREE`] of freed memory at its top and blocks below
-//! [`MAP_FROM`] come from the arenas.
+//! [`MAP_FROM`] come from the arenas: enough for the replies of a thousand units, not so much
+//! that a machine with many arenas keeps much (at most `KEEP_FREE` each; larger blocks are
+//! mapped and unmapped on their own, as before).
 //!
 //! What is kept is not lost: whoever frees a lot at once (a connection with a large backlog
 //! gone, a large message written) calls [`note_large_free`], and [`give_back_after_bursts`]
@@ -21,10 +23,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Freed memory an arena keeps at its top instead of handing it back at once.
-pub const KEEP_FREE: usize = 8 << 20;
+pub const KEEP_FREE: usize = 2 << 20;
 
 /// Blocks this large or larger get a mapping of their own (freed straight back).
-pub const MAP_FROM: usize = 4 << 20;
+pub const MAP_FROM: usize = 1 << 20;
 
 /// How long a burst of large frees is given to end before the heap is trimmed.
 const SETTLE: Duration = Duration::from_secs(1);

@@ -498,12 +498,13 @@ pub async fn del(ctx: &Ctx, a: DelArgs) -> anyhow::Result<()> {
 pub async fn list(ctx: &Ctx, a: ListArgs) -> anyhow::Result<()> {
     let filtered = a.state.is_some() || a.glob.is_some() || a.after.is_some();
     let want = a.limit.unwrap_or(usize::MAX);
-    // Page by page, of the largest size the daemon gives (a daemon with a thousand units answers
-    // in one call, not two); one more than asked for, so that a cut list can say so.
+    // Page by page, of the daemon's default size plus one (a daemon with a thousand units
+    // answers in one call, not two; a page stays far below the 16 MiB reply limit, whatever
+    // the descriptions); one more than asked for, so that a cut list can say so.
     let mut units: Vec<UnitSummary> = Vec::new();
     let mut after = a.after;
     let more = loop {
-        let page = (want.saturating_add(1) - units.len()).min(UNIT_PAGE.1 as usize) as u32;
+        let page = (want.saturating_add(1) - units.len()).min(UNIT_PAGE.0 as usize + 1) as u32;
         let arg = ListArg {
             state: a.state.clone(),
             name_glob: a.glob.clone(),

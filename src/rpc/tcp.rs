@@ -594,8 +594,9 @@ async fn write_message<W: AsyncWrite + Unpin>(
     let msg = msg.get().as_bytes();
     let write = async {
         if msg.len() > COPIED_MESSAGE {
-            wr.write_all(msg).await?;
-            wr.write_all(b"\n").await
+            // Vectored where the transport can: one system call, no separate `\n` segment.
+            let mut both = bytes::Buf::chain(msg, &b"\n"[..]);
+            wr.write_all_buf(&mut both).await
         } else {
             // Exact, so a connection keeps at most `COPIED_MESSAGE` bytes of buffer.
             buf.clear();

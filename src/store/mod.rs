@@ -886,12 +886,21 @@ impl Store {
         .await
     }
 
-    /// Events with a sequence number above `after`, oldest first, at most `limit`.
+    /// Events with a sequence number above `after`, oldest first, at most `limit`. Events of
+    /// a kind this build does not know (written by a newer one) are left out, so replaying
+    /// the rest still works after a downgrade, page by page.
     pub async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>> {
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            let kinds: Vec<String> =
+                EventKind::ALL.iter().map(|k| format!("'{}'", k.as_str())).collect();
+            format!(
+                "SELECT seq, time, kind, unit, run, state FROM events \
+                 WHERE seq > ?1 AND kind IN ({}) ORDER BY seq LIMIT ?2",
+                kinds.join(", ")
+            )
+        });
         self.call(move |t| {
-            let mut st = t.conn.prepare_cached(
-                "SELECT seq, time, kind, unit, run, state FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
+            let mut st = t.conn.prepare_cached(&SQL)?;
             let rows = st
                 .query_map(params![after, limit], |r| {
                     Ok(Event {
@@ -1504,5 +1513,34 @@ mod tests {
         store.emit(EventKind::UnitFatal, "u", None);
         let e = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
         assert_eq!(e.expect("committed after lingering").unwrap().kind, EventKind::UnitFatal);
+    }
+
+    #[tokio::test]
+    async fn events_of_a_kind_this_build_does_not_know_are_left_out_of_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.emit(EventKind::UnitFatal, "a", None);
+        // As a newer build might have written it.
+        store
+            .call(|t| {
+                t.conn.execute(
+                    "INSERT INTO events(time, kind, unit) VALUES (0, 'agent.connected', 'h')",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        store.emit(EventKind::UnitFatal, "b", None);
+        store.flush().await.unwrap();
+        let units: Vec<String> =
+            store.events_after(0, 1).await.unwrap().into_iter().map(|e| e.unit).collect();
+        assert_eq!(units, ["a"]);
+        let after = store.events_after(0, 10).await.unwrap();
+        let units: Vec<&str> = after.iter().map(|e| e.unit.as_str()).collect();
+        assert_eq!(units, ["a", "b"]);
+        // A page that ends before the unknown one, then the next page: nothing lost.
+        let next = store.events_after(after[0].seq, 1).await.unwrap();
+        assert_eq!(next[0].unit, "b");
     }
 }

@@ -109,6 +109,9 @@ pub enum Control {
     },
 }
 
+/// A `TaskUnit.Start` waiting in a unit's mailbox: why, and who to answer.
+pub(crate) type StartRequest = (Trigger, oneshot::Sender<Result<RunRecord>>);
+
 /// The requests waiting for a unit's loop. A queue and a `Notify` rather than a channel: a
 /// tokio channel allocates a block of slots up front, which at 100,000 idle units is most
 /// of a unit's memory. How many requests can wait is bounded by the RPC limits (connections
@@ -162,17 +165,17 @@ impl Inbox {
     }
 
     /// Takes the `Start` requests at the front of the queue, up to `max`, without waiting, so
-    /// that a burst of starts of one unit is recorded in one change. Stops at the first other
-    /// request: requests are still handled in the order they came.
-    pub(crate) fn take_starts(
-        &mut self,
-        max: usize,
-    ) -> Vec<(Trigger, oneshot::Sender<Result<RunRecord>>)> {
+    /// that a burst of starts of one unit is recorded in one change. `Started` notices met
+    /// on the way are taken too and returned apart (they only update records, so handling
+    /// them after the starts changes nothing, and they would otherwise split the burst).
+    /// Stops at the first other request: requests are still handled in the order they came.
+    pub(crate) fn take_starts(&mut self, max: usize) -> (Vec<StartRequest>, Vec<Control>) {
         let mut q = self.0.mailbox.queue();
-        let mut starts = Vec::new();
+        let (mut starts, mut notices) = (Vec::new(), Vec::new());
         while starts.len() < max {
             match q.items.pop_front() {
                 Some(Control::Start { trigger, reply }) => starts.push((trigger, reply)),
+                Some(n @ Control::Started { .. }) => notices.push(n),
                 Some(other) => {
                     q.items.push_front(other);
                     break;
@@ -180,7 +183,7 @@ impl Inbox {
                 None => break,
             }
         }
-        starts
+        (starts, notices)
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::definition::{CatchUp, Overlap, Restart, UnitConfig};
-use super::handle::{Control, Inbox, UnitHandle, UnitShared, UnitState, UnitStatus};
+use super::handle::{Control, Inbox, StartRequest, UnitHandle, UnitShared, UnitState, UnitStatus};
 use crate::error::{Error, Result};
 use crate::executor::{LocalExecutor, OnStart, StopCause};
 use crate::run::{RunRecord, RunState, StopReason, Trigger};
@@ -207,8 +207,12 @@ impl Loop {
                     // one and record them all in one change.
                     Some(Control::Start { trigger, reply }) if self.starts_together() => {
                         let mut starts = vec![(trigger, reply)];
-                        starts.extend(rx.take_starts(STARTS_TOGETHER - 1));
+                        let (more, notices) = rx.take_starts(STARTS_TOGETHER - 1);
+                        starts.extend(more);
                         Box::pin(self.manual_starts(starts)).await;
+                        for n in notices {
+                            Box::pin(self.control(n)).await;
+                        }
                     }
                     Some(c) => {
                         if Box::pin(self.control(c)).await {
@@ -552,7 +556,7 @@ impl Loop {
 
     /// Several `Start`s of a unit for which each is a new run ([`Loop::starts_together`]),
     /// recorded in one change (one commit), then launched and answered in order.
-    async fn manual_starts(&mut self, starts: Vec<(Trigger, oneshot::Sender<Result<RunRecord>>)>) {
+    async fn manual_starts(&mut self, starts: Vec<StartRequest>) {
         // What `manual_start` does before starting; `stopped` only concerns continuous units.
         self.fatal = false;
         self.failures_in_row = 0;
