@@ -427,9 +427,6 @@ pub fn become_subreaper() -> io::Result<()> {
 /// Used at daemon start to kill the process groups of runs left over from a crashed daemon;
 /// check [`boot_id`] first, as ticks from another boot mean nothing.
 pub fn kill_stale_group(pgid: u32, start_ticks: u64, sig: Signal) -> usize {
-    if pgid <= 1 || pgid > i32::MAX as u32 {
-        return 0;
-    }
     signal_stale_group(pgid, start_ticks, sig, &group_members(pgid))
 }
 

@@ -121,6 +121,37 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// Run `id` of `unit` as it is created: `state` (`queued` or `running`), nothing run yet,
+    /// on this host. Set `scheduled_at` and `started_at` as they apply.
+    pub fn fresh(
+        id: i64,
+        unit: String,
+        state: RunState,
+        trigger: Trigger,
+        attempt: u32,
+        queued_at: Timestamp,
+    ) -> Self {
+        RunRecord {
+            id,
+            unit,
+            state,
+            trigger,
+            attempt,
+            host: "local".into(),
+            pid: None,
+            queued_at,
+            scheduled_at: None,
+            started_at: None,
+            ended_at: None,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            truncated: false,
+        }
+    }
+
     /// Why taskd stopped it, if it did (a `cancelled` or `timed_out` run).
     pub fn stop_reason(&self) -> Option<StopReason> {
         matches!(self.state, RunState::Cancelled | RunState::TimedOut)

@@ -540,23 +540,8 @@ mod tests {
             .unwrap();
         let now = Timestamp::now();
         let rec = RunRecord {
-            id: 7,
-            unit: "u".into(),
-            state: RunState::Running,
-            trigger: Trigger::Manual,
-            attempt: 1,
-            host: "local".into(),
-            pid: None,
-            queued_at: now,
-            scheduled_at: None,
             started_at: Some(now),
-            ended_at: None,
-            exit_code: None,
-            signal: None,
-            reason: None,
-            stdout_bytes: 0,
-            stderr_bytes: 0,
-            truncated: false,
+            ..RunRecord::fresh(7, "u".into(), RunState::Running, Trigger::Manual, 1, now)
         };
         let told = Arc::new(Mutex::new(None));
         let t = told.clone();

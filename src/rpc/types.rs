@@ -677,23 +677,16 @@ mod tests {
                 .unwrap();
         let at: Timestamp = "2026-12-02T14:35:37.123456Z".parse().unwrap();
         let run = RunRecord {
-            id: 7,
-            unit: "nightly".into(),
-            state: RunState::Failed,
-            trigger: Trigger::Schedule,
-            attempt: 2,
-            host: "local".into(),
             pid: Some(4242),
-            queued_at: at,
             scheduled_at: Some(at),
             started_at: Some(at),
             ended_at: Some(at + jiff::SignedDuration::from_millis(1500)),
             exit_code: Some(3),
-            signal: None,
             reason: Some("exited with 3".into()),
             stdout_bytes: 10,
             stderr_bytes: 20,
             truncated: true,
+            ..RunRecord::fresh(7, "nightly".into(), RunState::Failed, Trigger::Schedule, 2, at)
         };
         let status = UnitStatus {
             state: UnitState::Waiting,

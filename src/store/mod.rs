@@ -1072,23 +1072,9 @@ fn insert_run(
         if state == RunState::Running { EventKind::RunStarted } else { EventKind::RunQueued };
     t.emit(kind, &unit, Some(id), Some(state.as_str()))?;
     Ok(RunRecord {
-        id,
-        unit,
-        state,
-        trigger,
-        attempt,
-        host: "local".into(),
-        pid: None,
-        queued_at: now,
         scheduled_at,
         started_at: started,
-        ended_at: None,
-        exit_code: None,
-        signal: None,
-        reason: None,
-        stdout_bytes: 0,
-        stderr_bytes: 0,
-        truncated: false,
+        ..RunRecord::fresh(id, unit, state, trigger, attempt, now)
     })
 }
 
