@@ -81,6 +81,22 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub allowed_users: Vec<String>,
+    /// An agent silent this long is disconnected [default: 15s]
+    #[arg(long, env = "TASKD_AGENT_TIMEOUT", value_name = "DURATION")]
+    pub agent_timeout: Option<String>,
+    /// Runs of a disconnected agent become `lost` after this long [default: 5m]
+    #[arg(long, env = "TASKD_LOST_AFTER", value_name = "DURATION")]
+    pub lost_after: Option<String>,
+    /// Run as a host agent instead (`taskd agent --help`)
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// `taskd`'s subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Run on a host as an agent of a taskd server: connects out, runs what it is assigned.
+    Agent(crate::agent::AgentArgs),
 }
 
 /// Keys of `taskd.toml`. Every flag has a key of the same name (with `_`), plus the limits.
@@ -117,6 +133,10 @@ pub struct FileConfig {
     pub idle_timeout: Option<String>,
     /// Most units (default 100000).
     pub max_units: Option<usize>,
+    /// `--agent-timeout`.
+    pub agent_timeout: Option<String>,
+    /// `--lost-after`.
+    pub lost_after: Option<String>,
 }
 
 /// The resolved configuration.
@@ -152,6 +172,10 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Most units.
     pub max_units: usize,
+    /// An agent silent this long is disconnected.
+    pub agent_timeout: Duration,
+    /// Runs of a disconnected agent become `lost` after this long.
+    pub lost_after: Duration,
 }
 
 /// Whether the current process runs as root.
@@ -216,6 +240,16 @@ impl Config {
             None => Duration::from_secs(300),
             Some(s) => parse_duration(s).map_err(|e| anyhow::anyhow!("idle_timeout: {e}"))?,
         };
+        let setting =
+            |name: &str, arg: &Option<String>, file: &Option<String>, default: u64| match arg
+                .as_ref()
+                .or(file.as_ref())
+            {
+                None => Ok(Duration::from_secs(default)),
+                Some(s) => parse_duration(s).map_err(|e| anyhow::anyhow!("{name}: {e}")),
+            };
+        let agent_timeout = setting("agent_timeout", &args.agent_timeout, &file.agent_timeout, 15)?;
+        let lost_after = setting("lost_after", &args.lost_after, &file.lost_after, 300)?;
         let cfg = Config {
             listen: args.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
             state_dir,
@@ -240,6 +274,8 @@ impl Config {
             max_in_flight: file.max_in_flight.unwrap_or(64).max(1),
             idle_timeout,
             max_units: file.max_units.unwrap_or(100_000).max(1),
+            agent_timeout,
+            lost_after,
         };
         Ok(cfg)
     }

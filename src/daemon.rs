@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{AuthMode, Config};
 use crate::error::Error;
 use crate::exec;
+use crate::fleet::{Fleet, FleetConfig};
 use crate::heap;
 use crate::registry::{Registry, RegistryConfig};
 use crate::rpc::api::{Api, ApiContext, methods};
@@ -139,8 +140,11 @@ pub async fn run(
     let local = socket.local_addr()?;
     let Opened { _lock, store, token } = open_state(&cfg, &local)?;
     let stopping = Stopping::default();
+    let fleet_cfg = FleetConfig { agent_timeout: cfg.agent_timeout, lost_after: cfg.lost_after };
+    let fleet = Fleet::open(store.clone(), fleet_cfg, stopping.listener_stop.clone()).await?;
     let registry = Registry::open(
         store.clone(),
+        fleet,
         RegistryConfig {
             validate: ValidateCtx {
                 is_root: crate::config::is_root(),

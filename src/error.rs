@@ -21,6 +21,10 @@ pub mod codes {
     pub const STORAGE: i32 = -32056;
     /// The request is well-formed but not allowed in the unit's or run's current state.
     pub const CONFLICT: i32 = -32057;
+    /// No agent has that name.
+    pub const AGENT_NOT_FOUND: i32 = -32058;
+    /// No dispatch has that id.
+    pub const DISPATCH_NOT_FOUND: i32 = -32059;
 }
 
 /// Everything that can go wrong inside taskd's engine.
@@ -43,6 +47,15 @@ pub enum Error {
     /// No run with this id.
     #[error("run {0} not found")]
     RunNotFound(i64),
+    /// No agent with this name.
+    #[error("agent {} not found", shown_name(.0))]
+    AgentNotFound(String),
+    /// No dispatch with this id.
+    #[error("dispatch {0} not found")]
+    DispatchNotFound(i64),
+    /// A join token or an agent credential was refused; the message says why.
+    #[error("{0}")]
+    Unauthorized(String),
     /// The operation does not apply in the current state.
     #[error("{0}")]
     Conflict(String),
@@ -90,6 +103,9 @@ impl Error {
             Error::UnitExists(_) => codes::UNIT_EXISTS,
             Error::UnitNotFound(_) => codes::UNIT_NOT_FOUND,
             Error::RunNotFound(_) => codes::RUN_NOT_FOUND,
+            Error::AgentNotFound(_) => codes::AGENT_NOT_FOUND,
+            Error::DispatchNotFound(_) => codes::DISPATCH_NOT_FOUND,
+            Error::Unauthorized(_) => codes::UNAUTHORIZED,
             Error::Conflict(_) | Error::ShuttingDown => codes::CONFLICT,
             Error::Limit(_) => codes::LIMIT_EXCEEDED,
             Error::Store(_) | Error::Storage(_) | Error::NotRecorded(_) | Error::Io { .. } => {

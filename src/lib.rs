@@ -27,13 +27,16 @@
 
 mod names;
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod exec;
 pub mod executor;
+pub mod fleet;
 pub mod heap;
+pub mod proto;
 pub mod registry;
 pub mod rpc;
 pub mod run;

@@ -3,7 +3,7 @@
 //! work to each unit's loop; it never holds the map's lock across an `.await` (it clones the
 //! handle out).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -17,8 +17,10 @@ use tokio_util::task::TaskTracker;
 use crate::error::{Error, Result};
 use crate::exec;
 use crate::executor::LocalExecutor;
+use crate::fleet::Fleet;
+use crate::fleet::remote::RemoteExecutor;
 use crate::run::{RunRecord, Trigger};
-use crate::store::{RunFilter, Store, StoredUnit};
+use crate::store::{DispatchRecord, RunFilter, Store, StoredUnit};
 use crate::unit::definition::{FIELDS, merge_patch};
 use crate::unit::runner::{self, InitialState, RunnerEnv};
 use crate::unit::{Control, UnitConfig, UnitDef, UnitHandle, UnitState, UnitStatus, ValidateCtx};
@@ -198,6 +200,7 @@ impl Registry {
     /// killed), loads every unit and starts its loop.
     pub async fn open(
         store: Store,
+        fleet: Fleet,
         cfg: RegistryConfig,
         root: CancellationToken,
         tracker: TaskTracker,
@@ -213,7 +216,17 @@ impl Registry {
         );
         let stale = store.recover_stale_runs().await?;
         executor.recover(&stale, &root, &tracker).await;
-        let env = Arc::new(RunnerEnv { store: store.clone(), keep_runs: cfg.keep_runs, executor });
+        let remote = Arc::new(RemoteExecutor::new(fleet));
+        let env = Arc::new(RunnerEnv {
+            store: store.clone(),
+            keep_runs: cfg.keep_runs,
+            executor,
+            remote,
+        });
+        let mut open: HashMap<String, Vec<(DispatchRecord, Vec<RunRecord>)>> = HashMap::new();
+        for (d, runs) in store.open_dispatches().await? {
+            open.entry(d.unit.clone()).or_default().push((d, runs));
+        }
         let reg = Registry(Arc::new(Shared {
             units: Units::default(),
             store: store.clone(),
@@ -233,7 +246,8 @@ impl Registry {
                 after = u.name.clone();
             }
             for (u, last_run) in page {
-                reg.load(u, last_run);
+                let dispatches = open.remove(&u.name).unwrap_or_default();
+                reg.load(u, last_run, dispatches);
             }
             if !full {
                 break;
@@ -249,7 +263,12 @@ impl Registry {
 
     /// Starts the loop of a stored unit; one whose definition no longer parses or validates
     /// is skipped, and says why.
-    fn load(&self, u: StoredUnit, last_run: Option<RunRecord>) {
+    fn load(
+        &self,
+        u: StoredUnit,
+        last_run: Option<RunRecord>,
+        dispatches: Vec<(DispatchRecord, Vec<RunRecord>)>,
+    ) {
         let def = match UnitDef::from_json(u.definition) {
             Ok(d) => d,
             Err(e) => {
@@ -278,6 +297,7 @@ impl Registry {
             anchor: u.anchor,
             fresh: false,
             quiet: false,
+            dispatches,
         };
         let h = self.spawn_loop(config, init);
         self.0.units.insert(u.name, Slot::Live(h));
@@ -290,6 +310,11 @@ impl Registry {
     /// The store behind the registry.
     pub fn store(&self) -> &Store {
         &self.0.store
+    }
+
+    /// The agents.
+    pub fn fleet(&self) -> &Fleet {
+        self.0.env.remote.fleet()
     }
 
     /// The handle of a unit.
@@ -359,6 +384,11 @@ impl Registry {
     /// spawn, so a unit whose directory disappears later still loads (its runs fail and say
     /// why).
     async fn check_host(&self, config: &UnitConfig) -> Result<()> {
+        self.fleet().check_hosts(&config.hosts)?;
+        // On agents, `cwd` and `user` are each agent's to check, before each run.
+        if !config.hosts.iter().any(|h| h == crate::run::LOCAL) {
+            return Ok(());
+        }
         if config.cwd.is_none() && config.user.is_none() {
             return Ok(());
         }
@@ -429,6 +459,7 @@ impl Registry {
             anchor: now,
             fresh: true,
             quiet: false,
+            dispatches: Vec::new(),
         };
         let (h, ready) =
             runner::spawn(self.0.env.clone(), config, init, &self.0.root, &self.0.tracker);
@@ -587,6 +618,7 @@ impl Registry {
                     anchor: st.updated_at,
                     fresh: false,
                     quiet: true,
+                    dispatches: Vec::new(),
                 };
                 let h2 = self.spawn_loop(h.config(), init);
                 self.0.units.insert(name.to_string(), Slot::Live(h2));

@@ -78,8 +78,13 @@ named_enum! {
         Shutdown = "shutdown",
         /// It ran longer than `timeout`.
         Timeout = "timeout",
+        /// Its host's agent did not connect within the unit's `host_wait`.
+        AgentUnavailable = "agent unavailable",
     }
 }
+
+/// The host name of the daemon itself.
+pub const LOCAL: &str = "local";
 
 /// Everything recorded about one run.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,8 +99,10 @@ pub struct RunRecord {
     pub trigger: Trigger,
     /// 1 for the first attempt, 2 for the first retry…
     pub attempt: u32,
-    /// Where it runs (`local`).
+    /// Where it runs: `local`, or an agent's name.
     pub host: String,
+    /// The dispatch it belongs to, for a unit whose `hosts` name agents.
+    pub dispatch: Option<i64>,
     /// Process id (and process group id) while and after running.
     pub pid: Option<u32>,
     /// When the run was created (queued or started).
@@ -138,6 +145,7 @@ impl RunRecord {
             trigger,
             attempt,
             host: "local".into(),
+            dispatch: None,
             pid: None,
             queued_at,
             scheduled_at: None,
@@ -150,6 +158,11 @@ impl RunRecord {
             stderr_bytes: 0,
             truncated: false,
         }
+    }
+
+    /// Whether it runs on this host (rather than on an agent).
+    pub fn is_local(&self) -> bool {
+        self.host == LOCAL
     }
 
     /// Why taskd stopped it, if it did (a `cancelled` or `timed_out` run).

@@ -213,11 +213,16 @@ pub fn load_or_create_token(dir: &Path) -> Result<String, StateDirError> {
         Err(e) => return Err(io_err(&path, e)),
     }
 
-    let mut bytes = [0u8; 32];
-    getrandom(&mut bytes).map_err(|e| io_err(Path::new("/dev/urandom"), e))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = random_hex(32).map_err(|e| io_err(Path::new("/dev/urandom"), e))?;
     write_private(dir, "token", format!("{token}\n").as_bytes())?;
     Ok(token)
+}
+
+/// `n` random bytes from the kernel, hex-encoded: tokens, credentials, join tokens.
+pub fn random_hex(n: usize) -> io::Result<String> {
+    let mut bytes = vec![0u8; n];
+    getrandom(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn getrandom(buf: &mut [u8]) -> io::Result<()> {

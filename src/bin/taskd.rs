@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use taskd::config::{Args, Config, LogFormat, Refused};
+use taskd::config::{Args, Command, Config, LogFormat, Refused};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
@@ -34,11 +34,33 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// A token cancelled by SIGTERM or SIGINT.
+fn stop_on_signals() -> anyhow::Result<CancellationToken> {
+    let root = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let token = root.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        token.cancel();
+    });
+    Ok(root)
+}
+
 /// Exit status for a configuration the daemon refuses (bad flags, files or combinations).
 const EXIT_USAGE: u8 = 2;
 
 async fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
     let usage = |e: anyhow::Error| (EXIT_USAGE, e);
+    if let Some(Command::Agent(agent)) = args.command {
+        init_tracing(args.log_format.unwrap_or(LogFormat::Text));
+        return taskd::agent::run(agent, stop_on_signals().map_err(|e| (1, e))?)
+            .await
+            .map_err(|e| (1, e));
+    }
     let cfg = Config::resolve(&args).map_err(usage)?;
     init_tracing(cfg.log_format);
     // Bound, not listening: the daemon starts accepting once its token and store are ready.
@@ -49,17 +71,7 @@ async fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
         );
         (1, e)
     })?;
-    let root = CancellationToken::new();
-    let mut term = signal(SignalKind::terminate()).map_err(|e| (1, e.into()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| (1, e.into()))?;
-    let token = root.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-        token.cancel();
-    });
+    let root = stop_on_signals().map_err(|e| (1, e))?;
     taskd::daemon::run(cfg, socket, root).await.map_err(|e| {
         let code = if e.is::<Refused>() { EXIT_USAGE } else { 1 };
         (code, e)

@@ -7,6 +7,7 @@
 //! renders tables, relative times and JSON.
 
 mod daemon;
+mod fleet;
 mod output;
 mod runs;
 mod units;
@@ -106,6 +107,14 @@ pub enum Command {
     Logs(runs::LogsArgs),
     /// Cancel a run: TERM, grace, KILL
     Cancel(runs::CancelArgs),
+    /// List agents; `agents join-token`, `agents revoke NAME`
+    Agents(fleet::AgentsArgs),
+    /// Run a command once on hosts, printing each host's output as it comes
+    Exec(fleet::ExecArgs),
+    /// List dispatches (fires of units on their hosts), newest first
+    Dispatches(fleet::DispatchesArgs),
+    /// Show a dispatch's progress and a row per host
+    Dispatch(fleet::DispatchArgs),
     /// Show the daemon's status
     Status,
     /// Print every change as it happens, until interrupted
@@ -120,7 +129,8 @@ impl Command {
     /// Whether the command reads a stream of notifications (`events`, `logs -f`), which needs
     /// the async client; the others make plain calls.
     fn follows_a_stream(&self) -> bool {
-        matches!(self, Command::Events(_)) || matches!(self, Command::Logs(a) if a.follow)
+        matches!(self, Command::Events(_) | Command::Exec(_))
+            || matches!(self, Command::Logs(a) if a.follow)
     }
 }
 
@@ -220,6 +230,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Runs(a) => runs::runs(&ctx, a).await,
             Command::Logs(a) => runs::logs(&ctx, a).await,
             Command::Cancel(a) => runs::cancel(&ctx, a).await,
+            Command::Agents(a) => fleet::agents(&ctx, a).await,
+            Command::Exec(a) => fleet::exec(&ctx, a).await,
+            Command::Dispatches(a) => fleet::dispatches(&ctx, a).await,
+            Command::Dispatch(a) => fleet::dispatch(&ctx, a).await,
             Command::Status => daemon::status(&ctx).await,
             Command::Events(a) => daemon::events(&ctx, a).await,
             Command::Audit(a) => daemon::audit(&ctx, a).await,

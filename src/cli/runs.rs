@@ -385,7 +385,7 @@ async fn follow(ctx: &Ctx, arg: FollowArg) -> anyhow::Result<()> {
 }
 
 /// How a run ended, in a few words: `run 12 failed (exit 3)`.
-fn ended(r: &RunInfo) -> String {
+pub(super) fn ended(r: &RunInfo) -> String {
     let mut s = format!("run {} {}", r.id, r.state);
     let exit = exit_of(r);
     if !exit.is_empty() {

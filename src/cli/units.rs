@@ -161,9 +161,40 @@ pub struct DefArgs {
     /// Runs kept for this unit [default: the daemon's keep_runs]
     #[arg(long, value_name = "N", value_parser = count, allow_negative_numbers = true)]
     pub keep_runs: Option<u32>,
+    /// Where to run: `local`, agent names, label selectors (`role=web`), `*`; comma-separated
+    /// [default: local]
+    #[arg(long, value_name = "H,…", value_delimiter = ';', num_args = 1..)]
+    pub hosts: Option<Vec<String>>,
+    /// Hosts of one dispatch running at once [default: 0, all]
+    #[arg(long, value_name = "N")]
+    pub batch: Option<u32>,
+    /// Failed hosts one dispatch allows before it pauses [default: no limit]
+    #[arg(long, value_name = "N")]
+    pub tolerance: Option<u32>,
+    /// How long a run waits for its agent to connect [default: 5m]
+    #[arg(long, value_name = "DURATION")]
+    pub host_wait: Option<String>,
     /// The command and its arguments, after `--` (with --script: the script's arguments)
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// `--hosts` entries: comma-separated, except inside a selector (`role=web,dc=eu` stays
+/// one entry: a comma followed by `key=` continues it). `;` always separates.
+pub(crate) fn split_hosts(given: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for g in given {
+        for part in g.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match out.last_mut() {
+                Some(last) if last.contains('=') && part.contains('=') => {
+                    last.push(',');
+                    last.push_str(part);
+                }
+                _ => out.push(part.to_string()),
+            }
+        }
+    }
+    out
 }
 
 impl DefArgs {
@@ -264,6 +295,18 @@ impl DefArgs {
         }
         if let Some(v) = self.keep_runs {
             put("keep_runs", json!(v));
+        }
+        if let Some(v) = &self.hosts {
+            put("hosts", json!(split_hosts(v)));
+        }
+        if let Some(v) = self.batch {
+            put("batch", json!(v));
+        }
+        if let Some(v) = self.tolerance {
+            put("tolerance", json!(v));
+        }
+        if let Some(v) = &self.host_wait {
+            put("host_wait", json!(v));
         }
         if editing {
             for (set, other) in

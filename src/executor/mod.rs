@@ -72,6 +72,11 @@ impl StopCause {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(reason);
     }
 
+    /// Whether a reason was given (unset: the daemon is shutting down).
+    pub fn is_set(&self) -> bool {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+
     /// Why the run was stopped.
     pub fn get(&self) -> StopReason {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).unwrap_or(StopReason::Shutdown)

@@ -77,6 +77,9 @@ pub fn methods(api: Api) -> RpcModule<()> {
     m.merge(EventsApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(DaemonApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(AuditApiServer::into_rpc(api.clone())).expect("unique method names");
+    m.merge(super::agents::AgentApiServer::into_rpc(api.clone())).expect("unique method names");
+    m.merge(super::agents::DispatchApiServer::into_rpc(api.clone())).expect("unique method names");
+    m.merge(super::link::AgentLinkApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(AuthApiServer::into_rpc(api)).expect("unique method names");
     // Serialised once: every call answers the same bytes.
     let doc: Box<serde_json::value::RawValue> =

@@ -72,6 +72,11 @@ impl ConnAuth {
         self.0.authenticate();
     }
 
+    /// Marks the connection logged in as agent `name`.
+    pub fn set_agent(&self, name: String) {
+        self.0.authenticate_agent(name);
+    }
+
     /// Whether the connection has logged in.
     pub fn is_set(&self) -> bool {
         self.0.is_authenticated()

@@ -184,6 +184,7 @@ impl Gate {
             gate: self.clone(),
             standing: Mutex::new(standing),
             authenticated: AtomicBool::new(standing == Standing::Authenticated),
+            agent: std::sync::OnceLock::new(),
             close: CancellationToken::new(),
             backlog: Backlog::default(),
             read_waker: Mutex::new(None),
@@ -357,6 +358,8 @@ pub struct Conn {
     gate: Arc<Gate>,
     standing: Mutex<Standing>,
     authenticated: AtomicBool,
+    /// The agent this connection logged in as, if it logged in with an agent's credential.
+    agent: std::sync::OnceLock<String>,
     close: CancellationToken,
     backlog: Backlog,
     read_waker: Mutex<Option<Waker>>,
@@ -399,6 +402,18 @@ impl Conn {
             *standing = Standing::Authenticated;
         }
         self.authenticated.store(true, Ordering::Release);
+    }
+
+    /// Records a login with agent `name`'s credential: the connection is that agent's, and
+    /// serves only the agent protocol.
+    pub fn authenticate_agent(&self, name: String) {
+        let _ = self.agent.set(name);
+        self.authenticate();
+    }
+
+    /// The agent this connection belongs to, if any.
+    pub fn agent(&self) -> Option<&str> {
+        self.agent.get().map(String::as_str)
     }
 
     /// Takes back `n` bytes counted as produced that will not reach the socket (a reply

@@ -71,6 +71,26 @@ impl DaemonApiServer for Api {
 #[async_trait]
 impl AuthApiServer for Api {
     async fn login(&self, ext: &Extensions, token: String) -> RpcResult<bool> {
+        // An agent's credential: the connection becomes the agent's (raw TCP only).
+        if crate::proto::parse_credential(&token).is_some() {
+            let agent = self.registry.fleet().authenticate(&token);
+            return match (agent, ext.get::<ConnAuth>()) {
+                (Some(name), Some(c)) => {
+                    c.set_agent(name);
+                    Ok(true)
+                }
+                (_, c) => {
+                    if let Some(c) = c {
+                        c.failed();
+                    }
+                    Err(ErrorObjectOwned::owned(
+                        codes::UNAUTHORIZED,
+                        "agent credential refused: unknown, revoked, or not on raw TCP",
+                        None::<()>,
+                    ))
+                }
+            };
+        }
         let Some(expected) = &self.token else {
             return Ok(true);
         };

@@ -5,7 +5,11 @@ use schemars::generate::{SchemaGenerator, SchemaSettings};
 use schemars::{JsonSchema, Schema};
 use serde_json::{Value, json};
 
+use super::agents::{
+    AgentInfo, AgentListArg, DispatchInfo, DispatchListArg, JoinTokenArg, JoinTokenInfo,
+};
 use super::types::*;
+use crate::proto;
 use crate::unit::UnitDef;
 
 /// One method of the document.
@@ -155,6 +159,84 @@ pub fn document() -> Value {
             None,
         ),
         method(
+            "Agent.List",
+            "Agents, by name: state, labels, version, address, running runs",
+            ("filter", schema::<AgentListArg>(g), true),
+            schema::<Vec<AgentInfo>>(g),
+            None,
+        ),
+        method("Agent.Get", "One agent", ("name", name(g), false), schema::<AgentInfo>(g), None),
+        method(
+            "Agent.JoinToken",
+            "A one-time token a new agent enrolls with (`taskd agent --join TOKEN`)",
+            ("options", schema::<JoinTokenArg>(g), true),
+            schema::<JoinTokenInfo>(g),
+            None,
+        ),
+        method(
+            "Agent.Revoke",
+            "Close an agent's connection and refuse its credential from now on",
+            ("name", name(g), false),
+            schema::<AgentInfo>(g),
+            None,
+        ),
+        method(
+            "Dispatch.List",
+            "Dispatches (fires of units on their hosts), newest first, with counts by state",
+            ("filter", schema::<DispatchListArg>(g), true),
+            schema::<Vec<DispatchInfo>>(g),
+            None,
+        ),
+        method(
+            "Dispatch.Get",
+            "One dispatch with every run, one per host and attempt",
+            ("id", id(g), false),
+            schema::<DispatchInfo>(g),
+            None,
+        ),
+        method(
+            "AgentLink.Join",
+            "Agent protocol: trade a one-time join token for an agent's credential",
+            ("request", schema::<proto::JoinRequest>(g), false),
+            schema::<proto::Joined>(g),
+            None,
+        ),
+        method(
+            "AgentLink.Attach",
+            "Agent protocol (agent credentials only): register, and receive orders",
+            ("hello", schema::<proto::Hello>(g), false),
+            schema::<proto::Order>(g),
+            Some("AgentLink.Detach"),
+        ),
+        method(
+            "AgentLink.Started",
+            "Agent protocol (agent credentials only): a run's process started",
+            ("started", schema::<proto::Started>(g), false),
+            schema::<bool>(g),
+            None,
+        ),
+        method(
+            "AgentLink.Output",
+            "Agent protocol (agent credentials only): a run's output, each chunk numbered",
+            ("output", schema::<proto::Output>(g), false),
+            schema::<bool>(g),
+            None,
+        ),
+        method(
+            "AgentLink.Finished",
+            "Agent protocol (agent credentials only): a run ended; answered once recorded",
+            ("outcome", schema::<proto::Outcome>(g), false),
+            schema::<bool>(g),
+            None,
+        ),
+        method(
+            "AgentLink.Heartbeat",
+            "Agent protocol (agent credentials only): the agent is alive",
+            ("none", schema::<Value>(g), true),
+            schema::<bool>(g),
+            None,
+        ),
+        method(
             "Auth.Login",
             "Authenticate this raw TCP connection with the daemon's token",
             ("token", name(g), false),
@@ -198,7 +280,7 @@ pub fn document() -> Value {
         "info": {
             "title": "taskd",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Every method takes one argument (params: [arg]; a bare object is the same as [object]). Subscriptions work over WebSocket and raw TCP (JSON-RPC 2.0).",
+            "description": "Methods marked \"Agent protocol\" are for `taskd agent` only: only an agent's credential may call them, and it may call nothing else. Every method takes one argument (params: [arg]; a bare object is the same as [object]). Subscriptions work over WebSocket and raw TCP (JSON-RPC 2.0).",
         },
         "methods": out,
         "components": {"schemas": g.take_definitions(true)},
@@ -228,7 +310,10 @@ mod tests {
         };
         let root = tokio_util::sync::CancellationToken::new();
         let tracker = tokio_util::task::TaskTracker::new();
-        let registry = Registry::open(store, cfg, root, tracker).await.unwrap();
+        let fleet = crate::fleet::Fleet::open(store.clone(), Default::default(), root.clone())
+            .await
+            .unwrap();
+        let registry = Registry::open(store, fleet, cfg, root, tracker).await.unwrap();
         let api = Api(Arc::new(ApiContext {
             registry,
             started: jiff::Timestamp::now(),

@@ -30,7 +30,26 @@ pub const UNAUTHORIZED_MESSAGE: &str = "unauthorized: call Auth.Login with the d
 
 /// Methods that need no authentication. (`rpc.discover` is not one: its 22 KB answer to a
 /// 50-byte request would let anyone make the daemon send far more than they send it.)
-pub const PUBLIC_METHODS: &[&str] = &["Auth.Login"];
+pub const PUBLIC_METHODS: &[&str] = &["Auth.Login", "AgentLink.Join"];
+
+/// The agent protocol: callable only on a connection logged in with an agent's credential,
+/// which can call nothing else (besides the public methods).
+pub const AGENT_METHODS: &[&str] = &[
+    "AgentLink.Attach",
+    "AgentLink.Detach",
+    "AgentLink.Started",
+    "AgentLink.Output",
+    "AgentLink.Finished",
+    "AgentLink.Heartbeat",
+];
+
+/// The message of the error an agent's connection gets for any other method.
+const AGENT_ONLY_MESSAGE: &str =
+    "unauthorized: an agent's credential serves only the agent protocol (AgentLink.*)";
+
+/// The message of the error a client gets for an agent-protocol method.
+const AGENTS_ONLY_MESSAGE: &str =
+    "unauthorized: AgentLink methods are for agents, logged in with their credential";
 
 /// The state-changing methods written to the audit log.
 pub const AUDITED_METHODS: &[&str] = &[
@@ -197,10 +216,20 @@ fn authenticated(ext: &Extensions) -> bool {
 }
 
 impl<S> RpcMiddleware<S> {
-    fn authorized(&self, req: &Request<'_>) -> bool {
-        !self.shared.auth.is_required()
-            || PUBLIC_METHODS.contains(&req.method_name())
-            || authenticated(req.extensions())
+    /// Whether the call may proceed; if not, the message to refuse it with.
+    fn authorized(&self, req: &Request<'_>) -> Result<(), &'static str> {
+        let method = req.method_name();
+        let agent = req.extensions().get::<Arc<Conn>>().is_some_and(|c| c.agent().is_some());
+        if AGENT_METHODS.contains(&method) {
+            return if agent { Ok(()) } else { Err(AGENTS_ONLY_MESSAGE) };
+        }
+        if agent && !PUBLIC_METHODS.contains(&method) {
+            return Err(AGENT_ONLY_MESSAGE);
+        }
+        let ok = !self.shared.auth.is_required()
+            || PUBLIC_METHODS.contains(&method)
+            || authenticated(req.extensions());
+        if ok { Ok(()) } else { Err(UNAUTHORIZED_MESSAGE) }
     }
 }
 
@@ -229,7 +258,8 @@ where
             let transport = ext.get::<Transport>().map_or("unknown", |t| t.0);
             let peer = ext.get::<Peer>().map(|p| p.0);
             let conn = ext.get::<Arc<Conn>>().cloned();
-            let authorized = this.authorized(&req);
+            let verdict = this.authorized(&req);
+            let authorized = verdict.is_ok();
             // Judged after the call, since a login authenticates its own call: unauthenticated
             // traffic (failed logins included) never writes audit records. It is counted
             // instead, so that no flood of it can push real records out.
@@ -244,7 +274,8 @@ where
                 if let Some(conn) = &conn {
                     conn.login_failed();
                 }
-                let err = ErrorObject::owned(codes::UNAUTHORIZED, UNAUTHORIZED_MESSAGE, None::<()>);
+                let message = verdict.err().unwrap_or(UNAUTHORIZED_MESSAGE);
+                let err = ErrorObject::owned(codes::UNAUTHORIZED, message, None::<()>);
                 MethodResponse::error(req.id, err)
             };
             // A call's reply goes to the connection's writer: count it. (A subscription's

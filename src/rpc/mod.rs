@@ -2,6 +2,7 @@
 //! (one listener for raw TCP, HTTP and WebSocket), the shared middleware, authentication and
 //! the client.
 
+pub mod agents;
 pub mod api;
 pub mod audit;
 pub mod auth;
@@ -12,6 +13,7 @@ pub mod discover;
 pub mod events;
 mod follow;
 pub mod http;
+pub mod link;
 pub mod listener;
 pub mod middleware;
 pub mod run;

@@ -52,13 +52,17 @@ pub trait RunApi {
 
 impl Api {
     /// A run's wire form; an active run's byte counts come live from its log writer.
-    async fn run_info(&self, r: &RunRecord) -> RunInfo {
+    pub(crate) async fn run_info(&self, r: &RunRecord) -> RunInfo {
         let mut info = RunInfo::from(r);
         if r.state == RunState::Running
             && let Some([out, err]) = self.registry.store().logs().totals(r.id).await
         {
             info.stdout_bytes = out;
             info.stderr_bytes = err;
+        }
+        if r.state == RunState::Running && !r.is_local() {
+            let connected = self.registry.fleet().is_connected(&r.host);
+            info.host_state = Some(if connected { "connected" } else { "unreachable" }.into());
         }
         info
     }

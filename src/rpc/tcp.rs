@@ -409,7 +409,7 @@ fn is_login(value: &[u8]) -> bool {
         method: Option<Cow<'a, str>>,
     }
     serde_json::from_slice::<Method<'_>>(value)
-        .is_ok_and(|m| m.method.as_deref() == Some("Auth.Login"))
+        .is_ok_and(|m| matches!(m.method.as_deref(), Some("Auth.Login" | "AgentLink.Join")))
 }
 
 fn error_json(id: Id<'_>, code: i32, message: impl Into<String>) -> Box<RawValue> {

@@ -85,8 +85,12 @@ pub struct RunInfoOf<S, T> {
     pub trigger: S,
     /// 1 for the first attempt.
     pub attempt: u32,
-    /// Where it ran.
+    /// Where it ran: `local`, or an agent's name.
     pub host: S,
+    /// The dispatch it belongs to (a unit whose `hosts` name agents), else `null`.
+    pub dispatch: Option<i64>,
+    /// For an active run on an agent: `connected`, or `unreachable` while its agent is away.
+    pub host_state: Option<S>,
     /// Process id (= process group id).
     pub pid: Option<u32>,
     /// When it was created.
@@ -130,6 +134,8 @@ impl<'a> RunView<'a> {
             trigger: Cow::Borrowed(r.trigger.as_str()),
             attempt: r.attempt,
             host: Cow::Borrowed(&r.host),
+            dispatch: r.dispatch,
+            host_state: None,
             pid: r.pid,
             queued_at: clock.time(r.queued_at),
             scheduled_at: r.scheduled_at.map(|t| clock.time(t)),
@@ -158,6 +164,8 @@ impl From<&RunRecord> for RunInfo {
             trigger: v.trigger.into_owned(),
             attempt: v.attempt,
             host: v.host.into_owned(),
+            dispatch: v.dispatch,
+            host_state: None,
             pid: v.pid,
             queued_at: time(v.queued_at),
             scheduled_at: v.scheduled_at.map(time),

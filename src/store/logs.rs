@@ -346,6 +346,32 @@ fn encode(out: &mut Vec<u8>, stream: Stream, at: Timestamp, data: &[u8]) {
 }
 
 impl RunLog {
+    /// Carries on the file a previous daemon began for this run (a run on an agent, taken
+    /// over after a restart): appended to, its output counted, never truncated.
+    fn resume(&mut self) {
+        let Ok(data) = std::fs::read(&self.path) else { return };
+        // Up to the last whole record: a torn one is cut away.
+        let whole = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        for line in data[..whole].split(|&b| b == b'\n') {
+            if let Some(Record::Output(stream, _, payload, ended)) = decode(line) {
+                let st = &mut self.streams[stream.index()];
+                let n = payload.len() as u64 + u64::from(ended);
+                st.total += n;
+                st.head_payload += n;
+                st.head += line.len() as u64 + 1;
+            }
+        }
+        let opened = std::fs::OpenOptions::new().write(true).open(&self.path).and_then(|mut f| {
+            f.set_len(whole as u64)?;
+            f.seek(SeekFrom::End(0))?;
+            Ok(f)
+        });
+        if let Ok(f) = opened {
+            self.file = Some(f);
+            self.len = whole as u64;
+        }
+    }
+
     /// Appends whole records to the file; false if they could not be written (nothing of
     /// them is left in the file then, so the records before and after stay whole).
     fn append(&mut self, buf: &[u8]) -> bool {
@@ -527,15 +553,19 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
         match msg {
             Msg::Open { run, limit, reply } => {
                 let live = LiveFeed::new(LIVE_BUDGET);
-                let log = runs.entry(run).or_insert(RunLog {
-                    path: path_in(&dir, run),
-                    file: None,
-                    failed: false,
-                    write_failed: false,
-                    len: 0,
-                    half: (limit / 2).max(1),
-                    streams: [StreamState::new(), StreamState::new()],
-                    live,
+                let log = runs.entry(run).or_insert_with(|| {
+                    let mut log = RunLog {
+                        path: path_in(&dir, run),
+                        file: None,
+                        failed: false,
+                        write_failed: false,
+                        len: 0,
+                        half: (limit / 2).max(1),
+                        streams: [StreamState::new(), StreamState::new()],
+                        live,
+                    };
+                    log.resume();
+                    log
                 });
                 for (tail_max, w) in waiting.remove(&run).unwrap_or_default() {
                     let _ = w.send(log.follow(tail_max));

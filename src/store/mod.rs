@@ -13,6 +13,7 @@
 //! commits again. The end of a run that could not be recorded is kept in memory and retried
 //! every second, so that a run never stays `running` in the store once space is back.
 
+mod fleet;
 pub mod live;
 pub mod logs;
 
@@ -30,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::names::named_enum;
 use crate::run::{RunRecord, RunState, Trigger};
 
+pub use fleet::{DispatchFilter, DispatchRecord, DispatchState, StoredAgent};
 pub use logs::Logs;
 
 /// A unit as stored.
@@ -82,6 +84,14 @@ named_enum! {
         RunStarted = "run.started",
         /// A run ended (its `state` says how).
         RunFinished = "run.finished",
+        /// An agent connected (`unit` is the agent's name).
+        AgentConnected = "agent.connected",
+        /// An agent's connection dropped or went quiet (`unit` is the agent's name).
+        AgentDisconnected = "agent.disconnected",
+        /// A unit fired on its hosts (`run` is the dispatch's id).
+        DispatchStarted = "dispatch.started",
+        /// A dispatch ended (`run` is its id, `state` says how).
+        DispatchFinished = "dispatch.finished",
     }
 }
 
@@ -274,10 +284,13 @@ CREATE TABLE IF NOT EXISTS runs (
     reason TEXT,
     stdout_bytes INTEGER NOT NULL DEFAULT 0,
     stderr_bytes INTEGER NOT NULL DEFAULT 0,
-    truncated INTEGER NOT NULL DEFAULT 0
+    truncated INTEGER NOT NULL DEFAULT 0,
+    dispatch INTEGER,
+    ignored INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_by_unit ON runs(unit, id);
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs(state) WHERE state IN ('queued', 'running');
+CREATE INDEX IF NOT EXISTS runs_by_dispatch ON runs(dispatch) WHERE dispatch IS NOT NULL;
 CREATE TABLE IF NOT EXISTS run_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS run_counts_insert AFTER INSERT ON runs BEGIN
     INSERT INTO run_counts(state, n) VALUES (NEW.state, 1)
@@ -300,6 +313,35 @@ CREATE TABLE IF NOT EXISTS events (
     run INTEGER,
     state TEXT
 );
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}',
+    version TEXT NOT NULL DEFAULT '',
+    os TEXT NOT NULL DEFAULT '',
+    arch TEXT NOT NULL DEFAULT '',
+    max_runs INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    last_seen INTEGER,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    hash TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL,
+    spent_by TEXT
+);
+CREATE TABLE IF NOT EXISTS dispatches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    unit TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    ended_at INTEGER,
+    total INTEGER NOT NULL,
+    batch INTEGER NOT NULL,
+    tolerance INTEGER
+);
+CREATE INDEX IF NOT EXISTS dispatches_by_unit ON dispatches(unit, id);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time INTEGER NOT NULL,
@@ -312,7 +354,11 @@ CREATE TABLE IF NOT EXISTS audit (
 
 /// Columns added to a table after its first release: `(table, column, type)`. A store written
 /// by an older taskd gets them on open; `CREATE TABLE` above already has them.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("runs", "scheduled_at", "INTEGER")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("runs", "scheduled_at", "INTEGER"),
+    ("runs", "dispatch", "INTEGER"),
+    ("runs", "ignored", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
     for (table, column, ty) in ADDED_COLUMNS {
@@ -358,7 +404,7 @@ fn opt_ts(us: Option<i64>) -> Option<Timestamp> {
 }
 
 const RUN_COLUMNS: &str = "id, unit, state, trigger, attempt, host, pid, queued_at, started_at, \
-     ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated, scheduled_at";
+     ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated, scheduled_at, dispatch";
 
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
     let state: String = r.get(2)?;
@@ -381,6 +427,7 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         stderr_bytes: r.get::<_, i64>(14)? as u64,
         truncated: r.get(15)?,
         scheduled_at: opt_ts(r.get(16)?),
+        dispatch: r.get(17)?,
     })
 }
 
@@ -831,12 +878,15 @@ impl Store {
         .await
     }
 
-    /// Marks every run a previous daemon left `running` as `lost` and every `queued` one as
-    /// `cancelled`, and returns them so their process groups can be killed.
+    /// Marks every run on this host a previous daemon left `running` as `lost` and every
+    /// `queued` one as `cancelled` (except those waiting for their turn in a dispatch, which
+    /// the dispatch takes over), and returns them so their process groups can be killed.
+    /// Runs on agents stay as they are: their agents report them to the new daemon.
     pub async fn recover_stale_runs(&self) -> Result<Vec<StaleRun>> {
         self.call(|t| {
             let sql = format!(
-                "SELECT {RUN_COLUMNS}, pid_start, boot_id FROM runs WHERE state IN ('queued', 'running')"
+                "SELECT {RUN_COLUMNS}, pid_start, boot_id FROM runs WHERE state IN ('queued', 'running') \
+                 AND host = 'local' AND (dispatch IS NULL OR state = 'running')"
             );
             let mut st = t.conn.prepare(&sql)?;
             let stale = st
@@ -1017,18 +1067,43 @@ fn write_end(t: &mut Tx<'_>, rec: &RunRecord, keep_runs: u32) -> Result<()> {
 }
 
 fn prune(t: &mut Tx<'_>, unit: &str, keep: u32) -> Result<()> {
+    // Runs of no dispatch: the newest `keep` of them stay.
     let ids: Vec<i64> = t
         .conn
         .prepare_cached(
-            "SELECT id FROM runs WHERE unit = ?1 AND state NOT IN ('queued', 'running') \
+            "SELECT id FROM runs WHERE unit = ?1 AND dispatch IS NULL \
+             AND state NOT IN ('queued', 'running') \
              AND id < (SELECT COALESCE(MIN(id), 0) FROM \
-                 (SELECT id FROM runs WHERE unit = ?1 ORDER BY id DESC LIMIT ?2))",
+                 (SELECT id FROM runs WHERE unit = ?1 AND dispatch IS NULL \
+                  ORDER BY id DESC LIMIT ?2))",
         )?
         .query_map(params![unit, keep], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for id in ids {
         t.conn.execute("DELETE FROM runs WHERE id = ?1", params![id])?;
         t.delete_after_commit.push(logs::path_in(t.logs_dir, id));
+    }
+    // Dispatches are kept whole: the newest `keep` ended ones, with all their runs.
+    let old: Vec<i64> = t
+        .conn
+        .prepare_cached(
+            "SELECT id FROM dispatches WHERE unit = ?1 AND state NOT IN ('running', 'paused') \
+             AND id < (SELECT COALESCE(MIN(id), 0) FROM \
+                 (SELECT id FROM dispatches WHERE unit = ?1 ORDER BY id DESC LIMIT ?2))",
+        )?
+        .query_map(params![unit, keep], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for d in old {
+        let runs: Vec<i64> = t
+            .conn
+            .prepare_cached("SELECT id FROM runs WHERE dispatch = ?1")?
+            .query_map(params![d], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        t.conn.execute("DELETE FROM runs WHERE dispatch = ?1", params![d])?;
+        t.conn.execute("DELETE FROM dispatches WHERE id = ?1", params![d])?;
+        for id in runs {
+            t.delete_after_commit.push(logs::path_in(t.logs_dir, id));
+        }
     }
     Ok(())
 }
@@ -1046,19 +1121,40 @@ fn insert_run(
     attempt: u32,
     scheduled_at: Option<Timestamp>,
 ) -> Result<RunRecord> {
+    let run =
+        NewRun { state, trigger, attempt, scheduled_at, host: crate::run::LOCAL, dispatch: None };
+    insert_run_on(t, unit, run)
+}
+
+/// A run to insert, besides its unit.
+struct NewRun<'a> {
+    state: RunState,
+    trigger: Trigger,
+    attempt: u32,
+    scheduled_at: Option<Timestamp>,
+    /// `local` or an agent's name.
+    host: &'a str,
+    dispatch: Option<i64>,
+}
+
+/// Inserts a run of `unit` and emits its event.
+fn insert_run_on(t: &mut Tx<'_>, unit: String, run: NewRun<'_>) -> Result<RunRecord> {
+    let NewRun { state, trigger, attempt, scheduled_at, host, dispatch } = run;
     let now = Timestamp::now();
     let started = (state == RunState::Running).then_some(now);
     t.conn.execute(
         "INSERT INTO runs(unit, state, trigger, attempt, host, queued_at, scheduled_at, \
-             started_at) VALUES (?1, ?2, ?3, ?4, 'local', ?5, ?6, ?7)",
+             started_at, dispatch) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
             unit,
             state.as_str(),
             trigger.as_str(),
             attempt,
+            host,
             now.as_microsecond(),
             scheduled_at.map(|s| s.as_microsecond()),
-            started.map(|s| s.as_microsecond())
+            started.map(|s| s.as_microsecond()),
+            dispatch
         ],
     )?;
     let id = t.conn.last_insert_rowid();
@@ -1074,6 +1170,8 @@ fn insert_run(
     Ok(RunRecord {
         scheduled_at,
         started_at: started,
+        host: host.to_string(),
+        dispatch,
         ..RunRecord::fresh(id, unit, state, trigger, attempt, now)
     })
 }
@@ -1510,7 +1608,7 @@ mod tests {
         store
             .call(|t| {
                 t.conn.execute(
-                    "INSERT INTO events(time, kind, unit) VALUES (0, 'agent.connected', 'h')",
+                    "INSERT INTO events(time, kind, unit) VALUES (0, 'future.kind', 'h')",
                     [],
                 )?;
                 Ok(())

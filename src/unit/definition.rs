@@ -148,8 +148,14 @@ unit_def! {
     paused: bool,
     /// Free text.
     description: String,
-    /// Hosts to run on (`["local"]`).
+    /// Hosts to run on: `local`, agent names, label selectors (`role=web`), `*`.
     hosts: Vec<String>,
+    /// Hosts of one dispatch running at once (0: all).
+    batch: u32,
+    /// Failed hosts one dispatch allows before it pauses.
+    tolerance: u32,
+    /// How long a run waits for its host's agent to connect.
+    host_wait: String,
     /// Runs kept for this unit (overrides the daemon's `keep_runs`).
     keep_runs: u32,
 }
@@ -372,6 +378,12 @@ pub struct UnitConfig {
     pub description: String,
     /// Hosts to run on.
     pub hosts: Vec<String>,
+    /// Hosts of one dispatch running at once (0: all).
+    pub batch: u32,
+    /// Failed, timed-out or lost hosts one dispatch allows; one more pauses it.
+    pub tolerance: Option<u32>,
+    /// How long a run waits for its agent to be connected before it ends `cancelled`.
+    pub host_wait: Duration,
     /// Runs to keep; `None` means the daemon's default.
     pub keep_runs: Option<u32>,
     /// The definition exactly as given.
@@ -759,14 +771,15 @@ fn cwd_of(def: &UnitDef) -> Result<Option<PathBuf>> {
 }
 
 /// `user`: another account, for a daemon running as root.
-fn user_of(def: &UnitDef, ctx: &ValidateCtx) -> Result<Option<String>> {
+fn user_of(def: &UnitDef, ctx: &ValidateCtx, remote: bool) -> Result<Option<String>> {
     Ok(match &def.user {
         None => None,
         Some(u) => {
             if u.is_empty() {
                 return Err(Error::invalid("user", "must not be empty"));
             }
-            if !ctx.is_root {
+            // On an agent, the agent decides.
+            if !ctx.is_root && !remote {
                 return Err(Error::invalid(
                     "user",
                     "running as another account needs a daemon running as root",
@@ -791,16 +804,56 @@ fn log_limit_of(def: &UnitDef) -> Result<u64> {
     })
 }
 
-/// `hosts`: `["local"]` until agents exist.
+/// `hosts`: where runs execute, `["local"]` by default. Whether each name is an enrolled
+/// agent is the registry's question (`Fleet::check_hosts`), asked at `Add` and `Edit`.
 fn hosts_of(def: &UnitDef) -> Result<Vec<String>> {
-    let hosts = def.hosts.clone().unwrap_or_else(|| vec!["local".into()]);
-    if hosts != ["local"] {
-        return Err(Error::invalid(
-            "hosts",
-            "only [\"local\"] is supported by this daemon (agents come later)",
-        ));
+    let hosts = def.hosts.clone().unwrap_or_else(|| vec![crate::run::LOCAL.into()]);
+    if hosts.is_empty() {
+        return Err(Error::invalid("hosts", "must name at least one host (\"local\": this one)"));
+    }
+    if hosts.len() > 10_000 {
+        return Err(Error::invalid("hosts", "at most 10000 entries"));
+    }
+    for h in &hosts {
+        if h.trim().is_empty() || h.len() > 256 {
+            return Err(Error::invalid("hosts", "each entry must be 1-256 characters"));
+        }
     }
     Ok(hosts)
+}
+
+/// Whether a unit on `hosts` runs anywhere but here.
+pub fn is_remote(hosts: &[String]) -> bool {
+    hosts.iter().any(|h| h != crate::run::LOCAL)
+}
+
+/// `batch`, `tolerance` and `host_wait`: how a dispatch proceeds; only for units on agents,
+/// and neither for services nor tick units (they keep one run going, on this host).
+fn dispatch_of(
+    def: &UnitDef,
+    hosts: &[String],
+    continuous: bool,
+) -> Result<(u32, Option<u32>, Duration)> {
+    let remote = is_remote(hosts);
+    if remote && continuous {
+        return Err(Error::invalid(
+            "hosts",
+            "services and tick units run on \"local\" only: run a service on a host with \
+             that host's own taskd",
+        ));
+    }
+    for (field, given) in [
+        ("batch", def.batch.is_some()),
+        ("tolerance", def.tolerance.is_some()),
+        ("host_wait", def.host_wait.is_some()),
+    ] {
+        if given && !remote {
+            return Err(Error::invalid(field, "applies to units whose hosts name agents"));
+        }
+    }
+    let host_wait =
+        duration_field("host_wait", &def.host_wait)?.unwrap_or(Duration::from_secs(300));
+    Ok((def.batch.unwrap_or(0), def.tolerance, host_wait))
 }
 
 impl UnitConfig {
@@ -844,9 +897,11 @@ impl UnitConfig {
         let success_codes = success_codes_of(&def)?;
         let env = env_of(&def)?;
         let cwd = cwd_of(&def)?;
-        let user = user_of(&def, ctx)?;
-        let log_limit = log_limit_of(&def)?;
         let hosts = hosts_of(&def)?;
+        let user = user_of(&def, ctx, !hosts.iter().any(|h| h == crate::run::LOCAL))?;
+        let log_limit = log_limit_of(&def)?;
+        let continuous = service || matches!(action, Action::Tick(_));
+        let (batch, tolerance, host_wait) = dispatch_of(&def, &hosts, continuous)?;
         if let Some(0) = def.keep_runs {
             return Err(Error::invalid("keep_runs", "must be at least 1"));
         }
@@ -873,9 +928,40 @@ impl UnitConfig {
             paused: def.paused.unwrap_or(false),
             description,
             hosts,
+            batch,
+            tolerance,
+            host_wait,
             keep_runs: def.keep_runs,
             def,
         })
+    }
+
+    /// Whether its runs execute on agents (its `hosts` name anything but `local`).
+    pub fn is_remote(&self) -> bool {
+        is_remote(&self.hosts)
+    }
+
+    /// The definition an agent is given for a run: what to run and how, without the fields
+    /// that are the server's business (schedule, overlap, retries, hosts…).
+    pub fn for_agent(&self) -> Value {
+        const KEPT: &[&str] = &[
+            "name",
+            "command",
+            "script",
+            "args",
+            "timeout",
+            "kill_grace",
+            "success_codes",
+            "env",
+            "cwd",
+            "user",
+            "log_limit",
+        ];
+        let mut v = self.def.to_json();
+        if let Some(o) = v.as_object_mut() {
+            o.retain(|k, _| KEPT.contains(&k.as_str()));
+        }
+        v
     }
 
     /// Whether this is a tick unit (no command, no script).
@@ -942,6 +1028,10 @@ impl UnitConfig {
         put("paused", Value::from(self.paused));
         put("description", Value::from(self.description.clone()));
         put("hosts", Value::from(self.hosts.clone()));
+        if self.is_remote() {
+            put("batch", Value::from(self.batch));
+            put("host_wait", Value::from(format_duration(self.host_wait)));
+        }
         // A service takes no `every` (a tick service ticks every second), and the filled-in
         // definition must itself be one that validates.
         if let Action::Tick(d) = self.action

@@ -2,6 +2,7 @@
 //! turns fires, starts and stops into runs.
 
 pub mod definition;
+pub mod dispatch;
 pub mod handle;
 pub mod runner;
 pub mod schedule;

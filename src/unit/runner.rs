@@ -17,11 +17,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::definition::{CatchUp, Overlap, Restart, UnitConfig};
+use super::dispatch::Progress;
 use super::handle::{Control, Inbox, StartRequest, UnitHandle, UnitShared, UnitState, UnitStatus};
 use crate::error::{Error, Result};
 use crate::executor::{LocalExecutor, OnStart, StopCause};
+use crate::fleet::remote::RemoteExecutor;
 use crate::run::{RunRecord, RunState, StopReason, Trigger};
-use crate::store::{EventKind, Store};
+use crate::store::{DispatchRecord, DispatchState, EventKind, Store};
 
 /// What every unit loop needs from the daemon.
 #[derive(Clone)]
@@ -30,8 +32,10 @@ pub struct RunnerEnv {
     pub store: Store,
     /// Runs kept per unit unless the unit says otherwise.
     pub keep_runs: u32,
-    /// Where runs execute: this host.
+    /// Where runs on this host execute.
     pub executor: Arc<LocalExecutor>,
+    /// Where runs on agents execute.
+    pub remote: Arc<RemoteExecutor>,
 }
 
 /// How a unit loop starts.
@@ -58,6 +62,8 @@ pub struct InitialState {
     pub fresh: bool,
     /// Start nothing on its own (a unit brought back after a failed delete).
     pub quiet: bool,
+    /// Its dispatches a previous daemon left unfinished, with their runs: taken over.
+    pub dispatches: Vec<(DispatchRecord, Vec<RunRecord>)>,
 }
 
 /// Spawns the loop of a unit and returns its handle, and a receiver that resolves once the
@@ -100,6 +106,7 @@ pub fn spawn(
         tasks: HashMap::new(),
         active: HashMap::new(),
         queued: None,
+        dispatches: HashMap::new(),
         next_fire: None,
         anchor: init.anchor,
         pending: None,
@@ -114,7 +121,13 @@ pub fn spawn(
         last_run: init.last_run,
     };
     // Boxed: the task's future then holds a pointer to the loop's state, not a copy of it.
-    tracker.spawn(Box::new(l).run(inbox, token, init.fresh, init.quiet, init.last_fire, ready_tx));
+    let taken_over = init.dispatches;
+    tracker.spawn(Box::new(l).run(
+        inbox,
+        token,
+        (init.fresh, init.quiet, init.last_fire, taken_over),
+        ready_tx,
+    ));
     (handle, ready_rx)
 }
 
@@ -146,6 +159,8 @@ struct Loop {
     active: HashMap<i64, Box<ActiveRun>>,
     /// One run waiting for the active one (`overlap: queue`, or a replace in progress).
     queued: Option<RunRecord>,
+    /// Dispatches in flight, by id.
+    dispatches: HashMap<i64, Box<Progress>>,
     next_fire: Option<Timestamp>,
     anchor: Timestamp,
     pending: Option<Pending>,
@@ -159,6 +174,9 @@ struct Loop {
     failures_total: u64,
     last_run: Option<RunRecord>,
 }
+
+/// How a loop starts: fresh, quiet, the last fire handled, dispatches to take over.
+type StartUp = (bool, bool, Option<Timestamp>, Vec<(DispatchRecord, Vec<RunRecord>)>);
 
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
@@ -183,13 +201,15 @@ impl Loop {
         mut self: Box<Self>,
         mut rx: Inbox,
         token: CancellationToken,
-        fresh: bool,
-        quiet: bool,
-        last_fire: Option<Timestamp>,
+        init: StartUp,
         ready: oneshot::Sender<()>,
     ) {
         // Every handler below is boxed: the loop's own future stays small (it is most of an
         // idle unit's memory), and a handler's state exists only while it runs.
+        let (fresh, quiet, last_fire, taken_over) = init;
+        if !taken_over.is_empty() {
+            Box::pin(self.take_over(taken_over)).await;
+        }
         Box::pin(self.start_up(fresh, quiet, last_fire)).await;
         self.answer(ready, ());
         loop {
@@ -381,7 +401,8 @@ impl Loop {
     /// `TaskUnit.Stop`: every run stopped, and a service kept down until started.
     async fn stop(&mut self, reply: oneshot::Sender<Result<usize>>) {
         let n = self.stop_all(StopReason::Stopped);
-        let q = self.cancel_queued(StopReason::Stopped).await;
+        let q = self.cancel_queued(StopReason::Stopped).await
+            + Box::pin(self.cancel_dispatches(StopReason::Stopped)).await;
         self.pending = None;
         if self.cfg.service || self.cfg.is_tick() {
             self.stopped = true;
@@ -502,6 +523,7 @@ impl Loop {
     async fn delete(&mut self, reply: oneshot::Sender<()>) -> bool {
         self.stop_all(StopReason::Deleted);
         self.cancel_queued(StopReason::Deleted).await;
+        Box::pin(self.cancel_dispatches(StopReason::Deleted)).await;
         self.pending = None;
         self.next_fire = None;
         self.deleting = Some(reply);
@@ -551,6 +573,7 @@ impl Loop {
         self.cfg.overlap == Overlap::Allow
             && !self.cfg.service
             && !self.cfg.is_tick()
+            && !self.cfg.is_remote()
             && self.deleting.is_none()
     }
 
@@ -694,6 +717,9 @@ impl Loop {
             // Shutting down: a fire or retry that raced the cancellation starts nothing.
             return Err(Error::ShuttingDown);
         }
+        if self.cfg.is_remote() {
+            return Box::pin(self.start_dispatch(trigger, scheduled)).await;
+        }
         let rec = self
             .env
             .store
@@ -728,8 +754,17 @@ impl Loop {
         let unit = UnitHandle(self.shared.clone());
         let started: OnStart =
             Box::new(move |pid, at| unit.tell(Control::Started { run: id, pid, at }));
-        let run = self.env.executor.clone().execute(self.cfg.clone(), rec, token, why, started);
-        let task = self.runs.spawn(run);
+        if let Some(d) = rec.dispatch
+            && let Some(p) = self.dispatches.get_mut(&d)
+        {
+            p.launched(&rec);
+        }
+        let cfg = self.cfg.clone();
+        let task = if rec.is_local() {
+            self.runs.spawn(self.env.executor.clone().execute(cfg, rec, token, why, started))
+        } else {
+            self.runs.spawn(self.env.remote.clone().execute(cfg, rec, token, why, started))
+        };
         self.tasks.insert(task.id(), id);
     }
 
@@ -754,10 +789,29 @@ impl Loop {
     /// (not the run's task) so that once a client can see the end, the loop has seen it too:
     /// a `Start` right after never finds the ended run still "active".
     async fn record_end(&mut self, rec: RunRecord) {
+        if !rec.state.is_final() {
+            self.leave(rec);
+            return;
+        }
         if let Err(e) = self.env.store.finish_run(rec.clone(), self.keep_runs()).await {
             tracing::error!(run = rec.id, error = %e, "cannot record the end of a run");
         }
+        self.acknowledge(&rec);
         self.forget(rec);
+    }
+
+    /// A remote run handed back still running (the daemon is shutting down): not recorded,
+    /// left to its agent and the next daemon.
+    fn leave(&mut self, rec: RunRecord) {
+        self.env.remote.fleet().recorded(rec.id, false);
+        self.active.remove(&rec.id);
+    }
+
+    /// A remote run's end is recorded: its agent may forget it.
+    fn acknowledge(&self, rec: &RunRecord) {
+        if !rec.is_local() {
+            self.env.remote.fleet().recorded(rec.id, true);
+        }
     }
 
     /// Forgets a run whose end is recorded: answers who waited for it, counts it.
@@ -778,10 +832,18 @@ impl Loop {
 
     /// Records the ends of runs (in one change), then does what each end calls for.
     async fn finished(&mut self, recs: Vec<RunRecord>) {
+        let (recs, left): (Vec<_>, Vec<_>) = recs.into_iter().partition(|r| r.state.is_final());
+        for rec in left {
+            self.leave(rec);
+        }
+        if recs.is_empty() {
+            return;
+        }
         if let Err(e) = self.env.store.finish_runs(recs.clone(), self.keep_runs()).await {
             tracing::error!(unit = %self.cfg.name, error = %e, "cannot record the end of a run");
         }
         for rec in recs {
+            self.acknowledge(&rec);
             self.forget(rec.clone());
             self.after_end(rec).await;
         }
@@ -797,6 +859,10 @@ impl Loop {
         // keep it down there is `TaskUnit.Stop`. Every other stop is final.
         let cancel_only = rec.stop_reason() == Some(StopReason::Cancelled);
         let stopped_by_us = state == RunState::Cancelled && !(continuous && cancel_only);
+        if rec.dispatch.is_some() {
+            Box::pin(self.dispatch_run_ended(rec)).await;
+            return;
+        }
         if self.deleting.is_some() {
             return;
         }
@@ -860,5 +926,170 @@ impl Loop {
                 attempt: attempt + 1,
             });
         }
+    }
+
+    /// Fires the unit on its hosts: one dispatch, its runs recorded in one change, the first
+    /// `batch` of them launched. Answers with the first host's run.
+    async fn start_dispatch(
+        &mut self,
+        trigger: Trigger,
+        scheduled: Option<Timestamp>,
+    ) -> Result<RunRecord> {
+        let hosts = self.env.remote.fleet().resolve(&self.cfg.hosts);
+        if hosts.is_empty() {
+            tracing::warn!(unit = %self.cfg.name, hosts = ?self.cfg.hosts, "no host to run on");
+            return Err(Error::Conflict(format!(
+                "no host matches {:?}: no enrolled agent has those names or labels",
+                self.cfg.hosts
+            )));
+        }
+        let (d, runs) = self
+            .env
+            .store
+            .create_dispatch(
+                &self.cfg.name,
+                trigger,
+                hosts,
+                self.cfg.batch,
+                self.cfg.tolerance,
+                scheduled,
+            )
+            .await
+            .inspect_err(|e| {
+                tracing::error!(unit = %self.cfg.name, error = %e, "cannot record a dispatch");
+            })?;
+        let first = runs[0].clone();
+        self.dispatches.insert(d.id, Box::new(Progress::new(d, &runs, &[])));
+        for r in runs.into_iter().filter(|r| r.state == RunState::Running) {
+            self.launch(r);
+        }
+        Ok(first)
+    }
+
+    /// Takes over the dispatches a previous daemon left unfinished: their runs still
+    /// `running` on agents are executed again (the agents' journals start nothing twice), the
+    /// waiting ones wait on.
+    async fn take_over(&mut self, dispatches: Vec<(DispatchRecord, Vec<RunRecord>)>) {
+        for (d, runs) in dispatches {
+            let id = d.id;
+            let ignored = self.env.store.ignored_runs(id).await.unwrap_or_default();
+            self.dispatches.insert(id, Box::new(Progress::new(d, &runs, &ignored)));
+            for r in runs.into_iter().filter(|r| r.state == RunState::Running) {
+                // Counted when it started, under the previous daemon.
+                self.runs_total = self.runs_total.saturating_sub(1);
+                self.launch(r);
+            }
+            self.advance(id).await;
+        }
+    }
+
+    /// A run of a dispatch ended (recorded): a retry on the same host, the tolerance, the
+    /// next hosts' turn, the dispatch's end.
+    async fn dispatch_run_ended(&mut self, rec: RunRecord) {
+        let Some(id) = rec.dispatch else { return };
+        let Some(p) = self.dispatches.get_mut(&id) else { return };
+        p.ended(&rec);
+        let running = p.record.state == DispatchState::Running;
+        if running
+            && self.deleting.is_none()
+            && matches!(rec.state, RunState::Failed | RunState::TimedOut)
+            && rec.attempt <= self.cfg.retries
+        {
+            let retry = self
+                .env
+                .store
+                .create_host_run(
+                    &self.cfg.name,
+                    rec.host.clone(),
+                    id,
+                    Trigger::Retry,
+                    rec.attempt + 1,
+                )
+                .await;
+            match retry {
+                Ok(r) => {
+                    self.launch(r);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(unit = %self.cfg.name, error = %e, "cannot record a retry")
+                }
+            }
+        }
+        let Some(p) = self.dispatches.get_mut(&id) else { return };
+        if running && p.over_tolerance() {
+            tracing::warn!(unit = %self.cfg.name, dispatch = id, "tolerance exceeded: dispatch paused");
+            p.record.state = DispatchState::Paused;
+            if let Err(e) = self.env.store.set_dispatch_state(id, DispatchState::Paused).await {
+                tracing::error!(dispatch = id, error = %e, "cannot record a paused dispatch");
+            }
+        }
+        self.advance(id).await;
+    }
+
+    /// Starts the waiting runs of dispatch `id` whose turn has come, and records its end once
+    /// nothing is left to run.
+    async fn advance(&mut self, id: i64) {
+        while let Some(next) = self.dispatches.get_mut(&id).and_then(|p| p.next_turn()) {
+            match self.env.store.start_queued(next.id).await {
+                Ok(r) => self.launch(r),
+                Err(e) => {
+                    // Not left queued for ever: it ends, and the dispatch goes on.
+                    tracing::error!(run = next.id, error = %e, "cannot start a host's run");
+                    let mut q = next;
+                    q.state = RunState::Cancelled;
+                    q.ended_at = Some(Timestamp::now());
+                    q.reason = Some(format!("could not start: {e}"));
+                    let _ = self.env.store.finish_run(q.clone(), self.keep_runs()).await;
+                    if let Some(p) = self.dispatches.get_mut(&id) {
+                        p.ended(&q);
+                    }
+                }
+            }
+        }
+        let Some(p) = self.dispatches.get(&id) else { return };
+        if !p.is_done() {
+            return;
+        }
+        let outcome = p.outcome();
+        self.dispatches.remove(&id);
+        if let Err(e) = self.env.store.set_dispatch_state(id, outcome).await {
+            tracing::error!(dispatch = id, error = %e, "cannot record the end of a dispatch");
+        }
+    }
+
+    /// Cancels every dispatch in flight: hosts waiting for their turn end `cancelled` (the
+    /// active ones were stopped by the caller). Returns how many waiting runs ended.
+    async fn cancel_dispatches(&mut self, reason: StopReason) -> usize {
+        let ids: Vec<i64> = self.dispatches.keys().copied().collect();
+        let mut n = 0;
+        for id in ids {
+            let Some(p) = self.dispatches.get_mut(&id) else { continue };
+            p.record.state = DispatchState::Cancelled;
+            let waiting = p.take_waiting();
+            let now = Timestamp::now();
+            let ended: Vec<RunRecord> = waiting
+                .into_iter()
+                .map(|mut r| {
+                    r.state = RunState::Cancelled;
+                    r.ended_at = Some(now);
+                    r.reason = Some(reason.as_str().into());
+                    r
+                })
+                .collect();
+            n += ended.len();
+            if !ended.is_empty()
+                && let Err(e) = self.env.store.finish_runs(ended.clone(), self.keep_runs()).await
+            {
+                tracing::error!(dispatch = id, error = %e, "cannot record cancelled runs");
+            }
+            if let Some(p) = self.dispatches.get_mut(&id) {
+                for r in &ended {
+                    p.ended(r);
+                }
+            }
+            self.advance(id).await;
+        }
+        n
     }
 }

@@ -56,6 +56,8 @@ pub struct TestDaemon {
     pre_exec: Option<fn() -> std::io::Result<()>>,
     /// Extra environment variables for the daemon (`TASKD_*` settings).
     env: Vec<(String, String)>,
+    /// Where the next start listens (`127.0.0.1:0` when unset).
+    listen: Option<String>,
 }
 
 impl TestDaemon {
@@ -139,6 +141,7 @@ impl TestDaemon {
             as_user: None,
             pre_exec: None,
             env: Vec::new(),
+            listen: None,
         }
     }
 
@@ -160,8 +163,9 @@ impl TestDaemon {
             .append(true)
             .open(&self.log)
             .expect("daemon log");
+        let listen = std::mem::take(&mut self.listen).unwrap_or_else(|| "127.0.0.1:0".into());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskd"));
-        cmd.args(["--listen", "127.0.0.1:0", "--state-dir"])
+        cmd.args(["--listen", &listen, "--state-dir"])
             .arg(&self.state)
             .args(&self.extra)
             .env("RUST_LOG", "info")
@@ -248,6 +252,13 @@ impl TestDaemon {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the daemon first");
         self.spawn();
+    }
+
+    /// Starts the daemon again on the same state directory and the same address (agents
+    /// reconnect to where they were).
+    pub fn restart_on_same_port(&mut self) {
+        self.listen = Some(self.addr.clone());
+        self.restart();
     }
 
     /// Runs `taskctl` (the built binary) against this daemon.

@@ -1,5 +1,6 @@
 //! Integration tests: a real `taskd` in a temporary directory, driven through real clients.
 
+mod agents;
 mod children;
 mod cli;
 mod common;

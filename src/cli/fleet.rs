@@ -1,0 +1,307 @@
+//! `taskctl agents`, `exec`, `dispatches`, `dispatch`: the fleet of agents and the runs of
+//! units on many hosts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use super::output::{self, Cell, Table, relative, state_cell};
+use super::units::split_hosts;
+use super::{CliError, Ctx};
+use crate::rpc::agents::{
+    AgentApiClient, DispatchApiClient, DispatchInfo, DispatchListArg, JoinTokenArg,
+};
+use crate::rpc::run::RunApiClient as _;
+use crate::rpc::types::{AddArg, AddResult, FollowArg, FollowItem};
+use crate::rpc::unit::TaskUnitApiClient;
+
+/// `taskctl agents`.
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    /// What to do (list them when absent).
+    #[command(subcommand)]
+    pub action: Option<AgentsAction>,
+}
+
+/// `taskctl agents …` actions.
+#[derive(Debug, Subcommand)]
+pub enum AgentsAction {
+    /// Print a one-time token a new agent enrolls with (`taskd agent --join TOKEN`)
+    JoinToken {
+        /// How long it is good for
+        #[arg(long, default_value = "1h", value_name = "DURATION")]
+        ttl: String,
+    },
+    /// Close an agent's connection and refuse its credential from now on
+    Revoke {
+        /// The agent's name
+        name: String,
+    },
+}
+
+/// `taskctl agents`.
+pub async fn agents(ctx: &Ctx, a: AgentsArgs) -> anyhow::Result<()> {
+    match a.action {
+        None => {
+            let list = ctx.call(AgentApiClient::list(&ctx.client, None)).await?;
+            if ctx.json {
+                return output::json(&list);
+            }
+            let mut t = Table::new(&["NAME", "STATE", "LABELS", "RUNNING", "LAST SEEN", "ADDRESS"]);
+            for a in &list {
+                let labels: Vec<String> =
+                    a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                t.add_row(vec![
+                    Cell::new(&a.name),
+                    state_cell(&a.state),
+                    Cell::new(labels.join(",")),
+                    Cell::new(a.running.to_string()),
+                    Cell::new(
+                        a.last_seen.as_deref().map(relative).unwrap_or_else(|| "never".into()),
+                    ),
+                    Cell::new(a.addr.clone().unwrap_or_default()),
+                ]);
+            }
+            output::print_table(&t)
+        }
+        Some(AgentsAction::JoinToken { ttl }) => {
+            let t = ctx.call(ctx.client.join_token(Some(JoinTokenArg { ttl: Some(ttl) }))).await?;
+            if ctx.json {
+                return output::json(&t);
+            }
+            output::line(&t.token)?;
+            eprintln!(
+                "taskctl: good once, until {}: on the new host run\n  taskd agent --server {} --join {}",
+                output::local_time(&t.expires_at),
+                ctx.addr,
+                t.token
+            );
+            Ok(())
+        }
+        Some(AgentsAction::Revoke { name }) => {
+            let a = ctx.call(AgentApiClient::revoke(&ctx.client, name)).await?;
+            if ctx.json {
+                return output::json(&a);
+            }
+            output::line(&format!("agent {} revoked", a.name))
+        }
+    }
+}
+
+/// `taskctl exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Where to run: agent names, label selectors (`role=web`), `*`, `local`
+    #[arg(long, required = true, value_name = "H,…", value_delimiter = ';', num_args = 1..)]
+    pub hosts: Vec<String>,
+    /// Account to run as (on each host)
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Stop each host's run after this long
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// Hosts running at once [default: all]
+    #[arg(long, value_name = "N")]
+    pub batch: Option<u32>,
+    /// Run this script file instead of a command
+    #[arg(long, value_name = "FILE")]
+    pub script: Option<PathBuf>,
+    /// Print each host's output together once it ended, instead of line by line as it comes
+    #[arg(long)]
+    pub group: bool,
+    /// The command and its arguments, after `--`
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// `taskctl exec`: a one-shot unit on the hosts, each host's output as it comes, a summary,
+/// exit 0 only if every host succeeded.
+pub async fn exec(ctx: &Ctx, a: ExecArgs) -> anyhow::Result<()> {
+    let mut def = serde_json::Map::new();
+    let stamp = jiff::Timestamp::now().as_millisecond();
+    def.insert("name".into(), json!(format!("exec-{stamp}-{}", std::process::id() % 1000)));
+    def.insert("hosts".into(), json!(split_hosts(&a.hosts)));
+    match (&a.script, a.command.is_empty()) {
+        (Some(path), true) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+            def.insert("script".into(), json!(text));
+        }
+        (None, false) => {
+            def.insert("command".into(), json!(a.command));
+        }
+        _ => {
+            return Err(
+                CliError::Usage("give a command after `--`, or --script FILE".into()).into()
+            );
+        }
+    }
+    if let Some(u) = &a.user {
+        def.insert("user".into(), json!(u));
+    }
+    if let Some(t) = &a.timeout {
+        def.insert("timeout".into(), json!(t));
+    }
+    if let Some(b) = a.batch {
+        def.insert("batch".into(), json!(b));
+    }
+    def.insert("keep_runs".into(), json!(1));
+    let added = ctx.call(ctx.client.add(AddArg::Definition(Value::Object(def)))).await?;
+    let AddResult::Unit(unit) = added else {
+        anyhow::bail!("the daemon answered an add without a unit")
+    };
+    let Some(dispatch) = unit.last_run.as_ref().and_then(|r| r.dispatch) else {
+        anyhow::bail!("unit {} started no dispatch", unit.name);
+    };
+    let d = ctx.call(DispatchApiClient::get(&ctx.client, dispatch)).await?;
+    let runs = d.runs.clone().unwrap_or_default();
+    let width = runs.iter().map(|r| r.host.len()).max().unwrap_or(0);
+    let mut streams = Vec::new();
+    for r in &runs {
+        let arg = FollowArg { id: r.id, offset: None, stream: None, timestamps: false, tail: None };
+        let sub = ctx.call(ctx.client.follow(arg)).await?;
+        let host = r.host.clone();
+        streams.push(sub.map(move |item| (host.clone(), item)).boxed());
+    }
+    let mut merged = futures_util::stream::select_all(streams);
+    let mut partial: BTreeMap<String, String> = BTreeMap::new();
+    let mut grouped: BTreeMap<String, String> = BTreeMap::new();
+    let mut left = runs.len();
+    while left > 0 {
+        let next = tokio::select! {
+            n = merged.next() => n,
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("taskctl: stopped following; the runs go on (unit {})", unit.name);
+                return Err(CliError::Reported.into());
+            }
+        };
+        let Some((host, item)) = next else { break };
+        match item {
+            Ok(FollowItem::Output { data, .. }) => {
+                if ctx.json {
+                    output::json_line(&json!({"host": host, "data": data}))?;
+                } else if a.group {
+                    grouped.entry(host).or_default().push_str(&data);
+                } else {
+                    let buf = partial.entry(host.clone()).or_default();
+                    buf.push_str(&data);
+                    while let Some(i) = buf.find('\n') {
+                        let line: String = buf.drain(..=i).collect();
+                        output::emit(&format!("{host:>width$}: {line}"))?;
+                    }
+                }
+            }
+            Ok(FollowItem::End { .. }) => {
+                left -= 1;
+                if let Some(rest) = partial.remove(&host).filter(|r| !r.is_empty()) {
+                    output::emit(&format!("{host:>width$}: {rest}\n"))?;
+                }
+                if let Some(text) = grouped.remove(&host) {
+                    output::emit(&format!("--- {host}\n{text}"))?;
+                }
+            }
+            Ok(FollowItem::Lagged { message }) => {
+                left -= 1;
+                eprintln!("taskctl: {host}: {message}");
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("bad message from taskd")),
+        }
+    }
+    // Every host's newest run, as recorded.
+    let d = ctx.call(DispatchApiClient::get(&ctx.client, dispatch)).await?;
+    let mut latest: BTreeMap<String, crate::rpc::types::RunInfo> = BTreeMap::new();
+    for r in d.runs.clone().unwrap_or_default() {
+        latest.insert(r.host.clone(), r);
+    }
+    let ok = latest.values().filter(|r| r.state == "succeeded").count();
+    let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in latest.values() {
+        *by_state.entry(r.state.as_str()).or_default() += 1;
+        if r.state != "succeeded" && !ctx.json {
+            eprintln!("taskctl: {}: {}", r.host, super::runs::ended(r));
+        }
+    }
+    if ctx.json {
+        output::json_line(&d)?;
+    } else {
+        let parts: Vec<String> = by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        eprintln!("{} hosts: {}", latest.len(), parts.join(", "));
+    }
+    if ok == latest.len() { Ok(()) } else { Err(CliError::Reported.into()) }
+}
+
+/// `taskctl dispatches [NAME]`.
+#[derive(Debug, Args)]
+pub struct DispatchesArgs {
+    /// Only this unit's
+    pub name: Option<String>,
+    /// At most this many
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+}
+
+/// The progress line of a dispatch: `7/10 done: 6 succeeded, 1 failed, 3 running`.
+pub fn progress(d: &DispatchInfo) -> String {
+    let active = ["running", "queued"];
+    let done: u32 =
+        d.counts.iter().filter(|(s, _)| !active.contains(&s.as_str())).map(|(_, n)| n).sum();
+    let mut parts: Vec<(&String, &u32)> = d.counts.iter().collect();
+    parts.sort_by_key(|(s, _)| active.contains(&s.as_str()));
+    let parts: Vec<String> = parts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    format!("{done}/{} done: {}", d.total, parts.join(", "))
+}
+
+/// `taskctl dispatches`.
+pub async fn dispatches(ctx: &Ctx, a: DispatchesArgs) -> anyhow::Result<()> {
+    let arg = DispatchListArg { unit: a.name, state: None, limit: Some(a.limit), before: None };
+    let list = ctx.call(DispatchApiClient::list(&ctx.client, Some(arg))).await?;
+    if ctx.json {
+        return output::json(&list);
+    }
+    let mut t = Table::new(&["ID", "UNIT", "STATE", "CREATED", "PROGRESS"]);
+    for d in &list {
+        t.add_row(vec![
+            Cell::new(d.id.to_string()),
+            Cell::new(&d.unit),
+            state_cell(&d.state),
+            Cell::new(relative(&d.created_at)),
+            Cell::new(progress(d)),
+        ]);
+    }
+    output::print_table(&t)
+}
+
+/// `taskctl dispatch ID`.
+#[derive(Debug, Args)]
+pub struct DispatchArgs {
+    /// The dispatch's id
+    pub id: i64,
+}
+
+/// `taskctl dispatch ID`: progress and a row per host.
+pub async fn dispatch(ctx: &Ctx, a: DispatchArgs) -> anyhow::Result<()> {
+    let d = ctx.call(DispatchApiClient::get(&ctx.client, a.id)).await?;
+    if ctx.json {
+        return output::json(&d);
+    }
+    output::line(&format!("dispatch {} of {} ({}): {}", d.id, d.unit, d.state, progress(&d)))?;
+    let mut t = Table::new(&["HOST", "RUN", "STATE", "EXIT", "DURATION", "REASON"]);
+    for r in d.runs.as_deref().unwrap_or_default() {
+        let state = match &r.host_state {
+            Some(h) if h != "connected" => format!("{} ({h})", r.state),
+            _ => r.state.clone(),
+        };
+        t.add_row(vec![
+            Cell::new(&r.host),
+            Cell::new(r.id.to_string()),
+            state_cell(&state),
+            Cell::new(output::exit_of(r)),
+            Cell::new(r.duration_ms.map(output::duration_ms).unwrap_or_default()),
+            Cell::new(r.reason.clone().unwrap_or_default()),
+        ]);
+    }
+    output::print_table(&t)
+}

@@ -1,0 +1,156 @@
+//! `AgentLink.*`: the agent protocol's methods (messages in [`crate::proto`]). Only a
+//! connection logged in with an agent's credential may call them, and it may call nothing
+//! else (`rpc::middleware::AGENT_METHODS`); `AgentLink.Join` is public, as `Auth.Login` is.
+//! Every report is checked against the calling agent: an agent can only speak for the runs
+//! assigned to it.
+
+use std::sync::Arc;
+
+use jsonrpsee::core::{RpcResult, SubscriptionResult, async_trait};
+use jsonrpsee::proc_macros::rpc;
+use jsonrpsee::server::SubscriptionMessage;
+use jsonrpsee::types::ErrorObjectOwned;
+use jsonrpsee::{Extensions, PendingSubscriptionSink};
+use serde_json::Value;
+use serde_json::value::to_raw_value;
+
+use super::api::{Api, rpc_error};
+use super::conn::Conn;
+use super::run::NOTIFICATION_OVERHEAD;
+use crate::error::codes;
+use crate::proto::{Hello, JoinRequest, Joined, Order, Outcome, Output, Started};
+
+/// The agent protocol.
+#[rpc(server, client, namespace = "AgentLink", namespace_separator = ".")]
+pub trait AgentLinkApi {
+    /// Trades a one-time join token for the agent's credential. Public: the agent has no
+    /// credential yet.
+    #[method(name = "Join")]
+    async fn join(&self, req: JoinRequest) -> RpcResult<Joined>;
+
+    /// Registers the agent on this connection and streams its orders.
+    #[subscription(name = "Attach" => "Order", unsubscribe = "Detach", item = Order, with_extensions)]
+    async fn attach(&self, hello: Hello) -> SubscriptionResult;
+
+    /// A run's process started.
+    #[method(name = "Started", with_extensions)]
+    async fn started(&self, s: Started) -> RpcResult<bool>;
+
+    /// Output of a run, in order.
+    #[method(name = "Output", with_extensions)]
+    async fn output(&self, o: Output) -> RpcResult<bool>;
+
+    /// A run ended. Answered once its end is recorded: then the agent may forget it.
+    #[method(name = "Finished", with_extensions)]
+    async fn finished(&self, o: Outcome) -> RpcResult<bool>;
+
+    /// The agent is alive.
+    #[method(name = "Heartbeat", with_extensions)]
+    async fn heartbeat(&self, arg: Option<Value>) -> RpcResult<bool>;
+}
+
+/// The agent the calling connection belongs to (the middleware let only agents through).
+fn agent_of(ext: &Extensions) -> RpcResult<(Arc<Conn>, String)> {
+    let conn = ext.get::<Arc<Conn>>().cloned();
+    match conn.as_ref().and_then(|c| c.agent().map(str::to_string)) {
+        Some(name) => Ok((conn.expect("checked"), name)),
+        None => Err(ErrorObjectOwned::owned(codes::UNAUTHORIZED, "not an agent", None::<()>)),
+    }
+}
+
+#[async_trait]
+impl AgentLinkApiServer for Api {
+    async fn join(&self, req: JoinRequest) -> RpcResult<Joined> {
+        let credential =
+            self.registry.fleet().join(&req.token, &req.name).await.map_err(rpc_error)?;
+        Ok(Joined { name: req.name, credential })
+    }
+
+    async fn attach(
+        &self,
+        pending: PendingSubscriptionSink,
+        ext: &Extensions,
+        hello: Hello,
+    ) -> SubscriptionResult {
+        let (conn, name) = agent_of(ext)?;
+        if hello.name != name {
+            pending
+                .reject(ErrorObjectOwned::owned(
+                    codes::UNAUTHORIZED,
+                    format!("this credential is agent {name:?}'s, not {:?}'s", hello.name),
+                    None::<()>,
+                ))
+                .await;
+            return Ok(());
+        }
+        let fleet = self.registry.fleet().clone();
+        let addr = conn.peer().map(|p| p.to_string());
+        let (session, mut orders, close) = match fleet.attach(hello, addr) {
+            Ok(s) => s,
+            Err(e) => {
+                pending.reject(rpc_error(e)).await;
+                return Ok(());
+            }
+        };
+        let settings = Order::Settings {
+            heartbeat_ms: (fleet.config().agent_timeout.as_millis() / 3).clamp(100, 5000) as u64,
+        };
+        let sink = match pending.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                fleet.detach(&name, Some(session));
+                return Err(e.into());
+            }
+        };
+        let result: SubscriptionResult = async {
+            sink.send(SubscriptionMessage::from(to_raw_value(&settings)?)).await?;
+            loop {
+                tokio::select! {
+                    order = orders.recv() => {
+                        let Some(order) = order else {
+                            // The session ended (revoked, replaced, silent too long).
+                            conn.close();
+                            return Ok(());
+                        };
+                        let raw = to_raw_value(&order)?;
+                        conn.backlog().produced(raw.get().len() + NOTIFICATION_OVERHEAD);
+                        sink.send(SubscriptionMessage::from(raw)).await?;
+                    }
+                    () = close.cancelled() => {
+                        // Revoked, replaced by a newer connection, or silent too long.
+                        conn.close();
+                        return Ok(());
+                    }
+                    () = sink.closed() => return Ok(()),
+                }
+            }
+        }
+        .await;
+        fleet.detach(&name, Some(session));
+        result
+    }
+
+    async fn started(&self, ext: &Extensions, s: Started) -> RpcResult<bool> {
+        let (_, name) = agent_of(ext)?;
+        self.registry.fleet().started(&name, s).map_err(rpc_error)?;
+        Ok(true)
+    }
+
+    async fn output(&self, ext: &Extensions, o: Output) -> RpcResult<bool> {
+        let (_, name) = agent_of(ext)?;
+        self.registry.fleet().output(&name, o).await.map_err(rpc_error)?;
+        Ok(true)
+    }
+
+    async fn finished(&self, ext: &Extensions, o: Outcome) -> RpcResult<bool> {
+        let (_, name) = agent_of(ext)?;
+        self.registry.fleet().finished(&name, o).await.map_err(rpc_error)?;
+        Ok(true)
+    }
+
+    async fn heartbeat(&self, ext: &Extensions, _arg: Option<Value>) -> RpcResult<bool> {
+        let (_, name) = agent_of(ext)?;
+        self.registry.fleet().heard(&name);
+        Ok(true)
+    }
+}

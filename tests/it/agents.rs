@@ -1,0 +1,383 @@
+//! Agents: real `taskd agent` processes (the built binary, each with its own state directory
+//! and name) against a real daemon, driven with `taskctl` and raw calls.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use crate::common::{DEADLINE, Raw, TestDaemon, alive, make_private, wait_for};
+
+/// A `taskd agent` under test.
+struct TestAgent {
+    name: String,
+    dir: tempfile::TempDir,
+    server: String,
+    labels: String,
+    child: Option<Child>,
+}
+
+impl TestAgent {
+    /// Enrolls a new agent `name` with `labels` (`k=v,…`) on `d`'s daemon and starts it.
+    fn enroll(d: &TestDaemon, name: &str, labels: &str) -> TestAgent {
+        let token = d.call("Agent.JoinToken", json!({}))["token"].as_str().unwrap().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        make_private(dir.path());
+        let mut a = TestAgent {
+            name: name.into(),
+            dir,
+            server: d.addr.clone(),
+            labels: labels.into(),
+            child: None,
+        };
+        a.spawn(Some(&token));
+        wait_connected(d, name);
+        a
+    }
+
+    fn spawn(&mut self, join: Option<&str>) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskd"));
+        cmd.args(["agent", "--server", &self.server, "--name", &self.name])
+            .arg("--state-dir")
+            .arg(self.dir.path());
+        if !self.labels.is_empty() {
+            cmd.args(["--labels", &self.labels]);
+        }
+        if let Some(t) = join {
+            cmd.args(["--join", t]);
+        }
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        self.child = Some(cmd.spawn().expect("spawn taskd agent"));
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    /// Starts it again (its credential is in its state directory).
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn(None);
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn credential(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("credential")).unwrap().trim().to_string()
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = Pid::from_raw(c.id() as i32);
+            let _ = kill(pid, Signal::SIGCONT);
+            let _ = kill(pid, Signal::SIGTERM);
+            let end = Instant::now() + DEADLINE;
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn agent_state(d: &TestDaemon, name: &str) -> String {
+    // Not enrolled yet: no state.
+    let v = d.raw().call("Agent.Get", json!(name));
+    v["result"]["state"].as_str().unwrap_or_default().to_string()
+}
+
+fn wait_connected(d: &TestDaemon, name: &str) {
+    wait_for(&format!("agent {name} to connect"), || {
+        (agent_state(d, name) == "connected").then_some(())
+    });
+}
+
+/// Polls `Run.Get` until `cond` holds.
+fn wait_run(d: &TestDaemon, id: i64, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let mut c = d.raw();
+    wait_for(what, || {
+        let r = c.call("Run.Get", json!(id)).get("result").cloned()?;
+        cond(&r).then_some(r)
+    })
+}
+
+/// The pid a run wrote to `file`, once it did.
+fn pid_in(file: &Path) -> i32 {
+    wait_for("the run to write its pid", || std::fs::read_to_string(file).ok()?.trim().parse().ok())
+}
+
+fn output(o: &std::process::Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+#[test]
+fn taskctl_exec_runs_on_each_selected_host_with_its_output_and_exit_code() {
+    let d = TestDaemon::start();
+    let _web = TestAgent::enroll(&d, "web-1", "role=web");
+    let _db = TestAgent::enroll(&d, "db-1", "role=db");
+    let agents = d.taskctl(&["agents"]);
+    let (out, _) = output(&agents);
+    assert!(out.contains("web-1") && out.contains("db-1") && out.contains("connected"), "{out}");
+
+    let o = d.taskctl(&["exec", "--hosts", "*", "--", "sh", "-c", "echo out; echo err >&2"]);
+    let (out, err) = output(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    for host in ["web-1", "db-1"] {
+        assert!(out.contains(&format!("{host}: out\n")), "{out}");
+        assert!(out.contains(&format!("{host}: err\n")), "{out}");
+    }
+    assert!(err.contains("2 hosts: 2 succeeded"), "{err}");
+
+    // A selector picks its hosts; a failure is the exit code and the summary.
+    let o = d.taskctl(&["exec", "--hosts", "role=db", "--", "sh", "-c", "echo db; exit 3"]);
+    let (out, err) = output(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
+    assert_eq!(out, "db-1: db\n");
+    assert!(err.contains("db-1: run") && err.contains("failed (exit 3)"), "{err}");
+    assert!(err.contains("1 hosts: 1 failed"), "{err}");
+
+    // Each exec leaves an ordinary unit and dispatch behind.
+    let list = d.call("Dispatch.List", json!({}));
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list[0]["state"], "failed");
+    assert_eq!(list[1]["state"], "succeeded");
+    assert_eq!(list[1]["counts"], json!({"succeeded": 2}));
+    let (shown, _) = output(&d.taskctl(&["dispatch", &list[1]["id"].to_string()]));
+    assert!(shown.contains("2/2 done: 2 succeeded"), "{shown}");
+
+    // A name that is no agent is refused at Add, naming the field.
+    let v =
+        d.raw().call("TaskUnit.Add", json!({"name": "x", "command": ["true"], "hosts": ["nope"]}));
+    assert_eq!(v["error"]["data"]["field"], "hosts", "{v}");
+}
+
+#[test]
+fn join_tokens_are_spent_once_and_agent_credentials_serve_only_the_agent_protocol() {
+    let d = TestDaemon::start();
+    let token =
+        d.call("Agent.JoinToken", json!({"ttl": "10m"}))["token"].as_str().unwrap().to_string();
+    let mut anon = Raw::connect(&d.addr);
+    let joined = anon.call("AgentLink.Join", json!({"token": token, "name": "h1"}));
+    let cred = joined["result"]["credential"].as_str().expect("a credential").to_string();
+    let again = Raw::connect(&d.addr).call("AgentLink.Join", json!({"token": token, "name": "h2"}));
+    let msg = again["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("spent"), "{again}");
+    assert_eq!(d.call("Agent.List", json!({})).as_array().unwrap().len(), 1);
+
+    // The credential logs in, and can call no client method.
+    let mut agent = Raw::connect(&d.addr);
+    assert_eq!(agent.call("Auth.Login", json!(cred))["result"], true);
+    for (method, arg) in [
+        ("TaskUnit.List", json!({})),
+        ("TaskUnit.Add", json!({"name": "evil", "command": ["true"]})),
+        ("Run.List", json!({})),
+        ("Agent.JoinToken", json!({})),
+    ] {
+        let v = agent.call(method, arg);
+        assert_eq!(v["error"]["code"], -32050, "{method}: {v}");
+    }
+    assert_eq!(agent.call("AgentLink.Heartbeat", json!(null))["result"], true);
+    // And the daemon's token cannot speak for an agent.
+    let v = d.raw().call("AgentLink.Heartbeat", json!(null));
+    assert_eq!(v["error"]["code"], -32050, "{v}");
+    assert!(d.call("TaskUnit.List", json!({})).as_array().is_some_and(|l| l.is_empty()));
+
+    // Revoked: refused from then on.
+    let mut a = TestAgent::enroll(&d, "h3", "");
+    let cred3 = a.credential();
+    let r = d.taskctl(&["agents", "revoke", "h3"]);
+    assert!(r.status.success(), "{:?}", output(&r));
+    assert_eq!(agent_state(&d, "h3"), "revoked");
+    let v = Raw::connect(&d.addr).call("Auth.Login", json!(cred3));
+    assert_eq!(v["error"]["code"], -32050, "{v}");
+    a.kill9();
+}
+
+#[test]
+fn a_batch_runs_hosts_in_turn_and_tolerance_pauses_the_rest() {
+    let d = TestDaemon::start();
+    let _a = TestAgent::enroll(&d, "a", "");
+    let _b = TestAgent::enroll(&d, "b", "");
+    let _c = TestAgent::enroll(&d, "c", "");
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "rolling", "command": ["sh", "-c", "sleep 0.2"], "hosts": ["c", "a", "b"], "batch": 1}),
+    );
+    let d1 = d.call("Dispatch.List", json!({"unit": "rolling"}))[0]["id"].as_i64().unwrap();
+    let done = wait_for("the dispatch to end", || {
+        let g = d.call("Dispatch.Get", json!(d1));
+        (g["state"] == "succeeded").then_some(g)
+    });
+    let runs = done["runs"].as_array().unwrap();
+    let hosts: Vec<&str> = runs.iter().map(|r| r["host"].as_str().unwrap()).collect();
+    assert_eq!(hosts, ["c", "a", "b"], "as listed");
+    for pair in runs.windows(2) {
+        let (end, start) =
+            (pair[0]["ended_at"].as_str().unwrap(), pair[1]["started_at"].as_str().unwrap());
+        let (end, start): (jiff::Timestamp, jiff::Timestamp) =
+            (end.parse().unwrap(), start.parse().unwrap());
+        assert!(start >= end, "one host at a time: {pair:?}");
+    }
+
+    // Tolerance 0: the first failure pauses the dispatch; the hosts after it stay queued.
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "careful", "command": ["false"], "hosts": ["*"], "batch": 1, "tolerance": 0}),
+    );
+    let d2 = d.call("Dispatch.List", json!({"unit": "careful"}))[0]["id"].as_i64().unwrap();
+    let paused = wait_for("the dispatch to pause", || {
+        let g = d.call("Dispatch.Get", json!(d2));
+        (g["state"] == "paused").then_some(g)
+    });
+    assert_eq!(paused["counts"], json!({"failed": 1, "queued": 2}), "{paused}");
+}
+
+#[test]
+fn a_killed_agent_reports_its_run_lost_and_leaves_no_process() {
+    let d = TestDaemon::start();
+    let mut a = TestAgent::enroll(&d, "k1", "");
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("pid");
+    let cmd = format!("echo $$ > {}; echo started; exec sleep 300", pidfile.display());
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "long", "command": ["sh", "-c", cmd], "hosts": ["k1"]}),
+    );
+    let run = info["last_run"]["id"].as_i64().unwrap();
+    let pid = pid_in(&pidfile);
+    // Live output reaches the server's log while the run goes on.
+    wait_for("the run's output on the server", || {
+        let v = d.call("Run.Logs", json!({"id": run}));
+        (v["data"] == "started\n").then_some(())
+    });
+    a.kill9();
+    assert!(alive(pid), "the run outlives its agent's crash, for now");
+    a.restart();
+    let ended = d.wait_run_end(run);
+    assert_eq!(ended["state"], "lost", "{ended}");
+    assert_eq!(ended["reason"], "agent restarted", "{ended}");
+    wait_for("the run's process to be stopped", || (!alive(pid)).then_some(()));
+    // The agent starts nothing twice: it is connected, and the run stays lost.
+    wait_connected(&d, "k1");
+    assert_eq!(d.call("Run.Get", json!(run))["state"], "lost");
+}
+
+#[test]
+fn a_frozen_agent_keeps_its_run_within_lost_after_and_loses_it_beyond() {
+    let d = TestDaemon::start_with(&["--agent-timeout", "1s", "--lost-after", "3s"]);
+    let a = TestAgent::enroll(&d, "f1", "");
+    // Back in time: the run goes on and ends with its real outcome.
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "brief", "command": ["sh", "-c", "sleep 1.5; echo done"], "hosts": ["f1"]}),
+    );
+    let run = info["last_run"]["id"].as_i64().unwrap();
+    wait_run(&d, run, "the run to start", |r| r["pid"].is_i64());
+    assert_eq!(d.call("Run.Get", json!(run))["state"], "running");
+    kill(a.pid(), Signal::SIGSTOP).unwrap();
+    wait_run(&d, run, "the run to be unreachable", |r| r["host_state"] == "unreachable");
+    kill(a.pid(), Signal::SIGCONT).unwrap();
+    let ended = d.wait_run_end(run);
+    assert_eq!(ended["state"], "succeeded", "{ended}");
+    assert_eq!(d.call("Run.Logs", json!({"id": run}))["data"], "done\n");
+
+    // Away too long: lost, and stopped when the agent comes back.
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("pid");
+    let cmd = format!("echo $$ > {}; exec sleep 300", pidfile.display());
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "stuck", "command": ["sh", "-c", cmd], "hosts": ["f1"]}),
+    );
+    let run = info["last_run"]["id"].as_i64().unwrap();
+    let pid = pid_in(&pidfile);
+    kill(a.pid(), Signal::SIGSTOP).unwrap();
+    let ended = d.wait_run_end(run);
+    assert_eq!(
+        (ended["state"].as_str(), ended["reason"].as_str()),
+        (Some("lost"), Some("agent unreachable"))
+    );
+    assert!(alive(pid));
+    kill(a.pid(), Signal::SIGCONT).unwrap();
+    wait_for("the lost run's process to be stopped", || (!alive(pid)).then_some(()));
+    assert_eq!(d.call("Run.Get", json!(run))["state"], "lost", "a late result changes nothing");
+}
+
+#[test]
+fn a_server_killed_mid_dispatch_ends_each_run_exactly_once() {
+    let mut d = TestDaemon::start();
+    let _a = TestAgent::enroll(&d, "s1", "");
+    let _b = TestAgent::enroll(&d, "s2", "");
+    let tmp = tempfile::tempdir().unwrap();
+    let marks = tmp.path().display().to_string();
+    let cmd = format!("echo before; touch {marks}/$TASKD_RUN_ID; sleep 1.5; echo after");
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "span", "command": ["sh", "-c", cmd], "hosts": ["*"]}),
+    );
+    let dispatch = info["last_run"]["dispatch"].as_i64().unwrap();
+    wait_for("both runs to start", || {
+        (std::fs::read_dir(tmp.path()).ok()?.count() == 2).then_some(())
+    });
+    d.kill9();
+    d.restart_on_same_port();
+    let done = wait_for("the dispatch to end", || {
+        let g = d.call("Dispatch.Get", json!(dispatch));
+        (g["state"] != "running").then_some(g)
+    });
+    assert_eq!(done["state"], "succeeded", "{done}");
+    for r in done["runs"].as_array().unwrap() {
+        let log = d.call("Run.Logs", json!({"id": r["id"]}));
+        assert_eq!(log["data"], "before\nafter\n", "output on both sides of the restart: {r}");
+    }
+    // Each run ended once: one run.finished event per run.
+    let mut sub = d.raw();
+    let first = sub.call("Events.Subscribe", json!({"after_seq": 0}));
+    assert!(first.get("result").is_some(), "{first}");
+    let mut finished = std::collections::BTreeMap::<i64, u32>::new();
+    loop {
+        let n = sub.recv();
+        let e = &n["params"]["result"];
+        if e["kind"] == "run.finished" {
+            *finished.entry(e["run"].as_i64().unwrap()).or_default() += 1;
+        }
+        if e["kind"] == "dispatch.finished" {
+            break;
+        }
+    }
+    assert_eq!(finished.values().copied().collect::<Vec<_>>(), [1, 1], "{finished:?}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2, "nothing started twice");
+}
+
+#[test]
+fn taskctl_logs_follows_a_run_on_an_agent() {
+    let d = TestDaemon::start();
+    let _a = TestAgent::enroll(&d, "l1", "");
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "chatty", "command": ["sh", "-c", "echo one; sleep 0.5; echo two >&2; sleep 0.5; echo three"], "hosts": ["l1"]}),
+    );
+    let run = info["last_run"]["id"].as_i64().unwrap().to_string();
+    let o = d.taskctl(&["logs", "-f", &run]);
+    let (out, err) = output(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(out, "one\ntwo\nthree\n");
+}
