@@ -23,7 +23,9 @@ use crate::run::{RunRecord, Trigger};
 use crate::store::{DispatchRecord, RunFilter, Store, StoredUnit};
 use crate::unit::definition::{FIELDS, merge_patch};
 use crate::unit::runner::{self, InitialState, RunnerEnv};
-use crate::unit::{Control, UnitConfig, UnitDef, UnitHandle, UnitState, UnitStatus, ValidateCtx};
+use crate::unit::{
+    Control, DispatchOp, UnitConfig, UnitDef, UnitHandle, UnitState, UnitStatus, ValidateCtx,
+};
 
 /// A point-in-time view of one unit.
 #[derive(Debug, Clone)]
@@ -657,6 +659,31 @@ impl Registry {
         }
         let h = self.handle(&rec.unit)?;
         h.ask(|reply| Control::Cancel { run: id, reply }).await?
+    }
+
+    /// `Dispatch.Cancel`, `Pause`, `Resume`: answered by the dispatch's unit loop.
+    pub async fn dispatch_op(&self, id: i64, op: DispatchOp) -> Result<DispatchRecord> {
+        let (d, _, _) = self.0.store.get_dispatch(id).await?;
+        if d.state.is_final() {
+            return Err(Error::Conflict(format!("dispatch {id} already ended ({})", d.state)));
+        }
+        let h = self.handle(&d.unit)?;
+        h.ask(|reply| Control::Dispatch { id, op, reply }).await?
+    }
+
+    /// `Run.Redo`: the run of a dispatch again, on its host, as a new attempt.
+    pub async fn redo_run(&self, id: i64) -> Result<RunRecord> {
+        let rec = self.0.store.get_run(id).await?;
+        let h = self.handle(&rec.unit)?;
+        h.ask(|reply| Control::Redo { run: id, reply }).await?
+    }
+
+    /// `Run.Ignore`: the run no longer counts against its dispatch.
+    pub async fn ignore_run(&self, id: i64) -> Result<RunRecord> {
+        let rec = self.0.store.get_run(id).await?;
+        let h = self.handle(&rec.unit)?;
+        h.ask(|reply| Control::Ignore { run: id, reply }).await??;
+        self.0.store.get_run(id).await
     }
 
     /// One run.

@@ -14,7 +14,7 @@ use super::{CliError, Ctx};
 use crate::rpc::agents::{
     AgentApiClient, DispatchApiClient, DispatchInfo, DispatchListArg, JoinTokenArg,
 };
-use crate::rpc::run::RunApiClient as _;
+use crate::rpc::run::RunApiClient;
 use crate::rpc::types::{AddArg, AddResult, FollowArg, FollowItem};
 use crate::rpc::unit::TaskUnitApiClient;
 
@@ -274,16 +274,67 @@ pub async fn dispatches(ctx: &Ctx, a: DispatchesArgs) -> anyhow::Result<()> {
     output::print_table(&t)
 }
 
-/// `taskctl dispatch ID`.
+/// `taskctl dispatch ID` and `taskctl dispatch cancel|pause|resume ID`.
 #[derive(Debug, Args)]
 pub struct DispatchArgs {
-    /// The dispatch's id
-    pub id: i64,
+    /// The dispatch's id, or `cancel`, `pause`, `resume` followed by it
+    #[arg(value_name = "ID|ACTION")]
+    pub what: String,
+    /// The dispatch's id, after an action
+    #[arg(value_name = "ID")]
+    pub id: Option<i64>,
+}
+
+/// `taskctl redo RUN` / `taskctl ignore RUN`.
+#[derive(Debug, Args)]
+pub struct RunArg {
+    /// The run's id
+    pub run: i64,
+}
+
+/// `taskctl redo RUN`: the run again on its host, as a new attempt.
+pub async fn redo(ctx: &Ctx, a: RunArg) -> anyhow::Result<()> {
+    let r = ctx.call(RunApiClient::redo(&ctx.client, a.run)).await?;
+    if ctx.json {
+        return output::json(&r);
+    }
+    output::line(&format!(
+        "run {} on {}: attempt {} started as run {}",
+        a.run, r.host, r.attempt, r.id
+    ))
+}
+
+/// `taskctl ignore RUN`: the run no longer counts against its dispatch.
+pub async fn ignore(ctx: &Ctx, a: RunArg) -> anyhow::Result<()> {
+    let r = ctx.call(RunApiClient::ignore(&ctx.client, a.run)).await?;
+    if ctx.json {
+        return output::json(&r);
+    }
+    output::line(&format!("run {} on {} ignored", r.id, r.host))
 }
 
 /// `taskctl dispatch ID`: progress and a row per host.
 pub async fn dispatch(ctx: &Ctx, a: DispatchArgs) -> anyhow::Result<()> {
-    let d = ctx.call(DispatchApiClient::get(&ctx.client, a.id)).await?;
+    let usage =
+        || CliError::Usage("usage: taskctl dispatch ID | dispatch cancel|pause|resume ID".into());
+    let id = match (a.what.parse::<i64>(), a.id) {
+        (Ok(id), None) => id,
+        (Err(_), Some(id)) => {
+            let client = &ctx.client;
+            let d = match a.what.as_str() {
+                "cancel" => ctx.call(DispatchApiClient::cancel(client, id)).await?,
+                "pause" => ctx.call(DispatchApiClient::pause(client, id)).await?,
+                "resume" => ctx.call(DispatchApiClient::resume(client, id)).await?,
+                _ => return Err(usage().into()),
+            };
+            if ctx.json {
+                return output::json(&d);
+            }
+            return output::line(&format!("dispatch {} {}: {}", d.id, d.state, progress(&d)));
+        }
+        _ => return Err(usage().into()),
+    };
+    let d = ctx.call(DispatchApiClient::get(&ctx.client, id)).await?;
     if ctx.json {
         return output::json(&d);
     }

@@ -113,8 +113,12 @@ pub enum Command {
     Exec(fleet::ExecArgs),
     /// List dispatches (fires of units on their hosts), newest first
     Dispatches(fleet::DispatchesArgs),
-    /// Show a dispatch's progress and a row per host
+    /// Show a dispatch's progress and a row per host; `dispatch cancel|pause|resume ID`
     Dispatch(fleet::DispatchArgs),
+    /// Run a dispatch's ended run again on its host, as a new attempt
+    Redo(fleet::RunArg),
+    /// A dispatch's run no longer counts against its tolerance or outcome
+    Ignore(fleet::RunArg),
     /// Show the daemon's status
     Status,
     /// Print every change as it happens, until interrupted
@@ -234,6 +238,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Exec(a) => fleet::exec(&ctx, a).await,
             Command::Dispatches(a) => fleet::dispatches(&ctx, a).await,
             Command::Dispatch(a) => fleet::dispatch(&ctx, a).await,
+            Command::Redo(a) => fleet::redo(&ctx, a).await,
+            Command::Ignore(a) => fleet::ignore(&ctx, a).await,
             Command::Status => daemon::status(&ctx).await,
             Command::Events(a) => daemon::events(&ctx, a).await,
             Command::Audit(a) => daemon::audit(&ctx, a).await,

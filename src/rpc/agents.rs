@@ -13,6 +13,7 @@ use super::types::{RunInfo, fmt_time};
 use crate::error::Error;
 use crate::fleet::AgentStatus;
 use crate::store::{DispatchFilter, DispatchRecord, DispatchState};
+use crate::unit::DispatchOp;
 use crate::unit::definition::parse_duration;
 
 /// One agent.
@@ -184,6 +185,29 @@ pub trait DispatchApi {
     /// One dispatch, with a run per host.
     #[method(name = "Get")]
     async fn get(&self, id: i64) -> RpcResult<DispatchInfo>;
+
+    /// Stops its active runs; hosts waiting for their turn end `cancelled`.
+    #[method(name = "Cancel")]
+    async fn cancel(&self, id: i64) -> RpcResult<DispatchInfo>;
+
+    /// Hosts waiting for their turn wait until it is resumed.
+    #[method(name = "Pause")]
+    async fn pause(&self, id: i64) -> RpcResult<DispatchInfo>;
+
+    /// Goes on; failures so far no longer count against `tolerance`.
+    #[method(name = "Resume")]
+    async fn resume(&self, id: i64) -> RpcResult<DispatchInfo>;
+}
+
+impl Api {
+    /// `Dispatch.Cancel`, `Pause`, `Resume`: done by the unit's loop, answered as it stands.
+    async fn dispatch_op(&self, id: i64, op: DispatchOp) -> RpcResult<DispatchInfo> {
+        self.registry.dispatch_op(id, op).await.map_err(rpc_error)?;
+        DispatchApiServer::get(self, id).await.map(|mut d| {
+            d.runs = None;
+            d
+        })
+    }
 }
 
 #[async_trait]
@@ -257,5 +281,17 @@ impl DispatchApiServer for Api {
         }
         info.runs = Some(out);
         Ok(info)
+    }
+
+    async fn cancel(&self, id: i64) -> RpcResult<DispatchInfo> {
+        self.dispatch_op(id, DispatchOp::Cancel).await
+    }
+
+    async fn pause(&self, id: i64) -> RpcResult<DispatchInfo> {
+        self.dispatch_op(id, DispatchOp::Pause).await
+    }
+
+    async fn resume(&self, id: i64) -> RpcResult<DispatchInfo> {
+        self.dispatch_op(id, DispatchOp::Resume).await
     }
 }

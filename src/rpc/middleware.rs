@@ -61,6 +61,13 @@ pub const AUDITED_METHODS: &[&str] = &[
     "TaskUnit.Pause",
     "TaskUnit.Resume",
     "Run.Cancel",
+    "Run.Redo",
+    "Run.Ignore",
+    "Dispatch.Cancel",
+    "Dispatch.Pause",
+    "Dispatch.Resume",
+    "Agent.JoinToken",
+    "Agent.Revoke",
 ];
 
 /// One audited call, handed to the audit hook after the call was answered.

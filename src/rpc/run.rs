@@ -40,6 +40,14 @@ pub trait RunApi {
     #[method(name = "Cancel")]
     async fn cancel(&self, id: i64) -> RpcResult<RunInfo>;
 
+    /// A run of a dispatch again, on the same host, as a new attempt.
+    #[method(name = "Redo")]
+    async fn redo(&self, id: i64) -> RpcResult<RunInfo>;
+
+    /// A run of a dispatch no longer counts against its tolerance or outcome.
+    #[method(name = "Ignore")]
+    async fn ignore(&self, id: i64) -> RpcResult<RunInfo>;
+
     /// A slice of a run's output.
     #[method(name = "Logs")]
     async fn logs(&self, arg: LogsArg) -> RpcResult<LogsResult>;
@@ -95,6 +103,16 @@ impl RunApiServer for Api {
     async fn cancel(&self, id: i64) -> RpcResult<RunInfo> {
         let r = self.registry.cancel_run(id).await.map_err(rpc_error)?;
         Ok(RunInfo::from(&r))
+    }
+
+    async fn redo(&self, id: i64) -> RpcResult<RunInfo> {
+        let r = self.registry.redo_run(id).await.map_err(rpc_error)?;
+        Ok(self.run_info(&r).await)
+    }
+
+    async fn ignore(&self, id: i64) -> RpcResult<RunInfo> {
+        let r = self.registry.ignore_run(id).await.map_err(rpc_error)?;
+        Ok(self.run_info(&r).await)
     }
 
     async fn logs(&self, arg: LogsArg) -> RpcResult<LogsResult> {

@@ -21,6 +21,8 @@ pub struct Progress {
     latest: BTreeMap<String, (i64, RunState)>,
     /// Runs that no longer count (`Run.Ignore`).
     ignored: HashSet<i64>,
+    /// Failures forgiven by a resume: only those beyond count against `tolerance`.
+    forgiven: u32,
 }
 
 impl Progress {
@@ -33,6 +35,7 @@ impl Progress {
             running: HashSet::new(),
             latest: BTreeMap::new(),
             ignored: ignored.iter().copied().collect(),
+            forgiven: 0,
         };
         for r in runs {
             match r.state {
@@ -84,7 +87,19 @@ impl Progress {
 
     /// Whether more hosts failed than `tolerance` allows.
     pub fn over_tolerance(&self) -> bool {
-        self.record.tolerance.is_some_and(|t| self.failures() > t)
+        self.record.tolerance.is_some_and(|t| self.failures().saturating_sub(self.forgiven) > t)
+    }
+
+    /// Resumed by hand: the failures so far are forgiven.
+    pub fn resume(&mut self) {
+        self.forgiven = self.failures();
+        self.record.state = DispatchState::Running;
+    }
+
+    /// Takes run `run` out of the waiting ones (to cancel it), if it waits.
+    pub fn take_waiting_run(&mut self, run: i64) -> Option<RunRecord> {
+        let i = self.waiting.iter().position(|r| r.id == run)?;
+        self.waiting.remove(i)
     }
 
     /// The next waiting run to start now, if its turn has come: the dispatch runs, and

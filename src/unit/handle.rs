@@ -56,6 +56,17 @@ pub struct UnitStatus {
     pub stopped: bool,
 }
 
+/// What is done to a dispatch by hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DispatchOp {
+    /// Stop its active runs; its waiting hosts end `cancelled`.
+    Cancel,
+    /// Its waiting hosts wait until it is resumed (active ones go on).
+    Pause,
+    /// Go on; failures so far no longer count against `tolerance`.
+    Resume,
+}
+
 /// A request to a unit's loop.
 pub enum Control {
     /// `TaskUnit.Start`.
@@ -101,6 +112,29 @@ pub enum Control {
         pid: u32,
         /// When it started.
         at: Timestamp,
+    },
+    /// `Dispatch.Cancel`, `Dispatch.Pause`, `Dispatch.Resume`.
+    Dispatch {
+        /// The dispatch.
+        id: i64,
+        /// What to do.
+        op: DispatchOp,
+        /// The dispatch as it is then.
+        reply: oneshot::Sender<Result<crate::store::DispatchRecord>>,
+    },
+    /// `Run.Redo`: run an ended host's run again, as a new attempt on the same host.
+    Redo {
+        /// The run to do again.
+        run: i64,
+        /// The new run.
+        reply: oneshot::Sender<Result<RunRecord>>,
+    },
+    /// `Run.Ignore`: a host's run no longer counts against its dispatch.
+    Ignore {
+        /// The run.
+        run: i64,
+        /// Done.
+        reply: oneshot::Sender<Result<()>>,
     },
     /// `TaskUnit.Delete`: stop every run, wait for them, and end the loop.
     Delete {

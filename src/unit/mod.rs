@@ -8,6 +8,6 @@ pub mod runner;
 pub mod schedule;
 
 pub use definition::{UnitConfig, UnitDef, ValidateCtx};
-pub use handle::{Control, UnitHandle, UnitState, UnitStatus};
+pub use handle::{Control, DispatchOp, UnitHandle, UnitState, UnitStatus};
 pub use runner::{InitialState, RunnerEnv};
 pub use schedule::Schedule;

@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::definition::{CatchUp, Overlap, Restart, UnitConfig};
 use super::dispatch::Progress;
-use super::handle::{Control, Inbox, StartRequest, UnitHandle, UnitShared, UnitState, UnitStatus};
+use super::handle::{
+    Control, DispatchOp, Inbox, StartRequest, UnitHandle, UnitShared, UnitState, UnitStatus,
+};
 use crate::error::{Error, Result};
 use crate::executor::{LocalExecutor, OnStart, StopCause};
 use crate::fleet::remote::RemoteExecutor;
@@ -393,6 +395,18 @@ impl Loop {
             Control::Edit { config, at, reply } => self.edit(config, at, reply).await,
             Control::Cancel { run, reply } => self.cancel(run, reply).await,
             Control::Started { run, pid, at } => self.started(run, pid, at),
+            Control::Dispatch { id, op, reply } => {
+                let r = Box::pin(self.dispatch_op(id, op)).await;
+                self.answer(reply, r);
+            }
+            Control::Redo { run, reply } => {
+                let r = Box::pin(self.redo(run)).await;
+                self.answer(reply, r);
+            }
+            Control::Ignore { run, reply } => {
+                let r = Box::pin(self.ignore(run)).await;
+                self.answer(reply, r);
+            }
             Control::Delete { reply } => return self.delete(reply).await,
         }
         false
@@ -502,6 +516,20 @@ impl Loop {
             let r = self.cancel_queued(StopReason::Cancelled).await;
             let rec = self.last_run.clone().filter(|_| r > 0);
             self.answer(reply, rec.ok_or(Error::RunNotFound(run)));
+        } else if let Some((id, mut q)) =
+            self.dispatches.iter_mut().find_map(|(id, p)| p.take_waiting_run(run).map(|q| (*id, q)))
+        {
+            // A host waiting for its turn in a dispatch.
+            q.state = RunState::Cancelled;
+            q.ended_at = Some(Timestamp::now());
+            q.reason = Some(StopReason::Cancelled.as_str().into());
+            let r =
+                self.env.store.finish_run(q.clone(), self.keep_runs()).await.map(|()| q.clone());
+            if let Some(p) = self.dispatches.get_mut(&id) {
+                p.ended(&q);
+            }
+            self.advance(id).await;
+            self.answer(reply, r);
         } else {
             self.answer(reply, Err(Error::Conflict(format!("run {run} is not active"))));
         }
@@ -1058,37 +1086,129 @@ impl Loop {
         }
     }
 
+    /// `Dispatch.Cancel`, `Pause`, `Resume` of dispatch `id` of this unit.
+    async fn dispatch_op(&mut self, id: i64, op: DispatchOp) -> Result<DispatchRecord> {
+        let Some(p) = self.dispatches.get_mut(&id) else {
+            return Err(Error::Conflict(format!("dispatch {id} has ended")));
+        };
+        let state = p.record.state;
+        match (op, state) {
+            (DispatchOp::Pause, DispatchState::Running) => {
+                p.record.state = DispatchState::Paused;
+                self.env.store.set_dispatch_state(id, DispatchState::Paused).await
+            }
+            (DispatchOp::Resume, DispatchState::Paused) => {
+                p.resume();
+                let r = self.env.store.set_dispatch_state(id, DispatchState::Running).await;
+                self.advance(id).await;
+                r
+            }
+            (DispatchOp::Cancel, _) => {
+                p.record.state = DispatchState::Cancelled;
+                let record = p.record.clone();
+                let active: Vec<i64> = p.active().collect();
+                for run in active {
+                    if let Some(a) = self.active.get(&run) {
+                        a.why.set(StopReason::Cancelled);
+                        a.token.cancel();
+                    }
+                }
+                self.cancel_waiting(id, StopReason::Cancelled).await;
+                // Ended now if nothing was active; else once the last active run ends.
+                Ok(record)
+            }
+            (DispatchOp::Pause | DispatchOp::Resume, _) => Ok(p.record.clone()),
+        }
+    }
+
+    /// `Run.Redo`: run `run` (ended, of one of this unit's dispatches) again on its host, as
+    /// a new attempt. A dispatch that had ended runs again for it.
+    async fn redo(&mut self, run: i64) -> Result<RunRecord> {
+        let old = self.env.store.get_run(run).await?;
+        let Some(id) = old.dispatch.filter(|_| old.unit == self.cfg.name) else {
+            return Err(Error::Conflict(format!("run {run} belongs to no dispatch of this unit")));
+        };
+        if !old.state.is_final() {
+            return Err(Error::Conflict(format!("run {run} is still {}", old.state)));
+        }
+        if self.deleting.is_some() || self.shared.token.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        if !self.dispatches.contains_key(&id) {
+            let d = self.env.store.set_dispatch_state(id, DispatchState::Running).await?;
+            let (_, runs, _) = self.env.store.get_dispatch(id).await?;
+            let ignored = self.env.store.ignored_runs(id).await?;
+            self.dispatches.insert(id, Box::new(Progress::new(d, &runs, &ignored)));
+        }
+        let attempt = old.attempt + 1;
+        let host = old.host.clone();
+        let new =
+            self.env.store.create_host_run(&self.cfg.name, host, id, Trigger::Manual, attempt);
+        let rec = new.await?;
+        self.launch(rec.clone());
+        Ok(rec)
+    }
+
+    /// `Run.Ignore`: run `run` of one of this unit's dispatches no longer counts against its
+    /// tolerance or outcome; an ended dispatch's outcome is decided again.
+    async fn ignore(&mut self, run: i64) -> Result<()> {
+        let rec = self.env.store.get_run(run).await?;
+        let Some(id) = rec.dispatch.filter(|_| rec.unit == self.cfg.name) else {
+            return Err(Error::Conflict(format!("run {run} belongs to no dispatch of this unit")));
+        };
+        self.env.store.set_ignored(run, true).await?;
+        if let Some(p) = self.dispatches.get_mut(&id) {
+            p.ignore(run);
+            return Ok(());
+        }
+        let (d, runs, _) = self.env.store.get_dispatch(id).await?;
+        let ignored = self.env.store.ignored_runs(id).await?;
+        let outcome = Progress::new(d.clone(), &runs, &ignored).outcome();
+        if d.state.is_final() && d.state != outcome {
+            self.env.store.set_dispatch_state(id, outcome).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the waiting hosts of dispatch `id` `cancelled` with `reason`, and its record
+    /// once nothing of it is active. Returns how many waited.
+    async fn cancel_waiting(&mut self, id: i64, reason: StopReason) -> usize {
+        let Some(p) = self.dispatches.get_mut(&id) else { return 0 };
+        let waiting = p.take_waiting();
+        let now = Timestamp::now();
+        let ended: Vec<RunRecord> = waiting
+            .into_iter()
+            .map(|mut r| {
+                r.state = RunState::Cancelled;
+                r.ended_at = Some(now);
+                r.reason = Some(reason.as_str().into());
+                r
+            })
+            .collect();
+        if !ended.is_empty()
+            && let Err(e) = self.env.store.finish_runs(ended.clone(), self.keep_runs()).await
+        {
+            tracing::error!(dispatch = id, error = %e, "cannot record cancelled runs");
+        }
+        if let Some(p) = self.dispatches.get_mut(&id) {
+            for r in &ended {
+                p.ended(r);
+            }
+        }
+        self.advance(id).await;
+        ended.len()
+    }
+
     /// Cancels every dispatch in flight: hosts waiting for their turn end `cancelled` (the
     /// active ones were stopped by the caller). Returns how many waiting runs ended.
     async fn cancel_dispatches(&mut self, reason: StopReason) -> usize {
         let ids: Vec<i64> = self.dispatches.keys().copied().collect();
         let mut n = 0;
         for id in ids {
-            let Some(p) = self.dispatches.get_mut(&id) else { continue };
-            p.record.state = DispatchState::Cancelled;
-            let waiting = p.take_waiting();
-            let now = Timestamp::now();
-            let ended: Vec<RunRecord> = waiting
-                .into_iter()
-                .map(|mut r| {
-                    r.state = RunState::Cancelled;
-                    r.ended_at = Some(now);
-                    r.reason = Some(reason.as_str().into());
-                    r
-                })
-                .collect();
-            n += ended.len();
-            if !ended.is_empty()
-                && let Err(e) = self.env.store.finish_runs(ended.clone(), self.keep_runs()).await
-            {
-                tracing::error!(dispatch = id, error = %e, "cannot record cancelled runs");
-            }
             if let Some(p) = self.dispatches.get_mut(&id) {
-                for r in &ended {
-                    p.ended(r);
-                }
+                p.record.state = DispatchState::Cancelled;
             }
-            self.advance(id).await;
+            n += self.cancel_waiting(id, reason).await;
         }
         n
     }

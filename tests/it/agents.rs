@@ -248,6 +248,54 @@ fn a_batch_runs_hosts_in_turn_and_tolerance_pauses_the_rest() {
         (g["state"] == "paused").then_some(g)
     });
     assert_eq!(paused["counts"], json!({"failed": 1, "queued": 2}), "{paused}");
+    let wait_state = |state: &str, counts: Value| {
+        wait_for(&format!("the dispatch to be {state} with {counts}"), || {
+            let g = d.call("Dispatch.Get", json!(d2));
+            (g["state"] == state && g["counts"] == counts).then_some(g)
+        })
+    };
+    // Resumed: the next host runs, fails, and pauses it again.
+    let o = d.taskctl(&["dispatch", "resume", &d2.to_string()]);
+    assert!(o.status.success(), "{:?}", output(&o));
+    wait_state("paused", json!({"failed": 2, "queued": 1}));
+    // Cancelled: the host still waiting ends cancelled.
+    let o = d.taskctl(&["dispatch", "cancel", &d2.to_string()]);
+    assert!(o.status.success(), "{:?}", output(&o));
+    wait_state("cancelled", json!({"failed": 2, "cancelled": 1}));
+
+    // Redo: a failed host runs again, as a new attempt, and the dispatch's outcome follows.
+    let tmp = tempfile::tempdir().unwrap();
+    let flag = tmp.path().join("ready");
+    let cmd = format!("test -e {}", flag.display());
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "flaky", "command": ["sh", "-c", cmd], "hosts": ["a", "b"]}),
+    );
+    let d3 = info["last_run"]["dispatch"].as_i64().unwrap();
+    let failed = wait_for("the dispatch to fail", || {
+        let g = d.call("Dispatch.Get", json!(d3));
+        (g["state"] == "failed").then_some(g)
+    });
+    let first = failed["runs"][0]["id"].as_i64().unwrap();
+    let second = failed["runs"][1]["id"].as_i64().unwrap();
+    std::fs::write(&flag, "").unwrap();
+    let o = d.taskctl(&["redo", &first.to_string()]);
+    assert!(o.status.success(), "{:?}", output(&o));
+    let again = wait_for("the redo to end", || {
+        let g = d.call("Dispatch.Get", json!(d3));
+        (g["runs"].as_array()?.len() == 3 && g["state"] != "running").then_some(g)
+    });
+    assert_eq!(again["runs"][2]["attempt"], 2, "{again}");
+    assert_eq!(again["runs"][2]["host"], "a", "{again}");
+    assert_eq!(again["state"], "failed", "b still failed: {again}");
+    // Ignoring b's failure decides the outcome again.
+    let o = d.taskctl(&["ignore", &second.to_string()]);
+    assert!(o.status.success(), "{:?}", output(&o));
+    let g = d.call("Dispatch.Get", json!(d3));
+    assert_eq!(
+        (g["state"].as_str(), &g["counts"]),
+        (Some("succeeded"), &json!({"ignored": 1, "succeeded": 1}))
+    );
 }
 
 #[test]
