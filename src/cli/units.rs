@@ -623,6 +623,13 @@ pub async fn show(ctx: &Ctx, a: NameArg) -> anyhow::Result<()> {
         let ids: Vec<String> = u.active_runs.iter().map(|id| format!("#{id}")).collect();
         rows.push(("active runs".into(), ids.join(" ")));
     }
+    if let Some(d) = u.last_run.as_ref().and_then(|r| r.dispatch) {
+        let client = &ctx.client;
+        if let Ok(d) = crate::rpc::agents::DispatchApiClient::get(client, d).await {
+            let shown = format!("#{} {}: {}", d.id, d.state, super::fleet::progress(&d));
+            rows.push(("dispatch".into(), shown));
+        }
+    }
     rows.push(("runs".into(), format!("{} ({} failed)", u.runs_total, u.failures_total)));
     rows.push(("created".into(), time_and_relative(&u.created_at)));
     rows.push(("updated".into(), time_and_relative(&u.updated_at)));

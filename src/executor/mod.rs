@@ -5,9 +5,10 @@
 //! account a run uses, its environment, its script file, its working directory, the boot
 //! and process ids it is recorded with, and stopping what a crashed daemon left running.
 //!
-//! Today there is one executor, [`local::LocalExecutor`], which runs processes on this host
-//! through [`crate::exec`]. A remote executor (a `taskd agent`) takes the same run record,
-//! stop token, [`StopCause`] and [`OnStart`], and gives back the same record.
+//! [`local::LocalExecutor`] runs processes on this host through [`crate::exec`] (in the
+//! daemon, and in every `taskd agent` for its own host). The remote executor
+//! ([`crate::fleet::remote::RemoteExecutor`]) hands a run to an agent: it takes the same run
+//! record, stop token, [`StopCause`] and [`OnStart`], and gives back the same record.
 
 pub mod local;
 pub mod scripts;
@@ -24,7 +25,7 @@ pub use local::LocalExecutor;
 
 /// Where an executor puts what its runs produce: their output, and the fact of their start.
 /// The daemon's is its store (log files, the runs table: `impl RunSink for Store` in
-/// [`local`]); an agent's will be its journal and its connection to the server. So the
+/// [`local`]); an agent's is its outboxes, journal and connection to the server. So the
 /// executor itself knows nothing of either.
 pub trait RunSink: Clone + Send + Sync + 'static {
     /// Gets ready for `run`'s output, keeping at most `limit` bytes per stream.
