@@ -103,6 +103,8 @@ pub struct RunRecord {
     pub host: String,
     /// The dispatch it belongs to, for a unit whose `hosts` name agents.
     pub dispatch: Option<i64>,
+    /// What its agent reported after the server had ended it (lost), as JSON.
+    pub late_result: Option<String>,
     /// Process id (and process group id) while and after running.
     pub pid: Option<u32>,
     /// When the run was created (queued or started).
@@ -146,6 +148,7 @@ impl RunRecord {
             attempt,
             host: "local".into(),
             dispatch: None,
+            late_result: None,
             pid: None,
             queued_at,
             scheduled_at: None,

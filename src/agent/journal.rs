@@ -70,7 +70,14 @@ pub struct Journal {
     file: File,
     /// Every run it knows, by id.
     pub runs: BTreeMap<i64, Known>,
+    /// Lines in the file (about): past [`COMPACT_AT`] and four times what it knows, it is
+    /// compacted.
+    lines: usize,
 }
+
+/// Lines a journal may grow to before it is compacted (a long-lived agent's journal would
+/// otherwise grow with every run it ever ran).
+const COMPACT_AT: usize = 50_000;
 
 impl Journal {
     /// Opens (creating) `<dir>/journal`, reads it, and rewrites it compact.
@@ -78,47 +85,51 @@ impl Journal {
         let path = dir.join("journal");
         let mut runs: BTreeMap<i64, Known> = BTreeMap::new();
         if let Ok(f) = File::open(&path) {
-            for line in BufReader::new(f).lines() {
-                let Ok(entry) = serde_json::from_str::<Entry>(&line?) else { continue };
+            // As bytes: a line torn by a crash may end inside a character.
+            for line in BufReader::new(f).split(b'\n') {
+                let Ok(entry) = serde_json::from_slice::<Entry>(&line?) else { continue };
                 apply(&mut runs, entry);
             }
         }
-        // Compact: acknowledged runs beyond the newest ACKED_KEPT are forgotten.
-        let acked: Vec<i64> = runs.iter().filter(|(_, k)| k.acked).map(|(id, _)| *id).collect();
-        for id in acked.iter().take(acked.len().saturating_sub(ACKED_KEPT)) {
-            runs.remove(id);
-        }
-        let tmp = dir.join(".journal.tmp");
-        {
-            let mut f = private(&tmp, true)?;
-            let mut out = Vec::new();
-            for (id, k) in &runs {
-                let entries = if k.acked {
-                    vec![Entry::Acked(*id)]
-                } else {
-                    let mut v = vec![Entry::Accept { run: *id, attempt: k.attempt }];
-                    if let Some((pid, ticks, boot)) = &k.pid {
-                        v.push(Entry::Pid {
-                            run: *id,
-                            pid: *pid,
-                            ticks: *ticks,
-                            boot: boot.clone(),
-                        });
-                    }
-                    v.extend(k.result.clone().map(Entry::Result));
-                    v
-                };
-                for e in entries {
-                    serde_json::to_writer(&mut out, &e)?;
-                    out.push(b'\n');
-                }
-            }
-            f.write_all(&out)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
         let file = private(&path, false)?;
-        Ok(Journal { path, file, runs })
+        let mut j = Journal { path, file, runs, lines: 0 };
+        j.compact()?;
+        Ok(j)
+    }
+
+    /// Rewrites the file with only what matters: results still unacknowledged, and the ids
+    /// of the newest acknowledged runs. Written aside, synced, renamed into place.
+    fn compact(&mut self) -> std::io::Result<()> {
+        let acked: Vec<i64> =
+            self.runs.iter().filter(|(_, k)| k.acked).map(|(id, _)| *id).collect();
+        for id in acked.iter().take(acked.len().saturating_sub(ACKED_KEPT)) {
+            self.runs.remove(id);
+        }
+        let tmp = self.path.with_file_name(".journal.tmp");
+        let mut out = Vec::new();
+        for (id, k) in &self.runs {
+            let entries = if k.acked {
+                vec![Entry::Acked(*id)]
+            } else {
+                let mut v = vec![Entry::Accept { run: *id, attempt: k.attempt }];
+                if let Some((pid, ticks, boot)) = &k.pid {
+                    v.push(Entry::Pid { run: *id, pid: *pid, ticks: *ticks, boot: boot.clone() });
+                }
+                v.extend(k.result.clone().map(Entry::Result));
+                v
+            };
+            for e in entries {
+                serde_json::to_writer(&mut out, &e)?;
+                out.push(b'\n');
+            }
+        }
+        let mut f = private(&tmp, true)?;
+        f.write_all(&out)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        self.file = private(&self.path, false)?;
+        self.lines = self.runs.len();
+        Ok(())
     }
 
     /// Appends `entry` and syncs it to disk before returning.
@@ -128,6 +139,10 @@ impl Journal {
         self.file.write_all(&line)?;
         self.file.sync_data()?;
         apply(&mut self.runs, entry);
+        self.lines += 1;
+        if self.lines > COMPACT_AT && self.lines > 4 * self.runs.len() {
+            self.compact()?;
+        }
         Ok(())
     }
 

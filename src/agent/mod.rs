@@ -502,6 +502,7 @@ async fn send_loop(core: Arc<Core>, client: Arc<Client>, done: CancellationToken
                 }
             }
             // Output, run by run.
+            let mut retry = false;
             let runs: Vec<i64> = lock(&core.outboxes).keys().copied().collect();
             for run in runs {
                 loop {
@@ -522,6 +523,13 @@ async fn send_loop(core: Arc<Core>, client: Arc<Client>, done: CancellationToken
                     let Some(last) = batch.last().map(|c| c.seq) else { break };
                     match client.output(proto::Output { run, chunks: batch }).await {
                         Ok(_) => {}
+                        Err(jsonrpsee::core::ClientError::Call(e))
+                            if e.message().starts_with(crate::fleet::NOT_READY) =>
+                        {
+                            // A daemon that just started has not taken the run over yet.
+                            retry = true;
+                            break;
+                        }
                         Err(jsonrpsee::core::ClientError::Call(e)) => {
                             // The server no longer has the run active: its output has nowhere to go.
                             tracing::debug!(run, error = %e, "output refused");
@@ -545,7 +553,6 @@ async fn send_loop(core: Arc<Core>, client: Arc<Client>, done: CancellationToken
                 .filter_map(|k| k.result.clone())
                 .filter(|o| lock(&core.outboxes).get(&o.run).is_none_or(|b| b.chunks.is_empty()))
                 .collect();
-            let mut retry = false;
             for o in results {
                 let run = o.run;
                 match client.finished(o).await {

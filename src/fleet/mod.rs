@@ -40,6 +40,13 @@ use crate::run::LOCAL;
 use crate::store::logs::Stream;
 use crate::store::{EventKind, Store, StoredAgent};
 
+/// The start of the message of a report the server cannot take yet: the agent keeps it and
+/// sends it again.
+pub const NOT_READY: &str = "not ready, send again";
+
+/// Runs an agent may say it holds when it attaches.
+const MAX_HELD: usize = 100_000;
+
 /// Timing of agent connections (daemon settings `agent_timeout` and `lost_after`).
 #[derive(Debug, Clone, Copy)]
 pub struct FleetConfig {
@@ -107,6 +114,9 @@ pub struct Session {
 
 struct AgentEntry {
     stored: StoredAgent,
+    /// Changes when the agent enrolls again or is revoked: connections logged in before
+    /// carry an older one and are refused.
+    epoch: u64,
     session: Option<Session>,
     addr: Option<String>,
     connected_at: Option<Timestamp>,
@@ -131,10 +141,14 @@ pub enum News {
     },
     /// It ended on its agent.
     Finished(Outcome),
+    /// Its agent was revoked: it is lost.
+    Revoked,
 }
 
 struct RunSlot {
     host: String,
+    /// Its start was reported (later reports of it are ignored).
+    started: bool,
     news: mpsc::UnboundedSender<News>,
     /// Output chunks below this number were written already.
     next_seq: u64,
@@ -148,6 +162,7 @@ struct Inner {
     agents: DashMap<String, AgentEntry>,
     runs: DashMap<i64, RunSlot>,
     sessions: AtomicU64,
+    epochs: AtomicU64,
 }
 
 /// The server's agents; cheap to clone.
@@ -191,6 +206,7 @@ impl Fleet {
         for a in store.load_agents().await? {
             let entry = AgentEntry {
                 last_seen: a.last_seen,
+                epoch: 0,
                 stored: a,
                 session: None,
                 addr: None,
@@ -199,8 +215,14 @@ impl Fleet {
             };
             agents.insert(entry.stored.name.clone(), entry);
         }
-        let fleet =
-            Fleet(Arc::new(Inner { store, cfg, agents, runs: DashMap::new(), sessions: 0.into() }));
+        let fleet = Fleet(Arc::new(Inner {
+            store,
+            cfg,
+            agents,
+            runs: DashMap::new(),
+            sessions: 0.into(),
+            epochs: 1.into(),
+        }));
         let watch = fleet.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -260,6 +282,7 @@ impl Fleet {
         }
         let entry = AgentEntry {
             stored,
+            epoch: self.0.epochs.fetch_add(1, Ordering::Relaxed),
             session: None,
             addr: None,
             connected_at: None,
@@ -270,12 +293,21 @@ impl Fleet {
         Ok(format!("{}{name}:{secret}", proto::CREDENTIAL_PREFIX))
     }
 
-    /// The agent `credential` belongs to, if it is one of an enrolled, unrevoked agent.
-    pub fn authenticate(&self, credential: &str) -> Option<String> {
+    /// The agent `credential` belongs to, if it is one of an enrolled, unrevoked agent, and
+    /// the epoch of that credential ([`Fleet::current`]).
+    pub fn authenticate(&self, credential: &str) -> Option<(String, u64)> {
         let (name, secret) = proto::parse_credential(credential)?;
+        // Hashed before the lookup: the time taken does not tell enrolled names apart.
+        let presented = hash(secret);
         let a = self.0.agents.get(name)?;
-        let ok: bool = a.stored.secret_hash.as_bytes().ct_eq(hash(secret).as_bytes()).into();
-        (ok && !a.stored.revoked).then(|| name.to_string())
+        let ok: bool = a.stored.secret_hash.as_bytes().ct_eq(presented.as_bytes()).into();
+        (ok && !a.stored.revoked).then(|| (name.to_string(), a.epoch))
+    }
+
+    /// Whether a login of agent `name` with a credential of `epoch` still stands: the agent
+    /// is not revoked and has not enrolled again since.
+    pub fn current(&self, name: &str, epoch: u64) -> bool {
+        self.0.agents.get(name).is_some_and(|a| !a.stored.revoked && a.epoch == epoch)
     }
 
     /// Revokes agent `name`: its connection closes and its credential is refused.
@@ -283,8 +315,13 @@ impl Fleet {
         let stored = self.0.store.revoke_agent(name.to_string()).await?;
         if let Some(mut a) = self.0.agents.get_mut(name) {
             a.stored.revoked = true;
+            a.epoch = self.0.epochs.fetch_add(1, Ordering::Relaxed);
         }
         self.detach(name, None);
+        // Its runs end now: a host enrolled again under this name must not be sent them.
+        for slot in self.0.runs.iter().filter(|s| s.host == name) {
+            let _ = slot.news.send(News::Revoked);
+        }
         tracing::warn!(agent = name, "agent revoked");
         self.status(name).ok_or(Error::AgentNotFound(stored.name))
     }
@@ -303,6 +340,10 @@ impl Fleet {
         let id = self.0.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let close = CancellationToken::new();
         let now = Timestamp::now();
+        let mut held: Vec<i64> = hello.holding.clone();
+        held.sort_unstable();
+        held.dedup();
+        held.truncate(MAX_HELD);
         {
             let mut a = self.0.agents.get_mut(&name).ok_or(Error::AgentNotFound(name.clone()))?;
             if a.stored.revoked {
@@ -323,17 +364,32 @@ impl Fleet {
             a.stored.max_runs = hello.max_runs;
             a.stored.last_seen = Some(now);
             self.0.store.agent_seen(a.stored.clone());
+            // Told under the agent's lock, so that a detach cannot overtake it.
+            for slot in self.0.runs.iter().filter(|s| s.host == name) {
+                let _ = slot.news.send(News::Attached);
+            }
         }
         self.0.store.emit(EventKind::AgentConnected, &name, Some("connected"));
         tracing::info!(agent = %name, "agent connected");
-        for run in hello.holding {
-            let ours = self.0.runs.get(&run).is_some_and(|s| s.host == name);
-            if !ours {
-                let _ = tx.send(Order::Cancel { run, reason: "lost".into() });
-            }
-        }
-        for slot in self.0.runs.iter().filter(|s| s.host == name) {
-            let _ = slot.news.send(News::Attached);
+        // Runs it holds that the server has not active: those the store says ended (or
+        // does not know) are stopped; one still running there is being taken over by a
+        // daemon that just started, and its executor will claim it.
+        let unknown: Vec<i64> = held
+            .into_iter()
+            .filter(|run| self.0.runs.get(run).is_none_or(|s| s.host != name))
+            .collect();
+        if !unknown.is_empty() {
+            let store = self.0.store.clone();
+            let orders = tx.clone();
+            tokio::spawn(async move {
+                for run in unknown {
+                    let r = store.get_run(run).await;
+                    let active = matches!(&r, Ok(r) if !r.state.is_final() && r.host == name);
+                    if !active {
+                        let _ = orders.send(Order::Cancel { run, reason: "lost".into() });
+                    }
+                }
+            });
         }
         Ok((id, rx, close))
     }
@@ -341,26 +397,22 @@ impl Fleet {
     /// Agent `name`'s session `session` ended (any session, for `None`): it is disconnected,
     /// and its runs hear so.
     pub fn detach(&self, name: &str, session: Option<u64>) {
-        let ended = {
-            let Some(mut a) = self.0.agents.get_mut(name) else { return };
-            match &a.session {
-                Some(s) if session.is_none_or(|id| id == s.id) => {
-                    let s = a.session.take().expect("checked");
-                    s.close.cancel();
-                    a.addr = None;
-                    a.connected_at = None;
-                    true
-                }
-                _ => false,
-            }
-        };
-        if ended {
-            self.0.store.emit(EventKind::AgentDisconnected, name, Some("disconnected"));
-            tracing::warn!(agent = name, "agent disconnected");
-            for slot in self.0.runs.iter().filter(|s| s.host == name) {
-                let _ = slot.news.send(News::Detached);
-            }
+        let Some(mut a) = self.0.agents.get_mut(name) else { return };
+        match &a.session {
+            Some(s) if session.is_none_or(|id| id == s.id) => {}
+            _ => return,
         }
+        let s = a.session.take().expect("checked");
+        s.close.cancel();
+        a.addr = None;
+        a.connected_at = None;
+        // Told under the agent's lock, so that an attach cannot overtake it.
+        for slot in self.0.runs.iter().filter(|s| s.host == name) {
+            let _ = slot.news.send(News::Detached);
+        }
+        drop(a);
+        self.0.store.emit(EventKind::AgentDisconnected, name, Some("disconnected"));
+        tracing::warn!(agent = name, "agent disconnected");
     }
 
     /// Agent `name` is alive (a heartbeat, or any report).
@@ -373,16 +425,17 @@ impl Fleet {
 
     fn disconnect_silent(&self) {
         let limit = self.0.cfg.agent_timeout;
-        let silent: Vec<String> = self
+        let silent: Vec<(String, u64)> = self
             .0
             .agents
             .iter()
-            .filter(|a| a.session.is_some() && a.heard.elapsed() > limit)
-            .map(|a| a.key().clone())
+            .filter(|a| a.heard.elapsed() > limit)
+            .filter_map(|a| Some((a.key().clone(), a.session.as_ref()?.id)))
             .collect();
-        for name in silent {
+        for (name, session) in silent {
             tracing::warn!(agent = %name, "agent missed its heartbeats");
-            self.detach(&name, None);
+            // That session only: a newer one may have attached meanwhile.
+            self.detach(&name, Some(session));
         }
     }
 
@@ -487,7 +540,8 @@ impl Fleet {
 
     /// Opens the slot of remote run `run` on `host`: what its agent reports reaches `news`.
     fn open_slot(&self, run: i64, host: &str, news: mpsc::UnboundedSender<News>) {
-        let slot = RunSlot { host: host.to_string(), news, next_seq: 0, acks: Vec::new() };
+        let slot =
+            RunSlot { host: host.to_string(), started: false, news, next_seq: 0, acks: Vec::new() };
         self.0.runs.insert(run, slot);
     }
 
@@ -506,7 +560,10 @@ impl Fleet {
     /// Agent `agent` started run `run`'s process.
     pub fn started(&self, agent: &str, s: proto::Started) -> Result<()> {
         self.heard(agent);
-        let slot = self.slot_of(agent, s.run)?;
+        let mut slot = self.slot_of(agent, s.run)?;
+        if std::mem::replace(&mut slot.started, true) {
+            return Ok(());
+        }
         let at = Timestamp::from_microsecond(s.at_us).unwrap_or_else(|_| Timestamp::now());
         let _ = slot.news.send(News::Started { pid: s.pid, at });
         Ok(())
@@ -516,15 +573,17 @@ impl Fleet {
     pub async fn output(&self, agent: &str, out: proto::Output) -> Result<()> {
         self.heard(agent);
         let mut fresh = Vec::with_capacity(out.chunks.len());
-        {
-            let mut slot = self.slot_of(agent, out.run)?;
-            for c in out.chunks {
-                if c.seq < slot.next_seq {
-                    continue;
+        match self.slot_of(agent, out.run) {
+            Ok(mut slot) => {
+                for c in out.chunks {
+                    if c.seq < slot.next_seq {
+                        continue;
+                    }
+                    slot.next_seq = c.seq.saturating_add(1);
+                    fresh.push(c);
                 }
-                slot.next_seq = c.seq + 1;
-                fresh.push(c);
             }
+            Err(_) => return Err(self.not_active(agent, out.run).await),
         }
         for c in fresh {
             let stream = c.stream.parse::<Stream>().unwrap_or(Stream::Stdout);
@@ -551,19 +610,37 @@ impl Fleet {
                 return Err(Error::Conflict(format!("run {run} is not active on agent {agent:?}")));
             }
             None => {
-                let rec = self.0.store.get_run(run).await?;
+                let rec = match self.0.store.get_run(run).await {
+                    Ok(rec) => rec,
+                    // Deleted with its unit, or pruned: nothing left to record it on.
+                    Err(Error::RunNotFound(_)) => return Ok(()),
+                    Err(e) => return Err(e),
+                };
                 if rec.host != agent {
                     return Err(Error::Conflict(format!("run {run} is not agent {agent:?}'s")));
                 }
                 if !rec.state.is_final() {
-                    // Active, but not taken over yet by this (just started) daemon.
-                    return Err(Error::Conflict(format!("run {run} is not ready; send it again")));
+                    // Active, but not taken over yet by this (just started) daemon, or its
+                    // end not committed yet.
+                    return Err(Error::Conflict(format!("{NOT_READY}: run {run}")));
                 }
                 tracing::info!(run, agent, state = %o.state, "late result of a run that ended here");
+                self.0.store.set_late_result(run, serde_json::to_string(&o).unwrap_or_default());
                 return Ok(());
             }
         };
         wait.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Why agent `agent` cannot report on `run` now: not ready (a daemon that just started
+    /// has not taken it over yet: send it again), or not its own active run.
+    async fn not_active(&self, agent: &str, run: i64) -> Error {
+        match self.0.store.get_run(run).await {
+            Ok(r) if r.host == agent && !r.state.is_final() => {
+                Error::Conflict(format!("{NOT_READY}: run {run}"))
+            }
+            _ => Error::Conflict(format!("run {run} is not active on agent {agent:?}")),
+        }
     }
 
     /// The end of remote run `run` is recorded (or, with `recorded` false, the run is left to

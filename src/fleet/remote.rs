@@ -125,10 +125,12 @@ async fn execute(
                     }
                 }
                 Some(News::Finished(o)) => break Verdict::Reported(o),
+                Some(News::Revoked) => break Verdict::Here(RunState::Lost, "agent revoked".into()),
                 None => break Verdict::Here(RunState::Lost, "internal error: the run's slot closed".into()),
             },
             () = stop.cancelled(), if stopping.is_none() => {
-                if !why.is_set() {
+                // The daemon shutting down leaves the run to its agent and the next daemon.
+                if !why.is_set() || why.get() == StopReason::Shutdown {
                     break Verdict::Left;
                 }
                 let reason = why.get().as_str().to_string();
@@ -151,6 +153,11 @@ async fn execute(
     };
     if matches!(verdict, Verdict::Left) {
         return rec;
+    }
+    if let Verdict::Here(_, reason) = &verdict {
+        // Ended here: should its agent be connected after all (a report that crossed the
+        // verdict), it stops the run too.
+        fleet.send(&rec.host, Order::Cancel { run: rec.id, reason: reason.clone() });
     }
     let summary = store.logs().finish(rec.id).await;
     rec.stdout_bytes = summary.stdout_bytes;

@@ -73,8 +73,8 @@ impl ConnAuth {
     }
 
     /// Marks the connection logged in as agent `name`.
-    pub fn set_agent(&self, name: String) {
-        self.0.authenticate_agent(name);
+    pub fn set_agent(&self, name: String, epoch: u64) {
+        self.0.authenticate_agent(name, epoch);
     }
 
     /// Whether the connection has logged in.

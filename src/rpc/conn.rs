@@ -359,7 +359,7 @@ pub struct Conn {
     standing: Mutex<Standing>,
     authenticated: AtomicBool,
     /// The agent this connection logged in as, if it logged in with an agent's credential.
-    agent: std::sync::OnceLock<String>,
+    agent: std::sync::OnceLock<(String, u64)>,
     close: CancellationToken,
     backlog: Backlog,
     read_waker: Mutex<Option<Waker>>,
@@ -406,14 +406,15 @@ impl Conn {
 
     /// Records a login with agent `name`'s credential: the connection is that agent's, and
     /// serves only the agent protocol.
-    pub fn authenticate_agent(&self, name: String) {
-        let _ = self.agent.set(name);
+    pub fn authenticate_agent(&self, name: String, epoch: u64) {
+        let _ = self.agent.set((name, epoch));
         self.authenticate();
     }
 
     /// The agent this connection belongs to, if any.
-    pub fn agent(&self) -> Option<&str> {
-        self.agent.get().map(String::as_str)
+    /// With the epoch of the credential it logged in with ([`crate::fleet::Fleet::current`]).
+    pub fn agent(&self) -> Option<(&str, u64)> {
+        self.agent.get().map(|(n, e)| (n.as_str(), *e))
     }
 
     /// Takes back `n` bytes counted as produced that will not reach the socket (a reply

@@ -75,8 +75,8 @@ impl AuthApiServer for Api {
         if crate::proto::parse_credential(&token).is_some() {
             let agent = self.registry.fleet().authenticate(&token);
             return match (agent, ext.get::<ConnAuth>()) {
-                (Some(name), Some(c)) => {
-                    c.set_agent(name);
+                (Some((name, epoch)), Some(c)) => {
+                    c.set_agent(name, epoch);
                     Ok(true)
                 }
                 (_, c) => {

@@ -15,6 +15,7 @@ use serde_json::Value;
 use serde_json::value::to_raw_value;
 
 use super::api::{Api, rpc_error};
+use super::auth::ConnAuth;
 use super::conn::Conn;
 use super::run::NOTIFICATION_OVERHEAD;
 use crate::error::codes;
@@ -25,7 +26,7 @@ use crate::proto::{Hello, JoinRequest, Joined, Order, Outcome, Output, Started};
 pub trait AgentLinkApi {
     /// Trades a one-time join token for the agent's credential. Public: the agent has no
     /// credential yet.
-    #[method(name = "Join")]
+    #[method(name = "Join", with_extensions)]
     async fn join(&self, req: JoinRequest) -> RpcResult<Joined>;
 
     /// Registers the agent on this connection and streams its orders.
@@ -49,21 +50,40 @@ pub trait AgentLinkApi {
     async fn heartbeat(&self, arg: Option<Value>) -> RpcResult<bool>;
 }
 
-/// The agent the calling connection belongs to (the middleware let only agents through).
-fn agent_of(ext: &Extensions) -> RpcResult<(Arc<Conn>, String)> {
-    let conn = ext.get::<Arc<Conn>>().cloned();
-    match conn.as_ref().and_then(|c| c.agent().map(str::to_string)) {
-        Some(name) => Ok((conn.expect("checked"), name)),
-        None => Err(ErrorObjectOwned::owned(codes::UNAUTHORIZED, "not an agent", None::<()>)),
+impl Api {
+    /// The agent the calling connection belongs to (the middleware let only agents through),
+    /// if its credential still stands: a connection logged in before the agent was revoked
+    /// (or enrolled again under the same name) is refused.
+    fn agent_of(&self, ext: &Extensions) -> RpcResult<(Arc<Conn>, String)> {
+        let conn = ext.get::<Arc<Conn>>().cloned();
+        let who = conn.as_ref().and_then(|c| c.agent().map(|(n, e)| (n.to_string(), e)));
+        match who {
+            Some((name, epoch)) if self.registry.fleet().current(&name, epoch) => {
+                Ok((conn.expect("checked"), name))
+            }
+            Some(_) => Err(ErrorObjectOwned::owned(
+                codes::UNAUTHORIZED,
+                "this agent's credential was revoked",
+                None::<()>,
+            )),
+            None => Err(ErrorObjectOwned::owned(codes::UNAUTHORIZED, "not an agent", None::<()>)),
+        }
     }
 }
 
 #[async_trait]
 impl AgentLinkApiServer for Api {
-    async fn join(&self, req: JoinRequest) -> RpcResult<Joined> {
-        let credential =
-            self.registry.fleet().join(&req.token, &req.name).await.map_err(rpc_error)?;
-        Ok(Joined { name: req.name, credential })
+    async fn join(&self, ext: &Extensions, req: JoinRequest) -> RpcResult<Joined> {
+        match self.registry.fleet().join(&req.token, &req.name).await {
+            Ok(credential) => Ok(Joined { name: req.name, credential }),
+            Err(e) => {
+                // Counted as a failed login of its peer, as a wrong token is.
+                if let Some(c) = ext.get::<ConnAuth>() {
+                    c.failed();
+                }
+                Err(rpc_error(e))
+            }
+        }
     }
 
     async fn attach(
@@ -72,7 +92,7 @@ impl AgentLinkApiServer for Api {
         ext: &Extensions,
         hello: Hello,
     ) -> SubscriptionResult {
-        let (conn, name) = agent_of(ext)?;
+        let (conn, name) = self.agent_of(ext)?;
         if hello.name != name {
             pending
                 .reject(ErrorObjectOwned::owned(
@@ -113,6 +133,15 @@ impl AgentLinkApiServer for Api {
                             return Ok(());
                         };
                         let raw = to_raw_value(&order)?;
+                        // An agent that does not read is sent no more than its backlog allows.
+                        tokio::select! {
+                            () = conn.backlog().room() => {}
+                            () = sink.closed() => return Ok(()),
+                            () = close.cancelled() => {
+                                conn.close();
+                                return Ok(());
+                            }
+                        }
                         conn.backlog().produced(raw.get().len() + NOTIFICATION_OVERHEAD);
                         sink.send(SubscriptionMessage::from(raw)).await?;
                     }
@@ -131,25 +160,25 @@ impl AgentLinkApiServer for Api {
     }
 
     async fn started(&self, ext: &Extensions, s: Started) -> RpcResult<bool> {
-        let (_, name) = agent_of(ext)?;
+        let (_, name) = self.agent_of(ext)?;
         self.registry.fleet().started(&name, s).map_err(rpc_error)?;
         Ok(true)
     }
 
     async fn output(&self, ext: &Extensions, o: Output) -> RpcResult<bool> {
-        let (_, name) = agent_of(ext)?;
+        let (_, name) = self.agent_of(ext)?;
         self.registry.fleet().output(&name, o).await.map_err(rpc_error)?;
         Ok(true)
     }
 
     async fn finished(&self, ext: &Extensions, o: Outcome) -> RpcResult<bool> {
-        let (_, name) = agent_of(ext)?;
+        let (_, name) = self.agent_of(ext)?;
         self.registry.fleet().finished(&name, o).await.map_err(rpc_error)?;
         Ok(true)
     }
 
     async fn heartbeat(&self, ext: &Extensions, _arg: Option<Value>) -> RpcResult<bool> {
-        let (_, name) = agent_of(ext)?;
+        let (_, name) = self.agent_of(ext)?;
         self.registry.fleet().heard(&name);
         Ok(true)
     }

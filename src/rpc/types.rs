@@ -91,6 +91,8 @@ pub struct RunInfoOf<S, T> {
     pub dispatch: Option<i64>,
     /// For an active run on an agent: `connected`, or `unreachable` while its agent is away.
     pub host_state: Option<S>,
+    /// What its agent reported after the run was ended here (`lost`): state, exit code…
+    pub late_result: Option<Value>,
     /// Process id (= process group id).
     pub pid: Option<u32>,
     /// When it was created.
@@ -136,6 +138,7 @@ impl<'a> RunView<'a> {
             host: Cow::Borrowed(&r.host),
             dispatch: r.dispatch,
             host_state: None,
+            late_result: r.late_result.as_deref().and_then(|j| serde_json::from_str(j).ok()),
             pid: r.pid,
             queued_at: clock.time(r.queued_at),
             scheduled_at: r.scheduled_at.map(|t| clock.time(t)),
@@ -166,6 +169,7 @@ impl From<&RunRecord> for RunInfo {
             host: v.host.into_owned(),
             dispatch: v.dispatch,
             host_state: None,
+            late_result: v.late_result,
             pid: v.pid,
             queued_at: time(v.queued_at),
             scheduled_at: v.scheduled_at.map(time),

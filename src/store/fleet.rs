@@ -377,6 +377,18 @@ impl Store {
         .await
     }
 
+    /// Keeps what an agent reported of run `id` after it ended here (`late_result`). Not
+    /// awaited; its state does not change.
+    pub fn set_late_result(&self, id: i64, outcome: String) {
+        self.call_detached("late result", move |t| {
+            t.conn.execute(
+                "UPDATE runs SET late_result = ?2 WHERE id = ?1 AND late_result IS NULL",
+                params![id, outcome],
+            )?;
+            Ok(())
+        });
+    }
+
     /// Marks run `id` of a dispatch ignored (or not): it no longer counts against the
     /// dispatch's tolerance or outcome.
     pub async fn set_ignored(&self, id: i64, ignored: bool) -> Result<()> {

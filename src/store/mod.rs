@@ -286,7 +286,8 @@ CREATE TABLE IF NOT EXISTS runs (
     stderr_bytes INTEGER NOT NULL DEFAULT 0,
     truncated INTEGER NOT NULL DEFAULT 0,
     dispatch INTEGER,
-    ignored INTEGER NOT NULL DEFAULT 0
+    ignored INTEGER NOT NULL DEFAULT 0,
+    late_result TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_unit ON runs(unit, id);
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs(state) WHERE state IN ('queued', 'running');
@@ -358,6 +359,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("runs", "scheduled_at", "INTEGER"),
     ("runs", "dispatch", "INTEGER"),
     ("runs", "ignored", "INTEGER NOT NULL DEFAULT 0"),
+    ("runs", "late_result", "TEXT"),
 ];
 
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
@@ -404,7 +406,7 @@ fn opt_ts(us: Option<i64>) -> Option<Timestamp> {
 }
 
 const RUN_COLUMNS: &str = "id, unit, state, trigger, attempt, host, pid, queued_at, started_at, \
-     ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated, scheduled_at, dispatch";
+     ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated, scheduled_at, dispatch, late_result";
 
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
     let state: String = r.get(2)?;
@@ -428,6 +430,7 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         truncated: r.get(15)?,
         scheduled_at: opt_ts(r.get(16)?),
         dispatch: r.get(17)?,
+        late_result: r.get(18)?,
     })
 }
 

@@ -256,7 +256,9 @@ impl Loop {
                             }
                             Err(e) => Box::pin(self.crashed(e)).await,
                         }
-                        next = if self.starts_together() {
+                        // Ends of a dispatch's runs too: a thousand hosts' results come
+                        // in together.
+                        next = if self.starts_together() || self.cfg.is_remote() {
                             self.runs.try_join_next_with_id()
                         } else {
                             None
@@ -746,6 +748,15 @@ impl Loop {
             return Err(Error::ShuttingDown);
         }
         if self.cfg.is_remote() {
+            if self.cfg.overlap == Overlap::Skip
+                && let Some(id) = self.dispatches.keys().next()
+            {
+                // A paused dispatch is still this unit's dispatch in flight.
+                return Err(Error::Conflict(format!(
+                    "dispatch {id} of {} has not ended: resume or cancel it first",
+                    self.cfg.name
+                )));
+            }
             return Box::pin(self.start_dispatch(trigger, scheduled)).await;
         }
         let rec = self
@@ -821,10 +832,11 @@ impl Loop {
             self.leave(rec);
             return;
         }
-        if let Err(e) = self.env.store.finish_run(rec.clone(), self.keep_runs()).await {
+        let recorded = self.env.store.finish_run(rec.clone(), self.keep_runs()).await;
+        if let Err(e) = &recorded {
             tracing::error!(run = rec.id, error = %e, "cannot record the end of a run");
         }
-        self.acknowledge(&rec);
+        self.acknowledge(&rec, recorded.is_ok());
         self.forget(rec);
     }
 
@@ -835,10 +847,12 @@ impl Loop {
         self.active.remove(&rec.id);
     }
 
-    /// A remote run's end is recorded: its agent may forget it.
-    fn acknowledge(&self, rec: &RunRecord) {
+    /// A remote run's end is recorded (`recorded`), and its agent may forget it; or it is
+    /// not yet (the store keeps retrying), and the agent is not answered: it sends its
+    /// result again until the store has it.
+    fn acknowledge(&self, rec: &RunRecord, recorded: bool) {
         if !rec.is_local() {
-            self.env.remote.fleet().recorded(rec.id, true);
+            self.env.remote.fleet().recorded(rec.id, recorded);
         }
     }
 
@@ -867,11 +881,12 @@ impl Loop {
         if recs.is_empty() {
             return;
         }
-        if let Err(e) = self.env.store.finish_runs(recs.clone(), self.keep_runs()).await {
+        let recorded = self.env.store.finish_runs(recs.clone(), self.keep_runs()).await;
+        if let Err(e) = &recorded {
             tracing::error!(unit = %self.cfg.name, error = %e, "cannot record the end of a run");
         }
         for rec in recs {
-            self.acknowledge(&rec);
+            self.acknowledge(&rec, recorded.is_ok());
             self.forget(rec.clone());
             self.after_end(rec).await;
         }

@@ -203,12 +203,35 @@ fn join_tokens_are_spent_once_and_agent_credentials_serve_only_the_agent_protoco
     // Revoked: refused from then on.
     let mut a = TestAgent::enroll(&d, "h3", "");
     let cred3 = a.credential();
+    // A second connection logged in with it, never attached: cut off by the revocation too.
+    let mut other = Raw::connect(&d.addr);
+    assert_eq!(other.call("Auth.Login", json!(cred3))["result"], true);
+    assert_eq!(other.call("AgentLink.Heartbeat", json!(null))["result"], true);
     let r = d.taskctl(&["agents", "revoke", "h3"]);
     assert!(r.status.success(), "{:?}", output(&r));
     assert_eq!(agent_state(&d, "h3"), "revoked");
     let v = Raw::connect(&d.addr).call("Auth.Login", json!(cred3));
     assert_eq!(v["error"]["code"], -32050, "{v}");
+    let v = other.call("AgentLink.Heartbeat", json!(null));
+    assert_eq!(v["error"]["code"], -32050, "{v}");
     a.kill9();
+}
+
+#[test]
+fn a_server_stopped_gracefully_leaves_runs_on_agents_running() {
+    let mut d = TestDaemon::start();
+    let _a = TestAgent::enroll(&d, "g1", "");
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "steady", "command": ["sh", "-c", "echo a; sleep 2; echo b"], "hosts": ["g1"]}),
+    );
+    let run = info["last_run"]["id"].as_i64().unwrap();
+    wait_run(&d, run, "the run to start", |r| r["pid"].is_i64());
+    assert!(d.terminate().success());
+    d.restart_on_same_port();
+    let ended = d.wait_run_end(run);
+    assert_eq!(ended["state"], "succeeded", "{ended}");
+    assert_eq!(d.call("Run.Logs", json!({"id": run}))["data"], "a\nb\n");
 }
 
 #[test]
