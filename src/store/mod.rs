@@ -292,6 +292,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_by_unit ON runs(unit, id);
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs(state) WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS runs_by_dispatch ON runs(dispatch) WHERE dispatch IS NOT NULL;
+CREATE INDEX IF NOT EXISTS runs_by_unit_alone ON runs(unit, id) WHERE dispatch IS NULL;
 CREATE TABLE IF NOT EXISTS run_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS run_counts_insert AFTER INSERT ON runs BEGIN
     INSERT INTO run_counts(state, n) VALUES (NEW.state, 1)
@@ -794,8 +795,15 @@ impl Store {
     /// [`Store::finish_run`] does for one.
     pub async fn finish_runs(&self, recs: Vec<RunRecord>, keep_runs: u32) -> Result<()> {
         let again = recs.clone();
-        let r =
-            self.call(move |t| recs.iter().try_for_each(|rec| write_end(t, rec, keep_runs))).await;
+        let r = self
+            .call(move |t| {
+                recs.iter().try_for_each(|rec| write_end(t, rec))?;
+                // Once per unit, not per run: a dispatch's thousand ends prune once.
+                let mut units: Vec<&str> = recs.iter().map(|r| r.unit.as_str()).collect();
+                units.dedup();
+                units.into_iter().try_for_each(|u| prune(t, u, keep_runs))
+            })
+            .await;
         if let Err(e) = &r
             && !matches!(e, Error::ShuttingDown)
         {
@@ -1036,7 +1044,9 @@ fn get_run(conn: &Connection, id: i64) -> Result<Option<RunRecord>> {
 }
 
 /// Records the end of a run (see [`Store::finish_run`]); nothing happens if it already ended.
-fn write_end(t: &mut Tx<'_>, rec: &RunRecord, keep_runs: u32) -> Result<()> {
+/// Records the end of `rec` (if it is still active), its unit's counters and its event;
+/// the caller prunes the unit's history.
+fn write_end(t: &mut Tx<'_>, rec: &RunRecord) -> Result<()> {
     let ended = rec.ended_at.unwrap_or_else(Timestamp::now);
     let n = t.conn.execute(
         "UPDATE runs SET state = ?2, started_at = ?3, ended_at = ?4, exit_code = ?5, \
@@ -1066,7 +1076,7 @@ fn write_end(t: &mut Tx<'_>, rec: &RunRecord, keep_runs: u32) -> Result<()> {
         )?;
     }
     t.emit(EventKind::RunFinished, &rec.unit, Some(rec.id), Some(rec.state.as_str()))?;
-    prune(t, &rec.unit, keep_runs)
+    Ok(())
 }
 
 fn prune(t: &mut Tx<'_>, unit: &str, keep: u32) -> Result<()> {
@@ -1363,7 +1373,10 @@ impl StoreThread {
             .map(|(rec, keep)| {
                 let (again, back) = (rec.clone(), back.clone());
                 Job::new(
-                    move |t| write_end(t, &rec, keep),
+                    move |t| {
+                        write_end(t, &rec)?;
+                        prune(t, &rec.unit, keep)
+                    },
                     move |r: Result<()>| {
                         if r.is_err() {
                             lock(&back).push((again, keep));
