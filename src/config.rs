@@ -24,6 +24,16 @@ pub enum AuthMode {
     None,
 }
 
+/// Whether the daemon serves TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// No TLS (unless --tls-cert and --tls-key are given).
+    Off,
+    /// A self-signed certificate, created in `<state-dir>/tls` on first start.
+    Auto,
+}
+
 /// Format of the daemon's own log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,6 +97,16 @@ pub struct Args {
     /// Runs of a disconnected agent become `lost` after this long [default: 5m]
     #[arg(long, env = "TASKD_LOST_AFTER", value_name = "DURATION")]
     pub lost_after: Option<String>,
+    /// TLS on the port (beside plain connections): `auto` creates a self-signed certificate
+    /// in <state-dir>/tls on first start [default: off, or on with --tls-cert]
+    #[arg(long, env = "TASKD_TLS", value_enum)]
+    pub tls: Option<TlsMode>,
+    /// The TLS certificate (PEM; with --tls-key)
+    #[arg(long, env = "TASKD_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM; with --tls-cert)
+    #[arg(long, env = "TASKD_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Run as a host agent instead (`taskd agent --help`)
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -137,6 +157,12 @@ pub struct FileConfig {
     pub agent_timeout: Option<String>,
     /// `--lost-after`.
     pub lost_after: Option<String>,
+    /// `--tls`.
+    pub tls: Option<TlsMode>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The resolved configuration.
@@ -176,6 +202,17 @@ pub struct Config {
     pub agent_timeout: Duration,
     /// Runs of a disconnected agent become `lost` after this long.
     pub lost_after: Duration,
+    /// TLS: `auto` (self-signed), or the given certificate and key.
+    pub tls: Option<TlsSource>,
+}
+
+/// Where the daemon's TLS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// Self-signed, in `<state-dir>/tls`.
+    Auto,
+    /// Given: certificate and key files.
+    Files(PathBuf, PathBuf),
 }
 
 /// Whether the current process runs as root.
@@ -250,6 +287,18 @@ impl Config {
             };
         let agent_timeout = setting("agent_timeout", &args.agent_timeout, &file.agent_timeout, 15)?;
         let lost_after = setting("lost_after", &args.lost_after, &file.lost_after, 300)?;
+        let tls = match (
+            args.tls.or(file.tls),
+            args.tls_cert.clone().or(file.tls_cert.clone()),
+            args.tls_key.clone().or(file.tls_key.clone()),
+        ) {
+            (_, Some(c), Some(k)) => Some(TlsSource::Files(c, k)),
+            (_, Some(_), None) | (_, None, Some(_)) => {
+                anyhow::bail!("tls_cert and tls_key go together")
+            }
+            (Some(TlsMode::Auto), None, None) => Some(TlsSource::Auto),
+            (Some(TlsMode::Off) | None, None, None) => None,
+        };
         let cfg = Config {
             listen: args.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
             state_dir,
@@ -276,6 +325,7 @@ impl Config {
             max_units: file.max_units.unwrap_or(100_000).max(1),
             agent_timeout,
             lost_after,
+            tls,
         };
         Ok(cfg)
     }
@@ -300,13 +350,14 @@ impl Config {
                 ));
             }
         }
-        if !loopback && !self.insecure {
+        if !loopback && !self.insecure && self.tls.is_none() {
             return Err(Refused(format!(
                 "{addr} is not a loopback address: traffic would travel without TLS; \
-                 pass --insecure to allow it"
+                 serve TLS (--tls auto, or --tls-cert and --tls-key), or pass --insecure to \
+                 allow it"
             )));
         }
-        Ok((!loopback).then(|| {
+        Ok((!loopback && self.tls.is_none()).then(|| {
             format!(
                 "listening on {addr} without TLS (--insecure): tokens and data travel in clear text"
             )

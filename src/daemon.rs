@@ -13,7 +13,7 @@ use tokio::net::TcpSocket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Config, TlsSource};
 use crate::error::Error;
 use crate::exec;
 use crate::fleet::{Fleet, FleetConfig};
@@ -26,6 +26,7 @@ use crate::rpc::listener::{ServeConfig, listen, serve};
 use crate::rpc::middleware::{AUDITED_METHODS, AuditEntry, AuditHook};
 use crate::state_dir::{self, ADDRESS_FILE};
 use crate::store::{AuditRecord, Store};
+use crate::tls::ServerTls;
 use crate::unit::ValidateCtx;
 use crate::unit::definition::resolve_allowed_dirs;
 
@@ -140,7 +141,31 @@ pub async fn run(
     let local = socket.local_addr()?;
     let Opened { _lock, store, token } = open_state(&cfg, &local)?;
     let stopping = Stopping::default();
-    let fleet_cfg = FleetConfig { agent_timeout: cfg.agent_timeout, lost_after: cfg.lost_after };
+    let tls = match &cfg.tls {
+        None => None,
+        Some(source) => {
+            let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+            if !local.ip().is_unspecified() {
+                names.push(local.ip().to_string());
+            }
+            if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+                names.push(h.trim().to_string());
+            }
+            let tls = match source {
+                TlsSource::Auto => {
+                    ServerTls::load(None, None, Some(&cfg.state_dir.join("tls")), &names)?
+                }
+                TlsSource::Files(c, k) => ServerTls::load(Some(c), Some(k), None, &names)?,
+            };
+            tracing::info!(cert = %tls.cert_path.display(), fingerprint = %tls.fingerprint, "TLS on");
+            Some(tls)
+        }
+    };
+    let fleet_cfg = FleetConfig {
+        agent_timeout: cfg.agent_timeout,
+        lost_after: cfg.lost_after,
+        fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
+    };
     let fleet = Fleet::open(store.clone(), fleet_cfg, stopping.listener_stop.clone()).await?;
     let registry = Registry::open(
         store.clone(),
@@ -187,6 +212,8 @@ pub async fn run(
         stop_accepting: stopping.stop_accepting.clone(),
         allow_hosts: cfg.allow_host.clone(),
         gate: Some(gate),
+        tls: tls.map(|t| t.acceptor),
+        plain_remote: cfg.insecure,
         ..ServeConfig::default()
     };
     let listener = listen(socket).map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?;

@@ -42,6 +42,7 @@ pub mod rpc;
 pub mod run;
 pub mod state_dir;
 pub mod store;
+pub mod tls;
 pub mod unit;
 
 pub use error::{Error, Result};

@@ -174,6 +174,26 @@ pub struct Outcome {
 /// ([`Order::Settings`]: a third of its `agent_timeout`, at most this).
 pub const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The prefix of every join token: `taskd-join:<secret>[@sha256:<fingerprint>]`.
+pub const JOIN_PREFIX: &str = "taskd-join:";
+
+/// A join token carrying the server certificate's fingerprint, if it has one.
+pub fn join_token(secret_part: &str, fingerprint: Option<&str>) -> String {
+    match fingerprint {
+        Some(fp) => format!("{secret_part}@sha256:{fp}"),
+        None => secret_part.to_string(),
+    }
+}
+
+/// A join token's secret part and the fingerprint it carries.
+pub fn split_join_token(token: &str) -> (&str, Option<&str>) {
+    let token = token.trim();
+    match token.split_once("@sha256:") {
+        Some((secret, fp)) => (secret, Some(fp)),
+        None => (token, None),
+    }
+}
+
 /// The prefix of every agent credential: `taskd-agent:<name>:<secret>`.
 pub const CREDENTIAL_PREFIX: &str = "taskd-agent:";
 

@@ -35,6 +35,7 @@ use crate::rpc::client::Client;
 use crate::rpc::link::AgentLinkApiClient;
 use crate::run::{RunRecord, RunState, StopReason, Trigger};
 use crate::store::logs::{LogSummary, Stream};
+use crate::tls::Trust;
 use crate::unit::definition::{UnitConfig, UnitDef, ValidateCtx, resolve_allowed_dirs};
 use journal::{Entry, Journal};
 
@@ -72,6 +73,31 @@ pub struct AgentArgs {
     /// Runs' `user` must be one of these
     #[arg(long, env = "TASKD_AGENT_ALLOWED_USERS", value_delimiter = ',', value_name = "USER")]
     pub allowed_users: Vec<String>,
+    /// Trust the server's TLS certificate if this CA signed it (instead of the fingerprint a
+    /// join token carries)
+    #[arg(long, env = "TASKD_AGENT_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+}
+
+/// Whom the agent trusts over TLS: `--ca`, else the server fingerprint kept from its join
+/// token (`<state-dir>/server-fingerprint`, written on first start); none: plain TCP.
+fn trust(dir: &Path, ca: Option<&Path>, join: Option<&str>) -> anyhow::Result<Option<Trust>> {
+    if let Some(ca) = ca {
+        return Ok(Some(Trust::Ca(ca.to_path_buf())));
+    }
+    let kept = dir.join("server-fingerprint");
+    if let Ok(fp) = std::fs::read_to_string(&kept) {
+        let fp = crate::tls::normalise_fingerprint(&fp)
+            .with_context(|| format!("{}: not a SHA-256 fingerprint", kept.display()))?;
+        return Ok(Some(Trust::Fingerprint(fp)));
+    }
+    if let Some((_, Some(fp))) = join.map(proto::split_join_token) {
+        let fp = crate::tls::normalise_fingerprint(fp)
+            .context("the join token's fingerprint is not a SHA-256 fingerprint")?;
+        crate::state_dir::write_private(dir, "server-fingerprint", format!("{fp}\n").as_bytes())?;
+        return Ok(Some(Trust::Fingerprint(fp)));
+    }
+    Ok(None)
 }
 
 /// Output kept per run while the server has not taken it.
@@ -197,6 +223,10 @@ pub async fn run(args: AgentArgs, stop: CancellationToken) -> anyhow::Result<()>
         labels.insert(k.trim().to_string(), v.trim().to_string());
     }
     let journal = Journal::open(&dir).with_context(|| format!("{}/journal", dir.display()))?;
+    let tls = match trust(&dir, args.ca.as_deref(), args.join.as_deref())? {
+        Some(t) => Some(crate::tls::client_config(&t)?),
+        None => None,
+    };
     let validate = ValidateCtx {
         is_root: crate::config::is_root(),
         allowed_dirs: resolve_allowed_dirs(&args.allowed_dirs),
@@ -235,7 +265,7 @@ pub async fn run(args: AgentArgs, stop: CancellationToken) -> anyhow::Result<()>
         i += 1;
         let up = tokio::time::Instant::now();
         tokio::select! {
-            r = session(&core, &dir, addr, args.join.as_deref(), &hello) => match r {
+            r = session(&core, &dir, addr, args.join.as_deref(), &hello, tls.clone()) => match r {
                 Ok(()) => tracing::warn!(server = %addr, "connection to the server ended"),
                 Err(e) => tracing::warn!(server = %addr, error = format!("{e:#}"), "cannot talk to the server"),
             },
@@ -323,6 +353,7 @@ async fn credential(
     addr: &str,
     join: Option<&str>,
     name: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> anyhow::Result<String> {
     let path = dir.join("credential");
     if let Ok(c) = std::fs::read_to_string(&path) {
@@ -335,7 +366,7 @@ async fn credential(
             path.display()
         );
     };
-    let client = Client::connect(addr, None).await?;
+    let client = Client::connect_tls(addr, None, tls).await?;
     let joined = client
         .join(JoinRequest { token: token.trim().to_string(), name: name.to_string() })
         .await
@@ -356,9 +387,10 @@ async fn session(
     addr: &str,
     join: Option<&str>,
     hello: &Hello,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> anyhow::Result<()> {
-    let cred = credential(dir, addr, join, &hello.name).await?;
-    let client = Arc::new(Client::connect(addr, Some(&cred)).await?);
+    let cred = credential(dir, addr, join, &hello.name, tls.clone()).await?;
+    let client = Arc::new(Client::connect_tls(addr, Some(&cred), tls).await?);
     let mut hello = hello.clone();
     hello.holding = lock(&core.active).keys().copied().collect();
     let mut orders: Subscription<Order> = client.attach(hello).await.context("attach")?;

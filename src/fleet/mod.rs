@@ -48,18 +48,25 @@ pub const NOT_READY: &str = "not ready, send again";
 const MAX_HELD: usize = 100_000;
 
 /// Timing of agent connections (daemon settings `agent_timeout` and `lost_after`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FleetConfig {
     /// An agent silent this long (no heartbeat, no report) is disconnected.
     pub agent_timeout: Duration,
     /// Runs of a disconnected agent stay `running` (`host_state: unreachable`) this long,
     /// then become `lost`.
     pub lost_after: Duration,
+    /// The SHA-256 fingerprint of the server's TLS certificate, when it serves TLS: join
+    /// tokens carry it, so that a new agent trusts this server and no other.
+    pub fingerprint: Option<String>,
 }
 
 impl Default for FleetConfig {
     fn default() -> Self {
-        FleetConfig { agent_timeout: Duration::from_secs(15), lost_after: Duration::from_secs(300) }
+        FleetConfig {
+            agent_timeout: Duration::from_secs(15),
+            lost_after: Duration::from_secs(300),
+            fingerprint: None,
+        }
     }
 }
 
@@ -237,8 +244,8 @@ impl Fleet {
     }
 
     /// The settings.
-    pub fn config(&self) -> FleetConfig {
-        self.0.cfg
+    pub fn config(&self) -> &FleetConfig {
+        &self.0.cfg
     }
 
     /// The store.
@@ -249,10 +256,11 @@ impl Fleet {
     /// A one-time join token good for `ttl`, and when it expires.
     pub async fn join_token(&self, ttl: Duration) -> Result<(String, Timestamp)> {
         let secret = crate::state_dir::random_hex(32).map_err(|e| Error::io("/dev/urandom", e))?;
-        let token = format!("taskd-join:{secret}");
+        let token = format!("{}{secret}", proto::JOIN_PREFIX);
         let expires = Timestamp::now() + jiff::SignedDuration::try_from(ttl).unwrap_or_default();
         self.0.store.create_join_token(hash(&token), expires).await?;
-        Ok((token, expires))
+        // The certificate's fingerprint rides along; only the secret is checked.
+        Ok((proto::join_token(&token, self.0.cfg.fingerprint.as_deref()), expires))
     }
 
     /// Trades join token `token` for the credential of a new agent `name`.
@@ -271,8 +279,8 @@ impl Fleet {
             return Err(Error::invalid("name", "\"local\" names the daemon itself"));
         }
         let secret = crate::state_dir::random_hex(32).map_err(|e| Error::io("/dev/urandom", e))?;
-        let stored =
-            self.0.store.join_agent(hash(token.trim()), name.to_string(), hash(&secret)).await?;
+        let (token, _) = proto::split_join_token(token);
+        let stored = self.0.store.join_agent(hash(token), name.to_string(), hash(&secret)).await?;
         tracing::info!(agent = name, "agent enrolled");
         // A revoked agent of that name may still be connected: it goes.
         if let Some((_, old)) = self.0.agents.remove(name)

@@ -25,7 +25,6 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,8 +79,13 @@ pub fn error_code(err: &RpcError) -> Option<i32> {
 }
 
 /// Sending half of the NDJSON transport: one message and `\n` per write.
-#[derive(Debug)]
-pub struct NdjsonSender(OwnedWriteHalf);
+pub struct NdjsonSender(Box<dyn tokio::io::AsyncWrite + Send + Unpin>);
+
+impl std::fmt::Debug for NdjsonSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NdjsonSender")
+    }
+}
 
 impl TransportSenderT for NdjsonSender {
     type Error = io::Error;
@@ -102,8 +106,13 @@ impl TransportSenderT for NdjsonSender {
 const READ_BUFFER: usize = 64 * 1024;
 
 /// Receiving half of the NDJSON transport: one message per line.
-#[derive(Debug)]
-pub struct NdjsonReceiver(BufReader<OwnedReadHalf>);
+pub struct NdjsonReceiver(BufReader<Box<dyn tokio::io::AsyncRead + Send + Unpin>>);
+
+impl std::fmt::Debug for NdjsonReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NdjsonReceiver")
+    }
+}
 
 impl TransportReceiverT for NdjsonReceiver {
     type Error = io::Error;
@@ -143,9 +152,15 @@ fn is_message(line: &[u8], n: usize) -> io::Result<bool> {
 }
 
 /// Splits a connected stream into the NDJSON transport halves.
-pub fn ndjson_transport(stream: TcpStream) -> (NdjsonSender, NdjsonReceiver) {
-    let (rd, wr) = stream.into_split();
-    (NdjsonSender(wr), NdjsonReceiver(BufReader::with_capacity(READ_BUFFER, rd)))
+pub fn ndjson_transport<S>(stream: S) -> (NdjsonSender, NdjsonReceiver)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    (
+        NdjsonSender(Box::new(wr)),
+        NdjsonReceiver(BufReader::with_capacity(READ_BUFFER, Box::new(rd))),
+    )
 }
 
 /// A connection to a taskd daemon.
@@ -158,13 +173,37 @@ impl Client {
     /// Connects to a taskd listener at `addr` (raw TCP), and calls `Auth.Login` with `token`
     /// if given.
     pub async fn connect(addr: &str, token: Option<&str>) -> Result<Client, ClientError> {
+        Self::connect_tls(addr, token, None).await
+    }
+
+    /// As [`Client::connect`], over TLS when `tls` is given (its verifier decides whom to
+    /// trust: a pinned fingerprint or a CA).
+    pub async fn connect_tls(
+        addr: &str,
+        token: Option<&str>,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, ClientError> {
         let connect_err = |source| ClientError::Connect { addr: addr.to_owned(), source };
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| connect_err(io::Error::new(io::ErrorKind::TimedOut, "timed out")))?
             .map_err(connect_err)?;
         let _ = stream.set_nodelay(true);
-        let (tx, rx) = ndjson_transport(stream);
+        let (tx, rx) = match tls {
+            None => ndjson_transport(stream),
+            Some(config) => {
+                let name = crate::tls::server_name(addr)
+                    .map_err(|e| connect_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+                let connector = tokio_rustls::TlsConnector::from(config);
+                let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, stream))
+                    .await
+                    .map_err(|_| {
+                        connect_err(io::Error::new(io::ErrorKind::TimedOut, "TLS timed out"))
+                    })?
+                    .map_err(connect_err)?;
+                ndjson_transport(tls)
+            }
+        };
         let inner = ClientBuilder::default()
             .request_timeout(REQUEST_TIMEOUT)
             // A replay of stored events or a log backlog arrives in a burst; the client

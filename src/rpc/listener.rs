@@ -90,6 +90,11 @@ pub struct ServeConfig {
     /// The connection slots, when the caller wants to see them (failed logins, occupancy);
     /// else [`serve`] makes its own of `max_connections`.
     pub gate: Option<Arc<Gate>>,
+    /// TLS, told apart from plain connections by the first byte (0x16, a handshake).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// With TLS on, whether plain connections from other hosts are still served
+    /// (`--insecure`); loopback ones always are.
+    pub plain_remote: bool,
 }
 
 impl Default for ServeConfig {
@@ -107,6 +112,8 @@ impl Default for ServeConfig {
             stop_accepting: CancellationToken::new(),
             allow_hosts: Vec::new(),
             gate: None,
+            tls: None,
+            plain_remote: true,
         }
     }
 }
@@ -284,8 +291,62 @@ async fn handle_connection(stream: TcpStream, conn: Arc<Conn>, shared: &Shared) 
         }
     }
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    if first[0].is_ascii_alphabetic() {
-        serve_http(stream, conn, conn_id, shared).await;
+    let local = stream.local_addr().ok();
+    if first[0] == TLS_HANDSHAKE {
+        let Some(acceptor) = shared.cfg.tls.clone() else {
+            tracing::debug!(?peer, "TLS handshake, but TLS is off");
+            return;
+        };
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = conn.closed() => return,
+            a = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream)) => a,
+        };
+        let tls = match accepted {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        // Sniffed again, on the decrypted bytes, without consuming them.
+        use tokio::io::AsyncBufReadExt;
+        let mut io = tokio::io::BufReader::new(tls);
+        let first = match tokio::time::timeout(first_byte_timeout, io.fill_buf()).await {
+            Ok(Ok([b, ..])) => *b,
+            _ => return,
+        };
+        serve_protocol(first, io, local, conn, conn_id, shared).await;
+        return;
+    }
+    if shared.cfg.tls.is_some()
+        && !shared.cfg.plain_remote
+        && peer.is_some_and(|p| !p.ip().is_loopback())
+    {
+        tracing::debug!(?peer, "plain connection from another host refused: TLS only");
+        return;
+    }
+    serve_protocol(first[0], stream, local, conn, conn_id, shared).await;
+}
+
+/// The first byte of a TLS connection (a handshake record).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Serves a connection (plain, or decrypted TLS) by its first byte: HTTP or WebSocket for a
+/// letter, raw TCP JSON-RPC for anything else.
+async fn serve_protocol<I>(
+    first: u8,
+    stream: I,
+    local: Option<std::net::SocketAddr>,
+    conn: Arc<Conn>,
+    conn_id: u32,
+    shared: &Shared,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if first.is_ascii_alphabetic() {
+        serve_http(stream, local, conn, conn_id, shared).await;
     } else {
         let cfg = TcpConfig {
             max_request_size: shared.cfg.max_request_size,
@@ -315,9 +376,16 @@ impl Shared {
     }
 }
 
-async fn serve_http(stream: TcpStream, conn: Arc<Conn>, conn_id: u32, shared: &Shared) {
+async fn serve_http<I>(
+    stream: I,
+    local: Option<std::net::SocketAddr>,
+    conn: Arc<Conn>,
+    conn_id: u32,
+    shared: &Shared,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let peer = conn.peer();
-    let local = stream.local_addr().ok();
     let guard = HttpGuardLayer::new(
         shared.cfg.auth.clone(),
         shared.hosts.clone(),

@@ -452,3 +452,41 @@ fn taskctl_logs_follows_a_run_on_an_agent() {
     assert!(o.status.success(), "{err}");
     assert_eq!(out, "one\ntwo\nthree\n");
 }
+
+#[test]
+fn over_tls_an_agent_trusts_the_server_by_the_fingerprint_in_its_join_token() {
+    let d = TestDaemon::start_with(&["--tls", "auto"]);
+    let token = d.call("Agent.JoinToken", json!({}))["token"].as_str().unwrap().to_string();
+    let (_, fp) = token.split_once("@sha256:").expect("the token carries the fingerprint");
+    assert_eq!(fp.len(), 64, "{token}");
+    let a = TestAgent::enroll(&d, "t1", "");
+    assert_eq!(
+        std::fs::read_to_string(a.dir.path().join("server-fingerprint")).unwrap().trim(),
+        fp,
+        "kept for later connections"
+    );
+    let o = d.taskctl(&["exec", "--hosts", "t1", "--", "echo", "sealed"]);
+    assert_eq!(output(&o).0, "t1: sealed\n", "{:?}", output(&o));
+
+    // A token whose fingerprint is not the server's: refused, and the log says why.
+    let token = d.call("Agent.JoinToken", json!({}))["token"].as_str().unwrap().to_string();
+    let (secret, _) = token.split_once("@sha256:").unwrap();
+    let forged = format!("{secret}@sha256:{}", "0".repeat(64));
+    let dir = tempfile::tempdir().unwrap();
+    make_private(dir.path());
+    let mut b = TestAgent {
+        name: "t2".into(),
+        dir,
+        server: d.addr.clone(),
+        labels: String::new(),
+        child: None,
+    };
+    b.spawn(Some(&forged));
+    let log = wait_for("the agent to refuse the certificate", || {
+        let log = std::fs::read_to_string(b.log_path()).ok()?;
+        log.contains("fingerprint").then_some(log)
+    });
+    assert!(log.contains(&format!("sha256:{}", "0".repeat(64))) && log.contains(fp), "{log}");
+    assert_eq!(agent_state(&d, "t2"), "", "never enrolled");
+    b.kill9();
+}
