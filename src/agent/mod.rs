@@ -407,10 +407,13 @@ async fn session(
                 None => break Ok(()),
             },
             _ = beat.tick() => {
-                match tokio::time::timeout(Duration::from_secs(10), client.heartbeat(None)).await {
+                // A server that does not answer within three beats is gone (a cut link
+                // leaves the connection open): connect again.
+                let patience = (beat.period() * 3).max(Duration::from_secs(1));
+                match tokio::time::timeout(patience, client.heartbeat(None)).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => break Err(anyhow::anyhow!("heartbeat: {e}")),
-                    Err(_) => break Err(anyhow::anyhow!("the server did not answer a heartbeat in 10 s")),
+                    Err(_) => break Err(anyhow::anyhow!("the server did not answer a heartbeat in {patience:?}")),
                 }
             }
             () = done.cancelled() => break Ok(()),

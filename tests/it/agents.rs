@@ -12,17 +12,24 @@ use serde_json::{Value, json};
 use crate::common::{DEADLINE, Raw, TestDaemon, alive, make_private, wait_for};
 
 /// A `taskd agent` under test.
-struct TestAgent {
+pub struct TestAgent {
     name: String,
     dir: tempfile::TempDir,
     server: String,
     labels: String,
     child: Option<Child>,
+    /// The network namespace it runs in, if not the test's.
+    netns: Option<String>,
 }
 
 impl TestAgent {
     /// Enrolls a new agent `name` with `labels` (`k=v,…`) on `d`'s daemon and starts it.
-    fn enroll(d: &TestDaemon, name: &str, labels: &str) -> TestAgent {
+    pub fn enroll(d: &TestDaemon, name: &str, labels: &str) -> TestAgent {
+        Self::enroll_in(d, name, labels, None)
+    }
+
+    /// As [`TestAgent::enroll`], the agent running in network namespace `netns`.
+    pub fn enroll_in(d: &TestDaemon, name: &str, labels: &str, netns: Option<&str>) -> TestAgent {
         let token = d.call("Agent.JoinToken", json!({}))["token"].as_str().unwrap().to_string();
         let dir = tempfile::tempdir().unwrap();
         make_private(dir.path());
@@ -32,6 +39,7 @@ impl TestAgent {
             server: d.addr.clone(),
             labels: labels.into(),
             child: None,
+            netns: netns.map(str::to_string),
         };
         a.spawn(Some(&token));
         wait_connected(d, name);
@@ -39,7 +47,14 @@ impl TestAgent {
     }
 
     fn spawn(&mut self, join: Option<&str>) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskd"));
+        let mut cmd = match &self.netns {
+            None => Command::new(env!("CARGO_BIN_EXE_taskd")),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_taskd")]);
+                c
+            }
+        };
         cmd.args(["agent", "--server", &self.server, "--name", &self.name])
             .arg("--state-dir")
             .arg(self.dir.path());
@@ -111,7 +126,7 @@ fn wait_connected(d: &TestDaemon, name: &str) {
 }
 
 /// Polls `Run.Get` until `cond` holds.
-fn wait_run(d: &TestDaemon, id: i64, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+pub fn wait_run(d: &TestDaemon, id: i64, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     let mut c = d.raw();
     wait_for(what, || {
         let r = c.call("Run.Get", json!(id)).get("result").cloned()?;
@@ -480,6 +495,7 @@ fn over_tls_an_agent_trusts_the_server_by_the_fingerprint_in_its_join_token() {
         server: d.addr.clone(),
         labels: String::new(),
         child: None,
+        netns: None,
     };
     b.spawn(Some(&forged));
     let log = wait_for("the agent to refuse the certificate", || {

@@ -118,6 +118,14 @@ impl TestDaemon {
         d.started()
     }
 
+    /// Starts a daemon listening on `addr` (an address inside a network namespace the calling
+    /// thread has entered, say), with extra flags.
+    pub fn start_listening(addr: &str, extra: &[&str]) -> TestDaemon {
+        let mut d = Self::unstarted(extra);
+        d.listen = Some(addr.to_string());
+        d.started()
+    }
+
     /// Starts a daemon with extra flags and environment variables.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> TestDaemon {
         let mut d = Self::unstarted(extra);

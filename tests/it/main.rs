@@ -1,6 +1,6 @@
 //! Integration tests: a real `taskd` in a temporary directory, driven through real clients.
 
-mod agents;
+pub mod agents;
 mod children;
 mod cli;
 mod common;
@@ -8,5 +8,6 @@ mod engine;
 mod faults;
 mod go;
 mod load;
+mod netns;
 mod rpc;
 mod security;
