@@ -70,6 +70,25 @@ pub struct Cli {
         help_heading = "Global options"
     )]
     pub state_dir: Option<PathBuf>,
+    /// Talk TLS, trusting the daemon's certificate by its SHA-256 fingerprint (as `taskd`
+    /// logs it and join tokens carry it)
+    #[arg(
+        long,
+        global = true,
+        env = "TASKD_FINGERPRINT",
+        value_name = "SHA256",
+        help_heading = "Global options"
+    )]
+    pub fingerprint: Option<String>,
+    /// Talk TLS, trusting the daemon's certificate if this CA signed it
+    #[arg(
+        long,
+        global = true,
+        env = "TASKD_CA",
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    pub ca: Option<PathBuf>,
     /// Machine-readable output: the JSON results of the daemon's methods
     #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
@@ -472,10 +491,27 @@ impl Ctx {
                 token_file.display()
             )
         };
+        let trust = match (&cli.fingerprint, &cli.ca) {
+            (Some(fp), _) => Some(crate::tls::Trust::Fingerprint(
+                crate::tls::normalise_fingerprint(fp).ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "--fingerprint {fp:?}: not a SHA-256 fingerprint (64 hex digits)"
+                    ))
+                })?,
+            )),
+            (None, Some(ca)) => Some(crate::tls::Trust::Ca(ca.clone())),
+            (None, None) => None,
+        };
+        let tls = match &trust {
+            Some(t) => {
+                Some(crate::tls::client_config(t).map_err(|e| CliError::Usage(format!("{e:#}")))?)
+            }
+            None => None,
+        };
         let connected = if streams {
-            Client::connect(&addr, token.as_deref()).await.map(Conn::Streams)
+            Client::connect_tls(&addr, token.as_deref(), tls).await.map(Conn::Streams)
         } else {
-            CallClient::connect(&addr, token.as_deref()).await.map(Conn::Calls)
+            CallClient::connect_tls(&addr, token.as_deref(), tls).await.map(Conn::Calls)
         };
         let client = match connected {
             Ok(c) => c,
@@ -484,6 +520,18 @@ impl Ctx {
                     ClientError::Connect { source, .. } => source.to_string(),
                     ClientError::Login(inner) => inner.to_string(),
                 };
+                if trust.is_some() && why.contains("certificate") {
+                    // Reached, but not trusted: not a daemon to start.
+                    return Err(CliError::Refused {
+                        message: format!("TLS to {addr} refused: {why}"),
+                        hint: Some(
+                            "the daemon logs its certificate's fingerprint at start (\"TLS on\"), \
+                             and every join token ends with it"
+                                .into(),
+                        ),
+                    }
+                    .into());
+                }
                 return Err(CliError::Unreachable { addr, why, hint: start_hint }.into());
             }
             Err(ClientError::Login(inner)) => {

@@ -257,7 +257,7 @@ pub struct CallClient {
 
 #[derive(Debug)]
 struct CallConn {
-    stream: io::BufReader<StdTcpStream>,
+    stream: io::BufReader<Box<dyn Duplex>>,
     next_id: u64,
 }
 
@@ -273,12 +273,44 @@ struct Answer<R> {
     error: Option<ErrorObjectOwned>,
 }
 
+/// A blocking byte stream both ways: a socket, or TLS over one.
+pub trait Duplex: io::Read + io::Write + Send {}
+
+impl<T: io::Read + io::Write + Send> Duplex for T {}
+
+impl std::fmt::Debug for dyn Duplex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Duplex")
+    }
+}
+
 impl CallClient {
     /// Connects to a taskd listener at `addr` (raw TCP), and calls `Auth.Login` with `token`
     /// if given. Blocks for at most [`CONNECT_TIMEOUT`] per address `addr` resolves to.
     pub async fn connect(addr: &str, token: Option<&str>) -> Result<CallClient, ClientError> {
-        let stream = connect_blocking(addr)
-            .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source })?;
+        Self::connect_tls(addr, token, None).await
+    }
+
+    /// As [`CallClient::connect`], over TLS when `tls` is given (the handshake happens with
+    /// the first call: a refused certificate fails the login).
+    pub async fn connect_tls(
+        addr: &str,
+        token: Option<&str>,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<CallClient, ClientError> {
+        let connect_err = |source| ClientError::Connect { addr: addr.to_owned(), source };
+        let socket = connect_blocking(addr).map_err(connect_err)?;
+        let stream: Box<dyn Duplex> = match tls {
+            None => Box::new(socket),
+            Some(config) => {
+                let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
+                let name = crate::tls::server_name(addr)
+                    .map_err(|e| connect_err(invalid(e.to_string())))?;
+                let tls = rustls::ClientConnection::new(config, name)
+                    .map_err(|e| connect_err(invalid(e.to_string())))?;
+                Box::new(rustls::StreamOwned::new(tls, socket))
+            }
+        };
         let conn = CallConn { stream: io::BufReader::new(stream), next_id: 0 };
         let client = CallClient { conn: Mutex::new(Some(conn)) };
         if let Some(token) = token {

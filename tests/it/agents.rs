@@ -482,6 +482,15 @@ fn over_tls_an_agent_trusts_the_server_by_the_fingerprint_in_its_join_token() {
     );
     let o = d.taskctl(&["exec", "--hosts", "t1", "--", "echo", "sealed"]);
     assert_eq!(output(&o).0, "t1: sealed\n", "{:?}", output(&o));
+    // taskctl over TLS: the right fingerprint, then a wrong one (refused, both named).
+    let o = d.taskctl(&["--fingerprint", fp, "exec", "--hosts", "t1", "--", "echo", "again"]);
+    assert_eq!(output(&o).0, "t1: again\n", "{:?}", output(&o));
+    let o = d.taskctl(&["--fingerprint", fp, "agents"]);
+    assert!(output(&o).0.contains("t1"), "{:?}", output(&o));
+    let wrong = "1".repeat(64);
+    let o = d.taskctl(&["--fingerprint", &wrong, "agents"]);
+    let (_, err) = output(&o);
+    assert!(!o.status.success() && err.contains(&wrong) && err.contains(fp), "{err}");
 
     // A token whose fingerprint is not the server's: refused, and the log says why.
     let token = d.call("Agent.JoinToken", json!({}))["token"].as_str().unwrap().to_string();
