@@ -3,13 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use crate::common::{DEADLINE, Raw, TestDaemon, alive, make_private, wait_for};
+use crate::common::{Raw, TestDaemon, alive, make_private, stop_gracefully, wait_for};
 
 /// A `taskd agent` under test.
 pub struct TestAgent {
@@ -96,19 +95,8 @@ impl TestAgent {
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let pid = Pid::from_raw(c.id() as i32);
-            let _ = kill(pid, Signal::SIGCONT);
-            let _ = kill(pid, Signal::SIGTERM);
-            let end = Instant::now() + DEADLINE;
-            while Instant::now() < end {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            stop_gracefully(c);
         }
     }
 }

@@ -349,20 +349,27 @@ impl Drop for TestDaemon {
     /// Stops the daemon gracefully, so that it stops its runs too: a test must not leave
     /// processes behind. SIGKILL only if it does not exit in time.
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let end = Instant::now() + DEADLINE;
-            while Instant::now() < end {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            stop_gracefully(c);
         }
     }
+}
+
+/// Sends SIGTERM to `c` (after SIGCONT, should it be stopped) and reaps it; SIGKILL if it
+/// does not exit within [`DEADLINE`]. A test must not leave processes behind.
+pub fn stop_gracefully(mut c: Child) {
+    let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let end = Instant::now() + DEADLINE;
+    while Instant::now() < end {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
 }
 
 /// A line-oriented raw TCP JSON-RPC connection.
