@@ -66,8 +66,15 @@ impl ServerTls {
             (Some(c), Some(k), _) => (c.to_path_buf(), k.to_path_buf()),
             (None, None, Some(dir)) => {
                 let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
-                if !c.exists() || !k.exists() {
-                    create_self_signed(dir, names)?;
+                match (c.exists(), k.exists()) {
+                    (false, false) => create_self_signed(dir, names)?,
+                    (true, true) => {}
+                    // Not made again: agents pinned its fingerprint.
+                    _ => anyhow::bail!(
+                        "{}: one of cert.pem and key.pem is missing; restore it, or remove both \
+                         for a new certificate (agents then need new join tokens)",
+                        dir.display()
+                    ),
                 }
                 (c, k)
             }

@@ -77,13 +77,39 @@ pub struct AgentArgs {
     /// join token carries)
     #[arg(long, env = "TASKD_AGENT_CA", value_name = "FILE")]
     pub ca: Option<PathBuf>,
+    /// Trust the server's TLS certificate by this SHA-256 fingerprint (instead of the one a
+    /// join token carries)
+    #[arg(long, env = "TASKD_AGENT_FINGERPRINT", value_name = "SHA256", conflicts_with = "ca")]
+    pub fingerprint: Option<String>,
+    /// Allow plain TCP (join token and credential in clear) to a server that is not on
+    /// loopback
+    #[arg(long, env = "TASKD_AGENT_INSECURE")]
+    pub insecure: bool,
+}
+
+/// Whether `addr` (`host:port`) is on this host's loopback.
+fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// Whom the agent trusts over TLS: `--ca`, else the server fingerprint kept from its join
 /// token (`<state-dir>/server-fingerprint`, written on first start); none: plain TCP.
-fn trust(dir: &Path, ca: Option<&Path>, join: Option<&str>) -> anyhow::Result<Option<Trust>> {
+fn trust(
+    dir: &Path,
+    ca: Option<&Path>,
+    fingerprint: Option<&str>,
+    join: Option<&str>,
+) -> anyhow::Result<Option<Trust>> {
     if let Some(ca) = ca {
         return Ok(Some(Trust::Ca(ca.to_path_buf())));
+    }
+    if let Some(fp) = fingerprint {
+        let fp = crate::tls::normalise_fingerprint(fp)
+            .context("--fingerprint: not a SHA-256 fingerprint (64 hex digits)")?;
+        return Ok(Some(Trust::Fingerprint(fp)));
     }
     let kept = dir.join("server-fingerprint");
     if let Ok(fp) = std::fs::read_to_string(&kept) {
@@ -223,7 +249,19 @@ pub async fn run(args: AgentArgs, stop: CancellationToken) -> anyhow::Result<()>
         labels.insert(k.trim().to_string(), v.trim().to_string());
     }
     let journal = Journal::open(&dir).with_context(|| format!("{}/journal", dir.display()))?;
-    let tls = match trust(&dir, args.ca.as_deref(), args.join.as_deref())? {
+    let trusted =
+        trust(&dir, args.ca.as_deref(), args.fingerprint.as_deref(), args.join.as_deref())?;
+    if trusted.is_none()
+        && !args.insecure
+        && let Some(far) = args.server.iter().find(|s| !is_loopback(s))
+    {
+        anyhow::bail!(
+            "{far} is not on loopback, and nothing says which TLS certificate to trust: the \
+             join token and credential would travel in clear. Serve TLS (taskd --tls auto: its \
+             join tokens carry the fingerprint), or give --fingerprint or --ca, or --insecure"
+        );
+    }
+    let tls = match trusted {
         Some(t) => Some(crate::tls::client_config(&t)?),
         None => None,
     };

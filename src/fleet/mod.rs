@@ -282,11 +282,15 @@ impl Fleet {
         let (token, _) = proto::split_join_token(token);
         let stored = self.0.store.join_agent(hash(token), name.to_string(), hash(&secret)).await?;
         tracing::info!(agent = name, "agent enrolled");
-        // A revoked agent of that name may still be connected: it goes.
+        // A revoked agent of that name may still be connected: it goes, and runs given to
+        // it end (this is another host).
         if let Some((_, old)) = self.0.agents.remove(name)
             && let Some(s) = old.session
         {
             s.close.cancel();
+        }
+        for slot in self.0.runs.iter().filter(|s| s.host == name) {
+            let _ = slot.news.send(News::Revoked);
         }
         let entry = AgentEntry {
             stored,
@@ -320,11 +324,12 @@ impl Fleet {
 
     /// Revokes agent `name`: its connection closes and its credential is refused.
     pub async fn revoke(&self, name: &str) -> Result<AgentStatus> {
-        let stored = self.0.store.revoke_agent(name.to_string()).await?;
+        // Refused in memory first: the old credential acts no more while the store commits.
         if let Some(mut a) = self.0.agents.get_mut(name) {
             a.stored.revoked = true;
             a.epoch = self.0.epochs.fetch_add(1, Ordering::Relaxed);
         }
+        let stored = self.0.store.revoke_agent(name.to_string()).await?;
         self.detach(name, None);
         // Its runs end now: a host enrolled again under this name must not be sent them.
         for slot in self.0.runs.iter().filter(|s| s.host == name) {
@@ -342,6 +347,7 @@ impl Fleet {
         &self,
         hello: Hello,
         addr: Option<String>,
+        epoch: u64,
     ) -> Result<(u64, mpsc::UnboundedReceiver<Order>, CancellationToken)> {
         let name = hello.name.clone();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -354,7 +360,7 @@ impl Fleet {
         held.truncate(MAX_HELD);
         {
             let mut a = self.0.agents.get_mut(&name).ok_or(Error::AgentNotFound(name.clone()))?;
-            if a.stored.revoked {
+            if a.stored.revoked || a.epoch != epoch {
                 return Err(Error::Unauthorized(format!("agent {name:?} is revoked")));
             }
             let session = Session { id, orders: tx.clone(), close: close.clone() };
@@ -445,6 +451,11 @@ impl Fleet {
             // That session only: a newer one may have attached meanwhile.
             self.detach(&name, Some(session));
         }
+    }
+
+    /// Whether `host` names an agent that is revoked or no longer enrolled.
+    pub fn is_gone(&self, host: &str) -> bool {
+        host != LOCAL && self.0.agents.get(host).is_none_or(|a| a.stored.revoked)
     }
 
     /// Whether host `host` can be given work now: `local`, or a connected agent.

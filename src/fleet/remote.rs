@@ -90,6 +90,15 @@ async fn execute(
     let (host_wait, lost_after) = (cfg.host_wait, fleet.config().lost_after);
     // Whether a connected agent has been handed the run at least once: from then on, its
     // absence makes the run unreachable (then lost), not unavailable.
+    if fleet.is_gone(&rec.host) {
+        // Revoked since the dispatch was made: another host may enroll under its name.
+        let summary = store.logs().finish(rec.id).await;
+        rec.stdout_bytes = summary.stdout_bytes;
+        rec.state = RunState::Cancelled;
+        rec.reason = Some("agent revoked".into());
+        rec.ended_at = Some(Timestamp::now());
+        return rec;
+    }
     let mut assigned = fleet.send(&rec.host, order.clone());
     let mut deadline = (!assigned).then(|| (Instant::now() + host_wait, false));
     let mut on_start = Some(started);

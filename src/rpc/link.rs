@@ -105,7 +105,8 @@ impl AgentLinkApiServer for Api {
         }
         let fleet = self.registry.fleet().clone();
         let addr = conn.peer().map(|p| p.to_string());
-        let (session, mut orders, close) = match fleet.attach(hello, addr) {
+        let epoch = conn.agent().map_or(0, |(_, e)| e);
+        let (session, mut orders, close) = match fleet.attach(hello, addr, epoch) {
             Ok(s) => s,
             Err(e) => {
                 pending.reject(rpc_error(e)).await;

@@ -251,10 +251,13 @@ async fn refuse(mut stream: TcpStream, max: usize) {
     let message = format!("too many connections: the limit is {max}; try again later");
     let body = error_body(codes::LIMIT_EXCEEDED, &message);
     let mut first = [0u8; 1];
-    let is_http = matches!(
-        tokio::time::timeout(REFUSE_PEEK_TIMEOUT, stream.peek(&mut first)).await,
-        Ok(Ok(1..)) if first[0].is_ascii_alphabetic()
-    );
+    let peeked = tokio::time::timeout(REFUSE_PEEK_TIMEOUT, stream.peek(&mut first)).await;
+    if matches!(peeked, Ok(Ok(1..))) && first[0] == TLS_HANDSHAKE {
+        // A TLS client would read plain text as a broken handshake: just close.
+        let _ = stream.shutdown().await;
+        return;
+    }
+    let is_http = matches!(peeked, Ok(Ok(1..)) if first[0].is_ascii_alphabetic());
     let reply = if is_http {
         format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
@@ -277,6 +280,10 @@ async fn handle_connection(stream: TcpStream, conn: Arc<Conn>, shared: &Shared) 
     // login deadline when it needs a login.
     let first_byte_timeout =
         if conn.is_authenticated() { FIRST_BYTE_TIMEOUT } else { shared.login_timeout() };
+    // One deadline from the accept for the first byte, a TLS handshake and the first
+    // decrypted byte; the login deadline after them is what is left of the login timeout.
+    let accepted_at = tokio::time::Instant::now();
+    let deadline = accepted_at + first_byte_timeout;
     let peeked = tokio::select! {
         () = shared.shutdown.cancelled() => return,
         () = conn.closed() => return,
@@ -300,7 +307,7 @@ async fn handle_connection(stream: TcpStream, conn: Arc<Conn>, shared: &Shared) 
         let accepted = tokio::select! {
             () = shared.shutdown.cancelled() => return,
             () = conn.closed() => return,
-            a = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream)) => a,
+            a = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => a,
         };
         let tls = match accepted {
             Ok(Ok(tls)) => tls,
@@ -313,21 +320,21 @@ async fn handle_connection(stream: TcpStream, conn: Arc<Conn>, shared: &Shared) 
         // Sniffed again, on the decrypted bytes, without consuming them.
         use tokio::io::AsyncBufReadExt;
         let mut io = tokio::io::BufReader::new(tls);
-        let first = match tokio::time::timeout(first_byte_timeout, io.fill_buf()).await {
+        let first = match tokio::time::timeout_at(deadline, io.fill_buf()).await {
             Ok(Ok([b, ..])) => *b,
             _ => return,
         };
-        serve_protocol(first, io, local, conn, conn_id, shared).await;
+        serve_protocol(first, io, local, conn, conn_id, shared, accepted_at).await;
         return;
     }
     if shared.cfg.tls.is_some()
         && !shared.cfg.plain_remote
-        && peer.is_some_and(|p| !p.ip().is_loopback())
+        && peer.is_some_and(|p| !p.ip().to_canonical().is_loopback())
     {
         tracing::debug!(?peer, "plain connection from another host refused: TLS only");
         return;
     }
-    serve_protocol(first[0], stream, local, conn, conn_id, shared).await;
+    serve_protocol(first[0], stream, local, conn, conn_id, shared, accepted_at).await;
 }
 
 /// The first byte of a TLS connection (a handshake record).
@@ -342,11 +349,13 @@ async fn serve_protocol<I>(
     conn: Arc<Conn>,
     conn_id: u32,
     shared: &Shared,
+    accepted_at: tokio::time::Instant,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let login_left = shared.login_timeout().saturating_sub(accepted_at.elapsed());
     if first.is_ascii_alphabetic() {
-        serve_http(stream, local, conn, conn_id, shared).await;
+        serve_http(stream, local, conn, conn_id, shared, login_left).await;
     } else {
         let cfg = TcpConfig {
             max_request_size: shared.cfg.max_request_size,
@@ -354,7 +363,7 @@ async fn serve_protocol<I>(
             max_in_flight: shared.cfg.max_in_flight.max(1),
             idle_timeout: shared.cfg.idle_timeout,
             max_subscriptions: shared.cfg.max_subscriptions,
-            login_timeout: shared.login_timeout(),
+            login_timeout: login_left,
             ..TcpConfig::default()
         };
         tcp::serve_connection(
@@ -382,6 +391,7 @@ async fn serve_http<I>(
     conn: Arc<Conn>,
     conn_id: u32,
     shared: &Shared,
+    login_left: Duration,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -407,7 +417,7 @@ async fn serve_http<I>(
     let stopped = shared.stop.clone().shutdown();
     let keep_alive = HTTP_KEEP_ALIVE.min(shared.cfg.idle_timeout);
     let served = super::http::serve_connection(stream, conn.clone(), svc, keep_alive, stopped);
-    let login_deadline = tokio::time::sleep(shared.login_timeout());
+    let login_deadline = tokio::time::sleep(login_left);
     tokio::pin!(served, login_deadline);
     loop {
         tokio::select! {

@@ -81,6 +81,8 @@ pub struct DispatchRecord {
     pub batch: u32,
     /// Failed hosts allowed before it pauses.
     pub tolerance: Option<u32>,
+    /// Failures forgiven by its last resume: only those beyond count against `tolerance`.
+    pub forgiven: u32,
 }
 
 /// Which dispatches `Store::list_dispatches` returns.
@@ -97,7 +99,7 @@ pub struct DispatchFilter {
 }
 
 const DISPATCH_COLUMNS: &str =
-    "id, unit, trigger, state, created_at, ended_at, total, batch, tolerance";
+    "id, unit, trigger, state, created_at, ended_at, total, batch, tolerance, forgiven";
 
 fn dispatch_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DispatchRecord> {
     let trigger: String = r.get(2)?;
@@ -112,6 +114,7 @@ fn dispatch_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DispatchRecord> 
         total: r.get(6)?,
         batch: r.get(7)?,
         tolerance: r.get(8)?,
+        forgiven: r.get(9)?,
     })
 }
 
@@ -387,6 +390,18 @@ impl Store {
             )?;
             Ok(())
         });
+    }
+
+    /// Resumes dispatch `id` (state `running`), forgiving its first `forgiven` failures.
+    pub async fn resume_dispatch(&self, id: i64, forgiven: u32) -> Result<DispatchRecord> {
+        self.call(move |t| {
+            t.conn.execute(
+                "UPDATE dispatches SET state = 'running', forgiven = ?2 WHERE id = ?1",
+                params![id, forgiven],
+            )?;
+            get_dispatch(t, id)
+        })
+        .await
     }
 
     /// Marks run `id` of a dispatch ignored (or not): it no longer counts against the

@@ -341,7 +341,8 @@ CREATE TABLE IF NOT EXISTS dispatches (
     ended_at INTEGER,
     total INTEGER NOT NULL,
     batch INTEGER NOT NULL,
-    tolerance INTEGER
+    tolerance INTEGER,
+    forgiven INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS dispatches_by_unit ON dispatches(unit, id);
 CREATE TABLE IF NOT EXISTS audit (

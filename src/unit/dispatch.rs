@@ -29,13 +29,14 @@ impl Progress {
     /// The progress of `record` whose runs are `runs` (oldest first): those `running` are
     /// active (the caller launches them), those `queued` wait.
     pub fn new(record: DispatchRecord, runs: &[RunRecord], ignored: &[i64]) -> Self {
+        let forgiven = record.forgiven;
         let mut p = Progress {
             record,
             waiting: VecDeque::new(),
             running: HashSet::new(),
             latest: BTreeMap::new(),
             ignored: ignored.iter().copied().collect(),
-            forgiven: 0,
+            forgiven,
         };
         for r in runs {
             match r.state {
@@ -55,8 +56,23 @@ impl Progress {
         self.record.id
     }
 
+    /// Whether `rec` is its host's newest run, ended, with nothing of that host waiting.
+    pub fn is_newest_and_idle(&self, rec: &RunRecord) -> bool {
+        let newest =
+            self.latest.get(&rec.host).is_some_and(|(id, s)| *id == rec.id && s.is_final());
+        newest && !self.waiting.iter().any(|w| w.host == rec.host)
+    }
+
     /// Run `rec` of this dispatch is active.
     pub fn launched(&mut self, rec: &RunRecord) {
+        // A failure forgiven by a resume that is run again is no longer one to forgive.
+        if let Some((id, s)) = self.latest.get(&rec.host)
+            && *id != rec.id
+            && !self.ignored.contains(id)
+            && matches!(s, RunState::Failed | RunState::TimedOut | RunState::Lost)
+        {
+            self.forgiven = self.forgiven.saturating_sub(1);
+        }
         self.running.insert(rec.id);
         self.latest.insert(rec.host.clone(), (rec.id, RunState::Running));
     }
@@ -90,10 +106,12 @@ impl Progress {
         self.record.tolerance.is_some_and(|t| self.failures().saturating_sub(self.forgiven) > t)
     }
 
-    /// Resumed by hand: the failures so far are forgiven.
-    pub fn resume(&mut self) {
+    /// Resumed by hand: the failures so far are forgiven. Returns how many are.
+    pub fn resume(&mut self) -> u32 {
         self.forgiven = self.failures();
+        self.record.forgiven = self.forgiven;
         self.record.state = DispatchState::Running;
+        self.forgiven
     }
 
     /// Takes run `run` out of the waiting ones (to cancel it), if it waits.
@@ -168,6 +186,7 @@ mod tests {
             total: 3,
             batch,
             tolerance,
+            forgiven: 0,
         }
     }
 

@@ -1060,7 +1060,8 @@ impl Loop {
             }
         }
         let Some(p) = self.dispatches.get_mut(&id) else { return };
-        if running && p.over_tolerance() {
+        let failed = matches!(rec.state, RunState::Failed | RunState::TimedOut | RunState::Lost);
+        if running && failed && p.over_tolerance() {
             tracing::warn!(unit = %self.cfg.name, dispatch = id, "tolerance exceeded: dispatch paused");
             p.record.state = DispatchState::Paused;
             if let Err(e) = self.env.store.set_dispatch_state(id, DispatchState::Paused).await {
@@ -1113,8 +1114,8 @@ impl Loop {
                 self.env.store.set_dispatch_state(id, DispatchState::Paused).await
             }
             (DispatchOp::Resume, DispatchState::Paused) => {
-                p.resume();
-                let r = self.env.store.set_dispatch_state(id, DispatchState::Running).await;
+                let forgiven = p.resume();
+                let r = self.env.store.resume_dispatch(id, forgiven).await;
                 self.advance(id).await;
                 r
             }
@@ -1149,17 +1150,36 @@ impl Loop {
         if self.deleting.is_some() || self.shared.token.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        if !self.dispatches.contains_key(&id) {
-            let d = self.env.store.set_dispatch_state(id, DispatchState::Running).await?;
-            let (_, runs, _) = self.env.store.get_dispatch(id).await?;
-            let ignored = self.env.store.ignored_runs(id).await?;
-            self.dispatches.insert(id, Box::new(Progress::new(d, &runs, &ignored)));
+        // An ended dispatch is read back (nothing written until the new run is).
+        let reopened = match self.dispatches.get(&id) {
+            Some(_) => None,
+            None => {
+                let (mut d, runs, _) = self.env.store.get_dispatch(id).await?;
+                let ignored = self.env.store.ignored_runs(id).await?;
+                d.state = DispatchState::Running;
+                Some(Progress::new(d, &runs, &ignored))
+            }
+        };
+        let p = reopened.as_ref().or_else(|| self.dispatches.get(&id).map(|p| &**p));
+        // Only a host's newest run, and only when nothing of that host is active or waiting:
+        // a redo never runs a host twice at once.
+        if p.is_some_and(|p| !p.is_newest_and_idle(&old)) {
+            return Err(Error::Conflict(format!(
+                "run {run} is not {}'s newest, or that host has a run active or waiting",
+                old.host
+            )));
         }
         let attempt = old.attempt + 1;
         let host = old.host.clone();
         let new =
             self.env.store.create_host_run(&self.cfg.name, host, id, Trigger::Manual, attempt);
         let rec = new.await?;
+        if let Some(p) = reopened {
+            if let Err(e) = self.env.store.set_dispatch_state(id, DispatchState::Running).await {
+                tracing::error!(dispatch = id, error = %e, "cannot record a dispatch reopened");
+            }
+            self.dispatches.insert(id, Box::new(p));
+        }
         self.launch(rec.clone());
         Ok(rec)
     }

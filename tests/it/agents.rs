@@ -312,6 +312,9 @@ fn a_batch_runs_hosts_in_turn_and_tolerance_pauses_the_rest() {
         (g["runs"].as_array()?.len() == 3 && g["state"] != "running").then_some(g)
     });
     assert_eq!(again["runs"][2]["attempt"], 2, "{again}");
+    // Only a host's newest run is done again: never two of one host at once.
+    let v = d.raw().call("Run.Redo", json!(first));
+    assert_eq!(v["error"]["code"], -32057, "{v}");
     assert_eq!(again["runs"][2]["host"], "a", "{again}");
     assert_eq!(again["state"], "failed", "b still failed: {again}");
     // Ignoring b's failure decides the outcome again.
