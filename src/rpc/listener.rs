@@ -300,31 +300,9 @@ async fn handle_connection(stream: TcpStream, conn: Arc<Conn>, shared: &Shared) 
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let local = stream.local_addr().ok();
     if first[0] == TLS_HANDSHAKE {
-        let Some(acceptor) = shared.cfg.tls.clone() else {
-            tracing::debug!(?peer, "TLS handshake, but TLS is off");
-            return;
-        };
-        let accepted = tokio::select! {
-            () = shared.shutdown.cancelled() => return,
-            () = conn.closed() => return,
-            a = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => a,
-        };
-        let tls = match accepted {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::debug!(?peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => return,
-        };
-        // Sniffed again, on the decrypted bytes, without consuming them.
-        use tokio::io::AsyncBufReadExt;
-        let mut io = tokio::io::BufReader::new(tls);
-        let first = match tokio::time::timeout_at(deadline, io.fill_buf()).await {
-            Ok(Ok([b, ..])) => *b,
-            _ => return,
-        };
-        serve_protocol(first, io, local, conn, conn_id, shared, accepted_at).await;
+        // Boxed: the TLS path's state (a rustls connection, buffers) is only allocated for
+        // TLS connections, not reserved in every plain connection's task.
+        Box::pin(serve_tls(stream, local, conn, conn_id, shared, accepted_at, deadline)).await;
         return;
     }
     if shared.cfg.tls.is_some()
@@ -335,6 +313,44 @@ async fn handle_connection(stream: TcpStream, conn: Arc<Conn>, shared: &Shared) 
         return;
     }
     serve_protocol(first[0], stream, local, conn, conn_id, shared, accepted_at).await;
+}
+
+/// A TLS connection: the handshake, then the usual sniff on the decrypted bytes.
+async fn serve_tls(
+    stream: TcpStream,
+    local: Option<std::net::SocketAddr>,
+    conn: Arc<Conn>,
+    conn_id: u32,
+    shared: &Shared,
+    accepted_at: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let peer = conn.peer();
+    let Some(acceptor) = shared.cfg.tls.clone() else {
+        tracing::debug!(?peer, "TLS handshake, but TLS is off");
+        return;
+    };
+    let accepted = tokio::select! {
+        () = shared.shutdown.cancelled() => return,
+        () = conn.closed() => return,
+        a = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => a,
+    };
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(?peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    // Sniffed again, on the decrypted bytes, without consuming them.
+    let mut io = tokio::io::BufReader::new(tls);
+    let first = match tokio::time::timeout_at(deadline, io.fill_buf()).await {
+        Ok(Ok([b, ..])) => *b,
+        _ => return,
+    };
+    serve_protocol(first, io, local, conn, conn_id, shared, accepted_at).await;
 }
 
 /// The first byte of a TLS connection (a handshake record).
