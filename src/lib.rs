@@ -36,6 +36,7 @@ pub mod exec;
 pub mod executor;
 pub mod fleet;
 pub mod heap;
+pub mod process;
 pub mod proto;
 pub mod registry;
 pub mod rpc;

@@ -5,50 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use taskd::config::{Args, Command, Config, LogFormat, Refused};
-use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
-
-/// Logs to stderr, filtered by `RUST_LOG` (`info` when unset or unreadable): a default level
-/// and `target=level` directives, such as `warn,taskd::store=debug`.
-fn init_tracing(format: LogFormat) {
-    use std::io::IsTerminal;
-    use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    // Empty directives (`RUST_LOG=`, `warn,`) are skipped: `Targets` would read one as "every
-    // target at TRACE".
-    let directives = std::env::var("RUST_LOG").unwrap_or_default();
-    let directives: Vec<&str> =
-        directives.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
-    let filter = Some(directives.join(","))
-        .filter(|d| !d.is_empty())
-        .and_then(|d| d.parse::<Targets>().ok())
-        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry.with(fmt).init(),
-        LogFormat::Json => registry.with(fmt.json()).init(),
-    }
-}
-
-/// A token cancelled by SIGTERM or SIGINT.
-fn stop_on_signals() -> anyhow::Result<CancellationToken> {
-    let root = CancellationToken::new();
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let token = root.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-        token.cancel();
-    });
-    Ok(root)
-}
+use taskd::process::{init_tracing, stop_on_signals};
 
 /// Exit status for a configuration the daemon refuses (bad flags, files or combinations).
 const EXIT_USAGE: u8 = 2;
@@ -78,7 +35,28 @@ async fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
     })
 }
 
+/// `taskd agent …` becomes `taskd-agent …` when that binary is installed beside this one: the
+/// agent then maps only its own code (an idle agent's memory is mostly the pages of the binary
+/// it runs). Returns only if it is not there (or cannot be run): the agent then runs here.
+fn exec_lean_agent() {
+    use std::os::unix::process::CommandExt;
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().as_deref() != Some(std::ffi::OsStr::new("agent")) {
+        return;
+    }
+    let Some(lean) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("taskd-agent")))
+        .filter(|p| p.is_file())
+    else {
+        return;
+    };
+    let err = std::process::Command::new(&lean).args(argv).exec();
+    eprintln!("taskd: cannot run {} ({err}); running the agent in this process", lean.display());
+}
+
 fn main() -> ExitCode {
+    exec_lean_agent();
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
