@@ -23,6 +23,8 @@ pub struct Progress {
     ignored: HashSet<i64>,
     /// Failures forgiven by a resume: only those beyond count against `tolerance`.
     forgiven: u32,
+    /// Hosts' failed runs to run again (`retries`) once their back-off is over.
+    retrying: Vec<(tokio::time::Instant, RunRecord)>,
 }
 
 impl Progress {
@@ -37,6 +39,7 @@ impl Progress {
             latest: BTreeMap::new(),
             ignored: ignored.iter().copied().collect(),
             forgiven,
+            retrying: Vec::new(),
         };
         for r in runs {
             match r.state {
@@ -60,7 +63,9 @@ impl Progress {
     pub fn is_newest_and_idle(&self, rec: &RunRecord) -> bool {
         let newest =
             self.latest.get(&rec.host).is_some_and(|(id, s)| *id == rec.id && s.is_final());
-        newest && !self.waiting.iter().any(|w| w.host == rec.host)
+        newest
+            && !self.waiting.iter().any(|w| w.host == rec.host)
+            && !self.retrying.iter().any(|(_, r)| r.host == rec.host)
     }
 
     /// Run `rec` of this dispatch is active.
@@ -130,9 +135,33 @@ impl Progress {
         self.waiting.pop_front()
     }
 
-    /// Takes every waiting run (to cancel them).
+    /// Takes every waiting run (to cancel them); retries not started yet are dropped.
     pub fn take_waiting(&mut self) -> Vec<RunRecord> {
+        self.retrying.clear();
         self.waiting.drain(..).collect()
+    }
+
+    /// Failed run `rec` runs again on its host at `at` (after the unit's back-off).
+    pub fn retry_at(&mut self, at: tokio::time::Instant, rec: RunRecord) {
+        self.retrying.push((at, rec));
+    }
+
+    /// When the next retry is due, while the dispatch runs.
+    pub fn next_retry(&self) -> Option<tokio::time::Instant> {
+        (self.record.state == DispatchState::Running)
+            .then(|| self.retrying.iter().map(|(at, _)| *at).min())
+            .flatten()
+    }
+
+    /// The failed runs whose retry is due at `now`.
+    pub fn due_retries(&mut self, now: tokio::time::Instant) -> Vec<RunRecord> {
+        if self.record.state != DispatchState::Running {
+            return Vec::new();
+        }
+        let (due, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.retrying).into_iter().partition(|(at, _)| *at <= now);
+        self.retrying = later;
+        due.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Runs active now.
@@ -143,7 +172,8 @@ impl Progress {
     /// Whether nothing is active and nothing waits (or it is cancelled, so nothing will run).
     pub fn is_done(&self) -> bool {
         self.running.is_empty()
-            && (self.waiting.is_empty() || self.record.state == DispatchState::Cancelled)
+            && (self.record.state == DispatchState::Cancelled
+                || (self.waiting.is_empty() && self.retrying.is_empty()))
     }
 
     /// How it ended, once done: cancelled, or succeeded when every host's newest run

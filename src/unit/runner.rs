@@ -223,6 +223,7 @@ impl Loop {
             };
             let pending_at =
                 if self.deleting.is_some() { None } else { self.pending.as_ref().map(|p| p.at) };
+            let retry_at = self.dispatches.values().filter_map(|p| p.next_retry()).min();
             tokio::select! {
                 ctl = rx.recv() => match ctl {
                     // Starts that each make a new run: take the others waiting behind this
@@ -272,6 +273,7 @@ impl Loop {
                     }
                 }
                 _ = sleep_until_opt(fire_at) => Box::pin(self.fire()).await,
+                _ = sleep_until_opt(retry_at) => Box::pin(self.dispatch_retries()).await,
                 _ = sleep_until_opt(pending_at) => {
                     // A retry or restart never runs alongside another run of the unit.
                     if let Some(p) = self.pending.take()
@@ -1038,28 +1040,11 @@ impl Loop {
             && matches!(rec.state, RunState::Failed | RunState::TimedOut)
             && rec.attempt <= self.cfg.retries
         {
-            let retry = self
-                .env
-                .store
-                .create_host_run(
-                    &self.cfg.name,
-                    rec.host.clone(),
-                    id,
-                    Trigger::Retry,
-                    rec.attempt + 1,
-                )
-                .await;
-            match retry {
-                Ok(r) => {
-                    self.launch(r);
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!(unit = %self.cfg.name, error = %e, "cannot record a retry")
-                }
-            }
+            // On the same host, after the unit's back-off.
+            let delay = self.cfg.backoff.delay(rec.attempt - 1);
+            p.retry_at(Instant::now() + delay, rec);
+            return;
         }
-        let Some(p) = self.dispatches.get_mut(&id) else { return };
         let failed = matches!(rec.state, RunState::Failed | RunState::TimedOut | RunState::Lost);
         if running && failed && p.over_tolerance() {
             tracing::warn!(unit = %self.cfg.name, dispatch = id, "tolerance exceeded: dispatch paused");
@@ -1069,6 +1054,32 @@ impl Loop {
             }
         }
         self.advance(id).await;
+    }
+
+    /// Runs again, each on its host, the failed runs whose back-off is over.
+    async fn dispatch_retries(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<i64> = self.dispatches.keys().copied().collect();
+        for id in ids {
+            let due = self.dispatches.get_mut(&id).map(|p| p.due_retries(now)).unwrap_or_default();
+            for old in due {
+                let attempt = old.attempt + 1;
+                let new = self.env.store.create_host_run(
+                    &self.cfg.name,
+                    old.host.clone(),
+                    id,
+                    Trigger::Retry,
+                    attempt,
+                );
+                match new.await {
+                    Ok(r) => self.launch(r),
+                    Err(e) => {
+                        tracing::error!(unit = %self.cfg.name, error = %e, "cannot record a retry")
+                    }
+                }
+            }
+            self.advance(id).await;
+        }
     }
 
     /// Starts the waiting runs of dispatch `id` whose turn has come, and records its end once

@@ -506,3 +506,41 @@ fn over_tls_an_agent_trusts_the_server_by_the_fingerprint_in_its_join_token() {
     assert_eq!(agent_state(&d, "t2"), "", "never enrolled");
     b.kill9();
 }
+
+#[test]
+fn a_failed_host_is_retried_on_the_same_host_after_the_back_off() {
+    let d = TestDaemon::start();
+    let _a = TestAgent::enroll(&d, "r1", "");
+    let _b = TestAgent::enroll(&d, "r2", "");
+    // Fails the first time on each host, succeeds the second.
+    let cmd = "test \"$TASKD_ATTEMPT\" = 2";
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "twice", "command": ["sh", "-c", cmd], "hosts": ["r1", "r2"], "retries": 1, "backoff": "1s..1s"}),
+    );
+    let id = info["last_run"]["dispatch"].as_i64().unwrap();
+    let done = wait_for("the dispatch to end", || {
+        let g = d.call("Dispatch.Get", json!(id));
+        (g["state"] != "running").then_some(g)
+    });
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let runs = done["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "{done}");
+    for host in ["r1", "r2"] {
+        let of: Vec<&Value> = runs.iter().filter(|r| r["host"] == host).collect();
+        assert_eq!(
+            (of[0]["state"].as_str(), of[1]["state"].as_str()),
+            (Some("failed"), Some("succeeded"))
+        );
+        assert_eq!(
+            (of[1]["attempt"].as_i64(), of[1]["trigger"].as_str()),
+            (Some(2), Some("retry"))
+        );
+        let ended: jiff::Timestamp = of[0]["ended_at"].as_str().unwrap().parse().unwrap();
+        let again: jiff::Timestamp = of[1]["started_at"].as_str().unwrap().parse().unwrap();
+        assert!(
+            again.duration_since(ended) >= jiff::SignedDuration::from_millis(900),
+            "backed off"
+        );
+    }
+}
