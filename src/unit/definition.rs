@@ -842,12 +842,6 @@ fn dispatch_of(
              that host's own taskd",
         ));
     }
-    if remote && matches!(def.overlap.as_deref(), Some("queue" | "replace")) {
-        return Err(Error::invalid(
-            "overlap",
-            "a unit on agents takes \"skip\" or \"allow\" (per dispatch)",
-        ));
-    }
     for (field, given) in [
         ("batch", def.batch.is_some()),
         ("tolerance", def.tolerance.is_some()),

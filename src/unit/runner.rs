@@ -109,6 +109,7 @@ pub fn spawn(
         active: HashMap::new(),
         queued: None,
         dispatches: HashMap::new(),
+        queued_fire: None,
         next_fire: None,
         anchor: init.anchor,
         pending: None,
@@ -163,6 +164,9 @@ struct Loop {
     queued: Option<RunRecord>,
     /// Dispatches in flight, by id.
     dispatches: HashMap<i64, Box<Progress>>,
+    /// A fire waiting for the dispatches in flight to end (`overlap: queue` or `replace` of a
+    /// unit on agents): its trigger and fire time.
+    queued_fire: Option<(Trigger, Option<Timestamp>)>,
     next_fire: Option<Timestamp>,
     anchor: Timestamp,
     pending: Option<Pending>,
@@ -419,6 +423,7 @@ impl Loop {
     /// `TaskUnit.Stop`: every run stopped, and a service kept down until started.
     async fn stop(&mut self, reply: oneshot::Sender<Result<usize>>) {
         let n = self.stop_all(StopReason::Stopped);
+        self.queued_fire = None;
         let q = self.cancel_queued(StopReason::Stopped).await
             + Box::pin(self.cancel_dispatches(StopReason::Stopped)).await;
         self.pending = None;
@@ -555,6 +560,7 @@ impl Loop {
     async fn delete(&mut self, reply: oneshot::Sender<()>) -> bool {
         self.stop_all(StopReason::Deleted);
         self.cancel_queued(StopReason::Deleted).await;
+        self.queued_fire = None;
         Box::pin(self.cancel_dispatches(StopReason::Deleted)).await;
         self.pending = None;
         self.next_fire = None;
@@ -579,6 +585,9 @@ impl Loop {
                 .store
                 .set_flags(&self.cfg.name, self.paused, false, EventKind::UnitStarted)
                 .await?;
+        }
+        if self.cfg.is_remote() && !self.dispatches.is_empty() {
+            return Box::pin(self.overlap_dispatch(trigger, None)).await;
         }
         let continuous = self.cfg.service || self.cfg.is_tick();
         if let Some(a) = self.active.values().next() {
@@ -667,6 +676,13 @@ impl Loop {
         let fired_at = self.next_fire.unwrap_or_else(Timestamp::now);
         self.next_fire = s.next_after(Timestamp::now().max(fired_at), self.anchor);
         self.env.store.set_last_fire(&self.cfg.name, fired_at);
+        if self.cfg.is_remote() && !self.dispatches.is_empty() {
+            if let Err(e) = Box::pin(self.overlap_dispatch(Trigger::Schedule, Some(fired_at))).await
+            {
+                tracing::info!(unit = %self.cfg.name, error = %e, "fire not started");
+            }
+            return;
+        }
         if !self.active.is_empty() {
             match self.cfg.overlap {
                 Overlap::Skip => {
@@ -750,14 +766,8 @@ impl Loop {
             return Err(Error::ShuttingDown);
         }
         if self.cfg.is_remote() {
-            if self.cfg.overlap == Overlap::Skip
-                && let Some(id) = self.dispatches.keys().next()
-            {
-                // A paused dispatch is still this unit's dispatch in flight.
-                return Err(Error::Conflict(format!(
-                    "dispatch {id} of {} has not ended: resume or cancel it first",
-                    self.cfg.name
-                )));
+            if !self.dispatches.is_empty() && self.cfg.overlap != Overlap::Allow {
+                return Box::pin(self.overlap_dispatch(trigger, scheduled)).await;
             }
             return Box::pin(self.start_dispatch(trigger, scheduled)).await;
         }
@@ -1056,6 +1066,54 @@ impl Loop {
         self.advance(id).await;
     }
 
+    /// A start (or fire) of a unit on agents while a dispatch of it is in flight, as its
+    /// `overlap` says: `skip` refuses it; `allow` starts another dispatch; `queue` keeps one
+    /// fire to start when the dispatches in flight end; `replace` cancels them and keeps the
+    /// fire. Answers with the newest run of the dispatch in flight, or the new one's first.
+    async fn overlap_dispatch(
+        &mut self,
+        trigger: Trigger,
+        scheduled: Option<Timestamp>,
+    ) -> Result<RunRecord> {
+        let in_flight = self.dispatches.keys().max().copied();
+        match self.cfg.overlap {
+            Overlap::Allow => return Box::pin(self.start_dispatch(trigger, scheduled)).await,
+            Overlap::Skip => {
+                // A paused dispatch is still this unit's dispatch in flight.
+                return Err(Error::Conflict(format!(
+                    "dispatch {} of {} has not ended (overlap: skip): wait, or resume or cancel it",
+                    in_flight.unwrap_or_default(),
+                    self.cfg.name
+                )));
+            }
+            Overlap::Queue => {
+                self.queued_fire.get_or_insert((trigger, scheduled));
+            }
+            Overlap::Replace => {
+                self.queued_fire = Some((trigger, scheduled));
+                for p in self.dispatches.values_mut() {
+                    p.record.state = DispatchState::Cancelled;
+                }
+                let ids: Vec<i64> = self.dispatches.keys().copied().collect();
+                for id in ids {
+                    let active: Vec<i64> =
+                        self.dispatches.get(&id).map(|p| p.active().collect()).unwrap_or_default();
+                    for run in active {
+                        if let Some(a) = self.active.get(&run) {
+                            a.why.set(StopReason::Replaced);
+                            a.token.cancel();
+                        }
+                    }
+                    self.cancel_waiting(id, StopReason::Replaced).await;
+                }
+            }
+        }
+        match self.last_run.clone() {
+            Some(r) => Ok(r),
+            None => Err(Error::Conflict("a dispatch is in flight; this one waits for it".into())),
+        }
+    }
+
     /// Runs again, each on its host, the failed runs whose back-off is over.
     async fn dispatch_retries(&mut self) {
         let now = Instant::now();
@@ -1110,6 +1168,13 @@ impl Loop {
         self.dispatches.remove(&id);
         if let Err(e) = self.env.store.set_dispatch_state(id, outcome).await {
             tracing::error!(dispatch = id, error = %e, "cannot record the end of a dispatch");
+        }
+        // A fire that waited for the dispatches in flight (`overlap: queue`, `replace`).
+        if self.dispatches.is_empty()
+            && self.deleting.is_none()
+            && let Some((trigger, scheduled)) = self.queued_fire.take()
+        {
+            let _ = Box::pin(self.start_dispatch(trigger, scheduled)).await;
         }
     }
 

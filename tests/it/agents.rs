@@ -544,3 +544,44 @@ fn a_failed_host_is_retried_on_the_same_host_after_the_back_off() {
         );
     }
 }
+
+#[test]
+fn overlap_queue_and_replace_apply_per_dispatch() {
+    let d = TestDaemon::start();
+    let _a = TestAgent::enroll(&d, "o1", "");
+    // queue: a start while the dispatch runs waits for it, then runs.
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "queued", "command": ["sleep", "0.5"], "hosts": ["o1"], "overlap": "queue"}),
+    );
+    d.call("TaskUnit.Start", json!("queued"));
+    let list = wait_for("two dispatches to end", || {
+        let l = d.call("Dispatch.List", json!({"unit": "queued"}));
+        let ended = l.as_array()?.iter().filter(|x| x["state"] == "succeeded").count();
+        (ended == 2).then_some(l)
+    });
+    let (first, second) = (&list[1], &list[0]);
+    let ended: jiff::Timestamp = first["ended_at"].as_str().unwrap().parse().unwrap();
+    let created: jiff::Timestamp = second["created_at"].as_str().unwrap().parse().unwrap();
+    assert!(created >= ended, "the queued fire waited: {list}");
+
+    // replace: the dispatch in flight is cancelled, and the new one runs.
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "newest", "command": ["sleep", "30"], "hosts": ["o1"], "overlap": "replace"}),
+    );
+    let old = info["last_run"]["id"].as_i64().unwrap();
+    wait_run(&d, old, "the first run to start", |r| r["pid"].is_i64());
+    d.call("TaskUnit.Start", json!("newest"));
+    let ended = d.wait_run_end(old);
+    assert_eq!(
+        (ended["state"].as_str(), ended["reason"].as_str()),
+        (Some("cancelled"), Some("replaced"))
+    );
+    let list = wait_for("the replacing dispatch", || {
+        let l = d.call("Dispatch.List", json!({"unit": "newest"}));
+        (l.as_array()?.len() == 2 && l[0]["state"] == "running" && l[1]["state"] == "cancelled")
+            .then_some(l)
+    });
+    assert_eq!(list[0]["counts"], json!({"running": 1}), "{list}");
+}
