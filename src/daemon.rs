@@ -214,6 +214,10 @@ pub async fn run(
         gate: Some(gate),
         tls: tls.map(|t| t.acceptor),
         plain_remote: cfg.insecure,
+        agents: Some({
+            let fleet = registry.fleet().clone();
+            Arc::new(move |credential: &str| fleet.authenticate(credential))
+        }),
         ..ServeConfig::default()
     };
     let listener = listen(socket).map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?;

@@ -207,15 +207,26 @@ fn refusal(status: StatusCode, code: i32, message: &str) -> HttpResponse {
     resp
 }
 
+/// Checks an agent's credential: the agent's name and the credential's epoch, if it stands.
+pub type AgentCheck = Arc<dyn Fn(&str) -> Option<(String, u64)> + Send + Sync>;
+
 /// Tower layer for jsonrpsee's `set_http_middleware`: the browser rules, the bearer token,
 /// the size limit, and the request extensions (see the module docs).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct HttpGuardLayer {
     auth: Auth,
     hosts: Arc<HostPolicy>,
     conn: Arc<Conn>,
     local: Option<SocketAddr>,
     max_request_size: u32,
+    /// Agents' credentials, accepted as bearer tokens (the connection becomes the agent's).
+    agents: Option<AgentCheck>,
+}
+
+impl std::fmt::Debug for HttpGuardLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpGuardLayer").field("conn", &self.conn).finish_non_exhaustive()
+    }
 }
 
 impl HttpGuardLayer {
@@ -227,7 +238,14 @@ impl HttpGuardLayer {
         local: Option<SocketAddr>,
         max_request_size: u32,
     ) -> Self {
-        Self { auth, hosts, conn, local, max_request_size }
+        Self { auth, hosts, conn, local, max_request_size, agents: None }
+    }
+
+    /// Also accepts agents' credentials as bearer tokens, checked by `check`: such a request's
+    /// connection is the agent's, and serves only the agent protocol (as on raw TCP).
+    pub fn with_agents(mut self, check: AgentCheck) -> Self {
+        self.agents = Some(check);
+        self
     }
 }
 
@@ -240,7 +258,7 @@ impl<S> tower::Layer<S> for HttpGuardLayer {
 }
 
 /// The service made by [`HttpGuardLayer`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct HttpGuard<S> {
     inner: S,
     layer: HttpGuardLayer,
@@ -294,7 +312,19 @@ where
                 &format!("forbidden: {why}"),
             ));
         }
-        if let Auth::Token(token) = &layer.auth {
+        let credential = bearer(headers).filter(|b| crate::proto::parse_credential(b).is_some());
+        if let (Some(check), Some(presented)) = (&layer.agents, credential) {
+            let Some((name, epoch)) = check(presented) else {
+                layer.conn.login_failed();
+                return refuse(refusal(
+                    StatusCode::UNAUTHORIZED,
+                    codes::UNAUTHORIZED,
+                    "agent credential refused: unknown or revoked",
+                ));
+            };
+            layer.conn.authenticate_agent(name, epoch);
+            req.extensions_mut().insert(Authenticated);
+        } else if let Auth::Token(token) = &layer.auth {
             let ok = bearer(headers).is_some_and(|presented| token_eq(token, presented));
             if !ok {
                 layer.conn.login_failed();

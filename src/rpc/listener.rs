@@ -95,6 +95,8 @@ pub struct ServeConfig {
     /// With TLS on, whether plain connections from other hosts are still served
     /// (`--insecure`); loopback ones always are.
     pub plain_remote: bool,
+    /// Agents' credentials, accepted as bearer tokens on HTTP and WebSocket.
+    pub agents: Option<super::http::AgentCheck>,
 }
 
 impl Default for ServeConfig {
@@ -114,6 +116,7 @@ impl Default for ServeConfig {
             gate: None,
             tls: None,
             plain_remote: true,
+            agents: None,
         }
     }
 }
@@ -412,13 +415,16 @@ async fn serve_http<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = conn.peer();
-    let guard = HttpGuardLayer::new(
+    let mut guard = HttpGuardLayer::new(
         shared.cfg.auth.clone(),
         shared.hosts.clone(),
         conn.clone(),
         local,
         shared.cfg.max_request_size,
     );
+    if let Some(check) = &shared.cfg.agents {
+        guard = guard.with_agents(check.clone());
+    }
     let mut svc = Server::builder()
         .set_config(shared.server_cfg.clone())
         .set_http_middleware(tower::ServiceBuilder::new().layer(guard))

@@ -8,7 +8,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use crate::common::{Raw, TestDaemon, alive, make_private, stop_gracefully, wait_for};
+use crate::common::{Raw, TestDaemon, alive, http_post, make_private, stop_gracefully, wait_for};
 
 /// A `taskd agent` under test.
 pub struct TestAgent {
@@ -202,6 +202,18 @@ fn join_tokens_are_spent_once_and_agent_credentials_serve_only_the_agent_protoco
     let v = d.raw().call("AgentLink.Heartbeat", json!(null));
     assert_eq!(v["error"]["code"], -32050, "{v}");
     assert!(d.call("TaskUnit.List", json!({})).as_array().is_some_and(|l| l.is_empty()));
+
+    // Over HTTP (and so WebSocket) the credential is a bearer token, with the same limits.
+    let auth = format!("Bearer {cred}");
+    let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
+    let call = |method: &str| {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": [null]});
+        let (status, body) = http_post(&d.addr, &headers, &body.to_string());
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    assert_eq!(call("AgentLink.Heartbeat")["result"], true);
+    assert_eq!(call("TaskUnit.List")["error"]["code"], -32050);
 
     // Revoked: refused from then on.
     let mut a = TestAgent::enroll(&d, "h3", "");
