@@ -1,6 +1,7 @@
 //! Enums whose values have names on the wire and in the store (`RunState`, `Trigger`,
-//! `UnitState`, `StopReason`, `EventKind`, `Stream`): each name is written once, in the enum's
-//! definition, and `ALL`, `as_str`, `FromStr` and `Display` all come from it.
+//! `UnitState`, `StopReason`, `EventKind`, `Stream`, `DispatchState`, `AgentState`): each
+//! name is written once, in the enum's definition, and `ALL`, `as_str`, `FromStr` and
+//! `Display` all come from it.
 
 /// Defines a fieldless enum with a wire name per variant:
 ///
@@ -66,8 +67,9 @@ mod tests {
     use std::str::FromStr;
 
     use crate::exec::Stream;
+    use crate::fleet::AgentState;
     use crate::run::{RunState, StopReason, Trigger};
-    use crate::store::EventKind;
+    use crate::store::{DispatchState, EventKind};
     use crate::unit::UnitState;
 
     fn round_trips<T>(all: &[T])
@@ -89,6 +91,8 @@ mod tests {
         round_trips(&UnitState::ALL);
         round_trips(&EventKind::ALL);
         round_trips(&Stream::ALL);
+        round_trips(&DispatchState::ALL);
+        round_trips(&AgentState::ALL);
         let err = "later".parse::<RunState>().unwrap_err();
         assert!(err.starts_with("\"later\" is not a run state (queued, running,"), "{err}");
     }

@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::names::named_enum;
 use crate::proto::{self, Hello, Order, Outcome};
 use crate::run::LOCAL;
 use crate::store::logs::Stream;
@@ -70,25 +71,15 @@ impl Default for FleetConfig {
     }
 }
 
-/// Where an agent stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AgentState {
-    /// It has a live connection.
-    Connected,
-    /// Enrolled, not connected now.
-    Disconnected,
-    /// Its credential is refused.
-    Revoked,
-}
-
-impl AgentState {
-    /// The name on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentState::Connected => "connected",
-            AgentState::Disconnected => "disconnected",
-            AgentState::Revoked => "revoked",
-        }
+named_enum! {
+    /// Where an agent stands.
+    pub enum AgentState("an agent state") {
+        /// It has a live connection.
+        Connected = "connected",
+        /// Enrolled, not connected now.
+        Disconnected = "disconnected",
+        /// Its credential is refused.
+        Revoked = "revoked",
     }
 }
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::api::{Api, rpc_error};
 use super::types::{RunInfo, fmt_time};
 use crate::error::Error;
-use crate::fleet::AgentStatus;
+use crate::fleet::{AgentState, AgentStatus};
 use crate::store::{DispatchFilter, DispatchRecord, DispatchState};
 use crate::unit::DispatchOp;
 use crate::unit::definition::parse_duration;
@@ -214,6 +214,11 @@ impl Api {
 impl AgentApiServer for Api {
     async fn list(&self, arg: Option<AgentListArg>) -> RpcResult<Vec<AgentInfo>> {
         let arg = arg.unwrap_or_default();
+        let state = arg
+            .state
+            .as_deref()
+            .map(|s| s.parse::<AgentState>().map_err(|e| rpc_error(Error::invalid("state", e))))
+            .transpose()?;
         let label = match &arg.label {
             None => None,
             Some(l) => Some(l.split_once('=').ok_or_else(|| {
@@ -225,7 +230,7 @@ impl AgentApiServer for Api {
             .fleet()
             .list()
             .into_iter()
-            .filter(|a| arg.state.as_deref().is_none_or(|s| a.state.as_str() == s))
+            .filter(|a| state.is_none_or(|s| a.state == s))
             .filter(|a| label.is_none_or(|(k, v)| a.stored.labels.get(k).is_some_and(|l| l == v)))
             .map(AgentInfo::from)
             .collect())
