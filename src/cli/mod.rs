@@ -77,6 +77,7 @@ pub struct Cli {
         global = true,
         env = "TASKD_FINGERPRINT",
         value_name = "SHA256",
+        hide_env_values = true,
         help_heading = "Global options"
     )]
     pub fingerprint: Option<String>,
@@ -86,6 +87,7 @@ pub struct Cli {
         global = true,
         env = "TASKD_CA",
         value_name = "FILE",
+        hide_env_values = true,
         help_heading = "Global options"
     )]
     pub ca: Option<PathBuf>,
