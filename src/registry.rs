@@ -664,7 +664,7 @@ impl Registry {
     /// `Dispatch.Cancel`, `Pause`, `Resume`: answered by the dispatch's unit loop.
     pub async fn dispatch_op(&self, id: i64, op: DispatchOp) -> Result<DispatchRecord> {
         let (d, _, _) = self.0.store.get_dispatch(id).await?;
-        if d.state.is_final() {
+        if d.ended_at.is_some() {
             return Err(Error::Conflict(format!("dispatch {id} already ended ({})", d.state)));
         }
         let h = self.handle(&d.unit)?;

@@ -392,6 +392,19 @@ impl Store {
         });
     }
 
+    /// Records that dispatch `id` is being cancelled: state `cancelled`, not ended yet (its
+    /// active runs are stopping), so that a daemon taking it over stops them too.
+    pub async fn cancelling_dispatch(&self, id: i64) -> Result<()> {
+        self.call(move |t| {
+            t.conn.execute(
+                "UPDATE dispatches SET state = 'cancelled' WHERE id = ?1 AND ended_at IS NULL",
+                params![id],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Resumes dispatch `id` (state `running`), forgiving its first `forgiven` failures.
     pub async fn resume_dispatch(&self, id: i64, forgiven: u32) -> Result<DispatchRecord> {
         self.call(move |t| {
@@ -451,12 +464,12 @@ impl Store {
         self.call(move |t| Ok((get_dispatch(t, id)?, runs_of(t, id)?, counts_of(t, id)?))).await
     }
 
-    /// Dispatches not ended yet, each with its runs and which of them are ignored: what a
-    /// starting daemon takes over.
+    /// Dispatches not ended yet (running, paused, or being cancelled), each with its runs:
+    /// what a starting daemon takes over.
     pub async fn open_dispatches(&self) -> Result<Vec<(DispatchRecord, Vec<RunRecord>)>> {
         self.call(|t| {
             let sql = format!(
-                "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE state IN ('running', 'paused') \
+                "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE ended_at IS NULL \
                  ORDER BY id"
             );
             let list: Vec<DispatchRecord> = t

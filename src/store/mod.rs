@@ -1101,7 +1101,7 @@ fn prune(t: &mut Tx<'_>, unit: &str, keep: u32) -> Result<()> {
     let old: Vec<i64> = t
         .conn
         .prepare_cached(
-            "SELECT id FROM dispatches WHERE unit = ?1 AND state NOT IN ('running', 'paused') \
+            "SELECT id FROM dispatches WHERE unit = ?1 AND ended_at IS NOT NULL \
              AND id < (SELECT COALESCE(MIN(id), 0) FROM \
                  (SELECT id FROM dispatches WHERE unit = ?1 ORDER BY id DESC LIMIT ?2))",
         )?

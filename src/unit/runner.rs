@@ -1028,11 +1028,21 @@ impl Loop {
         for (d, runs) in dispatches {
             let id = d.id;
             let ignored = self.env.store.ignored_runs(id).await.unwrap_or_default();
+            let cancelling = d.state == DispatchState::Cancelled;
             self.dispatches.insert(id, Box::new(Progress::new(d, &runs, &ignored)));
             for r in runs.into_iter().filter(|r| r.state == RunState::Running) {
                 // Counted when it started, under the previous daemon.
                 self.runs_total = self.runs_total.saturating_sub(1);
+                let run = r.id;
                 self.launch(r);
+                // Cancelled before the restart: stopped, as the previous daemon had begun.
+                if cancelling && let Some(a) = self.active.get(&run) {
+                    a.why.set(StopReason::Cancelled);
+                    a.token.cancel();
+                }
+            }
+            if cancelling {
+                self.cancel_waiting(id, StopReason::Cancelled).await;
             }
             self.advance(id).await;
         }
@@ -1205,6 +1215,10 @@ impl Loop {
                         a.token.cancel();
                     }
                 }
+                // Recorded now, so that a daemon taking it over stops its runs too.
+                if let Err(e) = self.env.store.cancelling_dispatch(id).await {
+                    tracing::error!(dispatch = id, error = %e, "cannot record a cancel");
+                }
                 self.cancel_waiting(id, StopReason::Cancelled).await;
                 // Ended now if nothing was active; else once the last active run ends.
                 Ok(record)
@@ -1318,6 +1332,9 @@ impl Loop {
         for id in ids {
             if let Some(p) = self.dispatches.get_mut(&id) {
                 p.record.state = DispatchState::Cancelled;
+            }
+            if let Err(e) = self.env.store.cancelling_dispatch(id).await {
+                tracing::error!(dispatch = id, error = %e, "cannot record a cancel");
             }
             n += self.cancel_waiting(id, reason).await;
         }

@@ -597,3 +597,31 @@ fn overlap_queue_and_replace_apply_per_dispatch() {
     });
     assert_eq!(list[0]["counts"], json!({"running": 1}), "{list}");
 }
+
+#[test]
+fn a_dispatch_cancelled_before_a_server_restart_stays_cancelled_after_it() {
+    let mut d = TestDaemon::start();
+    let _a = TestAgent::enroll(&d, "c1", "");
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("pid");
+    // Ignores SIGTERM (and so does its sleep): it stops only at the KILL after the grace, so
+    // the cancel is still under way when the server dies.
+    let cmd = format!("trap '' TERM; echo $$ > {}; sleep 300", pidfile.display());
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "halt", "command": ["sh", "-c", cmd], "hosts": ["c1"], "kill_grace": "3s"}),
+    );
+    let dispatch = info["last_run"]["dispatch"].as_i64().unwrap();
+    let pid = pid_in(&pidfile);
+    let c = d.call("Dispatch.Cancel", json!(dispatch));
+    assert_eq!(c["state"], "cancelled", "{c}");
+    d.kill9();
+    d.restart_on_same_port();
+    let done = wait_for("the dispatch to end", || {
+        let g = d.call("Dispatch.Get", json!(dispatch));
+        g["ended_at"].is_string().then_some(g)
+    });
+    assert_eq!(done["state"], "cancelled", "taken over as cancelled, not run on: {done}");
+    assert_eq!(done["runs"][0]["state"], "cancelled", "{done}");
+    wait_for("the run's process to be stopped", || (!alive(pid)).then_some(()));
+}
