@@ -163,6 +163,16 @@ impl RunRecord {
         }
     }
 
+    /// The run, not started, ended `cancelled` now with `reason`.
+    pub fn cancelled(self, reason: impl Into<String>) -> Self {
+        RunRecord {
+            state: RunState::Cancelled,
+            ended_at: Some(Timestamp::now()),
+            reason: Some(reason.into()),
+            ..self
+        }
+    }
+
     /// Whether it runs on this host (rather than on an agent).
     pub fn is_local(&self) -> bool {
         self.host == LOCAL

@@ -22,9 +22,15 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// SHA-256 of `bytes`, lowercase hex: certificates' fingerprints, and the hashes the store
+/// keeps of credentials and join tokens.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The SHA-256 fingerprint of a certificate (its DER bytes), lowercase hex.
 pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+    sha256_hex(der)
 }
 
 /// A fingerprint as given by a user: hex, with or without `:` separators, any case, with or
@@ -147,10 +153,15 @@ pub fn client_config(trust: &Trust) -> anyhow::Result<Arc<rustls::ClientConfig>>
     Ok(Arc::new(config))
 }
 
+/// The host part of `addr` (`host:port`, `[v6]:port`).
+pub fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// The name a client presents (SNI) and checks with a CA: the host part of `addr`.
 pub fn server_name(addr: &str) -> anyhow::Result<ServerName<'static>> {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_start_matches('[');
-    let host = host.trim_end_matches(']');
+    let host = host_of(addr);
     ServerName::try_from(host.to_string()).map_err(|e| anyhow::anyhow!("{host}: {e}"))
 }
 

@@ -89,8 +89,7 @@ pub struct AgentArgs {
 
 /// Whether `addr` (`host:port`) is on this host's loopback.
 fn is_loopback(addr: &str) -> bool {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = crate::tls::host_of(addr);
     host == "localhost"
         || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.to_canonical().is_loopback())
 }

@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use jiff::Timestamp;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -167,9 +166,9 @@ struct Inner {
 #[derive(Clone)]
 pub struct Fleet(Arc<Inner>);
 
-/// SHA-256 of `s`, hex.
+/// SHA-256 of `s`, hex: what the store keeps of a secret.
 fn hash(s: &str) -> String {
-    Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    crate::tls::sha256_hex(s.as_bytes())
 }
 
 /// Whether a `hosts` entry is a label selector (`role=web,dc=eu`, or `*` for every agent).
@@ -467,7 +466,12 @@ impl Fleet {
     pub fn status(&self, name: &str) -> Option<AgentStatus> {
         let a = self.0.agents.get(name)?;
         let running = self.0.runs.iter().filter(|s| s.host == name).count();
-        Some(AgentStatus {
+        Some(Self::status_of(&a, running))
+    }
+
+    /// An agent's status, given how many runs it has active.
+    fn status_of(a: &AgentEntry, running: usize) -> AgentStatus {
+        AgentStatus {
             stored: a.stored.clone(),
             state: if a.stored.revoked {
                 AgentState::Revoked
@@ -480,14 +484,23 @@ impl Fleet {
             connected_at: a.connected_at,
             last_seen: a.last_seen,
             running,
-        })
+        }
     }
 
-    /// Every agent, by name.
+    /// Every agent, by name. Runs are counted in one pass, not once per agent.
     pub fn list(&self) -> Vec<AgentStatus> {
-        let mut names: Vec<String> = self.0.agents.iter().map(|a| a.key().clone()).collect();
-        names.sort();
-        names.iter().filter_map(|n| self.status(n)).collect()
+        let mut running: std::collections::HashMap<String, usize> = Default::default();
+        for slot in self.0.runs.iter() {
+            *running.entry(slot.host.clone()).or_default() += 1;
+        }
+        let mut list: Vec<AgentStatus> = self
+            .0
+            .agents
+            .iter()
+            .map(|a| Self::status_of(&a, running.get(a.key()).copied().unwrap_or(0)))
+            .collect();
+        list.sort_by(|a, b| a.stored.name.cmp(&b.stored.name));
+        list
     }
 
     /// Checks a unit's `hosts` at `Add`/`Edit`: each is `local`, an enrolled agent's name or

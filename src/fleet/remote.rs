@@ -88,75 +88,71 @@ async fn execute(
         definition: cfg.for_agent(),
     });
     let (host_wait, lost_after) = (cfg.host_wait, fleet.config().lost_after);
-    // Whether a connected agent has been handed the run at least once: from then on, its
-    // absence makes the run unreachable (then lost), not unavailable.
-    if fleet.is_gone(&rec.host) {
-        // Revoked since the dispatch was made: another host may enroll under its name.
-        let summary = store.logs().finish(rec.id).await;
-        rec.stdout_bytes = summary.stdout_bytes;
-        rec.state = RunState::Cancelled;
-        rec.reason = Some("agent revoked".into());
-        rec.ended_at = Some(Timestamp::now());
-        return rec;
-    }
-    let mut assigned = fleet.send(&rec.host, order.clone());
-    let mut deadline = (!assigned).then(|| (Instant::now() + host_wait, false));
-    let mut on_start = Some(started);
-    let mut stopping: Option<String> = None;
-    let verdict = loop {
-        let at = deadline.map(|(at, _)| at);
-        tokio::select! {
-            n = news.recv() => match n {
-                Some(News::Attached) => {
-                    if fleet.send(&rec.host, order.clone()) {
-                        assigned = true;
-                        deadline = None;
-                        if let Some(reason) = &stopping {
-                            let run = rec.id;
-                            fleet.send(&rec.host, Order::Cancel { run, reason: reason.clone() });
+    // Revoked since the dispatch was made: another host may enroll under its name.
+    let verdict = if fleet.is_gone(&rec.host) {
+        Verdict::Here(RunState::Cancelled, "agent revoked".into())
+    } else {
+        // Whether a connected agent has been handed the run at least once: from then on, its
+        // absence makes the run unreachable (then lost), not unavailable.
+        let mut assigned = fleet.send(&rec.host, order.clone());
+        let mut deadline = (!assigned).then(|| (Instant::now() + host_wait, false));
+        let mut on_start = Some(started);
+        let mut stopping: Option<String> = None;
+        loop {
+            let at = deadline.map(|(at, _)| at);
+            tokio::select! {
+                n = news.recv() => match n {
+                    Some(News::Attached) => {
+                        if fleet.send(&rec.host, order.clone()) {
+                            assigned = true;
+                            deadline = None;
+                            if let Some(reason) = &stopping {
+                                let run = rec.id;
+                                fleet.send(&rec.host, Order::Cancel { run, reason: reason.clone() });
+                            }
                         }
                     }
-                }
-                Some(News::Detached) => {
-                    deadline = Some(if assigned {
-                        (Instant::now() + lost_after, true)
-                    } else {
-                        (Instant::now() + host_wait, false)
-                    });
-                }
-                Some(News::Started { pid, at }) => {
-                    // The pid is of the agent's host: no boot id, never signalled here.
-                    store.set_pid(rec.id, pid, at, None, None);
-                    rec.pid = Some(pid);
-                    rec.started_at = Some(at);
-                    if let Some(f) = on_start.take() {
-                        f(pid, at);
+                    Some(News::Detached) => {
+                        deadline = Some(if assigned {
+                            (Instant::now() + lost_after, true)
+                        } else {
+                            (Instant::now() + host_wait, false)
+                        });
+                    }
+                    Some(News::Started { pid, at }) => {
+                        // The pid is of the agent's host: no boot id, never signalled here.
+                        store.set_pid(rec.id, pid, at, None, None);
+                        rec.pid = Some(pid);
+                        rec.started_at = Some(at);
+                        if let Some(f) = on_start.take() {
+                            f(pid, at);
+                        }
+                    }
+                    Some(News::Finished(o)) => break Verdict::Reported(o),
+                    Some(News::Revoked) => break Verdict::Here(RunState::Lost, "agent revoked".into()),
+                    None => break Verdict::Here(RunState::Lost, "internal error: the run's slot closed".into()),
+                },
+                () = stop.cancelled(), if stopping.is_none() => {
+                    // The daemon shutting down leaves the run to its agent and the next daemon.
+                    if !why.is_set() || why.get() == StopReason::Shutdown {
+                        break Verdict::Left;
+                    }
+                    let reason = why.get().as_str().to_string();
+                    stopping = Some(reason.clone());
+                    // An agent away now is told when it comes back (it holds a run the server
+                    // no longer has active).
+                    if !fleet.send(&rec.host, Order::Cancel { run: rec.id, reason: reason.clone() }) {
+                        let state = if why.get() == StopReason::Timeout { RunState::TimedOut } else { RunState::Cancelled };
+                        break Verdict::Here(state, reason);
                     }
                 }
-                Some(News::Finished(o)) => break Verdict::Reported(o),
-                Some(News::Revoked) => break Verdict::Here(RunState::Lost, "agent revoked".into()),
-                None => break Verdict::Here(RunState::Lost, "internal error: the run's slot closed".into()),
-            },
-            () = stop.cancelled(), if stopping.is_none() => {
-                // The daemon shutting down leaves the run to its agent and the next daemon.
-                if !why.is_set() || why.get() == StopReason::Shutdown {
-                    break Verdict::Left;
+                () = async { tokio::time::sleep_until(at.expect("guarded")).await }, if at.is_some() => {
+                    break if deadline.is_some_and(|(_, lost)| lost) {
+                        Verdict::Here(RunState::Lost, "agent unreachable".into())
+                    } else {
+                        Verdict::Here(RunState::Cancelled, StopReason::AgentUnavailable.as_str().into())
+                    };
                 }
-                let reason = why.get().as_str().to_string();
-                stopping = Some(reason.clone());
-                // An agent away now is told when it comes back (it holds a run the server
-                // no longer has active).
-                if !fleet.send(&rec.host, Order::Cancel { run: rec.id, reason: reason.clone() }) {
-                    let state = if why.get() == StopReason::Timeout { RunState::TimedOut } else { RunState::Cancelled };
-                    break Verdict::Here(state, reason);
-                }
-            }
-            () = async { tokio::time::sleep_until(at.expect("guarded")).await }, if at.is_some() => {
-                break if deadline.is_some_and(|(_, lost)| lost) {
-                    Verdict::Here(RunState::Lost, "agent unreachable".into())
-                } else {
-                    Verdict::Here(RunState::Cancelled, StopReason::AgentUnavailable.as_str().into())
-                };
             }
         }
     };

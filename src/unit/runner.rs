@@ -529,9 +529,7 @@ impl Loop {
             self.dispatches.iter_mut().find_map(|(id, p)| p.take_waiting_run(run).map(|q| (*id, q)))
         {
             // A host waiting for its turn in a dispatch.
-            q.state = RunState::Cancelled;
-            q.ended_at = Some(Timestamp::now());
-            q.reason = Some(StopReason::Cancelled.as_str().into());
+            q = q.cancelled(StopReason::Cancelled.as_str());
             let r =
                 self.env.store.finish_run(q.clone(), self.keep_runs()).await.map(|()| q.clone());
             if let Some(p) = self.dispatches.get_mut(&id) {
@@ -720,10 +718,8 @@ impl Loop {
 
     /// Cancels the queued run, if any; returns how many (0 or 1).
     async fn cancel_queued(&mut self, reason: StopReason) -> usize {
-        let Some(mut q) = self.queued.take() else { return 0 };
-        q.state = RunState::Cancelled;
-        q.ended_at = Some(Timestamp::now());
-        q.reason = Some(reason.as_str().into());
+        let Some(q) = self.queued.take() else { return 0 };
+        let q = q.cancelled(reason.as_str());
         if let Err(e) = self.env.store.finish_run(q.clone(), self.keep_runs()).await {
             tracing::error!(unit = %self.cfg.name, error = %e, "cannot record a cancelled run");
         }
@@ -932,10 +928,7 @@ impl Loop {
                 }
                 Err(e) => {
                     tracing::error!(unit = %self.cfg.name, error = %e, "cannot start a queued run");
-                    let mut q = q;
-                    q.state = RunState::Cancelled;
-                    q.ended_at = Some(Timestamp::now());
-                    q.reason = Some(format!("could not start: {e}"));
+                    let q = q.cancelled(format!("could not start: {e}"));
                     let _ = self.env.store.finish_run(q, self.keep_runs()).await;
                 }
             }
@@ -1101,21 +1094,7 @@ impl Loop {
             }
             Overlap::Replace => {
                 self.queued_fire = Some((trigger, scheduled));
-                for p in self.dispatches.values_mut() {
-                    p.record.state = DispatchState::Cancelled;
-                }
-                let ids: Vec<i64> = self.dispatches.keys().copied().collect();
-                for id in ids {
-                    let active: Vec<i64> =
-                        self.dispatches.get(&id).map(|p| p.active().collect()).unwrap_or_default();
-                    for run in active {
-                        if let Some(a) = self.active.get(&run) {
-                            a.why.set(StopReason::Replaced);
-                            a.token.cancel();
-                        }
-                    }
-                    self.cancel_waiting(id, StopReason::Replaced).await;
-                }
+                Box::pin(self.cancel_dispatches(StopReason::Replaced)).await;
             }
         }
         match self.last_run.clone() {
@@ -1159,10 +1138,7 @@ impl Loop {
                 Err(e) => {
                     // Not left queued for ever: it ends, and the dispatch goes on.
                     tracing::error!(run = next.id, error = %e, "cannot start a host's run");
-                    let mut q = next;
-                    q.state = RunState::Cancelled;
-                    q.ended_at = Some(Timestamp::now());
-                    q.reason = Some(format!("could not start: {e}"));
+                    let q = next.cancelled(format!("could not start: {e}"));
                     let _ = self.env.store.finish_run(q.clone(), self.keep_runs()).await;
                     if let Some(p) = self.dispatches.get_mut(&id) {
                         p.ended(&q);
@@ -1206,21 +1182,8 @@ impl Loop {
                 r
             }
             (DispatchOp::Cancel, _) => {
-                p.record.state = DispatchState::Cancelled;
-                let record = p.record.clone();
-                let active: Vec<i64> = p.active().collect();
-                for run in active {
-                    if let Some(a) = self.active.get(&run) {
-                        a.why.set(StopReason::Cancelled);
-                        a.token.cancel();
-                    }
-                }
-                // Recorded now, so that a daemon taking it over stops its runs too.
-                if let Err(e) = self.env.store.cancelling_dispatch(id).await {
-                    tracing::error!(dispatch = id, error = %e, "cannot record a cancel");
-                }
-                self.cancel_waiting(id, StopReason::Cancelled).await;
-                // Ended now if nothing was active; else once the last active run ends.
+                let record = DispatchRecord { state: DispatchState::Cancelled, ..p.record.clone() };
+                self.cancel_dispatch(id, StopReason::Cancelled).await;
                 Ok(record)
             }
             (DispatchOp::Pause | DispatchOp::Resume, _) => Ok(p.record.clone()),
@@ -1300,16 +1263,8 @@ impl Loop {
     async fn cancel_waiting(&mut self, id: i64, reason: StopReason) -> usize {
         let Some(p) = self.dispatches.get_mut(&id) else { return 0 };
         let waiting = p.take_waiting();
-        let now = Timestamp::now();
-        let ended: Vec<RunRecord> = waiting
-            .into_iter()
-            .map(|mut r| {
-                r.state = RunState::Cancelled;
-                r.ended_at = Some(now);
-                r.reason = Some(reason.as_str().into());
-                r
-            })
-            .collect();
+        let ended: Vec<RunRecord> =
+            waiting.into_iter().map(|r| r.cancelled(reason.as_str())).collect();
         if !ended.is_empty()
             && let Err(e) = self.env.store.finish_runs(ended.clone(), self.keep_runs()).await
         {
@@ -1330,14 +1285,27 @@ impl Loop {
         let ids: Vec<i64> = self.dispatches.keys().copied().collect();
         let mut n = 0;
         for id in ids {
-            if let Some(p) = self.dispatches.get_mut(&id) {
-                p.record.state = DispatchState::Cancelled;
-            }
-            if let Err(e) = self.env.store.cancelling_dispatch(id).await {
-                tracing::error!(dispatch = id, error = %e, "cannot record a cancel");
-            }
-            n += self.cancel_waiting(id, reason).await;
+            n += self.cancel_dispatch(id, reason).await;
         }
         n
+    }
+
+    /// Cancels dispatch `id` with `reason`: its active runs are stopped, its waiting hosts
+    /// end `cancelled`, and it is recorded as being cancelled at once (so that a daemon
+    /// taking it over stops its runs too); it ends when its last active run does. Returns how
+    /// many hosts waited.
+    async fn cancel_dispatch(&mut self, id: i64, reason: StopReason) -> usize {
+        let Some(p) = self.dispatches.get_mut(&id) else { return 0 };
+        p.record.state = DispatchState::Cancelled;
+        for run in p.active() {
+            if let Some(a) = self.active.get(&run) {
+                a.why.set(reason);
+                a.token.cancel();
+            }
+        }
+        if let Err(e) = self.env.store.cancelling_dispatch(id).await {
+            tracing::error!(dispatch = id, error = %e, "cannot record a cancel");
+        }
+        self.cancel_waiting(id, reason).await
     }
 }
