@@ -107,6 +107,11 @@ pub struct Args {
     /// The TLS certificate's private key (PEM; with --tls-cert)
     #[arg(long, env = "TASKD_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Keep units, runs, events and agents in PostgreSQL instead of the embedded store:
+    /// `postgres://USER@HOST/DB` (shared by the servers of a cluster) [default: embedded
+    /// SQLite in the state directory]
+    #[arg(long, env = "TASKD_STORE", value_name = "URL")]
+    pub store: Option<String>,
     /// Run as a host agent instead (`taskd agent --help`)
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -163,6 +168,8 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     /// `--tls-key`.
     pub tls_key: Option<PathBuf>,
+    /// `--store`.
+    pub store: Option<String>,
 }
 
 /// The resolved configuration.
@@ -204,6 +211,8 @@ pub struct Config {
     pub lost_after: Duration,
     /// TLS: `auto` (self-signed), or the given certificate and key.
     pub tls: Option<TlsSource>,
+    /// The PostgreSQL store's URL; `None`: the embedded store.
+    pub store: Option<String>,
 }
 
 /// Where the daemon's TLS certificate comes from.
@@ -231,6 +240,18 @@ pub fn default_state_dir() -> PathBuf {
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
     home.join(".local/state/taskd")
+}
+
+/// Refuses a `--store` that is not a PostgreSQL URL taskd can use, naming what is wrong.
+fn check_store_url(url: &str) -> anyhow::Result<()> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        anyhow::bail!(
+            "store: {url:?} is not a PostgreSQL URL (postgres://USER@HOST/DB); the embedded \
+             store needs no --store (its place is --state-dir)"
+        );
+    }
+    url.parse::<tokio_postgres::Config>().map_err(|e| anyhow::anyhow!("store: {url:?}: {e}"))?;
+    Ok(())
 }
 
 fn read_file(path: &Path, required: bool) -> anyhow::Result<FileConfig> {
@@ -299,7 +320,12 @@ impl Config {
             (Some(TlsMode::Auto), None, None) => Some(TlsSource::Auto),
             (Some(TlsMode::Off) | None, None, None) => None,
         };
+        let store = args.store.clone().or(file.store);
+        if let Some(url) = &store {
+            check_store_url(url)?;
+        }
         let cfg = Config {
+            store,
             listen: args.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
             state_dir,
             units_dir,

@@ -41,7 +41,7 @@ struct Opened {
 /// Everything before the units are loaded: the process itself made safe to spawn from, the
 /// security rules checked, the state directory made private and locked, the store opened and
 /// the token written.
-fn open_state(cfg: &Config, local: &std::net::SocketAddr) -> anyhow::Result<Opened> {
+async fn open_state(cfg: &Config, local: &std::net::SocketAddr) -> anyhow::Result<Opened> {
     // First: before anything is created (the umask) or spawned (inherited descriptors).
     exec::process_hygiene();
     if let Some(warning) = cfg.check_security(local)? {
@@ -58,7 +58,10 @@ fn open_state(cfg: &Config, local: &std::net::SocketAddr) -> anyhow::Result<Open
     if let Err(e) = exec::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper; double-forked grandchildren will not be reaped");
     }
-    let store = Store::open(&cfg.state_dir)?;
+    let store = match &cfg.store {
+        None => Store::open(&cfg.state_dir)?,
+        Some(url) => Store::open_postgres(url, &cfg.state_dir).await?,
+    };
     let token = match cfg.auth {
         AuthMode::Token => Some(state_dir::load_or_create_token(&cfg.state_dir)?.into()),
         AuthMode::None => None,
@@ -139,7 +142,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     heap::tune();
     let local = socket.local_addr()?;
-    let Opened { _lock, store, token } = open_state(&cfg, &local)?;
+    let Opened { _lock, store, token } = open_state(&cfg, &local).await?;
     let stopping = Stopping::default();
     let tls = match &cfg.tls {
         None => None,

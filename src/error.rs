@@ -65,6 +65,9 @@ pub enum Error {
     /// The SQLite store failed.
     #[error("store: {0}")]
     Store(#[from] rusqlite::Error),
+    /// The PostgreSQL store failed (unreachable, or it refused a statement).
+    #[error("store: {0}")]
+    Postgres(String),
     /// A batch of changes could not be committed (disk full, read-only state directory…).
     #[error("store: {0}")]
     Storage(String),
@@ -108,9 +111,11 @@ impl Error {
             Error::Unauthorized(_) => codes::UNAUTHORIZED,
             Error::Conflict(_) | Error::ShuttingDown => codes::CONFLICT,
             Error::Limit(_) => codes::LIMIT_EXCEEDED,
-            Error::Store(_) | Error::Storage(_) | Error::NotRecorded(_) | Error::Io { .. } => {
-                codes::STORAGE
-            }
+            Error::Store(_)
+            | Error::Storage(_)
+            | Error::Postgres(_)
+            | Error::NotRecorded(_)
+            | Error::Io { .. } => codes::STORAGE,
         }
     }
 }
@@ -131,3 +136,22 @@ pub fn shown_name(name: &str) -> String {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The server's own message when it gave one ("duplicate key…"), else what failed.
+        match e.as_db_error() {
+            Some(db) => Error::Postgres(format!("PostgreSQL: {}", db.message())),
+            None => Error::Postgres(format!("PostgreSQL: {e}")),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            e => Error::Postgres(format!("cannot reach PostgreSQL: {e}")),
+        }
+    }
+}

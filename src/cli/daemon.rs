@@ -134,6 +134,7 @@ pub async fn status(ctx: &Ctx) -> anyhow::Result<()> {
         ),
         ("listening".into(), s.listeners.join(", ")),
         ("state dir".into(), s.state_dir.clone()),
+        ("store".into(), s.store.clone()),
         ("auth".into(), s.auth.clone()),
         ("units".into(), counts(&s.units)),
         ("runs".into(), counts(&s.runs)),

@@ -57,6 +57,7 @@ impl DaemonApiServer for Api {
             runs,
             listeners: self.listeners.clone(),
             state_dir: self.registry.store().dir().display().to_string(),
+            store: self.registry.store().location(),
             auth: if self.token.is_some() { "token" } else { "none" }.into(),
             connections: {
                 let (unauthenticated, probation, authenticated) = self.gate.occupancy();

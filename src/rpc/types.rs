@@ -647,6 +647,9 @@ pub struct StatusInfo {
     pub listeners: Vec<String>,
     /// The state directory.
     pub state_dir: String,
+    /// Where units and runs are kept: `sqlite <file>` or `postgres://USER@HOST:PORT/DB`.
+    #[serde(default)]
+    pub store: String,
     /// `token` or `none`.
     pub auth: String,
     /// Connections open now, and the limit.

@@ -1,31 +1,36 @@
-//! The only module that touches the disk: SQLite (WAL) for units, runs, events and the audit
-//! log, and one log file per run.
+//! The store boundary: everything taskd keeps (units, runs, dispatches, events, the audit
+//! log, agents' credentials) goes through [`Backend`], which two stores implement:
 //!
-//! All SQLite work happens on one dedicated thread. Callers send it closures; it runs every
-//! closure that is waiting in one transaction (each inside its own savepoint, so one failing
-//! change does not undo the others), commits once, and only then answers the callers and
-//! publishes the events the batch produced. An answer therefore means the change is durable,
-//! and a burst of changes costs one `fsync`.
+//! - [`sqlite`]: the embedded default, one file in the state directory, one thread, changes
+//!   batched into shared commits;
+//! - [`postgres`]: a PostgreSQL database that several servers share (`--store postgres://…`).
 //!
-//! When a commit fails (disk full, read-only state directory…), every change in the batch is
-//! refused with a storage error and nothing of it is kept. From then on each job gets a
-//! transaction of its own, so reads keep being answered while changes fail, until a change
-//! commits again. The end of a run that could not be recorded is kept in memory and retried
-//! every second, so that a run never stays `running` in the store once space is back.
+//! Both keep the same promises, which the store tests check against each:
+//! - an answer means the change is durable (committed), and its events are published to
+//!   [`Store::subscribe_events`] only after the commit, in the order of their sequence numbers;
+//! - a change that fails changes nothing;
+//! - run ids, event sequence numbers and audit ids only grow, and are never reused;
+//! - the end of a run that cannot be recorded now (store unreachable, disk full) is kept in
+//!   memory and retried until it is, so that a run never stays `running` in the store.
+//!
+//! Run output goes to [`Logs`], beside the backend.
 
 mod fleet;
 pub mod live;
 pub mod logs;
+mod postgres;
+mod sqlite;
+#[cfg(test)]
+mod tests;
 
+use std::collections::BTreeMap;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
+use async_trait::async_trait;
 use jiff::Timestamp;
-use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 
 use crate::error::{Error, Result};
 use crate::names::named_enum;
@@ -160,224 +165,6 @@ pub struct StaleRun {
     pub boot_id: Option<String>,
 }
 
-/// What a closure on the store thread sees.
-pub struct Tx<'a> {
-    conn: &'a Connection,
-    events: Vec<Event>,
-    delete_after_commit: Vec<PathBuf>,
-    logs_dir: &'a Path,
-}
-
-impl Tx<'_> {
-    fn emit(
-        &mut self,
-        kind: EventKind,
-        unit: &str,
-        run: Option<i64>,
-        state: Option<&str>,
-    ) -> Result<()> {
-        let time = Timestamp::now();
-        self.conn.execute(
-            "INSERT INTO events(time, kind, unit, run, state) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![time.as_microsecond(), kind.as_str(), unit, run, state],
-        )?;
-        let seq = self.conn.last_insert_rowid();
-        self.events.push(Event {
-            seq,
-            time,
-            kind,
-            unit: unit.into(),
-            run,
-            state: state.map(str::to_string),
-        });
-        Ok(())
-    }
-}
-
-/// A change to run on the store thread. `work` runs inside the batch's transaction and says
-/// whether it failed (so its writes are rolled back); `done` runs after the commit, with the
-/// commit's error if there was one, and answers the caller.
-struct Job {
-    work: Box<dyn FnOnce(&mut Tx<'_>) -> bool + Send>,
-    done: Done,
-    /// Nobody waits for it: it may wait up to [`LINGER`] to share a commit with others.
-    lazy: bool,
-}
-
-/// Answers a job's caller with the commit's error, if any.
-type Done = Box<dyn FnOnce(Option<&str>) + Send>;
-
-impl Job {
-    fn new<T: Send + 'static>(
-        f: impl FnOnce(&mut Tx<'_>) -> Result<T> + Send + 'static,
-        answer: impl FnOnce(Result<T>) + Send + 'static,
-        lazy: bool,
-    ) -> Job {
-        let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let slot2 = slot.clone();
-        Job {
-            work: Box::new(move |t| {
-                let r = f(t);
-                let failed = r.is_err();
-                *slot2.lock().expect("store slot") = Some(r);
-                failed
-            }),
-            done: Box::new(move |commit_error| {
-                let r = match (commit_error, slot.lock().expect("store slot").take()) {
-                    (Some(e), _) => Err(Error::Storage(e.to_string())),
-                    (None, Some(r)) => r,
-                    (None, None) => Err(Error::Storage("change was not applied".into())),
-                };
-                answer(r);
-            }),
-            lazy,
-        }
-    }
-}
-
-/// Ends of runs that could not be recorded yet, with their unit's `keep_runs`.
-type Unrecorded = Arc<Mutex<Vec<(RunRecord, u32)>>>;
-
-/// A cheap-to-clone handle to the store.
-#[derive(Clone)]
-pub struct Store {
-    jobs: std_mpsc::Sender<Job>,
-    events: broadcast::Sender<Event>,
-    logs: Logs,
-    dir: PathBuf,
-    unrecorded: Unrecorded,
-    commits: Arc<AtomicU64>,
-}
-
-/// The schema. `runs.id` is AUTOINCREMENT so that ids are never reused, even after deletes.
-/// `run_counts` (runs per state, kept by triggers) answers `Daemon.Status` without counting a
-/// history of millions of runs on the store thread.
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS units (
-    name TEXT PRIMARY KEY,
-    definition TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    paused INTEGER NOT NULL DEFAULT 0,
-    stopped INTEGER NOT NULL DEFAULT 0,
-    last_fire INTEGER,
-    anchor INTEGER,
-    runs_total INTEGER NOT NULL DEFAULT 0,
-    failures_total INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    unit TEXT NOT NULL,
-    state TEXT NOT NULL,
-    trigger TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    host TEXT NOT NULL,
-    pid INTEGER,
-    pid_start INTEGER,
-    boot_id TEXT,
-    queued_at INTEGER NOT NULL,
-    scheduled_at INTEGER,
-    started_at INTEGER,
-    ended_at INTEGER,
-    exit_code INTEGER,
-    signal INTEGER,
-    reason TEXT,
-    stdout_bytes INTEGER NOT NULL DEFAULT 0,
-    stderr_bytes INTEGER NOT NULL DEFAULT 0,
-    truncated INTEGER NOT NULL DEFAULT 0,
-    dispatch INTEGER,
-    ignored INTEGER NOT NULL DEFAULT 0,
-    late_result TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_by_unit ON runs(unit, id);
-CREATE INDEX IF NOT EXISTS runs_by_state ON runs(state) WHERE state IN ('queued', 'running');
-CREATE INDEX IF NOT EXISTS runs_by_dispatch ON runs(dispatch) WHERE dispatch IS NOT NULL;
-CREATE INDEX IF NOT EXISTS runs_by_unit_alone ON runs(unit, id) WHERE dispatch IS NULL;
-CREATE TABLE IF NOT EXISTS run_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS run_counts_insert AFTER INSERT ON runs BEGIN
-    INSERT INTO run_counts(state, n) VALUES (NEW.state, 1)
-        ON CONFLICT(state) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS run_counts_delete AFTER DELETE ON runs BEGIN
-    UPDATE run_counts SET n = n - 1 WHERE state = OLD.state;
-END;
-CREATE TRIGGER IF NOT EXISTS run_counts_update AFTER UPDATE OF state ON runs
-    WHEN OLD.state IS NOT NEW.state BEGIN
-    UPDATE run_counts SET n = n - 1 WHERE state = OLD.state;
-    INSERT INTO run_counts(state, n) VALUES (NEW.state, 1)
-        ON CONFLICT(state) DO UPDATE SET n = n + 1;
-END;
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    time INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    unit TEXT NOT NULL,
-    run INTEGER,
-    state TEXT
-);
-CREATE TABLE IF NOT EXISTS agents (
-    name TEXT PRIMARY KEY,
-    secret_hash TEXT NOT NULL,
-    labels TEXT NOT NULL DEFAULT '{}',
-    version TEXT NOT NULL DEFAULT '',
-    os TEXT NOT NULL DEFAULT '',
-    arch TEXT NOT NULL DEFAULT '',
-    max_runs INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL,
-    last_seen INTEGER,
-    revoked INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS join_tokens (
-    hash TEXT PRIMARY KEY,
-    expires_at INTEGER NOT NULL,
-    spent_by TEXT
-);
-CREATE TABLE IF NOT EXISTS dispatches (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    unit TEXT NOT NULL,
-    trigger TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    ended_at INTEGER,
-    total INTEGER NOT NULL,
-    batch INTEGER NOT NULL,
-    tolerance INTEGER,
-    forgiven INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS dispatches_by_unit ON dispatches(unit, id);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time INTEGER NOT NULL,
-    peer TEXT NOT NULL,
-    method TEXT NOT NULL,
-    unit TEXT,
-    outcome TEXT NOT NULL
-);
-";
-
-/// Columns added to a table after its first release: `(table, column, type)`. A store written
-/// by an older taskd gets them on open; `CREATE TABLE` above already has them.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
-    ("runs", "scheduled_at", "INTEGER"),
-    ("runs", "dispatch", "INTEGER"),
-    ("runs", "ignored", "INTEGER NOT NULL DEFAULT 0"),
-    ("runs", "late_result", "TEXT"),
-];
-
-fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
-    for (table, column, ty) in ADDED_COLUMNS {
-        let present: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
-            params![table, column],
-            |r| r.get(0),
-        )?;
-        if !present {
-            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
-        }
-    }
-    Ok(())
-}
-
 /// Events buffered for subscribers; one that falls further behind goes back to the table.
 /// Each slot is ~140 bytes, allocated at start.
 const EVENTS_BUFFERED: usize = 1024;
@@ -386,148 +173,252 @@ const EVENTS_KEPT: i64 = 100_000;
 /// Audit records kept: the newest this many (about 6 MB), so a busy API does not grow the
 /// database without bound.
 const AUDIT_KEPT: i64 = 100_000;
-/// Commits between two prunings of the events and the audit log.
-const PRUNE_EVERY: usize = 1024;
-/// Rows one pruning deletes at most per table, so that the first pruning of a large backlog
-/// (a database from before audit records were pruned) does not hold up commits for long.
-const PRUNE_CHUNK: i64 = 10_000;
-/// Changes committed together at most.
-const MAX_BATCH: usize = 512;
-/// How long a batch of changes nobody waits for (a pid, a fire time, an audit record) waits
-/// for an awaited change to commit with, saving a sync of the disk. Bounds their delay.
-const LINGER: Duration = Duration::from_millis(20);
-/// How often the store thread retries recording the ends of runs it could not record.
-const RETRY: Duration = Duration::from_secs(1);
+/// What every store does; see the module documentation for the promises each keeps.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Transactions committed since the store was opened: how well changes share commits,
+    /// for `Daemon.Status` and the tests.
+    fn commits(&self) -> u64;
 
-fn ts(us: i64) -> Timestamp {
-    Timestamp::from_microsecond(us).unwrap_or(Timestamp::UNIX_EPOCH)
+    /// Where it keeps its data, for people: `sqlite <file>`, or the PostgreSQL URL without
+    /// its password.
+    fn location(&self) -> String;
+
+    /// All units.
+    async fn load_units(&self) -> Result<Vec<StoredUnit>>;
+
+    /// Records a new unit; fails with `UnitExists` if the name is taken.
+    async fn insert_unit(&self, u: StoredUnit) -> Result<()>;
+
+    /// Replaces the definition of the unit created at `created_at` (not a namesake added
+    /// since); `rescheduled` moves the schedule's anchor to `at`.
+    async fn update_definition(
+        &self,
+        name: &str,
+        created_at: Timestamp,
+        definition: serde_json::Value,
+        paused: bool,
+        at: Timestamp,
+        rescheduled: bool,
+    ) -> Result<()>;
+
+    /// Records the user's pause/stop flags of a unit and emits `kind`.
+    async fn set_flags(
+        &self,
+        name: &str,
+        paused: bool,
+        stopped: bool,
+        kind: EventKind,
+    ) -> Result<()>;
+
+    /// Records the last fire time handled (for catch-up after a restart). Not awaited.
+    fn set_last_fire(&self, name: &str, at: Timestamp);
+
+    /// Emits an event that changes nothing else (`unit.fatal`, …). Not awaited.
+    fn emit(&self, kind: EventKind, unit: &str, state: Option<&'static str>);
+
+    /// Deletes a unit; unless `keep_history`, also its runs and their log files.
+    async fn delete_unit(&self, name: &str, keep_history: bool) -> Result<()>;
+
+    /// Creates a run in `state` (`queued` or `running`) and returns it with its new id.
+    async fn create_run(
+        &self,
+        unit: &str,
+        state: RunState,
+        trigger: Trigger,
+        attempt: u32,
+        scheduled_at: Option<Timestamp>,
+    ) -> Result<RunRecord>;
+
+    /// Records new running runs of `unit`, one per trigger, in one change: a burst of starts
+    /// of one unit shares a commit (one `fsync`) as starts of different units do.
+    async fn create_runs(&self, unit: &str, triggers: Vec<Trigger>) -> Result<Vec<RunRecord>>;
+
+    /// Moves a queued run to running.
+    async fn start_queued(&self, id: i64) -> Result<RunRecord>;
+
+    /// Records the process of a started run and when it started. Not awaited.
+    fn set_pid(
+        &self,
+        id: i64,
+        pid: u32,
+        started: Timestamp,
+        pid_start: Option<u64>,
+        boot_id: Option<String>,
+    );
+
+    /// Records the end of a run, updates the unit's counters, and deletes runs (and logs)
+    /// beyond the newest `keep_runs` of that unit. If it cannot be recorded now, the error is
+    /// returned and the store keeps retrying until it is.
+    async fn finish_run(&self, rec: RunRecord, keep_runs: u32) -> Result<()> {
+        self.finish_runs(vec![rec], keep_runs).await
+    }
+
+    /// Records the ends of several runs of one unit in one change (one commit), as
+    /// [`Store::finish_run`] does for one.
+    async fn finish_runs(&self, recs: Vec<RunRecord>, keep_runs: u32) -> Result<()>;
+
+    /// One run.
+    async fn get_run(&self, id: i64) -> Result<RunRecord>;
+
+    /// Runs, newest first.
+    async fn list_runs(&self, f: RunFilter) -> Result<Vec<RunRecord>>;
+
+    /// The units named after `after` (all of them for `""`), in name order, at most `limit`,
+    /// each with its newest run. Start-up loads units a page at a time, so that a large set is
+    /// never held in memory twice; the newest run is one index lookup per unit, whatever the
+    /// length of the history.
+    async fn load_units_page(
+        &self,
+        after: String,
+        limit: u32,
+    ) -> Result<Vec<(StoredUnit, Option<RunRecord>)>>;
+
+    /// Marks every run on this host a previous daemon left `running` as `lost` and every
+    /// `queued` one as `cancelled` (except those waiting for their turn in a dispatch, which
+    /// the dispatch takes over), and returns them so their process groups can be killed.
+    /// Runs on agents stay as they are: their agents report them to the new daemon.
+    async fn recover_stale_runs(&self) -> Result<Vec<StaleRun>>;
+
+    /// The newest event's sequence number (0 when there is none).
+    async fn last_event_seq(&self) -> Result<i64>;
+
+    /// Events with a sequence number above `after`, oldest first, at most `limit`. Events of
+    /// a kind this build does not know (written by a newer one) are left out, so replaying
+    /// the rest still works after a downgrade, page by page.
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>>;
+
+    /// Appends to the audit log. Not awaited.
+    fn audit(&self, a: AuditRecord);
+
+    /// The newest `limit` audit records (below id `before`, when given), newest first.
+    async fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditRecord>>;
+
+    /// Counts of runs by state, for `Daemon.Status`.
+    async fn run_counts(&self) -> Result<Vec<(String, u64)>>;
+
+    /// Waits until every change sent so far is committed.
+    async fn flush(&self) -> Result<()>;
+
+    /// Every agent ever enrolled, revoked ones included.
+    async fn load_agents(&self) -> Result<Vec<StoredAgent>>;
+
+    /// Records a join token (its hash), good until `expires_at`, once.
+    async fn create_join_token(&self, hash: String, expires_at: Timestamp) -> Result<()>;
+
+    /// Spends the join token whose hash is `token_hash` to enroll agent `name` with the
+    /// credential whose secret hashes to `secret_hash`, in one change: a token enrolls one
+    /// agent, once. A revoked agent's name may enroll again; an enrolled one's may not.
+    async fn join_agent(
+        &self,
+        token_hash: String,
+        name: String,
+        secret_hash: String,
+    ) -> Result<StoredAgent>;
+
+    /// Marks agent `name` revoked: its credential is refused from now on.
+    async fn revoke_agent(&self, name: String) -> Result<StoredAgent>;
+
+    /// Records what agent `a.name` said of itself when it connected, and when. Not awaited.
+    fn agent_seen(&self, a: StoredAgent);
+
+    /// Records a dispatch of `unit` on `hosts` and its runs, in one change whatever the
+    /// number of hosts: the first `batch` hosts (all, for 0) `running`, the others `queued`.
+    async fn create_dispatch(
+        &self,
+        unit: &str,
+        trigger: Trigger,
+        hosts: Vec<String>,
+        batch: u32,
+        tolerance: Option<u32>,
+        scheduled_at: Option<Timestamp>,
+    ) -> Result<(DispatchRecord, Vec<RunRecord>)>;
+
+    /// A new running run of dispatch `dispatch` on `host`: a retry or a redo.
+    async fn create_host_run(
+        &self,
+        unit: &str,
+        host: String,
+        dispatch: i64,
+        trigger: Trigger,
+        attempt: u32,
+    ) -> Result<RunRecord>;
+
+    /// Sets a dispatch's state (and its end, when final), emitting `dispatch.finished` when
+    /// it ends.
+    async fn set_dispatch_state(&self, id: i64, state: DispatchState) -> Result<DispatchRecord>;
+
+    /// Keeps what an agent reported of run `id` after it ended here (`late_result`). Not
+    /// awaited; its state does not change.
+    fn set_late_result(&self, id: i64, outcome: String);
+
+    /// Records that dispatch `id` is being cancelled: state `cancelled`, not ended yet (its
+    /// active runs are stopping), so that a daemon taking it over stops them too.
+    async fn cancelling_dispatch(&self, id: i64) -> Result<()>;
+
+    /// Resumes dispatch `id` (state `running`), forgiving its first `forgiven` failures.
+    async fn resume_dispatch(&self, id: i64, forgiven: u32) -> Result<DispatchRecord>;
+
+    /// Marks run `id` of a dispatch ignored (or not): it no longer counts against the
+    /// dispatch's tolerance or outcome.
+    async fn set_ignored(&self, id: i64, ignored: bool) -> Result<()>;
+
+    /// Dispatches, newest first, each with its counts by state.
+    async fn list_dispatches(
+        &self,
+        f: DispatchFilter,
+    ) -> Result<Vec<(DispatchRecord, BTreeMap<String, u32>)>>;
+
+    /// One dispatch with all its runs (oldest first) and its counts.
+    async fn get_dispatch(
+        &self,
+        id: i64,
+    ) -> Result<(DispatchRecord, Vec<RunRecord>, BTreeMap<String, u32>)>;
+
+    /// Dispatches not ended yet (running, paused, or being cancelled), each with its runs:
+    /// what a starting daemon takes over.
+    async fn open_dispatches(&self) -> Result<Vec<(DispatchRecord, Vec<RunRecord>)>>;
+
+    /// Ids of the ignored runs of dispatch `id`.
+    async fn ignored_runs(&self, id: i64) -> Result<Vec<i64>>;
 }
 
-fn opt_ts(us: Option<i64>) -> Option<Timestamp> {
-    us.map(ts)
+/// A cheap-to-clone handle to the store: its backend (whose methods it derefs to), the run
+/// logs and the event feed.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<dyn Backend>,
+    events: broadcast::Sender<Event>,
+    logs: Logs,
+    dir: PathBuf,
 }
 
-const RUN_COLUMNS: &str = "id, unit, state, trigger, attempt, host, pid, queued_at, started_at, \
-     ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated, scheduled_at, dispatch, late_result";
+impl Deref for Store {
+    type Target = dyn Backend;
 
-fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
-    let state: String = r.get(2)?;
-    let trigger: String = r.get(3)?;
-    Ok(RunRecord {
-        id: r.get(0)?,
-        unit: r.get(1)?,
-        state: state.parse().unwrap_or(RunState::Lost),
-        trigger: trigger.parse().unwrap_or(Trigger::Manual),
-        attempt: r.get(4)?,
-        host: r.get(5)?,
-        pid: r.get(6)?,
-        queued_at: ts(r.get(7)?),
-        started_at: opt_ts(r.get(8)?),
-        ended_at: opt_ts(r.get(9)?),
-        exit_code: r.get(10)?,
-        signal: r.get(11)?,
-        reason: r.get(12)?,
-        stdout_bytes: r.get::<_, i64>(13)? as u64,
-        stderr_bytes: r.get::<_, i64>(14)? as u64,
-        truncated: r.get(15)?,
-        scheduled_at: opt_ts(r.get(16)?),
-        dispatch: r.get(17)?,
-        late_result: r.get(18)?,
-    })
-}
-
-/// The columns [`unit_from_row`] reads, in its order.
-const UNIT_COLUMNS: &str = "name, definition, created_at, updated_at, paused, stopped, last_fire, \
-     runs_total, failures_total, COALESCE(anchor, updated_at)";
-
-/// A unit from the row's columns `base..`, in the order of [`UNIT_COLUMNS`].
-fn unit_from_row(r: &rusqlite::Row<'_>, base: usize) -> rusqlite::Result<StoredUnit> {
-    let def: String = r.get(base + 1)?;
-    Ok(StoredUnit {
-        name: r.get(base)?,
-        definition: serde_json::from_str(&def).unwrap_or(serde_json::Value::Null),
-        created_at: ts(r.get(base + 2)?),
-        updated_at: ts(r.get(base + 3)?),
-        paused: r.get(base + 4)?,
-        stopped: r.get(base + 5)?,
-        last_fire: opt_ts(r.get(base + 6)?),
-        runs_total: r.get::<_, i64>(base + 7)? as u64,
-        failures_total: r.get::<_, i64>(base + 8)? as u64,
-        anchor: ts(r.get(base + 9)?),
-    })
+    fn deref(&self) -> &Self::Target {
+        &*self.db
+    }
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir`: `taskd.db` and `logs/`.
+    /// Opens (creating if needed) the embedded store in `dir`: `taskd.db` and `logs/`.
     pub fn open(dir: &Path) -> Result<Store> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let private_dir = |p: &Path| {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(p)
-                .map_err(|e| Error::io(p, e))
-        };
-        private_dir(dir)?;
-        let logs_dir = dir.join("logs");
-        private_dir(&logs_dir)?;
-        let db_path = dir.join("taskd.db");
-        // Created private before SQLite opens it: SQLite gives the WAL and shared-memory files
-        // the database file's mode.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&db_path)
-            .map_err(|e| Error::io(&db_path, e))?;
-        let conn = Connection::open(&db_path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(%mode, "SQLite refused WAL mode");
-        }
-        // FULL: a commit is on disk before the caller hears "ok", even across power loss.
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
-        // The schema, and the run counts of a database from before they were kept, at once.
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let counted: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'run_counts'",
-            [],
-            |r| r.get(0),
-        )?;
-        conn.execute_batch(SCHEMA)?;
-        add_missing_columns(&conn)?;
-        if !counted {
-            conn.execute_batch(
-                "INSERT INTO run_counts(state, n) SELECT state, COUNT(*) FROM runs GROUP BY state",
-            )?;
-        }
-        conn.execute_batch("COMMIT")?;
-
-        let (jobs, rx) = std_mpsc::channel::<Job>();
+        let logs_dir = private_dir(dir)?;
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
-        let unrecorded = Unrecorded::default();
-        let commits = Arc::new(AtomicU64::new(0));
-        let thread = StoreThread {
-            conn,
-            events: events.clone(),
-            logs_dir: logs_dir.clone(),
-            unrecorded: unrecorded.clone(),
-            commits: commits.clone(),
-        };
-        std::thread::Builder::new()
-            .name("taskd-store".into())
-            .spawn(move || thread.run(rx))
-            .map_err(|e| Error::io(dir, e))?;
+        let db = sqlite::Sqlite::open(dir, &logs_dir, events.clone())?;
         let logs = Logs::start(logs_dir)?;
-        Ok(Store { jobs, events, logs, dir: dir.to_path_buf(), unrecorded, commits })
+        Ok(Store { db: Arc::new(db), events, logs, dir: dir.to_path_buf() })
     }
 
-    /// Transactions committed since the store was opened (each one `fsync`): how well changes
-    /// share commits, for `Daemon.Status` and the tests.
-    pub fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
+    /// Connects to the PostgreSQL store at `url` (migrating its schema); run logs stay under
+    /// `dir`, the state directory.
+    pub async fn open_postgres(url: &str, dir: &Path) -> Result<Store> {
+        let logs_dir = private_dir(dir)?;
+        let (events, _) = broadcast::channel(EVENTS_BUFFERED);
+        let db = postgres::Postgres::open(url, events.clone()).await?;
+        let logs = Logs::start(logs_dir)?;
+        Ok(Store { db: Arc::new(db), events, logs, dir: dir.to_path_buf() })
     }
 
     /// The state directory.
@@ -535,7 +426,7 @@ impl Store {
         &self.dir
     }
 
-    /// The run log files.
+    /// The run logs.
     pub fn logs(&self) -> &Logs {
         &self.logs
     }
@@ -544,1104 +435,18 @@ impl Store {
     pub fn subscribe_events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
-
-    /// Runs `f` on the store thread inside the next batch; resolves after the batch committed.
-    async fn call<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Tx<'_>) -> Result<T> + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel();
-        let job = Job::new(
-            f,
-            move |r| {
-                let _ = tx.send(r);
-            },
-            false,
-        );
-        self.jobs.send(job).map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
-    }
-
-    /// Queues `f` without waiting for it (errors are logged). Changes queued this way are
-    /// committed in order with every other change.
-    fn call_detached<F>(&self, what: &'static str, f: F)
-    where
-        F: FnOnce(&mut Tx<'_>) -> Result<()> + Send + 'static,
-    {
-        let job = Job::new(
-            f,
-            move |r| {
-                if let Err(e) = r {
-                    tracing::error!(what, error = %e, "store update failed");
-                }
-            },
-            true,
-        );
-        if self.jobs.send(job).is_err() {
-            tracing::warn!(what, "store closed; change dropped");
-        }
-    }
-
-    /// All units.
-    pub async fn load_units(&self) -> Result<Vec<StoredUnit>> {
-        self.call(|t| {
-            let mut st =
-                t.conn.prepare(&format!("SELECT {UNIT_COLUMNS} FROM units ORDER BY name"))?;
-            let rows =
-                st.query_map([], |r| unit_from_row(r, 0))?.collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })
-        .await
-    }
-
-    /// Records a new unit; fails with `UnitExists` if the name is taken.
-    pub async fn insert_unit(&self, u: StoredUnit) -> Result<()> {
-        self.call(move |t| {
-            let def = u.definition.to_string();
-            let n = t.conn.execute(
-                "INSERT OR IGNORE INTO units(name, definition, created_at, updated_at, paused, \
-                 stopped, last_fire, anchor) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7)",
-                params![
-                    u.name,
-                    def,
-                    u.created_at.as_microsecond(),
-                    u.updated_at.as_microsecond(),
-                    u.paused,
-                    u.last_fire.map(|t| t.as_microsecond()),
-                    u.anchor.as_microsecond()
-                ],
-            )?;
-            if n == 0 {
-                return Err(Error::UnitExists(u.name));
-            }
-            t.emit(EventKind::UnitAdded, &u.name, None, None)
-        })
-        .await
-    }
-
-    /// Replaces the definition of the unit created at `created_at` (not a namesake added
-    /// since); `rescheduled` moves the schedule's anchor to `at`.
-    pub async fn update_definition(
-        &self,
-        name: &str,
-        created_at: Timestamp,
-        definition: serde_json::Value,
-        paused: bool,
-        at: Timestamp,
-        rescheduled: bool,
-    ) -> Result<()> {
-        let name = name.to_string();
-        self.call(move |t| {
-            let n = t.conn.execute(
-                "UPDATE units SET definition = ?3, updated_at = ?4, paused = ?5, \
-                 anchor = CASE WHEN ?6 THEN ?4 ELSE COALESCE(anchor, updated_at) END \
-                 WHERE name = ?1 AND created_at = ?2",
-                params![
-                    name,
-                    created_at.as_microsecond(),
-                    definition.to_string(),
-                    at.as_microsecond(),
-                    paused,
-                    rescheduled
-                ],
-            )?;
-            if n == 0 {
-                return Err(Error::UnitNotFound(name));
-            }
-            t.emit(EventKind::UnitEdited, &name, None, None)
-        })
-        .await
-    }
-
-    /// Records the user's pause/stop flags of a unit and emits `kind`.
-    pub async fn set_flags(
-        &self,
-        name: &str,
-        paused: bool,
-        stopped: bool,
-        kind: EventKind,
-    ) -> Result<()> {
-        let name = name.to_string();
-        self.call(move |t| {
-            let n = t.conn.execute(
-                "UPDATE units SET paused = ?2, stopped = ?3 WHERE name = ?1",
-                params![name, paused, stopped],
-            )?;
-            if n == 0 {
-                return Err(Error::UnitNotFound(name));
-            }
-            t.emit(kind, &name, None, None)
-        })
-        .await
-    }
-
-    /// Records the last fire time handled (for catch-up after a restart). Not awaited.
-    pub fn set_last_fire(&self, name: &str, at: Timestamp) {
-        let name = name.to_string();
-        self.call_detached("last_fire", move |t| {
-            t.conn.execute(
-                "UPDATE units SET last_fire = ?2 WHERE name = ?1",
-                params![name, at.as_microsecond()],
-            )?;
-            Ok(())
-        });
-    }
-
-    /// Emits an event that changes nothing else (`unit.fatal`, …). Not awaited.
-    pub fn emit(&self, kind: EventKind, unit: &str, state: Option<&'static str>) {
-        let unit = unit.to_string();
-        self.call_detached("event", move |t| t.emit(kind, &unit, None, state));
-    }
-
-    /// Deletes a unit; unless `keep_history`, also its runs and their log files.
-    pub async fn delete_unit(&self, name: &str, keep_history: bool) -> Result<()> {
-        let name = name.to_string();
-        self.call(move |t| {
-            let n = t.conn.execute("DELETE FROM units WHERE name = ?1", params![name])?;
-            if n == 0 {
-                return Err(Error::UnitNotFound(name));
-            }
-            if !keep_history {
-                let ids: Vec<i64> = t
-                    .conn
-                    .prepare("SELECT id FROM runs WHERE unit = ?1")?
-                    .query_map(params![name], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?;
-                t.conn.execute("DELETE FROM runs WHERE unit = ?1", params![name])?;
-                for id in ids {
-                    t.delete_after_commit.push(logs::path_in(t.logs_dir, id));
-                }
-            }
-            t.emit(EventKind::UnitDeleted, &name, None, None)
-        })
-        .await
-    }
-
-    /// Creates a run in `state` (`queued` or `running`) and returns it with its new id.
-    pub async fn create_run(
-        &self,
-        unit: &str,
-        state: RunState,
-        trigger: Trigger,
-        attempt: u32,
-        scheduled_at: Option<Timestamp>,
-    ) -> Result<RunRecord> {
-        let unit = unit.to_string();
-        self.call(move |t| insert_run(t, unit, state, trigger, attempt, scheduled_at)).await
-    }
-
-    /// Records new running runs of `unit`, one per trigger, in one change: a burst of starts
-    /// of one unit shares a commit (one `fsync`) as starts of different units do.
-    pub async fn create_runs(&self, unit: &str, triggers: Vec<Trigger>) -> Result<Vec<RunRecord>> {
-        let unit = unit.to_string();
-        self.call(move |t| {
-            triggers
-                .into_iter()
-                .map(|trigger| insert_run(t, unit.clone(), RunState::Running, trigger, 1, None))
-                .collect()
-        })
-        .await
-    }
-
-    /// Moves a queued run to running.
-    pub async fn start_queued(&self, id: i64) -> Result<RunRecord> {
-        self.call(move |t| {
-            let now = Timestamp::now();
-            let n = t.conn.execute(
-                "UPDATE runs SET state = 'running', started_at = ?2 WHERE id = ?1 AND state = 'queued'",
-                params![id, now.as_microsecond()],
-            )?;
-            if n == 0 {
-                return Err(Error::Conflict(format!("run {id} is not queued")));
-            }
-            let rec = get_run(t.conn, id)?.ok_or(Error::RunNotFound(id))?;
-            t.conn.execute(
-                "UPDATE units SET runs_total = runs_total + 1 WHERE name = ?1",
-                params![rec.unit],
-            )?;
-            t.emit(EventKind::RunStarted, &rec.unit, Some(id), Some("running"))?;
-            Ok(rec)
-        })
-        .await
-    }
-
-    /// Records the process of a started run and when it started. Not awaited.
-    pub fn set_pid(
-        &self,
-        id: i64,
-        pid: u32,
-        started: Timestamp,
-        pid_start: Option<u64>,
-        boot_id: Option<String>,
-    ) {
-        self.call_detached("pid", move |t| {
-            t.conn.execute(
-                "UPDATE runs SET pid = ?2, started_at = ?3, pid_start = ?4, boot_id = ?5 \
-                 WHERE id = ?1",
-                params![id, pid, started.as_microsecond(), pid_start.map(|s| s as i64), boot_id],
-            )?;
-            Ok(())
-        });
-    }
-
-    /// Records the end of a run, updates the unit's counters, and deletes runs (and logs)
-    /// beyond the newest `keep_runs` of that unit. If it cannot be recorded now, the error is
-    /// returned and the store keeps retrying until it is.
-    pub async fn finish_run(&self, rec: RunRecord, keep_runs: u32) -> Result<()> {
-        self.finish_runs(vec![rec], keep_runs).await
-    }
-
-    /// Records the ends of several runs of one unit in one change (one commit), as
-    /// [`Store::finish_run`] does for one.
-    pub async fn finish_runs(&self, recs: Vec<RunRecord>, keep_runs: u32) -> Result<()> {
-        let again = recs.clone();
-        let r = self
-            .call(move |t| {
-                recs.iter().try_for_each(|rec| write_end(t, rec))?;
-                // Once per unit, not per run: a dispatch's thousand ends prune once.
-                let mut units: Vec<&str> = recs.iter().map(|r| r.unit.as_str()).collect();
-                units.dedup();
-                units.into_iter().try_for_each(|u| prune(t, u, keep_runs))
-            })
-            .await;
-        if let Err(e) = &r
-            && !matches!(e, Error::ShuttingDown)
-        {
-            let runs: Vec<i64> = again.iter().map(|r| r.id).collect();
-            tracing::warn!(?runs, error = %e, "the end of a run is not recorded yet; retrying");
-            lock(&self.unrecorded).extend(again.into_iter().map(|rec| (rec, keep_runs)));
-            self.call_detached("retry", |_| Ok(()));
-        }
-        r
-    }
-
-    /// One run.
-    pub async fn get_run(&self, id: i64) -> Result<RunRecord> {
-        self.call(move |t| get_run(t.conn, id)?.ok_or(Error::RunNotFound(id))).await
-    }
-
-    /// Runs, newest first.
-    pub async fn list_runs(&self, f: RunFilter) -> Result<Vec<RunRecord>> {
-        self.call(move |t| {
-            // Only the conditions in use, so SQLite can use `runs_by_unit` (unit, id).
-            let mut cond = Vec::new();
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
-            if let Some(u) = f.unit {
-                cond.push("unit = ?");
-                args.push(u.into());
-            }
-            if let Some(s) = f.state {
-                cond.push("state = ?");
-                args.push(s.as_str().to_string().into());
-            }
-            if let Some(b) = f.before {
-                cond.push("id < ?");
-                args.push(b.into());
-            }
-            let filter = if cond.is_empty() {
-                String::new()
-            } else {
-                format!("WHERE {}", cond.join(" AND "))
-            };
-            args.push(i64::from(f.limit).into());
-            let sql = format!("SELECT {RUN_COLUMNS} FROM runs {filter} ORDER BY id DESC LIMIT ?");
-            let mut st = t.conn.prepare_cached(&sql)?;
-            let rows = st
-                .query_map(rusqlite::params_from_iter(args), run_from_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })
-        .await
-    }
-
-    /// The units named after `after` (all of them for `""`), in name order, at most `limit`,
-    /// each with its newest run. Start-up loads units a page at a time, so that a large set is
-    /// never held in memory twice; the newest run is one index lookup per unit, whatever the
-    /// length of the history.
-    pub async fn load_units_page(
-        &self,
-        after: String,
-        limit: u32,
-    ) -> Result<Vec<(StoredUnit, Option<RunRecord>)>> {
-        self.call(move |t| {
-            // The run's columns first, where `run_from_row` reads them. No column name is in
-            // both tables, so only the run's need their table named.
-            let run_cols: Vec<String> =
-                RUN_COLUMNS.split(',').map(|c| format!("r.{}", c.trim())).collect();
-            let sql = format!(
-                "SELECT {}, {UNIT_COLUMNS} FROM units u LEFT JOIN runs r \
-                 ON r.id = (SELECT MAX(id) FROM runs WHERE unit = u.name) \
-                 WHERE u.name > ?1 ORDER BY u.name LIMIT ?2",
-                run_cols.join(", ")
-            );
-            let mut st = t.conn.prepare_cached(&sql)?;
-            let rows = st
-                .query_map(params![after, limit], |r| {
-                    let run = match r.get::<_, Option<i64>>(0)? {
-                        Some(_) => Some(run_from_row(r)?),
-                        None => None,
-                    };
-                    Ok((unit_from_row(r, run_cols.len())?, run))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })
-        .await
-    }
-
-    /// Marks every run on this host a previous daemon left `running` as `lost` and every
-    /// `queued` one as `cancelled` (except those waiting for their turn in a dispatch, which
-    /// the dispatch takes over), and returns them so their process groups can be killed.
-    /// Runs on agents stay as they are: their agents report them to the new daemon.
-    pub async fn recover_stale_runs(&self) -> Result<Vec<StaleRun>> {
-        self.call(|t| {
-            let sql = format!(
-                "SELECT {RUN_COLUMNS}, pid_start, boot_id FROM runs WHERE state IN ('queued', 'running') \
-                 AND host = 'local' AND (dispatch IS NULL OR state = 'running')"
-            );
-            let mut st = t.conn.prepare(&sql)?;
-            let stale = st
-                .query_map([], |r| {
-                    Ok(StaleRun {
-                        record: run_from_row(r)?,
-                        pid_start: r.get::<_, Option<i64>>("pid_start")?.map(|v| v as u64),
-                        boot_id: r.get("boot_id")?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            drop(st);
-            let now = Timestamp::now();
-            let mut out = Vec::with_capacity(stale.len());
-            for mut s in stale {
-                let (state, reason) = if s.record.state == RunState::Running {
-                    (RunState::Lost, "the daemon stopped while the run was active")
-                } else {
-                    (RunState::Cancelled, "the daemon stopped before the run started")
-                };
-                t.conn.execute(
-                    "UPDATE runs SET state = ?2, ended_at = ?3, reason = ?4 WHERE id = ?1",
-                    params![s.record.id, state.as_str(), now.as_microsecond(), reason],
-                )?;
-                if state == RunState::Lost {
-                    t.conn.execute(
-                        "UPDATE units SET failures_total = failures_total + 1 WHERE name = ?1",
-                        params![s.record.unit],
-                    )?;
-                }
-                t.emit(EventKind::RunFinished, &s.record.unit, Some(s.record.id), Some(state.as_str()))?;
-                s.record.state = state;
-                s.record.ended_at = Some(now);
-                s.record.reason = Some(reason.into());
-                out.push(s);
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    /// The newest event's sequence number (0 when there is none).
-    pub async fn last_event_seq(&self) -> Result<i64> {
-        self.call(|t| {
-            Ok(t.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?)
-        })
-        .await
-    }
-
-    /// Events with a sequence number above `after`, oldest first, at most `limit`. Events of
-    /// a kind this build does not know (written by a newer one) are left out, so replaying
-    /// the rest still works after a downgrade, page by page.
-    pub async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>> {
-        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            let kinds: Vec<String> =
-                EventKind::ALL.iter().map(|k| format!("'{}'", k.as_str())).collect();
-            format!(
-                "SELECT seq, time, kind, unit, run, state FROM events \
-                 WHERE seq > ?1 AND kind IN ({}) ORDER BY seq LIMIT ?2",
-                kinds.join(", ")
-            )
-        });
-        self.call(move |t| {
-            let mut st = t.conn.prepare_cached(&SQL)?;
-            let rows = st
-                .query_map(params![after, limit], |r| {
-                    Ok(Event {
-                        seq: r.get(0)?,
-                        time: ts(r.get(1)?),
-                        kind: r.get::<_, String>(2)?.parse().map_err(|e: String| {
-                            rusqlite::Error::FromSqlConversionFailure(
-                                2,
-                                rusqlite::types::Type::Text,
-                                e.into(),
-                            )
-                        })?,
-                        unit: r.get(3)?,
-                        run: r.get(4)?,
-                        state: r.get(5)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })
-        .await
-    }
-
-    /// Appends to the audit log. Not awaited.
-    pub fn audit(&self, a: AuditRecord) {
-        self.call_detached("audit", move |t| {
-            t.conn.execute(
-                "INSERT INTO audit(time, peer, method, unit, outcome) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![a.time.as_microsecond(), a.peer, a.method, a.unit, a.outcome],
-            )?;
-            Ok(())
-        });
-    }
-
-    /// The newest `limit` audit records (below id `before`, when given), newest first.
-    pub async fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditRecord>> {
-        self.call(move |t| {
-            let mut st = t.conn.prepare(
-                "SELECT id, time, peer, method, unit, outcome FROM audit WHERE id < ?2 \
-                 ORDER BY id DESC LIMIT ?1",
-            )?;
-            let rows = st
-                .query_map(params![limit, before.unwrap_or(i64::MAX)], |r| {
-                    Ok(AuditRecord {
-                        id: r.get(0)?,
-                        time: ts(r.get(1)?),
-                        peer: r.get(2)?,
-                        method: r.get(3)?,
-                        unit: r.get(4)?,
-                        outcome: r.get(5)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })
-        .await
-    }
-
-    /// Counts of runs by state, for `Daemon.Status`.
-    pub async fn run_counts(&self) -> Result<Vec<(String, u64)>> {
-        self.call(|t| {
-            let mut st = t.conn.prepare("SELECT state, n FROM run_counts WHERE n > 0")?;
-            let rows = st
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })
-        .await
-    }
-
-    /// Waits until every change sent so far is committed.
-    pub async fn flush(&self) -> Result<()> {
-        self.call(|_| Ok(())).await
-    }
 }
 
-fn get_run(conn: &Connection, id: i64) -> Result<Option<RunRecord>> {
-    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1");
-    Ok(conn.prepare_cached(&sql)?.query_row(params![id], run_from_row).optional()?)
-}
-
-/// Records the end of a run (see [`Store::finish_run`]); nothing happens if it already ended.
-/// Records the end of `rec` (if it is still active), its unit's counters and its event;
-/// the caller prunes the unit's history.
-fn write_end(t: &mut Tx<'_>, rec: &RunRecord) -> Result<()> {
-    let ended = rec.ended_at.unwrap_or_else(Timestamp::now);
-    let n = t.conn.execute(
-        "UPDATE runs SET state = ?2, started_at = ?3, ended_at = ?4, exit_code = ?5, \
-         signal = ?6, reason = ?7, stdout_bytes = ?8, stderr_bytes = ?9, truncated = ?10, \
-         pid = COALESCE(?11, pid) WHERE id = ?1 AND state IN ('queued', 'running')",
-        params![
-            rec.id,
-            rec.state.as_str(),
-            rec.started_at.map(|s| s.as_microsecond()),
-            ended.as_microsecond(),
-            rec.exit_code,
-            rec.signal,
-            rec.reason,
-            rec.stdout_bytes as i64,
-            rec.stderr_bytes as i64,
-            rec.truncated,
-            rec.pid,
-        ],
-    )?;
-    if n == 0 {
-        return Ok(());
+/// Makes `dir` and its `logs/` private directories (created if missing); returns `logs/`.
+fn private_dir(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let logs = dir.join("logs");
+    for p in [dir, &logs] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(p)
+            .map_err(|e| Error::io(p, e))?;
     }
-    if matches!(rec.state, RunState::Failed | RunState::TimedOut) {
-        t.conn.execute(
-            "UPDATE units SET failures_total = failures_total + 1 WHERE name = ?1",
-            params![rec.unit],
-        )?;
-    }
-    t.emit(EventKind::RunFinished, &rec.unit, Some(rec.id), Some(rec.state.as_str()))?;
-    Ok(())
-}
-
-fn prune(t: &mut Tx<'_>, unit: &str, keep: u32) -> Result<()> {
-    // Runs of no dispatch: the newest `keep` of them stay.
-    let ids: Vec<i64> = t
-        .conn
-        .prepare_cached(
-            "SELECT id FROM runs WHERE unit = ?1 AND dispatch IS NULL \
-             AND state NOT IN ('queued', 'running') \
-             AND id < (SELECT COALESCE(MIN(id), 0) FROM \
-                 (SELECT id FROM runs WHERE unit = ?1 AND dispatch IS NULL \
-                  ORDER BY id DESC LIMIT ?2))",
-        )?
-        .query_map(params![unit, keep], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    for id in ids {
-        t.conn.execute("DELETE FROM runs WHERE id = ?1", params![id])?;
-        t.delete_after_commit.push(logs::path_in(t.logs_dir, id));
-    }
-    // Dispatches are kept whole: the newest `keep` ended ones, with all their runs.
-    let old: Vec<i64> = t
-        .conn
-        .prepare_cached(
-            "SELECT id FROM dispatches WHERE unit = ?1 AND ended_at IS NOT NULL \
-             AND id < (SELECT COALESCE(MIN(id), 0) FROM \
-                 (SELECT id FROM dispatches WHERE unit = ?1 ORDER BY id DESC LIMIT ?2))",
-        )?
-        .query_map(params![unit, keep], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    for d in old {
-        let runs: Vec<i64> = t
-            .conn
-            .prepare_cached("SELECT id FROM runs WHERE dispatch = ?1")?
-            .query_map(params![d], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        t.conn.execute("DELETE FROM runs WHERE dispatch = ?1", params![d])?;
-        t.conn.execute("DELETE FROM dispatches WHERE id = ?1", params![d])?;
-        for id in runs {
-            t.delete_after_commit.push(logs::path_in(t.logs_dir, id));
-        }
-    }
-    Ok(())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Inserts a new run of `unit` (running or queued) and says so in the events.
-fn insert_run(
-    t: &mut Tx<'_>,
-    unit: String,
-    state: RunState,
-    trigger: Trigger,
-    attempt: u32,
-    scheduled_at: Option<Timestamp>,
-) -> Result<RunRecord> {
-    let run =
-        NewRun { state, trigger, attempt, scheduled_at, host: crate::run::LOCAL, dispatch: None };
-    insert_run_on(t, unit, run)
-}
-
-/// A run to insert, besides its unit.
-struct NewRun<'a> {
-    state: RunState,
-    trigger: Trigger,
-    attempt: u32,
-    scheduled_at: Option<Timestamp>,
-    /// `local` or an agent's name.
-    host: &'a str,
-    dispatch: Option<i64>,
-}
-
-/// Inserts a run of `unit` and emits its event.
-fn insert_run_on(t: &mut Tx<'_>, unit: String, run: NewRun<'_>) -> Result<RunRecord> {
-    let NewRun { state, trigger, attempt, scheduled_at, host, dispatch } = run;
-    let now = Timestamp::now();
-    let started = (state == RunState::Running).then_some(now);
-    t.conn.execute(
-        "INSERT INTO runs(unit, state, trigger, attempt, host, queued_at, scheduled_at, \
-             started_at, dispatch) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
-            unit,
-            state.as_str(),
-            trigger.as_str(),
-            attempt,
-            host,
-            now.as_microsecond(),
-            scheduled_at.map(|s| s.as_microsecond()),
-            started.map(|s| s.as_microsecond()),
-            dispatch
-        ],
-    )?;
-    let id = t.conn.last_insert_rowid();
-    if state == RunState::Running {
-        t.conn.execute(
-            "UPDATE units SET runs_total = runs_total + 1 WHERE name = ?1",
-            params![unit],
-        )?;
-    }
-    let kind =
-        if state == RunState::Running { EventKind::RunStarted } else { EventKind::RunQueued };
-    t.emit(kind, &unit, Some(id), Some(state.as_str()))?;
-    Ok(RunRecord {
-        scheduled_at,
-        started_at: started,
-        host: host.to_string(),
-        dispatch,
-        ..RunRecord::fresh(id, unit, state, trigger, attempt, now)
-    })
-}
-
-/// What one transaction did.
-struct Committed {
-    /// Why it did not commit, if it did not.
-    error: Option<String>,
-    /// Whether a job changed something that was committed.
-    wrote: bool,
-}
-
-/// The store thread: the only owner of the SQLite connection.
-struct StoreThread {
-    conn: Connection,
-    events: broadcast::Sender<Event>,
-    logs_dir: PathBuf,
-    unrecorded: Unrecorded,
-    /// See [`Store::commits`].
-    commits: Arc<AtomicU64>,
-}
-
-/// Whether commits fail (disk full…): then each job gets a transaction of its own.
-struct Health {
-    failing: bool,
-    next_retry: Instant,
-}
-
-impl Health {
-    /// Takes note of a transaction's outcome.
-    fn note(&mut self, c: &Committed) {
-        match &c.error {
-            Some(e) if !self.failing => {
-                tracing::error!(error = %e, "store: cannot commit; changes are refused until they can be written, reads go on");
-                self.failing = true;
-            }
-            None if self.failing && c.wrote => {
-                tracing::info!("store: changes are written again");
-                self.failing = false;
-                // Record the ends of runs that wait for it now.
-                self.next_retry = Instant::now();
-            }
-            _ => {}
-        }
-    }
-}
-
-impl StoreThread {
-    fn run(self, rx: std_mpsc::Receiver<Job>) {
-        let mut since_prune = 0usize;
-        let mut health = Health { failing: false, next_retry: Instant::now() };
-        loop {
-            let retrying = !lock(&self.unrecorded).is_empty();
-            let first = if retrying {
-                let wait = health.next_retry.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(wait) {
-                    Ok(j) => Some(j),
-                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match rx.recv() {
-                    Ok(j) => Some(j),
-                    Err(_) => break,
-                }
-            };
-            if retrying && Instant::now() >= health.next_retry {
-                health.next_retry = Instant::now() + RETRY;
-                let c = self.record_unrecorded();
-                health.note(&c);
-            }
-            let Some(first) = first else { continue };
-            let mut lazy = first.lazy;
-            let mut batch = vec![first];
-            let linger_until = Instant::now() + LINGER;
-            while lazy && batch.len() < MAX_BATCH {
-                match rx.recv_timeout(linger_until.saturating_duration_since(Instant::now())) {
-                    Ok(j) => {
-                        lazy = j.lazy;
-                        batch.push(j);
-                    }
-                    Err(_) => break,
-                }
-            }
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
-                }
-            }
-            if health.failing {
-                for job in batch {
-                    let c = self.commit(vec![job]);
-                    health.note(&c);
-                }
-            } else {
-                let c = self.commit(batch);
-                health.note(&c);
-                since_prune += usize::from(c.error.is_none());
-            }
-            if since_prune >= PRUNE_EVERY {
-                since_prune = 0;
-                if let Err(e) = prune_logs(&self.conn, EVENTS_KEPT, AUDIT_KEPT, PRUNE_CHUNK) {
-                    tracing::warn!(error = %e, "cannot prune old events and audit records");
-                }
-            }
-        }
-        // The daemon is stopping: a last try for ends not recorded yet (else they are `lost`
-        // at the next start).
-        if !lock(&self.unrecorded).is_empty() {
-            self.record_unrecorded();
-        }
-    }
-
-    /// Runs `batch` in one transaction, each job in its own savepoint, commits, answers every
-    /// job, and publishes the events (and deletes the files) of a committed batch. If the
-    /// commit fails, the jobs that ran before any change in it was made, and changed nothing
-    /// themselves, still get their answers: they read only what was committed before.
-    fn commit(&self, batch: Vec<Job>) -> Committed {
-        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-            // Nothing can be written: answer every caller with the error, run nothing.
-            let msg = e.to_string();
-            for job in batch {
-                (job.done)(Some(&msg));
-            }
-            return Committed { error: Some(msg), wrote: false };
-        }
-        let conn = &self.conn;
-        let mut tx = Tx {
-            conn,
-            events: Vec::new(),
-            delete_after_commit: Vec::new(),
-            logs_dir: &self.logs_dir,
-        };
-        let mut wrote = false;
-        let mut done = Vec::with_capacity(batch.len());
-        for job in batch {
-            let events_before = tx.events.len();
-            let deletes_before = tx.delete_after_commit.len();
-            let changes_before = conn.total_changes();
-            let savepoint = conn.execute_batch("SAVEPOINT job");
-            let failed = (job.work)(&mut tx);
-            let clean = !wrote;
-            if failed && savepoint.is_ok() {
-                // Undo whatever the failing change wrote, keeping the rest of the batch.
-                let _ = conn.execute_batch("ROLLBACK TO job");
-                tx.events.truncate(events_before);
-                tx.delete_after_commit.truncate(deletes_before);
-            } else {
-                wrote |= conn.total_changes() != changes_before;
-            }
-            let _ = conn.execute_batch("RELEASE job");
-            done.push((job.done, clean && !wrote));
-        }
-        let commit = conn.execute_batch("COMMIT");
-        // One line per commit (one fsync) at debug level: `RUST_LOG=taskd::store=debug`
-        // shows how many changes each shared.
-        tracing::debug!(changes = done.len(), ok = commit.is_ok(), "store commit");
-        let err = commit.as_ref().err().map(|e| e.to_string());
-        if err.is_some() {
-            let _ = conn.execute_batch("ROLLBACK");
-        } else {
-            self.commits.fetch_add(1, Ordering::Relaxed);
-        }
-        let Tx { events: evs, delete_after_commit, .. } = tx;
-        for (d, read_only) in done {
-            d(if read_only { None } else { err.as_deref() });
-        }
-        if err.is_none() {
-            for e in evs {
-                let _ = self.events.send(e);
-            }
-            for p in delete_after_commit {
-                let _ = std::fs::remove_file(&p);
-            }
-        }
-        Committed { error: err, wrote }
-    }
-
-    /// Tries again to record the ends of runs that could not be recorded.
-    fn record_unrecorded(&self) -> Committed {
-        let ends = std::mem::take(&mut *lock(&self.unrecorded));
-        let back = Arc::new(Mutex::new(Vec::new()));
-        let jobs = ends
-            .into_iter()
-            .map(|(rec, keep)| {
-                let (again, back) = (rec.clone(), back.clone());
-                Job::new(
-                    move |t| {
-                        write_end(t, &rec)?;
-                        prune(t, &rec.unit, keep)
-                    },
-                    move |r: Result<()>| {
-                        if r.is_err() {
-                            lock(&back).push((again, keep));
-                        }
-                    },
-                    true,
-                )
-            })
-            .collect();
-        let c = self.commit(jobs);
-        let back = std::mem::take(&mut *lock(&back));
-        if back.is_empty() {
-            tracing::info!("store: the ends of runs that were not recorded now are");
-        }
-        lock(&self.unrecorded).extend(back);
-        c
-    }
-}
-
-/// Deletes the oldest events and audit records beyond the newest `events` and `audit`, at most
-/// `chunk` of each.
-fn prune_logs(conn: &Connection, events: i64, audit: i64, chunk: i64) -> rusqlite::Result<()> {
-    conn.execute(
-        "DELETE FROM events WHERE seq <= MIN((SELECT MAX(seq) FROM events) - ?1, \
-         (SELECT MIN(seq) FROM events) + ?2 - 1)",
-        [events, chunk],
-    )?;
-    conn.execute(
-        "DELETE FROM audit WHERE id <= MIN((SELECT MAX(id) FROM audit) - ?1, \
-         (SELECT MIN(id) FROM audit) + ?2 - 1)",
-        [audit, chunk],
-    )?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn unit(name: &str) -> StoredUnit {
-        let now = Timestamp::now();
-        StoredUnit {
-            name: name.into(),
-            definition: serde_json::json!({"name": name}),
-            created_at: now,
-            updated_at: now,
-            paused: false,
-            stopped: false,
-            last_fire: None,
-            anchor: now,
-            runs_total: 0,
-            failures_total: 0,
-        }
-    }
-
-    #[tokio::test]
-    async fn pruning_keeps_the_newest_events_and_audit_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        for i in 0..30 {
-            store.insert_unit(unit(&format!("u{i}"))).await.unwrap();
-            store.audit(AuditRecord {
-                id: 0,
-                time: Timestamp::now(),
-                peer: "local".into(),
-                method: format!("M{i}"),
-                unit: None,
-                outcome: "ok".into(),
-            });
-        }
-        store.flush().await.unwrap();
-        let db = Connection::open(dir.path().join("taskd.db")).unwrap();
-        // At most 8 of each per pruning: events 30 → 22 → 14 → 6 → 5, audit 30 → 22 → 14 → 10.
-        prune_logs(&db, 5, 10, 8).unwrap();
-        let count = |table: &str| -> i64 {
-            db.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).unwrap()
-        };
-        assert_eq!((count("events"), count("audit")), (22, 22));
-        for _ in 0..4 {
-            prune_logs(&db, 5, 10, 8).unwrap();
-        }
-        let units: Vec<String> = db
-            .prepare("SELECT unit FROM events ORDER BY seq")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert_eq!(units, ["u25", "u26", "u27", "u28", "u29"]);
-        let audit = store.audit_log(100, None).await.unwrap();
-        let methods: Vec<&str> = audit.iter().map(|a| a.method.as_str()).collect();
-        assert_eq!(methods, ["M29", "M28", "M27", "M26", "M25", "M24", "M23", "M22", "M21", "M20"]);
-        let older = store.audit_log(3, Some(audit[4].id)).await.unwrap();
-        let methods: Vec<&str> = older.iter().map(|a| a.method.as_str()).collect();
-        assert_eq!(methods, ["M24", "M23", "M22"]);
-    }
-
-    #[tokio::test]
-    async fn a_failing_change_does_not_undo_its_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut events = store.subscribe_events();
-        let (a, b, c) = tokio::join!(
-            store.insert_unit(unit("a")),
-            store.insert_unit(unit("a")),
-            store.insert_unit(unit("b")),
-        );
-        let oks = [&a, &b, &c].iter().filter(|r| r.is_ok()).count();
-        assert_eq!(oks, 2, "{a:?} {b:?} {c:?}");
-        assert!(matches!(
-            (&a, &b),
-            (Err(Error::UnitExists(_)), _) | (_, Err(Error::UnitExists(_)))
-        ));
-        let names: Vec<_> = store.load_units().await.unwrap().into_iter().map(|u| u.name).collect();
-        assert_eq!(names, ["a", "b"]);
-        // Exactly one event per unit that was added.
-        let mut seen = vec![events.recv().await.unwrap().unit, events.recv().await.unwrap().unit];
-        seen.sort();
-        assert_eq!(seen, ["a", "b"]);
-        assert!(events.try_recv().is_err());
-    }
-
-    /// The kept counts, and the counts by a scan of the table.
-    async fn counts(store: &Store) -> (Vec<(String, u64)>, Vec<(String, u64)>) {
-        let mut kept = store.run_counts().await.unwrap();
-        kept.sort();
-        let scanned = store
-            .call(|t| {
-                let mut st =
-                    t.conn.prepare("SELECT state, COUNT(*) FROM runs GROUP BY state ORDER BY 1")?;
-                let rows = st
-                    .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok(rows)
-            })
-            .await
-            .unwrap();
-        (kept, scanned)
-    }
-
-    #[tokio::test]
-    async fn run_counts_follow_every_change_and_are_rebuilt_for_an_old_database() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store.insert_unit(unit("u")).await.unwrap();
-        store.insert_unit(unit("v")).await.unwrap();
-        for _ in 0..4 {
-            let r =
-                store.create_run("u", RunState::Running, Trigger::Manual, 1, None).await.unwrap();
-            let mut done = r.clone();
-            done.state = RunState::Succeeded;
-            store.finish_run(done, 2).await.unwrap();
-        }
-        store.create_run("v", RunState::Queued, Trigger::Manual, 1, None).await.unwrap();
-        store.create_run("v", RunState::Running, Trigger::Manual, 1, None).await.unwrap();
-        let (kept, scanned) = counts(&store).await;
-        assert_eq!(kept, scanned);
-        assert_eq!(kept, [("queued".into(), 1), ("running".into(), 1), ("succeeded".into(), 2)]);
-        store.recover_stale_runs().await.unwrap();
-        store.delete_unit("u", false).await.unwrap();
-        let (kept, scanned) = counts(&store).await;
-        assert_eq!(kept, scanned);
-        assert_eq!(kept, [("cancelled".into(), 1), ("lost".into(), 1)]);
-        store.flush().await.unwrap();
-        drop(store);
-
-        // A database from before the counts were kept gets them counted once, at open.
-        let db = Connection::open(dir.path().join("taskd.db")).unwrap();
-        db.execute_batch(
-            "DROP TRIGGER run_counts_insert; DROP TRIGGER run_counts_update; \
-             DROP TRIGGER run_counts_delete; DROP TABLE run_counts; INSERT INTO runs(unit, state, trigger, attempt, host, \
-             queued_at) VALUES ('v', 'failed', 'manual', 1, 'local', 0)",
-        )
-        .unwrap();
-        drop(db);
-        let store = Store::open(dir.path()).unwrap();
-        let (kept, scanned) = counts(&store).await;
-        assert_eq!(kept, scanned);
-        assert_eq!(kept.len(), 3);
-    }
-
-    #[tokio::test]
-    async fn runs_left_active_are_recovered_and_ids_never_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store.insert_unit(unit("u")).await.unwrap();
-        let running =
-            store.create_run("u", RunState::Running, Trigger::Add, 1, None).await.unwrap();
-        let queued =
-            store.create_run("u", RunState::Queued, Trigger::Manual, 1, None).await.unwrap();
-        store.set_pid(running.id, 4242, Timestamp::now(), Some(7), Some("boot".into()));
-        let stale = store.recover_stale_runs().await.unwrap();
-        assert_eq!(stale.len(), 2);
-        let r = stale.iter().find(|s| s.record.id == running.id).unwrap();
-        assert_eq!(r.record.state, RunState::Lost);
-        assert_eq!(
-            (r.record.pid, r.pid_start, r.boot_id.as_deref()),
-            (Some(4242), Some(7), Some("boot"))
-        );
-        assert_eq!(store.get_run(queued.id).await.unwrap().state, RunState::Cancelled);
-        store.delete_unit("u", false).await.unwrap();
-        store.insert_unit(unit("u")).await.unwrap();
-        let next = store.create_run("u", RunState::Running, Trigger::Add, 1, None).await.unwrap();
-        assert!(next.id > queued.id, "run ids are never reused");
-    }
-
-    #[tokio::test]
-    async fn a_store_from_before_scheduled_at_opens_and_keeps_its_runs() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let old = Connection::open(dir.path().join("taskd.db")).unwrap();
-            old.execute_batch(&SCHEMA.replace("    scheduled_at INTEGER,\n", "")).unwrap();
-            old.execute(
-                "INSERT INTO runs(unit, state, trigger, attempt, host, queued_at) \
-                 VALUES ('u', 'succeeded', 'add', 1, 'local', 1)",
-                [],
-            )
-            .unwrap();
-        }
-        let store = Store::open(dir.path()).unwrap();
-        let old = store.get_run(1).await.unwrap();
-        assert_eq!((old.state, old.scheduled_at), (RunState::Succeeded, None));
-        let at = Timestamp::from_second(1_700_000_000).unwrap();
-        let new = store.create_run("u", RunState::Running, Trigger::Schedule, 1, Some(at));
-        let id = new.await.unwrap().id;
-        assert_eq!(store.get_run(id).await.unwrap().scheduled_at, Some(at));
-    }
-
-    #[tokio::test]
-    async fn a_change_nobody_waits_for_commits_on_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut events = store.subscribe_events();
-        store.emit(EventKind::UnitFatal, "u", None);
-        let e = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
-        assert_eq!(e.expect("committed after lingering").unwrap().kind, EventKind::UnitFatal);
-    }
-
-    #[tokio::test]
-    async fn events_of_a_kind_this_build_does_not_know_are_left_out_of_replays() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store.emit(EventKind::UnitFatal, "a", None);
-        // As a newer build might have written it.
-        store
-            .call(|t| {
-                t.conn.execute(
-                    "INSERT INTO events(time, kind, unit) VALUES (0, 'future.kind', 'h')",
-                    [],
-                )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
-        store.emit(EventKind::UnitFatal, "b", None);
-        store.flush().await.unwrap();
-        let units: Vec<String> =
-            store.events_after(0, 1).await.unwrap().into_iter().map(|e| e.unit).collect();
-        assert_eq!(units, ["a"]);
-        let after = store.events_after(0, 10).await.unwrap();
-        let units: Vec<&str> = after.iter().map(|e| e.unit.as_str()).collect();
-        assert_eq!(units, ["a", "b"]);
-        // A page that ends before the unknown one, then the next page: nothing lost.
-        let next = store.events_after(after[0].seq, 1).await.unwrap();
-        assert_eq!(next[0].unit, "b");
-    }
+    Ok(logs)
 }

@@ -3,6 +3,7 @@
 pub mod agents;
 mod children;
 mod cli;
+mod cluster;
 mod common;
 mod engine;
 mod faults;

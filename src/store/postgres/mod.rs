@@ -1,0 +1,1361 @@
+//! The PostgreSQL store (`--store postgres://…`): the database several servers share.
+//!
+//! Mechanism:
+//! - Changes run on a pool of connections (deadpool), each call in a transaction of its own;
+//!   PostgreSQL groups concurrent commits itself, so no batching thread is needed here.
+//! - **Events in one order.** A transaction that records an event first takes a
+//!   transaction-level advisory lock ([`EVENTS_LOCK`]) and holds it to its commit, so event
+//!   sequence numbers are handed out in commit order; each event is also sent with `NOTIFY`,
+//!   which PostgreSQL delivers at commit, in commit order. Events are published to this
+//!   process's subscribers by the listener ([`listen`]), from those notifications, never by
+//!   the transaction that wrote them: every server sees the same events in the same order,
+//!   its own among them.
+//! - The listener has a connection of its own (a pooled one would swallow notifications).
+//!   When it loses it, it connects again, `LISTEN`s, and reads the events it missed from the
+//!   table before taking notifications again; a sequence number it has published already is
+//!   skipped, so none is published twice or left out.
+//! - Changes nobody waits for (a pid, a fire time, an audit record) go through one queue, in
+//!   order, several to a transaction; a failed batch is tried again for a while.
+//! - The end of a run that cannot be recorded (database unreachable) is kept in memory and
+//!   retried every second until it is, as the SQLite store does.
+//!
+//! Limits: connections are plain TCP or a Unix socket (no TLS to PostgreSQL yet); run logs
+//! are still files in the state directory (see ARCHITECTURE.md).
+
+pub mod schema;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::StreamExt;
+use jiff::Timestamp;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+use super::{
+    AUDIT_KEPT, AuditRecord, Backend, DispatchFilter, DispatchRecord, DispatchState, EVENTS_KEPT,
+    Event, EventKind, RunFilter, StaleRun, StoredAgent, StoredUnit,
+};
+use crate::error::{Error, Result};
+use crate::run::{RunRecord, RunState, Trigger};
+
+/// The advisory lock that orders events (`'taskd'` as a number, then 0).
+const EVENTS_LOCK: i64 = 0x7461_736b_6400;
+/// The notification channel of events.
+const CHANNEL: &str = "taskd_events";
+/// Connections in the pool at most.
+const POOL_SIZE: usize = 16;
+/// How long a call waits for a connection, or for one to be made.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Changes nobody waits for, committed together at most.
+const DETACHED_BATCH: usize = 512;
+/// How long a batch of such changes is tried again before it is given up (and logged).
+const DETACHED_RETRY_FOR: Duration = Duration::from_secs(60);
+/// How often run ends not recorded yet are tried again.
+const RETRY: Duration = Duration::from_secs(1);
+/// How often old events and audit records are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Longest pause between two attempts of the listener to connect again.
+const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A change nobody waits for, or a marker a flush waits on.
+enum Detached {
+    LastFire(String, Timestamp),
+    Event(EventKind, String, Option<&'static str>),
+    Pid { id: i64, pid: u32, started: Timestamp, pid_start: Option<u64>, boot_id: Option<String> },
+    Audit(AuditRecord),
+    AgentSeen(StoredAgent),
+    LateResult(i64, String),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Ends of runs that could not be recorded yet, with their unit's `keep_runs`.
+type Unrecorded = Arc<Mutex<Vec<(RunRecord, u32)>>>;
+
+/// The PostgreSQL store.
+pub(super) struct Postgres {
+    /// [`Backend::location`].
+    location: String,
+    pool: Pool,
+    detached: mpsc::UnboundedSender<Detached>,
+    unrecorded: Unrecorded,
+    commits: Arc<AtomicU64>,
+}
+
+/// A transaction, with what it needs to record events.
+struct Tx<'a> {
+    t: deadpool_postgres::Transaction<'a>,
+    /// Holds [`EVENTS_LOCK`].
+    ordered: bool,
+    commits: &'a AtomicU64,
+}
+
+type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+impl Tx<'_> {
+    async fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64> {
+        let st = self.t.prepare_cached(sql).await?;
+        Ok(self.t.execute(&st, params).await?)
+    }
+
+    async fn query(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>> {
+        let st = self.t.prepare_cached(sql).await?;
+        Ok(self.t.query(&st, params).await?)
+    }
+
+    async fn query_opt(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>> {
+        let st = self.t.prepare_cached(sql).await?;
+        Ok(self.t.query_opt(&st, params).await?)
+    }
+
+    /// Records an event and its notification (see the module documentation for the order).
+    async fn emit(
+        &mut self,
+        kind: EventKind,
+        unit: &str,
+        run: Option<i64>,
+        state: Option<&str>,
+    ) -> Result<()> {
+        if !self.ordered {
+            self.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK]).await?;
+            self.ordered = true;
+        }
+        let now = Timestamp::now();
+        self.execute(
+            "WITH e AS (INSERT INTO events(time, kind, unit, run, state) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING seq) \
+             SELECT pg_notify('taskd_events', e.seq::text) FROM e",
+            &[&now, &kind.as_str(), &unit, &run, &state],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn commit(self) -> Result<()> {
+        self.t.commit().await?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The columns [`run_from_row`] reads, in its order.
+const RUN_COLUMNS: &str = "id, unit, state, trigger, attempt, host, pid, queued_at, started_at, \
+     ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated, scheduled_at, \
+     dispatch, late_result";
+
+fn run_from_row(r: &Row) -> RunRecord {
+    let state: String = r.get(2);
+    let trigger: String = r.get(3);
+    RunRecord {
+        id: r.get(0),
+        unit: r.get(1),
+        state: state.parse().unwrap_or(RunState::Lost),
+        trigger: trigger.parse().unwrap_or(Trigger::Manual),
+        attempt: r.get::<_, i32>(4) as u32,
+        host: r.get(5),
+        pid: r.get::<_, Option<i64>>(6).map(|p| p as u32),
+        queued_at: r.get(7),
+        started_at: r.get(8),
+        ended_at: r.get(9),
+        exit_code: r.get(10),
+        signal: r.get(11),
+        reason: r.get(12),
+        stdout_bytes: r.get::<_, i64>(13) as u64,
+        stderr_bytes: r.get::<_, i64>(14) as u64,
+        truncated: r.get(15),
+        scheduled_at: r.get(16),
+        dispatch: r.get(17),
+        late_result: r.get(18),
+    }
+}
+
+/// The columns [`unit_from_row`] reads, in its order.
+const UNIT_COLUMNS: &str = "name, definition, created_at, updated_at, paused, stopped, last_fire, \
+     runs_total, failures_total, anchor";
+
+/// A unit from the row's columns `base..`, in the order of [`UNIT_COLUMNS`].
+fn unit_from_row(r: &Row, base: usize) -> StoredUnit {
+    StoredUnit {
+        name: r.get(base),
+        definition: r.get(base + 1),
+        created_at: r.get(base + 2),
+        updated_at: r.get(base + 3),
+        paused: r.get(base + 4),
+        stopped: r.get(base + 5),
+        last_fire: r.get(base + 6),
+        runs_total: r.get::<_, i64>(base + 7) as u64,
+        failures_total: r.get::<_, i64>(base + 8) as u64,
+        anchor: r.get(base + 9),
+    }
+}
+
+const DISPATCH_COLUMNS: &str =
+    "id, unit, trigger, state, created_at, ended_at, total, batch, tolerance, forgiven";
+
+fn dispatch_from_row(r: &Row) -> DispatchRecord {
+    let trigger: String = r.get(2);
+    let state: String = r.get(3);
+    DispatchRecord {
+        id: r.get(0),
+        unit: r.get(1),
+        trigger: trigger.parse().unwrap_or(Trigger::Manual),
+        state: state.parse().unwrap_or(DispatchState::Failed),
+        created_at: r.get(4),
+        ended_at: r.get(5),
+        total: r.get::<_, i32>(6) as u32,
+        batch: r.get::<_, i32>(7) as u32,
+        tolerance: r.get::<_, Option<i32>>(8).map(|t| t as u32),
+        forgiven: r.get::<_, i32>(9) as u32,
+    }
+}
+
+const AGENT_COLUMNS: &str =
+    "name, secret_hash, labels, version, os, arch, max_runs, created_at, last_seen, revoked";
+
+fn agent_from_row(r: &Row) -> StoredAgent {
+    let labels: serde_json::Value = r.get(2);
+    StoredAgent {
+        name: r.get(0),
+        secret_hash: r.get(1),
+        labels: serde_json::from_value(labels).unwrap_or_default(),
+        version: r.get(3),
+        os: r.get(4),
+        arch: r.get(5),
+        max_runs: r.get::<_, i32>(6) as u32,
+        created_at: r.get(7),
+        last_seen: r.get(8),
+        revoked: r.get(9),
+    }
+}
+
+fn event_from_row(r: &Row) -> Option<Event> {
+    Some(Event {
+        seq: r.get(0),
+        time: r.get(1),
+        kind: r.get::<_, String>(2).parse().ok()?,
+        unit: r.get(3),
+        run: r.get(4),
+        state: r.get(5),
+    })
+}
+
+/// The connection settings of `url`, with taskd's defaults where it sets none.
+fn config_of(url: &str) -> Result<tokio_postgres::Config> {
+    let mut cfg: tokio_postgres::Config =
+        url.parse().map_err(|e| Error::Postgres(format!("invalid PostgreSQL URL {url:?}: {e}")))?;
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if cfg.get_application_name().is_none() {
+        cfg.application_name("taskd");
+    }
+    // A server that vanished without a word (power cut, partition) is noticed in seconds.
+    cfg.keepalives(true).keepalives_idle(Duration::from_secs(10));
+    cfg.tcp_user_timeout(Duration::from_secs(10));
+    Ok(cfg)
+}
+
+/// `postgres://USER@HOST:PORT/DB` of `cfg`: its password left out.
+fn location_of(cfg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match cfg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let user = cfg.get_user().map(|u| format!("{u}@")).unwrap_or_default();
+    let db = cfg.get_dbname().unwrap_or_default();
+    format!("postgres://{user}{host}:{port}/{db}")
+}
+
+impl Postgres {
+    /// Connects to the database at `url`, migrates its schema, and starts the listener that
+    /// publishes committed events to `events` and the workers behind it.
+    pub(super) async fn open(url: &str, events: broadcast::Sender<Event>) -> Result<Postgres> {
+        let cfg = config_of(url)?;
+        let mgr = Manager::from_config(
+            cfg.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| Error::Postgres(format!("cannot set up the PostgreSQL pool: {e}")))?;
+        let mut c = pool.get().await?;
+        schema::migrate(&mut c).await?;
+        let last: i64 = c.query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[]).await?.get(0);
+        drop(c);
+        let published = Arc::new(AtomicI64::new(last));
+        let mut ready = listen(cfg.clone(), pool.clone(), events, published);
+        // Changes made before the listener listens would reach subscribers only through the
+        // table: wait for it to listen once (it keeps trying in the background if it cannot).
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, ready.recv()).await;
+        let (detached, rx) = mpsc::unbounded_channel();
+        let commits = Arc::new(AtomicU64::new(0));
+        tokio::spawn(detached_worker(pool.clone(), rx, commits.clone()));
+        tokio::spawn(pruner(pool.clone()));
+        Ok(Postgres {
+            location: location_of(&cfg),
+            pool,
+            detached,
+            unrecorded: Unrecorded::default(),
+            commits,
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
+
+    fn detach(&self, d: Detached) {
+        if self.detached.send(d).is_err() {
+            tracing::warn!("store closed; change dropped");
+        }
+    }
+
+    /// Keeps the ends of `recs` to record later, and makes sure someone tries.
+    fn keep_unrecorded(&self, recs: Vec<RunRecord>, keep_runs: u32) {
+        let mut u = lock(&self.unrecorded);
+        let start = u.is_empty();
+        u.extend(recs.into_iter().map(|r| (r, keep_runs)));
+        drop(u);
+        if start {
+            let (pool, unrecorded, commits) =
+                (self.pool.clone(), self.unrecorded.clone(), self.commits.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(RETRY).await;
+                    let ends = std::mem::take(&mut *lock(&unrecorded));
+                    if ends.is_empty() {
+                        return;
+                    }
+                    let mut back = Vec::new();
+                    for (rec, keep) in ends {
+                        let r = record_ends(&pool, &commits, std::slice::from_ref(&rec), keep);
+                        if r.await.is_err() {
+                            back.push((rec, keep));
+                        }
+                    }
+                    let mut u = lock(&unrecorded);
+                    if back.is_empty() && u.is_empty() {
+                        tracing::info!("store: the ends of runs that were not recorded now are");
+                        return;
+                    }
+                    u.extend(back);
+                }
+            });
+        }
+    }
+}
+
+/// Begins a transaction on `c`.
+async fn begin<'a>(c: &'a mut deadpool_postgres::Object, commits: &'a AtomicU64) -> Result<Tx<'a>> {
+    Ok(Tx { t: c.transaction().await?, ordered: false, commits })
+}
+
+/// Records the ends of `recs` and prunes their units' histories, in one transaction.
+async fn record_ends(
+    pool: &Pool,
+    commits: &AtomicU64,
+    recs: &[RunRecord],
+    keep_runs: u32,
+) -> Result<()> {
+    let mut c = pool.get().await?;
+    let mut t = begin(&mut c, commits).await?;
+    for rec in recs {
+        write_end(&mut t, rec).await?;
+    }
+    let mut units: Vec<&str> = recs.iter().map(|r| r.unit.as_str()).collect();
+    units.dedup();
+    for u in units {
+        prune(&t, u, keep_runs).await?;
+    }
+    t.commit().await
+}
+
+/// Records the end of `rec` if it is still active, its unit's counters and its event.
+async fn write_end(t: &mut Tx<'_>, rec: &RunRecord) -> Result<()> {
+    let ended = rec.ended_at.unwrap_or_else(Timestamp::now);
+    let n = t
+        .execute(
+            "UPDATE runs SET state = $2, started_at = $3, ended_at = $4, exit_code = $5, \
+             signal = $6, reason = $7, stdout_bytes = $8, stderr_bytes = $9, truncated = $10, \
+             pid = COALESCE($11, pid) WHERE id = $1 AND state IN ('queued', 'running')",
+            &[
+                &rec.id,
+                &rec.state.as_str(),
+                &rec.started_at,
+                &ended,
+                &rec.exit_code,
+                &rec.signal,
+                &rec.reason,
+                &(rec.stdout_bytes as i64),
+                &(rec.stderr_bytes as i64),
+                &rec.truncated,
+                &rec.pid.map(i64::from),
+            ],
+        )
+        .await?;
+    if n == 0 {
+        return Ok(());
+    }
+    if matches!(rec.state, RunState::Failed | RunState::TimedOut) {
+        t.execute(
+            "UPDATE units SET failures_total = failures_total + 1 WHERE name = $1",
+            &[&rec.unit],
+        )
+        .await?;
+    }
+    t.emit(EventKind::RunFinished, &rec.unit, Some(rec.id), Some(rec.state.as_str())).await
+}
+
+/// Deletes a unit's runs beyond its newest `keep` of no dispatch, and its ended dispatches
+/// beyond the newest `keep`, whole.
+async fn prune(t: &Tx<'_>, unit: &str, keep: u32) -> Result<()> {
+    let keep = i64::from(keep);
+    t.execute(
+        "DELETE FROM runs WHERE unit = $1 AND dispatch IS NULL \
+         AND state NOT IN ('queued', 'running') \
+         AND id < (SELECT COALESCE(MIN(id), 0) FROM \
+             (SELECT id FROM runs WHERE unit = $1 AND dispatch IS NULL \
+              ORDER BY id DESC LIMIT $2) k)",
+        &[&unit, &keep],
+    )
+    .await?;
+    t.execute(
+        "WITH old AS (DELETE FROM dispatches WHERE unit = $1 AND ended_at IS NOT NULL \
+         AND id < (SELECT COALESCE(MIN(id), 0) FROM \
+             (SELECT id FROM dispatches WHERE unit = $1 ORDER BY id DESC LIMIT $2) k) \
+         RETURNING id) DELETE FROM runs WHERE dispatch IN (SELECT id FROM old)",
+        &[&unit, &keep],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A run to insert, besides its unit.
+struct NewRun<'a> {
+    state: RunState,
+    trigger: Trigger,
+    attempt: u32,
+    scheduled_at: Option<Timestamp>,
+    host: &'a str,
+    dispatch: Option<i64>,
+}
+
+/// Inserts a run of `unit` and emits its event.
+async fn insert_run(t: &mut Tx<'_>, unit: &str, run: NewRun<'_>) -> Result<RunRecord> {
+    let NewRun { state, trigger, attempt, scheduled_at, host, dispatch } = run;
+    let now = Timestamp::now();
+    let started = (state == RunState::Running).then_some(now);
+    let row = t
+        .query_opt(
+            "INSERT INTO runs(unit, state, trigger, attempt, host, queued_at, scheduled_at, \
+             started_at, dispatch) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+            &[
+                &unit,
+                &state.as_str(),
+                &trigger.as_str(),
+                &(attempt as i32),
+                &host,
+                &now,
+                &scheduled_at,
+                &started,
+                &dispatch,
+            ],
+        )
+        .await?
+        .ok_or_else(|| Error::Postgres("no id for the new run".into()))?;
+    let id: i64 = row.get(0);
+    if state == RunState::Running {
+        t.execute("UPDATE units SET runs_total = runs_total + 1 WHERE name = $1", &[&unit]).await?;
+    }
+    let kind =
+        if state == RunState::Running { EventKind::RunStarted } else { EventKind::RunQueued };
+    t.emit(kind, unit, Some(id), Some(state.as_str())).await?;
+    Ok(RunRecord {
+        scheduled_at,
+        started_at: started,
+        host: host.to_string(),
+        dispatch,
+        ..RunRecord::fresh(id, unit.to_string(), state, trigger, attempt, now)
+    })
+}
+
+async fn get_run(t: &Tx<'_>, id: i64) -> Result<Option<RunRecord>> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1");
+    Ok(t.query_opt(&sql, &[&id]).await?.as_ref().map(run_from_row))
+}
+
+async fn get_dispatch(t: &Tx<'_>, id: i64) -> Result<DispatchRecord> {
+    let sql = format!("SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE id = $1");
+    t.query_opt(&sql, &[&id])
+        .await?
+        .as_ref()
+        .map(dispatch_from_row)
+        .ok_or(Error::DispatchNotFound(id))
+}
+
+async fn get_agent(t: &Tx<'_>, name: &str) -> Result<Option<StoredAgent>> {
+    let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE name = $1");
+    Ok(t.query_opt(&sql, &[&name]).await?.as_ref().map(agent_from_row))
+}
+
+async fn runs_of(t: &Tx<'_>, dispatch: i64) -> Result<Vec<RunRecord>> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE dispatch = $1 ORDER BY id");
+    Ok(t.query(&sql, &[&dispatch]).await?.iter().map(run_from_row).collect())
+}
+
+/// A dispatch's counts by state: of the newest run of each host, an ignored one counted as
+/// `ignored`.
+async fn counts_of(t: &Tx<'_>, dispatch: i64) -> Result<BTreeMap<String, u32>> {
+    let rows = t
+        .query(
+            "SELECT CASE WHEN ignored THEN 'ignored' ELSE state END, COUNT(*) FROM runs \
+             WHERE id IN (SELECT MAX(id) FROM runs WHERE dispatch = $1 GROUP BY host) GROUP BY 1",
+            &[&dispatch],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32)).collect())
+}
+
+#[async_trait]
+impl Backend for Postgres {
+    fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    async fn load_units(&self) -> Result<Vec<StoredUnit>> {
+        let c = self.client().await?;
+        let st =
+            c.prepare_cached(&format!("SELECT {UNIT_COLUMNS} FROM units ORDER BY name")).await?;
+        Ok(c.query(&st, &[]).await?.iter().map(|r| unit_from_row(r, 0)).collect())
+    }
+
+    async fn insert_unit(&self, u: StoredUnit) -> Result<()> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.commits).await?;
+        let n = t
+            .execute(
+                "INSERT INTO units(name, definition, created_at, updated_at, paused, stopped, \
+                 last_fire, anchor) VALUES ($1, $2, $3, $4, $5, false, $6, $7) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[
+                    &u.name,
+                    &u.definition,
+                    &u.created_at,
+                    &u.updated_at,
+                    &u.paused,
+                    &u.last_fire,
+                    &u.anchor,
+                ],
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::UnitExists(u.name));
+        }
+        t.emit(EventKind::UnitAdded, &u.name, None, None).await?;
+        t.commit().await
+    }
+
+    async fn update_definition(
+        &self,
+        name: &str,
+        created_at: Timestamp,
+        definition: serde_json::Value,
+        paused: bool,
+        at: Timestamp,
+        rescheduled: bool,
+    ) -> Result<()> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.commits).await?;
+        let n = t
+            .execute(
+                "UPDATE units SET definition = $3, updated_at = $4, paused = $5, \
+                 anchor = CASE WHEN $6 THEN $4 ELSE anchor END \
+                 WHERE name = $1 AND created_at = $2",
+                &[&name, &created_at, &definition, &at, &paused, &rescheduled],
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::UnitNotFound(name.to_string()));
+        }
+        t.emit(EventKind::UnitEdited, name, None, None).await?;
+        t.commit().await
+    }
+
+    async fn set_flags(
+        &self,
+        name: &str,
+        paused: bool,
+        stopped: bool,
+        kind: EventKind,
+    ) -> Result<()> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.commits).await?;
+        let n = t
+            .execute(
+                "UPDATE units SET paused = $2, stopped = $3 WHERE name = $1",
+                &[&name, &paused, &stopped],
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::UnitNotFound(name.to_string()));
+        }
+        t.emit(kind, name, None, None).await?;
+        t.commit().await
+    }
+
+    fn set_last_fire(&self, name: &str, at: Timestamp) {
+        self.detach(Detached::LastFire(name.to_string(), at));
+    }
+
+    fn emit(&self, kind: EventKind, unit: &str, state: Option<&'static str>) {
+        self.detach(Detached::Event(kind, unit.to_string(), state));
+    }
+
+    async fn delete_unit(&self, name: &str, keep_history: bool) -> Result<()> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.commits).await?;
+        let n = t.execute("DELETE FROM units WHERE name = $1", &[&name]).await?;
+        if n == 0 {
+            return Err(Error::UnitNotFound(name.to_string()));
+        }
+        if !keep_history {
+            t.execute("DELETE FROM runs WHERE unit = $1", &[&name]).await?;
+        }
+        t.emit(EventKind::UnitDeleted, name, None, None).await?;
+        t.commit().await
+    }
+
+    async fn create_run(
+        &self,
+        unit: &str,
+        state: RunState,
+        trigger: Trigger,
+        attempt: u32,
+        scheduled_at: Option<Timestamp>,
+    ) -> Result<RunRecord> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.commits).await?;
+        let run = NewRun {
+            state,
+            trigger,
+            attempt,
+            scheduled_at,
+            host: crate::run::LOCAL,
+            dispatch: None,
+        };
+        let rec = insert_run(&mut t, unit, run).await?;
+        t.commit().await?;
+        Ok(rec)
+    }
+
+    async fn create_runs(&self, unit: &str, triggers: Vec<Trigger>) -> Result<Vec<RunRecord>> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.commits).await?;
+        let mut out = Vec::with_capacity(triggers.len());
+        for trigger in triggers {
+            let run = NewRun {
+                state: RunState::Running,
+                trigger,
+                attempt: 1,
+                scheduled_at: None,
+                host: crate::run::LOCAL,
+                dispatch: None,
+            };
+            out.push(insert_run(&mut t, unit, run).await?);
+        }
+        t.commit().await?;
+        Ok(out)
+    }
+
+    async fn start_queued(&self, id: i64) -> Result<RunRecord> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.commits).await?;
+        let now = Timestamp::now();
+        let n = t
+            .execute(
+                "UPDATE runs SET state = 'running', started_at = $2 WHERE id = $1 AND state = 'queued'",
+                &[&id, &now],
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::Conflict(format!("run {id} is not queued")));
+        }
+        let rec = get_run(&t, id).await?.ok_or(Error::RunNotFound(id))?;
+        t.execute("UPDATE units SET runs_total = runs_total + 1 WHERE name = $1", &[&rec.unit])
+            .await?;
+        t.emit(EventKind::RunStarted, &rec.unit, Some(id), Some("running")).await?;
+        t.commit().await?;
+        Ok(rec)
+    }
+
+    fn set_pid(
+        &self,
+        id: i64,
+        pid: u32,
+        started: Timestamp,
+        pid_start: Option<u64>,
+        boot_id: Option<String>,
+    ) {
+        self.detach(Detached::Pid { id, pid, started, pid_start, boot_id });
+    }
+
+    async fn finish_runs(&self, recs: Vec<RunRecord>, keep_runs: u32) -> Result<()> {
+        let r = record_ends(&self.pool, &self.commits, &recs, keep_runs).await;
+        if let Err(e) = &r {
+            let runs: Vec<i64> = recs.iter().map(|r| r.id).collect();
+            tracing::warn!(?runs, error = %e, "the end of a run is not recorded yet; retrying");
+            self.keep_unrecorded(recs, keep_runs);
+        }
+        r
+    }
+
+    async fn get_run(&self, id: i64) -> Result<RunRecord> {
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.commits).await?;
+        get_run(&t, id).await?.ok_or(Error::RunNotFound(id))
+    }
+
+    async fn list_runs(&self, f: RunFilter) -> Result<Vec<RunRecord>> {
+        // Only the conditions in use, so that the planner can use `runs_by_unit`.
+        let mut cond = Vec::new();
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        if let Some(u) = f.unit {
+            args.push(Box::new(u));
+            cond.push(format!("unit = ${}", args.len()));
+        }
+        if let Some(s) = f.state {
+            args.push(Box::new(s.as_str()));
+            cond.push(format!("state = ${}", args.len()));
+        }
+        if let Some(b) = f.before {
+            args.push(Box::new(b));
+            cond.push(format!("id < ${}", args.len()));
+        }
+        let filter =
+            if cond.is_empty() { String::new() } else { format!("WHERE {}", cond.join(" AND ")) };
+        args.push(Box::new(i64::from(f.limit)));
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs {filter} ORDER BY id DESC LIMIT ${}",
+            args.len()
+        );
+        let c = self.client().await?;
+        let st = c.prepare_cached(&sql).await?;
+        let params: Vec<&(dyn ToSql + Sync)> =
+            args.iter().map(|a| a.as_ref() as &(dyn ToSql + Sync)).collect();
+        Ok(c.query(&st, &params).await?.iter().map(run_from_row).collect())
+    }
+
+    async fn load_units_page(
+        &self,
+        after: String,
+        limit: u32,
+    ) -> Result<Vec<(StoredUnit, Option<RunRecord>)>> {
+        let run_cols: Vec<String> =
+            RUN_COLUMNS.split(',').map(|c| format!("r.{}", c.trim())).collect();
+        let unit_cols: Vec<String> =
+            UNIT_COLUMNS.split(',').map(|c| format!("u.{}", c.trim())).collect();
+        let sql = format!(
+            "SELECT {}, {} FROM units u LEFT JOIN runs r \
+             ON r.id = (SELECT MAX(id) FROM runs WHERE unit = u.name) \
+             WHERE u.name > $1 ORDER BY u.name LIMIT $2",
+            run_cols.join(", "),
+            unit_cols.join(", ")
+        );
+        let c = self.client().await?;
+        let st = c.prepare_cached(&sql).await?;
+        let rows = c.query(&st, &[&after, &i64::from(limit)]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let run = r.get::<_, Option<i64>>(0).map(|_| run_from_row(r));
+                (unit_from_row(r, run_cols.len()), run)
+            })
+            .collect())
+    }
+
+    async fn recover_stale_runs(&self) -> Result<Vec<StaleRun>> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.commits).await?;
+        let sql = format!(
+            "SELECT {RUN_COLUMNS}, pid_start, boot_id FROM runs \
+             WHERE state IN ('queued', 'running') AND host = 'local' \
+             AND (dispatch IS NULL OR state = 'running') FOR UPDATE"
+        );
+        let stale: Vec<StaleRun> = t
+            .query(&sql, &[])
+            .await?
+            .iter()
+            .map(|r| StaleRun {
+                record: run_from_row(r),
+                pid_start: r.get::<_, Option<i64>>(19).map(|v| v as u64),
+                boot_id: r.get(20),
+            })
+            .collect();
+        let now = Timestamp::now();
+        let mut out = Vec::with_capacity(stale.len());
+        for mut s in stale {
+            let (state, reason) = if s.record.state == RunState::Running {
+                (RunState::Lost, "the daemon stopped while the run was active")
+            } else {
+                (RunState::Cancelled, "the daemon stopped before the run started")
+            };
+            t.execute(
+                "UPDATE runs SET state = $2, ended_at = $3, reason = $4 WHERE id = $1",
+                &[&s.record.id, &state.as_str(), &now, &reason],
+            )
+            .await?;
+            if state == RunState::Lost {
+                t.execute(
+                    "UPDATE units SET failures_total = failures_total + 1 WHERE name = $1",
+                    &[&s.record.unit],
+                )
+                .await?;
+            }
+            t.emit(EventKind::RunFinished, &s.record.unit, Some(s.record.id), Some(state.as_str()))
+                .await?;
+            s.record.state = state;
+            s.record.ended_at = Some(now);
+            s.record.reason = Some(reason.into());
+            out.push(s);
+        }
+        t.commit().await?;
+        Ok(out)
+    }
+
+    async fn last_event_seq(&self) -> Result<i64> {
+        let c = self.client().await?;
+        Ok(c.query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[]).await?.get(0))
+    }
+
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>> {
+        let c = self.client().await?;
+        events_after(&c, after, limit).await
+    }
+
+    fn audit(&self, a: AuditRecord) {
+        self.detach(Detached::Audit(a));
+    }
+
+    async fn audit_log(&self, limit: u32, before: Option<i64>) -> Result<Vec<AuditRecord>> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(
+                "SELECT id, time, peer, method, unit, outcome FROM audit WHERE id < $2 \
+                 ORDER BY id DESC LIMIT $1",
+            )
+            .await?;
+        let rows = c.query(&st, &[&i64::from(limit), &before.unwrap_or(i64::MAX)]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditRecord {
+                id: r.get(0),
+                time: r.get(1),
+                peer: r.get(2),
+                method: r.get(3),
+                unit: r.get(4),
+                outcome: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn run_counts(&self) -> Result<Vec<(String, u64)>> {
+        let c = self.client().await?;
+        let rows = c.query("SELECT state, n FROM run_counts WHERE n > 0", &[]).await?;
+        Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64)).collect())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.detach(Detached::Flush(tx));
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    async fn load_agents(&self) -> Result<Vec<StoredAgent>> {
+        let c = self.client().await?;
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY name");
+        Ok(c.query(&sql, &[]).await?.iter().map(agent_from_row).collect())
+    }
+
+    async fn create_join_token(&self, hash: String, expires_at: Timestamp) -> Result<()> {
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.commits).await?;
+        // Expired tokens are of no use: forget them as new ones come.
+        t.execute("DELETE FROM join_tokens WHERE expires_at < $1", &[&Timestamp::now()]).await?;
+        t.execute(
+            "INSERT INTO join_tokens(hash, expires_at) VALUES ($1, $2)",
+            &[&hash, &expires_at],
+        )
+        .await?;
+        t.commit().await
+    }
+
+    async fn join_agent(
+        &self,
+        token_hash: String,
+        name: String,
+        secret_hash: String,
+    ) -> Result<StoredAgent> {
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.commits).await?;
+        let now = Timestamp::now();
+        // FOR UPDATE: two servers spending one token at once enroll one agent.
+        let token = t
+            .query_opt(
+                "SELECT expires_at, spent_by FROM join_tokens WHERE hash = $1 FOR UPDATE",
+                &[&token_hash],
+            )
+            .await?
+            .map(|r| (r.get::<_, Timestamp>(0), r.get::<_, Option<String>>(1)));
+        super::fleet::check_join_token(token, now)?;
+        if let Some(a) = get_agent(&t, &name).await?
+            && !a.revoked
+        {
+            return Err(super::fleet::name_taken(&name));
+        }
+        t.execute(
+            "INSERT INTO agents(name, secret_hash, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET secret_hash = $2, created_at = $3, revoked = false",
+            &[&name, &secret_hash, &now],
+        )
+        .await?;
+        t.execute("UPDATE join_tokens SET spent_by = $2 WHERE hash = $1", &[&token_hash, &name])
+            .await?;
+        let a = get_agent(&t, &name).await?.ok_or_else(|| Error::AgentNotFound(name.clone()))?;
+        t.commit().await?;
+        Ok(a)
+    }
+
+    async fn revoke_agent(&self, name: String) -> Result<StoredAgent> {
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.commits).await?;
+        let n = t.execute("UPDATE agents SET revoked = true WHERE name = $1", &[&name]).await?;
+        if n == 0 {
+            return Err(Error::AgentNotFound(name));
+        }
+        let a = get_agent(&t, &name).await?.ok_or_else(|| Error::AgentNotFound(name.clone()))?;
+        t.commit().await?;
+        Ok(a)
+    }
+
+    fn agent_seen(&self, a: StoredAgent) {
+        self.detach(Detached::AgentSeen(a));
+    }
+
+    async fn create_dispatch(
+        &self,
+        unit: &str,
+        trigger: Trigger,
+        hosts: Vec<String>,
+        batch: u32,
+        tolerance: Option<u32>,
+        scheduled_at: Option<Timestamp>,
+    ) -> Result<(DispatchRecord, Vec<RunRecord>)> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.commits).await?;
+        let now = Timestamp::now();
+        let row = t
+            .query_opt(
+                "INSERT INTO dispatches(unit, trigger, state, created_at, total, batch, tolerance) \
+                 VALUES ($1, $2, 'running', $3, $4, $5, $6) RETURNING id",
+                &[
+                    &unit,
+                    &trigger.as_str(),
+                    &now,
+                    &(hosts.len() as i32),
+                    &(batch as i32),
+                    &tolerance.map(|t| t as i32),
+                ],
+            )
+            .await?
+            .ok_or_else(|| Error::Postgres("no id for the new dispatch".into()))?;
+        let id: i64 = row.get(0);
+        t.emit(EventKind::DispatchStarted, unit, Some(id), Some("running")).await?;
+        let mut runs = Vec::with_capacity(hosts.len());
+        for (i, host) in hosts.iter().enumerate() {
+            let state =
+                if batch == 0 || i < batch as usize { RunState::Running } else { RunState::Queued };
+            let new = NewRun { state, trigger, attempt: 1, scheduled_at, host, dispatch: Some(id) };
+            runs.push(insert_run(&mut t, unit, new).await?);
+        }
+        let d = get_dispatch(&t, id).await?;
+        t.commit().await?;
+        Ok((d, runs))
+    }
+
+    async fn create_host_run(
+        &self,
+        unit: &str,
+        host: String,
+        dispatch: i64,
+        trigger: Trigger,
+        attempt: u32,
+    ) -> Result<RunRecord> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.commits).await?;
+        let new = NewRun {
+            state: RunState::Running,
+            trigger,
+            attempt,
+            scheduled_at: None,
+            host: &host,
+            dispatch: Some(dispatch),
+        };
+        let rec = insert_run(&mut t, unit, new).await?;
+        t.commit().await?;
+        Ok(rec)
+    }
+
+    async fn set_dispatch_state(&self, id: i64, state: DispatchState) -> Result<DispatchRecord> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.commits).await?;
+        let ended = state.is_final().then(Timestamp::now);
+        t.execute(
+            "UPDATE dispatches SET state = $2, ended_at = $3 WHERE id = $1",
+            &[&id, &state.as_str(), &ended],
+        )
+        .await?;
+        let d = get_dispatch(&t, id).await?;
+        if state.is_final() {
+            t.emit(EventKind::DispatchFinished, &d.unit, Some(id), Some(state.as_str())).await?;
+        }
+        t.commit().await?;
+        Ok(d)
+    }
+
+    fn set_late_result(&self, id: i64, outcome: String) {
+        self.detach(Detached::LateResult(id, outcome));
+    }
+
+    async fn cancelling_dispatch(&self, id: i64) -> Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE dispatches SET state = 'cancelled' WHERE id = $1 AND ended_at IS NULL",
+            &[&id],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn resume_dispatch(&self, id: i64, forgiven: u32) -> Result<DispatchRecord> {
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.commits).await?;
+        t.execute(
+            "UPDATE dispatches SET state = 'running', forgiven = $2 WHERE id = $1",
+            &[&id, &(forgiven as i32)],
+        )
+        .await?;
+        let d = get_dispatch(&t, id).await?;
+        t.commit().await?;
+        Ok(d)
+    }
+
+    async fn set_ignored(&self, id: i64, ignored: bool) -> Result<()> {
+        let c = self.client().await?;
+        c.execute("UPDATE runs SET ignored = $2 WHERE id = $1", &[&id, &ignored]).await?;
+        Ok(())
+    }
+
+    async fn list_dispatches(
+        &self,
+        f: DispatchFilter,
+    ) -> Result<Vec<(DispatchRecord, BTreeMap<String, u32>)>> {
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.commits).await?;
+        let sql = format!(
+            "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE ($1::text IS NULL OR unit = $1) \
+             AND ($2::text IS NULL OR state = $2) AND ($3::bigint IS NULL OR id < $3) \
+             ORDER BY id DESC LIMIT $4"
+        );
+        let list: Vec<DispatchRecord> = t
+            .query(&sql, &[&f.unit, &f.state.map(|s| s.as_str()), &f.before, &i64::from(f.limit)])
+            .await?
+            .iter()
+            .map(dispatch_from_row)
+            .collect();
+        let mut out = Vec::with_capacity(list.len());
+        for d in list {
+            let counts = counts_of(&t, d.id).await?;
+            out.push((d, counts));
+        }
+        Ok(out)
+    }
+
+    async fn get_dispatch(
+        &self,
+        id: i64,
+    ) -> Result<(DispatchRecord, Vec<RunRecord>, BTreeMap<String, u32>)> {
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.commits).await?;
+        Ok((get_dispatch(&t, id).await?, runs_of(&t, id).await?, counts_of(&t, id).await?))
+    }
+
+    async fn open_dispatches(&self) -> Result<Vec<(DispatchRecord, Vec<RunRecord>)>> {
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.commits).await?;
+        let sql =
+            format!("SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE ended_at IS NULL ORDER BY id");
+        let list: Vec<DispatchRecord> =
+            t.query(&sql, &[]).await?.iter().map(dispatch_from_row).collect();
+        let mut out = Vec::with_capacity(list.len());
+        for d in list {
+            let runs = runs_of(&t, d.id).await?;
+            out.push((d, runs));
+        }
+        Ok(out)
+    }
+
+    async fn ignored_runs(&self, id: i64) -> Result<Vec<i64>> {
+        let c = self.client().await?;
+        let rows = c.query("SELECT id FROM runs WHERE dispatch = $1 AND ignored", &[&id]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// Events with a sequence number above `after`, oldest first, at most `limit`; kinds this
+/// build does not know are left out.
+async fn events_after(c: &deadpool_postgres::Object, after: i64, limit: u32) -> Result<Vec<Event>> {
+    let kinds: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+    let st = c
+        .prepare_cached(
+            "SELECT seq, time, kind, unit, run, state FROM events \
+             WHERE seq > $1 AND kind = ANY($3) ORDER BY seq LIMIT $2",
+        )
+        .await?;
+    let rows = c.query(&st, &[&after, &i64::from(limit), &kinds]).await?;
+    Ok(rows.iter().filter_map(event_from_row).collect())
+}
+
+/// Applies changes nobody waits for, in order, several to a transaction.
+async fn detached_worker(
+    pool: Pool,
+    mut rx: mpsc::UnboundedReceiver<Detached>,
+    commits: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, DETACHED_BATCH).await > 0 {
+        let flushes: Vec<oneshot::Sender<()>> = batch
+            .extract_if(.., |d| matches!(d, Detached::Flush(_)))
+            .filter_map(|d| match d {
+                Detached::Flush(tx) => Some(tx),
+                _ => None,
+            })
+            .collect();
+        if !batch.is_empty() {
+            let give_up = tokio::time::Instant::now() + DETACHED_RETRY_FOR;
+            loop {
+                match apply_detached(&pool, &commits, &batch).await {
+                    Ok(()) => break,
+                    Err(e) if tokio::time::Instant::now() < give_up => {
+                        tracing::warn!(error = %e, "store update failed; trying again");
+                        tokio::time::sleep(RETRY).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, changes = batch.len(), "store update failed; changes dropped");
+                        break;
+                    }
+                }
+            }
+            batch.clear();
+        }
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+}
+
+async fn apply_detached(pool: &Pool, commits: &AtomicU64, batch: &[Detached]) -> Result<()> {
+    let mut c = pool.get().await?;
+    let mut t = begin(&mut c, commits).await?;
+    for d in batch {
+        match d {
+            Detached::LastFire(name, at) => {
+                t.execute("UPDATE units SET last_fire = $2 WHERE name = $1", &[name, at]).await?;
+            }
+            Detached::Event(kind, unit, state) => t.emit(*kind, unit, None, *state).await?,
+            Detached::Pid { id, pid, started, pid_start, boot_id } => {
+                t.execute(
+                    "UPDATE runs SET pid = $2, started_at = $3, pid_start = $4, boot_id = $5 \
+                     WHERE id = $1",
+                    &[id, &i64::from(*pid), started, &pid_start.map(|s| s as i64), boot_id],
+                )
+                .await?;
+            }
+            Detached::Audit(a) => {
+                t.execute(
+                    "INSERT INTO audit(time, peer, method, unit, outcome) VALUES ($1, $2, $3, $4, $5)",
+                    &[&a.time, &a.peer, &a.method, &a.unit, &a.outcome],
+                )
+                .await?;
+            }
+            Detached::AgentSeen(a) => {
+                let labels = serde_json::to_value(&a.labels).unwrap_or_default();
+                t.execute(
+                    "UPDATE agents SET labels = $2, version = $3, os = $4, arch = $5, \
+                     max_runs = $6, last_seen = $7 WHERE name = $1",
+                    &[
+                        &a.name,
+                        &labels,
+                        &a.version,
+                        &a.os,
+                        &a.arch,
+                        &(a.max_runs as i32),
+                        &a.last_seen,
+                    ],
+                )
+                .await?;
+            }
+            Detached::LateResult(id, outcome) => {
+                t.execute(
+                    "UPDATE runs SET late_result = $2 WHERE id = $1 AND late_result IS NULL",
+                    &[id, outcome],
+                )
+                .await?;
+            }
+            Detached::Flush(_) => {}
+        }
+    }
+    t.commit().await
+}
+
+/// Deletes the oldest events and audit records beyond the newest kept, now and then.
+async fn pruner(pool: Pool) {
+    let mut every = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        every.tick().await;
+        let r = async {
+            let c = pool.get().await?;
+            c.execute(
+                "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - $1",
+                &[&EVENTS_KEPT],
+            )
+            .await?;
+            c.execute(
+                "DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - $1",
+                &[&AUDIT_KEPT],
+            )
+            .await?;
+            Ok::<_, Error>(())
+        };
+        if let Err(e) = r.await {
+            tracing::warn!(error = %e, "cannot prune old events and audit records");
+        }
+    }
+}
+
+/// Starts the listener (see the module documentation): it publishes every committed event
+/// above `published` to `events`, in order. The returned receiver gets a message each time it
+/// listens (again).
+fn listen(
+    cfg: tokio_postgres::Config,
+    pool: Pool,
+    events: broadcast::Sender<Event>,
+    published: Arc<AtomicI64>,
+) -> mpsc::Receiver<()> {
+    let (ready, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match listen_once(&cfg, &pool, &events, &published, &ready).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "store: lost the PostgreSQL event listener; connecting again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// One connection's worth of listening; returns when nobody can subscribe any more.
+async fn listen_once(
+    cfg: &tokio_postgres::Config,
+    pool: &Pool,
+    events: &broadcast::Sender<Event>,
+    published: &AtomicI64,
+    ready: &mpsc::Sender<()>,
+) -> Result<()> {
+    let (client, mut conn) = cfg.connect(NoTls).await?;
+    let (tx, mut notes) = mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut msgs = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = msgs.next().await {
+            match m {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if tx.send(n.payload().parse::<i64>().unwrap_or(i64::MAX)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "PostgreSQL listener connection ended");
+                    return;
+                }
+            }
+        }
+    });
+    let _stop_driver = AbortOnDrop(driver);
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    let _ = ready.try_send(());
+    // What was committed while nobody listened.
+    let c = pool.get().await?;
+    catch_up(&c, events, published).await?;
+    drop(c);
+    while let Some(seq) = notes.recv().await {
+        if seq <= published.load(Ordering::Relaxed) {
+            continue;
+        }
+        let c = pool.get().await?;
+        catch_up(&c, events, published).await?;
+    }
+    Err(Error::Postgres("the listener's connection closed".into()))
+}
+
+/// Publishes every event above `published`, in order.
+async fn catch_up(
+    c: &deadpool_postgres::Object,
+    events: &broadcast::Sender<Event>,
+    published: &AtomicI64,
+) -> Result<()> {
+    loop {
+        let after = published.load(Ordering::Relaxed);
+        let page = events_after(c, after, 1000).await?;
+        let Some(last) = page.last().map(|e| e.seq) else { return Ok(()) };
+        for e in page {
+            let _ = events.send(e);
+        }
+        published.store(last, Ordering::Relaxed);
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
