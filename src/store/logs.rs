@@ -1,4 +1,7 @@
-//! Run log files: one file per run, `logs/<run id>.log`, written by one thread.
+//! Run logs: one log per run, written by one thread: a file `logs/<run id>.log` with the
+//! embedded store, rows of `run_logs` with the PostgreSQL store (the same bytes, appended in
+//! chunks by [`super::postgres::logs`], so that every server reads them, also after the server
+//! that wrote them is gone).
 //!
 //! Each record is one line: `<RFC 3339 time> <tag> <payload>`. The tag says which stream
 //! the payload came from and whether the original output ended the line: `o`/`e` for a
@@ -22,6 +25,7 @@ use jiff::Timestamp;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::live::{LIVE_BUDGET, LiveFeed, LiveReceiver};
+use super::postgres::logs::LogTable;
 use crate::error::{Error, Result};
 
 pub use crate::exec::Stream;
@@ -117,11 +121,20 @@ enum Msg {
 /// bound in the daemon's memory.
 pub const WRITE_QUEUE_BYTES: usize = 2 * 1024 * 1024;
 
+/// Where run logs are kept.
+#[derive(Clone)]
+enum Sink {
+    /// Files in this directory.
+    Dir(PathBuf),
+    /// PostgreSQL's `run_logs`.
+    Table(LogTable),
+}
+
 /// Handle to the log writer thread.
 #[derive(Clone)]
 pub struct Logs {
     tx: mpsc::Sender<Msg>,
-    dir: PathBuf,
+    sink: Sink,
     queued: Arc<Semaphore>,
 }
 
@@ -133,18 +146,31 @@ pub fn path_in(dir: &Path, id: i64) -> PathBuf {
 impl Logs {
     /// Starts the writer thread for log files under `dir`.
     pub fn start(dir: PathBuf) -> Result<Logs> {
-        let (tx, rx) = mpsc::channel(1024);
-        let d = dir.clone();
-        std::thread::Builder::new()
-            .name("taskd-logs".into())
-            .spawn(move || writer_thread(d, rx))
-            .map_err(|e| Error::io(&dir, e))?;
-        Ok(Logs { tx, dir, queued: Arc::new(Semaphore::new(WRITE_QUEUE_BYTES)) })
+        Self::start_on(Sink::Dir(dir))
     }
 
-    /// The log file of run `id`.
-    pub fn path(&self, id: i64) -> PathBuf {
-        path_in(&self.dir, id)
+    /// Starts the writer thread for logs kept in PostgreSQL.
+    pub(super) fn start_table(table: LogTable) -> Result<Logs> {
+        Self::start_on(Sink::Table(table))
+    }
+
+    fn start_on(sink: Sink) -> Result<Logs> {
+        let (tx, rx) = mpsc::channel(1024);
+        let s = sink.clone();
+        std::thread::Builder::new()
+            .name("taskd-logs".into())
+            .spawn(move || writer_thread(s, rx))
+            .map_err(|e| Error::Storage(format!("cannot start the log writer: {e}")))?;
+        Ok(Logs { tx, sink, queued: Arc::new(Semaphore::new(WRITE_QUEUE_BYTES)) })
+    }
+
+    /// The log file of run `id` (with the embedded store).
+    #[cfg(test)]
+    fn path(&self, id: i64) -> PathBuf {
+        match &self.sink {
+            Sink::Dir(dir) => path_in(dir, id),
+            Sink::Table(_) => unreachable!("logs in PostgreSQL have no file"),
+        }
     }
 
     /// Creates the log file of a run that is about to start, keeping `limit` bytes per stream.
@@ -170,12 +196,31 @@ impl Logs {
         rx.await.unwrap_or_default()
     }
 
-    /// Reads part of run `run`'s log file (off the async threads).
+    /// Reads part of run `run`'s log (off the async threads).
     pub async fn read(&self, run: i64, q: LogQuery) -> Result<LogSlice> {
-        let path = self.path(run);
-        tokio::task::spawn_blocking(move || read(&path, &q).map_err(|e| Error::io(&path, e)))
-            .await
-            .map_err(|_| Error::ShuttingDown)?
+        match &self.sink {
+            Sink::Dir(dir) => {
+                let path = path_in(dir, run);
+                tokio::task::spawn_blocking(move || {
+                    read(&path, &q).map_err(|e| Error::io(&path, e))
+                })
+                .await
+                .map_err(|_| Error::ShuttingDown)?
+            }
+            Sink::Table(t) => {
+                let data = t.load(run).await?;
+                if data.is_empty() {
+                    // As a file that was never created: the run printed nothing (yet).
+                    return Err(Error::io(
+                        Path::new(&format!("run_logs/{run}")),
+                        std::io::ErrorKind::NotFound.into(),
+                    ));
+                }
+                let len = data.len() as u64;
+                read_from(&mut std::io::Cursor::new(data), len, &q)
+                    .map_err(|e| Error::Postgres(format!("log of run {run}: {e}")))
+            }
+        }
     }
 
     /// Subscribes to a run's output as soon as its log is opened (at once if it is open). The
@@ -306,11 +351,18 @@ fn encode_within(
     taken
 }
 
+/// Where one run's log goes.
+enum Out {
+    /// A file, created on the first output: most runs of small jobs print nothing, and
+    /// creating a file is the costliest part of a run's log.
+    File { path: PathBuf, file: Option<File> },
+    /// Rows of `run_logs`.
+    Table(LogTable),
+}
+
 struct RunLog {
-    path: PathBuf,
-    /// Created on the first output: most runs of small jobs print nothing, and creating a
-    /// file is the costliest part of a run's log.
-    file: Option<File>,
+    run: i64,
+    out: Out,
     /// The file could not be created: the run's output is not kept on disk.
     failed: bool,
     /// A write failed (disk full…) and that was logged: later failures are only counted.
@@ -349,7 +401,16 @@ impl RunLog {
     /// Carries on the file a previous daemon began for this run (a run on an agent, taken
     /// over after a restart): appended to, its output counted, never truncated.
     fn resume(&mut self) {
-        let Ok(data) = std::fs::read(&self.path) else { return };
+        let data = match &self.out {
+            Out::File { path, .. } => std::fs::read(path).unwrap_or_default(),
+            Out::Table(t) => t.load_blocking(self.run).unwrap_or_else(|e| {
+                tracing::warn!(run = self.run, error = %e, "cannot read a run's log to resume it");
+                Vec::new()
+            }),
+        };
+        if data.is_empty() {
+            return;
+        }
         // Up to the last whole record: a torn one is cut away.
         let whole = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         for line in data[..whole].split(|&b| b == b'\n') {
@@ -361,14 +422,21 @@ impl RunLog {
                 st.head += line.len() as u64 + 1;
             }
         }
-        let opened = std::fs::OpenOptions::new().write(true).open(&self.path).and_then(|mut f| {
-            f.set_len(whole as u64)?;
-            f.seek(SeekFrom::End(0))?;
-            Ok(f)
-        });
-        if let Ok(f) = opened {
-            self.file = Some(f);
-            self.len = whole as u64;
+        match &mut self.out {
+            Out::File { path, file } => {
+                let opened =
+                    std::fs::OpenOptions::new().write(true).open(&*path).and_then(|mut f| {
+                        f.set_len(whole as u64)?;
+                        f.seek(SeekFrom::End(0))?;
+                        Ok(f)
+                    });
+                if let Ok(f) = opened {
+                    *file = Some(f);
+                    self.len = whole as u64;
+                }
+            }
+            // A torn record at the end stays in the table; appends go after it.
+            Out::Table(_) => self.len = data.len() as u64,
         }
     }
 
@@ -381,33 +449,41 @@ impl RunLog {
         if self.failed {
             return false;
         }
-        if self.file.is_none() {
+        let (path, file) = match &mut self.out {
+            Out::Table(t) => {
+                t.append(self.run, self.len, buf.to_vec());
+                self.len += buf.len() as u64;
+                return true;
+            }
+            Out::File { path, file } => (path, file),
+        };
+        if file.is_none() {
             // Private whatever the umask: a run's output may hold secrets.
             let created = std::os::unix::fs::OpenOptionsExt::mode(
                 std::fs::OpenOptions::new().write(true).create(true).truncate(true),
                 0o600,
             )
-            .open(&self.path);
+            .open(&*path);
             match created {
-                Ok(f) => self.file = Some(f),
+                Ok(f) => *file = Some(f),
                 Err(e) => {
-                    tracing::warn!(path = %self.path.display(), error = %e, "cannot create a run log");
+                    tracing::warn!(path = %path.display(), error = %e, "cannot create a run log");
                     self.failed = true;
                     return false;
                 }
             }
         }
-        let file = self.file.as_mut().expect("just created");
-        let Err(e) = file.write_all(buf) else {
+        let f = file.as_mut().expect("just created");
+        let Err(e) = f.write_all(buf) else {
             self.len += buf.len() as u64;
             return true;
         };
         if !self.write_failed {
             self.write_failed = true;
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot write a run log; output is cut until it can");
+            tracing::warn!(path = %path.display(), error = %e, "cannot write a run log; output is cut until it can");
         }
         // Drop the part of a record that made it, and carry on where the file ended.
-        if file.set_len(self.len).and_then(|()| file.seek(SeekFrom::Start(self.len))).is_err() {
+        if f.set_len(self.len).and_then(|()| f.seek(SeekFrom::Start(self.len))).is_err() {
             self.failed = true;
         }
         false
@@ -510,7 +586,7 @@ impl RunLog {
             encode(&mut buf, c.stream, c.at, &c.data);
         }
         let tail_written = self.append(&buf);
-        if let Some(f) = self.file.as_mut() {
+        if let Out::File { file: Some(f), .. } = &mut self.out {
             let _ = f.flush();
         }
         let kept_in_memory = self.streams.iter().any(|s| !s.ring.is_empty());
@@ -538,7 +614,16 @@ type Waiter = (Option<usize>, oneshot::Sender<Follow>);
 /// the API keeps answering while a chatty run saturates a core.
 const WRITER_NICE: i32 = 5;
 
-fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
+/// Calls `f` once what was appended so far can be read back: at once for files, after the
+/// table's writer committed it for PostgreSQL.
+fn when_readable(sink: &Sink, f: impl FnOnce() + Send + 'static) {
+    match sink {
+        Sink::Dir(_) => f(),
+        Sink::Table(t) => t.after_flush(Box::new(f)),
+    }
+}
+
+fn writer_thread(sink: Sink, mut rx: mpsc::Receiver<Msg>) {
     #[cfg(target_os = "linux")]
     // SAFETY: on Linux, PRIO_PROCESS with a thread id sets that thread's nice value only.
     unsafe {
@@ -554,9 +639,13 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
             Msg::Open { run, limit, reply } => {
                 let live = LiveFeed::new(LIVE_BUDGET);
                 let log = runs.entry(run).or_insert_with(|| {
+                    let out = match &sink {
+                        Sink::Dir(dir) => Out::File { path: path_in(dir, run), file: None },
+                        Sink::Table(t) => Out::Table(t.clone()),
+                    };
                     let mut log = RunLog {
-                        path: path_in(&dir, run),
-                        file: None,
+                        run,
+                        out,
                         failed: false,
                         write_failed: false,
                         len: 0,
@@ -568,7 +657,10 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
                     log
                 });
                 for (tail_max, w) in waiting.remove(&run).unwrap_or_default() {
-                    let _ = w.send(log.follow(tail_max));
+                    let f = log.follow(tail_max);
+                    when_readable(&sink, move || {
+                        let _ = w.send(f);
+                    });
                 }
                 let _ = reply.send(Ok(()));
             }
@@ -579,18 +671,26 @@ fn writer_thread(dir: PathBuf, mut rx: mpsc::Receiver<Msg>) {
             }
             Msg::Finish { run, reply } => {
                 let summary = runs.remove(&run).map(RunLog::finish).unwrap_or_default();
-                let _ = reply.send(summary);
+                when_readable(&sink, move || {
+                    let _ = reply.send(summary);
+                });
             }
             Msg::Totals { run, reply } => {
                 let t = runs.get(&run).map(|l| [l.streams[0].total, l.streams[1].total]);
                 let _ = reply.send(t);
             }
             Msg::Subscribe { run, tail_max, reply } => {
-                let _ = reply.send(runs.get(&run).map(|l| l.follow(tail_max)));
+                let f = runs.get(&run).map(|l| l.follow(tail_max));
+                when_readable(&sink, move || {
+                    let _ = reply.send(f);
+                });
             }
             Msg::SubscribeWhenOpen { run, tail_max, reply } => match runs.get(&run) {
                 Some(log) => {
-                    let _ = reply.send(log.follow(tail_max));
+                    let f = log.follow(tail_max);
+                    when_readable(&sink, move || {
+                        let _ = reply.send(f);
+                    });
                 }
                 None => {
                     // Forget followers that gave up (their run never started).
@@ -710,9 +810,14 @@ const SCAN_LIMIT: u64 = 8 << 20;
 pub fn read(path: &Path, q: &LogQuery) -> std::io::Result<LogSlice> {
     let mut f = File::open(path)?;
     let len = f.metadata()?.len();
+    read_from(&mut f, len, q)
+}
+
+/// [`read`] of a log of `len` bytes in `f`.
+fn read_from<R: Read + Seek>(f: &mut R, len: u64, q: &LogQuery) -> std::io::Result<LogSlice> {
     let stop = q.end.map_or(len, |e| e.min(len));
     if let Some(n) = q.tail {
-        return read_tail(&mut f, stop, n, q);
+        return read_tail(f, stop, n, q);
     }
     let start = q.offset.min(stop);
     f.seek(SeekFrom::Start(start))?;
@@ -762,7 +867,12 @@ pub fn read(path: &Path, q: &LogQuery) -> std::io::Result<LogSlice> {
 
 /// The last `n` lines before `stop`, reading the file backwards only as far as needed. Each
 /// block is decoded once: only the lines it completes are counted.
-fn read_tail(f: &mut File, stop: u64, n: usize, q: &LogQuery) -> std::io::Result<LogSlice> {
+fn read_tail<R: Read + Seek>(
+    f: &mut R,
+    stop: u64,
+    n: usize,
+    q: &LogQuery,
+) -> std::io::Result<LogSlice> {
     let wanted = |r: &Record<'_>| match r {
         Record::Output(s, _, _, ended) => *ended && q.stream.is_none_or(|w| w == *s),
         Record::Cut(..) => true,

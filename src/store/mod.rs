@@ -13,7 +13,7 @@
 //! - the end of a run that cannot be recorded now (store unreachable, disk full) is kept in
 //!   memory and retried until it is, so that a run never stays `running` in the store.
 //!
-//! Run output goes to [`Logs`], beside the backend.
+//! Run output goes to [`Logs`]: files beside the SQLite database, or rows in PostgreSQL.
 
 mod fleet;
 pub mod live;
@@ -411,13 +411,13 @@ impl Store {
         Ok(Store { db: Arc::new(db), events, logs, dir: dir.to_path_buf() })
     }
 
-    /// Connects to the PostgreSQL store at `url` (migrating its schema); run logs stay under
-    /// `dir`, the state directory.
+    /// Connects to the PostgreSQL store at `url` (migrating its schema), which keeps the run
+    /// logs too; `dir` is the state directory.
     pub async fn open_postgres(url: &str, dir: &Path) -> Result<Store> {
-        let logs_dir = private_dir(dir)?;
+        private_dir(dir)?;
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
         let db = postgres::Postgres::open(url, events.clone()).await?;
-        let logs = Logs::start(logs_dir)?;
+        let logs = Logs::start_table(db.log_table())?;
         Ok(Store { db: Arc::new(db), events, logs, dir: dir.to_path_buf() })
     }
 

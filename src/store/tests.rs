@@ -96,6 +96,7 @@ on_both_stores!(
     audit_records_page_newest_first,
     join_tokens_enroll_one_agent_once,
     dispatches_keep_their_runs_counts_and_states,
+    run_logs_are_read_back_cut_to_their_limit_and_resumed,
 );
 
 fn unit(name: &str) -> StoredUnit {
@@ -443,4 +444,38 @@ async fn postgres_events_of_one_server_reach_every_server_in_one_order() {
         assert_eq!(got, ["u0", "u1"]);
         assert!(tokio::time::timeout(Duration::from_millis(300), sub.recv()).await.is_err());
     }
+}
+
+async fn run_logs_are_read_back_cut_to_their_limit_and_resumed(store: Store) {
+    use super::logs::{LogQuery, Stream};
+    store.insert_unit(unit("u")).await.unwrap();
+    let r = store.create_run("u", RunState::Running, Trigger::Manual, 1, None).await.unwrap();
+    let logs = store.logs();
+    logs.open(r.id, 64).await.unwrap();
+    let at = Timestamp::now();
+    for i in 0..10 {
+        logs.write(r.id, Stream::Stdout, at, format!("line {i}\n").into_bytes()).await;
+    }
+    logs.write(r.id, Stream::Stderr, at, b"oops\n".to_vec()).await;
+    let summary = logs.finish(r.id).await;
+    assert_eq!((summary.stdout_bytes, summary.stderr_bytes, summary.truncated), (70, 5, true));
+    let all = logs.read(r.id, LogQuery::default()).await.unwrap();
+    // The head, a cut marker, then the newest output.
+    assert!(all.truncated && all.eof, "{all:?}");
+    assert_eq!(all.data, "line 0\noops\n[… 56 bytes of stdout cut …]\nline 9\n");
+    let err = LogQuery { stream: Some(Stream::Stderr), ..Default::default() };
+    assert_eq!(logs.read(r.id, err).await.unwrap().data, "oops\n");
+    let tail = LogQuery { tail: Some(1), stream: Some(Stream::Stdout), ..Default::default() };
+    assert_eq!(logs.read(r.id, tail).await.unwrap().data, "line 9\n");
+
+    // A log opened again (a run on an agent, taken over) is carried on, not truncated.
+    let r2 = store.create_run("u", RunState::Running, Trigger::Manual, 1, None).await.unwrap();
+    logs.open(r2.id, 1 << 20).await.unwrap();
+    logs.write(r2.id, Stream::Stdout, at, b"before\n".to_vec()).await;
+    logs.finish(r2.id).await;
+    logs.open(r2.id, 1 << 20).await.unwrap();
+    logs.write(r2.id, Stream::Stdout, at, b"after\n".to_vec()).await;
+    let s2 = logs.finish(r2.id).await;
+    assert_eq!(s2.stdout_bytes, 13);
+    assert_eq!(logs.read(r2.id, LogQuery::default()).await.unwrap().data, "before\nafter\n");
 }

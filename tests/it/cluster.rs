@@ -89,7 +89,14 @@ fn a_daemon_on_postgres_keeps_units_runs_and_logs_across_a_kill() {
     let rows = query(&db.url, &format!("SELECT unit, state, exit_code FROM runs WHERE id = {id}"));
     assert_eq!(rows, [[Some("hello".into()), Some("failed".into()), Some("3".into())]]);
 
+    let rows = query(&db.url, &format!("SELECT count(*) FROM run_logs WHERE run = {id}"));
+    assert_eq!(rows, [[Some("1".into())]], "the log is in the database");
     d.kill9();
+    // Another server (its own state directory) on the same database reads it too.
+    let mut other = TestDaemon::start_with(&["--store", &db.url]);
+    let logs = other.taskctl(&["logs", &id.to_string()]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "hi\n");
+    other.kill9();
     d.restart();
     let run = d.call("Run.Get", json!(id));
     assert_eq!((run["state"].as_str(), run["exit_code"].as_i64()), (Some("failed"), Some(3)));

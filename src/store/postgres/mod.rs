@@ -19,9 +19,11 @@
 //! - The end of a run that cannot be recorded (database unreachable) is kept in memory and
 //!   retried every second until it is, as the SQLite store does.
 //!
-//! Limits: connections are plain TCP or a Unix socket (no TLS to PostgreSQL yet); run logs
-//! are still files in the state directory (see ARCHITECTURE.md).
+//! Run logs are rows of `run_logs` ([`logs`]).
+//!
+//! Limits: connections are plain TCP or a Unix socket (no TLS to PostgreSQL yet).
 
+pub mod logs;
 pub mod schema;
 
 use std::collections::BTreeMap;
@@ -316,6 +318,11 @@ impl Postgres {
             unrecorded: Unrecorded::default(),
             commits,
         })
+    }
+
+    /// The run logs' table, with its writer started.
+    pub(super) fn log_table(&self) -> logs::LogTable {
+        logs::LogTable::start(self.pool.clone())
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {

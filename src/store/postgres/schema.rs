@@ -126,6 +126,15 @@ CREATE TABLE audit (
     outcome TEXT NOT NULL
 );
 ",
+    // 2: run logs, as the bytes of a log file in pieces; deleted with their run.
+    "
+CREATE TABLE run_logs (
+    run BIGINT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    off BIGINT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (run, off)
+);
+",
 ];
 
 /// The schema version this build writes.
