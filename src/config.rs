@@ -112,6 +112,18 @@ pub struct Args {
     /// SQLite in the state directory]
     #[arg(long, env = "TASKD_STORE", value_name = "URL")]
     pub store: Option<String>,
+    /// This server's name in a cluster (`--store postgres://…`), unique among its servers
+    /// [default: the host name]
+    #[arg(long, env = "TASKD_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+    /// Where the other servers of a cluster reach this one (`HOST:PORT`) [default: the listen
+    /// address, with the host name for an unspecified IP]
+    #[arg(long, env = "TASKD_ADVERTISE", value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// How long the cluster's scheduling lease lasts without renewal: another server takes
+    /// over within this long of the holder's death [default: 10s]
+    #[arg(long, env = "TASKD_LEASE", value_name = "DURATION")]
+    pub lease: Option<String>,
     /// Run as a host agent instead (`taskd agent --help`)
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -170,6 +182,12 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     /// `--store`.
     pub store: Option<String>,
+    /// `--name`.
+    pub name: Option<String>,
+    /// `--advertise`.
+    pub advertise: Option<String>,
+    /// `--lease`.
+    pub lease: Option<String>,
 }
 
 /// The resolved configuration.
@@ -213,6 +231,12 @@ pub struct Config {
     pub tls: Option<TlsSource>,
     /// The PostgreSQL store's URL; `None`: the embedded store.
     pub store: Option<String>,
+    /// This server's name (in a cluster).
+    pub name: String,
+    /// Where other servers reach this one; `None`: derived from the listen address.
+    pub advertise: Option<String>,
+    /// The cluster's scheduling lease.
+    pub lease: Duration,
 }
 
 /// Where the daemon's TLS certificate comes from.
@@ -324,8 +348,18 @@ impl Config {
         if let Some(url) = &store {
             check_store_url(url)?;
         }
+        let lease = setting("lease", &args.lease, &file.lease, 10)?;
+        if lease < Duration::from_secs(1) {
+            anyhow::bail!("lease: at least 1s (the holder renews it every third of it)");
+        }
+        let name = args.name.clone().or(file.name).unwrap_or_else(crate::agent::host_name);
+        crate::unit::definition::validate_name(&name)
+            .map_err(|e| anyhow::anyhow!("name {name:?}: {e}"))?;
         let cfg = Config {
             store,
+            name,
+            advertise: args.advertise.clone().or(file.advertise),
+            lease,
             listen: args.listen.clone().or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
             state_dir,
             units_dir,

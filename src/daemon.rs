@@ -142,8 +142,59 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     heap::tune();
     let local = socket.local_addr()?;
-    let Opened { _lock, store, token } = open_state(&cfg, &local).await?;
+    let Opened { _lock, store, mut token } = open_state(&cfg, &local).await?;
     let stopping = Stopping::default();
+    // In a cluster: stand by, relaying to the lease holder, until this server holds the lease.
+    let cluster = store.join_cluster(&cfg.name);
+    let cluster_stop = CancellationToken::new();
+    let _stop_cluster_tasks = cluster_stop.clone().drop_guard();
+    let mut socket = Some(socket);
+    let mut early_listener = None;
+    let mut epoch = None;
+    if let Some(c) = &cluster {
+        if let Some(t) = &token {
+            let shared = c.shared("token", t).await?;
+            if shared.as_str() != &**t {
+                state_dir::write_private(
+                    &cfg.state_dir,
+                    "token",
+                    format!("{shared}\n").as_bytes(),
+                )?;
+                token = Some(shared.into());
+            }
+        }
+        let listener = listen(socket.take().expect("not listening yet"))
+            .map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?;
+        let address = crate::cluster::advertised(cfg.advertise.as_deref(), local);
+        c.join(&address).await?;
+        let address_file = state_dir::write_private(
+            &cfg.state_dir,
+            ADDRESS_FILE,
+            format!("{local}\n").as_bytes(),
+        )?;
+        tokio::spawn(crate::cluster::heartbeat(c.clone(), cfg.lease / 3, cluster_stop.clone()));
+        tracing::info!(name = %cfg.name, %address, "taskd standing by: relaying to the cluster's lease holder until this server holds the lease");
+        let relays = TaskTracker::new();
+        let lease = cfg.lease;
+        let taken = crate::cluster::standby(
+            c,
+            &address,
+            &listener,
+            lease,
+            cfg.max_connections,
+            &shutdown,
+            &relays,
+        )
+        .await;
+        let Some(e) = taken else {
+            let _ = std::fs::remove_file(&address_file);
+            tracing::info!("taskd stopped");
+            return Ok(());
+        };
+        tracing::info!(epoch = e, "this server holds the cluster's lease: starting the engine");
+        epoch = Some(e);
+        early_listener = Some(listener);
+    }
     let tls = match &cfg.tls {
         None => None,
         Some(source) => {
@@ -200,6 +251,7 @@ pub async fn run(
         token: token.clone(),
         followers: stopping.followers.clone(),
         gate: gate.clone(),
+        cluster: cluster.clone().map(|c| (c, cfg.lease)),
     }));
     let serve_cfg = ServeConfig {
         auth: match &token {
@@ -223,7 +275,19 @@ pub async fn run(
         }),
         ..ServeConfig::default()
     };
-    let listener = listen(socket).map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?;
+    let listener = match (early_listener, socket) {
+        (Some(l), _) => l,
+        (None, Some(s)) => {
+            listen(s).map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?
+        }
+        (None, None) => unreachable!("the socket listens once"),
+    };
+    let lost = CancellationToken::new();
+    if let (Some(c), Some(e)) = (&cluster, epoch) {
+        let keep =
+            crate::cluster::keep(c.clone(), e, cfg.lease, cluster_stop.clone(), lost.clone());
+        tokio::spawn(keep);
+    }
     // Written whole and renamed into place: a reader never sees half an address.
     let address_file =
         state_dir::write_private(&cfg.state_dir, ADDRESS_FILE, format!("{local}\n").as_bytes())?;
@@ -241,9 +305,24 @@ pub async fn run(
         stopping.listener_stop.clone(),
         stopping.conn_tasks.clone(),
     ));
-    shutdown.cancelled().await;
+    let lost_lease = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = lost.cancelled() => true,
+    };
     stopping.stop(&store, server).await?;
     let _ = std::fs::remove_file(&address_file);
+    cluster_stop.cancel();
+    if lost_lease {
+        anyhow::bail!(
+            "this server lost the cluster's lease and stopped; start it again to stand by"
+        );
+    }
+    if let (Some(c), Some(e)) = (&cluster, epoch) {
+        // After the engine stopped: a standby takes over at once, and nobody fires meanwhile.
+        if let Err(e) = c.release(e).await {
+            tracing::warn!(error = %e, "cannot give the cluster's lease up; it runs out by itself");
+        }
+    }
     tracing::info!("taskd stopped");
     Ok(())
 }

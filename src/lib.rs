@@ -29,6 +29,7 @@ mod names;
 
 pub mod agent;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod error;

@@ -137,7 +137,8 @@ fn default_state_dir() -> PathBuf {
     home.join(".local/state/taskd-agent")
 }
 
-fn host_name() -> String {
+/// This machine's host name (`localhost` if it has none).
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .ok()

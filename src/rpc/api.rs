@@ -27,6 +27,8 @@ pub struct ApiContext {
     pub followers: tokio_util::task::TaskTracker,
     /// The listener's connection slots and failed-login counts.
     pub gate: Arc<Gate>,
+    /// This server's handle on its cluster, with the lease's length.
+    pub cluster: Option<(crate::store::Cluster, std::time::Duration)>,
 }
 
 /// A cheap-to-clone handle every method group is implemented on.

@@ -65,6 +65,19 @@ impl DaemonApiServer for Api {
             },
             auth_failures: self.gate.failures_total(),
             store_commits: self.registry.store().commits(),
+            agents: {
+                let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
+                let list = self.registry.fleet().list();
+                for a in &list {
+                    *by_state.entry(a.state.as_str().into()).or_default() += 1;
+                }
+                by_state.insert("total".into(), list.len());
+                by_state
+            },
+            cluster: match &self.cluster {
+                Some((c, lease)) => Some(cluster_status(c, *lease).await.map_err(rpc_error)?),
+                None => None,
+            },
         })
     }
 }
@@ -110,4 +123,41 @@ impl AuthApiServer for Api {
         }
         Ok(true)
     }
+}
+
+/// The cluster as the lease row and the servers' rows say.
+async fn cluster_status(
+    c: &crate::store::Cluster,
+    lease: std::time::Duration,
+) -> crate::error::Result<super::types::ClusterStatus> {
+    let l = c.lease().await?;
+    let gone_after = jiff::SignedDuration::try_from(lease * 3).unwrap_or_default();
+    let now = Timestamp::now();
+    let holder = l.as_ref().map(|l| l.holder.clone()).unwrap_or_default();
+    let servers = c
+        .servers()
+        .await?
+        .into_iter()
+        .map(|s| super::types::ServerStatus {
+            role: if s.name == holder {
+                "holder"
+            } else if now.duration_since(s.seen_at) > gone_after {
+                "gone"
+            } else {
+                "standby"
+            }
+            .into(),
+            seen_at: super::types::fmt_time(s.seen_at),
+            name: s.name,
+            address: s.address,
+            version: s.version,
+        })
+        .collect();
+    Ok(super::types::ClusterStatus {
+        name: c.name().to_string(),
+        holder,
+        epoch: l.as_ref().map_or(0, |l| l.epoch),
+        lease_left_ms: l.map_or(0, |l| l.left.as_millis() as i64),
+        servers,
+    })
 }

@@ -356,6 +356,7 @@ mod tests {
             token: None,
             followers: Default::default(),
             gate: crate::rpc::conn::Gate::new(1, false),
+            cluster: None,
         }));
         let served: BTreeSet<String> = methods(api).method_names().map(str::to_string).collect();
         let doc = document();

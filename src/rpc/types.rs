@@ -662,6 +662,42 @@ pub struct StatusInfo {
     /// made together share one.
     #[serde(default)]
     pub store_commits: u64,
+    /// Agents per state (and `total`).
+    #[serde(default)]
+    pub agents: BTreeMap<String, usize>,
+    /// The cluster, when the store is PostgreSQL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// `Daemon.Status`'s view of the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClusterStatus {
+    /// The server answering (the lease holder: standbys relay to it).
+    pub name: String,
+    /// The lease holder.
+    pub holder: String,
+    /// The lease's epoch: raised at each takeover.
+    pub epoch: i64,
+    /// Milliseconds before the lease runs out unless renewed.
+    pub lease_left_ms: i64,
+    /// Every server that joined, by name.
+    pub servers: Vec<ServerStatus>,
+}
+
+/// A server of the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ServerStatus {
+    /// Its `--name`.
+    pub name: String,
+    /// Where the others reach it.
+    pub address: String,
+    /// Its taskd version.
+    pub version: String,
+    /// `holder`, `standby`, or `gone` (silent for three lease times).
+    pub role: String,
+    /// When it last said it was alive (RFC 3339).
+    pub seen_at: String,
 }
 
 /// `Daemon.Status`'s connection counts.

@@ -38,6 +38,7 @@ use crate::run::{RunRecord, RunState, Trigger};
 
 pub use fleet::{DispatchFilter, DispatchRecord, DispatchState, StoredAgent};
 pub use logs::Logs;
+pub use postgres::cluster::{Cluster, Lease, ServerRow};
 
 /// A unit as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -388,6 +389,8 @@ pub trait Backend: Send + Sync {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<dyn Backend>,
+    /// Makes a server's [`Cluster`] handle (PostgreSQL only).
+    cluster: Option<Arc<dyn Fn(String) -> Cluster + Send + Sync>>,
     events: broadcast::Sender<Event>,
     logs: Logs,
     dir: PathBuf,
@@ -408,7 +411,7 @@ impl Store {
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
         let db = sqlite::Sqlite::open(dir, &logs_dir, events.clone())?;
         let logs = Logs::start(logs_dir)?;
-        Ok(Store { db: Arc::new(db), events, logs, dir: dir.to_path_buf() })
+        Ok(Store { db: Arc::new(db), cluster: None, events, logs, dir: dir.to_path_buf() })
     }
 
     /// Connects to the PostgreSQL store at `url` (migrating its schema), which keeps the run
@@ -418,7 +421,21 @@ impl Store {
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
         let db = postgres::Postgres::open(url, events.clone()).await?;
         let logs = Logs::start_table(db.log_table())?;
-        Ok(Store { db: Arc::new(db), events, logs, dir: dir.to_path_buf() })
+        let db = Arc::new(db);
+        let pg = db.clone();
+        Ok(Store {
+            db,
+            cluster: Some(Arc::new(move |name| pg.cluster(name))),
+            events,
+            logs,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// This store as server `name` of a cluster (PostgreSQL only): the lease, the servers,
+    /// and from now on runs created only while `name` holds the lease.
+    pub fn join_cluster(&self, name: &str) -> Option<Cluster> {
+        self.cluster.as_ref().map(|f| f(name.to_string()))
     }
 
     /// The state directory.

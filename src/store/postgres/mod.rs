@@ -23,6 +23,7 @@
 //!
 //! Limits: connections are plain TCP or a Unix socket (no TLS to PostgreSQL yet).
 
+pub mod cluster;
 pub mod logs;
 pub mod schema;
 
@@ -87,6 +88,8 @@ pub(super) struct Postgres {
     detached: mpsc::UnboundedSender<Detached>,
     unrecorded: Unrecorded,
     commits: Arc<AtomicU64>,
+    /// Armed in a cluster: runs are created only under the lease.
+    fence: Arc<cluster::Fence>,
 }
 
 /// A transaction, with what it needs to record events.
@@ -95,6 +98,9 @@ struct Tx<'a> {
     /// Holds [`EVENTS_LOCK`].
     ordered: bool,
     commits: &'a AtomicU64,
+    fence: &'a cluster::Fence,
+    /// Checked the fence already.
+    fenced: bool,
 }
 
 type Params<'a> = [&'a (dyn ToSql + Sync)];
@@ -135,6 +141,32 @@ impl Tx<'_> {
             &[&now, &kind.as_str(), &unit, &run, &state],
         )
         .await?;
+        Ok(())
+    }
+
+    /// In a cluster, checks (once per transaction) that this server holds the lease, and
+    /// keeps it from being taken over until the transaction ends (see [`cluster`]).
+    async fn fenced(&mut self) -> Result<()> {
+        if !self.fenced {
+            cluster::check(self, self.fence).await?;
+            self.fenced = true;
+        }
+        Ok(())
+    }
+
+    /// Records a scheduled fire of `unit` at `at`; refused if it was made already (by this
+    /// server or one that held the lease before).
+    async fn fire_once(&mut self, unit: &str, at: Timestamp) -> Result<()> {
+        let epoch = self.fence.armed().map_or(0, |(_, e)| e);
+        let n = self
+            .execute(
+                "INSERT INTO fires(unit, scheduled_at, epoch, fired_at) VALUES ($1, $2, $3, now())                  ON CONFLICT DO NOTHING",
+                &[&unit, &at, &epoch],
+            )
+            .await?;
+        if n == 0 {
+            return Err(Error::Conflict(format!("the fire of {unit} at {at} was made already")));
+        }
         Ok(())
     }
 
@@ -263,6 +295,16 @@ fn config_of(url: &str) -> Result<tokio_postgres::Config> {
     // A server that vanished without a word (power cut, partition) is noticed in seconds.
     cfg.keepalives(true).keepalives_idle(Duration::from_secs(10));
     cfg.tcp_user_timeout(Duration::from_secs(10));
+    // A transaction left open by a paused server ends (see `cluster`).
+    let idle = format!(
+        "-c idle_in_transaction_session_timeout={}",
+        cluster::IDLE_IN_TRANSACTION.as_millis()
+    );
+    let options = match cfg.get_options() {
+        Some(o) => format!("{o} {idle}"),
+        None => idle,
+    };
+    cfg.options(&options);
     Ok(cfg)
 }
 
@@ -317,7 +359,14 @@ impl Postgres {
             detached,
             unrecorded: Unrecorded::default(),
             commits,
+            fence: Arc::default(),
         })
+    }
+
+    /// This store as server `name` of a cluster: from now on it creates runs only while
+    /// that server holds the lease.
+    pub(super) fn cluster(&self, name: String) -> cluster::Cluster {
+        cluster::Cluster::new(self.pool.clone(), name, self.fence.clone())
     }
 
     /// The run logs' table, with its writer started.
@@ -371,8 +420,12 @@ impl Postgres {
 }
 
 /// Begins a transaction on `c`.
-async fn begin<'a>(c: &'a mut deadpool_postgres::Object, commits: &'a AtomicU64) -> Result<Tx<'a>> {
-    Ok(Tx { t: c.transaction().await?, ordered: false, commits })
+async fn begin<'a>(
+    c: &'a mut deadpool_postgres::Object,
+    commits: &'a AtomicU64,
+    fence: &'a cluster::Fence,
+) -> Result<Tx<'a>> {
+    Ok(Tx { t: c.transaction().await?, ordered: false, commits, fence, fenced: false })
 }
 
 /// Records the ends of `recs` and prunes their units' histories, in one transaction.
@@ -383,7 +436,7 @@ async fn record_ends(
     keep_runs: u32,
 ) -> Result<()> {
     let mut c = pool.get().await?;
-    let mut t = begin(&mut c, commits).await?;
+    let mut t = begin(&mut c, commits, &cluster::UNFENCED).await?;
     for rec in recs {
         write_end(&mut t, rec).await?;
     }
@@ -468,6 +521,7 @@ struct NewRun<'a> {
 /// Inserts a run of `unit` and emits its event.
 async fn insert_run(t: &mut Tx<'_>, unit: &str, run: NewRun<'_>) -> Result<RunRecord> {
     let NewRun { state, trigger, attempt, scheduled_at, host, dispatch } = run;
+    t.fenced().await?;
     let now = Timestamp::now();
     let started = (state == RunState::Running).then_some(now);
     let row = t
@@ -560,7 +614,7 @@ impl Backend for Postgres {
 
     async fn insert_unit(&self, u: StoredUnit) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits).await?;
+        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
         let n = t
             .execute(
                 "INSERT INTO units(name, definition, created_at, updated_at, paused, stopped, \
@@ -594,7 +648,7 @@ impl Backend for Postgres {
         rescheduled: bool,
     ) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits).await?;
+        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
         let n = t
             .execute(
                 "UPDATE units SET definition = $3, updated_at = $4, paused = $5, \
@@ -618,7 +672,7 @@ impl Backend for Postgres {
         kind: EventKind,
     ) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits).await?;
+        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
         let n = t
             .execute(
                 "UPDATE units SET paused = $2, stopped = $3 WHERE name = $1",
@@ -642,7 +696,7 @@ impl Backend for Postgres {
 
     async fn delete_unit(&self, name: &str, keep_history: bool) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits).await?;
+        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
         let n = t.execute("DELETE FROM units WHERE name = $1", &[&name]).await?;
         if n == 0 {
             return Err(Error::UnitNotFound(name.to_string()));
@@ -663,7 +717,13 @@ impl Backend for Postgres {
         scheduled_at: Option<Timestamp>,
     ) -> Result<RunRecord> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits).await?;
+        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        if let Some(at) = scheduled_at
+            && attempt == 1
+        {
+            t.fenced().await?;
+            t.fire_once(unit, at).await?;
+        }
         let run = NewRun {
             state,
             trigger,
@@ -679,7 +739,7 @@ impl Backend for Postgres {
 
     async fn create_runs(&self, unit: &str, triggers: Vec<Trigger>) -> Result<Vec<RunRecord>> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits).await?;
+        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
         let mut out = Vec::with_capacity(triggers.len());
         for trigger in triggers {
             let run = NewRun {
@@ -698,7 +758,8 @@ impl Backend for Postgres {
 
     async fn start_queued(&self, id: i64) -> Result<RunRecord> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits).await?;
+        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        t.fenced().await?;
         let now = Timestamp::now();
         let n = t
             .execute(
@@ -740,7 +801,7 @@ impl Backend for Postgres {
 
     async fn get_run(&self, id: i64) -> Result<RunRecord> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits).await?;
+        let t = begin(&mut c, &self.commits, &self.fence).await?;
         get_run(&t, id).await?.ok_or(Error::RunNotFound(id))
     }
 
@@ -804,7 +865,7 @@ impl Backend for Postgres {
 
     async fn recover_stale_runs(&self) -> Result<Vec<StaleRun>> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits).await?;
+        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
         let sql = format!(
             "SELECT {RUN_COLUMNS}, pid_start, boot_id FROM runs \
              WHERE state IN ('queued', 'running') AND host = 'local' \
@@ -907,7 +968,7 @@ impl Backend for Postgres {
 
     async fn create_join_token(&self, hash: String, expires_at: Timestamp) -> Result<()> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits).await?;
+        let t = begin(&mut c, &self.commits, &self.fence).await?;
         // Expired tokens are of no use: forget them as new ones come.
         t.execute("DELETE FROM join_tokens WHERE expires_at < $1", &[&Timestamp::now()]).await?;
         t.execute(
@@ -925,7 +986,7 @@ impl Backend for Postgres {
         secret_hash: String,
     ) -> Result<StoredAgent> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits).await?;
+        let t = begin(&mut c, &self.commits, &self.fence).await?;
         let now = Timestamp::now();
         // FOR UPDATE: two servers spending one token at once enroll one agent.
         let token = t
@@ -956,7 +1017,7 @@ impl Backend for Postgres {
 
     async fn revoke_agent(&self, name: String) -> Result<StoredAgent> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits).await?;
+        let t = begin(&mut c, &self.commits, &self.fence).await?;
         let n = t.execute("UPDATE agents SET revoked = true WHERE name = $1", &[&name]).await?;
         if n == 0 {
             return Err(Error::AgentNotFound(name));
@@ -980,7 +1041,11 @@ impl Backend for Postgres {
         scheduled_at: Option<Timestamp>,
     ) -> Result<(DispatchRecord, Vec<RunRecord>)> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits).await?;
+        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        t.fenced().await?;
+        if let Some(at) = scheduled_at {
+            t.fire_once(unit, at).await?;
+        }
         let now = Timestamp::now();
         let row = t
             .query_opt(
@@ -1020,7 +1085,7 @@ impl Backend for Postgres {
         attempt: u32,
     ) -> Result<RunRecord> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits).await?;
+        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
         let new = NewRun {
             state: RunState::Running,
             trigger,
@@ -1036,7 +1101,7 @@ impl Backend for Postgres {
 
     async fn set_dispatch_state(&self, id: i64, state: DispatchState) -> Result<DispatchRecord> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits).await?;
+        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
         let ended = state.is_final().then(Timestamp::now);
         t.execute(
             "UPDATE dispatches SET state = $2, ended_at = $3 WHERE id = $1",
@@ -1067,7 +1132,7 @@ impl Backend for Postgres {
 
     async fn resume_dispatch(&self, id: i64, forgiven: u32) -> Result<DispatchRecord> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits).await?;
+        let t = begin(&mut c, &self.commits, &self.fence).await?;
         t.execute(
             "UPDATE dispatches SET state = 'running', forgiven = $2 WHERE id = $1",
             &[&id, &(forgiven as i32)],
@@ -1089,7 +1154,7 @@ impl Backend for Postgres {
         f: DispatchFilter,
     ) -> Result<Vec<(DispatchRecord, BTreeMap<String, u32>)>> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits).await?;
+        let t = begin(&mut c, &self.commits, &self.fence).await?;
         let sql = format!(
             "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE ($1::text IS NULL OR unit = $1) \
              AND ($2::text IS NULL OR state = $2) AND ($3::bigint IS NULL OR id < $3) \
@@ -1114,13 +1179,13 @@ impl Backend for Postgres {
         id: i64,
     ) -> Result<(DispatchRecord, Vec<RunRecord>, BTreeMap<String, u32>)> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits).await?;
+        let t = begin(&mut c, &self.commits, &self.fence).await?;
         Ok((get_dispatch(&t, id).await?, runs_of(&t, id).await?, counts_of(&t, id).await?))
     }
 
     async fn open_dispatches(&self) -> Result<Vec<(DispatchRecord, Vec<RunRecord>)>> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits).await?;
+        let t = begin(&mut c, &self.commits, &self.fence).await?;
         let sql =
             format!("SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE ended_at IS NULL ORDER BY id");
         let list: Vec<DispatchRecord> =
@@ -1194,7 +1259,7 @@ async fn detached_worker(
 
 async fn apply_detached(pool: &Pool, commits: &AtomicU64, batch: &[Detached]) -> Result<()> {
     let mut c = pool.get().await?;
-    let mut t = begin(&mut c, commits).await?;
+    let mut t = begin(&mut c, commits, &cluster::UNFENCED).await?;
     for d in batch {
         match d {
             Detached::LastFire(name, at) => {

@@ -135,6 +135,34 @@ CREATE TABLE run_logs (
     PRIMARY KEY (run, off)
 );
 ",
+    // 3: the cluster: its servers, the scheduling lease (one row), the scheduled fires made
+    // (one per unit and time, whoever made it), and settings the servers share.
+    "
+CREATE TABLE servers (
+    name TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    version TEXT NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL,
+    seen_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    holder TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE fires (
+    unit TEXT NOT NULL,
+    scheduled_at TIMESTAMPTZ NOT NULL,
+    epoch BIGINT NOT NULL,
+    fired_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (unit, scheduled_at)
+);
+CREATE TABLE cluster_settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+",
 ];
 
 /// The schema version this build writes.

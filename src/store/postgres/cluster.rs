@@ -1,0 +1,253 @@
+//! The cluster's shared state in PostgreSQL: the servers, the scheduling lease, and the fence
+//! that keeps a server that lost the lease from starting anything.
+//!
+//! **The lease** is one row: holder, epoch, expiry. Its times are the database's
+//! (`clock_timestamp()`), so servers' clocks may disagree without harm. A server takes the
+//! lease when there is none or it has expired, raising the epoch; the holder renews it every
+//! third of its length, and a renewal succeeds only while the holder still has its epoch and
+//! the lease has not expired. A holder that cannot renew it in time has lost it, whatever
+//! happens later.
+//!
+//! **The fence.** Every run the engine creates, in a cluster, is created in a transaction that
+//! first reads the lease row `FOR SHARE`, checking holder, epoch and expiry. A server taking
+//! the lease over must update that row, so it waits for such a transaction to end: a run is
+//! created only by the holder of an unexpired lease, even if that holder was paused (SIGSTOP,
+//! a long GC, a partition) and wakes up after its lease ran out. Sessions end a transaction
+//! left idle for [`IDLE_IN_TRANSACTION`], so a paused holder cannot hold the row for long.
+//! A scheduled fire is also recorded under its unit and scheduled time (`fires`), so the
+//! same fire is never made twice, across a takeover too.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use jiff::Timestamp;
+
+use crate::error::{Error, Result};
+
+/// How long a session may sit in a transaction doing nothing before PostgreSQL ends it.
+pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
+
+/// A fence never armed: for transactions that create no run.
+pub static UNFENCED: Fence = Fence { name: OnceLock::new(), epoch: AtomicI64::new(0) };
+
+/// Which server may create runs, and under which epoch: armed by [`Cluster`], checked by
+/// the store when it creates a run.
+#[derive(Default)]
+pub struct Fence {
+    /// This server's name, once it is in a cluster.
+    name: OnceLock<String>,
+    /// The epoch of the lease it holds; 0 when it holds none.
+    epoch: AtomicI64,
+}
+
+impl Fence {
+    /// `(name, epoch)` to check, when this store is a cluster server's.
+    pub fn armed(&self) -> Option<(&str, i64)> {
+        self.name.get().map(|n| (n.as_str(), self.epoch.load(Ordering::SeqCst)))
+    }
+}
+
+/// The lease as it stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    /// Who holds it (maybe expired).
+    pub holder: String,
+    /// Raised at each takeover.
+    pub epoch: i64,
+    /// Time left, by the database's clock; negative once expired.
+    pub left: jiff::SignedDuration,
+    /// Where the holder said it can be reached.
+    pub address: Option<String>,
+}
+
+/// A server of the cluster, as it last said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerRow {
+    /// Its `--name`.
+    pub name: String,
+    /// Where others reach it.
+    pub address: String,
+    /// Its taskd version.
+    pub version: String,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it last said it was alive.
+    pub seen_at: Timestamp,
+}
+
+/// One server's handle on the cluster's shared state.
+#[derive(Clone)]
+pub struct Cluster {
+    pool: Pool,
+    name: String,
+    fence: Arc<Fence>,
+}
+
+impl Cluster {
+    pub(super) fn new(pool: Pool, name: String, fence: Arc<Fence>) -> Cluster {
+        let _ = fence.name.set(name.clone());
+        Cluster { pool, name, fence }
+    }
+
+    /// This server's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Records this server (its address, version, start) in `servers`.
+    pub async fn join(&self, address: &str) -> Result<()> {
+        let c = self.pool.get().await?;
+        c.execute(
+            "INSERT INTO servers(name, address, version, started_at, seen_at) \
+             VALUES ($1, $2, $3, now(), now()) ON CONFLICT (name) DO UPDATE \
+             SET address = $2, version = $3, started_at = now(), seen_at = now()",
+            &[&self.name, &address, &env!("CARGO_PKG_VERSION")],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Says this server is alive.
+    pub async fn heartbeat(&self) -> Result<()> {
+        let c = self.pool.get().await?;
+        c.execute("UPDATE servers SET seen_at = now() WHERE name = $1", &[&self.name]).await?;
+        Ok(())
+    }
+
+    /// Takes the lease if nobody holds it or it has expired; its epoch when taken.
+    pub async fn try_acquire(&self, ttl: Duration) -> Result<Option<i64>> {
+        let c = self.pool.get().await?;
+        let ttl = secs(ttl);
+        // A lease row locked by a fenced transaction of a paused holder: give up quickly and
+        // try again at the next round.
+        c.batch_execute("SET lock_timeout = '1s'").await?;
+        let row = c
+            .query_opt(
+                "INSERT INTO lease(id, holder, epoch, expires_at) \
+                 VALUES (1, $1, 1, clock_timestamp() + make_interval(secs => $2)) \
+                 ON CONFLICT (id) DO UPDATE SET holder = $1, epoch = lease.epoch + 1, \
+                 expires_at = clock_timestamp() + make_interval(secs => $2) \
+                 WHERE lease.expires_at < clock_timestamp() RETURNING epoch",
+                &[&self.name, &ttl],
+            )
+            .await;
+        c.batch_execute("RESET lock_timeout").await?;
+        let epoch: Option<i64> = row?.map(|r| r.get(0));
+        if let Some(e) = epoch {
+            self.fence.epoch.store(e, Ordering::SeqCst);
+        }
+        Ok(epoch)
+    }
+
+    /// Renews the lease held under `epoch`; false when it is lost (expired, or taken over).
+    pub async fn renew(&self, epoch: i64, ttl: Duration) -> Result<bool> {
+        let c = self.pool.get().await?;
+        let n = c
+            .execute(
+                "UPDATE lease SET expires_at = clock_timestamp() + make_interval(secs => $3) \
+                 WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > clock_timestamp()",
+                &[&self.name, &epoch, &secs(ttl)],
+            )
+            .await?;
+        if n == 0 {
+            self.fence.epoch.store(0, Ordering::SeqCst);
+        }
+        Ok(n == 1)
+    }
+
+    /// Stops creating runs under the lease at once (it is being lost or given up).
+    pub fn disarm(&self) {
+        self.fence.epoch.store(0, Ordering::SeqCst);
+    }
+
+    /// Gives the lease up (a clean shutdown), so that another server takes it at once.
+    pub async fn release(&self, epoch: i64) -> Result<()> {
+        self.disarm();
+        let c = self.pool.get().await?;
+        c.execute(
+            "UPDATE lease SET expires_at = clock_timestamp() - interval '1 second' \
+             WHERE id = 1 AND holder = $1 AND epoch = $2",
+            &[&self.name, &epoch],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The lease, if anybody ever held it, with its holder's address.
+    pub async fn lease(&self) -> Result<Option<Lease>> {
+        let c = self.pool.get().await?;
+        let row = c
+            .query_opt(
+                "SELECT l.holder, l.epoch, \
+                 EXTRACT(EPOCH FROM (l.expires_at - clock_timestamp()))::float8, s.address \
+                 FROM lease l LEFT JOIN servers s ON s.name = l.holder WHERE l.id = 1",
+                &[],
+            )
+            .await?;
+        Ok(row.map(|r| Lease {
+            holder: r.get(0),
+            epoch: r.get(1),
+            left: jiff::SignedDuration::from_secs_f64(r.get::<_, f64>(2)),
+            address: r.get(3),
+        }))
+    }
+
+    /// Every server that ever joined, by name.
+    pub async fn servers(&self) -> Result<Vec<ServerRow>> {
+        let c = self.pool.get().await?;
+        let rows = c
+            .query(
+                "SELECT name, address, version, started_at, seen_at FROM servers ORDER BY name",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ServerRow {
+                name: r.get(0),
+                address: r.get(1),
+                version: r.get(2),
+                started_at: r.get(3),
+                seen_at: r.get(4),
+            })
+            .collect())
+    }
+
+    /// The cluster's value of `key`: the one stored, or `mine` stored now if there is none.
+    /// Servers agree on the client token this way.
+    pub async fn shared(&self, key: &str, mine: &str) -> Result<String> {
+        let c = self.pool.get().await?;
+        c.execute(
+            "INSERT INTO cluster_settings(key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            &[&key, &mine],
+        )
+        .await?;
+        let row = c.query_one("SELECT value FROM cluster_settings WHERE key = $1", &[&key]).await?;
+        Ok(row.get(0))
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Checks, in `t`, that this server holds the lease under the fence's epoch, holding the lease
+/// row until `t` ends; does nothing when the store is not a cluster server's.
+pub(super) async fn check(t: &super::Tx<'_>, fence: &Fence) -> Result<()> {
+    let Some((name, epoch)) = fence.armed() else { return Ok(()) };
+    let held = t
+        .query_opt(
+            "SELECT 1 FROM lease WHERE id = 1 AND holder = $1 AND epoch = $2 \
+             AND expires_at > clock_timestamp() FOR SHARE",
+            &[&name, &epoch],
+        )
+        .await?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(Error::Conflict(
+            "this server does not hold the cluster's lease (any more): it starts nothing".into(),
+        )),
+    }
+}
