@@ -28,6 +28,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::rpc::http::Peers;
 use crate::store::Cluster;
 
 /// How long a relayed connection waits for a holder to appear before it is closed.
@@ -184,15 +185,28 @@ pub async fn keep(
     }
 }
 
-/// Says this server is alive in `servers` every `every`, until `stop`.
-pub async fn heartbeat(cluster: Cluster, every: Duration, stop: CancellationToken) {
+/// How often a server rereads the servers' addresses: a server that just joined is accepted
+/// in `Host` headers within this long.
+const PEERS_EVERY: Duration = Duration::from_millis(200);
+
+/// Says this server is alive in `servers` every `every`, and keeps `peers` (the servers'
+/// addresses) up to date, until `stop`.
+pub async fn heartbeat(cluster: Cluster, every: Duration, peers: Peers, stop: CancellationToken) {
+    let mut beat_due = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= beat_due {
+            beat_due += every;
+            if let Err(e) = cluster.heartbeat().await {
+                tracing::debug!(error = %e, "cannot record this server's heartbeat");
+            }
+        }
+        if let Ok(servers) = cluster.servers().await {
+            let addresses = servers.into_iter().map(|s| s.address).collect();
+            *peers.write().unwrap_or_else(std::sync::PoisonError::into_inner) = addresses;
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        if let Err(e) = cluster.heartbeat().await {
-            tracing::debug!(error = %e, "cannot record this server's heartbeat");
+            _ = tokio::time::sleep(PEERS_EVERY) => {}
         }
     }
 }

@@ -149,6 +149,7 @@ pub async fn run(
     let cluster_stop = CancellationToken::new();
     let _stop_cluster_tasks = cluster_stop.clone().drop_guard();
     let mut socket = Some(socket);
+    let peers = crate::rpc::http::Peers::default();
     let mut early_listener = None;
     let mut epoch = None;
     if let Some(c) = &cluster {
@@ -172,7 +173,13 @@ pub async fn run(
             ADDRESS_FILE,
             format!("{local}\n").as_bytes(),
         )?;
-        tokio::spawn(crate::cluster::heartbeat(c.clone(), cfg.lease / 3, cluster_stop.clone()));
+        let beat = crate::cluster::heartbeat(
+            c.clone(),
+            cfg.lease / 3,
+            peers.clone(),
+            cluster_stop.clone(),
+        );
+        tokio::spawn(beat);
         tracing::info!(name = %cfg.name, %address, "taskd standing by: relaying to the cluster's lease holder until this server holds the lease");
         let relays = TaskTracker::new();
         let lease = cfg.lease;
@@ -266,6 +273,7 @@ pub async fn run(
         audited_methods: AUDITED_METHODS,
         stop_accepting: stopping.stop_accepting.clone(),
         allow_hosts: cfg.allow_host.clone(),
+        peers,
         gate: Some(gate),
         tls: tls.map(|t| t.acceptor),
         plain_remote: cfg.insecure,

@@ -67,7 +67,13 @@ pub struct HostPolicy {
     names: Vec<String>,
     /// `--allow-host` names with a port.
     named_ports: Vec<(String, u16)>,
+    /// The other servers of its cluster (`host:port` as they advertise themselves), which
+    /// relay connections to this one: kept up to date by the daemon.
+    peers: Peers,
 }
+
+/// The advertised addresses of a cluster's servers, shared with the daemon that updates them.
+pub type Peers = Arc<std::sync::RwLock<Vec<String>>>;
 
 /// A `host[:port]` split, the host lower case and without IPv6 brackets.
 fn split_authority(authority: &str) -> Option<(String, Option<u16>)> {
@@ -114,7 +120,7 @@ fn cut(s: &str) -> String {
 
 impl HostPolicy {
     /// The policy of a listener on `listen`, with the `--allow-host` names.
-    pub fn new(listen: SocketAddr, allow_hosts: &[String]) -> Self {
+    pub fn new(listen: SocketAddr, allow_hosts: &[String], peers: Peers) -> Self {
         let mut names = Vec::new();
         let mut named_ports = Vec::new();
         for entry in allow_hosts {
@@ -124,13 +130,21 @@ impl HostPolicy {
                 None => tracing::warn!(entry = %entry, "--allow-host: not a host name; ignored"),
             }
         }
-        Self { port: listen.port(), listen, names, named_ports }
+        Self { port: listen.port(), listen, names, named_ports, peers }
     }
 
     /// Whether `host` (lower case) with `port` names this daemon, reached at `local`.
     fn is_own(&self, host: &str, port: u16, local: Option<SocketAddr>) -> bool {
         if self.names.iter().any(|n| n == host)
             || self.named_ports.iter().any(|(n, p)| n == host && *p == port)
+        {
+            return true;
+        }
+        let peers = self.peers.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if peers
+            .iter()
+            .filter_map(|a| split_authority(a))
+            .any(|(n, p)| n == host && p == Some(port))
         {
             return true;
         }
@@ -418,7 +432,7 @@ mod tests {
 
     fn policy(allow: &[&str]) -> HostPolicy {
         let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
-        HostPolicy::new("127.0.0.1:3333".parse().expect("addr"), &allow)
+        HostPolicy::new("127.0.0.1:3333".parse().expect("addr"), &allow, Peers::default())
     }
 
     fn ok(p: &HostPolicy, host: &str, origin: Option<&str>) -> bool {

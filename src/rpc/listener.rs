@@ -87,6 +87,8 @@ pub struct ServeConfig {
     pub stop_accepting: CancellationToken,
     /// Host names browsers may use for the daemon besides its address and localhost.
     pub allow_hosts: Vec<String>,
+    /// The other servers of its cluster, accepted in `Host` and `Origin` (they relay).
+    pub peers: super::http::Peers,
     /// The connection slots, when the caller wants to see them (failed logins, occupancy);
     /// else [`serve`] makes its own of `max_connections`.
     pub gate: Option<Arc<Gate>>,
@@ -113,6 +115,7 @@ impl Default for ServeConfig {
             audited_methods: AUDITED_METHODS,
             stop_accepting: CancellationToken::new(),
             allow_hosts: Vec::new(),
+            peers: Default::default(),
             gate: None,
             tls: None,
             plain_remote: true,
@@ -185,6 +188,7 @@ pub async fn serve(
     let hosts = Arc::new(HostPolicy::new(
         local.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
         &cfg.allow_hosts,
+        cfg.peers.clone(),
     ));
     let shared = Arc::new(Shared {
         cfg,

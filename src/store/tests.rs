@@ -479,3 +479,35 @@ async fn run_logs_are_read_back_cut_to_their_limit_and_resumed(store: Store) {
     assert_eq!(s2.stdout_bytes, 13);
     assert_eq!(logs.read(r2.id, LogQuery::default()).await.unwrap().data, "before\nafter\n");
 }
+
+#[tokio::test]
+async fn postgres_a_server_that_lost_the_lease_creates_no_run_and_a_fire_is_made_once() {
+    let Some((_db, _dir, stores)) = postgres_stores(2).await else { return };
+    let (a, b) = (stores[0].join_cluster("a").unwrap(), stores[1].join_cluster("b").unwrap());
+    let lease = Duration::from_secs(1);
+    let ea = a.try_acquire(lease).await.unwrap().expect("a takes the free lease");
+    assert_eq!(b.try_acquire(lease).await.unwrap(), None, "not while a's lease runs");
+    stores[0].insert_unit(unit("u")).await.unwrap();
+    let at = Timestamp::from_second(1_700_000_000).unwrap();
+    stores[0].create_run("u", RunState::Running, Trigger::Schedule, 1, Some(at)).await.unwrap();
+    // b cannot create runs without the lease; nor the same fire, ever.
+    let refused = stores[1].create_run("u", RunState::Running, Trigger::Manual, 1, None).await;
+    assert!(matches!(refused, Err(Error::Conflict(_))), "{refused:?}");
+    // a is paused past its lease: b takes over; a, awake again, creates nothing.
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    let eb = b.try_acquire(lease).await.unwrap().expect("b takes the expired lease");
+    assert!(eb > ea);
+    let late = stores[0].create_run("u", RunState::Running, Trigger::Manual, 1, None).await;
+    assert!(matches!(late, Err(Error::Conflict(_))), "{late:?}");
+    let hosts = vec!["h".to_string()];
+    let late = stores[0].create_dispatch("u", Trigger::Manual, hosts, 0, None, None).await;
+    assert!(matches!(late, Err(Error::Conflict(_))), "{late:?}");
+    assert!(!a.renew(ea, lease).await.unwrap(), "a's renewal fails");
+    let twice = stores[1].create_run("u", RunState::Running, Trigger::Schedule, 1, Some(at)).await;
+    assert!(matches!(&twice, Err(Error::Conflict(m)) if m.contains("made already")), "{twice:?}");
+    let next = at.checked_add(jiff::SignedDuration::from_secs(1)).unwrap();
+    stores[1].create_run("u", RunState::Running, Trigger::Schedule, 1, Some(next)).await.unwrap();
+    // Given up cleanly, the lease is free at once.
+    b.release(eb).await.unwrap();
+    assert!(a.try_acquire(lease).await.unwrap().is_some());
+}

@@ -218,3 +218,106 @@ fn the_holder_killed_mid_schedule_another_takes_over_no_fire_twice_none_lost() {
         "fires missing: {secs:?} (new holder {h2})"
     );
 }
+
+#[test]
+fn a_holder_paused_past_its_lease_fires_nothing_when_it_wakes_and_stops() {
+    use nix::sys::signal::Signal;
+    let Some(db) = PgDb::create() else { return };
+    let mut servers: Vec<TestDaemon> = ["a", "b"].iter().map(|n| server(&db, n)).collect();
+    let h = holder(&db);
+    let i = usize::from(h == "b");
+    servers[i].call(
+        "TaskUnit.Add",
+        json!({"name": "tick", "every": "1s", "catch_up": "once", "command": ["true"]}),
+    );
+    crate::common::wait_for("two fires", || (scheduled_runs(&db, "tick").len() >= 2).then_some(()));
+    servers[i].signal(Signal::SIGSTOP);
+    let other = crate::common::wait_for("the other server to take over", || {
+        let rows =
+            query(&db.url, "SELECT holder, epoch FROM lease WHERE expires_at > clock_timestamp()");
+        rows.first().filter(|r| r[0].as_deref() != Some(h.as_str())).map(|r| r[1].clone().unwrap())
+    });
+    // Let the new holder fire a few, then wake the old one up: its timers are all late.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    servers[i].signal(Signal::SIGCONT);
+    let st = servers[i].wait_exit();
+    assert!(!st.success(), "the old holder exits with an error");
+    assert!(servers[i].log().contains("lost the cluster's lease"), "{}", servers[i].log());
+    // Every fire made since the takeover is the new holder's.
+    let stale = query(
+        &db.url,
+        &format!(
+            "SELECT count(*) FROM fires WHERE epoch <> {other} AND fired_at > \
+             (SELECT min(fired_at) FROM fires WHERE epoch = {other})"
+        ),
+    );
+    assert_eq!(stale, [[Some("0".into())]], "the paused holder fired after it lost the lease");
+    let runs = scheduled_runs(&db, "tick");
+    let mut times: Vec<&str> = runs.iter().map(|r| r.1.as_str()).collect();
+    times.sort();
+    times.dedup();
+    assert_eq!(times.len(), runs.len(), "a fire was made twice: {runs:?}");
+}
+
+#[test]
+fn events_of_a_change_made_on_one_server_reach_a_subscriber_on_another() {
+    use jsonrpsee::core::client::SubscriptionClientT;
+    use jsonrpsee::rpc_params;
+    use jsonrpsee::ws_client::{HeaderMap, HeaderValue, WsClientBuilder};
+    let Some(db) = PgDb::create() else { return };
+    let names = ["a", "b", "c"];
+    let servers: Vec<TestDaemon> = names.iter().map(|n| server(&db, n)).collect();
+    let h = names.iter().position(|n| *n == holder(&db)).unwrap();
+    // A subscriber on one standby, over WebSocket (its own address in Host and the URL); the
+    // change made on the other standby.
+    let (sub_on, adder) = (&servers[(h + 1) % 3], &servers[(h + 2) % 3]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut headers = HeaderMap::new();
+        let bearer = format!("Bearer {}", sub_on.token);
+        headers.insert("Authorization", HeaderValue::from_str(&bearer).unwrap());
+        // The holder accepts a standby's address in Host within 200 ms of its joining.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let client = loop {
+            let c = WsClientBuilder::default()
+                .set_headers(headers.clone())
+                .build(format!("ws://{}", sub_on.addr))
+                .await;
+            match c {
+                Ok(c) => break c,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("a WebSocket through a standby: {e}")
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        };
+        let mut events = client
+            .subscribe::<serde_json::Value, _>(
+                "Events.Subscribe",
+                rpc_params![json!({})],
+                "Events.Unsubscribe",
+            )
+            .await
+            .unwrap();
+        let (addr, token) = (adder.addr.clone(), adder.token.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut c = crate::common::Raw::connect(&addr);
+            c.call("Auth.Login", json!(token));
+            let v = c
+                .call("TaskUnit.Add", json!({"name": "seen", "command": ["true"], "paused": true}));
+            assert!(v.get("error").is_none(), "{v}");
+        })
+        .await
+        .unwrap();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(10), events.next())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (e["kind"].as_str(), e["unit"].as_str()),
+            (Some("unit.added"), Some("seen")),
+            "{e}"
+        );
+    });
+}

@@ -235,14 +235,21 @@ impl TestDaemon {
         c.wait().expect("reap");
     }
 
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, sig).expect("kill");
+    }
+
     /// Sends SIGTERM and waits for the daemon to exit.
     pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// Waits for the daemon to exit by itself (within the deadline), and reaps it.
+    pub fn wait_exit(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
         let end = Instant::now() + DEADLINE;
         loop {
             if let Some(st) = c.try_wait().expect("try_wait") {
@@ -250,7 +257,7 @@ impl TestDaemon {
             }
             if Instant::now() > end {
                 let _ = c.kill();
-                panic!("taskd did not exit after SIGTERM:\n{}", self.log());
+                panic!("taskd did not exit:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
