@@ -70,6 +70,61 @@ async fn open_state(cfg: &Config, local: &std::net::SocketAddr) -> anyhow::Resul
     Ok(Opened { _lock: lock, store, token })
 }
 
+/// The arguments of this server's own agent (a cluster's servers are hosts by their names):
+/// it connects to this server's port on loopback, keeps its state in `<state-dir>/agent`, and
+/// enrolls with a join token minted here on its first start.
+async fn host_agent(
+    cfg: &Config,
+    store: &Store,
+    local: std::net::SocketAddr,
+) -> anyhow::Result<crate::agent::AgentArgs> {
+    let dir = cfg.state_dir.join("agent");
+    let join = if dir.join("credential").exists() {
+        None
+    } else {
+        let secret = state_dir::random_hex(32)?;
+        let token = format!("{}{secret}", crate::proto::JOIN_PREFIX);
+        let expires = Timestamp::now() + jiff::SignedDuration::from_mins(10);
+        store.create_join_token(crate::tls::sha256_hex(token.as_bytes()), expires).await?;
+        Some(token)
+    };
+    let ip = if local.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        local.ip()
+    };
+    Ok(crate::agent::AgentArgs {
+        server: vec![std::net::SocketAddr::new(ip, local.port()).to_string()],
+        name: Some(cfg.name.clone()),
+        labels: vec!["taskd=server".into()],
+        state_dir: Some(dir),
+        join,
+        max_runs: 64,
+        allowed_dirs: cfg.allowed_dirs.clone(),
+        allowed_users: cfg.allowed_users.clone(),
+        ca: None,
+        fingerprint: None,
+        insecure: false,
+    })
+}
+
+/// Stops this server's own agent (its runs are stopped and journaled) and waits for it.
+async fn stop_host(
+    stop: &CancellationToken,
+    host: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+) {
+    stop.cancel();
+    if let Some(h) = host {
+        match tokio::time::timeout(Duration::from_secs(15), h).await {
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(error = format!("{e:#}"), "this server's agent failed")
+            }
+            Err(_) => tracing::warn!("this server's agent did not stop in time"),
+            _ => {}
+        }
+    }
+}
+
 /// The audit hook: every audited call becomes a record in the store (not awaited).
 fn audit_to(store: Store) -> AuditHook {
     Arc::new(move |e: AuditEntry| {
@@ -149,6 +204,7 @@ pub async fn run(
     let cluster_stop = CancellationToken::new();
     let _stop_cluster_tasks = cluster_stop.clone().drop_guard();
     let mut socket = Some(socket);
+    let mut host = None;
     let peers = crate::rpc::http::Peers::default();
     let mut early_listener = None;
     let mut epoch = None;
@@ -173,6 +229,9 @@ pub async fn run(
             ADDRESS_FILE,
             format!("{local}\n").as_bytes(),
         )?;
+        // Every server is also a host, by its name: an agent of the cluster, in this process.
+        let args = host_agent(&cfg, &store, local).await?;
+        host = Some(tokio::spawn(crate::agent::run(args, cluster_stop.clone())));
         let beat = crate::cluster::heartbeat(
             c.clone(),
             cfg.lease / 3,
@@ -195,6 +254,7 @@ pub async fn run(
         .await;
         let Some(e) = taken else {
             let _ = std::fs::remove_file(&address_file);
+            stop_host(&cluster_stop, host).await;
             tracing::info!("taskd stopped");
             return Ok(());
         };
@@ -226,6 +286,7 @@ pub async fn run(
         agent_timeout: cfg.agent_timeout,
         lost_after: cfg.lost_after,
         fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
+        cluster: cluster.is_some(),
     };
     let fleet = Fleet::open(store.clone(), fleet_cfg, stopping.listener_stop.clone()).await?;
     let registry = Registry::open(
@@ -319,7 +380,7 @@ pub async fn run(
     };
     stopping.stop(&store, server).await?;
     let _ = std::fs::remove_file(&address_file);
-    cluster_stop.cancel();
+    stop_host(&cluster_stop, host).await;
     if lost_lease {
         anyhow::bail!(
             "this server lost the cluster's lease and stopped; start it again to stand by"

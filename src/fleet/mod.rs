@@ -58,6 +58,9 @@ pub struct FleetConfig {
     /// The SHA-256 fingerprint of the server's TLS certificate, when it serves TLS: join
     /// tokens carry it, so that a new agent trusts this server and no other.
     pub fingerprint: Option<String>,
+    /// In a cluster, `local` names no host (which server holds the lease changes): units
+    /// name servers, agents or selectors.
+    pub cluster: bool,
 }
 
 impl Default for FleetConfig {
@@ -66,6 +69,7 @@ impl Default for FleetConfig {
             agent_timeout: Duration::from_secs(15),
             lost_after: Duration::from_secs(300),
             fingerprint: None,
+            cluster: false,
         }
     }
 }
@@ -507,6 +511,13 @@ impl Fleet {
     /// a well-formed selector.
     pub fn check_hosts(&self, hosts: &[String]) -> Result<()> {
         for h in hosts {
+            if h == LOCAL && self.0.cfg.cluster {
+                return Err(Error::invalid(
+                    "hosts",
+                    "in a cluster, \"local\" (the default) names no host: name where to run, \
+                     a server by its --name, an agent, or a selector such as \"taskd=server\"",
+                ));
+            }
             if h == LOCAL {
                 continue;
             }

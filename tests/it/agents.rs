@@ -29,13 +29,24 @@ impl TestAgent {
 
     /// As [`TestAgent::enroll`], the agent running in network namespace `netns`.
     pub fn enroll_in(d: &TestDaemon, name: &str, labels: &str, netns: Option<&str>) -> TestAgent {
+        Self::enroll_listing(d, &d.addr, name, labels, netns)
+    }
+
+    /// As [`TestAgent::enroll`], the agent given `servers` (`ADDR[,ADDR…]`) to connect to.
+    pub fn enroll_listing(
+        d: &TestDaemon,
+        servers: &str,
+        name: &str,
+        labels: &str,
+        netns: Option<&str>,
+    ) -> TestAgent {
         let token = d.call("Agent.JoinToken", json!({}))["token"].as_str().unwrap().to_string();
         let dir = tempfile::tempdir().unwrap();
         make_private(dir.path());
         let mut a = TestAgent {
             name: name.into(),
             dir,
-            server: d.addr.clone(),
+            server: servers.into(),
             labels: labels.into(),
             child: None,
             netns: netns.map(str::to_string),

@@ -82,7 +82,13 @@ fn a_daemon_on_postgres_keeps_units_runs_and_logs_across_a_kill() {
         status["store"].as_str().unwrap().starts_with("postgres://postgres@127.0.0.1:"),
         "{status}"
     );
-    d.call("TaskUnit.Add", json!({"name": "hello", "command": ["sh", "-c", "echo hi; exit 3"]}));
+    wait_hosts(&d, &["a"]);
+    let local = d.raw().call("TaskUnit.Add", json!({"name": "l", "command": ["true"]}));
+    assert_eq!(local["error"]["data"]["field"], "hosts", "local is refused in a cluster: {local}");
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "hello", "hosts": ["a"], "command": ["sh", "-c", "echo hi; exit 3"]}),
+    );
     let info = d.wait_unit("hello", "its first run", |u| u["last_run"]["state"] == "failed");
     let id = info["last_run"]["id"].as_i64().unwrap();
     // In the database itself.
@@ -136,6 +142,17 @@ fn server(db: &PgDb, name: &str) -> TestDaemon {
     TestDaemon::start_with(&["--store", &db.url, "--name", name, "--lease", "2s"])
 }
 
+/// Waits until the servers `names` are enrolled as hosts (each server's own agent), and
+/// connected.
+fn wait_hosts(d: &TestDaemon, names: &[&str]) {
+    for n in names {
+        crate::common::wait_for(&format!("server {n} as a host"), || {
+            let v = d.raw().call("Agent.Get", json!(n));
+            (v["result"]["state"] == "connected").then_some(())
+        });
+    }
+}
+
 /// The lease holder's name, once somebody holds an unexpired lease.
 fn holder(db: &PgDb) -> String {
     crate::common::wait_for("a lease holder", || {
@@ -162,7 +179,17 @@ fn three_servers_one_engine_a_change_on_one_is_seen_on_all() {
     let h = holder(&db);
     // Every server answers for the cluster, with one token.
     assert!(servers.iter().all(|s| s.token == servers[0].token));
-    servers[1].call("TaskUnit.Add", json!({"name": "u", "command": ["true"], "paused": true}));
+    wait_hosts(&servers[0], &["a", "b", "c"]);
+    // Added through a standby, run on every server (each is a host by its name).
+    servers[1].call(
+        "TaskUnit.Add",
+        json!({"name": "u", "hosts": ["taskd=server"], "command": ["hostname"]}),
+    );
+    crate::common::wait_for("a run on each server", || {
+        let q = "SELECT string_agg(host, ',' ORDER BY host) FROM runs WHERE unit = 'u' \
+                 AND state = 'succeeded'";
+        (query(&db.url, q)[0][0].as_deref() == Some("a,b,c")).then_some(())
+    });
     for s in &servers {
         assert_eq!(s.call("TaskUnit.Get", json!("u"))["name"], "u");
         let st = s.call("Daemon.Status", json!(null));
@@ -175,14 +202,17 @@ fn the_holder_killed_mid_schedule_another_takes_over_no_fire_twice_none_lost() {
     let Some(db) = PgDb::create() else { return };
     let mut servers: Vec<TestDaemon> = ["a", "b", "c"].iter().map(|n| server(&db, n)).collect();
     let h = holder(&db);
+    // Run on a server that stays.
+    let i = ["a", "b", "c"].iter().position(|n| *n == h).unwrap();
+    let on = ["a", "b", "c"][(i + 1) % 3];
+    wait_hosts(&servers[0], &[on]);
     servers[0].call(
         "TaskUnit.Add",
-        json!({"name": "tick", "every": "1s", "catch_up": "once", "command": ["true"]}),
+        json!({"name": "tick", "every": "1s", "catch_up": "once", "hosts": [on], "command": ["true"]}),
     );
     crate::common::wait_for("three fires", || {
         (scheduled_runs(&db, "tick").len() >= 3).then_some(())
     });
-    let i = ["a", "b", "c"].iter().position(|n| *n == h).unwrap();
     let killed_at = std::time::Instant::now();
     servers[i].kill9();
     let before = scheduled_runs(&db, "tick").len();
@@ -226,9 +256,11 @@ fn a_holder_paused_past_its_lease_fires_nothing_when_it_wakes_and_stops() {
     let mut servers: Vec<TestDaemon> = ["a", "b"].iter().map(|n| server(&db, n)).collect();
     let h = holder(&db);
     let i = usize::from(h == "b");
+    let on = ["a", "b"][1 - i];
+    wait_hosts(&servers[i], &[on]);
     servers[i].call(
         "TaskUnit.Add",
-        json!({"name": "tick", "every": "1s", "catch_up": "once", "command": ["true"]}),
+        json!({"name": "tick", "every": "1s", "catch_up": "once", "hosts": [on], "command": ["true"]}),
     );
     crate::common::wait_for("two fires", || (scheduled_runs(&db, "tick").len() >= 2).then_some(()));
     servers[i].signal(Signal::SIGSTOP);
@@ -303,8 +335,10 @@ fn events_of_a_change_made_on_one_server_reach_a_subscriber_on_another() {
         tokio::task::spawn_blocking(move || {
             let mut c = crate::common::Raw::connect(&addr);
             c.call("Auth.Login", json!(token));
-            let v = c
-                .call("TaskUnit.Add", json!({"name": "seen", "command": ["true"], "paused": true}));
+            let v = c.call(
+                "TaskUnit.Add",
+                json!({"name": "seen", "hosts": ["taskd=server"], "command": ["true"], "paused": true}),
+            );
             assert!(v.get("error").is_none(), "{v}");
         })
         .await
@@ -320,4 +354,157 @@ fn events_of_a_change_made_on_one_server_reach_a_subscriber_on_another() {
             "{e}"
         );
     });
+}
+
+#[test]
+fn an_agent_fails_over_to_the_new_holder_mid_run_and_the_run_ends_once() {
+    let Some(db) = PgDb::create() else { return };
+    let names = ["a", "b", "c"];
+    let mut servers: Vec<TestDaemon> = names.iter().map(|n| server(&db, n)).collect();
+    let h = names.iter().position(|n| *n == holder(&db)).unwrap();
+    let list: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+    // The agent lists every server, the holder last: it talks through a standby first.
+    let mut order = list.clone();
+    order.rotate_left(h + 1);
+    let _agent =
+        crate::agents::TestAgent::enroll_listing(&servers[h], &order.join(","), "w1", "", None);
+    servers[h].call(
+        "TaskUnit.Add",
+        json!({"name": "job", "hosts": ["w1"], "command": ["sh", "-c", "echo start; sleep 2; echo done"]}),
+    );
+    // Added, it runs at once.
+    let info = servers[h].wait_unit("job", "its run", |u| u["last_run"]["state"] == "running");
+    let id = info["last_run"]["id"].as_i64().unwrap();
+    let log = |s: &TestDaemon| {
+        String::from_utf8_lossy(&s.taskctl(&["logs", &id.to_string()]).stdout).into_owned()
+    };
+    crate::common::wait_for("its first line", || (log(&servers[h]) == "start\n").then_some(()));
+    servers[h].kill9();
+    let next = (h + 1) % 3;
+    let r = crate::agents::wait_run(&servers[next], id, "the run to end", |r| {
+        !matches!(r["state"].as_str(), Some("running" | "queued"))
+    });
+    assert_eq!((r["state"].as_str(), r["exit_code"].as_i64()), (Some("succeeded"), Some(0)), "{r}");
+    // Its whole output, from every server left, also what was written before the holder died.
+    for s in servers.iter().filter(|s| s.addr != list[h]) {
+        let out = s.taskctl(&["logs", &id.to_string()]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "start\ndone\n");
+    }
+    let runs = query(&db.url, "SELECT count(*) FROM runs WHERE unit = 'job'");
+    assert_eq!(runs, [[Some("1".into())]], "one run, never started twice");
+}
+
+/// A PostgreSQL server of one test's own (`scripts/test-postgres`), stopped when this is.
+struct OwnPostgres {
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl OwnPostgres {
+    fn start() -> Option<OwnPostgres> {
+        std::env::var_os("TASKD_TEST_PG")?;
+        let dir = std::env::temp_dir().join(format!("taskd-own-pg-{}", std::process::id()));
+        let out = std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/test-postgres"
+        ))
+        .arg("start")
+        .arg(&dir)
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let url = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        Some(OwnPostgres { dir, url })
+    }
+
+    fn run(&self, what: &str) {
+        let out = std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/test-postgres"
+        ))
+        .arg(what)
+        .arg(&self.dir)
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        self.run("stop");
+    }
+}
+
+#[test]
+fn postgres_restarted_under_load_servers_reconnect_and_nothing_acknowledged_is_lost() {
+    if std::env::var_os("TASKD_TEST_PG").is_none() {
+        assert!(std::env::var_os("CI").is_none(), "TASKD_TEST_PG is not set");
+        return;
+    }
+    let pg = OwnPostgres::start().unwrap();
+    let start =
+        |name: &str| TestDaemon::start_with(&["--store", &pg.url, "--name", name, "--lease", "5s"]);
+    let servers = [start("a"), start("b")];
+    let url = pg.url.clone();
+    crate::common::wait_for("a holder", || {
+        let rows = query(&url, "SELECT holder FROM lease WHERE expires_at > clock_timestamp()");
+        rows.first().and_then(|r| r[0].clone())
+    });
+    wait_hosts(&servers[0], &["a", "b"]);
+    servers[0].call(
+        "TaskUnit.Add",
+        json!({"name": "tick", "every": "200ms", "hosts": ["b"], "command": ["true"]}),
+    );
+    // Adds through both servers, one after another, while the database restarts.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let adders: Vec<_> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let (addr, token, stop) = (s.addr.clone(), s.token.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let name = format!("u{i}-{n}");
+                    let mut c = crate::common::Raw::connect(&addr);
+                    c.call("Auth.Login", json!(token));
+                    let v = c.call(
+                        "TaskUnit.Add",
+                        json!({"name": name, "hosts": ["a"], "command": ["true"], "paused": true}),
+                    );
+                    if v.get("error").is_none() {
+                        acked.push(name);
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    pg.run("restart");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let acked: Vec<String> = adders.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert!(acked.len() > 10, "adds went through: {}", acked.len());
+    // Every acknowledged add is there, on both servers.
+    for s in &servers {
+        let units = s.call("TaskUnit.List", json!(null));
+        let names: std::collections::BTreeSet<&str> =
+            units.as_array().unwrap().iter().filter_map(|u| u["name"].as_str()).collect();
+        let missing: Vec<&String> = acked.iter().filter(|n| !names.contains(n.as_str())).collect();
+        assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    }
+    // And the schedule goes on.
+    let count = || {
+        query(&url, "SELECT count(*) FROM runs WHERE unit = 'tick'")[0][0]
+            .clone()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    };
+    let before = count();
+    crate::common::wait_for("fires after the restart", || (count() > before + 2).then_some(()));
 }
