@@ -134,6 +134,24 @@ pub struct Args {
 pub enum Command {
     /// Run on a host as an agent of a taskd server: connects out, runs what it is assigned.
     Agent(crate::agent::AgentArgs),
+    /// Work on a store while no daemon uses it.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `taskd store …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum StoreCommand {
+    /// Copy a store's units, runs with their logs, dispatches, agents, events and audit log
+    /// into an empty one: a state directory into a cluster's PostgreSQL database, or back.
+    Copy {
+        /// Where from: a state directory (the embedded store) or postgres://USER@HOST/DB
+        #[arg(long, value_name = "DIR|URL")]
+        from: String,
+        /// Where to: a state directory or postgres://USER@HOST/DB; must hold no units or runs
+        #[arg(long, value_name = "DIR|URL")]
+        to: String,
+    },
 }
 
 /// Keys of `taskd.toml`. Every flag has a key of the same name (with `_`), plus the limits.

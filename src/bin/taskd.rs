@@ -4,8 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use taskd::config::{Args, Command, Config, LogFormat, Refused};
+use taskd::config::{Args, Command, Config, LogFormat, Refused, StoreCommand};
 use taskd::process::{init_tracing, stop_on_signals};
+use taskd::store::copy::Place;
 
 /// Exit status for a configuration the daemon refuses (bad flags, files or combinations).
 const EXIT_USAGE: u8 = 2;
@@ -17,6 +18,13 @@ async fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
         return taskd::agent::run(agent, stop_on_signals().map_err(|e| (1, e))?)
             .await
             .map_err(|e| (1, e));
+    }
+    if let Some(Command::Store(StoreCommand::Copy { from, to })) = &args.command {
+        init_tracing(args.log_format.unwrap_or(LogFormat::Text));
+        let (from, to) = (Place::parse(from), Place::parse(to));
+        let copied = taskd::store::copy::copy(&from, &to).await.map_err(|e| (1, e.into()))?;
+        println!("copied {copied}");
+        return Ok(());
     }
     let cfg = Config::resolve(&args).map_err(usage)?;
     init_tracing(cfg.log_format);

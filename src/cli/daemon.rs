@@ -140,8 +140,33 @@ pub async fn status(ctx: &Ctx) -> anyhow::Result<()> {
         ("runs".into(), counts(&s.runs)),
         ("connections".into(), connections(&s.connections)),
         ("failed logins".into(), s.auth_failures.to_string()),
+        ("agents".into(), counts(&s.agents)),
     ];
-    output::emit(&output::key_values(&rows, ""))
+    let Some(c) = &s.cluster else { return output::emit(&output::key_values(&rows, "")) };
+    let mut rows = rows;
+    rows.push((
+        "lease".into(),
+        format!(
+            "held by {} (epoch {}, renewed within {})",
+            c.holder,
+            c.epoch,
+            output::duration_ms(c.lease_left_ms.max(0))
+        ),
+    ));
+    let mut text = output::key_values(&rows, "");
+    let mut t = output::Table::new(&["SERVER", "ROLE", "ADDRESS", "VERSION", "LAST SEEN"]);
+    for srv in &c.servers {
+        t.add_row(vec![
+            output::Cell::new(&srv.name),
+            output::state_cell(&srv.role),
+            output::Cell::new(&srv.address),
+            output::Cell::new(&srv.version),
+            output::Cell::new(output::relative(&srv.seen_at)),
+        ]);
+    }
+    text.push('\n');
+    text.push_str(&t.render(output::terminal_width()));
+    output::emit(&text)
 }
 
 /// One event as a line: `12:03:04.123  run.finished  hello  #12  succeeded`.

@@ -181,7 +181,7 @@ fn cut(text: &str, width: usize) -> (String, usize) {
 
 /// The width of the terminal standard output is, if it is one that reports a usable width
 /// (a pseudo-terminal may say 0 columns: fitting to that would help nobody).
-fn terminal_width() -> Option<usize> {
+pub fn terminal_width() -> Option<usize> {
     if !std::io::stdout().is_terminal() {
         return None;
     }

@@ -15,6 +15,7 @@
 //!
 //! Run output goes to [`Logs`]: files beside the SQLite database, or rows in PostgreSQL.
 
+pub mod copy;
 mod fleet;
 pub mod live;
 pub mod logs;

@@ -190,6 +190,14 @@ fn three_servers_one_engine_a_change_on_one_is_seen_on_all() {
                  AND state = 'succeeded'";
         (query(&db.url, q)[0][0].as_deref() == Some("a,b,c")).then_some(())
     });
+    let out = servers[2].taskctl(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("held by {h}")), "{text}");
+    for n in ["a", "b", "c"] {
+        let role = if n == h { "holder" } else { "standby" };
+        assert!(text.lines().any(|l| l.starts_with(n) && l.contains(role)), "{n} {role}: {text}");
+    }
+    assert!(text.contains("agents") && text.contains("3 connected"), "{text}");
     for s in &servers {
         assert_eq!(s.call("TaskUnit.Get", json!("u"))["name"], "u");
         let st = s.call("Daemon.Status", json!(null));
@@ -507,4 +515,76 @@ fn postgres_restarted_under_load_servers_reconnect_and_nothing_acknowledged_is_l
     };
     let before = count();
     crate::common::wait_for("fires after the restart", || (count() > before + 2).then_some(()));
+}
+
+/// `taskd store copy` as a user types it.
+fn store_copy(from: &str, to: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_taskd"))
+        .args(["store", "copy", "--from", from, "--to", to])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn store_copy_moves_a_single_server_into_a_cluster_and_back() {
+    let Some(db) = PgDb::create() else { return };
+    let mut single = TestDaemon::start();
+    single.call(
+        "TaskUnit.Add",
+        json!({"name": "hello", "command": ["sh", "-c", "echo hi; echo oops >&2"]}),
+    );
+    let info = single.wait_unit("hello", "its run", |u| u["last_run"]["state"] == "succeeded");
+    let id = info["last_run"]["id"].as_i64().unwrap();
+    single.call(
+        "TaskUnit.Add",
+        json!({"name": "later", "every": "1h", "command": ["true"], "paused": true}),
+    );
+    let dir = single.state_dir().to_str().unwrap().to_string();
+    // In use: refused, nothing copied.
+    let busy = store_copy(&dir, &db.url);
+    assert!(!busy.status.success());
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("stop its daemon"), "{busy:?}");
+    single.terminate();
+
+    let out = store_copy(&dir, &db.url);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("2 units") && said.contains("1 run logs"), "{said}");
+    // Not into a store that holds units.
+    let again = store_copy(&dir, &db.url);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("empty store"), "{again:?}");
+
+    let mut c = server(&db, "a");
+    let r = c.call("Run.Get", json!(id));
+    assert_eq!((r["unit"].as_str(), r["state"].as_str()), (Some("hello"), Some("succeeded")));
+    let logs = c.taskctl(&["logs", &id.to_string()]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "hi\noops\n");
+    assert_eq!(c.call("TaskUnit.Get", json!("later"))["state"], "paused");
+    // New runs get new ids.
+    wait_hosts(&c, &["a"]);
+    c.call("TaskUnit.Add", json!({"name": "next", "hosts": ["a"], "command": ["true"]}));
+    let next = c.wait_unit("next", "its run", |u| u["last_run"]["state"] == "succeeded");
+    assert!(next["last_run"]["id"].as_i64().unwrap() > id);
+    c.terminate();
+
+    // And back, into a new state directory.
+    let back = tempfile::tempdir().unwrap();
+    let back_dir = back.path().join("state");
+    let out = store_copy(&db.url, back_dir.to_str().unwrap());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    crate::common::make_private(&back_dir);
+    let log = back.path().join("daemon.log");
+    let d = TestDaemon::start_at(&back_dir, &log);
+    let r = d.call("Run.Get", json!(id));
+    assert_eq!(r["state"], "succeeded");
+    let logs = d.taskctl(&["logs", &id.to_string()]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "hi\noops\n");
+    let names: Vec<String> = d
+        .call("TaskUnit.List", json!(null))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["hello", "later", "next"]);
 }

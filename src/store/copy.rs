@@ -1,0 +1,532 @@
+//! `taskd store copy --from DIR|URL --to DIR|URL`: a store's state (units, runs and their
+//! logs, dispatches, agents and join tokens, events, the audit log) moved between the embedded
+//! store and a PostgreSQL database, either way, ids kept.
+//!
+//! The two schemas have the same tables and column names; only the types differ (SQLite
+//! keeps times as microseconds, flags as integers, JSON as text). Each table is described
+//! once ([`TABLES`]), read a page at a time in key order into neutral values ([`Val`]), and
+//! written in that page's transaction on the other side. The copy refuses a destination that
+//! holds units or runs, and a source or destination in use: a state directory locked by its
+//! daemon, or a database whose lease a server holds.
+
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use tokio_postgres::types::ToSql;
+
+use crate::error::{Error, Result};
+
+/// A column's type, as both stores keep it.
+#[derive(Clone, Copy, PartialEq)]
+enum Ty {
+    Text,
+    /// INTEGER in PostgreSQL.
+    I32,
+    /// BIGINT in PostgreSQL.
+    I64,
+    Bool,
+    Time,
+    Json,
+}
+
+/// A table: name, key column (pages go in its order), columns.
+struct TableSpec {
+    name: &'static str,
+    key: &'static str,
+    columns: &'static [(&'static str, Ty)],
+}
+
+use Ty::*;
+
+/// What is copied, in an order that keeps references whole.
+const TABLES: &[TableSpec] = &[
+    TableSpec {
+        name: "units",
+        key: "name",
+        columns: &[
+            ("name", Text),
+            ("definition", Json),
+            ("created_at", Time),
+            ("updated_at", Time),
+            ("paused", Bool),
+            ("stopped", Bool),
+            ("last_fire", Time),
+            ("anchor", Time),
+            ("runs_total", I64),
+            ("failures_total", I64),
+        ],
+    },
+    TableSpec {
+        name: "dispatches",
+        key: "id",
+        columns: &[
+            ("id", I64),
+            ("unit", Text),
+            ("trigger", Text),
+            ("state", Text),
+            ("created_at", Time),
+            ("ended_at", Time),
+            ("total", I32),
+            ("batch", I32),
+            ("tolerance", I32),
+            ("forgiven", I32),
+        ],
+    },
+    TableSpec {
+        name: "runs",
+        key: "id",
+        columns: &[
+            ("id", I64),
+            ("unit", Text),
+            ("state", Text),
+            ("trigger", Text),
+            ("attempt", I32),
+            ("host", Text),
+            ("pid", I64),
+            ("pid_start", I64),
+            ("boot_id", Text),
+            ("queued_at", Time),
+            ("scheduled_at", Time),
+            ("started_at", Time),
+            ("ended_at", Time),
+            ("exit_code", I32),
+            ("signal", I32),
+            ("reason", Text),
+            ("stdout_bytes", I64),
+            ("stderr_bytes", I64),
+            ("truncated", Bool),
+            ("dispatch", I64),
+            ("ignored", Bool),
+            ("late_result", Text),
+        ],
+    },
+    TableSpec {
+        name: "agents",
+        key: "name",
+        columns: &[
+            ("name", Text),
+            ("secret_hash", Text),
+            ("labels", Json),
+            ("version", Text),
+            ("os", Text),
+            ("arch", Text),
+            ("max_runs", I32),
+            ("created_at", Time),
+            ("last_seen", Time),
+            ("revoked", Bool),
+        ],
+    },
+    TableSpec {
+        name: "join_tokens",
+        key: "hash",
+        columns: &[("hash", Text), ("expires_at", Time), ("spent_by", Text)],
+    },
+    TableSpec {
+        name: "events",
+        key: "seq",
+        columns: &[
+            ("seq", I64),
+            ("time", Time),
+            ("kind", Text),
+            ("unit", Text),
+            ("run", I64),
+            ("state", Text),
+        ],
+    },
+    TableSpec {
+        name: "audit",
+        key: "id",
+        columns: &[
+            ("id", I64),
+            ("time", Time),
+            ("peer", Text),
+            ("method", Text),
+            ("unit", Text),
+            ("outcome", Text),
+        ],
+    },
+];
+
+/// Rows per page.
+const PAGE: usize = 1000;
+
+/// A value on its way between the stores.
+#[derive(Debug, Clone, PartialEq)]
+enum Val {
+    Null,
+    Int(i64),
+    Text(String),
+    Bool(bool),
+    /// Microseconds since the epoch.
+    Time(i64),
+}
+
+/// A store to copy from or to.
+pub enum Place {
+    /// The embedded store in this state directory.
+    Dir(PathBuf),
+    /// A PostgreSQL database.
+    Url(String),
+}
+
+impl Place {
+    /// A `postgres://` URL, or else a state directory.
+    pub fn parse(s: &str) -> Place {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Place::Url(s.to_string())
+        } else {
+            Place::Dir(PathBuf::from(s))
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Place::Dir(d) => d.display().to_string(),
+            Place::Url(u) => u.split('@').next_back().unwrap_or(u).to_string(),
+        }
+    }
+}
+
+/// How many rows of each table, and run logs, a copy moved.
+#[derive(Debug, Default, PartialEq)]
+pub struct Copied {
+    /// `(table, rows)`, in copy order.
+    pub tables: Vec<(&'static str, usize)>,
+    /// Run logs.
+    pub logs: usize,
+}
+
+impl std::fmt::Display for Copied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.tables.iter().map(|(t, n)| format!("{n} {t}")).collect();
+        write!(f, "{}, {} run logs", parts.join(", "), self.logs)
+    }
+}
+
+/// One side of a copy, open.
+enum Side {
+    Sqlite { conn: rusqlite::Connection, logs: PathBuf, _lock: crate::state_dir::StateLock },
+    Pg(tokio_postgres::Client),
+}
+
+/// Copies everything from `from` into `to` (which must hold no units or runs).
+pub async fn copy(from: &Place, to: &Place) -> Result<Copied> {
+    let src = open(from, false).await?;
+    let mut dst = open(to, true).await?;
+    for (what, side) in [("source", &src), ("destination", &dst)] {
+        if let Side::Pg(c) = side {
+            let held = c
+                .query_opt("SELECT holder FROM lease WHERE expires_at > clock_timestamp()", &[])
+                .await?;
+            if let Some(r) = held {
+                return Err(Error::Conflict(format!(
+                    "the {what} database is in use: server {} holds its lease; stop its servers \
+                     first",
+                    r.get::<_, String>(0)
+                )));
+            }
+        }
+    }
+    let present =
+        count(&dst, "SELECT (SELECT COUNT(*) FROM units) + (SELECT COUNT(*) FROM runs)").await?;
+    if present > 0 {
+        return Err(Error::Conflict(format!(
+            "{} already holds units or runs: copy into an empty store",
+            to.describe()
+        )));
+    }
+    let mut copied = Copied::default();
+    for t in TABLES {
+        let mut after: Option<Val> = None;
+        let mut n = 0;
+        loop {
+            let page = read_page(&src, t, after.as_ref()).await?;
+            if page.is_empty() {
+                break;
+            }
+            n += page.len();
+            after = page.last().map(|r| r[key_index(t)].clone());
+            let ids: Vec<i64> = match t.name {
+                "runs" => page
+                    .iter()
+                    .filter_map(|r| if let Val::Int(id) = r[0] { Some(id) } else { None })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            write_page(&mut dst, t, page).await?;
+            copied.logs += copy_logs(&src, &mut dst, &ids).await?;
+        }
+        copied.tables.push((t.name, n));
+    }
+    if let Side::Pg(c) = &dst {
+        // Ids handed out next come after the copied ones.
+        for (table, col) in
+            [("runs", "id"), ("dispatches", "id"), ("events", "seq"), ("audit", "id")]
+        {
+            c.execute(
+                &format!(
+                    "SELECT setval(pg_get_serial_sequence('{table}', '{col}'), \
+                     GREATEST((SELECT MAX({col}) FROM {table}), 1))"
+                ),
+                &[],
+            )
+            .await?;
+        }
+    }
+    Ok(copied)
+}
+
+fn key_index(t: &TableSpec) -> usize {
+    t.columns.iter().position(|(c, _)| *c == t.key).expect("the key is a column")
+}
+
+async fn open(p: &Place, create: bool) -> Result<Side> {
+    match p {
+        Place::Dir(dir) => {
+            if !create && !dir.join("taskd.db").exists() {
+                return Err(Error::Conflict(format!("{}: no taskd store here", dir.display())));
+            }
+            // Creates (or migrates) the schema, as a daemon starting there would.
+            drop(super::Store::open(dir)?);
+            let lock = crate::state_dir::lock(dir).map_err(|e| {
+                Error::Conflict(format!("{}: {e} (stop its daemon first)", dir.display()))
+            })?;
+            let conn = rusqlite::Connection::open(dir.join("taskd.db"))?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            Ok(Side::Sqlite { conn, logs: dir.join("logs"), _lock: lock })
+        }
+        Place::Url(url) => {
+            let (mut c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            super::postgres::schema::migrate(&mut c).await?;
+            Ok(Side::Pg(c))
+        }
+    }
+}
+
+async fn count(side: &Side, sql: &str) -> Result<i64> {
+    match side {
+        Side::Sqlite { conn, .. } => Ok(conn.query_row(sql, [], |r| r.get(0))?),
+        Side::Pg(c) => Ok(c.query_one(sql, &[]).await?.get(0)),
+    }
+}
+
+async fn read_page(side: &Side, t: &TableSpec, after: Option<&Val>) -> Result<Vec<Vec<Val>>> {
+    let cols: Vec<&str> = t.columns.iter().map(|(c, _)| *c).collect();
+    match side {
+        Side::Sqlite { conn, .. } => {
+            let cols: Vec<String> = t
+                .columns
+                .iter()
+                .map(|(c, _)| match *c {
+                    // Older embedded stores may lack it.
+                    "anchor" => "COALESCE(anchor, updated_at)".to_string(),
+                    c => c.to_string(),
+                })
+                .collect();
+            let filter =
+                if after.is_some() { format!("WHERE {} > ?1", t.key) } else { String::new() };
+            let sql = format!(
+                "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {PAGE}",
+                cols.join(", "),
+                t.name,
+                t.key
+            );
+            let mut st = conn.prepare(&sql)?;
+            let map = |r: &rusqlite::Row<'_>| {
+                (0..t.columns.len())
+                    .map(|i| {
+                        use rusqlite::types::ValueRef;
+                        Ok(match r.get_ref(i)? {
+                            ValueRef::Null => Val::Null,
+                            ValueRef::Integer(n) => match t.columns[i].1 {
+                                Bool => Val::Bool(n != 0),
+                                Time => Val::Time(n),
+                                _ => Val::Int(n),
+                            },
+                            ValueRef::Real(x) => Val::Int(x as i64),
+                            ValueRef::Text(s) | ValueRef::Blob(s) => {
+                                Val::Text(String::from_utf8_lossy(s).into_owned())
+                            }
+                        })
+                    })
+                    .collect::<rusqlite::Result<Vec<Val>>>()
+            };
+            let rows = match after {
+                Some(Val::Int(k)) => st.query_map([k], map)?.collect::<rusqlite::Result<_>>()?,
+                Some(Val::Text(k)) => st.query_map([k], map)?.collect::<rusqlite::Result<_>>()?,
+                _ => st.query_map([], map)?.collect::<rusqlite::Result<_>>()?,
+            };
+            Ok(rows)
+        }
+        Side::Pg(c) => {
+            let filter =
+                if after.is_some() { format!("WHERE {} > $1", t.key) } else { String::new() };
+            let sql = format!(
+                "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {PAGE}",
+                cols.join(", "),
+                t.name,
+                t.key
+            );
+            let rows = match after {
+                Some(Val::Int(k)) => c.query(&sql, &[k]).await?,
+                Some(Val::Text(k)) => c.query(&sql, &[k]).await?,
+                _ => c.query(&sql, &[]).await?,
+            };
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    t.columns
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (_, ty))| match ty {
+                            Text => r.get::<_, Option<String>>(i).map_or(Val::Null, Val::Text),
+                            I32 => {
+                                r.get::<_, Option<i32>>(i).map_or(Val::Null, |n| Val::Int(n.into()))
+                            }
+                            I64 => r.get::<_, Option<i64>>(i).map_or(Val::Null, Val::Int),
+                            Bool => r.get::<_, Option<bool>>(i).map_or(Val::Null, Val::Bool),
+                            Time => r
+                                .get::<_, Option<Timestamp>>(i)
+                                .map_or(Val::Null, |t| Val::Time(t.as_microsecond())),
+                            Json => r
+                                .get::<_, Option<serde_json::Value>>(i)
+                                .map_or(Val::Null, |v| Val::Text(v.to_string())),
+                        })
+                        .collect()
+                })
+                .collect())
+        }
+    }
+}
+
+async fn write_page(side: &mut Side, t: &TableSpec, rows: Vec<Vec<Val>>) -> Result<()> {
+    let cols: Vec<&str> = t.columns.iter().map(|(c, _)| *c).collect();
+    match side {
+        Side::Sqlite { conn, .. } => {
+            let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+            let sql = format!(
+                "INSERT INTO {}({}) VALUES ({})",
+                t.name,
+                cols.join(", "),
+                marks.join(", ")
+            );
+            let tx = conn.transaction()?;
+            {
+                let mut st = tx.prepare(&sql)?;
+                for row in rows {
+                    let values = row.into_iter().map(|v| match v {
+                        Val::Null => rusqlite::types::Value::Null,
+                        Val::Int(n) | Val::Time(n) => rusqlite::types::Value::Integer(n),
+                        Val::Bool(b) => rusqlite::types::Value::Integer(b.into()),
+                        Val::Text(s) => rusqlite::types::Value::Text(s),
+                    });
+                    st.execute(rusqlite::params_from_iter(values))?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        }
+        Side::Pg(c) => {
+            let marks: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "INSERT INTO {}({}) VALUES ({})",
+                t.name,
+                cols.join(", "),
+                marks.join(", ")
+            );
+            let tx = c.transaction().await?;
+            let st = tx.prepare(&sql).await?;
+            for row in rows {
+                let params: Vec<Box<dyn ToSql + Sync + Send>> = row
+                    .into_iter()
+                    .zip(t.columns)
+                    .map(|(v, (col, ty))| pg_value(v, *ty, col))
+                    .collect::<Result<_>>()?;
+                let refs: Vec<&(dyn ToSql + Sync)> =
+                    params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+                tx.execute(&st, &refs).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+    }
+}
+
+/// `v` as PostgreSQL takes a column of type `ty`.
+fn pg_value(v: Val, ty: Ty, col: &str) -> Result<Box<dyn ToSql + Sync + Send>> {
+    let bad = || Error::Conflict(format!("column {col}: a value of an unexpected type"));
+    Ok(match (ty, v) {
+        (Text, Val::Null) => Box::new(None::<String>),
+        (I32, Val::Null) => Box::new(None::<i32>),
+        (I64, Val::Null) => Box::new(None::<i64>),
+        (Bool, Val::Null) => Box::new(None::<bool>),
+        (Time, Val::Null) => Box::new(None::<Timestamp>),
+        (Json, Val::Null) => Box::new(None::<serde_json::Value>),
+        (Text, Val::Text(s)) => Box::new(s),
+        (I32, Val::Int(n)) => Box::new(i32::try_from(n).map_err(|_| bad())?),
+        (I64, Val::Int(n)) => Box::new(n),
+        (Bool, Val::Bool(b)) => Box::new(b),
+        (Bool, Val::Int(n)) => Box::new(n != 0),
+        (Time, Val::Time(n) | Val::Int(n)) => {
+            Box::new(Timestamp::from_microsecond(n).map_err(|_| bad())?)
+        }
+        (Json, Val::Text(s)) => {
+            Box::new(serde_json::from_str::<serde_json::Value>(&s).map_err(|_| bad())?)
+        }
+        _ => return Err(bad()),
+    })
+}
+
+/// Copies the logs of runs `ids` (already copied); how many there were. One log in memory
+/// at a time.
+async fn copy_logs(src: &Side, dst: &mut Side, ids: &[i64]) -> Result<usize> {
+    let mut n = 0;
+    for &id in ids {
+        let data = match src {
+            Side::Sqlite { logs, .. } => match std::fs::read(super::logs::path_in(logs, id)) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(super::logs::path_in(logs, id), e)),
+            },
+            Side::Pg(c) => {
+                let rows = c
+                    .query("SELECT data FROM run_logs WHERE run = $1 ORDER BY off", &[&id])
+                    .await?;
+                rows.iter().flat_map(|r| r.get::<_, Vec<u8>>(0)).collect()
+            }
+        };
+        if data.is_empty() {
+            continue;
+        }
+        match dst {
+            Side::Sqlite { logs, .. } => write_log(logs, id, &data)?,
+            Side::Pg(c) => {
+                for (i, piece) in data.chunks(1 << 20).enumerate() {
+                    let off = (i << 20) as i64;
+                    c.execute(
+                        "INSERT INTO run_logs(run, off, data) VALUES ($1, $2, $3)",
+                        &[&id, &off, &piece],
+                    )
+                    .await?;
+                }
+            }
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn write_log(dir: &Path, id: i64, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = super::logs::path_in(dir, id);
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    std::io::Write::write_all(&mut f, data).map_err(|e| Error::io(&path, e))
+}
