@@ -147,7 +147,7 @@ pub async fn status(ctx: &Ctx) -> anyhow::Result<()> {
     rows.push((
         "lease".into(),
         format!(
-            "held by {} (epoch {}, renewed within {})",
+            "held by {} (epoch {}, {} left unless renewed)",
             c.holder,
             c.epoch,
             output::duration_ms(c.lease_left_ms.max(0))

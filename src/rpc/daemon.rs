@@ -131,7 +131,8 @@ async fn cluster_status(
     lease: std::time::Duration,
 ) -> crate::error::Result<super::types::ClusterStatus> {
     let l = c.lease().await?;
-    let gone_after = jiff::SignedDuration::try_from(lease * 3).unwrap_or_default();
+    // Servers say they are alive every third of the lease.
+    let gone_after = jiff::SignedDuration::try_from(lease).unwrap_or_default();
     let now = Timestamp::now();
     let holder = l.as_ref().map(|l| l.holder.clone()).unwrap_or_default();
     let servers = c

@@ -694,7 +694,7 @@ pub struct ServerStatus {
     pub address: String,
     /// Its taskd version.
     pub version: String,
-    /// `holder`, `standby`, or `gone` (silent for three lease times).
+    /// `holder`, `standby`, or `gone` (silent for a lease time).
     pub role: String,
     /// When it last said it was alive (RFC 3339).
     pub seen_at: String,

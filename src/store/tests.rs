@@ -97,6 +97,7 @@ on_both_stores!(
     join_tokens_enroll_one_agent_once,
     dispatches_keep_their_runs_counts_and_states,
     run_logs_are_read_back_cut_to_their_limit_and_resumed,
+    concurrent_starts_and_ends_of_many_units_all_succeed,
 );
 
 fn unit(name: &str) -> StoredUnit {
@@ -510,4 +511,40 @@ async fn postgres_a_server_that_lost_the_lease_creates_no_run_and_a_fire_is_made
     // Given up cleanly, the lease is free at once.
     b.release(eb).await.unwrap();
     assert!(a.try_acquire(lease).await.unwrap().is_some());
+}
+
+async fn concurrent_starts_and_ends_of_many_units_all_succeed(store: Store) {
+    // Starts, queued starts, dispatches and ends of 16 units at once: each change touches
+    // several states' counts, in different orders; none may fail (no deadlock).
+    let mut tasks = Vec::new();
+    for u in 0..16 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let name = format!("u{u}");
+            store.insert_unit(unit(&name)).await?;
+            for _ in 0..10 {
+                let hosts = vec!["h1".to_string(), "h2".to_string()];
+                let (_, runs) =
+                    store.create_dispatch(&name, Trigger::Manual, hosts, 1, None, None).await?;
+                let queued = store.start_queued(runs[1].id).await?;
+                let r =
+                    store.create_run(&name, RunState::Running, Trigger::Manual, 1, None).await?;
+                let ends: Vec<RunRecord> = [runs[0].clone(), queued, r]
+                    .into_iter()
+                    .map(|mut e| {
+                        e.state = RunState::Succeeded;
+                        e
+                    })
+                    .collect();
+                store.finish_runs(ends, 100).await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let mut counts = store.run_counts().await.unwrap();
+    counts.sort();
+    assert_eq!(counts, [("succeeded".to_string(), 16 * 30)]);
 }

@@ -3,9 +3,9 @@
 //! Mechanism:
 //! - Changes run on a pool of connections (deadpool), each call in a transaction of its own;
 //!   PostgreSQL groups concurrent commits itself, so no batching thread is needed here.
-//! - **Events in one order.** A transaction that records an event first takes a
-//!   transaction-level advisory lock ([`EVENTS_LOCK`]) and holds it to its commit, so event
-//!   sequence numbers are handed out in commit order; each event is also sent with `NOTIFY`,
+//! - **Events in one order.** A transaction records its events last, just before its commit,
+//!   under a transaction-level advisory lock ([`EVENTS_LOCK`]) held to the commit, so event
+//!   sequence numbers are handed out in commit order; they are also announced with `NOTIFY`,
 //!   which PostgreSQL delivers at commit, in commit order. Events are published to this
 //!   process's subscribers by the listener ([`listen`]), from those notifications, never by
 //!   the transaction that wrote them: every server sees the same events in the same order,
@@ -95,8 +95,8 @@ pub(super) struct Postgres {
 /// A transaction, with what it needs to record events.
 struct Tx<'a> {
     t: deadpool_postgres::Transaction<'a>,
-    /// Holds [`EVENTS_LOCK`].
-    ordered: bool,
+    /// Events to record at the commit: `(time, kind, unit, run, state)`.
+    events: Vec<(Timestamp, &'static str, String, Option<i64>, Option<String>)>,
     commits: &'a AtomicU64,
     fence: &'a cluster::Fence,
     /// Checked the fence already.
@@ -121,7 +121,7 @@ impl Tx<'_> {
         Ok(self.t.query_opt(&st, params).await?)
     }
 
-    /// Records an event and its notification (see the module documentation for the order).
+    /// Records an event at the commit (see [`Tx::commit`] and the module documentation).
     async fn emit(
         &mut self,
         kind: EventKind,
@@ -129,18 +129,13 @@ impl Tx<'_> {
         run: Option<i64>,
         state: Option<&str>,
     ) -> Result<()> {
-        if !self.ordered {
-            self.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK]).await?;
-            self.ordered = true;
-        }
-        let now = Timestamp::now();
-        self.execute(
-            "WITH e AS (INSERT INTO events(time, kind, unit, run, state) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING seq) \
-             SELECT pg_notify('taskd_events', e.seq::text) FROM e",
-            &[&now, &kind.as_str(), &unit, &run, &state],
-        )
-        .await?;
+        self.events.push((
+            Timestamp::now(),
+            kind.as_str(),
+            unit.to_string(),
+            run,
+            state.map(str::to_string),
+        ));
         Ok(())
     }
 
@@ -170,7 +165,33 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Commits. A transaction with events takes [`EVENTS_LOCK`] only now, after every row lock
+    /// it needed, records its events and their notification, and commits: so event numbers
+    /// follow commit order, and the lock's holder never waits for a row another transaction
+    /// holds while waiting for the lock (no deadlock).
     async fn commit(self) -> Result<()> {
+        if !self.events.is_empty() {
+            self.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK]).await?;
+            let mut times = Vec::with_capacity(self.events.len());
+            let (mut kinds, mut units, mut runs, mut states) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (time, kind, unit, run, state) in &self.events {
+                times.push(*time);
+                kinds.push(*kind);
+                units.push(unit.as_str());
+                runs.push(*run);
+                states.push(state.as_deref());
+            }
+            self.execute(
+                "WITH e AS (INSERT INTO events(time, kind, unit, run, state) \
+                 SELECT x.t, x.k, x.u, x.r, x.s FROM unnest($1::timestamptz[], $2::text[], \
+                 $3::text[], $4::bigint[], $5::text[]) WITH ORDINALITY AS x(t, k, u, r, s, o) \
+                 ORDER BY x.o RETURNING seq) \
+                 SELECT pg_notify('taskd_events', max(seq)::text) FROM e",
+                &[&times, &kinds, &units, &runs, &states],
+            )
+            .await?;
+        }
         self.t.commit().await?;
         self.commits.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -425,7 +446,7 @@ async fn begin<'a>(
     commits: &'a AtomicU64,
     fence: &'a cluster::Fence,
 ) -> Result<Tx<'a>> {
-    Ok(Tx { t: c.transaction().await?, ordered: false, commits, fence, fenced: false })
+    Ok(Tx { t: c.transaction().await?, events: Vec::new(), commits, fence, fenced: false })
 }
 
 /// Records the ends of `recs` and prunes their units' histories, in one transaction.
@@ -950,7 +971,12 @@ impl Backend for Postgres {
 
     async fn run_counts(&self) -> Result<Vec<(String, u64)>> {
         let c = self.client().await?;
-        let rows = c.query("SELECT state, n FROM run_counts WHERE n > 0", &[]).await?;
+        let rows = c
+            .query(
+                "SELECT state, SUM(n)::bigint FROM run_counts GROUP BY state HAVING SUM(n) > 0",
+                &[],
+            )
+            .await?;
         Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64)).collect())
     }
 
@@ -1328,6 +1354,13 @@ async fn pruner(pool: Pool) {
                 &[&AUDIT_KEPT],
             )
             .await?;
+            // Run counts' deltas folded into one row per state (rows added meanwhile stay).
+            c.batch_execute(
+                "WITH d AS (DELETE FROM run_counts RETURNING state, n) \
+                 INSERT INTO run_counts(state, n) SELECT state, SUM(n) FROM d GROUP BY state",
+            )
+            .await?;
+            c.execute("DELETE FROM fires WHERE fired_at < now() - interval '1 day'", &[]).await?;
             Ok::<_, Error>(())
         };
         if let Err(e) = r.await {

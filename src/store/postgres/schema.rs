@@ -163,6 +163,23 @@ CREATE TABLE cluster_settings (
     value TEXT NOT NULL
 );
 ",
+    // 4: run counts as deltas (+1, -1 rows), summed when read and folded now and then: one row
+    // per state updated by every run's start and end made all run transactions wait for each
+    // other, and deadlock when two took two states' rows in opposite orders.
+    "
+ALTER TABLE run_counts DROP CONSTRAINT run_counts_pkey;
+CREATE INDEX run_counts_by_state ON run_counts(state);
+CREATE OR REPLACE FUNCTION taskd_count_runs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('DELETE', 'UPDATE') THEN
+        INSERT INTO run_counts(state, n) VALUES (OLD.state, -1);
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO run_counts(state, n) VALUES (NEW.state, 1);
+    END IF;
+    RETURN NULL;
+END $$;
+",
 ];
 
 /// The schema version this build writes.
