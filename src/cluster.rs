@@ -40,9 +40,20 @@ pub fn poll(lease: Duration) -> Duration {
     (lease / 10).clamp(Duration::from_millis(100), Duration::from_millis(500))
 }
 
+/// The lease, taken: its epoch, and an instant no later than when it was taken (the lease
+/// runs from then).
+#[derive(Debug, Clone, Copy)]
+pub struct Taken {
+    /// The lease's epoch.
+    pub epoch: i64,
+    /// Asked for no later than this.
+    pub at: tokio::time::Instant,
+}
+
 /// Serves `listener` as a standby, relaying every connection to the holder, until this
-/// server takes the lease (its epoch) or `shutdown` (None). Relayed connections live on in
-/// `relays` after it returns, until either side closes.
+/// server takes the lease or `shutdown` (None). Relayed connections live on in `relays` after
+/// it returns, until either side closes. The lease is polled by a task of its own, so that
+/// accepting never waits for the database.
 pub async fn standby(
     cluster: &Cluster,
     own_address: &str,
@@ -51,15 +62,17 @@ pub async fn standby(
     max_connections: usize,
     shutdown: &CancellationToken,
     relays: &TaskTracker,
-) -> Option<i64> {
+) -> Option<Taken> {
     let (holder_tx, holder_rx) = watch::channel(None::<String>);
+    let (taken_tx, mut taken_rx) = tokio::sync::oneshot::channel();
+    let own = own_address.to_string();
+    let poller = tokio::spawn(poll_lease(cluster.clone(), lease, own, holder_tx, taken_tx));
+    let _stop_poller = AbortOnDrop(poller);
     let slots = Arc::new(Semaphore::new(max_connections));
-    let mut tick = tokio::time::interval(poll(lease));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_holder = String::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return None,
+            taken = &mut taken_rx => return taken.ok(),
             accepted = listener.accept() => {
                 let Ok((socket, _)) = accepted else { continue };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -67,84 +80,137 @@ pub async fn standby(
                     continue;
                 };
                 let holder = holder_rx.clone();
+                let own = own_address.to_string();
                 relays.spawn(async move {
-                    relay(socket, holder).await;
+                    relay(socket, holder, own).await;
                     drop(slot);
                 });
-            }
-            _ = tick.tick() => {
-                match cluster.try_acquire(lease).await {
-                    Ok(Some(epoch)) => {
-                        // Connections waiting for a holder are this server's now.
-                        holder_tx.send_replace(Some(own_address.to_string()));
-                        return Some(epoch);
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "standby: cannot reach the cluster's lease");
-                        continue;
-                    }
-                }
-                match cluster.lease().await {
-                    Ok(Some(l)) if l.left > jiff::SignedDuration::ZERO => {
-                        if l.holder != last_holder {
-                            tracing::info!(holder = %l.holder, address = ?l.address, epoch = l.epoch, "standby: the cluster's lease holder");
-                            last_holder = l.holder.clone();
-                        }
-                        holder_tx.send_if_modified(|a| {
-                            let changed = *a != l.address;
-                            *a = l.address.clone();
-                            changed
-                        });
-                    }
-                    Ok(_) => {
-                        holder_tx.send_if_modified(|a| a.take().is_some());
-                    }
-                    Err(e) => tracing::warn!(error = %e, "standby: cannot read the cluster's lease"),
-                }
             }
         }
     }
 }
 
+/// Tries to take the lease every [`poll`] interval (then publishes `own_address` as the
+/// holder's); meanwhile publishes where the holder is:
+/// `None` while there is none, or while the lease names this server (a holder restarted
+/// within its lease waits for it to run out, and relays to nobody, itself least of all).
+async fn poll_lease(
+    cluster: Cluster,
+    lease: Duration,
+    own_address: String,
+    holder: watch::Sender<Option<String>>,
+    taken: tokio::sync::oneshot::Sender<Taken>,
+) {
+    let mut tick = tokio::time::interval(poll(lease));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_holder = String::new();
+    loop {
+        tick.tick().await;
+        let at = tokio::time::Instant::now();
+        match cluster.try_acquire(lease).await {
+            Ok(Some(epoch)) => {
+                // Connections waiting for a holder are this server's now.
+                holder.send_replace(Some(own_address));
+                let _ = taken.send(Taken { epoch, at });
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "standby: cannot reach the cluster's lease");
+                continue;
+            }
+        }
+        let address = match cluster.lease().await {
+            Ok(Some(l)) if l.left > jiff::SignedDuration::ZERO && l.holder != cluster.name() => {
+                if l.holder != last_holder {
+                    tracing::info!(holder = %l.holder, address = ?l.address, epoch = l.epoch, "standby: the cluster's lease holder");
+                    last_holder = l.holder.clone();
+                }
+                l.address
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "standby: cannot read the cluster's lease");
+                continue;
+            }
+        };
+        holder.send_if_modified(|a| {
+            let changed = *a != address;
+            *a = address;
+            changed
+        });
+    }
+}
+
+/// How long a relayed connection's peer may leave keepalive probes unanswered before the
+/// relay gives up on it: a holder that vanished without a word (partition, power cut) does
+/// not hold a relay, and its slot, forever.
+const RELAY_KEEPALIVE: Duration = Duration::from_secs(15);
+
+fn keepalive(s: &TcpStream) {
+    let sock = socket2::SockRef::from(s);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(RELAY_KEEPALIVE / 3)
+        .with_interval(RELAY_KEEPALIVE / 6);
+    let _ = sock.set_tcp_keepalive(&ka);
+    let _ = sock.set_tcp_user_timeout(Some(RELAY_KEEPALIVE));
+    let _ = s.set_nodelay(true);
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Relays `client` to the holder's address once one is known, byte for byte. A holder that
 /// does not answer (it just died) is tried again when the address changes, for up to
-/// [`WAIT_FOR_HOLDER`] in all.
-async fn relay(mut client: TcpStream, mut holder: watch::Receiver<Option<String>>) {
+/// [`WAIT_FOR_HOLDER`] in all. If this server takes the lease meanwhile, the connection goes
+/// to its own port (`own`), where it is served now.
+async fn relay(mut client: TcpStream, mut holder: watch::Receiver<Option<String>>, own: String) {
     let deadline = tokio::time::Instant::now() + WAIT_FOR_HOLDER;
     let mut upstream = loop {
         let addr = match tokio::time::timeout_at(deadline, holder.wait_for(Option::is_some)).await {
             Ok(Ok(a)) => a.clone().expect("waited for an address"),
-            _ => return,
+            // The standby ended without a holder (it is stopping).
+            Ok(Err(_)) => own.clone(),
+            Err(_) => return,
         };
         match TcpStream::connect(&addr).await {
             Ok(s) => break s,
             Err(e) => {
                 tracing::debug!(%addr, error = %e, "standby: cannot reach the holder; waiting for another");
                 holder.mark_unchanged();
-                if tokio::time::timeout_at(deadline, holder.changed()).await.is_err() {
-                    return;
+                // The address changes (another holder, or this server took the lease), or
+                // this relay gives up.
+                match tokio::time::timeout_at(deadline, holder.changed()).await {
+                    Ok(Ok(())) => {}
+                    _ => return,
                 }
             }
         }
     };
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    keepalive(&client);
+    keepalive(&upstream);
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
-/// Renews the lease held under `epoch` every third of `lease` until `stop`; when it cannot be
-/// renewed in time, disarms the fence and cancels `lost`.
+/// Renews the lease `taken` every third of `lease` until `stop`; when it cannot be renewed in
+/// time, disarms the fence and cancels `lost`. Started as soon as the lease is taken, before
+/// the engine: starting that may take longer than the lease.
 pub async fn keep(
     cluster: Cluster,
-    epoch: i64,
+    taken: Taken,
     lease: Duration,
     stop: CancellationToken,
     lost: CancellationToken,
 ) {
-    let every = lease / 3;
+    let (epoch, every) = (taken.epoch, lease / 3);
     // The lease was taken (or last renewed) no earlier than this.
-    let mut valid_until = tokio::time::Instant::now() + lease;
+    let mut valid_until = taken.at + lease;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -204,6 +204,7 @@ pub async fn run(
     let cluster_stop = CancellationToken::new();
     let _stop_cluster_tasks = cluster_stop.clone().drop_guard();
     let mut socket = Some(socket);
+    let lost = CancellationToken::new();
     let mut host = None;
     let peers = crate::rpc::http::Peers::default();
     let mut early_listener = None;
@@ -252,14 +253,22 @@ pub async fn run(
             &relays,
         )
         .await;
-        let Some(e) = taken else {
+        let Some(taken) = taken else {
             let _ = std::fs::remove_file(&address_file);
             stop_host(&cluster_stop, host).await;
             tracing::info!("taskd stopped");
             return Ok(());
         };
-        tracing::info!(epoch = e, "this server holds the cluster's lease: starting the engine");
-        epoch = Some(e);
+        tracing::info!(
+            epoch = taken.epoch,
+            "this server holds the cluster's lease: starting the engine"
+        );
+        // Renewed from now on: starting the engine may take longer than the lease.
+        let keep =
+            crate::cluster::keep(c.clone(), taken, cfg.lease, cluster_stop.clone(), lost.clone());
+        tokio::spawn(keep);
+        epoch = Some(taken.epoch);
+        store.logs().engine_starts().await?;
         early_listener = Some(listener);
     }
     let tls = match &cfg.tls {
@@ -351,12 +360,6 @@ pub async fn run(
         }
         (None, None) => unreachable!("the socket listens once"),
     };
-    let lost = CancellationToken::new();
-    if let (Some(c), Some(e)) = (&cluster, epoch) {
-        let keep =
-            crate::cluster::keep(c.clone(), e, cfg.lease, cluster_stop.clone(), lost.clone());
-        tokio::spawn(keep);
-    }
     // Written whole and renamed into place: a reader never sees half an address.
     let address_file =
         state_dir::write_private(&cfg.state_dir, ADDRESS_FILE, format!("{local}\n").as_bytes())?;

@@ -65,6 +65,9 @@ pub enum Error {
     /// The SQLite store failed.
     #[error("store: {0}")]
     Store(#[from] rusqlite::Error),
+    /// In a cluster, this server does not hold the lease (any more): it may change nothing.
+    #[error("this server does not hold the cluster's lease (any more): it changes nothing")]
+    Fenced,
     /// The PostgreSQL store failed (unreachable, or it refused a statement).
     #[error("store: {0}")]
     Postgres(String),
@@ -109,7 +112,7 @@ impl Error {
             Error::AgentNotFound(_) => codes::AGENT_NOT_FOUND,
             Error::DispatchNotFound(_) => codes::DISPATCH_NOT_FOUND,
             Error::Unauthorized(_) => codes::UNAUTHORIZED,
-            Error::Conflict(_) | Error::ShuttingDown => codes::CONFLICT,
+            Error::Conflict(_) | Error::ShuttingDown | Error::Fenced => codes::CONFLICT,
             Error::Limit(_) => codes::LIMIT_EXCEEDED,
             Error::Store(_)
             | Error::Storage(_)

@@ -5,8 +5,9 @@
 //! The two schemas have the same tables and column names; only the types differ (SQLite
 //! keeps times as microseconds, flags as integers, JSON as text). Each table is described
 //! once ([`TABLES`]), read a page at a time in key order into neutral values ([`Val`]), and
-//! written in that page's transaction on the other side. The copy refuses a destination that
-//! holds units or runs, and a source or destination in use: a state directory locked by its
+//! written on the other side, all in one transaction there (a copy that fails leaves the
+//! destination as it was), the id sequences carried over so that no id is handed out twice.
+//! The copy refuses a destination that holds anything, and a source or destination in use: a state directory locked by its
 //! daemon, or a database whose lease a server holds.
 
 use std::path::{Path, PathBuf};
@@ -227,13 +228,20 @@ pub async fn copy(from: &Place, to: &Place) -> Result<Copied> {
             }
         }
     }
-    let present =
-        count(&dst, "SELECT (SELECT COUNT(*) FROM units) + (SELECT COUNT(*) FROM runs)").await?;
+    let tables: Vec<String> =
+        TABLES.iter().map(|t| format!("(SELECT COUNT(*) FROM {})", t.name)).collect();
+    let present = count(&dst, &format!("SELECT {}", tables.join(" + "))).await?;
     if present > 0 {
         return Err(Error::Conflict(format!(
-            "{} already holds units or runs: copy into an empty store",
+            "{} already holds units, runs or other state: copy into an empty store",
             to.describe()
         )));
+    }
+    let high = high_water(&src).await?;
+    // All of it or nothing: one transaction on the destination.
+    match &mut dst {
+        Side::Sqlite { conn, .. } => conn.execute_batch("BEGIN IMMEDIATE")?,
+        Side::Pg(c) => c.batch_execute("BEGIN").await?,
     }
     let mut copied = Copied::default();
     for t in TABLES {
@@ -258,22 +266,67 @@ pub async fn copy(from: &Place, to: &Place) -> Result<Copied> {
         }
         copied.tables.push((t.name, n));
     }
-    if let Side::Pg(c) = &dst {
-        // Ids handed out next come after the copied ones.
-        for (table, col) in
-            [("runs", "id"), ("dispatches", "id"), ("events", "seq"), ("audit", "id")]
-        {
-            c.execute(
-                &format!(
-                    "SELECT setval(pg_get_serial_sequence('{table}', '{col}'), \
-                     GREATEST((SELECT MAX({col}) FROM {table}), 1))"
-                ),
-                &[],
-            )
-            .await?;
+    // Ids handed out next come after any the source ever handed out (deleted ones too).
+    for (table, col) in SEQUENCES {
+        let hw = high.iter().find(|(t, _)| t == table).map_or(0, |(_, n)| *n);
+        match &mut dst {
+            Side::Pg(c) => {
+                c.execute(
+                    &format!(
+                        "SELECT setval(pg_get_serial_sequence('{table}', '{col}'), \
+                         GREATEST((SELECT MAX({col}) FROM {table}), $1, 1))"
+                    ),
+                    &[&hw],
+                )
+                .await?;
+            }
+            Side::Sqlite { conn, .. } => {
+                conn.execute(
+                    "UPDATE sqlite_sequence SET seq = MAX(seq, ?2) WHERE name = ?1",
+                    rusqlite::params![table, hw],
+                )?;
+                conn.execute(
+                    "INSERT INTO sqlite_sequence(name, seq) SELECT ?1, ?2 \
+                     WHERE ?2 > 0 AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = ?1)",
+                    rusqlite::params![table, hw],
+                )?;
+            }
         }
     }
+    match &mut dst {
+        Side::Sqlite { conn, .. } => conn.execute_batch("COMMIT")?,
+        Side::Pg(c) => c.batch_execute("COMMIT").await?,
+    }
     Ok(copied)
+}
+
+/// The tables whose ids the store hands out, and their id column.
+const SEQUENCES: [(&str, &str); 4] =
+    [("runs", "id"), ("dispatches", "id"), ("events", "seq"), ("audit", "id")];
+
+/// The highest id the source ever handed out, per table of [`SEQUENCES`].
+async fn high_water(side: &Side) -> Result<Vec<(String, i64)>> {
+    let mut out = Vec::new();
+    for (table, col) in SEQUENCES {
+        let n: i64 = match side {
+            Side::Sqlite { conn, .. } => conn.query_row(
+                "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = ?1), 0)",
+                [table],
+                |r| r.get(0),
+            )?,
+            Side::Pg(c) => {
+                let seq: String = c
+                    .query_one(&format!("SELECT pg_get_serial_sequence('{table}', '{col}')"), &[])
+                    .await?
+                    .get(0);
+                let r =
+                    c.query_one(&format!("SELECT last_value, is_called FROM {seq}"), &[]).await?;
+                if r.get::<_, bool>(1) { r.get(0) } else { 0 }
+            }
+        };
+        out.push((table.to_string(), n));
+    }
+    Ok(out)
 }
 
 fn key_index(t: &TableSpec) -> usize {
@@ -411,20 +464,16 @@ async fn write_page(side: &mut Side, t: &TableSpec, rows: Vec<Vec<Val>>) -> Resu
                 cols.join(", "),
                 marks.join(", ")
             );
-            let tx = conn.transaction()?;
-            {
-                let mut st = tx.prepare(&sql)?;
-                for row in rows {
-                    let values = row.into_iter().map(|v| match v {
-                        Val::Null => rusqlite::types::Value::Null,
-                        Val::Int(n) | Val::Time(n) => rusqlite::types::Value::Integer(n),
-                        Val::Bool(b) => rusqlite::types::Value::Integer(b.into()),
-                        Val::Text(s) => rusqlite::types::Value::Text(s),
-                    });
-                    st.execute(rusqlite::params_from_iter(values))?;
-                }
+            let mut st = conn.prepare_cached(&sql)?;
+            for row in rows {
+                let values = row.into_iter().map(|v| match v {
+                    Val::Null => rusqlite::types::Value::Null,
+                    Val::Int(n) | Val::Time(n) => rusqlite::types::Value::Integer(n),
+                    Val::Bool(b) => rusqlite::types::Value::Integer(b.into()),
+                    Val::Text(s) => rusqlite::types::Value::Text(s),
+                });
+                st.execute(rusqlite::params_from_iter(values))?;
             }
-            tx.commit()?;
             Ok(())
         }
         Side::Pg(c) => {
@@ -435,8 +484,7 @@ async fn write_page(side: &mut Side, t: &TableSpec, rows: Vec<Vec<Val>>) -> Resu
                 cols.join(", "),
                 marks.join(", ")
             );
-            let tx = c.transaction().await?;
-            let st = tx.prepare(&sql).await?;
+            let st = c.prepare(&sql).await?;
             for row in rows {
                 let params: Vec<Box<dyn ToSql + Sync + Send>> = row
                     .into_iter()
@@ -445,9 +493,8 @@ async fn write_page(side: &mut Side, t: &TableSpec, rows: Vec<Vec<Val>>) -> Resu
                     .collect::<Result<_>>()?;
                 let refs: Vec<&(dyn ToSql + Sync)> =
                     params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-                tx.execute(&st, &refs).await?;
+                c.execute(&st, &refs).await?;
             }
-            tx.commit().await?;
             Ok(())
         }
     }
@@ -491,9 +538,11 @@ async fn copy_logs(src: &Side, dst: &mut Side, ids: &[i64]) -> Result<usize> {
             },
             Side::Pg(c) => {
                 let rows = c
-                    .query("SELECT data FROM run_logs WHERE run = $1 ORDER BY off", &[&id])
+                    .query("SELECT off, data FROM run_logs WHERE run = $1 ORDER BY off", &[&id])
                     .await?;
-                rows.iter().flat_map(|r| r.get::<_, Vec<u8>>(0)).collect()
+                super::postgres::logs::assemble(
+                    rows.iter().map(|r| (r.get::<_, i64>(0), r.get::<_, &[u8]>(1))),
+                )
             }
         };
         if data.is_empty() {

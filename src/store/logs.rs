@@ -164,6 +164,15 @@ impl Logs {
         Ok(Logs { tx, sink, queued: Arc::new(Semaphore::new(WRITE_QUEUE_BYTES)) })
     }
 
+    /// Notes that the engine starts on this store (a cluster's standby took the lease): logs
+    /// of the runs that exist now are carried on where another server left them.
+    pub async fn engine_starts(&self) -> Result<()> {
+        match &self.sink {
+            Sink::Dir(_) => Ok(()),
+            Sink::Table(t) => t.engine_starts().await,
+        }
+    }
+
     /// The log file of run `id` (with the embedded store).
     #[cfg(test)]
     fn path(&self, id: i64) -> PathBuf {
@@ -403,10 +412,16 @@ impl RunLog {
     fn resume(&mut self) {
         let data = match &self.out {
             Out::File { path, .. } => std::fs::read(path).unwrap_or_default(),
-            Out::Table(t) => t.load_blocking(self.run).unwrap_or_else(|e| {
-                tracing::warn!(run = self.run, error = %e, "cannot read a run's log to resume it");
-                Vec::new()
-            }),
+            Out::Table(t) if !t.may_have_log(self.run) => return,
+            Out::Table(t) => match t.load_blocking(self.run) {
+                Ok(data) => data,
+                Err(e) => {
+                    // Appending at a guessed offset would garble it: keep nothing more.
+                    tracing::warn!(run = self.run, error = %e, "cannot read a run's log to carry it on; its further output is not kept");
+                    self.failed = true;
+                    return;
+                }
+            },
         };
         if data.is_empty() {
             return;

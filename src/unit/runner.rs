@@ -315,10 +315,12 @@ impl Loop {
             if !fresh
                 && !self.paused
                 && self.cfg.catch_up == CatchUp::Once
-                && s.missed(since, now, self.anchor)
+                && let Some(missed) = s.latest_missed(since, now, self.anchor)
             {
                 self.env.store.set_last_fire(&self.cfg.name, now);
-                self.start_run(Trigger::CatchUp, 1).await;
+                // For the newest fire missed: a store that records fires (a cluster's) makes
+                // it once, whoever holds the lease.
+                let _ = self.try_start_run(Trigger::CatchUp, 1, Some(missed)).await;
             }
             self.next_fire = s.next_after(now, self.anchor);
             return;

@@ -97,9 +97,40 @@ impl Schedule {
         }
     }
 
-    /// Whether a fire time fell in `(since, now]`: a run was missed while the daemon was down.
-    pub fn missed(&self, since: Timestamp, now: Timestamp, anchor: Timestamp) -> bool {
-        self.next_after(since, anchor).is_some_and(|t| t <= now)
+    /// The newest fire time in `(since, now]`, if one fell there: the fire `catch_up: once`
+    /// makes (so that a fire another server made already is known by its time). A cron
+    /// schedule is stepped through at most 100,000 fire times, then the newest found is it.
+    pub fn latest_missed(
+        &self,
+        since: Timestamp,
+        now: Timestamp,
+        anchor: Timestamp,
+    ) -> Option<Timestamp> {
+        match self {
+            Schedule::Every { period } => {
+                let p = i128::try_from(period.as_nanos()).ok()?.max(1);
+                let (a, n) = (anchor.as_nanosecond(), now.as_nanosecond());
+                if n < a {
+                    return None;
+                }
+                let t = Timestamp::from_nanosecond(a + (n - a) / p * p).ok()?;
+                (t > since).then_some(t)
+            }
+            Schedule::Cron { .. } => {
+                let mut last = None;
+                let mut at = since;
+                for _ in 0..100_000 {
+                    match self.next_after(at, anchor) {
+                        Some(t) if t <= now => {
+                            last = Some(t);
+                            at = t;
+                        }
+                        _ => break,
+                    }
+                }
+                last
+            }
+        }
     }
 }
 
@@ -203,10 +234,29 @@ mod tests {
     }
 
     #[test]
-    fn missed_fire_times_are_detected() {
+    fn the_newest_missed_fire_time_is_found() {
         let s = Schedule::every(Duration::from_secs(60));
         let a = ts("2026-01-01T00:00:00Z");
-        assert!(s.missed(ts("2026-01-01T00:00:30Z"), ts("2026-01-01T00:05:00Z"), a));
-        assert!(!s.missed(ts("2026-01-01T00:00:30Z"), ts("2026-01-01T00:00:50Z"), a));
+        let since = ts("2026-01-01T00:00:30Z");
+        assert_eq!(
+            s.latest_missed(since, ts("2026-01-01T00:05:10Z"), a),
+            Some(ts("2026-01-01T00:05:00Z"))
+        );
+        assert_eq!(s.latest_missed(since, ts("2026-01-01T00:00:50Z"), a), None);
+        // Exactly at a fire time: that fire is missed; since a fire time: not again.
+        assert_eq!(
+            s.latest_missed(since, ts("2026-01-01T00:01:00Z"), a),
+            Some(ts("2026-01-01T00:01:00Z"))
+        );
+        assert_eq!(
+            s.latest_missed(ts("2026-01-01T00:01:00Z"), ts("2026-01-01T00:01:30Z"), a),
+            None
+        );
+        let c = Schedule::cron("0 * * * * *", Some("UTC")).unwrap();
+        assert_eq!(
+            c.latest_missed(since, ts("2026-01-01T00:03:30Z"), a),
+            Some(ts("2026-01-01T00:03:00Z"))
+        );
+        assert_eq!(c.latest_missed(since, ts("2026-01-01T00:00:59Z"), a), None);
     }
 }

@@ -118,12 +118,13 @@ impl Cluster {
 
     /// Takes the lease if nobody holds it or it has expired; its epoch when taken.
     pub async fn try_acquire(&self, ttl: Duration) -> Result<Option<i64>> {
-        let c = self.pool.get().await?;
+        let mut c = self.pool.get().await?;
         let ttl = secs(ttl);
+        let t = c.transaction().await?;
         // A lease row locked by a fenced transaction of a paused holder: give up quickly and
         // try again at the next round.
-        c.batch_execute("SET lock_timeout = '1s'").await?;
-        let row = c
+        t.batch_execute("SET LOCAL lock_timeout = '1s'").await?;
+        let row = t
             .query_opt(
                 "INSERT INTO lease(id, holder, epoch, expires_at) \
                  VALUES (1, $1, 1, clock_timestamp() + make_interval(secs => $2)) \
@@ -132,11 +133,15 @@ impl Cluster {
                  WHERE lease.expires_at < clock_timestamp() RETURNING epoch",
                 &[&self.name, &ttl],
             )
-            .await;
-        c.batch_execute("RESET lock_timeout").await?;
-        let epoch: Option<i64> = row?.map(|r| r.get(0));
+            .await?;
+        let epoch: Option<i64> = row.map(|r| r.get(0));
+        // Armed before the commit: once the row says so, this server may create runs.
         if let Some(e) = epoch {
             self.fence.epoch.store(e, Ordering::SeqCst);
+        }
+        if let Err(e) = t.commit().await {
+            self.fence.epoch.store(0, Ordering::SeqCst);
+            return Err(e.into());
         }
         Ok(epoch)
     }
@@ -246,8 +251,6 @@ pub(super) async fn check(t: &super::Tx<'_>, fence: &Fence) -> Result<()> {
         .await?;
     match held {
         Some(_) => Ok(()),
-        None => Err(Error::Conflict(
-            "this server does not hold the cluster's lease (any more): it starts nothing".into(),
-        )),
+        None => Err(Error::Fenced),
     }
 }

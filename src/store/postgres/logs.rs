@@ -14,12 +14,14 @@
 //! tails) and decode it as a file is.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Pieces waiting for the table's writer at most; past that, appends wait.
 const QUEUED: usize = 1024;
@@ -44,14 +46,33 @@ pub struct LogTable {
     tx: mpsc::Sender<Msg>,
     pool: Pool,
     rt: tokio::runtime::Handle,
+    /// Runs with ids above this were created by this process's engine: their logs start
+    /// empty, and are not read back when opened (see [`LogTable::engine_starts`]).
+    older_than: Arc<AtomicI64>,
 }
 
 impl LogTable {
     /// Starts the writer task (on the current runtime).
-    pub(in crate::store) fn start(pool: Pool) -> LogTable {
+    pub(in crate::store) fn start(pool: Pool, newest_run: i64) -> LogTable {
         let (tx, rx) = mpsc::channel(QUEUED);
         tokio::spawn(writer(pool.clone(), rx));
-        LogTable { tx, pool, rt: tokio::runtime::Handle::current() }
+        let older_than = Arc::new(AtomicI64::new(newest_run));
+        LogTable { tx, pool, rt: tokio::runtime::Handle::current(), older_than }
+    }
+
+    /// Notes that this process's engine starts (a standby took the lease): runs that exist now
+    /// may have logs another server began.
+    pub async fn engine_starts(&self) -> Result<()> {
+        let c = self.pool.get().await?;
+        let newest: i64 = c.query_one("SELECT COALESCE(MAX(id), 0) FROM runs", &[]).await?.get(0);
+        self.older_than.store(newest, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether run `run` may have a log already (it was created before this process's engine
+    /// started: a run on an agent, taken over).
+    pub fn may_have_log(&self, run: i64) -> bool {
+        run <= self.older_than.load(Ordering::SeqCst)
     }
 
     /// Appends `data` at byte `off` of run `run`'s log. Blocks while the writer is full: call
@@ -72,27 +93,35 @@ impl LogTable {
         let c = self.pool.get().await?;
         let st =
             c.prepare_cached("SELECT off, data FROM run_logs WHERE run = $1 ORDER BY off").await?;
-        let mut out = Vec::new();
-        for r in c.query(&st, &[&run]).await? {
-            let off: i64 = r.get(0);
-            let data: &[u8] = r.get(1);
-            // Rows follow each other; one written twice (a resend) overlaps: keep what is new.
-            let skip = (out.len() as i64 - off).max(0) as usize;
-            if off as usize > out.len() {
-                return Err(Error::Postgres(format!(
-                    "the log of run {run} misses bytes {}..{off}",
-                    out.len()
-                )));
-            }
-            out.extend_from_slice(data.get(skip..).unwrap_or_default());
-        }
-        Ok(out)
+        let rows = c.query(&st, &[&run]).await?;
+        Ok(assemble(rows.iter().map(|r| (r.get::<_, i64>(0), r.get::<_, &[u8]>(1)))))
     }
 
     /// [`Self::load`] from a thread outside the runtime (the log writer thread).
     pub fn load_blocking(&self, run: i64) -> Result<Vec<u8>> {
         self.rt.block_on(self.load(run))
     }
+}
+
+/// A log from its rows `(offset, bytes)` in offset order. Rows follow each other; one that
+/// overlaps what came before (written twice) adds only what is new. Where bytes are missing
+/// (a batch the database did not take), a line break keeps the record cut short apart from
+/// the next: readers skip it as a malformed line.
+pub fn assemble<'a>(rows: impl IntoIterator<Item = (i64, &'a [u8])>) -> Vec<u8> {
+    let mut out: Vec<u8> = Vec::new();
+    let mut end = 0i64;
+    for (off, data) in rows {
+        if off > end {
+            out.push(b'\n');
+            end = off;
+        }
+        let skip = (end - off).max(0) as usize;
+        if let Some(new) = data.get(skip..) {
+            out.extend_from_slice(new);
+            end += new.len() as i64;
+        }
+    }
+    out
 }
 
 /// Pieces joined per run: `(run, offset, bytes)`.
@@ -171,6 +200,12 @@ async fn writer(pool: Pool, mut rx: mpsc::Receiver<Msg>) {
 #[cfg(test)]
 mod tests {
     use super::join;
+
+    #[test]
+    fn a_log_is_assembled_from_overlapping_and_missing_rows() {
+        let rows: [(i64, &[u8]); 4] = [(0, b"ab\n"), (2, b"\ncd\n"), (10, b"ef\n"), (13, b"g")];
+        assert_eq!(super::assemble(rows), b"ab\ncd\n\nef\ng");
+    }
 
     #[test]
     fn pieces_that_follow_each_other_become_one_row_per_run() {

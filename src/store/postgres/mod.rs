@@ -84,6 +84,8 @@ type Unrecorded = Arc<Mutex<Vec<(RunRecord, u32)>>>;
 pub(super) struct Postgres {
     /// [`Backend::location`].
     location: String,
+    /// The newest run when the store was opened (see [`logs::LogTable`]).
+    newest_run: i64,
     pool: Pool,
     detached: mpsc::UnboundedSender<Detached>,
     unrecorded: Unrecorded,
@@ -92,11 +94,14 @@ pub(super) struct Postgres {
     fence: Arc<cluster::Fence>,
 }
 
+/// An event a transaction records at its commit: time, kind, unit, run, state.
+type PendingEvent = (Timestamp, &'static str, String, Option<i64>, Option<String>);
+
 /// A transaction, with what it needs to record events.
 struct Tx<'a> {
     t: deadpool_postgres::Transaction<'a>,
-    /// Events to record at the commit: `(time, kind, unit, run, state)`.
-    events: Vec<(Timestamp, &'static str, String, Option<i64>, Option<String>)>,
+    /// Events to record at the commit.
+    events: Vec<PendingEvent>,
     commits: &'a AtomicU64,
     fence: &'a cluster::Fence,
     /// Checked the fence already.
@@ -169,7 +174,9 @@ impl Tx<'_> {
     /// it needed, records its events and their notification, and commits: so event numbers
     /// follow commit order, and the lock's holder never waits for a row another transaction
     /// holds while waiting for the lock (no deadlock).
-    async fn commit(self) -> Result<()> {
+    async fn commit(mut self) -> Result<()> {
+        // In a cluster only the lease's holder changes anything (see `cluster`).
+        self.fenced().await?;
         if !self.events.is_empty() {
             self.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK]).await?;
             let mut times = Vec::with_capacity(self.events.len());
@@ -364,6 +371,8 @@ impl Postgres {
         let mut c = pool.get().await?;
         schema::migrate(&mut c).await?;
         let last: i64 = c.query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[]).await?.get(0);
+        let newest_run: i64 =
+            c.query_one("SELECT COALESCE(MAX(id), 0) FROM runs", &[]).await?.get(0);
         drop(c);
         let published = Arc::new(AtomicI64::new(last));
         let mut ready = listen(cfg.clone(), pool.clone(), events, published);
@@ -372,15 +381,17 @@ impl Postgres {
         let _ = tokio::time::timeout(CONNECT_TIMEOUT, ready.recv()).await;
         let (detached, rx) = mpsc::unbounded_channel();
         let commits = Arc::new(AtomicU64::new(0));
-        tokio::spawn(detached_worker(pool.clone(), rx, commits.clone()));
+        let fence: Arc<cluster::Fence> = Arc::default();
+        tokio::spawn(detached_worker(pool.clone(), rx, commits.clone(), fence.clone()));
         tokio::spawn(pruner(pool.clone()));
         Ok(Postgres {
             location: location_of(&cfg),
+            newest_run,
             pool,
             detached,
             unrecorded: Unrecorded::default(),
             commits,
-            fence: Arc::default(),
+            fence,
         })
     }
 
@@ -392,7 +403,7 @@ impl Postgres {
 
     /// The run logs' table, with its writer started.
     pub(super) fn log_table(&self) -> logs::LogTable {
-        logs::LogTable::start(self.pool.clone())
+        logs::LogTable::start(self.pool.clone(), self.newest_run)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
@@ -412,8 +423,12 @@ impl Postgres {
         u.extend(recs.into_iter().map(|r| (r, keep_runs)));
         drop(u);
         if start {
-            let (pool, unrecorded, commits) =
-                (self.pool.clone(), self.unrecorded.clone(), self.commits.clone());
+            let (pool, unrecorded, commits, fence) = (
+                self.pool.clone(),
+                self.unrecorded.clone(),
+                self.commits.clone(),
+                self.fence.clone(),
+            );
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(RETRY).await;
@@ -423,9 +438,11 @@ impl Postgres {
                     }
                     let mut back = Vec::new();
                     for (rec, keep) in ends {
-                        let r = record_ends(&pool, &commits, std::slice::from_ref(&rec), keep);
-                        if r.await.is_err() {
-                            back.push((rec, keep));
+                        let one = std::slice::from_ref(&rec);
+                        match record_ends(&pool, &commits, &fence, one, keep).await {
+                            // Another server holds the lease: the run is its to end.
+                            Ok(()) | Err(Error::Fenced) => {}
+                            Err(_) => back.push((rec, keep)),
                         }
                     }
                     let mut u = lock(&unrecorded);
@@ -453,11 +470,12 @@ async fn begin<'a>(
 async fn record_ends(
     pool: &Pool,
     commits: &AtomicU64,
+    fence: &cluster::Fence,
     recs: &[RunRecord],
     keep_runs: u32,
 ) -> Result<()> {
     let mut c = pool.get().await?;
-    let mut t = begin(&mut c, commits, &cluster::UNFENCED).await?;
+    let mut t = begin(&mut c, commits, fence).await?;
     for rec in recs {
         write_end(&mut t, rec).await?;
     }
@@ -811,7 +829,7 @@ impl Backend for Postgres {
     }
 
     async fn finish_runs(&self, recs: Vec<RunRecord>, keep_runs: u32) -> Result<()> {
-        let r = record_ends(&self.pool, &self.commits, &recs, keep_runs).await;
+        let r = record_ends(&self.pool, &self.commits, &self.fence, &recs, keep_runs).await;
         if let Err(e) = &r {
             let runs: Vec<i64> = recs.iter().map(|r| r.id).collect();
             tracing::warn!(?runs, error = %e, "the end of a run is not recorded yet; retrying");
@@ -994,7 +1012,8 @@ impl Backend for Postgres {
 
     async fn create_join_token(&self, hash: String, expires_at: Timestamp) -> Result<()> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        // Not fenced: a standby mints the join token of its own agent.
+        let t = begin(&mut c, &self.commits, &cluster::UNFENCED).await?;
         // Expired tokens are of no use: forget them as new ones come.
         t.execute("DELETE FROM join_tokens WHERE expires_at < $1", &[&Timestamp::now()]).await?;
         t.execute(
@@ -1147,13 +1166,14 @@ impl Backend for Postgres {
     }
 
     async fn cancelling_dispatch(&self, id: i64) -> Result<()> {
-        let c = self.client().await?;
-        c.execute(
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        t.execute(
             "UPDATE dispatches SET state = 'cancelled' WHERE id = $1 AND ended_at IS NULL",
             &[&id],
         )
         .await?;
-        Ok(())
+        t.commit().await
     }
 
     async fn resume_dispatch(&self, id: i64, forgiven: u32) -> Result<DispatchRecord> {
@@ -1170,9 +1190,10 @@ impl Backend for Postgres {
     }
 
     async fn set_ignored(&self, id: i64, ignored: bool) -> Result<()> {
-        let c = self.client().await?;
-        c.execute("UPDATE runs SET ignored = $2 WHERE id = $1", &[&id, &ignored]).await?;
-        Ok(())
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        t.execute("UPDATE runs SET ignored = $2 WHERE id = $1", &[&id, &ignored]).await?;
+        t.commit().await
     }
 
     async fn list_dispatches(
@@ -1250,6 +1271,7 @@ async fn detached_worker(
     pool: Pool,
     mut rx: mpsc::UnboundedReceiver<Detached>,
     commits: Arc<AtomicU64>,
+    fence: Arc<cluster::Fence>,
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, DETACHED_BATCH).await > 0 {
@@ -1263,8 +1285,16 @@ async fn detached_worker(
         if !batch.is_empty() {
             let give_up = tokio::time::Instant::now() + DETACHED_RETRY_FOR;
             loop {
-                match apply_detached(&pool, &commits, &batch).await {
+                match apply_detached(&pool, &commits, &fence, &batch).await {
                     Ok(()) => break,
+                    // This server lost the cluster's lease: nothing it writes is taken again.
+                    Err(Error::Fenced) => {
+                        tracing::warn!(
+                            changes = batch.len(),
+                            "changes dropped: this server lost the cluster's lease"
+                        );
+                        break;
+                    }
                     Err(e) if tokio::time::Instant::now() < give_up => {
                         tracing::warn!(error = %e, "store update failed; trying again");
                         tokio::time::sleep(RETRY).await;
@@ -1283,13 +1313,24 @@ async fn detached_worker(
     }
 }
 
-async fn apply_detached(pool: &Pool, commits: &AtomicU64, batch: &[Detached]) -> Result<()> {
+async fn apply_detached(
+    pool: &Pool,
+    commits: &AtomicU64,
+    fence: &cluster::Fence,
+    batch: &[Detached],
+) -> Result<()> {
     let mut c = pool.get().await?;
-    let mut t = begin(&mut c, commits, &cluster::UNFENCED).await?;
+    let mut t = begin(&mut c, commits, fence).await?;
     for d in batch {
         match d {
             Detached::LastFire(name, at) => {
-                t.execute("UPDATE units SET last_fire = $2 WHERE name = $1", &[name, at]).await?;
+                // Never backwards (a late change from a server that lost the lease).
+                t.execute(
+                    "UPDATE units SET last_fire = GREATEST(COALESCE(last_fire, $2), $2) \
+                     WHERE name = $1",
+                    &[name, at],
+                )
+                .await?;
             }
             Detached::Event(kind, unit, state) => t.emit(*kind, unit, None, *state).await?,
             Detached::Pid { id, pid, started, pid_start, boot_id } => {
