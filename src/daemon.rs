@@ -200,7 +200,7 @@ pub async fn run(
     let Opened { _lock, store, mut token } = open_state(&cfg, &local).await?;
     let stopping = Stopping::default();
     // In a cluster: stand by, relaying to the lease holder, until this server holds the lease.
-    let cluster = store.join_cluster(&cfg.name);
+    let cluster = store.join_cluster(&cfg.name).transpose()?;
     let cluster_stop = CancellationToken::new();
     let _stop_cluster_tasks = cluster_stop.clone().drop_guard();
     let mut socket = Some(socket);

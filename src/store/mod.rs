@@ -391,7 +391,7 @@ pub trait Backend: Send + Sync {
 pub struct Store {
     db: Arc<dyn Backend>,
     /// Makes a server's [`Cluster`] handle (PostgreSQL only).
-    cluster: Option<Arc<dyn Fn(String) -> Cluster + Send + Sync>>,
+    cluster: Option<Arc<dyn Fn(String) -> Result<Cluster> + Send + Sync>>,
     events: broadcast::Sender<Event>,
     logs: Logs,
     dir: PathBuf,
@@ -435,7 +435,7 @@ impl Store {
 
     /// This store as server `name` of a cluster (PostgreSQL only): the lease, the servers,
     /// and from now on runs created only while `name` holds the lease.
-    pub fn join_cluster(&self, name: &str) -> Option<Cluster> {
+    pub fn join_cluster(&self, name: &str) -> Option<Result<Cluster>> {
         self.cluster.as_ref().map(|f| f(name.to_string()))
     }
 

@@ -100,8 +100,8 @@ on_both_stores!(
     concurrent_starts_and_ends_of_many_units_all_succeed,
 );
 
-fn unit(name: &str) -> StoredUnit {
-    // Whole microseconds: what both stores keep of a time.
+/// A unit to store (its times in whole microseconds, as both stores keep them).
+pub(in crate::store) fn unit(name: &str) -> StoredUnit {
     let now = Timestamp::from_microsecond(Timestamp::now().as_microsecond()).unwrap();
     StoredUnit {
         name: name.into(),
@@ -473,7 +473,8 @@ async fn run_logs_are_read_back_cut_to_their_limit(store: Store) {
 #[tokio::test]
 async fn postgres_a_server_that_lost_the_lease_creates_no_run_and_a_fire_is_made_once() {
     let Some((_db, _dir, stores)) = postgres_stores(2).await else { return };
-    let (a, b) = (stores[0].join_cluster("a").unwrap(), stores[1].join_cluster("b").unwrap());
+    let a = stores[0].join_cluster("a").unwrap().unwrap();
+    let b = stores[1].join_cluster("b").unwrap().unwrap();
     let lease = Duration::from_secs(1);
     let ea = a.try_acquire(lease).await.unwrap().expect("a takes the free lease");
     assert_eq!(b.try_acquire(lease).await.unwrap(), None, "not while a's lease runs");

@@ -8,12 +8,15 @@
 //! the lease has not expired. A holder that cannot renew it in time has lost it, whatever
 //! happens later.
 //!
-//! **The fence.** Every run the engine creates, in a cluster, is created in a transaction that
-//! first reads the lease row `FOR SHARE`, checking holder, epoch and expiry. A server taking
-//! the lease over must update that row, so it waits for such a transaction to end: a run is
-//! created only by the holder of an unexpired lease, even if that holder was paused (SIGSTOP,
-//! a long GC, a partition) and wakes up after its lease ran out. Sessions end a transaction
-//! left idle for [`IDLE_IN_TRANSACTION`], so a paused holder cannot hold the row for long.
+//! **The fence.** Every change a cluster server's store makes is made in a transaction that
+//! takes an advisory lock ([`LEASE_LOCK`]) shared, then checks holder, epoch and expiry in the
+//! lease row. A server taking the lease over takes that lock exclusively first, so it waits
+//! for such transactions to end, and those that come after it see the new epoch: a change is
+//! made only by the holder of an unexpired lease, even if that holder was paused (SIGSTOP, a
+//! long GC, a partition) and wakes up after its lease ran out. Sessions end a transaction left
+//! idle for [`IDLE_IN_TRANSACTION`], so a paused holder cannot hold the lock for long. (A row
+//! lock `FOR SHARE` on the lease row did the same, but thousands of transactions a second
+//! sharing one row's lock cost PostgreSQL a multixact each, and starved the renewals.)
 //! A scheduled fire is also recorded under its unit and scheduled time (`fires`), so the
 //! same fire is never made twice, across a takeover too.
 
@@ -25,6 +28,9 @@ use deadpool_postgres::Pool;
 use jiff::Timestamp;
 
 use crate::error::{Error, Result};
+
+/// The advisory lock a takeover holds exclusively, and every fenced transaction shared.
+const LEASE_LOCK: i64 = 0x7461_736b_6402;
 
 /// How long a session may sit in a transaction doing nothing before PostgreSQL ends it.
 pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
@@ -124,6 +130,8 @@ impl Cluster {
         // A lease row locked by a fenced transaction of a paused holder: give up quickly and
         // try again at the next round.
         t.batch_execute("SET LOCAL lock_timeout = '1s'").await?;
+        // Waits for the fenced transactions in flight; those that come later see the new epoch.
+        t.execute("SELECT pg_advisory_xact_lock($1)", &[&LEASE_LOCK]).await?;
         let row = t
             .query_opt(
                 "INSERT INTO lease(id, holder, epoch, expires_at) \
@@ -242,10 +250,13 @@ fn secs(d: Duration) -> f64 {
 /// row until `t` ends; does nothing when the store is not a cluster server's.
 pub(super) async fn check(t: &super::Tx<'_>, fence: &Fence) -> Result<()> {
     let Some((name, epoch)) = fence.armed() else { return Ok(()) };
+    // First the lock (a takeover waits for it), then the lease, in a statement of its own: its
+    // snapshot is taken after any takeover that was waited for committed.
+    t.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&LEASE_LOCK]).await?;
     let held = t
         .query_opt(
             "SELECT 1 FROM lease WHERE id = 1 AND holder = $1 AND epoch = $2 \
-             AND expires_at > clock_timestamp() FOR SHARE",
+             AND expires_at > clock_timestamp()",
             &[&name, &epoch],
         )
         .await?;

@@ -84,6 +84,8 @@ type Unrecorded = Arc<Mutex<Vec<(RunRecord, u32)>>>;
 pub(super) struct Postgres {
     /// [`Backend::location`].
     location: String,
+    /// How to connect (for the cluster's own connections).
+    config: tokio_postgres::Config,
     /// The newest run when the store was opened (see [`logs::LogTable`]).
     newest_run: i64,
     pool: Pool,
@@ -336,6 +338,23 @@ fn config_of(url: &str) -> Result<tokio_postgres::Config> {
     Ok(cfg)
 }
 
+/// A pool of at most `size` connections to the database of `cfg`.
+fn pool_of(cfg: &tokio_postgres::Config, size: usize) -> Result<Pool> {
+    let mgr = Manager::from_config(
+        cfg.clone(),
+        NoTls,
+        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+    );
+    Pool::builder(mgr)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(CONNECT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .map_err(|e| Error::Postgres(format!("cannot set up the PostgreSQL pool: {e}")))
+}
+
 /// `postgres://USER@HOST:PORT/DB` of `cfg`: its password left out.
 fn location_of(cfg: &tokio_postgres::Config) -> String {
     use tokio_postgres::config::Host;
@@ -355,19 +374,7 @@ impl Postgres {
     /// publishes committed events to `events` and the workers behind it.
     pub(super) async fn open(url: &str, events: broadcast::Sender<Event>) -> Result<Postgres> {
         let cfg = config_of(url)?;
-        let mgr = Manager::from_config(
-            cfg.clone(),
-            NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
-        let pool = Pool::builder(mgr)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(CONNECT_TIMEOUT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .recycle_timeout(Some(CONNECT_TIMEOUT))
-            .build()
-            .map_err(|e| Error::Postgres(format!("cannot set up the PostgreSQL pool: {e}")))?;
+        let pool = pool_of(&cfg, POOL_SIZE)?;
         let mut c = pool.get().await?;
         schema::migrate(&mut c).await?;
         let last: i64 = c.query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[]).await?.get(0);
@@ -386,6 +393,7 @@ impl Postgres {
         tokio::spawn(pruner(pool.clone()));
         Ok(Postgres {
             location: location_of(&cfg),
+            config: cfg,
             newest_run,
             pool,
             detached,
@@ -397,8 +405,10 @@ impl Postgres {
 
     /// This store as server `name` of a cluster: from now on it creates runs only while
     /// that server holds the lease.
-    pub(super) fn cluster(&self, name: String) -> cluster::Cluster {
-        cluster::Cluster::new(self.pool.clone(), name, self.fence.clone())
+    pub(super) fn cluster(&self, name: String) -> Result<cluster::Cluster> {
+        // Connections of its own: renewing the lease never waits behind a busy engine.
+        let pool = pool_of(&self.config, 2)?;
+        Ok(cluster::Cluster::new(pool, name, self.fence.clone()))
     }
 
     /// The run logs' table, with its writer started.

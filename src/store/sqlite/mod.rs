@@ -1507,6 +1507,7 @@ fn prune_logs(conn: &Connection, events: i64, audit: i64, chunk: i64) -> rusqlit
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tests::unit;
 
     /// The store in `dir`, and its event feed.
     fn open(dir: &Path) -> (Sqlite, broadcast::Sender<Event>) {
@@ -1514,22 +1515,6 @@ mod tests {
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).unwrap();
         (Sqlite::open(dir, &logs, events.clone()).unwrap(), events)
-    }
-
-    fn unit(name: &str) -> StoredUnit {
-        let now = Timestamp::now();
-        StoredUnit {
-            name: name.into(),
-            definition: serde_json::json!({"name": name}),
-            created_at: now,
-            updated_at: now,
-            paused: false,
-            stopped: false,
-            last_fire: None,
-            anchor: now,
-            runs_total: 0,
-            failures_total: 0,
-        }
     }
 
     #[tokio::test]
@@ -1656,31 +1641,6 @@ mod tests {
         let (kept, scanned) = counts(&store).await;
         assert_eq!(kept, scanned);
         assert_eq!(kept.len(), 3);
-    }
-
-    #[tokio::test]
-    async fn runs_left_active_are_recovered_and_ids_never_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = open(dir.path());
-        store.insert_unit(unit("u")).await.unwrap();
-        let running =
-            store.create_run("u", RunState::Running, Trigger::Add, 1, None).await.unwrap();
-        let queued =
-            store.create_run("u", RunState::Queued, Trigger::Manual, 1, None).await.unwrap();
-        store.set_pid(running.id, 4242, Timestamp::now(), Some(7), Some("boot".into()));
-        let stale = store.recover_stale_runs().await.unwrap();
-        assert_eq!(stale.len(), 2);
-        let r = stale.iter().find(|s| s.record.id == running.id).unwrap();
-        assert_eq!(r.record.state, RunState::Lost);
-        assert_eq!(
-            (r.record.pid, r.pid_start, r.boot_id.as_deref()),
-            (Some(4242), Some(7), Some("boot"))
-        );
-        assert_eq!(store.get_run(queued.id).await.unwrap().state, RunState::Cancelled);
-        store.delete_unit("u", false).await.unwrap();
-        store.insert_unit(unit("u")).await.unwrap();
-        let next = store.create_run("u", RunState::Running, Trigger::Add, 1, None).await.unwrap();
-        assert!(next.id > queued.id, "run ids are never reused");
     }
 
     #[tokio::test]
