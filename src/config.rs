@@ -148,7 +148,7 @@ pub enum StoreCommand {
         /// Where from: a state directory (the embedded store) or postgres://USER@HOST/DB
         #[arg(long, value_name = "DIR|URL")]
         from: String,
-        /// Where to: a state directory or postgres://USER@HOST/DB; must hold no units or runs
+        /// Where to: a state directory or postgres://USER@HOST/DB, empty (a new one is created)
         #[arg(long, value_name = "DIR|URL")]
         to: String,
     },
