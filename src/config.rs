@@ -148,7 +148,7 @@ pub enum StoreCommand {
         /// Where from: a state directory (the embedded store) or postgres://USER@HOST/DB
         #[arg(long, value_name = "DIR|URL")]
         from: String,
-        /// Where to: a state directory or postgres://USER@HOST/DB, empty (a new one is created)
+        /// Where to: a state directory (made if missing) or postgres://USER@HOST/DB; must be empty
         #[arg(long, value_name = "DIR|URL")]
         to: String,
     },
