@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::rpc::http::Peers;
 use crate::store::Cluster;
@@ -67,7 +67,7 @@ pub async fn standby(
     let (taken_tx, mut taken_rx) = tokio::sync::oneshot::channel();
     let own = own_address.to_string();
     let poller = tokio::spawn(poll_lease(cluster.clone(), lease, own, holder_tx, taken_tx));
-    let _stop_poller = AbortOnDrop(poller);
+    let _stop_poller = AbortOnDropHandle::new(poller);
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         tokio::select! {
@@ -155,15 +155,6 @@ fn keepalive(s: &TcpStream) {
     let _ = sock.set_tcp_keepalive(&ka);
     let _ = sock.set_tcp_user_timeout(Some(RELAY_KEEPALIVE));
     let _ = s.set_nodelay(true);
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Relays `client` to the holder's address once one is known, byte for byte. A holder that

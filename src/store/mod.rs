@@ -390,8 +390,8 @@ pub trait Backend: Send + Sync {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<dyn Backend>,
-    /// Makes a server's [`Cluster`] handle (PostgreSQL only).
-    cluster: Option<Arc<dyn Fn(String) -> Result<Cluster> + Send + Sync>>,
+    /// The same backend when it is PostgreSQL: it makes the servers' [`Cluster`] handles.
+    postgres: Option<Arc<postgres::Postgres>>,
     events: broadcast::Sender<Event>,
     logs: Logs,
     dir: PathBuf,
@@ -412,7 +412,7 @@ impl Store {
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
         let db = sqlite::Sqlite::open(dir, &logs_dir, events.clone())?;
         let logs = Logs::start(logs_dir)?;
-        Ok(Store { db: Arc::new(db), cluster: None, events, logs, dir: dir.to_path_buf() })
+        Ok(Store { db: Arc::new(db), postgres: None, events, logs, dir: dir.to_path_buf() })
     }
 
     /// Connects to the PostgreSQL store at `url` (migrating its schema), which keeps the run
@@ -423,20 +423,13 @@ impl Store {
         let db = postgres::Postgres::open(url, events.clone()).await?;
         let logs = Logs::start_table(db.log_table())?;
         let db = Arc::new(db);
-        let pg = db.clone();
-        Ok(Store {
-            db,
-            cluster: Some(Arc::new(move |name| pg.cluster(name))),
-            events,
-            logs,
-            dir: dir.to_path_buf(),
-        })
+        Ok(Store { db: db.clone(), postgres: Some(db), events, logs, dir: dir.to_path_buf() })
     }
 
     /// This store as server `name` of a cluster (PostgreSQL only): the lease, the servers,
     /// and from now on runs created only while `name` holds the lease.
     pub fn join_cluster(&self, name: &str) -> Option<Result<Cluster>> {
-        self.cluster.as_ref().map(|f| f(name.to_string()))
+        self.postgres.as_ref().map(|pg| pg.cluster(name.to_string()))
     }
 
     /// The state directory.

@@ -125,7 +125,7 @@ impl Cluster {
     /// Takes the lease if nobody holds it or it has expired; its epoch when taken.
     pub async fn try_acquire(&self, ttl: Duration) -> Result<Option<i64>> {
         let mut c = self.pool.get().await?;
-        let ttl = secs(ttl);
+        let ttl = ttl.as_secs_f64();
         let t = c.transaction().await?;
         // A lease row locked by a fenced transaction of a paused holder: give up quickly and
         // try again at the next round.
@@ -161,7 +161,7 @@ impl Cluster {
             .execute(
                 "UPDATE lease SET expires_at = clock_timestamp() + make_interval(secs => $3) \
                  WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > clock_timestamp()",
-                &[&self.name, &epoch, &secs(ttl)],
+                &[&self.name, &epoch, &ttl.as_secs_f64()],
             )
             .await?;
         if n == 0 {
@@ -240,10 +240,6 @@ impl Cluster {
         let row = c.query_one("SELECT value FROM cluster_settings WHERE key = $1", &[&key]).await?;
         Ok(row.get(0))
     }
-}
-
-fn secs(d: Duration) -> f64 {
-    d.as_secs_f64()
 }
 
 /// Checks, in `t`, that this server holds the lease under the fence's epoch, holding the lease

@@ -129,21 +129,10 @@ impl Tx<'_> {
     }
 
     /// Records an event at the commit (see [`Tx::commit`] and the module documentation).
-    async fn emit(
-        &mut self,
-        kind: EventKind,
-        unit: &str,
-        run: Option<i64>,
-        state: Option<&str>,
-    ) -> Result<()> {
-        self.events.push((
-            Timestamp::now(),
-            kind.as_str(),
-            unit.to_string(),
-            run,
-            state.map(str::to_string),
-        ));
-        Ok(())
+    fn emit(&mut self, kind: EventKind, unit: &str, run: Option<i64>, state: Option<&str>) {
+        let event =
+            (Timestamp::now(), kind.as_str(), unit.to_string(), run, state.map(str::to_string));
+        self.events.push(event);
     }
 
     /// In a cluster, checks (once per transaction) that this server holds the lease, and
@@ -530,7 +519,8 @@ async fn write_end(t: &mut Tx<'_>, rec: &RunRecord) -> Result<()> {
         )
         .await?;
     }
-    t.emit(EventKind::RunFinished, &rec.unit, Some(rec.id), Some(rec.state.as_str())).await
+    t.emit(EventKind::RunFinished, &rec.unit, Some(rec.id), Some(rec.state.as_str()));
+    Ok(())
 }
 
 /// Deletes a unit's runs beyond its newest `keep` of no dispatch, and its ended dispatches
@@ -597,7 +587,7 @@ async fn insert_run(t: &mut Tx<'_>, unit: &str, run: NewRun<'_>) -> Result<RunRe
     }
     let kind =
         if state == RunState::Running { EventKind::RunStarted } else { EventKind::RunQueued };
-    t.emit(kind, unit, Some(id), Some(state.as_str())).await?;
+    t.emit(kind, unit, Some(id), Some(state.as_str()));
     Ok(RunRecord {
         scheduled_at,
         started_at: started,
@@ -683,7 +673,7 @@ impl Backend for Postgres {
         if n == 0 {
             return Err(Error::UnitExists(u.name));
         }
-        t.emit(EventKind::UnitAdded, &u.name, None, None).await?;
+        t.emit(EventKind::UnitAdded, &u.name, None, None);
         t.commit().await
     }
 
@@ -709,7 +699,7 @@ impl Backend for Postgres {
         if n == 0 {
             return Err(Error::UnitNotFound(name.to_string()));
         }
-        t.emit(EventKind::UnitEdited, name, None, None).await?;
+        t.emit(EventKind::UnitEdited, name, None, None);
         t.commit().await
     }
 
@@ -731,7 +721,7 @@ impl Backend for Postgres {
         if n == 0 {
             return Err(Error::UnitNotFound(name.to_string()));
         }
-        t.emit(kind, name, None, None).await?;
+        t.emit(kind, name, None, None);
         t.commit().await
     }
 
@@ -753,7 +743,7 @@ impl Backend for Postgres {
         if !keep_history {
             t.execute("DELETE FROM runs WHERE unit = $1", &[&name]).await?;
         }
-        t.emit(EventKind::UnitDeleted, name, None, None).await?;
+        t.emit(EventKind::UnitDeleted, name, None, None);
         t.commit().await
     }
 
@@ -822,7 +812,7 @@ impl Backend for Postgres {
         let rec = get_run(&t, id).await?.ok_or(Error::RunNotFound(id))?;
         t.execute("UPDATE units SET runs_total = runs_total + 1 WHERE name = $1", &[&rec.unit])
             .await?;
-        t.emit(EventKind::RunStarted, &rec.unit, Some(id), Some("running")).await?;
+        t.emit(EventKind::RunStarted, &rec.unit, Some(id), Some("running"));
         t.commit().await?;
         Ok(rec)
     }
@@ -950,8 +940,7 @@ impl Backend for Postgres {
                 )
                 .await?;
             }
-            t.emit(EventKind::RunFinished, &s.record.unit, Some(s.record.id), Some(state.as_str()))
-                .await?;
+            t.emit(EventKind::RunFinished, &s.record.unit, Some(s.record.id), Some(state.as_str()));
             s.record.state = state;
             s.record.ended_at = Some(now);
             s.record.reason = Some(reason.into());
@@ -1118,7 +1107,7 @@ impl Backend for Postgres {
             .await?
             .ok_or_else(|| Error::Postgres("no id for the new dispatch".into()))?;
         let id: i64 = row.get(0);
-        t.emit(EventKind::DispatchStarted, unit, Some(id), Some("running")).await?;
+        t.emit(EventKind::DispatchStarted, unit, Some(id), Some("running"));
         let mut runs = Vec::with_capacity(hosts.len());
         for (i, host) in hosts.iter().enumerate() {
             let state =
@@ -1165,7 +1154,7 @@ impl Backend for Postgres {
         .await?;
         let d = get_dispatch(&t, id).await?;
         if state.is_final() {
-            t.emit(EventKind::DispatchFinished, &d.unit, Some(id), Some(state.as_str())).await?;
+            t.emit(EventKind::DispatchFinished, &d.unit, Some(id), Some(state.as_str()));
         }
         t.commit().await?;
         Ok(d)
@@ -1342,7 +1331,7 @@ async fn apply_detached(
                 )
                 .await?;
             }
-            Detached::Event(kind, unit, state) => t.emit(*kind, unit, None, *state).await?,
+            Detached::Event(kind, unit, state) => t.emit(*kind, unit, None, *state),
             Detached::Pid { id, pid, started, pid_start, boot_id } => {
                 t.execute(
                     "UPDATE runs SET pid = $2, started_at = $3, pid_start = $4, boot_id = $5 \
@@ -1473,7 +1462,7 @@ async fn listen_once(
             }
         }
     });
-    let _stop_driver = AbortOnDrop(driver);
+    let _stop_driver = tokio_util::task::AbortOnDropHandle::new(driver);
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
     let _ = ready.try_send(());
     // What was committed while nobody listened.
@@ -1504,14 +1493,5 @@ async fn catch_up(
             let _ = events.send(e);
         }
         published.store(last, Ordering::Relaxed);
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
