@@ -1,6 +1,11 @@
 //! The agent's journal: an append-only file of what it accepted and what it reported, synced
-//! before the agent acts on each entry, so that across its own crashes an agent never starts a
-//! run twice and never loses a result the server has not acknowledged.
+//! before the agent acts on an `accept` or a `result`, so that across its own crashes an agent
+//! never starts a run twice and never loses a result the server has not acknowledged.
+//!
+//! Syncs are shared ([`Durable`]): an entry is written at once, and whoever waits for it to be
+//! on disk syncs the file, off the async threads, for every entry written so far, unless a
+//! sync is under way, which it then waits for. So a busy agent pays one sync for many entries
+//! instead of one each, and a sync never blocks the agent's (or its daemon's) runtime.
 //!
 //! Entries (one JSON object per line): `accept` (run, attempt) before the run starts; `pid`
 //! (its process group, start ticks and boot id, to find what is left of it after a crash);
@@ -15,8 +20,11 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::proto::Outcome;
 
@@ -73,6 +81,8 @@ pub struct Journal {
     /// Lines in the file (about): past [`COMPACT_AT`] and four times what it knows, it is
     /// compacted.
     lines: usize,
+    /// Entries written since it was opened.
+    written: u64,
 }
 
 /// Lines a journal may grow to before it is compacted (a long-lived agent's journal would
@@ -92,7 +102,7 @@ impl Journal {
             }
         }
         let file = private(&path, false)?;
-        let mut j = Journal { path, file, runs, lines: 0 };
+        let mut j = Journal { path, file, runs, lines: 0, written: 0 };
         j.compact()?;
         Ok(j)
     }
@@ -132,23 +142,104 @@ impl Journal {
         Ok(())
     }
 
-    /// Appends `entry` and syncs it to disk before returning.
-    pub fn append(&mut self, entry: Entry) -> std::io::Result<()> {
+    /// Appends `entry`, not synced yet (see [`Durable::synced`]); its number.
+    pub fn append(&mut self, entry: Entry) -> std::io::Result<u64> {
         let mut line = serde_json::to_vec(&entry)?;
         line.push(b'\n');
         self.file.write_all(&line)?;
-        self.file.sync_data()?;
         apply(&mut self.runs, entry);
+        self.written += 1;
         self.lines += 1;
         if self.lines > COMPACT_AT && self.lines > 4 * self.runs.len() {
             self.compact()?;
         }
-        Ok(())
+        Ok(self.written)
+    }
+
+    /// Results not acknowledged yet, by run.
+    pub fn unacked(&self) -> Vec<Outcome> {
+        self.runs.values().filter_map(|k| k.result.clone()).collect()
     }
 
     /// Where it is.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// The journal, shared by the agent's tasks, with its syncs shared too (module
+/// documentation).
+pub struct Durable {
+    journal: Mutex<Journal>,
+    /// The number of the last entry known to be on disk.
+    synced: watch::Sender<u64>,
+    /// A sync is under way.
+    syncing: AtomicBool,
+    /// Syncs made.
+    syncs: AtomicU64,
+}
+
+impl Durable {
+    /// Shares `journal`: what it holds now is on disk (it was compacted at its opening).
+    pub fn new(journal: Journal) -> Durable {
+        Durable {
+            synced: watch::Sender::new(journal.written),
+            journal: Mutex::new(journal),
+            syncing: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
+        }
+    }
+
+    /// How many syncs it made (fewer than the entries waited for, when they come together).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// The journal, to read or append to.
+    pub fn lock(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends `entry` and waits until it is on disk.
+    pub async fn append(&self, entry: Entry) -> std::io::Result<()> {
+        let n = self.lock().append(entry)?;
+        self.synced(n).await
+    }
+
+    /// Waits until entry `n` is on disk: syncs the file for every entry written so far,
+    /// unless a sync is under way (then waits for it, and looks again).
+    pub async fn synced(&self, n: u64) -> std::io::Result<()> {
+        let mut done = self.synced.subscribe();
+        loop {
+            if *done.borrow_and_update() >= n {
+                return Ok(());
+            }
+            if self.syncing.swap(true, Ordering::AcqRel) {
+                // Woken when that sync ends, whether it succeeded or not.
+                let _ = done.changed().await;
+                continue;
+            }
+            let r = self.sync().await;
+            match &r {
+                Ok(upto) => self.synced.send_modify(|s| *s = (*s).max(*upto)),
+                Err(_) => self.synced.send_modify(|_| {}),
+            }
+            self.syncing.store(false, Ordering::Release);
+            r?;
+        }
+    }
+
+    /// Syncs the file as it is now, off the async threads; the last entry it then held.
+    async fn sync(&self) -> std::io::Result<u64> {
+        let (file, upto) = {
+            let j = self.lock();
+            (j.file.try_clone()?, j.written)
+        };
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(std::io::Error::other)??;
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(upto)
     }
 }
 
@@ -224,5 +315,27 @@ mod tests {
         assert_eq!(j.runs[&2].result, Some(outcome(2)), "to report again");
         assert!(j.runs[&3].acked, "done: never started again");
         assert!(!j.runs.contains_key(&4));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_waited_for_together_share_syncs_and_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = std::sync::Arc::new(Durable::new(Journal::open(dir.path()).unwrap()));
+        let appends = (1..=200).map(|run| {
+            let j = j.clone();
+            tokio::spawn(async move { j.append(Entry::Accept { run, attempt: 1 }).await })
+        });
+        for a in futures_util::future::join_all(appends).await {
+            a.unwrap().unwrap();
+        }
+        let syncs = j.syncs();
+        assert!((1..200).contains(&syncs), "200 entries, {syncs} syncs");
+        // Already on disk: no sync more.
+        let n = j.lock().written;
+        j.synced(n).await.unwrap();
+        assert_eq!(j.syncs(), syncs);
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.runs.len(), 200);
     }
 }

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::StreamExt;
 use jiff::Timestamp;
 use jsonrpsee::core::client::Subscription;
 use tokio::sync::{Notify, Semaphore};
@@ -37,7 +38,7 @@ use crate::run::{RunRecord, RunState, StopReason, Trigger};
 use crate::store::logs::{LogSummary, Stream};
 use crate::tls::Trust;
 use crate::unit::definition::{UnitConfig, UnitDef, ValidateCtx, resolve_allowed_dirs};
-use journal::{Entry, Journal};
+use journal::{Durable, Entry, Journal};
 
 /// `taskd agent`'s flags. Every flag has a `TASKD_AGENT_*` variable.
 #[derive(Debug, Clone, clap::Args)]
@@ -164,7 +165,7 @@ struct Active {
 /// What the agent's tasks share.
 struct Core {
     name: String,
-    journal: Mutex<Journal>,
+    journal: Durable,
     active: Mutex<HashMap<i64, Active>>,
     outboxes: Mutex<BTreeMap<i64, Outbox>>,
     /// Starts to report.
@@ -225,7 +226,8 @@ impl RunSink for Sink {
     }
 
     fn started(&self, run: i64, pid: u32, at: Timestamp, ticks: Option<u64>, boot: Option<String>) {
-        if let Err(e) = lock(&self.0.journal).append(Entry::Pid { run, pid, ticks, boot }) {
+        // Not waited for: a pid lost to a crash leaves the run `lost` all the same.
+        if let Err(e) = self.0.journal.lock().append(Entry::Pid { run, pid, ticks, boot }) {
             tracing::error!(run, error = %e, "cannot journal a run's pid");
         }
         lock(&self.0.starts).push(proto::Started { run, pid, at_us: at.as_microsecond() });
@@ -272,7 +274,7 @@ pub async fn run(args: AgentArgs, stop: CancellationToken) -> anyhow::Result<()>
     };
     let core = Arc::new(Core {
         name: name.clone(),
-        journal: Mutex::new(journal),
+        journal: Durable::new(journal),
         active: Mutex::default(),
         outboxes: Mutex::default(),
         starts: Mutex::default(),
@@ -340,7 +342,9 @@ pub async fn run(args: AgentArgs, stop: CancellationToken) -> anyhow::Result<()>
 async fn recover(core: &Arc<Core>, dir: &Path) {
     let boot = exec::boot_id();
     let dir_id = crate::executor::local::state_dir_id(dir);
-    let cut: Vec<(i64, journal::Known)> = lock(&core.journal)
+    let cut: Vec<(i64, journal::Known)> = core
+        .journal
+        .lock()
         .runs
         .iter()
         .filter(|(_, k)| k.result.is_none() && !k.acked)
@@ -369,7 +373,7 @@ async fn recover(core: &Arc<Core>, dir: &Path) {
             stderr_bytes: 0,
         };
         tracing::warn!(run, "run cut short by the agent's restart: lost");
-        if let Err(e) = lock(&core.journal).append(Entry::Result(o)) {
+        if let Err(e) = core.journal.append(Entry::Result(o)).await {
             tracing::error!(run, error = %e, "cannot journal a lost run");
         }
     }
@@ -481,25 +485,35 @@ async fn handle(core: &Arc<Core>, order: Order, beat: &mut tokio::time::Interval
 
 /// Takes an assignment: started once, whatever number of times it is sent.
 fn assign(core: &Arc<Core>, a: Assignment) {
-    {
-        let mut j = lock(&core.journal);
+    let accepted = {
+        let mut j = core.journal.lock();
         if j.runs.contains_key(&a.run) {
             // Running, reported, or done: never started again.
             return;
         }
-        if let Err(e) = j.append(Entry::Accept { run: a.run, attempt: a.attempt }) {
-            tracing::error!(run = a.run, error = %e, "cannot journal an assignment; not started");
-            return;
+        match j.append(Entry::Accept { run: a.run, attempt: a.attempt }) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(run = a.run, error = %e, "cannot journal an assignment; not started");
+                return;
+            }
         }
-    }
+    };
     let stop = core.stop.child_token();
     let why = StopCause::default();
     lock(&core.active).insert(a.run, Active { stop: stop.clone(), why: why.clone() });
-    tokio::spawn(execute(core.clone(), a, stop, why));
+    tokio::spawn(execute(core.clone(), a, accepted, stop, why));
 }
 
-/// Runs an assignment to its end and journals its outcome for the sender.
-async fn execute(core: Arc<Core>, a: Assignment, stop: CancellationToken, why: StopCause) {
+/// Runs an assignment, once its acceptance (journal entry `accepted`) is on disk, to its end,
+/// and journals its outcome for the sender.
+async fn execute(
+    core: Arc<Core>,
+    a: Assignment,
+    accepted: u64,
+    stop: CancellationToken,
+    why: StopCause,
+) {
     let run = a.run;
     let now = Timestamp::now();
     let trigger = a.trigger.parse().unwrap_or(Trigger::Manual);
@@ -511,6 +525,10 @@ async fn execute(core: Arc<Core>, a: Assignment, stop: CancellationToken, why: S
     let config = UnitDef::from_json(a.definition)
         .and_then(|d| UnitConfig::validate(d, &core.validate))
         .map(Arc::new);
+    let config = match core.journal.synced(accepted).await {
+        Ok(()) => config,
+        Err(e) => Err(crate::error::Error::io(core.journal.lock().path(), e)),
+    };
     let ended = match config {
         Err(e) => RunRecord {
             state: RunState::Failed,
@@ -550,7 +568,7 @@ async fn execute(core: Arc<Core>, a: Assignment, stop: CancellationToken, why: S
         stdout_bytes: ended.stdout_bytes,
         stderr_bytes: ended.stderr_bytes,
     };
-    if let Err(e) = lock(&core.journal).append(Entry::Result(o)) {
+    if let Err(e) = core.journal.append(Entry::Result(o)).await {
         tracing::error!(run, error = %e, "cannot journal a run's end");
     }
     lock(&core.active).remove(&run);
@@ -559,89 +577,17 @@ async fn execute(core: Arc<Core>, a: Assignment, stop: CancellationToken, why: S
 
 /// Sends what there is to send: starts, output (in batches of at most
 /// [`proto::MAX_OUTPUT_BATCH`] bytes), then results whose output has all been taken, until
-/// the connection breaks or `done` is cancelled.
+/// the connection breaks or `done` is cancelled. Calls of a kind go out side by side, up to
+/// [`IN_FLIGHT`] at once (one output batch per run at a time, so a run's output stays in
+/// order): a result waits for the server to record it, and one at a time would make an
+/// agent's throughput one run per store commit.
 async fn send_loop(core: Arc<Core>, client: Arc<Client>, done: CancellationToken) {
     let r: anyhow::Result<()> = async {
         loop {
             let woken = core.wake.notified();
-            let starts = std::mem::take(&mut *lock(&core.starts));
-            for s in starts {
-                // A start of a run the server no longer has is not an error worth a reconnect.
-                if let Err(e) = client.started(s).await {
-                    if matches!(e, jsonrpsee::core::ClientError::Call(_)) {
-                        continue;
-                    }
-                    return Err(e.into());
-                }
-            }
-            // Output, run by run.
-            let mut retry = false;
-            let runs: Vec<i64> = lock(&core.outboxes).keys().copied().collect();
-            for run in runs {
-                loop {
-                    let batch: Vec<Chunk> = {
-                        let boxes = lock(&core.outboxes);
-                        let Some(b) = boxes.get(&run) else { break };
-                        let mut size = 0;
-                        b.chunks
-                            .iter()
-                            .take_while(|c| {
-                                let first = size == 0;
-                                size += c.data.len();
-                                first || size <= proto::MAX_OUTPUT_BATCH
-                            })
-                            .cloned()
-                            .collect()
-                    };
-                    let Some(last) = batch.last().map(|c| c.seq) else { break };
-                    match client.output(proto::Output { run, chunks: batch }).await {
-                        Ok(_) => {}
-                        Err(jsonrpsee::core::ClientError::Call(e))
-                            if e.message().starts_with(crate::fleet::NOT_READY) =>
-                        {
-                            // A daemon that just started has not taken the run over yet.
-                            retry = true;
-                            break;
-                        }
-                        Err(jsonrpsee::core::ClientError::Call(e)) => {
-                            // The server no longer has the run active: its output has nowhere to go.
-                            tracing::debug!(run, error = %e, "output refused");
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                    let mut boxes = lock(&core.outboxes);
-                    if let Some(b) = boxes.get_mut(&run) {
-                        while b.chunks.front().is_some_and(|c| c.seq <= last) {
-                            let c = b.chunks.pop_front().expect("checked");
-                            b.bytes -= c.data.len().min(b.bytes);
-                        }
-                    }
-                    core.room.notify_waiters();
-                }
-            }
-            // Results, once their output is all out.
-            let results: Vec<Outcome> = lock(&core.journal)
-                .runs
-                .values()
-                .filter_map(|k| k.result.clone())
-                .filter(|o| lock(&core.outboxes).get(&o.run).is_none_or(|b| b.chunks.is_empty()))
-                .collect();
-            for o in results {
-                let run = o.run;
-                match client.finished(o).await {
-                    Ok(_) => {
-                        lock(&core.outboxes).remove(&run);
-                        if let Err(e) = lock(&core.journal).append(Entry::Acked(run)) {
-                            tracing::error!(run, error = %e, "cannot journal an acknowledgement");
-                        }
-                    }
-                    Err(jsonrpsee::core::ClientError::Call(e)) => {
-                        tracing::debug!(run, error = %e, "result not taken yet");
-                        retry = true;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            send_starts(&core, &client).await?;
+            let mut retry = send_output(&core, &client).await?;
+            retry |= send_results(&core, &client).await?;
             let wait = if retry { Duration::from_secs(1) } else { Duration::from_secs(30) };
             tokio::select! {
                 () = woken => {}
@@ -655,4 +601,121 @@ async fn send_loop(core: Arc<Core>, client: Arc<Client>, done: CancellationToken
         tracing::warn!(error = format!("{e:#}"), "sending to the server failed");
     }
     done.cancel();
+}
+
+/// Calls to the server of one kind in flight at once (the server takes 64 per connection).
+const IN_FLIGHT: usize = 48;
+
+/// Reports the runs that started.
+async fn send_starts(core: &Core, client: &Client) -> anyhow::Result<()> {
+    let starts = std::mem::take(&mut *lock(&core.starts));
+    let mut calls = futures_util::stream::iter(starts.into_iter().map(|s| client.started(s)))
+        .buffer_unordered(IN_FLIGHT);
+    while let Some(r) = calls.next().await {
+        match r {
+            // A start of a run the server no longer has is not an error worth a reconnect.
+            Ok(_) | Err(jsonrpsee::core::ClientError::Call(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Sends the runs' output, one batch per run at a time, until the outboxes are empty; true
+/// if some must be sent again later (a server that just started).
+async fn send_output(core: &Core, client: &Client) -> anyhow::Result<bool> {
+    let mut retry = false;
+    let mut runs: Vec<i64> = lock(&core.outboxes).keys().copied().collect();
+    while !runs.is_empty() {
+        let batches: Vec<(i64, Vec<Chunk>)> = {
+            let boxes = lock(&core.outboxes);
+            runs.iter().filter_map(|run| Some((*run, next_batch(boxes.get(run)?)))).collect()
+        };
+        let sends =
+            batches.into_iter().filter_map(|(run, batch)| {
+                let last = batch.last()?.seq;
+                Some(async move {
+                    (run, last, client.output(proto::Output { run, chunks: batch }).await)
+                })
+            });
+        let mut calls = futures_util::stream::iter(sends).buffer_unordered(IN_FLIGHT);
+        let mut more = Vec::new();
+        while let Some((run, last, r)) = calls.next().await {
+            match r {
+                Ok(_) => more.push(run),
+                Err(jsonrpsee::core::ClientError::Call(e))
+                    if e.message().starts_with(crate::fleet::NOT_READY) =>
+                {
+                    // A daemon that just started has not taken the run over yet.
+                    retry = true;
+                    continue;
+                }
+                Err(jsonrpsee::core::ClientError::Call(e)) => {
+                    // The server no longer has the run active: its output has nowhere to go.
+                    tracing::debug!(run, error = %e, "output refused");
+                    more.push(run);
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let mut boxes = lock(&core.outboxes);
+            if let Some(b) = boxes.get_mut(&run) {
+                while b.chunks.front().is_some_and(|c| c.seq <= last) {
+                    let c = b.chunks.pop_front().expect("checked");
+                    b.bytes -= c.data.len().min(b.bytes);
+                }
+            }
+            core.room.notify_waiters();
+        }
+        runs = more;
+    }
+    Ok(retry)
+}
+
+/// The oldest chunks of `b`, up to [`proto::MAX_OUTPUT_BATCH`] bytes (at least one).
+fn next_batch(b: &Outbox) -> Vec<Chunk> {
+    let mut size = 0;
+    b.chunks
+        .iter()
+        .take_while(|c| {
+            let first = size == 0;
+            size += c.data.len();
+            first || size <= proto::MAX_OUTPUT_BATCH
+        })
+        .cloned()
+        .collect()
+}
+
+/// Reports the results whose output is all out; true if some must be sent again later.
+async fn send_results(core: &Core, client: &Client) -> anyhow::Result<bool> {
+    let results: Vec<Outcome> = {
+        let boxes = lock(&core.outboxes);
+        let unacked = core.journal.lock().unacked();
+        unacked
+            .into_iter()
+            .filter(|o| boxes.get(&o.run).is_none_or(|b| b.chunks.is_empty()))
+            .collect()
+    };
+    let sends = results.into_iter().map(|o| async move {
+        let run = o.run;
+        (run, client.finished(o).await)
+    });
+    let mut calls = futures_util::stream::iter(sends).buffer_unordered(IN_FLIGHT);
+    let mut retry = false;
+    while let Some((run, r)) = calls.next().await {
+        match r {
+            Ok(_) => {
+                lock(&core.outboxes).remove(&run);
+                // Not waited for: a result sent again after a crash is known to the server.
+                if let Err(e) = core.journal.lock().append(Entry::Acked(run)) {
+                    tracing::error!(run, error = %e, "cannot journal an acknowledgement");
+                }
+            }
+            Err(jsonrpsee::core::ClientError::Call(e)) => {
+                tracing::debug!(run, error = %e, "result not taken yet");
+                retry = true;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(retry)
 }

@@ -409,15 +409,16 @@ async fn postgres_servers_starting_together_migrate_once_and_a_newer_schema_is_r
 async fn postgres_events_of_one_server_reach_every_server_in_one_order() {
     let Some((db, _dir, stores)) = postgres_stores(2).await else { return };
     let mut subs: Vec<_> = stores.iter().map(|s| s.subscribe_events()).collect();
-    // Changes from both servers at once.
-    let adds = (0..20).map(|i| stores[i % 2].insert_unit(unit(&format!("u{i}"))));
+    // Many changes at once from the server that writes: committed side by side, published
+    // in one order, on the other server too.
+    let adds = (0..40).map(|i| stores[0].insert_unit(unit(&format!("u{i}"))));
     for r in futures_util::future::join_all(adds).await {
         r.unwrap();
     }
     let mut orders = Vec::new();
     for sub in &mut subs {
         let mut seen = Vec::new();
-        for _ in 0..20 {
+        for _ in 0..40 {
             let e = next_event(sub).await;
             seen.push((e.seq, e.unit));
         }
@@ -425,8 +426,14 @@ async fn postgres_events_of_one_server_reach_every_server_in_one_order() {
         orders.push(seen);
     }
     assert_eq!(orders[0], orders[1], "one order on every server");
+    let last = orders[0][39].0;
+    for s in &stores {
+        assert_eq!(s.last_event_seq().await.unwrap(), last);
+        assert_eq!(s.events_after(orders[0][37].0, 10).await.unwrap().len(), 2);
+    }
 
-    // The listener's connection is cut: what is committed meanwhile still arrives, once.
+    // The other server writes from now on (as after a takeover), while both listeners'
+    // connections are cut: what is committed meanwhile still arrives, once, after the rest.
     let (c, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let cut = c
@@ -438,11 +445,12 @@ async fn postgres_events_of_one_server_reach_every_server_in_one_order() {
         .await
         .unwrap();
     assert_eq!(cut, 2, "both listeners cut");
-    stores[0].delete_unit("u0", false).await.unwrap();
+    stores[1].delete_unit("u0", false).await.unwrap();
     stores[1].delete_unit("u1", false).await.unwrap();
     for sub in &mut subs {
-        let got = [next_event(sub).await.unit, next_event(sub).await.unit];
-        assert_eq!(got, ["u0", "u1"]);
+        let got = [next_event(sub).await, next_event(sub).await];
+        assert_eq!([got[0].unit.as_str(), got[1].unit.as_str()], ["u0", "u1"]);
+        assert!(got[0].seq > last && got[1].seq > got[0].seq, "numbered after the others");
         assert!(tokio::time::timeout(Duration::from_millis(300), sub.recv()).await.is_err());
     }
 }

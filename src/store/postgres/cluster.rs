@@ -35,9 +35,6 @@ const LEASE_LOCK: i64 = 0x7461_736b_6402;
 /// How long a session may sit in a transaction doing nothing before PostgreSQL ends it.
 pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
 
-/// A fence never armed: for transactions that create no run.
-pub static UNFENCED: Fence = Fence { name: OnceLock::new(), epoch: AtomicI64::new(0) };
-
 /// Which server may create runs, and under which epoch: armed by [`Cluster`], checked by
 /// the store when it creates a run.
 #[derive(Default)]
@@ -127,6 +124,19 @@ impl Cluster {
         let mut c = self.pool.get().await?;
         let ttl = ttl.as_secs_f64();
         let t = c.transaction().await?;
+        // Nothing to take while the lease runs: return before the lock below, which waits for
+        // every fenced transaction in flight and holds back those that come meanwhile (a
+        // standby polling it would stall the holder's changes at every poll).
+        let running: bool = t
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM lease WHERE id = 1 AND expires_at >= clock_timestamp())",
+                &[],
+            )
+            .await?
+            .get(0);
+        if running {
+            return Ok(None);
+        }
         // A lease row locked by a fenced transaction of a paused holder: give up quickly and
         // try again at the next round.
         t.batch_execute("SET LOCAL lock_timeout = '1s'").await?;

@@ -3,17 +3,8 @@
 //! Mechanism:
 //! - Changes run on a pool of connections (deadpool), each call in a transaction of its own;
 //!   PostgreSQL groups concurrent commits itself, so no batching thread is needed here.
-//! - **Events in one order.** A transaction records its events last, just before its commit,
-//!   under a transaction-level advisory lock ([`EVENTS_LOCK`]) held to the commit, so event
-//!   sequence numbers are handed out in commit order; they are also announced with `NOTIFY`,
-//!   which PostgreSQL delivers at commit, in commit order. Events are published to this
-//!   process's subscribers by the listener ([`listen`]), from those notifications, never by
-//!   the transaction that wrote them: every server sees the same events in the same order,
-//!   its own among them.
-//! - The listener has a connection of its own (a pooled one would swallow notifications).
-//!   When it loses it, it connects again, `LISTEN`s, and reads the events it missed from the
-//!   table before taking notifications again; a sequence number it has published already is
-//!   skipped, so none is published twice or left out.
+//! - **Events in one order**, numbered by this process, the one that writes, and announced to
+//!   the other servers with `NOTIFY` ([`events`]): commits are not put in one line.
 //! - Changes nobody waits for (a pid, a fire time, an audit record) go through one queue, in
 //!   order, several to a transaction; a failed batch is tried again for a while.
 //! - The end of a run that cannot be recorded (database unreachable) is kept in memory and
@@ -24,21 +15,21 @@
 //! Limits: connections are plain TCP or a Unix socket (no TLS to PostgreSQL yet).
 
 pub mod cluster;
+mod events;
 pub mod logs;
 pub mod schema;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use futures_util::StreamExt;
 use jiff::Timestamp;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{NoTls, Row};
 
 use super::{
     AUDIT_KEPT, AuditRecord, Backend, DispatchFilter, DispatchRecord, DispatchState, EVENTS_KEPT,
@@ -47,10 +38,6 @@ use super::{
 use crate::error::{Error, Result};
 use crate::run::{RunRecord, RunState, Trigger};
 
-/// The advisory lock that orders events (`'taskd'` as a number, then 0).
-const EVENTS_LOCK: i64 = 0x7461_736b_6400;
-/// The notification channel of events.
-const CHANNEL: &str = "taskd_events";
 /// Connections in the pool at most.
 const POOL_SIZE: usize = 16;
 /// How long a call waits for a connection, or for one to be made.
@@ -63,8 +50,6 @@ const DETACHED_RETRY_FOR: Duration = Duration::from_secs(60);
 const RETRY: Duration = Duration::from_secs(1);
 /// How often old events and audit records are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// Longest pause between two attempts of the listener to connect again.
-const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A change nobody waits for, or a marker a flush waits on.
 enum Detached {
@@ -91,21 +76,28 @@ pub(super) struct Postgres {
     pool: Pool,
     detached: mpsc::UnboundedSender<Detached>,
     unrecorded: Unrecorded,
-    commits: Arc<AtomicU64>,
-    /// Armed in a cluster: runs are created only under the lease.
+    shared: Arc<Shared>,
+}
+
+/// What every transaction of the store needs.
+pub(super) struct Shared {
+    /// Transactions committed.
+    commits: AtomicU64,
+    /// Armed in a cluster: changes are made only under the lease.
     fence: Arc<cluster::Fence>,
+    /// Numbers and publishes events.
+    seq: Arc<events::Sequencer>,
 }
 
 /// An event a transaction records at its commit: time, kind, unit, run, state.
-type PendingEvent = (Timestamp, &'static str, String, Option<i64>, Option<String>);
+type PendingEvent = (Timestamp, EventKind, String, Option<i64>, Option<String>);
 
 /// A transaction, with what it needs to record events.
 struct Tx<'a> {
     t: deadpool_postgres::Transaction<'a>,
     /// Events to record at the commit.
     events: Vec<PendingEvent>,
-    commits: &'a AtomicU64,
-    fence: &'a cluster::Fence,
+    shared: &'a Shared,
     /// Checked the fence already.
     fenced: bool,
 }
@@ -130,8 +122,7 @@ impl Tx<'_> {
 
     /// Records an event at the commit (see [`Tx::commit`] and the module documentation).
     fn emit(&mut self, kind: EventKind, unit: &str, run: Option<i64>, state: Option<&str>) {
-        let event =
-            (Timestamp::now(), kind.as_str(), unit.to_string(), run, state.map(str::to_string));
+        let event = (Timestamp::now(), kind, unit.to_string(), run, state.map(str::to_string));
         self.events.push(event);
     }
 
@@ -139,7 +130,7 @@ impl Tx<'_> {
     /// keeps it from being taken over until the transaction ends (see [`cluster`]).
     async fn fenced(&mut self) -> Result<()> {
         if !self.fenced {
-            cluster::check(self, self.fence).await?;
+            cluster::check(self, &self.shared.fence).await?;
             self.fenced = true;
         }
         Ok(())
@@ -148,7 +139,7 @@ impl Tx<'_> {
     /// Records a scheduled fire of `unit` at `at`; refused if it was made already (by this
     /// server or one that held the lease before).
     async fn fire_once(&mut self, unit: &str, at: Timestamp) -> Result<()> {
-        let epoch = self.fence.armed().map_or(0, |(_, e)| e);
+        let epoch = self.shared.fence.armed().map_or(0, |(_, e)| e);
         let n = self
             .execute(
                 "INSERT INTO fires(unit, scheduled_at, epoch, fired_at) VALUES ($1, $2, $3, now())                  ON CONFLICT DO NOTHING",
@@ -161,37 +152,64 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Commits. A transaction with events takes [`EVENTS_LOCK`] only now, after every row lock
-    /// it needed, records its events and their notification, and commits: so event numbers
-    /// follow commit order, and the lock's holder never waits for a row another transaction
-    /// holds while waiting for the lock (no deadlock).
+    /// Commits. A transaction with events numbers them only now (see [`events`]), after
+    /// the fence, inserts them, and commits; they are published once every lower number
+    /// has ended.
     async fn commit(mut self) -> Result<()> {
         // In a cluster only the lease's holder changes anything (see `cluster`).
         self.fenced().await?;
+        let mut numbered = None;
         if !self.events.is_empty() {
-            self.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK]).await?;
-            let mut times = Vec::with_capacity(self.events.len());
-            let (mut kinds, mut units, mut runs, mut states) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for (time, kind, unit, run, state) in &self.events {
-                times.push(*time);
-                kinds.push(*kind);
-                units.push(unit.as_str());
-                runs.push(*run);
-                states.push(state.as_deref());
+            let n = self.shared.seq.number(&self.t, self.events.len()).await?;
+            let events: Vec<Event> = std::mem::take(&mut self.events)
+                .into_iter()
+                .zip(n.seqs())
+                .map(|((time, kind, unit, run, state), seq)| Event {
+                    seq,
+                    time,
+                    kind,
+                    unit,
+                    run,
+                    state,
+                })
+                .collect();
+            match self.insert_events(&events).await {
+                Ok(()) => numbered = Some((n, events)),
+                Err(e) => {
+                    n.rolled_back();
+                    return Err(e);
+                }
             }
-            self.execute(
-                "WITH e AS (INSERT INTO events(time, kind, unit, run, state) \
-                 SELECT x.t, x.k, x.u, x.r, x.s FROM unnest($1::timestamptz[], $2::text[], \
-                 $3::text[], $4::bigint[], $5::text[]) WITH ORDINALITY AS x(t, k, u, r, s, o) \
-                 ORDER BY x.o RETURNING seq) \
-                 SELECT pg_notify('taskd_events', max(seq)::text) FROM e",
-                &[&times, &kinds, &units, &runs, &states],
-            )
-            .await?;
         }
+        // A commit with no answer leaves its numbers to be resolved from the table.
         self.t.commit().await?;
-        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        if let Some((n, events)) = numbered {
+            n.committed(events);
+        }
+        Ok(())
+    }
+
+    async fn insert_events(&self, events: &[Event]) -> Result<()> {
+        let mut seqs = Vec::with_capacity(events.len());
+        let mut times = Vec::with_capacity(events.len());
+        let (mut kinds, mut units, mut runs, mut states) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for e in events {
+            seqs.push(e.seq);
+            times.push(e.time);
+            kinds.push(e.kind.as_str());
+            units.push(e.unit.as_str());
+            runs.push(e.run);
+            states.push(e.state.as_deref());
+        }
+        self.execute(
+            "INSERT INTO events(seq, time, kind, unit, run, state) \
+             SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[], \
+             $5::bigint[], $6::text[])",
+            &[&seqs, &times, &kinds, &units, &runs, &states],
+        )
+        .await?;
         Ok(())
     }
 }
@@ -370,15 +388,15 @@ impl Postgres {
         let newest_run: i64 =
             c.query_one("SELECT COALESCE(MAX(id), 0) FROM runs", &[]).await?.get(0);
         drop(c);
-        let published = Arc::new(AtomicI64::new(last));
-        let mut ready = listen(cfg.clone(), pool.clone(), events, published);
-        // Changes made before the listener listens would reach subscribers only through the
-        // table: wait for it to listen once (it keeps trying in the background if it cannot).
+        let seq = events::Sequencer::new(pool.clone(), events, last);
+        let mut ready = events::listen(cfg.clone(), pool.clone(), seq.clone());
+        // Changes announced before the listener listens would reach subscribers only through
+        // the table: wait for it to listen once (it keeps trying in the background if it cannot).
         let _ = tokio::time::timeout(CONNECT_TIMEOUT, ready.recv()).await;
         let (detached, rx) = mpsc::unbounded_channel();
-        let commits = Arc::new(AtomicU64::new(0));
-        let fence: Arc<cluster::Fence> = Arc::default();
-        tokio::spawn(detached_worker(pool.clone(), rx, commits.clone(), fence.clone()));
+        let shared = Arc::new(Shared { commits: AtomicU64::new(0), fence: Arc::default(), seq });
+        tokio::spawn(detached_worker(pool.clone(), rx, shared.clone()));
+        tokio::spawn(events::announcer(shared.clone(), pool.clone()));
         tokio::spawn(pruner(pool.clone()));
         Ok(Postgres {
             location: location_of(&cfg),
@@ -387,8 +405,7 @@ impl Postgres {
             pool,
             detached,
             unrecorded: Unrecorded::default(),
-            commits,
-            fence,
+            shared,
         })
     }
 
@@ -397,7 +414,7 @@ impl Postgres {
     pub(super) fn cluster(&self, name: String) -> Result<cluster::Cluster> {
         // Connections of its own: renewing the lease never waits behind a busy engine.
         let pool = pool_of(&self.config, 2)?;
-        Ok(cluster::Cluster::new(pool, name, self.fence.clone()))
+        Ok(cluster::Cluster::new(pool, name, self.shared.fence.clone()))
     }
 
     /// The run logs' table, with its writer started.
@@ -422,12 +439,8 @@ impl Postgres {
         u.extend(recs.into_iter().map(|r| (r, keep_runs)));
         drop(u);
         if start {
-            let (pool, unrecorded, commits, fence) = (
-                self.pool.clone(),
-                self.unrecorded.clone(),
-                self.commits.clone(),
-                self.fence.clone(),
-            );
+            let (pool, unrecorded, shared) =
+                (self.pool.clone(), self.unrecorded.clone(), self.shared.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(RETRY).await;
@@ -438,7 +451,7 @@ impl Postgres {
                     let mut back = Vec::new();
                     for (rec, keep) in ends {
                         let one = std::slice::from_ref(&rec);
-                        match record_ends(&pool, &commits, &fence, one, keep).await {
+                        match record_ends(&pool, &shared, one, keep).await {
                             // Another server holds the lease: the run is its to end.
                             Ok(()) | Err(Error::Fenced) => {}
                             Err(_) => back.push((rec, keep)),
@@ -457,24 +470,27 @@ impl Postgres {
 }
 
 /// Begins a transaction on `c`.
-async fn begin<'a>(
+async fn begin<'a>(c: &'a mut deadpool_postgres::Object, shared: &'a Shared) -> Result<Tx<'a>> {
+    Ok(Tx { t: c.transaction().await?, events: Vec::new(), shared, fenced: false })
+}
+
+/// Begins a transaction on `c` that skips the fence; it must record no event.
+async fn begin_unfenced<'a>(
     c: &'a mut deadpool_postgres::Object,
-    commits: &'a AtomicU64,
-    fence: &'a cluster::Fence,
+    shared: &'a Shared,
 ) -> Result<Tx<'a>> {
-    Ok(Tx { t: c.transaction().await?, events: Vec::new(), commits, fence, fenced: false })
+    Ok(Tx { fenced: true, ..begin(c, shared).await? })
 }
 
 /// Records the ends of `recs` and prunes their units' histories, in one transaction.
 async fn record_ends(
     pool: &Pool,
-    commits: &AtomicU64,
-    fence: &cluster::Fence,
+    shared: &Shared,
     recs: &[RunRecord],
     keep_runs: u32,
 ) -> Result<()> {
     let mut c = pool.get().await?;
-    let mut t = begin(&mut c, commits, fence).await?;
+    let mut t = begin(&mut c, shared).await?;
     for rec in recs {
         write_end(&mut t, rec).await?;
     }
@@ -637,7 +653,7 @@ async fn counts_of(t: &Tx<'_>, dispatch: i64) -> Result<BTreeMap<String, u32>> {
 #[async_trait]
 impl Backend for Postgres {
     fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
+        self.shared.commits.load(Ordering::Relaxed)
     }
 
     fn location(&self) -> String {
@@ -653,7 +669,7 @@ impl Backend for Postgres {
 
     async fn insert_unit(&self, u: StoredUnit) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        let mut t = begin(&mut c, &self.shared).await?;
         let n = t
             .execute(
                 "INSERT INTO units(name, definition, created_at, updated_at, paused, stopped, \
@@ -687,7 +703,7 @@ impl Backend for Postgres {
         rescheduled: bool,
     ) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        let mut t = begin(&mut c, &self.shared).await?;
         let n = t
             .execute(
                 "UPDATE units SET definition = $3, updated_at = $4, paused = $5, \
@@ -711,7 +727,7 @@ impl Backend for Postgres {
         kind: EventKind,
     ) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        let mut t = begin(&mut c, &self.shared).await?;
         let n = t
             .execute(
                 "UPDATE units SET paused = $2, stopped = $3 WHERE name = $1",
@@ -735,7 +751,7 @@ impl Backend for Postgres {
 
     async fn delete_unit(&self, name: &str, keep_history: bool) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        let mut t = begin(&mut c, &self.shared).await?;
         let n = t.execute("DELETE FROM units WHERE name = $1", &[&name]).await?;
         if n == 0 {
             return Err(Error::UnitNotFound(name.to_string()));
@@ -756,7 +772,7 @@ impl Backend for Postgres {
         scheduled_at: Option<Timestamp>,
     ) -> Result<RunRecord> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        let mut t = begin(&mut c, &self.shared).await?;
         if let Some(at) = scheduled_at
             && attempt == 1
         {
@@ -778,7 +794,7 @@ impl Backend for Postgres {
 
     async fn create_runs(&self, unit: &str, triggers: Vec<Trigger>) -> Result<Vec<RunRecord>> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        let mut t = begin(&mut c, &self.shared).await?;
         let mut out = Vec::with_capacity(triggers.len());
         for trigger in triggers {
             let run = NewRun {
@@ -797,7 +813,7 @@ impl Backend for Postgres {
 
     async fn start_queued(&self, id: i64) -> Result<RunRecord> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        let mut t = begin(&mut c, &self.shared).await?;
         t.fenced().await?;
         let now = Timestamp::now();
         let n = t
@@ -829,7 +845,7 @@ impl Backend for Postgres {
     }
 
     async fn finish_runs(&self, recs: Vec<RunRecord>, keep_runs: u32) -> Result<()> {
-        let r = record_ends(&self.pool, &self.commits, &self.fence, &recs, keep_runs).await;
+        let r = record_ends(&self.pool, &self.shared, &recs, keep_runs).await;
         if let Err(e) = &r {
             let runs: Vec<i64> = recs.iter().map(|r| r.id).collect();
             tracing::warn!(?runs, error = %e, "the end of a run is not recorded yet; retrying");
@@ -840,7 +856,7 @@ impl Backend for Postgres {
 
     async fn get_run(&self, id: i64) -> Result<RunRecord> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        let t = begin(&mut c, &self.shared).await?;
         get_run(&t, id).await?.ok_or(Error::RunNotFound(id))
     }
 
@@ -904,7 +920,7 @@ impl Backend for Postgres {
 
     async fn recover_stale_runs(&self) -> Result<Vec<StaleRun>> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        let mut t = begin(&mut c, &self.shared).await?;
         let sql = format!(
             "SELECT {RUN_COLUMNS}, pid_start, boot_id FROM runs \
              WHERE state IN ('queued', 'running') AND host = 'local' \
@@ -951,13 +967,14 @@ impl Backend for Postgres {
     }
 
     async fn last_event_seq(&self) -> Result<i64> {
-        let c = self.client().await?;
-        Ok(c.query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[]).await?.get(0))
+        Ok(self.shared.seq.published())
     }
 
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>> {
+        // Only up to the watermark: above it, a number may still be filled in.
+        let upto = self.shared.seq.published();
         let c = self.client().await?;
-        events_after(&c, after, limit).await
+        events::events_between(&c, after, upto, limit).await
     }
 
     fn audit(&self, a: AuditRecord) {
@@ -1012,7 +1029,7 @@ impl Backend for Postgres {
     async fn create_join_token(&self, hash: String, expires_at: Timestamp) -> Result<()> {
         let mut c = self.client().await?;
         // Not fenced: a standby mints the join token of its own agent.
-        let t = begin(&mut c, &self.commits, &cluster::UNFENCED).await?;
+        let t = begin_unfenced(&mut c, &self.shared).await?;
         // Expired tokens are of no use: forget them as new ones come.
         t.execute("DELETE FROM join_tokens WHERE expires_at < $1", &[&Timestamp::now()]).await?;
         t.execute(
@@ -1030,7 +1047,7 @@ impl Backend for Postgres {
         secret_hash: String,
     ) -> Result<StoredAgent> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        let t = begin(&mut c, &self.shared).await?;
         let now = Timestamp::now();
         // FOR UPDATE: two servers spending one token at once enroll one agent.
         let token = t
@@ -1061,7 +1078,7 @@ impl Backend for Postgres {
 
     async fn revoke_agent(&self, name: String) -> Result<StoredAgent> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        let t = begin(&mut c, &self.shared).await?;
         let n = t.execute("UPDATE agents SET revoked = true WHERE name = $1", &[&name]).await?;
         if n == 0 {
             return Err(Error::AgentNotFound(name));
@@ -1085,7 +1102,7 @@ impl Backend for Postgres {
         scheduled_at: Option<Timestamp>,
     ) -> Result<(DispatchRecord, Vec<RunRecord>)> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        let mut t = begin(&mut c, &self.shared).await?;
         t.fenced().await?;
         if let Some(at) = scheduled_at {
             t.fire_once(unit, at).await?;
@@ -1129,7 +1146,7 @@ impl Backend for Postgres {
         attempt: u32,
     ) -> Result<RunRecord> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        let mut t = begin(&mut c, &self.shared).await?;
         let new = NewRun {
             state: RunState::Running,
             trigger,
@@ -1145,7 +1162,7 @@ impl Backend for Postgres {
 
     async fn set_dispatch_state(&self, id: i64, state: DispatchState) -> Result<DispatchRecord> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.commits, &self.fence).await?;
+        let mut t = begin(&mut c, &self.shared).await?;
         let ended = state.is_final().then(Timestamp::now);
         t.execute(
             "UPDATE dispatches SET state = $2, ended_at = $3 WHERE id = $1",
@@ -1166,7 +1183,7 @@ impl Backend for Postgres {
 
     async fn cancelling_dispatch(&self, id: i64) -> Result<()> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        let t = begin(&mut c, &self.shared).await?;
         t.execute(
             "UPDATE dispatches SET state = 'cancelled' WHERE id = $1 AND ended_at IS NULL",
             &[&id],
@@ -1177,7 +1194,7 @@ impl Backend for Postgres {
 
     async fn resume_dispatch(&self, id: i64, forgiven: u32) -> Result<DispatchRecord> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        let t = begin(&mut c, &self.shared).await?;
         t.execute(
             "UPDATE dispatches SET state = 'running', forgiven = $2 WHERE id = $1",
             &[&id, &(forgiven as i32)],
@@ -1190,7 +1207,7 @@ impl Backend for Postgres {
 
     async fn set_ignored(&self, id: i64, ignored: bool) -> Result<()> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        let t = begin(&mut c, &self.shared).await?;
         t.execute("UPDATE runs SET ignored = $2 WHERE id = $1", &[&id, &ignored]).await?;
         t.commit().await
     }
@@ -1200,7 +1217,7 @@ impl Backend for Postgres {
         f: DispatchFilter,
     ) -> Result<Vec<(DispatchRecord, BTreeMap<String, u32>)>> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        let t = begin(&mut c, &self.shared).await?;
         let sql = format!(
             "SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE ($1::text IS NULL OR unit = $1) \
              AND ($2::text IS NULL OR state = $2) AND ($3::bigint IS NULL OR id < $3) \
@@ -1225,13 +1242,13 @@ impl Backend for Postgres {
         id: i64,
     ) -> Result<(DispatchRecord, Vec<RunRecord>, BTreeMap<String, u32>)> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        let t = begin(&mut c, &self.shared).await?;
         Ok((get_dispatch(&t, id).await?, runs_of(&t, id).await?, counts_of(&t, id).await?))
     }
 
     async fn open_dispatches(&self) -> Result<Vec<(DispatchRecord, Vec<RunRecord>)>> {
         let mut c = self.client().await?;
-        let t = begin(&mut c, &self.commits, &self.fence).await?;
+        let t = begin(&mut c, &self.shared).await?;
         let sql =
             format!("SELECT {DISPATCH_COLUMNS} FROM dispatches WHERE ended_at IS NULL ORDER BY id");
         let list: Vec<DispatchRecord> =
@@ -1251,26 +1268,11 @@ impl Backend for Postgres {
     }
 }
 
-/// Events with a sequence number above `after`, oldest first, at most `limit`; kinds this
-/// build does not know are left out.
-async fn events_after(c: &deadpool_postgres::Object, after: i64, limit: u32) -> Result<Vec<Event>> {
-    let kinds: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
-    let st = c
-        .prepare_cached(
-            "SELECT seq, time, kind, unit, run, state FROM events \
-             WHERE seq > $1 AND kind = ANY($3) ORDER BY seq LIMIT $2",
-        )
-        .await?;
-    let rows = c.query(&st, &[&after, &i64::from(limit), &kinds]).await?;
-    Ok(rows.iter().filter_map(event_from_row).collect())
-}
-
 /// Applies changes nobody waits for, in order, several to a transaction.
 async fn detached_worker(
     pool: Pool,
     mut rx: mpsc::UnboundedReceiver<Detached>,
-    commits: Arc<AtomicU64>,
-    fence: Arc<cluster::Fence>,
+    shared: Arc<Shared>,
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, DETACHED_BATCH).await > 0 {
@@ -1284,7 +1286,7 @@ async fn detached_worker(
         if !batch.is_empty() {
             let give_up = tokio::time::Instant::now() + DETACHED_RETRY_FOR;
             loop {
-                match apply_detached(&pool, &commits, &fence, &batch).await {
+                match apply_detached(&pool, &shared, &batch).await {
                     Ok(()) => break,
                     // This server lost the cluster's lease: nothing it writes is taken again.
                     Err(Error::Fenced) => {
@@ -1312,14 +1314,9 @@ async fn detached_worker(
     }
 }
 
-async fn apply_detached(
-    pool: &Pool,
-    commits: &AtomicU64,
-    fence: &cluster::Fence,
-    batch: &[Detached],
-) -> Result<()> {
+async fn apply_detached(pool: &Pool, shared: &Shared, batch: &[Detached]) -> Result<()> {
     let mut c = pool.get().await?;
-    let mut t = begin(&mut c, commits, fence).await?;
+    let mut t = begin(&mut c, shared).await?;
     for d in batch {
         match d {
             Detached::LastFire(name, at) => {
@@ -1406,92 +1403,5 @@ async fn pruner(pool: Pool) {
         if let Err(e) = r.await {
             tracing::warn!(error = %e, "cannot prune old events and audit records");
         }
-    }
-}
-
-/// Starts the listener (see the module documentation): it publishes every committed event
-/// above `published` to `events`, in order. The returned receiver gets a message each time it
-/// listens (again).
-fn listen(
-    cfg: tokio_postgres::Config,
-    pool: Pool,
-    events: broadcast::Sender<Event>,
-    published: Arc<AtomicI64>,
-) -> mpsc::Receiver<()> {
-    let (ready, rx) = mpsc::channel(1);
-    tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match listen_once(&cfg, &pool, &events, &published, &ready).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "store: lost the PostgreSQL event listener; connecting again");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
-                }
-            }
-        }
-    });
-    rx
-}
-
-/// One connection's worth of listening; returns when nobody can subscribe any more.
-async fn listen_once(
-    cfg: &tokio_postgres::Config,
-    pool: &Pool,
-    events: &broadcast::Sender<Event>,
-    published: &AtomicI64,
-    ready: &mpsc::Sender<()>,
-) -> Result<()> {
-    let (client, mut conn) = cfg.connect(NoTls).await?;
-    let (tx, mut notes) = mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut msgs = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(m) = msgs.next().await {
-            match m {
-                Ok(AsyncMessage::Notification(n)) => {
-                    if tx.send(n.payload().parse::<i64>().unwrap_or(i64::MAX)).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "PostgreSQL listener connection ended");
-                    return;
-                }
-            }
-        }
-    });
-    let _stop_driver = tokio_util::task::AbortOnDropHandle::new(driver);
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-    let _ = ready.try_send(());
-    // What was committed while nobody listened.
-    let c = pool.get().await?;
-    catch_up(&c, events, published).await?;
-    drop(c);
-    while let Some(seq) = notes.recv().await {
-        if seq <= published.load(Ordering::Relaxed) {
-            continue;
-        }
-        let c = pool.get().await?;
-        catch_up(&c, events, published).await?;
-    }
-    Err(Error::Postgres("the listener's connection closed".into()))
-}
-
-/// Publishes every event above `published`, in order.
-async fn catch_up(
-    c: &deadpool_postgres::Object,
-    events: &broadcast::Sender<Event>,
-    published: &AtomicI64,
-) -> Result<()> {
-    loop {
-        let after = published.load(Ordering::Relaxed);
-        let page = events_after(c, after, 1000).await?;
-        let Some(last) = page.last().map(|e| e.seq) else { return Ok(()) };
-        for e in page {
-            let _ = events.send(e);
-        }
-        published.store(last, Ordering::Relaxed);
     }
 }
