@@ -145,6 +145,9 @@ fn audit_to(store: Store) -> AuditHook {
     })
 }
 
+/// How long shutdown waits for the store to take the changes nobody waited for.
+const STOP_FLUSH: Duration = Duration::from_secs(5);
+
 /// The tokens and trackers shutdown goes through, in order (see [`Stopping::stop`]).
 #[derive(Default)]
 struct Stopping {
@@ -169,7 +172,15 @@ impl Stopping {
         self.units_root.cancel();
         self.unit_tasks.close();
         self.unit_tasks.wait().await;
-        store.flush().await?;
+        // What nobody waited for (pids, fire times, audit records) is lost to a store that
+        // cannot take it now, as it would be to a kill -9: shutdown does not wait for ever.
+        match tokio::time::timeout(STOP_FLUSH, store.flush()).await {
+            Ok(r) => r?,
+            Err(_) => tracing::warn!(
+                "the store did not take the last changes nobody waited for (pids, fire times, \
+                 audit records) within {STOP_FLUSH:?}; stopping without them"
+            ),
+        }
         // Every run has ended; followers only have their final message left to send.
         self.followers.close();
         let followed = tokio::time::timeout(Duration::from_secs(5), self.followers.wait()).await;

@@ -588,3 +588,36 @@ fn store_copy_moves_a_single_server_into_a_cluster_and_back() {
         .collect();
     assert_eq!(names, ["hello", "later", "next"]);
 }
+
+#[test]
+fn servers_stop_on_sigterm_when_the_database_is_gone() {
+    if std::env::var_os("TASKD_TEST_PG").is_none() {
+        assert!(std::env::var_os("CI").is_none(), "TASKD_TEST_PG is not set");
+        return;
+    }
+    let pg = OwnPostgres::start().unwrap();
+    let start =
+        |name: &str| TestDaemon::start_with(&["--store", &pg.url, "--name", name, "--lease", "2s"]);
+    let mut servers = [start("a"), start("b")];
+    wait_hosts(&servers[0], &["a", "b"]);
+    // Busy: runs starting and ending on both hosts, changes queued for the store.
+    for (i, host) in ["a", "b"].iter().enumerate() {
+        servers[0].call(
+            "TaskUnit.Add",
+            json!({"name": format!("tick{i}"), "every": "100ms", "hosts": [host],
+                   "command": ["sleep", "0.05"]}),
+        );
+    }
+    let url = pg.url.clone();
+    crate::common::wait_for("runs", || {
+        let n = query(&url, "SELECT count(*) FROM runs WHERE state = 'succeeded'")[0][0]
+            .clone()
+            .unwrap();
+        (n.parse::<i64>().unwrap() > 5).then_some(())
+    });
+    pg.run("stop");
+    // Whatever they could not record, each server stops within the deadline.
+    for s in &mut servers {
+        s.terminate();
+    }
+}
