@@ -411,7 +411,9 @@ struct OwnPostgres {
 impl OwnPostgres {
     fn start() -> Option<OwnPostgres> {
         std::env::var_os("TASKD_TEST_PG")?;
-        let dir = std::env::temp_dir().join(format!("taskd-own-pg-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("taskd-own-pg-{}-{n}", std::process::id()));
         let out = std::process::Command::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/scripts/test-postgres"

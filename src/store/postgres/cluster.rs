@@ -257,15 +257,21 @@ impl Cluster {
 pub(super) async fn check(t: &super::Tx<'_>, fence: &Fence) -> Result<()> {
     let Some((name, epoch)) = fence.armed() else { return Ok(()) };
     // First the lock (a takeover waits for it), then the lease, in a statement of its own: its
-    // snapshot is taken after any takeover that was waited for committed.
-    t.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&LEASE_LOCK]).await?;
-    let held = t
-        .query_opt(
+    // snapshot is taken after any takeover that was waited for committed. Both in one round
+    // trip: PostgreSQL runs the second once the first is done.
+    let lock = t.prepare("SELECT pg_advisory_xact_lock_shared($1)").await?;
+    let lease = t
+        .prepare(
             "SELECT 1 FROM lease WHERE id = 1 AND holder = $1 AND epoch = $2 \
              AND expires_at > clock_timestamp()",
-            &[&name, &epoch],
         )
         .await?;
+    let (lock_args, lease_args): (super::Args<'_, 1>, super::Args<'_, 2>) =
+        ([&LEASE_LOCK], [&name, &epoch]);
+    let (_, held) = tokio::try_join!(
+        t.t.execute(&lock, &lock_args),
+        t.t.query_opt(&lease, &lease_args)
+    )?;
     match held {
         Some(_) => Ok(()),
         None => Err(Error::Fenced),

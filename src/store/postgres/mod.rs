@@ -103,8 +103,16 @@ struct Tx<'a> {
 }
 
 type Params<'a> = [&'a (dyn ToSql + Sync)];
+/// `N` statement parameters, to send with others in one round trip.
+type Args<'a, const N: usize> = [&'a (dyn ToSql + Sync); N];
 
 impl Tx<'_> {
+    /// `sql` prepared (once per connection): to send several statements in one round trip
+    /// (PostgreSQL runs them in the order sent, each with a snapshot of its own).
+    async fn prepare(&self, sql: &str) -> Result<tokio_postgres::Statement> {
+        Ok(self.t.prepare_cached(sql).await?)
+    }
+
     async fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64> {
         let st = self.t.prepare_cached(sql).await?;
         Ok(self.t.execute(&st, params).await?)
@@ -138,7 +146,7 @@ impl Tx<'_> {
 
     /// Records a scheduled fire of `unit` at `at`; refused if it was made already (by this
     /// server or one that held the lease before).
-    async fn fire_once(&mut self, unit: &str, at: Timestamp) -> Result<()> {
+    async fn fire_once(&self, unit: &str, at: Timestamp) -> Result<()> {
         let epoch = self.shared.fence.armed().map_or(0, |(_, e)| e);
         let n = self
             .execute(
@@ -543,23 +551,26 @@ async fn write_end(t: &mut Tx<'_>, rec: &RunRecord) -> Result<()> {
 /// beyond the newest `keep`, whole.
 async fn prune(t: &Tx<'_>, unit: &str, keep: u32) -> Result<()> {
     let keep = i64::from(keep);
-    t.execute(
-        "DELETE FROM runs WHERE unit = $1 AND dispatch IS NULL \
-         AND state NOT IN ('queued', 'running') \
-         AND id < (SELECT COALESCE(MIN(id), 0) FROM \
-             (SELECT id FROM runs WHERE unit = $1 AND dispatch IS NULL \
-              ORDER BY id DESC LIMIT $2) k)",
-        &[&unit, &keep],
-    )
-    .await?;
-    t.execute(
-        "WITH old AS (DELETE FROM dispatches WHERE unit = $1 AND ended_at IS NOT NULL \
-         AND id < (SELECT COALESCE(MIN(id), 0) FROM \
-             (SELECT id FROM dispatches WHERE unit = $1 ORDER BY id DESC LIMIT $2) k) \
-         RETURNING id) DELETE FROM runs WHERE dispatch IN (SELECT id FROM old)",
-        &[&unit, &keep],
-    )
-    .await?;
+    let runs = t
+        .prepare(
+            "DELETE FROM runs WHERE unit = $1 AND dispatch IS NULL \
+             AND state NOT IN ('queued', 'running') \
+             AND id < (SELECT COALESCE(MIN(id), 0) FROM \
+                 (SELECT id FROM runs WHERE unit = $1 AND dispatch IS NULL \
+                  ORDER BY id DESC LIMIT $2) k)",
+        )
+        .await?;
+    let dispatches = t
+        .prepare(
+            "WITH old AS (DELETE FROM dispatches WHERE unit = $1 AND ended_at IS NOT NULL \
+             AND id < (SELECT COALESCE(MIN(id), 0) FROM \
+                 (SELECT id FROM dispatches WHERE unit = $1 ORDER BY id DESC LIMIT $2) k) \
+             RETURNING id) DELETE FROM runs WHERE dispatch IN (SELECT id FROM old)",
+        )
+        .await?;
+    // In one round trip.
+    let args: Args<'_, 2> = [&unit, &keep];
+    tokio::try_join!(t.t.execute(&runs, &args), t.t.execute(&dispatches, &args))?;
     Ok(())
 }
 
@@ -579,28 +590,23 @@ async fn insert_run(t: &mut Tx<'_>, unit: &str, run: NewRun<'_>) -> Result<RunRe
     t.fenced().await?;
     let now = Timestamp::now();
     let started = (state == RunState::Running).then_some(now);
-    let row = t
-        .query_opt(
+    let insert = t
+        .prepare(
             "INSERT INTO runs(unit, state, trigger, attempt, host, queued_at, scheduled_at, \
              started_at, dispatch) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
-            &[
-                &unit,
-                &state.as_str(),
-                &trigger.as_str(),
-                &(attempt as i32),
-                &host,
-                &now,
-                &scheduled_at,
-                &started,
-                &dispatch,
-            ],
         )
-        .await?
-        .ok_or_else(|| Error::Postgres("no id for the new run".into()))?;
+        .await?;
+    let count = t.prepare("UPDATE units SET runs_total = runs_total + 1 WHERE name = $1").await?;
+    let running = state == RunState::Running;
+    // In one round trip.
+    let (state_s, trigger_s, attempt_i) = (state.as_str(), trigger.as_str(), attempt as i32);
+    let args: Args<'_, 9> =
+        [&unit, &state_s, &trigger_s, &attempt_i, &host, &now, &scheduled_at, &started, &dispatch];
+    let unit_args: Args<'_, 1> = [&unit];
+    let (row, _) = tokio::try_join!(t.t.query_one(&insert, &args), async {
+        if running { t.t.execute(&count, &unit_args).await.map(Some) } else { Ok(None) }
+    })?;
     let id: i64 = row.get(0);
-    if state == RunState::Running {
-        t.execute("UPDATE units SET runs_total = runs_total + 1 WHERE name = $1", &[&unit]).await?;
-    }
     let kind =
         if state == RunState::Running { EventKind::RunStarted } else { EventKind::RunQueued };
     t.emit(kind, unit, Some(id), Some(state.as_str()));
@@ -1104,26 +1110,26 @@ impl Backend for Postgres {
         let mut c = self.client().await?;
         let mut t = begin(&mut c, &self.shared).await?;
         t.fenced().await?;
-        if let Some(at) = scheduled_at {
-            t.fire_once(unit, at).await?;
-        }
         let now = Timestamp::now();
-        let row = t
-            .query_opt(
+        let insert = t
+            .prepare(&format!(
                 "INSERT INTO dispatches(unit, trigger, state, created_at, total, batch, tolerance) \
-                 VALUES ($1, $2, 'running', $3, $4, $5, $6) RETURNING id",
-                &[
-                    &unit,
-                    &trigger.as_str(),
-                    &now,
-                    &(hosts.len() as i32),
-                    &(batch as i32),
-                    &tolerance.map(|t| t as i32),
-                ],
-            )
-            .await?
-            .ok_or_else(|| Error::Postgres("no id for the new dispatch".into()))?;
-        let id: i64 = row.get(0);
+                 VALUES ($1, $2, 'running', $3, $4, $5, $6) RETURNING {DISPATCH_COLUMNS}"
+            ))
+            .await?;
+        // The fire and the dispatch in one round trip: a fire made already rolls both back.
+        let fire = async {
+            match scheduled_at {
+                Some(at) => t.fire_once(unit, at).await,
+                None => Ok(()),
+            }
+        };
+        let (trigger_s, total, batch_i) = (trigger.as_str(), hosts.len() as i32, batch as i32);
+        let tolerance_i = tolerance.map(|t| t as i32);
+        let params: Args<'_, 6> = [&unit, &trigger_s, &now, &total, &batch_i, &tolerance_i];
+        let ((), row) = tokio::try_join!(fire, async { Ok(t.t.query_one(&insert, &params).await?) })?;
+        let d = dispatch_from_row(&row);
+        let id = d.id;
         t.emit(EventKind::DispatchStarted, unit, Some(id), Some("running"));
         let mut runs = Vec::with_capacity(hosts.len());
         for (i, host) in hosts.iter().enumerate() {
@@ -1132,7 +1138,6 @@ impl Backend for Postgres {
             let new = NewRun { state, trigger, attempt: 1, scheduled_at, host, dispatch: Some(id) };
             runs.push(insert_run(&mut t, unit, new).await?);
         }
-        let d = get_dispatch(&t, id).await?;
         t.commit().await?;
         Ok((d, runs))
     }
@@ -1164,12 +1169,16 @@ impl Backend for Postgres {
         let mut c = self.client().await?;
         let mut t = begin(&mut c, &self.shared).await?;
         let ended = state.is_final().then(Timestamp::now);
-        t.execute(
-            "UPDATE dispatches SET state = $2, ended_at = $3 WHERE id = $1",
-            &[&id, &state.as_str(), &ended],
-        )
-        .await?;
-        let d = get_dispatch(&t, id).await?;
+        let sql = format!(
+            "UPDATE dispatches SET state = $2, ended_at = $3 WHERE id = $1 \
+             RETURNING {DISPATCH_COLUMNS}"
+        );
+        let d = t
+            .query_opt(&sql, &[&id, &state.as_str(), &ended])
+            .await?
+            .as_ref()
+            .map(dispatch_from_row)
+            .ok_or(Error::DispatchNotFound(id))?;
         if state.is_final() {
             t.emit(EventKind::DispatchFinished, &d.unit, Some(id), Some(state.as_str()));
         }
