@@ -279,7 +279,7 @@ pub async fn run(
             crate::cluster::keep(c.clone(), taken, cfg.lease, cluster_stop.clone(), lost.clone());
         tokio::spawn(keep);
         epoch = Some(taken.epoch);
-        store.logs().engine_starts().await?;
+        store.engine_starts().await?;
         early_listener = Some(listener);
     }
     let tls = match &cfg.tls {

@@ -3,9 +3,10 @@
 //! never starts a run twice and never loses a result the server has not acknowledged.
 //!
 //! Syncs are shared ([`Durable`]): an entry is written at once, and whoever waits for it to be
-//! on disk syncs the file, off the async threads, for every entry written so far, unless a
-//! sync is under way, which it then waits for. So a busy agent pays one sync for many entries
-//! instead of one each, and a sync never blocks the agent's (or its daemon's) runtime.
+//! on disk syncs the file, off the async threads, for every entry written so far, one sync at
+//! a time: those waiting meanwhile find their entry synced by it, or sync next. So a busy
+//! agent pays one sync for many entries instead of one each, and a sync never blocks the
+//! agent's (or its daemon's) runtime.
 //!
 //! Entries (one JSON object per line): `accept` (run, attempt) before the run starts; `pid`
 //! (its process group, start ticks and boot id, to find what is left of it after a crash);
@@ -20,11 +21,10 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
 use crate::proto::Outcome;
 
@@ -172,9 +172,9 @@ impl Journal {
 pub struct Durable {
     journal: Mutex<Journal>,
     /// The number of the last entry known to be on disk.
-    synced: watch::Sender<u64>,
-    /// A sync is under way.
-    syncing: AtomicBool,
+    synced: AtomicU64,
+    /// Held by the one syncing (a queue for the others; dropped if its task is).
+    syncing: tokio::sync::Mutex<()>,
     /// Syncs made.
     syncs: AtomicU64,
 }
@@ -183,9 +183,9 @@ impl Durable {
     /// Shares `journal`: what it holds now is on disk (it was compacted at its opening).
     pub fn new(journal: Journal) -> Durable {
         Durable {
-            synced: watch::Sender::new(journal.written),
+            synced: AtomicU64::new(journal.written),
             journal: Mutex::new(journal),
-            syncing: AtomicBool::new(false),
+            syncing: tokio::sync::Mutex::new(()),
             syncs: AtomicU64::new(0),
         }
     }
@@ -207,26 +207,18 @@ impl Durable {
     }
 
     /// Waits until entry `n` is on disk: syncs the file for every entry written so far,
-    /// unless a sync is under way (then waits for it, and looks again).
+    /// after the sync under way, if any (which may have covered it).
     pub async fn synced(&self, n: u64) -> std::io::Result<()> {
-        let mut done = self.synced.subscribe();
-        loop {
-            if *done.borrow_and_update() >= n {
-                return Ok(());
-            }
-            if self.syncing.swap(true, Ordering::AcqRel) {
-                // Woken when that sync ends, whether it succeeded or not.
-                let _ = done.changed().await;
-                continue;
-            }
-            let r = self.sync().await;
-            match &r {
-                Ok(upto) => self.synced.send_modify(|s| *s = (*s).max(*upto)),
-                Err(_) => self.synced.send_modify(|_| {}),
-            }
-            self.syncing.store(false, Ordering::Release);
-            r?;
+        if self.synced.load(Ordering::Acquire) >= n {
+            return Ok(());
         }
+        let _turn = self.syncing.lock().await;
+        if self.synced.load(Ordering::Acquire) >= n {
+            return Ok(());
+        }
+        let upto = self.sync().await?;
+        self.synced.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Syncs the file as it is now, off the async threads; the last entry it then held.

@@ -321,7 +321,22 @@ async fn high_water(side: &Side) -> Result<Vec<(String, i64)>> {
                     .get(0);
                 let r =
                     c.query_one(&format!("SELECT last_value, is_called FROM {seq}"), &[]).await?;
-                if r.get::<_, bool>(1) { r.get(0) } else { 0 }
+                let n = if r.get::<_, bool>(1) { r.get(0) } else { 0 };
+                if table == "events" {
+                    // Numbered by the lease holder, not by the identity (store::postgres).
+                    let numbered: i64 = c
+                        .query_one(
+                            "SELECT GREATEST((SELECT COALESCE(MAX(seq), 0) FROM events), \
+                             (SELECT COALESCE(MAX(value::bigint), 0) FROM cluster_settings \
+                             WHERE key = $1))",
+                            &[&super::postgres::events::KEPT_AS],
+                        )
+                        .await?
+                        .get(0);
+                    n.max(numbered)
+                } else {
+                    n
+                }
             }
         };
         out.push((table.to_string(), n));

@@ -432,6 +432,16 @@ impl Store {
         self.postgres.as_ref().map(|pg| pg.cluster(name.to_string()))
     }
 
+    /// Notes that the engine starts on this store (in a cluster: this server took the lease):
+    /// run logs carry on where another server left them, and event numbers after its.
+    pub async fn engine_starts(&self) -> Result<()> {
+        self.logs.engine_starts().await?;
+        if let Some(pg) = &self.postgres {
+            pg.start_numbering().await?;
+        }
+        Ok(())
+    }
+
     /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir

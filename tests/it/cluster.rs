@@ -498,10 +498,10 @@ fn postgres_restarted_under_load_servers_reconnect_and_nothing_acknowledged_is_l
     std::thread::sleep(std::time::Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let acked: Vec<String> = adders.into_iter().flat_map(|t| t.join().unwrap()).collect();
-    assert!(acked.len() > 10, "adds went through: {}", acked.len());
+    assert!((10..10_000).contains(&acked.len()), "adds went through: {}", acked.len());
     // Every acknowledged add is there, on both servers.
     for s in &servers {
-        let units = s.call("TaskUnit.List", json!(null));
+        let units = s.call("TaskUnit.List", json!({"limit": 10000}));
         let names: std::collections::BTreeSet<&str> =
             units.as_array().unwrap().iter().filter_map(|u| u["name"].as_str()).collect();
         let missing: Vec<&String> = acked.iter().filter(|n| !names.contains(n.as_str())).collect();

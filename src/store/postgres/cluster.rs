@@ -268,10 +268,8 @@ pub(super) async fn check(t: &super::Tx<'_>, fence: &Fence) -> Result<()> {
         .await?;
     let (lock_args, lease_args): (super::Args<'_, 1>, super::Args<'_, 2>) =
         ([&LEASE_LOCK], [&name, &epoch]);
-    let (_, held) = tokio::try_join!(
-        t.t.execute(&lock, &lock_args),
-        t.t.query_opt(&lease, &lease_args)
-    )?;
+    let (_, held) =
+        tokio::try_join!(t.t.execute(&lock, &lock_args), t.t.query_opt(&lease, &lease_args))?;
     match held {
         Some(_) => Ok(()),
         None => Err(Error::Fenced),

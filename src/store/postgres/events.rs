@@ -15,13 +15,16 @@
 //! - **In order.** Ranges are published in number order: a range waits until every lower one
 //!   has ended (committed: its events are published; rolled back: skipped). The highest number
 //!   so passed is the *watermark*: at or below it the table changes no more, so readers read
-//!   only up to it ([`Sequencer::published`]). A transaction whose commit got no answer (its
-//!   connection was lost) is resolved from the table after a pause, before the watermark
-//!   passes it; one dropped half way (its caller went away) too.
-//! - **Start.** Numbering starts at the first transaction with events, after the highest
-//!   number in the table (or announced), read in that transaction. On a cluster server that transaction has
-//!   passed the fence, so every transaction of the previous holder has ended (a takeover
-//!   waits for them). The events up to that number are published from the table first.
+//!   only up to it ([`Sequencer::published`]). A transaction whose commit had no answer (its
+//!   connection was lost, or its caller went away meanwhile) is resolved by its transaction
+//!   id (`pg_xact_status`), waiting while PostgreSQL still has it in progress, before the
+//!   watermark passes it.
+//! - **Start.** Numbering starts when the engine starts ([`Sequencer::start`]), or at the
+//!   first transaction with events, after the highest number in the table, announced, or
+//!   handed out by the column's identity (`taskd store copy` sets it), read in a transaction
+//!   that passed the fence: so every transaction of the previous holder has ended (a
+//!   takeover waits for them). The events up to that number are published from the table
+//!   first.
 //! - **To the others.** One task ([`announcer`]) announces the watermark of this server's
 //!   own numbering with `NOTIFY`, and keeps it in `cluster_settings` (`events_published`):
 //!   one fenced transaction at a time, with the newest value. Every server's listener
@@ -29,10 +32,8 @@
 //!   the kept one. A number published already is skipped, so no event is published twice,
 //!   none is left out, and every server publishes them in one order.
 //!
-//! Limits: a transaction whose connection was lost in its commit, and whose commit PostgreSQL
-//! finishes after [`RESOLVE_AFTER`], would have its events in the table but not published
-//! live (a subscriber that replays from the table gets them). Numbers a holder rolled back
-//! after its last announcement may be handed out again by the next one.
+//! Limits: numbers a holder rolled back after its last announcement may be handed out again
+//! by the next one (no event was ever published under them).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -50,9 +51,9 @@ use crate::store::{Event, EventKind};
 /// The notification channel of events.
 const CHANNEL: &str = "taskd_events";
 /// Where the announced watermark is kept (`cluster_settings`).
-const KEPT_AS: &str = "events_published";
-/// How long after a commit with no answer its events are looked for in the table.
-pub const RESOLVE_AFTER: Duration = Duration::from_secs(1);
+pub(in crate::store) const KEPT_AS: &str = "events_published";
+/// How often the outcome of a commit with no answer is asked for.
+pub const RESOLVE_EVERY: Duration = Duration::from_millis(200);
 /// Events read from the table at a time.
 const PAGE: u32 = 1000;
 /// Longest pause between two attempts to connect again, or to announce again.
@@ -69,6 +70,7 @@ pub(super) struct Sequencer {
     own: watch::Sender<i64>,
     /// For resolving commits that got no answer.
     pool: Pool,
+    rt: tokio::runtime::Handle,
 }
 
 struct State {
@@ -95,6 +97,7 @@ impl Sequencer {
             started: OnceCell::new(),
             own: watch::Sender::new(0),
             pool,
+            rt: tokio::runtime::Handle::current(),
         })
     }
 
@@ -103,21 +106,19 @@ impl Sequencer {
         lock(&self.state).published
     }
 
-    /// Numbers for `len` events of transaction `t`, which has passed the fence.
-    pub(super) async fn number(
-        self: &Arc<Self>,
-        t: &deadpool_postgres::Transaction<'_>,
-        len: usize,
-    ) -> Result<Numbered> {
+    /// Starts numbering (once), in transaction `t`, which has passed the fence.
+    pub(super) async fn start(&self, t: &deadpool_postgres::Transaction<'_>) -> Result<()> {
         self.started
             .get_or_try_init(|| async {
-                // Above the announced watermark too: a number the previous holder passed
-                // (rolled back) is not handed out again.
+                // Above the announced watermark too (a number the previous holder passed,
+                // rolled back, is not handed out again), and the identity's (a store copied
+                // here keeps the numbers its source handed out).
                 let max: i64 = t
                     .query_one(
                         "SELECT GREATEST((SELECT COALESCE(MAX(seq), 0) FROM events), \
                          (SELECT COALESCE(MAX(value::bigint), 0) FROM cluster_settings \
-                         WHERE key = $1))",
+                         WHERE key = $1), COALESCE(pg_sequence_last_value(\
+                         pg_get_serial_sequence('events', 'seq')::regclass), 0))",
                         &[&KEPT_AS],
                     )
                     .await?
@@ -127,12 +128,22 @@ impl Sequencer {
                 Ok::<_, Error>(())
             })
             .await?;
+        Ok(())
+    }
+
+    /// Numbers for `len` events of transaction `t`, which has passed the fence.
+    pub(super) async fn number(
+        self: &Arc<Self>,
+        t: &deadpool_postgres::Transaction<'_>,
+        len: usize,
+    ) -> Result<Numbered> {
+        self.start(t).await?;
         let len = len as i64;
         let mut s = lock(&self.state);
         let first = s.next;
         s.next += len;
         s.pending.insert(first, Pending { len, ended: None });
-        Ok(Numbered { seq: self.clone(), first, len, ended: false })
+        Ok(Numbered { seq: self.clone(), first, len, xid: None, ended: false })
     }
 
     /// Range `first` ended with `events` committed: publishes what is now in order.
@@ -183,6 +194,8 @@ pub(super) struct Numbered {
     seq: Arc<Sequencer>,
     first: i64,
     len: i64,
+    /// The transaction's id, once its events are inserted.
+    xid: Option<String>,
     ended: bool,
 }
 
@@ -198,7 +211,12 @@ impl Numbered {
         self.seq.end(self.first, events);
     }
 
-    /// The transaction was rolled back before its commit was asked for.
+    /// The events are inserted by transaction `xid`.
+    pub(super) fn inserted_by(&mut self, xid: String) {
+        self.xid = Some(xid);
+    }
+
+    /// The transaction was rolled back (or its commit refused).
     pub(super) fn rolled_back(mut self) {
         self.ended = true;
         self.seq.end(self.first, Vec::new());
@@ -206,36 +224,64 @@ impl Numbered {
 }
 
 impl Drop for Numbered {
-    /// Not known to have committed or not: looked for in the table, after a pause for a commit
-    /// still under way. The watermark waits meanwhile.
+    /// Not known to have committed or not: its transaction's outcome is asked for until
+    /// PostgreSQL knows it. The watermark waits meanwhile. Without a transaction id, its
+    /// events were never inserted: the transaction is rolled back with its connection's
+    /// handle.
     fn drop(&mut self) {
         if self.ended {
             return;
         }
         let (seq, first, last) = (self.seq.clone(), self.first, self.first + self.len - 1);
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let Some(xid) = self.xid.take() else {
+            seq.end(first, Vec::new());
+            return;
+        };
+        let rt = seq.rt.clone();
         rt.spawn(async move {
-            tokio::time::sleep(RESOLVE_AFTER).await;
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = RESOLVE_EVERY;
             loop {
-                let read = async {
-                    let c = seq.pool.get().await?;
-                    events_between(&c, first - 1, last, PAGE).await
-                };
-                match read.await {
-                    Ok(events) => {
-                        tracing::warn!(first, last, committed = events.len(), "store: a commit with no answer resolved from the table");
+                match resolve(&seq.pool, &xid, first, last).await {
+                    Ok(Some(events)) => {
+                        tracing::warn!(first, last, committed = events.len(), "store: a commit with no answer resolved");
                         seq.end(first, events);
                         return;
                     }
+                    Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "store: cannot tell whether a commit was made; trying again");
-                        tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                 }
+                tokio::time::sleep(backoff).await;
             }
         });
+    }
+}
+
+/// The events committed by transaction `xid` in `first..=last`, or `None` while it is still
+/// in progress.
+async fn resolve(pool: &Pool, xid: &str, first: i64, last: i64) -> Result<Option<Vec<Event>>> {
+    let c = pool.get().await?;
+    let status: Option<String> =
+        c.query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid]).await?.get(0);
+    match status.as_deref() {
+        Some("in progress") => Ok(None),
+        Some("aborted") => Ok(Some(Vec::new())),
+        // Committed, or too old to be known: the table says.
+        _ => {
+            let mut events = Vec::new();
+            let mut after = first - 1;
+            loop {
+                let page = events_between(&c, after, last, PAGE).await?;
+                let whole = page.len() < PAGE as usize;
+                after = page.last().map_or(last, |e| e.seq);
+                events.extend(page);
+                if whole {
+                    return Ok(Some(events));
+                }
+            }
+        }
     }
 }
 
@@ -388,12 +434,15 @@ mod tests {
     use crate::store::Store;
     use crate::store::tests::TestDb;
 
-    /// Numbers `len` events in a transaction of its own, inserts them, and commits.
-    async fn numbered(store: &Store, len: usize, commit: bool) -> (Numbered, Vec<Event>) {
-        let pg = store.postgres.as_ref().unwrap();
-        let mut c = pg.pool.get().await.unwrap();
+    /// A transaction with `len` events numbered and inserted (not committed), its numbers and
+    /// the events.
+    async fn numbered<'c>(
+        c: &'c mut deadpool_postgres::Object,
+        seq: &Arc<Sequencer>,
+        len: usize,
+    ) -> (deadpool_postgres::Transaction<'c>, Numbered, Vec<Event>) {
         let t = c.transaction().await.unwrap();
-        let n = pg.shared.seq.number(&t, len).await.unwrap();
+        let mut n = seq.number(&t, len).await.unwrap();
         let mut events = Vec::new();
         for seq in n.seqs() {
             let e = Event {
@@ -412,36 +461,55 @@ mod tests {
             .unwrap();
             events.push(e);
         }
-        if commit {
-            t.commit().await.unwrap();
-        }
-        (n, events)
+        let xid = t.query_one("SELECT pg_current_xact_id()::text", &[]).await.unwrap().get(0);
+        n.inserted_by(xid);
+        (t, n, events)
     }
 
     #[tokio::test]
-    async fn ranges_ending_out_of_order_are_published_in_order_and_an_unanswered_one_from_the_table()
-     {
+    async fn ranges_ending_out_of_order_are_published_in_order_and_unanswered_ones_when_known() {
         let Some(db) = TestDb::create().await else { return };
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_postgres(&db.url, dir.path()).await.unwrap();
         let mut sub = store.subscribe_events();
-        let seq = store.postgres.as_ref().unwrap().shared.seq.clone();
-        let (first, _) = numbered(&store, 2, true).await;
-        let (second, _) = numbered(&store, 1, false).await;
-        let (third, third_events) = numbered(&store, 1, true).await;
-        // The third ends first, the second is rolled back: both wait for the first, whose
-        // commit got no answer (committed, in fact).
-        third.committed(third_events);
-        second.rolled_back();
-        assert_eq!(seq.published(), 0);
-        drop(first);
-        let mut got = Vec::new();
-        for _ in 0..3 {
-            let e = tokio::time::timeout(RESOLVE_AFTER * 5, sub.recv()).await.unwrap().unwrap();
-            got.push(e.seq);
+        let pg = store.postgres.as_ref().unwrap();
+        let seq = pg.shared.seq.clone();
+        let mut conns = Vec::new();
+        for _ in 0..4 {
+            conns.push(pg.pool.get().await.unwrap());
         }
-        assert_eq!(got, [1, 2, 4], "in order, the rolled back number skipped");
-        assert_eq!(seq.published(), 4);
-        assert_eq!(*seq.own.borrow(), 4, "announced to the other servers");
+        let [c1, c2, c3, c4] = &mut conns[..] else { unreachable!() };
+        // 1-2: committed, but its commit had no answer. 3: no answer, still in progress.
+        // 4: rolled back. 5: committed first.
+        let (t1, first, _) = numbered(c1, &seq, 2).await;
+        let (t2, second, _) = numbered(c2, &seq, 1).await;
+        let (t3, third, _) = numbered(c3, &seq, 1).await;
+        let (t4, fourth, fourth_events) = numbered(c4, &seq, 1).await;
+        t4.commit().await.unwrap();
+        fourth.committed(fourth_events);
+        drop(t3);
+        third.rolled_back();
+        t1.commit().await.unwrap();
+        drop(first);
+        drop(second);
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let e = tokio::time::timeout(Duration::from_secs(10), sub.recv()).await.unwrap();
+            got.push(e.unwrap().seq);
+        }
+        assert_eq!(got, [1, 2]);
+        // The watermark waits for the transaction still in progress…
+        tokio::time::sleep(RESOLVE_EVERY * 3).await;
+        assert_eq!(seq.published(), 2);
+        assert!(sub.try_recv().is_err());
+        // …which commits late: its event is published, then the rest, in order.
+        t2.commit().await.unwrap();
+        for _ in 0..2 {
+            let e = tokio::time::timeout(Duration::from_secs(10), sub.recv()).await.unwrap();
+            got.push(e.unwrap().seq);
+        }
+        assert_eq!(got, [1, 2, 3, 5], "in order, the rolled back number skipped");
+        assert_eq!(seq.published(), 5);
+        assert_eq!(*seq.own.borrow(), 5, "announced to the other servers");
     }
 }

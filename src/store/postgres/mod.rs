@@ -15,7 +15,7 @@
 //! Limits: connections are plain TCP or a Unix socket (no TLS to PostgreSQL yet).
 
 pub mod cluster;
-mod events;
+pub(super) mod events;
 pub mod logs;
 pub mod schema;
 
@@ -181,16 +181,28 @@ impl Tx<'_> {
                     state,
                 })
                 .collect();
+            let mut n = n;
             match self.insert_events(&events).await {
-                Ok(()) => numbered = Some((n, events)),
+                Ok(xid) => n.inserted_by(xid),
                 Err(e) => {
                     n.rolled_back();
                     return Err(e);
                 }
             }
+            numbered = Some((n, events));
         }
-        // A commit with no answer leaves its numbers to be resolved from the table.
-        self.t.commit().await?;
+        match self.t.commit().await {
+            Ok(()) => {}
+            // PostgreSQL answered: not committed.
+            Err(e) if e.as_db_error().is_some() => {
+                if let Some((n, _)) = numbered {
+                    n.rolled_back();
+                }
+                return Err(e.into());
+            }
+            // No answer: its numbers are resolved by its transaction id (`Numbered`'s drop).
+            Err(e) => return Err(e.into()),
+        }
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
         if let Some((n, events)) = numbered {
             n.committed(events);
@@ -198,7 +210,8 @@ impl Tx<'_> {
         Ok(())
     }
 
-    async fn insert_events(&self, events: &[Event]) -> Result<()> {
+    /// Inserts `events`; the transaction's id.
+    async fn insert_events(&self, events: &[Event]) -> Result<String> {
         let mut seqs = Vec::with_capacity(events.len());
         let mut times = Vec::with_capacity(events.len());
         let (mut kinds, mut units, mut runs, mut states) =
@@ -211,14 +224,16 @@ impl Tx<'_> {
             runs.push(e.run);
             states.push(e.state.as_deref());
         }
-        self.execute(
-            "INSERT INTO events(seq, time, kind, unit, run, state) \
-             SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[], \
-             $5::bigint[], $6::text[])",
-            &[&seqs, &times, &kinds, &units, &runs, &states],
-        )
-        .await?;
-        Ok(())
+        let row = self
+            .query_opt(
+                "WITH i AS (INSERT INTO events(seq, time, kind, unit, run, state) \
+                 SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[], \
+                 $5::bigint[], $6::text[])) SELECT pg_current_xact_id()::text",
+                &[&seqs, &times, &kinds, &units, &runs, &states],
+            )
+            .await?
+            .ok_or_else(|| Error::Postgres("no transaction id".into()))?;
+        Ok(row.get(0))
     }
 }
 
@@ -392,7 +407,16 @@ impl Postgres {
         let pool = pool_of(&cfg, POOL_SIZE)?;
         let mut c = pool.get().await?;
         schema::migrate(&mut c).await?;
-        let last: i64 = c.query_one("SELECT COALESCE(MAX(seq), 0) FROM events", &[]).await?.get(0);
+        // Published from here: the watermark announced last (nothing above it is final yet
+        // if a holder is at work), or, if none was, the newest event.
+        let last: i64 = c
+            .query_one(
+                "SELECT COALESCE((SELECT value::bigint FROM cluster_settings WHERE key = $1), \
+                 (SELECT MAX(seq) FROM events), 0)",
+                &[&events::KEPT_AS],
+            )
+            .await?
+            .get(0);
         let newest_run: i64 =
             c.query_one("SELECT COALESCE(MAX(id), 0) FROM runs", &[]).await?.get(0);
         drop(c);
@@ -423,6 +447,15 @@ impl Postgres {
         // Connections of its own: renewing the lease never waits behind a busy engine.
         let pool = pool_of(&self.config, 2)?;
         Ok(cluster::Cluster::new(pool, name, self.shared.fence.clone()))
+    }
+
+    /// Starts numbering events now: the engine starts on this server (see [`events`]).
+    pub(super) async fn start_numbering(&self) -> Result<()> {
+        let mut c = self.client().await?;
+        let mut t = begin(&mut c, &self.shared).await?;
+        t.fenced().await?;
+        self.shared.seq.start(&t.t).await?;
+        t.commit().await
     }
 
     /// The run logs' table, with its writer started.
@@ -1127,7 +1160,8 @@ impl Backend for Postgres {
         let (trigger_s, total, batch_i) = (trigger.as_str(), hosts.len() as i32, batch as i32);
         let tolerance_i = tolerance.map(|t| t as i32);
         let params: Args<'_, 6> = [&unit, &trigger_s, &now, &total, &batch_i, &tolerance_i];
-        let ((), row) = tokio::try_join!(fire, async { Ok(t.t.query_one(&insert, &params).await?) })?;
+        let ((), row) =
+            tokio::try_join!(fire, async { Ok(t.t.query_one(&insert, &params).await?) })?;
         let d = dispatch_from_row(&row);
         let id = d.id;
         t.emit(EventKind::DispatchStarted, unit, Some(id), Some("running"));

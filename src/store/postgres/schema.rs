@@ -180,6 +180,12 @@ BEGIN
     RETURN NULL;
 END $$;
 ",
+    // 5: event numbers handed out by the lease holder, no longer by the column's identity
+    // (which `taskd store copy` still sets, and numbering starts after): a taskd of version 4
+    // numbering by the identity next to it would collide, so it refuses this schema.
+    "
+COMMENT ON COLUMN events.seq IS 'numbered by the lease holder (store::postgres::events)';
+",
 ];
 
 /// The schema version this build writes.
