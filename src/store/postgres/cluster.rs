@@ -10,8 +10,10 @@
 //!
 //! **The fence.** Every change a cluster server's store makes is made in a transaction that
 //! takes an advisory lock ([`LEASE_LOCK`]) shared, then checks holder, epoch and expiry in the
-//! lease row. A server taking the lease over takes that lock exclusively first, so it waits
-//! for such transactions to end, and those that come after it see the new epoch: a change is
+//! lease row. A server taking the lease over (only once the row shows it expired: standbys
+//! poll, and the lock would hold the holder's changes back at each poll) takes that lock
+//! exclusively first, so it waits for such transactions to end, and those that come after
+//! it see the new epoch: a change is
 //! made only by the holder of an unexpired lease, even if that holder was paused (SIGSTOP, a
 //! long GC, a partition) and wakes up after its lease ran out. Sessions end a transaction left
 //! idle for [`IDLE_IN_TRANSACTION`], so a paused holder cannot hold the lock for long. (A row
