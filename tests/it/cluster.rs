@@ -409,8 +409,12 @@ struct OwnPostgres {
 }
 
 impl OwnPostgres {
+    /// A new server, or `None` (outside CI) when the PostgreSQL tests are not set up.
     fn start() -> Option<OwnPostgres> {
-        std::env::var_os("TASKD_TEST_PG")?;
+        if std::env::var_os("TASKD_TEST_PG").is_none() {
+            assert!(std::env::var_os("CI").is_none(), "TASKD_TEST_PG is not set");
+            return None;
+        }
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("taskd-own-pg-{}-{n}", std::process::id()));
@@ -448,11 +452,7 @@ impl Drop for OwnPostgres {
 
 #[test]
 fn postgres_restarted_under_load_servers_reconnect_and_nothing_acknowledged_is_lost() {
-    if std::env::var_os("TASKD_TEST_PG").is_none() {
-        assert!(std::env::var_os("CI").is_none(), "TASKD_TEST_PG is not set");
-        return;
-    }
-    let pg = OwnPostgres::start().unwrap();
+    let Some(pg) = OwnPostgres::start() else { return };
     let start =
         |name: &str| TestDaemon::start_with(&["--store", &pg.url, "--name", name, "--lease", "5s"]);
     let servers = [start("a"), start("b")];
@@ -593,11 +593,7 @@ fn store_copy_moves_a_single_server_into_a_cluster_and_back() {
 
 #[test]
 fn servers_stop_on_sigterm_when_the_database_is_gone() {
-    if std::env::var_os("TASKD_TEST_PG").is_none() {
-        assert!(std::env::var_os("CI").is_none(), "TASKD_TEST_PG is not set");
-        return;
-    }
-    let pg = OwnPostgres::start().unwrap();
+    let Some(pg) = OwnPostgres::start() else { return };
     let start =
         |name: &str| TestDaemon::start_with(&["--store", &pg.url, "--name", name, "--lease", "2s"]);
     let mut servers = [start("a"), start("b")];
