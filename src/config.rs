@@ -79,6 +79,9 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub allow_host: Vec<String>,
+    /// Serve `GET /metrics` without the token (Prometheus scrapers on a trusted network)
+    #[arg(long, env = "TASKD_METRICS_PUBLIC")]
+    pub metrics_public: bool,
     /// Format of the daemon's own log [default: text]
     #[arg(long, env = "TASKD_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -170,6 +173,8 @@ pub struct FileConfig {
     pub insecure: Option<bool>,
     /// `--allow-host`: host names browsers may reach the daemon by.
     pub allow_host: Option<Vec<String>>,
+    /// `--metrics-public`.
+    pub metrics_public: Option<bool>,
     /// `--log-format`.
     pub log_format: Option<LogFormat>,
     /// Runs kept per unit (default 100).
@@ -223,6 +228,8 @@ pub struct Config {
     pub insecure: bool,
     /// Host names accepted in `Host` and `Origin` besides the listener's own and localhost.
     pub allow_host: Vec<String>,
+    /// `/metrics` served without the token.
+    pub metrics_public: bool,
     /// Log format.
     pub log_format: LogFormat,
     /// Runs kept per unit.
@@ -388,6 +395,7 @@ impl Config {
             } else {
                 args.allow_host.clone()
             },
+            metrics_public: args.metrics_public || file.metrics_public.unwrap_or(false),
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             keep_runs: file.keep_runs.unwrap_or(100).max(1),
             allowed_dirs: file.allowed_dirs.unwrap_or_default(),

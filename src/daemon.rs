@@ -18,12 +18,14 @@ use crate::error::Error;
 use crate::exec;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::heap;
+use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig};
 use crate::rpc::api::{Api, ApiContext, methods};
 use crate::rpc::auth::Auth;
 use crate::rpc::conn::Gate;
 use crate::rpc::listener::{ServeConfig, listen, serve};
 use crate::rpc::middleware::{AUDITED_METHODS, AuditEntry, AuditHook};
+use crate::rpc::routes::DaemonRoutes;
 use crate::state_dir::{self, ADDRESS_FILE};
 use crate::store::{AuditRecord, Store};
 use crate::tls::ServerTls;
@@ -207,6 +209,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     heap::tune();
+    let watchdog = CancellationToken::new();
+    let _stop_watchdog = watchdog.clone().drop_guard();
+    crate::systemd::keep_watchdog(watchdog);
     let local = socket.local_addr()?;
     let Opened { _lock, store, mut token } = open_state(&cfg, &local).await?;
     let stopping = Stopping::default();
@@ -252,6 +257,10 @@ pub async fn run(
         );
         tokio::spawn(beat);
         tracing::info!(name = %cfg.name, %address, "taskd standing by: relaying to the cluster's lease holder until this server holds the lease");
+        crate::systemd::ready(&format!(
+            "standing by as {}: relaying to the cluster's lease holder",
+            cfg.name
+        ));
         let relays = TaskTracker::new();
         let lease = cfg.lease;
         let taken = crate::cluster::standby(
@@ -265,6 +274,7 @@ pub async fn run(
         )
         .await;
         let Some(taken) = taken else {
+            crate::systemd::stopping();
             let _ = std::fs::remove_file(&address_file);
             stop_host(&cluster_stop, host).await;
             tracing::info!("taskd stopped");
@@ -322,6 +332,7 @@ pub async fn run(
             work_dir: cfg.state_dir.join("work"),
             keep_runs: cfg.keep_runs,
             max_units: cfg.max_units,
+            metrics: Metrics::new(store.commit_latency()),
         },
         stopping.units_root.clone(),
         stopping.unit_tasks.clone(),
@@ -362,6 +373,8 @@ pub async fn run(
             let fleet = registry.fleet().clone();
             Arc::new(move |credential: &str| fleet.authenticate(credential))
         }),
+        routes: Some(Arc::new(DaemonRoutes::new(registry.clone(), cfg.metrics_public))),
+        metrics: Some(registry.metrics().clone()),
         ..ServeConfig::default()
     };
     let listener = match (early_listener, socket) {
@@ -381,6 +394,11 @@ pub async fn run(
         auth = if token.is_some() { "token" } else { "none" },
         "taskd ready"
     );
+    crate::systemd::ready(&format!(
+        "serving on {local}: {} units{}",
+        registry.len(),
+        if cluster.is_some() { ", holding the cluster's lease" } else { "" }
+    ));
     let server = tokio::spawn(serve(
         listener,
         methods(api),
@@ -392,6 +410,7 @@ pub async fn run(
         _ = shutdown.cancelled() => false,
         _ = lost.cancelled() => true,
     };
+    crate::systemd::stopping();
     stopping.stop(&store, server).await?;
     let _ = std::fs::remove_file(&address_file);
     stop_host(&cluster_stop, host).await;

@@ -37,6 +37,7 @@ pub mod exec;
 pub mod executor;
 pub mod fleet;
 pub mod heap;
+pub mod metrics;
 pub mod process;
 pub mod proto;
 pub mod registry;
@@ -44,6 +45,7 @@ pub mod rpc;
 pub mod run;
 pub mod state_dir;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 pub mod unit;
 

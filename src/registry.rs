@@ -19,6 +19,7 @@ use crate::exec;
 use crate::executor::LocalExecutor;
 use crate::fleet::Fleet;
 use crate::fleet::remote::RemoteExecutor;
+use crate::metrics::{Gauges, Metrics};
 use crate::run::{RunRecord, Trigger};
 use crate::store::{DispatchRecord, RunFilter, Store, StoredUnit};
 use crate::unit::definition::{FIELDS, merge_patch};
@@ -62,6 +63,8 @@ pub struct RegistryConfig {
     pub keep_runs: u32,
     /// At most this many units.
     pub max_units: usize,
+    /// Where runs started and ended are counted.
+    pub metrics: Metrics,
 }
 
 #[derive(Clone)]
@@ -224,6 +227,7 @@ impl Registry {
             keep_runs: cfg.keep_runs,
             executor,
             remote,
+            metrics: cfg.metrics.clone(),
         });
         let mut open: HashMap<String, Vec<(DispatchRecord, Vec<RunRecord>)>> = HashMap::new();
         for (d, runs) in store.open_dispatches().await? {
@@ -703,6 +707,22 @@ impl Registry {
             }
         }
         self.0.store.list_runs(f).await
+    }
+
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.env.metrics
+    }
+
+    /// The text of a `/metrics` scrape: the counters, with units and agents by state as of now.
+    pub fn scrape(&self) -> String {
+        let units = self.unit_counts().into_iter().map(|(s, n)| (s.as_str(), n)).collect();
+        let agents_now = self.fleet().list();
+        let agents = crate::fleet::AgentState::ALL
+            .into_iter()
+            .map(|s| (s.as_str(), agents_now.iter().filter(|a| a.state == s).count()))
+            .collect();
+        self.metrics().encode(&Gauges { units, agents })
     }
 
     /// Counts of units per state.

@@ -342,6 +342,7 @@ mod tests {
             work_dir: dir.path().join("work"),
             keep_runs: 10,
             max_units: 10,
+            metrics: crate::metrics::Metrics::new(store.commit_latency()),
         };
         let root = tokio_util::sync::CancellationToken::new();
         let tracker = tokio_util::task::TaskTracker::new();

@@ -15,7 +15,9 @@
 //! 3. **Size**: a declared body over the request limit is refused before it is read.
 //!
 //! Then the request goes to jsonrpsee with its connection ([`Conn`]), peer and transport in
-//! its extensions.
+//! its extensions, unless it is one of the daemon's own [`Routes`] (`/metrics`, the seed's
+//! REST API): those are answered here, after the same rules (a public route skips the token),
+//! their body read whole within the request limit.
 //!
 //! HTTP/2 is not offered: its concurrent streams would let one connection queue many unread
 //! replies. Keep-alive connections are closed after [`HTTP_KEEP_ALIVE`] without a request
@@ -221,6 +223,39 @@ fn refusal(status: StatusCode, code: i32, message: &str) -> HttpResponse {
     resp
 }
 
+/// Who may call one of the daemon's own HTTP routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// With the bearer token, as every JSON-RPC call.
+    Token,
+    /// Anyone who passes the browser rules (`/metrics` with `--metrics-public`).
+    Public,
+}
+
+/// Requests the daemon answers itself beside JSON-RPC (see [`super::routes`]).
+#[async_trait::async_trait]
+pub trait Routes: Send + Sync {
+    /// Whether `method path` is one of these routes, and who may call it; `None` sends the
+    /// request on to JSON-RPC.
+    fn access(&self, method: &http::Method, path: &str) -> Option<Access>;
+
+    /// Answers `req`, its body read whole; `peer` is the caller's address.
+    async fn call(
+        &self,
+        req: http::Request<bytes::Bytes>,
+        peer: Option<SocketAddr>,
+    ) -> HttpResponse;
+}
+
+/// An error of one of the routes, as the seed's REST API answers them: `{"error": "…"}`.
+pub fn route_error(status: StatusCode, message: &str) -> HttpResponse {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut resp = HttpResponse::new(HttpBody::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
 /// Checks an agent's credential: the agent's name and the credential's epoch, if it stands.
 pub type AgentCheck = Arc<dyn Fn(&str) -> Option<(String, u64)> + Send + Sync>;
 
@@ -235,6 +270,8 @@ pub struct HttpGuardLayer {
     max_request_size: u32,
     /// Agents' credentials, accepted as bearer tokens (the connection becomes the agent's).
     agents: Option<AgentCheck>,
+    /// The daemon's own routes.
+    routes: Option<Arc<dyn Routes>>,
 }
 
 impl std::fmt::Debug for HttpGuardLayer {
@@ -252,7 +289,13 @@ impl HttpGuardLayer {
         local: Option<SocketAddr>,
         max_request_size: u32,
     ) -> Self {
-        Self { auth, hosts, conn, local, max_request_size, agents: None }
+        Self { auth, hosts, conn, local, max_request_size, agents: None, routes: None }
+    }
+
+    /// Answers `routes` itself (see [`Routes`]).
+    pub fn with_routes(mut self, routes: Arc<dyn Routes>) -> Self {
+        self.routes = Some(routes);
+        self
     }
 
     /// Also accepts agents' credentials as bearer tokens, checked by `check`: such a request's
@@ -295,6 +338,8 @@ impl<S, B> tower::Service<HttpRequest<B>> for HttpGuard<S>
 where
     S: tower::Service<HttpRequest<B>, Response = HttpResponse, Error = BoxError>,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Response = HttpResponse;
     type Error = BoxError;
@@ -326,8 +371,22 @@ where
                 &format!("forbidden: {why}"),
             ));
         }
+        let route = match &layer.routes {
+            Some(r) if !is_ws_upgrade(headers) => r.access(req.method(), req.uri().path()),
+            _ => None,
+        };
         let credential = bearer(headers).filter(|b| crate::proto::parse_credential(b).is_some());
-        if let (Some(check), Some(presented)) = (&layer.agents, credential) {
+        if route == Some(Access::Public) {
+            // Judged by the browser rules alone.
+        } else if route.is_some() && credential.is_some() {
+            // An agent's credential serves only the agent protocol.
+            layer.conn.login_failed();
+            return refuse(refusal(
+                StatusCode::UNAUTHORIZED,
+                codes::UNAUTHORIZED,
+                "unauthorized: an agent's credential serves only the agent protocol",
+            ));
+        } else if let (Some(check), Some(presented)) = (&layer.agents, credential) {
             let Some((name, epoch)) = check(presented) else {
                 layer.conn.login_failed();
                 return refuse(refusal(
@@ -342,11 +401,20 @@ where
             let ok = bearer(headers).is_some_and(|presented| token_eq(token, presented));
             if !ok {
                 layer.conn.login_failed();
-                let mut resp = refusal(
-                    StatusCode::UNAUTHORIZED,
-                    codes::UNAUTHORIZED,
-                    HTTP_UNAUTHORIZED_MESSAGE,
-                );
+                let mut resp = match route {
+                    // The REST API's own error shape.
+                    Some(_) => {
+                        let mut r =
+                            route_error(StatusCode::UNAUTHORIZED, HTTP_UNAUTHORIZED_MESSAGE);
+                        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                        r
+                    }
+                    None => refusal(
+                        StatusCode::UNAUTHORIZED,
+                        codes::UNAUTHORIZED,
+                        HTTP_UNAUTHORIZED_MESSAGE,
+                    ),
+                };
                 resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 return refuse(resp);
             }
@@ -371,6 +439,27 @@ where
                 codes::LIMIT_EXCEEDED,
                 &message,
             ));
+        }
+
+        if let (Some(routes), Some(_)) = (&layer.routes, route) {
+            let routes = routes.clone();
+            let limit = layer.max_request_size as usize;
+            let peer = layer.conn.peer();
+            return Box::pin(async move {
+                let (parts, body) = req.into_parts();
+                let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                    body, limit,
+                ))
+                .await
+                {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => {
+                        let message = format!("cannot read the request body: {e}");
+                        return Ok(route_error(StatusCode::BAD_REQUEST, &message));
+                    }
+                };
+                Ok(routes.call(http::Request::from_parts(parts, body), peer).await)
+            });
         }
 
         let transport = if is_ws_upgrade(req.headers()) { "ws" } else { "http" };

@@ -99,6 +99,10 @@ pub struct ServeConfig {
     pub plain_remote: bool,
     /// Agents' credentials, accepted as bearer tokens on HTTP and WebSocket.
     pub agents: Option<super::http::AgentCheck>,
+    /// HTTP requests answered beside JSON-RPC (`/metrics`, the REST API).
+    pub routes: Option<Arc<dyn super::http::Routes>>,
+    /// Where calls are counted.
+    pub metrics: Option<crate::metrics::Metrics>,
 }
 
 impl Default for ServeConfig {
@@ -120,6 +124,8 @@ impl Default for ServeConfig {
             tls: None,
             plain_remote: true,
             agents: None,
+            routes: None,
+            metrics: None,
         }
     }
 }
@@ -169,6 +175,7 @@ pub async fn serve(
         cfg.audit.clone(),
         cfg.audited_methods.iter().copied(),
         cfg.max_response_size as usize,
+        cfg.metrics.clone(),
     );
     let server_cfg = ServerConfig::builder()
         .max_request_body_size(cfg.max_request_size)
@@ -428,6 +435,9 @@ async fn serve_http<I>(
     );
     if let Some(check) = &shared.cfg.agents {
         guard = guard.with_agents(check.clone());
+    }
+    if let Some(routes) = &shared.cfg.routes {
+        guard = guard.with_routes(routes.clone());
     }
     let mut svc = Server::builder()
         .set_config(shared.server_cfg.clone())

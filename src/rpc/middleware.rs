@@ -22,6 +22,7 @@ use tower::layer::util::{Identity, Stack};
 use super::auth::{Auth, Authenticated, ConnAuth, Peer, Transport};
 use super::conn::Conn;
 use crate::error::codes;
+use crate::metrics::{CallOutcome, Metrics};
 use crate::unit::definition::validate_name;
 
 /// The message of the error a call gets before the connection authenticated.
@@ -102,6 +103,9 @@ struct Shared {
     /// result (a subscription id) is the only handle to the stream and would be lost.
     streaming: HashSet<String>,
     max_response_size: usize,
+    /// Where calls are counted, and the method names they are counted under (any other
+    /// name counts as `other`, so that made-up names cannot grow the metrics).
+    metrics: Option<(Metrics, HashSet<&'static str>)>,
 }
 
 /// The middleware's layer; cheap to clone. Build it once per listener with [`RpcLayer::new`].
@@ -118,13 +122,14 @@ impl std::fmt::Debug for RpcLayer {
 
 impl RpcLayer {
     /// A layer for `methods`, checking `auth`, reporting calls of `audited` methods to `audit`,
-    /// and limiting batch responses to `max_response_size` bytes.
+    /// limiting batch responses to `max_response_size` bytes, and counting calls in `metrics`.
     pub fn new<'a>(
         methods: &Methods,
         auth: Auth,
         audit: AuditHook,
         audited: impl IntoIterator<Item = &'a str>,
         max_response_size: usize,
+        metrics: Option<Metrics>,
     ) -> Self {
         let streaming = methods
             .method_names()
@@ -142,6 +147,7 @@ impl RpcLayer {
             audited: audited.into_iter().map(str::to_owned).collect(),
             streaming,
             max_response_size,
+            metrics: metrics.map(|m| (m, methods.method_names().collect())),
         };
         Self { shared: Arc::new(shared) }
     }
@@ -294,6 +300,15 @@ where
             }
 
             let ok = rp.is_success();
+            if let Some((metrics, names)) = &this.shared.metrics {
+                let name = names.get(method.as_str()).copied().unwrap_or("other");
+                let outcome = match (authorized, ok) {
+                    (false, _) => CallOutcome::Unauthorized,
+                    (true, true) => CallOutcome::Ok,
+                    (true, false) => CallOutcome::Error,
+                };
+                metrics.rpc_call(name, outcome);
+            }
             tracing::debug!(
                 method = %method,
                 transport,

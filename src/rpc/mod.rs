@@ -16,6 +16,8 @@ pub mod http;
 pub mod link;
 pub mod listener;
 pub mod middleware;
+pub mod rest;
+pub mod routes;
 pub mod run;
 pub mod tcp;
 pub mod types;

@@ -146,6 +146,21 @@ const TABLES: &[TableSpec] = &[
             ("outcome", Text),
         ],
     },
+    TableSpec {
+        name: "api_tasks",
+        key: "id",
+        columns: &[
+            ("id", I64),
+            ("title", Text),
+            ("account", Text),
+            ("timeout", I64),
+            ("hosts", Json),
+            ("script", Text),
+            ("args", Text),
+            ("creator", Text),
+            ("created", Time),
+        ],
+    },
 ];
 
 /// Rows per page.
@@ -301,8 +316,8 @@ pub async fn copy(from: &Place, to: &Place) -> Result<Copied> {
 }
 
 /// The tables whose ids the store hands out, and their id column.
-const SEQUENCES: [(&str, &str); 4] =
-    [("runs", "id"), ("dispatches", "id"), ("events", "seq"), ("audit", "id")];
+const SEQUENCES: [(&str, &str); 5] =
+    [("runs", "id"), ("dispatches", "id"), ("events", "seq"), ("audit", "id"), ("api_tasks", "id")];
 
 /// The highest id the source ever handed out, per table of [`SEQUENCES`].
 async fn high_water(side: &Side) -> Result<Vec<(String, i64)>> {

@@ -143,6 +143,46 @@ pub struct AuditRecord {
     pub outcome: String,
 }
 
+/// A task of the seed's REST API (`POST /api/v1/task`): what was asked, kept as given. Its
+/// unit is `task-<id>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiTask {
+    /// Its number, increasing; given by the store (0 in a task to insert).
+    pub id: i64,
+    /// Free text.
+    pub title: String,
+    /// The account the script runs as (empty: the daemon's or agent's own).
+    pub account: String,
+    /// Seconds a host's run may take (0: no limit).
+    pub timeout: u32,
+    /// The hosts, as given.
+    pub hosts: Vec<String>,
+    /// The script's text.
+    pub script: String,
+    /// The script's arguments, as given.
+    pub args: String,
+    /// Who asked.
+    pub creator: String,
+    /// When it was asked.
+    pub created: Timestamp,
+    /// Every host's run has ended (filled in by [`Backend::list_api_tasks`]).
+    pub done: bool,
+}
+
+impl ApiTask {
+    /// The name of the unit that runs task `id`.
+    pub fn unit_name(id: i64) -> String {
+        format!("task-{id}")
+    }
+}
+
+/// SQL (the same for both stores) telling whether the task of the row `t` is done: its unit's
+/// dispatch, or its unit's run on the daemon itself, has ended, or its unit is gone.
+const API_TASK_DONE: &str = "(EXISTS (SELECT 1 FROM dispatches d WHERE d.unit = 'task-' || t.id      AND d.ended_at IS NOT NULL) OR EXISTS (SELECT 1 FROM runs r WHERE r.unit = 'task-' || t.id      AND r.dispatch IS NULL AND r.ended_at IS NOT NULL)      OR NOT EXISTS (SELECT 1 FROM units u WHERE u.name = 'task-' || t.id))";
+
+/// Tasks `GET /api/v1/task` answers at most (the newest).
+pub const API_TASKS_LISTED: u32 = 10_000;
+
 /// Filter for [`Store::list_runs`].
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
@@ -383,6 +423,39 @@ pub trait Backend: Send + Sync {
 
     /// Ids of the ignored runs of dispatch `id`.
     async fn ignored_runs(&self, id: i64) -> Result<Vec<i64>>;
+
+    /// Records a task of the REST API; its id.
+    async fn insert_api_task(&self, t: ApiTask) -> Result<i64>;
+
+    /// Forgets task `id` (its unit could not be added).
+    async fn delete_api_task(&self, id: i64) -> Result<()>;
+
+    /// The newest `limit` tasks of the REST API, oldest first, each with `done` as of now.
+    async fn list_api_tasks(&self, limit: u32) -> Result<Vec<ApiTask>>;
+}
+
+/// The commits a store made: how many, and how long each took (`/metrics`).
+#[derive(Clone)]
+pub(crate) struct Commits {
+    n: Arc<std::sync::atomic::AtomicU64>,
+    latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Commits {
+    fn new() -> Commits {
+        Commits { n: Arc::default(), latency: crate::metrics::Metrics::commit_histogram() }
+    }
+
+    /// A commit that took `took`.
+    pub(crate) fn record(&self, took: std::time::Duration) {
+        self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.latency.observe(took.as_secs_f64());
+    }
+
+    /// Commits so far.
+    pub(crate) fn count(&self) -> u64 {
+        self.n.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// A cheap-to-clone handle to the store: its backend (whose methods it derefs to), the run
@@ -395,6 +468,7 @@ pub struct Store {
     events: broadcast::Sender<Event>,
     logs: Logs,
     dir: PathBuf,
+    commits: Commits,
 }
 
 impl Deref for Store {
@@ -410,9 +484,11 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         let logs_dir = private_dir(dir)?;
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
-        let db = sqlite::Sqlite::open(dir, &logs_dir, events.clone())?;
+        let commits = Commits::new();
+        let db = sqlite::Sqlite::open(dir, &logs_dir, events.clone(), commits.clone())?;
         let logs = Logs::start(logs_dir)?;
-        Ok(Store { db: Arc::new(db), postgres: None, events, logs, dir: dir.to_path_buf() })
+        let dir = dir.to_path_buf();
+        Ok(Store { db: Arc::new(db), postgres: None, events, logs, dir, commits })
     }
 
     /// Connects to the PostgreSQL store at `url` (migrating its schema), which keeps the run
@@ -420,10 +496,12 @@ impl Store {
     pub async fn open_postgres(url: &str, dir: &Path) -> Result<Store> {
         private_dir(dir)?;
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
-        let db = postgres::Postgres::open(url, events.clone()).await?;
+        let commits = Commits::new();
+        let db = postgres::Postgres::open(url, events.clone(), commits.clone()).await?;
         let logs = Logs::start_table(db.log_table())?;
         let db = Arc::new(db);
-        Ok(Store { db: db.clone(), postgres: Some(db), events, logs, dir: dir.to_path_buf() })
+        let dir = dir.to_path_buf();
+        Ok(Store { db: db.clone(), postgres: Some(db), events, logs, dir, commits })
     }
 
     /// This store as server `name` of a cluster (PostgreSQL only): the lease, the servers,
@@ -450,6 +528,11 @@ impl Store {
     /// The run logs.
     pub fn logs(&self) -> &Logs {
         &self.logs
+    }
+
+    /// How long the store's commits take (a histogram in seconds, for `/metrics`).
+    pub fn commit_latency(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.commits.latency.clone()
     }
 
     /// Subscribes to events as they are committed.

@@ -98,6 +98,7 @@ on_both_stores!(
     dispatches_keep_their_runs_counts_and_states,
     run_logs_are_read_back_cut_to_their_limit,
     concurrent_starts_and_ends_of_many_units_all_succeed,
+    api_tasks_are_listed_newest_last_and_done_once_their_dispatch_ended,
 );
 
 /// A unit to store (its times in whole microseconds, as both stores keep them).
@@ -545,4 +546,45 @@ async fn concurrent_starts_and_ends_of_many_units_all_succeed(store: Store) {
     let mut counts = store.run_counts().await.unwrap();
     counts.sort();
     assert_eq!(counts, [("succeeded".to_string(), 16 * 30)]);
+}
+
+async fn api_tasks_are_listed_newest_last_and_done_once_their_dispatch_ended(store: Store) {
+    let created = Timestamp::from_second(1_700_000_000).unwrap();
+    let task = |title: &str| ApiTask {
+        id: 0,
+        title: title.into(),
+        account: "root".into(),
+        timeout: 5,
+        hosts: vec!["h1".into(), "h2".into()],
+        script: "#!/bin/bash\nss -ntlp".into(),
+        args: "-a b".into(),
+        creator: "xiaoyi".into(),
+        created,
+        done: false,
+    };
+    let a = store.insert_api_task(task("a")).await.unwrap();
+    let b = store.insert_api_task(task("b")).await.unwrap();
+    let c = store.insert_api_task(task("c")).await.unwrap();
+    assert!(a < b && b < c);
+    store.delete_api_task(c).await.unwrap();
+    // Task a's unit ran its dispatch to the end; b's unit has one still running.
+    for id in [a, b] {
+        store.insert_unit(unit(&ApiTask::unit_name(id))).await.unwrap();
+    }
+    let hosts = vec!["h1".to_string()];
+    let name = ApiTask::unit_name(a);
+    let (d, _) =
+        store.create_dispatch(&name, Trigger::Add, hosts.clone(), 0, None, None).await.unwrap();
+    store.set_dispatch_state(d.id, DispatchState::Succeeded).await.unwrap();
+    let name = ApiTask::unit_name(b);
+    store.create_dispatch(&name, Trigger::Add, hosts, 0, None, None).await.unwrap();
+    let listed = store.list_api_tasks(10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0], ApiTask { id: a, done: true, ..task("a") });
+    assert_eq!(listed[1], ApiTask { id: b, done: false, ..task("b") });
+    assert_eq!(store.list_api_tasks(1).await.unwrap()[0].id, b, "the newest");
+    // A task whose unit is gone is done; ids are never reused.
+    store.delete_unit(&ApiTask::unit_name(b), false).await.unwrap();
+    assert!(store.list_api_tasks(10).await.unwrap()[1].done);
+    assert!(store.insert_api_task(task("d")).await.unwrap() > c);
 }

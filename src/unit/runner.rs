@@ -24,6 +24,7 @@ use super::handle::{
 use crate::error::{Error, Result};
 use crate::executor::{LocalExecutor, OnStart, StopCause};
 use crate::fleet::remote::RemoteExecutor;
+use crate::metrics::Metrics;
 use crate::run::{RunRecord, RunState, StopReason, Trigger};
 use crate::store::{DispatchRecord, DispatchState, EventKind, Store};
 
@@ -38,6 +39,8 @@ pub struct RunnerEnv {
     pub executor: Arc<LocalExecutor>,
     /// Where runs on agents execute.
     pub remote: Arc<RemoteExecutor>,
+    /// Where runs started and ended are counted.
+    pub metrics: Metrics,
 }
 
 /// How a unit loop starts.
@@ -783,6 +786,7 @@ impl Loop {
 
     fn launch(&mut self, rec: RunRecord) {
         self.runs_total += 1;
+        self.env.metrics.run_started(&rec);
         if self.cfg.service || self.cfg.is_tick() {
             // Only restarts of continuous units count against the start limit.
             self.starts.push_back(Instant::now());
@@ -868,6 +872,7 @@ impl Loop {
 
     /// Forgets a run whose end is recorded: answers who waited for it, counts it.
     fn forget(&mut self, rec: RunRecord) {
+        self.env.metrics.run_finished(&rec);
         // Stopping a run on purpose is not a failure; losing it is.
         if matches!(rec.state, RunState::Failed | RunState::TimedOut | RunState::Lost) {
             self.failures_total += 1;

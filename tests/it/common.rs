@@ -430,9 +430,20 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
-/// A hand-written HTTP/1.1 POST with `Host: addr`; returns the status code and the body.
+/// A hand-written HTTP/1.1 POST to `/` with `Host: addr`; returns the status code and the body.
 pub fn http_post(addr: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
-    let mut req = format!("POST / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    http(addr, "POST", "/", headers, body)
+}
+
+/// A hand-written HTTP/1.1 request with `Host: addr`; returns the status code and the body.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }

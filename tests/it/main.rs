@@ -8,6 +8,7 @@ mod common;
 mod engine;
 mod faults;
 mod go;
+mod integrations;
 mod load;
 mod netns;
 mod rpc;

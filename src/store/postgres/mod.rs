@@ -20,7 +20,6 @@ pub mod logs;
 pub mod schema;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -32,8 +31,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    AUDIT_KEPT, AuditRecord, Backend, DispatchFilter, DispatchRecord, DispatchState, EVENTS_KEPT,
-    Event, EventKind, RunFilter, StaleRun, StoredAgent, StoredUnit,
+    API_TASK_DONE, AUDIT_KEPT, ApiTask, AuditRecord, Backend, Commits, DispatchFilter,
+    DispatchRecord, DispatchState, EVENTS_KEPT, Event, EventKind, RunFilter, StaleRun, StoredAgent,
+    StoredUnit,
 };
 use crate::error::{Error, Result};
 use crate::run::{RunRecord, RunState, Trigger};
@@ -82,7 +82,7 @@ pub(super) struct Postgres {
 /// What every transaction of the store needs.
 pub(super) struct Shared {
     /// Transactions committed.
-    commits: AtomicU64,
+    commits: Commits,
     /// Armed in a cluster: changes are made only under the lease.
     fence: Arc<cluster::Fence>,
     /// Numbers and publishes events.
@@ -191,6 +191,7 @@ impl Tx<'_> {
             }
             numbered = Some((n, events));
         }
+        let started = std::time::Instant::now();
         match self.t.commit().await {
             Ok(()) => {}
             // PostgreSQL answered: not committed.
@@ -203,7 +204,7 @@ impl Tx<'_> {
             // No answer: its numbers are resolved by its transaction id (`Numbered`'s drop).
             Err(e) => return Err(e.into()),
         }
-        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        self.shared.commits.record(started.elapsed());
         if let Some((n, events)) = numbered {
             n.committed(events);
         }
@@ -402,7 +403,11 @@ fn location_of(cfg: &tokio_postgres::Config) -> String {
 impl Postgres {
     /// Connects to the database at `url`, migrates its schema, and starts the listener that
     /// publishes committed events to `events` and the workers behind it.
-    pub(super) async fn open(url: &str, events: broadcast::Sender<Event>) -> Result<Postgres> {
+    pub(super) async fn open(
+        url: &str,
+        events: broadcast::Sender<Event>,
+        commits: Commits,
+    ) -> Result<Postgres> {
         let cfg = config_of(url)?;
         let pool = pool_of(&cfg, POOL_SIZE)?;
         let mut c = pool.get().await?;
@@ -426,7 +431,7 @@ impl Postgres {
         // the table: wait for it to listen once (it keeps trying in the background if it cannot).
         let _ = tokio::time::timeout(CONNECT_TIMEOUT, ready.recv()).await;
         let (detached, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared { commits: AtomicU64::new(0), fence: Arc::default(), seq });
+        let shared = Arc::new(Shared { commits, fence: Arc::default(), seq });
         tokio::spawn(detached_worker(pool.clone(), rx, shared.clone()));
         tokio::spawn(events::announcer(shared.clone(), pool.clone()));
         tokio::spawn(pruner(pool.clone()));
@@ -692,7 +697,7 @@ async fn counts_of(t: &Tx<'_>, dispatch: i64) -> Result<BTreeMap<String, u32>> {
 #[async_trait]
 impl Backend for Postgres {
     fn commits(&self) -> u64 {
-        self.shared.commits.load(Ordering::Relaxed)
+        self.shared.commits.count()
     }
 
     fn location(&self) -> String {
@@ -1308,6 +1313,62 @@ impl Backend for Postgres {
         let c = self.client().await?;
         let rows = c.query("SELECT id FROM runs WHERE dispatch = $1 AND ignored", &[&id]).await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn insert_api_task(&self, a: ApiTask) -> Result<i64> {
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.shared).await?;
+        let hosts = serde_json::json!(a.hosts);
+        let row = t
+            .query_opt(
+                "INSERT INTO api_tasks(title, account, timeout, hosts, script, args, creator, \
+                 created) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                &[
+                    &a.title,
+                    &a.account,
+                    &i64::from(a.timeout),
+                    &hosts,
+                    &a.script,
+                    &a.args,
+                    &a.creator,
+                    &a.created,
+                ],
+            )
+            .await?
+            .ok_or_else(|| Error::Postgres("no task id".into()))?;
+        t.commit().await?;
+        Ok(row.get(0))
+    }
+
+    async fn delete_api_task(&self, id: i64) -> Result<()> {
+        let mut c = self.client().await?;
+        let t = begin(&mut c, &self.shared).await?;
+        t.execute("DELETE FROM api_tasks WHERE id = $1", &[&id]).await?;
+        t.commit().await
+    }
+
+    async fn list_api_tasks(&self, limit: u32) -> Result<Vec<ApiTask>> {
+        let c = self.client().await?;
+        let sql = format!(
+            "SELECT * FROM (SELECT id, title, account, timeout, hosts, script, args, creator, \
+             created, {API_TASK_DONE} FROM api_tasks t ORDER BY id DESC LIMIT $1) k ORDER BY id"
+        );
+        let rows = c.query(&sql, &[&i64::from(limit)]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| ApiTask {
+                id: r.get(0),
+                title: r.get(1),
+                account: r.get(2),
+                timeout: r.get::<_, i64>(3).clamp(0, i64::from(u32::MAX)) as u32,
+                hosts: serde_json::from_value(r.get(4)).unwrap_or_default(),
+                script: r.get(5),
+                args: r.get(6),
+                creator: r.get(7),
+                created: r.get(8),
+                done: r.get(9),
+            })
+            .collect())
     }
 }
 

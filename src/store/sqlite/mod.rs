@@ -16,7 +16,6 @@ mod fleet;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -27,8 +26,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    AUDIT_KEPT, AuditRecord, Backend, DispatchFilter, DispatchRecord, DispatchState, EVENTS_KEPT,
-    Event, EventKind, RunFilter, StaleRun, StoredAgent, StoredUnit, logs,
+    API_TASK_DONE, AUDIT_KEPT, ApiTask, AuditRecord, Backend, Commits, DispatchFilter,
+    DispatchRecord, DispatchState, EVENTS_KEPT, Event, EventKind, RunFilter, StaleRun, StoredAgent,
+    StoredUnit, logs,
 };
 use crate::error::{Error, Result};
 use crate::run::{RunRecord, RunState, Trigger};
@@ -120,7 +120,7 @@ pub(super) struct Sqlite {
     path: PathBuf,
     jobs: std_mpsc::Sender<Job>,
     unrecorded: Unrecorded,
-    commits: Arc<AtomicU64>,
+    commits: Commits,
 }
 
 /// The schema. `runs.id` is AUTOINCREMENT so that ids are never reused, even after deletes.
@@ -227,6 +227,17 @@ CREATE TABLE IF NOT EXISTS audit (
     unit TEXT,
     outcome TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS api_tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    title TEXT NOT NULL,
+    account TEXT NOT NULL,
+    timeout INTEGER NOT NULL,
+    hosts TEXT NOT NULL,
+    script TEXT NOT NULL,
+    args TEXT NOT NULL,
+    creator TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
 ";
 
 /// Columns added to a table after its first release: `(table, column, type)`. A store written
@@ -331,6 +342,7 @@ impl Sqlite {
         dir: &Path,
         logs_dir: &Path,
         events: broadcast::Sender<Event>,
+        commits: Commits,
     ) -> Result<Sqlite> {
         use std::os::unix::fs::OpenOptionsExt;
         let db_path = dir.join("taskd.db");
@@ -369,7 +381,6 @@ impl Sqlite {
 
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let unrecorded = Unrecorded::default();
-        let commits = Arc::new(AtomicU64::new(0));
         let thread = StoreThread {
             conn,
             events,
@@ -426,7 +437,7 @@ impl Sqlite {
 #[async_trait]
 impl Backend for Sqlite {
     fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
+        self.commits.count()
     }
 
     fn location(&self) -> String {
@@ -1128,6 +1139,66 @@ impl Backend for Sqlite {
         })
         .await
     }
+
+    async fn insert_api_task(&self, a: ApiTask) -> Result<i64> {
+        self.call(move |t| {
+            let hosts = serde_json::to_string(&a.hosts).unwrap_or_else(|_| "[]".into());
+            t.conn.execute(
+                "INSERT INTO api_tasks(title, account, timeout, hosts, script, args, creator, \
+                 created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    a.title,
+                    a.account,
+                    a.timeout,
+                    hosts,
+                    a.script,
+                    a.args,
+                    a.creator,
+                    a.created.as_microsecond()
+                ],
+            )?;
+            Ok(t.conn.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn delete_api_task(&self, id: i64) -> Result<()> {
+        self.call(move |t| {
+            t.conn.execute("DELETE FROM api_tasks WHERE id = ?1", params![id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_api_tasks(&self, limit: u32) -> Result<Vec<ApiTask>> {
+        self.call(move |t| {
+            let sql = format!(
+                "SELECT * FROM (SELECT id, title, account, timeout, hosts, script, args, creator, \
+                 created, {API_TASK_DONE} FROM api_tasks t ORDER BY id DESC LIMIT ?1) \
+                 ORDER BY id"
+            );
+            let mut st = t.conn.prepare_cached(&sql)?;
+            let rows = st
+                .query_map(params![limit], |r| {
+                    let hosts: String = r.get(4)?;
+                    Ok(ApiTask {
+                        id: r.get(0)?,
+                        title: r.get(1)?,
+                        account: r.get(2)?,
+                        timeout: r.get(3)?,
+                        hosts: serde_json::from_str(&hosts).unwrap_or_default(),
+                        script: r.get(5)?,
+                        args: r.get(6)?,
+                        creator: r.get(7)?,
+                        created: ts(r.get(8)?),
+                        done: r.get(9)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await
+    }
 }
 
 fn get_run(conn: &Connection, id: i64) -> Result<Option<RunRecord>> {
@@ -1296,7 +1367,7 @@ struct StoreThread {
     logs_dir: PathBuf,
     unrecorded: Unrecorded,
     /// See [`Store::commits`].
-    commits: Arc<AtomicU64>,
+    commits: Commits,
 }
 
 /// Whether commits fail (disk full…): then each job gets a transaction of its own.
@@ -1431,6 +1502,7 @@ impl StoreThread {
             let _ = conn.execute_batch("RELEASE job");
             done.push((job.done, clean && !wrote));
         }
+        let t = Instant::now();
         let commit = conn.execute_batch("COMMIT");
         // One line per commit (one fsync) at debug level: `RUST_LOG=taskd::store=debug`
         // shows how many changes each shared.
@@ -1439,7 +1511,7 @@ impl StoreThread {
         if err.is_some() {
             let _ = conn.execute_batch("ROLLBACK");
         } else {
-            self.commits.fetch_add(1, Ordering::Relaxed);
+            self.commits.record(t.elapsed());
         }
         let Tx { events: evs, delete_after_commit, .. } = tx;
         for (d, read_only) in done {
@@ -1514,7 +1586,7 @@ mod tests {
         let (events, _) = broadcast::channel(64);
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).unwrap();
-        (Sqlite::open(dir, &logs, events.clone()).unwrap(), events)
+        (Sqlite::open(dir, &logs, events.clone(), Commits::new()).unwrap(), events)
     }
 
     #[tokio::test]
