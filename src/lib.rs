@@ -38,6 +38,7 @@ pub mod executor;
 pub mod fleet;
 pub mod heap;
 pub mod metrics;
+pub mod notify;
 pub mod process;
 pub mod proto;
 pub mod registry;

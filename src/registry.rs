@@ -228,6 +228,7 @@ impl Registry {
             executor,
             remote,
             metrics: cfg.metrics.clone(),
+            notifier: crate::notify::Notifier::start(store.clone()),
         });
         let mut open: HashMap<String, Vec<(DispatchRecord, Vec<RunRecord>)>> = HashMap::new();
         for (d, runs) in store.open_dispatches().await? {

@@ -105,6 +105,8 @@ pub struct RunRecord {
     pub dispatch: Option<i64>,
     /// What its agent reported after the server had ended it (lost), as JSON.
     pub late_result: Option<String>,
+    /// How its webhooks went (`notify`), as JSON: one `{url, attempts, status, error}` each.
+    pub notified: Option<String>,
     /// Process id (and process group id) while and after running.
     pub pid: Option<u32>,
     /// When the run was created (queued or started).
@@ -149,6 +151,7 @@ impl RunRecord {
             host: "local".into(),
             dispatch: None,
             late_result: None,
+            notified: None,
             pid: None,
             queued_at,
             scheduled_at: None,

@@ -126,6 +126,8 @@ pub enum Trust {
     Fingerprint(String),
     /// The server's certificate is signed by the CA in this PEM file (and names the address).
     Ca(PathBuf),
+    /// The server's certificate is signed by one of this machine's CAs (`/etc/ssl/certs`).
+    System,
 }
 
 /// A client configuration that trusts as `trust` says.
@@ -146,6 +148,15 @@ pub fn client_config(trust: &Trust) -> anyhow::Result<Arc<rustls::ClientConfig>>
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             {
                 roots.add(c.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::System => {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                tracing::warn!(errors = ?found.errors, "no CA certificates found on this machine");
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }

@@ -174,6 +174,11 @@ pub struct DefArgs {
     /// How long a run waits for its agent to connect [default: 5m]
     #[arg(long, value_name = "DURATION")]
     pub host_wait: Option<String>,
+    /// A webhook POSTed when a run ends: `URL`, or `URL@on,on` with the outcomes that notify
+    /// (succeeded, failed, timed_out, cancelled, lost) [default outcomes: failed, timed_out,
+    /// lost]; repeatable
+    #[arg(long, value_name = "URL[@ON,…]")]
+    pub notify: Vec<String>,
     /// The command and its arguments, after `--` (with --script: the script's arguments)
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -307,6 +312,21 @@ impl DefArgs {
         }
         if let Some(v) = &self.host_wait {
             put("host_wait", json!(v));
+        }
+        if !self.notify.is_empty() {
+            let hooks: Vec<Value> = self
+                .notify
+                .iter()
+                .map(|n| match n.rsplit_once('@') {
+                    // An `@` in the URL's user part comes before its host: only a list of
+                    // outcomes after the last `@` is one.
+                    Some((url, on)) if !on.contains('/') && !on.contains(':') => {
+                        json!({"url": url, "on": on.split(',').collect::<Vec<_>>()})
+                    }
+                    _ => json!({"url": n}),
+                })
+                .collect();
+            put("notify", json!(hooks));
         }
         if editing {
             for (set, other) in

@@ -93,6 +93,8 @@ pub struct RunInfoOf<S, T> {
     pub host_state: Option<S>,
     /// What its agent reported after the run was ended here (`lost`): state, exit code…
     pub late_result: Option<Value>,
+    /// How its webhooks went (`notify`): `[{url, attempts, status, error}]`, once tried.
+    pub notified: Option<Value>,
     /// Process id (= process group id).
     pub pid: Option<u32>,
     /// When it was created.
@@ -139,6 +141,7 @@ impl<'a> RunView<'a> {
             dispatch: r.dispatch,
             host_state: None,
             late_result: r.late_result.as_deref().and_then(|j| serde_json::from_str(j).ok()),
+            notified: r.notified.as_deref().and_then(|j| serde_json::from_str(j).ok()),
             pid: r.pid,
             queued_at: clock.time(r.queued_at),
             scheduled_at: r.scheduled_at.map(|t| clock.time(t)),
@@ -170,6 +173,7 @@ impl From<&RunRecord> for RunInfo {
             dispatch: v.dispatch,
             host_state: None,
             late_result: v.late_result,
+            notified: v.notified,
             pid: v.pid,
             queued_at: time(v.queued_at),
             scheduled_at: v.scheduled_at.map(time),

@@ -99,6 +99,7 @@ const TABLES: &[TableSpec] = &[
             ("dispatch", I64),
             ("ignored", Bool),
             ("late_result", Text),
+            ("notified", Text),
         ],
     },
     TableSpec {

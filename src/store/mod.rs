@@ -394,6 +394,9 @@ pub trait Backend: Send + Sync {
     /// awaited; its state does not change.
     fn set_late_result(&self, id: i64, outcome: String);
 
+    /// Keeps how run `id`'s webhooks went (`notified`, JSON). Not awaited.
+    fn set_notified(&self, id: i64, notified: String);
+
     /// Records that dispatch `id` is being cancelled: state `cancelled`, not ended yet (its
     /// active runs are stopping), so that a daemon taking it over stops them too.
     async fn cancelling_dispatch(&self, id: i64) -> Result<()>;

@@ -48,6 +48,35 @@ pub enum ByteSize {
     Text(String),
 }
 
+/// A webhook as the user gives it (`notify` entries): where, and on which run outcomes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyDef {
+    /// `http://` or `https://` URL the notification is POSTed to.
+    pub url: String,
+    /// Final run states that notify: `succeeded`, `failed`, `timed_out`, `cancelled`, `lost`
+    /// [default: failed, timed_out, lost].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Vec<String>>,
+}
+
+/// A validated webhook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Webhook {
+    /// Where to POST.
+    pub url: http::Uri,
+    /// The run outcomes that notify.
+    pub on: Vec<crate::run::RunState>,
+}
+
+/// Webhooks one unit may have at most.
+const MAX_WEBHOOKS: usize = 16;
+/// The longest webhook URL.
+const MAX_URL: usize = 2048;
+/// The outcomes that notify when `on` is not given.
+const DEFAULT_ON: [crate::run::RunState; 3] =
+    [crate::run::RunState::Failed, crate::run::RunState::TimedOut, crate::run::RunState::Lost];
+
 macro_rules! unit_def {
     ($( $(#[$doc:meta])* $field:ident : $ty:ty ),* $(,)?) => {
         /// A unit definition as the user gave it: every field optional except `name`.
@@ -158,6 +187,8 @@ unit_def! {
     host_wait: String,
     /// Runs kept for this unit (overrides the daemon's `keep_runs`).
     keep_runs: u32,
+    /// Webhooks POSTed when a run ends: `[{url, on}]`.
+    notify: Vec<NotifyDef>,
 }
 
 /// The JSON type of `v`, as error messages name it (`a number`, `an object`).
@@ -181,6 +212,7 @@ fn type_error(field: &str, e: &serde_json::Error, v: &Value) -> String {
             "success_codes" => "an array of exit codes, e.g. [0, 3]",
             "service" | "paused" => "true or false",
             "retries" | "keep_runs" => "a whole number (0 or more)",
+            "notify" => "an array of {\"url\": \"http://…\", \"on\": [\"failed\"]} objects",
             "log_limit" => "a size such as \"1MiB\" or a number of bytes",
             _ => "a string",
         };
@@ -386,6 +418,8 @@ pub struct UnitConfig {
     pub host_wait: Duration,
     /// Runs to keep; `None` means the daemon's default.
     pub keep_runs: Option<u32>,
+    /// Webhooks to notify of run outcomes.
+    pub notify: Vec<Webhook>,
     /// The definition exactly as given.
     pub def: UnitDef,
 }
@@ -804,6 +838,49 @@ fn log_limit_of(def: &UnitDef) -> Result<u64> {
     })
 }
 
+/// `notify`: each URL `http://` or `https://` with a host, each `on` a final run state.
+fn notify_of(def: &UnitDef) -> Result<Vec<Webhook>> {
+    use crate::run::RunState;
+    let hooks = def.notify.as_deref().unwrap_or_default();
+    if hooks.len() > MAX_WEBHOOKS {
+        return Err(Error::invalid("notify", format!("at most {MAX_WEBHOOKS} webhooks")));
+    }
+    let mut out = Vec::with_capacity(hooks.len());
+    for (i, h) in hooks.iter().enumerate() {
+        let field = format!("notify[{i}].url");
+        if h.url.len() > MAX_URL {
+            return Err(Error::invalid(field, format!("at most {MAX_URL} characters")));
+        }
+        let url: http::Uri =
+            h.url.parse().map_err(|e| Error::invalid(&field, format!("not a URL: {e}")))?;
+        if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+            return Err(Error::invalid(field, "expected http://HOST/… or https://HOST/…"));
+        }
+        let on = match &h.on {
+            None => DEFAULT_ON.to_vec(),
+            Some(on) if on.is_empty() => {
+                return Err(Error::invalid(format!("notify[{i}].on"), "name at least one outcome"));
+            }
+            Some(on) => on
+                .iter()
+                .map(|s| match s.parse::<RunState>() {
+                    Ok(st) if st.is_final() => Ok(st),
+                    _ => Err(Error::invalid(
+                        format!("notify[{i}].on"),
+                        format!(
+                            "{} is not a run outcome: use succeeded, failed, timed_out, \
+                             cancelled or lost",
+                            crate::error::shown_name(s)
+                        ),
+                    )),
+                })
+                .collect::<Result<_>>()?,
+        };
+        out.push(Webhook { url, on });
+    }
+    Ok(out)
+}
+
 /// `hosts`: where runs execute, `["local"]` by default. Whether each name is an enrolled
 /// agent is the registry's question (`Fleet::check_hosts`), asked at `Add` and `Edit`.
 fn hosts_of(def: &UnitDef) -> Result<Vec<String>> {
@@ -906,6 +983,7 @@ impl UnitConfig {
             return Err(Error::invalid("keep_runs", "must be at least 1"));
         }
         let description = def.description.clone().unwrap_or_default();
+        let notify = notify_of(&def)?;
         Ok(UnitConfig {
             name: def.name.clone(),
             action,
@@ -932,6 +1010,7 @@ impl UnitConfig {
             tolerance,
             host_wait,
             keep_runs: def.keep_runs,
+            notify,
             def,
         })
     }
@@ -1042,6 +1121,19 @@ impl UnitConfig {
         if let Some(Schedule::Cron { tz, .. }) = &self.schedule {
             put("tz", Value::from(tz.iana_name().unwrap_or("local").to_string()));
         }
+        // Each webhook with its outcomes filled in.
+        o.insert(
+            "notify".into(),
+            Value::from(
+                self.notify
+                    .iter()
+                    .map(|w| {
+                        let on: Vec<&str> = w.on.iter().map(|s| s.as_str()).collect();
+                        serde_json::json!({"url": w.url.to_string(), "on": on})
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        );
         v
     }
 }

@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::executor::{LocalExecutor, OnStart, StopCause};
 use crate::fleet::remote::RemoteExecutor;
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::run::{RunRecord, RunState, StopReason, Trigger};
 use crate::store::{DispatchRecord, DispatchState, EventKind, Store};
 
@@ -41,6 +42,8 @@ pub struct RunnerEnv {
     pub remote: Arc<RemoteExecutor>,
     /// Where runs started and ended are counted.
     pub metrics: Metrics,
+    /// Sends the units' webhooks.
+    pub notifier: Notifier,
 }
 
 /// How a unit loop starts.
@@ -873,6 +876,9 @@ impl Loop {
     /// Forgets a run whose end is recorded: answers who waited for it, counts it.
     fn forget(&mut self, rec: RunRecord) {
         self.env.metrics.run_finished(&rec);
+        if !self.cfg.notify.is_empty() {
+            self.env.notifier.run_ended(&self.cfg.name, &self.cfg.notify, &rec);
+        }
         // Stopping a run on purpose is not a failure; losing it is.
         if matches!(rec.state, RunState::Failed | RunState::TimedOut | RunState::Lost) {
             self.failures_total += 1;

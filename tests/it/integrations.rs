@@ -2,9 +2,12 @@
 //! client, `/metrics` read by a Prometheus text parser, and systemd's notify protocol received
 //! on a socket of the test's own.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -294,5 +297,161 @@ fn the_systemd_unit_files_are_valid_and_let_taskd_stop_its_own_runs() {
             + &String::from_utf8_lossy(&out.stdout);
         let ours: Vec<&str> = said.lines().filter(|l| l.contains(file)).collect();
         assert!(out.status.success() && ours.is_empty(), "{file}: {said}");
+    }
+}
+
+/// How a webhook receiver answers one request.
+#[derive(Clone, Copy)]
+enum Answer {
+    Status(u16),
+    /// Reads the request and never answers (until the test ends).
+    Hang,
+}
+
+/// A webhook receiver on loopback: answers the requests about each run in turn as `answers`
+/// says (the last one for every later request), and keeps every request body.
+struct Receiver {
+    url: String,
+    bodies: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Receiver {
+    fn start(answers: Vec<Answer>) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook?x=1", listener.local_addr().unwrap());
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let kept = bodies.clone();
+        std::thread::spawn(move || {
+            let mut hung = Vec::new();
+            let mut seen = std::collections::HashMap::<i64, usize>::new();
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut len = 0;
+                let mut line = String::new();
+                let head_ok = loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        break false;
+                    }
+                    let l = line.to_ascii_lowercase();
+                    if let Some(v) = l.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        break true;
+                    }
+                };
+                if !head_ok {
+                    continue;
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let n = seen.entry(body["run"]["id"].as_i64().unwrap_or(0)).or_default();
+                let i = *n;
+                *n += 1;
+                kept.lock().unwrap().push(body);
+                match answers[i.min(answers.len() - 1)] {
+                    Answer::Status(code) => {
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        );
+                    }
+                    Answer::Hang => hung.push(conn),
+                }
+            }
+        });
+        Receiver { url, bodies }
+    }
+
+    fn bodies(&self) -> Vec<Value> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+/// The `notified` record of run `id`, once it is there.
+fn notified(d: &TestDaemon, id: &Value) -> Vec<Value> {
+    let mut raw = d.raw();
+    wait_for("the run's webhooks recorded", || {
+        let r = raw.call("Run.Get", id.clone());
+        r["result"]["notified"].as_array().cloned()
+    })
+}
+
+#[test]
+fn webhooks_are_retried_recorded_on_the_run_and_never_hold_up_runs() {
+    let d = TestDaemon::start();
+    let flaky =
+        Receiver::start(vec![Answer::Status(500), Answer::Status(503), Answer::Status(200)]);
+    let hangs = Receiver::start(vec![Answer::Hang, Answer::Status(204)]);
+    let wrong = Receiver::start(vec![Answer::Status(404)]);
+    // A port nobody listens on.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let refused = format!("http://{closed}/");
+    let on_fail = json!(["failed"]);
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "fails", "command": ["sh", "-c", "echo out; echo err >&2; exit 3"],
+               "notify": [{"url": flaky.url, "on": on_fail}, {"url": hangs.url},
+                          {"url": wrong.url}, {"url": refused}]}),
+    );
+    let first = d.wait_unit("fails", "its run ended", |u| u["last_run"]["state"] == "failed");
+    let run = first["last_run"]["id"].clone();
+    // The unit goes on while its webhooks are being tried (one hangs for 5 s).
+    for _ in 0..3 {
+        let r = d.call("TaskUnit.Start", json!("fails"));
+        let ended = d.wait_run_end(r["id"].as_i64().unwrap());
+        assert_eq!(ended["state"], "failed");
+    }
+    let still = d.call("Run.Get", run.clone());
+    assert!(still["notified"].is_null(), "the first run's webhooks are still being tried: {still}");
+    let record = notified(&d, &run);
+    let by_url = |u: &str| record.iter().find(|o| o["url"] == u).cloned().expect(u);
+    let o = by_url(&flaky.url);
+    assert_eq!((o["attempts"].as_u64(), o["status"].as_u64()), (Some(3), Some(200)), "{o}");
+    let o = by_url(&hangs.url);
+    assert_eq!((o["attempts"].as_u64(), o["status"].as_u64()), (Some(2), Some(204)), "{o}");
+    let o = by_url(&wrong.url);
+    assert_eq!((o["attempts"].as_u64(), o["status"].as_u64()), (Some(1), Some(404)), "{o}");
+    let o = by_url(&refused);
+    assert_eq!(o["attempts"].as_u64(), Some(5), "{o}");
+    assert!(o["error"].as_str().is_some_and(|e| e.contains("connect")), "{o}");
+    // What a receiver got: the unit, the run as Run.Get shows it, the end of its output.
+    let body = flaky.bodies()[0].clone();
+    assert_eq!(body["unit"], "fails");
+    assert_eq!(body["run"]["id"], run);
+    assert_eq!(
+        (body["run"]["state"].as_str(), body["run"]["exit_code"].as_i64()),
+        (Some("failed"), Some(3))
+    );
+    let output = body["output"].as_str().unwrap();
+    assert!(output.contains("out") && output.contains("err"), "{output}");
+
+    // A run that succeeds notifies nothing by default (failed, timed_out, lost).
+    let ok = Receiver::start(vec![Answer::Status(200)]);
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "fine", "command": ["true"], "notify": [{"url": ok.url}]}),
+    );
+    let u = d.wait_unit("fine", "its run ended", |u| u["last_run"]["state"] == "succeeded");
+    assert!(u["last_run"]["notified"].is_null(), "{u}");
+    assert_eq!(
+        u["definition"]["notify"],
+        json!([{"url": ok.url, "on": ["failed", "timed_out", "lost"]}])
+    );
+    // A bad webhook is refused at Add, naming the field.
+    let mut raw = d.raw();
+    for (notify, field) in [
+        (json!([{"url": "ftp://x/"}]), "notify[0].url"),
+        (json!([{"url": "http://x/", "on": ["running"]}]), "notify[0].on"),
+        (json!([{"url": "http://x/", "when": ["failed"]}]), "notify"),
+        (json!("http://x/"), "notify"),
+    ] {
+        let v =
+            raw.call("TaskUnit.Add", json!({"name": "bad", "command": ["true"], "notify": notify}));
+        let msg = v["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(msg.starts_with(field), "{notify}: {v}");
     }
 }

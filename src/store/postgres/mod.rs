@@ -59,6 +59,7 @@ enum Detached {
     Audit(AuditRecord),
     AgentSeen(StoredAgent),
     LateResult(i64, String),
+    Notified(i64, String),
     Flush(oneshot::Sender<()>),
 }
 
@@ -245,7 +246,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The columns [`run_from_row`] reads, in its order.
 const RUN_COLUMNS: &str = "id, unit, state, trigger, attempt, host, pid, queued_at, started_at, \
      ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated, scheduled_at, \
-     dispatch, late_result";
+     dispatch, late_result, notified";
 
 fn run_from_row(r: &Row) -> RunRecord {
     let state: String = r.get(2);
@@ -270,6 +271,7 @@ fn run_from_row(r: &Row) -> RunRecord {
         scheduled_at: r.get(16),
         dispatch: r.get(17),
         late_result: r.get(18),
+        notified: r.get(19),
     }
 }
 
@@ -1229,6 +1231,10 @@ impl Backend for Postgres {
         self.detach(Detached::LateResult(id, outcome));
     }
 
+    fn set_notified(&self, id: i64, notified: String) {
+        self.detach(Detached::Notified(id, notified));
+    }
+
     async fn cancelling_dispatch(&self, id: i64) -> Result<()> {
         let mut c = self.client().await?;
         let t = begin(&mut c, &self.shared).await?;
@@ -1471,6 +1477,9 @@ async fn apply_detached(pool: &Pool, shared: &Shared, batch: &[Detached]) -> Res
                     &[id, outcome],
                 )
                 .await?;
+            }
+            Detached::Notified(id, notified) => {
+                t.execute("UPDATE runs SET notified = $2 WHERE id = $1", &[id, notified]).await?;
             }
             Detached::Flush(_) => {}
         }

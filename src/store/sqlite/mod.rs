@@ -161,7 +161,8 @@ CREATE TABLE IF NOT EXISTS runs (
     truncated INTEGER NOT NULL DEFAULT 0,
     dispatch INTEGER,
     ignored INTEGER NOT NULL DEFAULT 0,
-    late_result TEXT
+    late_result TEXT,
+    notified TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_unit ON runs(unit, id);
 CREATE INDEX IF NOT EXISTS runs_by_state ON runs(state) WHERE state IN ('queued', 'running');
@@ -247,6 +248,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("runs", "dispatch", "INTEGER"),
     ("runs", "ignored", "INTEGER NOT NULL DEFAULT 0"),
     ("runs", "late_result", "TEXT"),
+    ("runs", "notified", "TEXT"),
 ];
 
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
@@ -285,7 +287,7 @@ fn opt_ts(us: Option<i64>) -> Option<Timestamp> {
 }
 
 const RUN_COLUMNS: &str = "id, unit, state, trigger, attempt, host, pid, queued_at, started_at, \
-     ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated, scheduled_at, dispatch, late_result";
+     ended_at, exit_code, signal, reason, stdout_bytes, stderr_bytes, truncated, scheduled_at, dispatch, late_result, notified";
 
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
     let state: String = r.get(2)?;
@@ -310,6 +312,7 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         scheduled_at: opt_ts(r.get(16)?),
         dispatch: r.get(17)?,
         late_result: r.get(18)?,
+        notified: r.get(19)?,
     })
 }
 
@@ -1040,6 +1043,13 @@ impl Backend for Sqlite {
                 "UPDATE runs SET late_result = ?2 WHERE id = ?1 AND late_result IS NULL",
                 params![id, outcome],
             )?;
+            Ok(())
+        });
+    }
+
+    fn set_notified(&self, id: i64, notified: String) {
+        self.call_detached("notified", move |t| {
+            t.conn.execute("UPDATE runs SET notified = ?2 WHERE id = ?1", params![id, notified])?;
             Ok(())
         });
     }
