@@ -211,6 +211,8 @@ pub struct FileConfig {
     pub advertise: Option<String>,
     /// `--lease`.
     pub lease: Option<String>,
+    /// `[redis]`: take tasks from a Redis list (seed 002).
+    pub redis: Option<crate::redis_queue::RedisConfig>,
 }
 
 /// The resolved configuration.
@@ -262,6 +264,8 @@ pub struct Config {
     pub advertise: Option<String>,
     /// The cluster's scheduling lease.
     pub lease: Duration,
+    /// The Redis queue to take tasks from.
+    pub redis: Option<crate::redis_queue::RedisConfig>,
 }
 
 /// Where the daemon's TLS certificate comes from.
@@ -412,6 +416,7 @@ impl Config {
             agent_timeout,
             lost_after,
             tls,
+            redis: file.redis,
         };
         Ok(cfg)
     }

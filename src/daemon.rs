@@ -399,6 +399,12 @@ pub async fn run(
         registry.len(),
         if cluster.is_some() { ", holding the cluster's lease" } else { "" }
     ));
+    if let Some(r) = &cfg.redis {
+        // Tasks taken from Redis while the engine runs, none during shutdown.
+        let consumer = crate::redis_queue::Consumer::new(r.clone(), registry.clone())?;
+        consumer.spawn(stopping.stop_accepting.clone());
+        tracing::info!(queue = %r.queue, "taking tasks from redis");
+    }
     let server = tokio::spawn(serve(
         listener,
         methods(api),

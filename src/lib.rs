@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod notify;
 pub mod process;
 pub mod proto;
+pub mod redis_queue;
 pub mod registry;
 pub mod rpc;
 pub mod run;

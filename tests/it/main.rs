@@ -11,5 +11,6 @@ mod go;
 mod integrations;
 mod load;
 mod netns;
+mod redis;
 mod rpc;
 mod security;
