@@ -28,49 +28,51 @@ fn find_go() -> Option<PathBuf> {
     on_path.chain(GO_FALLBACKS.iter().map(PathBuf::from)).chain(versioned).find(|p| p.is_file())
 }
 
-/// Builds the Go client once per test run; `None` when Go is missing outside CI.
+/// Builds the Go program in `dir` (relative to the repository) as `name`, once per test run;
+/// `None` when Go is missing outside CI.
+pub fn go_build(dir: &str, name: &str) -> Option<PathBuf> {
+    let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+    let Some(go) = find_go() else {
+        assert!(
+            !in_ci,
+            "CI is set but no Go toolchain was found (PATH, {GO_FALLBACKS:?}, /usr/lib/go-*): \
+             install golang-go"
+        );
+        eprintln!(
+            "\n!!!!!!!! SKIPPING a Go test: no `go` found on PATH or in {GO_FALLBACKS:?}. \
+             Install golang-go to run it; in CI it fails. !!!!!!!!\n"
+        );
+        return None;
+    };
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go");
+    let out = tmp.join(name);
+    let build = Command::new(&go)
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(".")
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(dir))
+        .env("GOCACHE", tmp.join("cache"))
+        .env("GOPATH", tmp.join("gopath"))
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("CGO_ENABLED", "0")
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", go.display()));
+    assert!(
+        build.status.success(),
+        "go build of {dir} failed ({}):\n{}{}",
+        build.status,
+        String::from_utf8_lossy(&build.stdout),
+        String::from_utf8_lossy(&build.stderr)
+    );
+    Some(out)
+}
+
+/// The interop client (`tests/go/client`), built once per test run.
 fn go_client() -> Option<&'static Path> {
     static CLIENT: OnceLock<Option<PathBuf>> = OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
-            let Some(go) = find_go() else {
-                assert!(
-                    !in_ci,
-                    "CI is set but no Go toolchain was found (PATH, {GO_FALLBACKS:?}, \
-                     /usr/lib/go-*): install golang-go"
-                );
-                eprintln!(
-                    "\n!!!!!!!! SKIPPING the Go interop tests: no `go` found on PATH or in \
-                     {GO_FALLBACKS:?}. Install golang-go to run them; in CI they fail. !!!!!!!!\n"
-                );
-                return None;
-            };
-            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go");
-            let out = tmp.join("taskd-go-client");
-            let build = Command::new(&go)
-                .args(["build", "-o"])
-                .arg(&out)
-                .arg(".")
-                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/go/client"))
-                .env("GOCACHE", tmp.join("cache"))
-                .env("GOPATH", tmp.join("gopath"))
-                .env("GOFLAGS", "-mod=mod")
-                .env("GOPROXY", "off")
-                .env("GOTOOLCHAIN", "local")
-                .env("CGO_ENABLED", "0")
-                .output()
-                .unwrap_or_else(|e| panic!("run {}: {e}", go.display()));
-            assert!(
-                build.status.success(),
-                "go build failed ({}):\n{}{}",
-                build.status,
-                String::from_utf8_lossy(&build.stdout),
-                String::from_utf8_lossy(&build.stderr)
-            );
-            Some(out)
-        })
-        .as_deref()
+    CLIENT.get_or_init(|| go_build("tests/go/client", "taskd-go-client")).as_deref()
 }
 
 /// Runs the Go client against `d` and fails the test unless it reports OK.

@@ -3,11 +3,12 @@
 pub mod agents;
 mod children;
 mod cli;
+mod clients;
 mod cluster;
 mod common;
 mod engine;
 mod faults;
-mod go;
+pub mod go;
 mod integrations;
 mod load;
 mod netns;

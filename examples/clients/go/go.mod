@@ -1,0 +1,3 @@
+module taskd.example/client
+
+go 1.19
