@@ -19,6 +19,7 @@ use crate::exec;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::heap;
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::registry::{Registry, RegistryConfig};
 use crate::rpc::api::{Api, ApiContext, methods};
 use crate::rpc::auth::Auth;
@@ -333,6 +334,9 @@ pub async fn run(
             keep_runs: cfg.keep_runs,
             max_units: cfg.max_units,
             metrics: Metrics::new(store.commit_latency()),
+            notifier: Notifier::start(store.clone(), |r| {
+                serde_json::to_value(crate::rpc::types::RunInfo::from(r)).unwrap_or_default()
+            }),
         },
         stopping.units_root.clone(),
         stopping.unit_tasks.clone(),

@@ -72,6 +72,10 @@ impl Outcome {
     }
 }
 
+/// How a run is shown in a notification: as the API shows it (the daemon passes the RPC
+/// layer's rendering, which the engine does not import).
+pub type RenderRun = fn(&RunRecord) -> Value;
+
 /// The daemon's webhook sender: a cheap-to-clone handle to its queue.
 #[derive(Clone)]
 pub struct Notifier {
@@ -86,10 +90,11 @@ impl std::fmt::Debug for Notifier {
 }
 
 impl Notifier {
-    /// Starts the worker, which records outcomes in `store` and reads run output from it.
-    pub fn start(store: Store) -> Notifier {
+    /// Starts the worker, which records outcomes in `store`, reads run output from it, and
+    /// shows runs as `render` does.
+    pub fn start(store: Store, render: RenderRun) -> Notifier {
         let (tx, rx) = mpsc::channel(QUEUED);
-        tokio::spawn(worker(rx, store.clone()));
+        tokio::spawn(worker(rx, store.clone(), render));
         Notifier { tx, store }
     }
 
@@ -122,7 +127,7 @@ impl Notifier {
     }
 }
 
-async fn worker(mut rx: mpsc::Receiver<Job>, store: Store) {
+async fn worker(mut rx: mpsc::Receiver<Job>, store: Store, render: RenderRun) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let tls = match crate::tls::client_config(&crate::tls::Trust::System) {
         Ok(c) => Some(tokio_rustls::TlsConnector::from(c)),
@@ -135,19 +140,24 @@ async fn worker(mut rx: mpsc::Receiver<Job>, store: Store) {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let (store, tls) = (store.clone(), tls.clone());
         tokio::spawn(async move {
-            notify(&store, tls.as_ref(), job).await;
+            notify(&store, tls.as_ref(), render, job).await;
             drop(slot);
         });
     }
 }
 
 /// Sends `job`'s notifications and records how they went.
-async fn notify(store: &Store, tls: Option<&tokio_rustls::TlsConnector>, job: Job) {
+async fn notify(
+    store: &Store,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    render: RenderRun,
+    job: Job,
+) {
     let q = LogQuery { tail: Some(OUTPUT_LINES), limit: OUTPUT_BYTES, ..LogQuery::default() };
     let output = store.logs().read(job.run.id, q).await.map(|s| s.data).unwrap_or_default();
     let body = json!({
         "unit": job.unit,
-        "run": crate::rpc::types::RunInfo::from(&job.run),
+        "run": render(&job.run),
         "output": output,
         "sent_at": Timestamp::now().to_string(),
     });

@@ -65,6 +65,8 @@ pub struct RegistryConfig {
     pub max_units: usize,
     /// Where runs started and ended are counted.
     pub metrics: Metrics,
+    /// Sends the units' webhooks.
+    pub notifier: crate::notify::Notifier,
 }
 
 #[derive(Clone)]
@@ -228,7 +230,7 @@ impl Registry {
             executor,
             remote,
             metrics: cfg.metrics.clone(),
-            notifier: crate::notify::Notifier::start(store.clone()),
+            notifier: cfg.notifier.clone(),
         });
         let mut open: HashMap<String, Vec<(DispatchRecord, Vec<RunRecord>)>> = HashMap::new();
         for (d, runs) in store.open_dispatches().await? {
