@@ -28,6 +28,7 @@ use crate::error::Error;
 use crate::registry::Registry;
 use crate::store::{API_TASKS_LISTED, ApiTask, AuditRecord};
 use crate::unit::UnitDef;
+use crate::unit::definition::kind_of;
 
 /// The path of the task API.
 pub const TASK_PATH: &str = "/api/v1/task";
@@ -46,18 +47,7 @@ fn string_field(m: &Map<String, Value>, field: &str) -> Result<String, String> {
     match m.get(field) {
         None | Some(Value::Null) => Ok(String::new()),
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(v) => Err(format!("{field}: expected a string, got {}", kind(v))),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+        Some(v) => Err(format!("{field}: expected a string, got {}", kind_of(v))),
     }
 }
 
@@ -75,7 +65,7 @@ fn hosts_field(m: &Map<String, Value>) -> Result<Vec<String>, String> {
         Some(v) => v,
     };
     let Value::Array(items) = v else {
-        return Err(format!("hosts: expected an array of host names, got {}", kind(v)));
+        return Err(format!("hosts: expected an array of host names, got {}", kind_of(v)));
     };
     if items.is_empty() {
         return Err("hosts: at least one host".into());
@@ -84,7 +74,7 @@ fn hosts_field(m: &Map<String, Value>) -> Result<Vec<String>, String> {
         .iter()
         .map(|h| match h {
             Value::String(s) => Ok(s.clone()),
-            other => Err(format!("hosts: expected host names (strings), got {}", kind(other))),
+            other => Err(format!("hosts: expected host names (strings), got {}", kind_of(other))),
         })
         .collect()
 }
@@ -96,7 +86,7 @@ fn args_field(m: &Map<String, Value>) -> Result<String, String> {
             .iter()
             .map(|a| match a {
                 Value::String(s) => Ok(s.as_str()),
-                other => Err(format!("args: expected strings, got {}", kind(other))),
+                other => Err(format!("args: expected strings, got {}", kind_of(other))),
             })
             .collect::<Result<Vec<_>, _>>()
             .map(|v| v.join(" ")),
@@ -109,7 +99,7 @@ fn parse(body: &[u8]) -> Result<ApiTask, String> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
     let Value::Object(m) = v else {
-        return Err(format!("expected a JSON object, got {}", kind(&v)));
+        return Err(format!("expected a JSON object, got {}", kind_of(&v)));
     };
     let script = string_field(&m, "script")?;
     if script.trim().is_empty() {
@@ -121,7 +111,7 @@ fn parse(body: &[u8]) -> Result<ApiTask, String> {
             .as_u64()
             .and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| format!("timeout: expected whole seconds from 0 to {}", u32::MAX))?,
-        Some(v) => return Err(format!("timeout: expected a number of seconds, got {}", kind(v))),
+        Some(v) => return Err(format!("timeout: expected a number of seconds, got {}", kind_of(v))),
     };
     Ok(ApiTask {
         id: 0,
