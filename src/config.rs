@@ -384,6 +384,9 @@ impl Config {
         let name = args.name.clone().or(file.name).unwrap_or_else(crate::agent::host_name);
         crate::unit::definition::validate_name(&name)
             .map_err(|e| anyhow::anyhow!("name {name:?}: {e}"))?;
+        if let Some(r) = &file.redis {
+            r.check()?;
+        }
         let cfg = Config {
             store,
             name,

@@ -405,7 +405,8 @@ pub async fn run(
     ));
     if let Some(r) = &cfg.redis {
         // Tasks taken from Redis while the engine runs, none during shutdown.
-        let consumer = crate::redis_queue::Consumer::new(r.clone(), registry.clone())?;
+        let consumer =
+            crate::redis_queue::Consumer::new(r.clone(), registry.clone(), cfg.name.clone())?;
         consumer.spawn(stopping.stop_accepting.clone());
         tracing::info!(queue = %r.queue, "taking tasks from redis");
     }

@@ -12,23 +12,27 @@
 //! - with `logs = true`, each line of a run's output, then its end, `RPUSH`ed to
 //!   `{queue}_logs`: `{"id", "type", "msg_type": "stdout" | "stderr" | "done", "data"}`, `done`
 //!   carrying the exit status (128 + the signal for a run a signal ended, -1 for one that never
-//!   ran). Lines are pushed when the run ends, not as they are written.
+//!   ran). A run's lines and its `done` are pushed together (one `RPUSH`) when the run ends,
+//!   not as they are written, on a connection made for them, tried again with back-off.
 //!
 //! **Nothing taken is lost, nothing runs twice.** A task is moved, not popped (`BLMOVE` from
-//! `queue` to `{queue}_processing`, Redis's reliable-queue pattern), and removed from there
-//! only once its unit is committed in taskd's store. After a crash (taskd's or Redis's with
-//! persistence), the tasks left in `{queue}_processing` are taken again at start; one whose
-//! unit exists already was recorded before the crash and is only removed. The same goes for
-//! kills (`{queue}_control_processing`).
+//! `queue` to `{queue}_processing:{name}`, Redis's reliable-queue pattern; `name` is the
+//! daemon's `--name`, so that several daemons can share a queue as the seed's executors do),
+//! and removed from there only once its unit is committed in taskd's store. After a crash
+//! (taskd's, or Redis's with persistence), the tasks left in that list are taken again at
+//! start; one whose unit exists already was recorded before the crash and is only removed.
+//! The same goes for kills (`{queue}_control_processing:{name}`).
 //!
-//! A malformed item is logged and dropped; it never stops the consumer. A task taskd refuses
-//! (a `cmd_dir` outside `allowed_dirs`, an unknown host) is logged and dropped likewise. When
-//! the store cannot take a task (disk full), it stays in `{queue}_processing` and is tried
-//! again. A Redis that is down or goes away is reconnected with back-off (0.5 s doubling to
-//! 30 s), logged once per outage; the API keeps serving meanwhile.
+//! A malformed item (not UTF-8, not JSON, fields missing) is logged and dropped; it never
+//! stops the consumer. A task taskd refuses (a `cmd_dir` outside `allowed_dirs`, an unknown
+//! host) is logged and dropped likewise. When the store cannot take a task (disk full, as many
+//! units as `max_units`), it stays in the processing list and is tried again with back-off:
+//! the queue waits. A Redis that is down or goes away is reconnected with back-off (0.5 s
+//! doubling to 30 s), logged once per outage; the API keeps serving meanwhile.
 //!
 //! Limits: one unit per task stays after it ran (delete them, as any unit, when their history
-//! is no longer wanted); a log line longer than 64 KiB is pushed in pieces.
+//! is no longer wanted); a log line longer than 64 KiB is pushed in pieces; the output of a
+//! task taken before a restart of taskd is not pushed (its run's end is recorded as usual).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -76,6 +80,24 @@ fn default_hosts() -> Vec<String> {
 
 fn default_cmd_dir() -> PathBuf {
     PathBuf::from("/tmp")
+}
+
+impl RedisConfig {
+    /// Refuses, at start, what would make every task fail: a URL that is not Redis's, an
+    /// empty queue name or host list, a relative `cmd_dir`.
+    pub fn check(&self) -> anyhow::Result<()> {
+        redis::Client::open(self.url.as_str()).map_err(|e| anyhow::anyhow!("[redis] url: {e}"))?;
+        if self.queue.trim().is_empty() {
+            anyhow::bail!("[redis] queue: a list name is required");
+        }
+        if self.hosts.is_empty() {
+            anyhow::bail!("[redis] hosts: at least one host (\"local\": this one)");
+        }
+        if !self.cmd_dir.is_absolute() {
+            anyhow::bail!("[redis] cmd_dir: an absolute directory is required");
+        }
+        Ok(())
+    }
 }
 
 /// How long one blocking move waits for an item before it is asked again.
@@ -182,14 +204,17 @@ pub struct Consumer {
     cfg: RedisConfig,
     client: redis::Client,
     registry: Registry,
+    /// This daemon's name (`--name`): its processing lists are its own.
+    name: String,
 }
 
 impl Consumer {
-    /// A consumer of `cfg`'s queue for `registry`; refuses a URL that is not Redis's.
-    pub fn new(cfg: RedisConfig, registry: Registry) -> anyhow::Result<Consumer> {
+    /// A consumer of `cfg`'s queue for `registry`, named `name`; refuses a URL that is not
+    /// Redis's.
+    pub fn new(cfg: RedisConfig, registry: Registry, name: String) -> anyhow::Result<Consumer> {
         let client = redis::Client::open(cfg.url.as_str())
             .map_err(|e| anyhow::anyhow!("[redis] url: {e}"))?;
-        Ok(Consumer { cfg, client, registry })
+        Ok(Consumer { cfg, client, registry, name })
     }
 
     /// Consumes tasks and kills until `stop`, reconnecting as needed.
@@ -199,11 +224,14 @@ impl Consumer {
         tokio::spawn(me.keep(stop, Lane::Control));
     }
 
+    /// The list a lane takes from, and this consumer's own processing list for it (several
+    /// taskd daemons may share a queue, as the seed's executors do: none takes back what
+    /// another one holds).
     fn lists(&self, lane: Lane) -> (String, String) {
-        let q = &self.cfg.queue;
+        let (q, me) = (&self.cfg.queue, &self.name);
         match lane {
-            Lane::Tasks => (q.clone(), format!("{q}_processing")),
-            Lane::Control => (format!("{q}_control"), format!("{q}_control_processing")),
+            Lane::Tasks => (q.clone(), format!("{q}_processing:{me}")),
+            Lane::Control => (format!("{q}_control"), format!("{q}_control_processing:{me}")),
         }
     }
 
@@ -253,13 +281,14 @@ impl Consumer {
         }
         *down = false;
         *delay = BACKOFF.0;
-        // What a crash left between the two lists.
-        let left: Vec<String> = c.lrange(processing, 0, -1).await?;
+        // What a crash left between the two lists. Items are read as bytes: one that is not
+        // UTF-8 is dropped like any malformed item, never taken for a Redis failure.
+        let left: Vec<Vec<u8>> = c.lrange(processing, 0, -1).await?;
         for item in left {
             self.handle(&mut c, lane, processing, &item).await?;
         }
         loop {
-            let item: Option<String> = c
+            let item: Option<Vec<u8>> = c
                 .blmove(from, processing, redis::Direction::Left, redis::Direction::Right, BLOCK)
                 .await?;
             if let Some(item) = item {
@@ -274,13 +303,18 @@ impl Consumer {
         c: &mut MultiplexedConnection,
         lane: Lane,
         processing: &str,
-        item: &str,
+        raw: &[u8],
     ) -> redis::RedisResult<()> {
         let mut wait = BACKOFF.0;
         loop {
-            let handled = match lane {
-                Lane::Tasks => self.task(c, item).await,
-                Lane::Control => self.control(item).await,
+            let handled = match (std::str::from_utf8(raw), lane) {
+                (Err(_), _) => {
+                    let shown = String::from_utf8_lossy(raw);
+                    tracing::warn!(item = %cut(&shown), "redis: an item that is not UTF-8 dropped");
+                    Handled::Done
+                }
+                (Ok(item), Lane::Tasks) => self.task(item).await,
+                (Ok(item), Lane::Control) => self.control(item).await,
             };
             match handled {
                 Handled::Done => break,
@@ -291,11 +325,11 @@ impl Consumer {
                 }
             }
         }
-        let _: usize = c.lrem(processing, 1, item).await?;
+        let _: usize = c.lrem(processing, 1, raw).await?;
         Ok(())
     }
 
-    async fn task(&self, c: &MultiplexedConnection, item: &str) -> Handled {
+    async fn task(&self, item: &str) -> Handled {
         let t = match parse_task(item) {
             Ok(t) => t,
             Err(e) => {
@@ -319,7 +353,7 @@ impl Consumer {
                 if let Some(events) = events {
                     let fwd = Forwarder {
                         registry: self.registry.clone(),
-                        conn: c.clone(),
+                        client: self.client.clone(),
                         list: format!("{}_logs", self.cfg.queue),
                         task: t,
                         unit: name,
@@ -330,8 +364,11 @@ impl Consumer {
             }
             // Recorded before a crash, or an id used twice: taken once.
             Err(Error::UnitExists(_)) => Handled::Done,
+            // The store cannot take it now, or the daemon holds as many units as it may: it
+            // stays queued until it can.
             Err(
-                e @ (Error::Store(_)
+                e @ (Error::Limit(_)
+                | Error::Store(_)
                 | Error::Storage(_)
                 | Error::Postgres(_)
                 | Error::Io { .. }
@@ -386,48 +423,108 @@ fn cut(s: &str) -> String {
 /// Pushes a task's output and end to `{queue}_logs` as its runs end.
 struct Forwarder {
     registry: Registry,
-    conn: MultiplexedConnection,
+    client: redis::Client,
     list: String,
     task: Task,
     unit: String,
 }
 
+/// Tries to push one run's messages, at most.
+const PUSH_TRIES: u32 = 5;
+
 impl Forwarder {
-    async fn run(mut self, mut events: tokio::sync::broadcast::Receiver<crate::store::Event>) {
-        let hosts = self.registry.get(&self.unit).map(|u| u.config.hosts.len()).unwrap_or(1);
-        let mut ended = 0;
-        while ended < hosts {
+    /// Follows the unit's events until the task is over: its dispatch ended (on agents), or
+    /// its run on this host ended (a retry is a new run: each run's end is pushed).
+    async fn run(self, mut events: tokio::sync::broadcast::Receiver<crate::store::Event>) {
+        use tokio::sync::broadcast::error::RecvError;
+        let remote = self.registry.get(&self.unit).is_ok_and(|u| u.config.is_remote());
+        loop {
             let e = match events.recv().await {
                 Ok(e) => e,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(unit = %self.unit, missed = n, "redis: events missed; some output may not be pushed");
-                    continue;
+                Err(RecvError::Lagged(_)) => {
+                    // Events were missed: the ends are read from the store instead.
+                    self.catch_up().await;
+                    return;
                 }
-                Err(_) => return,
+                Err(RecvError::Closed) => return,
             };
-            if e.kind != EventKind::RunFinished || e.unit != self.unit {
+            if e.unit != self.unit {
                 continue;
             }
-            let Some(run) = e.run else { continue };
-            ended += 1;
-            if let Ok(rec) = self.registry.run(run).await
-                && let Err(err) = self.push_run(&rec).await
-            {
-                tracing::warn!(unit = %self.unit, error = %err, "redis: cannot push a task's output");
+            match e.kind {
+                EventKind::RunFinished => {
+                    if let Some(run) = e.run {
+                        self.push_run(run).await;
+                    }
+                    let active =
+                        self.registry.get(&self.unit).is_ok_and(|u| !u.status.active.is_empty());
+                    if !remote && !active {
+                        return;
+                    }
+                }
+                EventKind::DispatchFinished | EventKind::UnitDeleted => return,
+                _ => {}
             }
         }
     }
 
-    async fn push(&mut self, msg_type: &str, data: &str) -> redis::RedisResult<()> {
-        let m =
-            json!({"id": self.task.id, "type": self.task.kind, "msg_type": msg_type, "data": data});
-        let _: usize = self.conn.rpush(&self.list, m.to_string()).await?;
+    /// After missed events: waits until the unit has nothing active, then pushes every run's
+    /// end it has (what was pushed already may be pushed again).
+    async fn catch_up(&self) {
+        tracing::warn!(unit = %self.unit, "redis: events missed; the task's output is pushed from the store");
+        while self.registry.get(&self.unit).is_ok_and(|u| !u.status.active.is_empty()) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let f = crate::store::RunFilter {
+            unit: Some(self.unit.clone()),
+            limit: 10_000,
+            ..Default::default()
+        };
+        let mut runs = self.registry.runs(f).await.unwrap_or_default();
+        runs.sort_by_key(|r| r.id);
+        for r in runs.into_iter().filter(|r| r.state.is_final()) {
+            self.push_run(r.id).await;
+        }
+    }
+
+    /// Pushes run `id`'s output and end, on a connection of its own (Redis may have been
+    /// restarted since the task was taken), tried again with back-off.
+    async fn push_run(&self, id: i64) {
+        let Ok(rec) = self.registry.run(id).await else { return };
+        let msgs = self.messages(&rec).await;
+        let mut delay = BACKOFF.0;
+        for attempt in 1..=PUSH_TRIES {
+            match self.push_all(&msgs).await {
+                Ok(()) => return,
+                Err(e) if attempt == PUSH_TRIES => {
+                    tracing::warn!(unit = %self.unit, run = id, error = %e, "redis: cannot push a task's output; given up");
+                }
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(BACKOFF.1);
+                }
+            }
+        }
+    }
+
+    async fn push_all(&self, msgs: &[String]) -> redis::RedisResult<()> {
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(ANSWER));
+        let mut c = self.client.get_multiplexed_async_connection_with_config(&cfg).await?;
+        // One RPUSH for all of them: pushed whole or not at all, in order.
+        let _: usize = c.rpush(&self.list, msgs).await?;
         Ok(())
     }
 
     /// Each line of `rec`'s stdout, then stderr, then `done` with its exit status.
-    async fn push_run(&mut self, rec: &RunRecord) -> redis::RedisResult<()> {
+    async fn messages(&self, rec: &RunRecord) -> Vec<String> {
+        let msg = |msg_type: &str, data: &str| {
+            json!({"id": self.task.id, "type": self.task.kind, "msg_type": msg_type, "data": data})
+                .to_string()
+        };
         let logs = self.registry.store().logs().clone();
+        let mut out = Vec::new();
         for (stream, name) in [(Stream::Stdout, "stdout"), (Stream::Stderr, "stderr")] {
             let mut offset = 0;
             loop {
@@ -438,9 +535,7 @@ impl Forwarder {
                     ..LogQuery::default()
                 };
                 let Ok(slice) = logs.read(rec.id, q).await else { break };
-                for line in slice.data.lines() {
-                    self.push(name, line).await?;
-                }
+                out.extend(slice.data.lines().map(|line| msg(name, line)));
                 if slice.eof || slice.next_offset <= offset {
                     break;
                 }
@@ -452,7 +547,8 @@ impl Forwarder {
             (None, Some(sig)) => 128 + sig,
             (None, None) => -1,
         };
-        self.push("done", &status.to_string()).await
+        out.push(msg("done", &status.to_string()));
+        out
     }
 }
 

@@ -267,6 +267,15 @@ impl Registry {
             ms = started.elapsed().as_millis() as u64,
             "units loaded and their loops started"
         );
+        // Runs a previous daemon left active ended `lost` (or `cancelled`) at recovery: their
+        // units' webhooks are told, as for any run's end.
+        for s in &stale {
+            if let Ok(u) = reg.get(&s.record.unit)
+                && !u.config.notify.is_empty()
+            {
+                reg.0.env.notifier.run_ended(&u.config.name, &u.config.notify, &s.record);
+            }
+        }
         Ok(reg)
     }
 

@@ -306,6 +306,54 @@ impl HttpGuardLayer {
     }
 }
 
+impl HttpGuardLayer {
+    /// The browser rules and the credentials (module docs, steps 1 and 2) for `req`, which is
+    /// for `route` (`None`: JSON-RPC): marks it authenticated, or says why it is refused.
+    fn admit<B>(
+        &self,
+        req: &mut HttpRequest<B>,
+        route: Option<Access>,
+    ) -> Result<(), (StatusCode, String)> {
+        let headers = req.headers();
+        // One of each, or the request is ambiguous (RFC 9112 §3.2: several Hosts are a 400).
+        if headers.get_all(HOST).iter().count() > 1 || headers.get_all(ORIGIN).iter().count() > 1 {
+            let why = "a request carries at most one Host and one Origin header";
+            return Err((StatusCode::BAD_REQUEST, why.into()));
+        }
+        let host = headers.get(HOST).map(HeaderValue::as_bytes);
+        let origin = headers.get(ORIGIN).map(HeaderValue::as_bytes);
+        if let Err(why) = self.hosts.check(host, origin, self.local) {
+            tracing::debug!(peer = ?self.conn.peer(), "refused: {why}");
+            return Err((StatusCode::FORBIDDEN, format!("forbidden: {why}")));
+        }
+        let credential = bearer(headers).filter(|b| crate::proto::parse_credential(b).is_some());
+        if route == Some(Access::Public) {
+            // Judged by the browser rules alone.
+        } else if route.is_some() && credential.is_some() {
+            // An agent's credential serves only the agent protocol.
+            self.conn.login_failed();
+            let why = "unauthorized: an agent's credential serves only the agent protocol";
+            return Err((StatusCode::UNAUTHORIZED, why.into()));
+        } else if let (Some(check), Some(presented)) = (&self.agents, credential) {
+            let Some((name, epoch)) = check(presented) else {
+                self.conn.login_failed();
+                let why = "agent credential refused: unknown or revoked";
+                return Err((StatusCode::UNAUTHORIZED, why.into()));
+            };
+            self.conn.authenticate_agent(name, epoch);
+            req.extensions_mut().insert(Authenticated);
+        } else if let Auth::Token(token) = &self.auth {
+            if !bearer(headers).is_some_and(|presented| token_eq(token, presented)) {
+                self.conn.login_failed();
+                return Err((StatusCode::UNAUTHORIZED, HTTP_UNAUTHORIZED_MESSAGE.into()));
+            }
+            self.conn.authenticate();
+            req.extensions_mut().insert(Authenticated);
+        }
+        Ok(())
+    }
+}
+
 impl<S> tower::Layer<S> for HttpGuardLayer {
     type Service = HttpGuard<S>;
 
@@ -350,76 +398,30 @@ where
     }
 
     fn call(&mut self, mut req: HttpRequest<B>) -> Self::Future {
-        let layer = &self.layer;
-        let refuse = |resp| -> Self::Future { Box::pin(std::future::ready(Ok(resp))) };
-        let headers = req.headers();
-        // One of each, or the request is ambiguous (RFC 9112 §3.2: several Hosts are a 400).
-        if headers.get_all(HOST).iter().count() > 1 || headers.get_all(ORIGIN).iter().count() > 1 {
-            return refuse(refusal(
-                StatusCode::BAD_REQUEST,
-                codes::UNAUTHORIZED,
-                "a request carries at most one Host and one Origin header",
-            ));
-        }
-        let host = headers.get(HOST).map(HeaderValue::as_bytes);
-        let origin = headers.get(ORIGIN).map(HeaderValue::as_bytes);
-        if let Err(why) = layer.hosts.check(host, origin, layer.local) {
-            tracing::debug!(peer = ?layer.conn.peer(), "refused: {why}");
-            return refuse(refusal(
-                StatusCode::FORBIDDEN,
-                codes::UNAUTHORIZED,
-                &format!("forbidden: {why}"),
-            ));
-        }
+        let layer = self.layer.clone();
+        // One of the daemon's own routes, or JSON-RPC: it decides the shape of a refusal.
         let route = match &layer.routes {
-            Some(r) if !is_ws_upgrade(headers) => r.access(req.method(), req.uri().path()),
+            Some(r) if !is_ws_upgrade(req.headers()) => r.access(req.method(), req.uri().path()),
             _ => None,
         };
-        let credential = bearer(headers).filter(|b| crate::proto::parse_credential(b).is_some());
-        if route == Some(Access::Public) {
-            // Judged by the browser rules alone.
-        } else if route.is_some() && credential.is_some() {
-            // An agent's credential serves only the agent protocol.
-            layer.conn.login_failed();
-            return refuse(refusal(
-                StatusCode::UNAUTHORIZED,
-                codes::UNAUTHORIZED,
-                "unauthorized: an agent's credential serves only the agent protocol",
-            ));
-        } else if let (Some(check), Some(presented)) = (&layer.agents, credential) {
-            let Some((name, epoch)) = check(presented) else {
-                layer.conn.login_failed();
-                return refuse(refusal(
-                    StatusCode::UNAUTHORIZED,
-                    codes::UNAUTHORIZED,
-                    "agent credential refused: unknown or revoked",
-                ));
-            };
-            layer.conn.authenticate_agent(name, epoch);
-            req.extensions_mut().insert(Authenticated);
-        } else if let Auth::Token(token) = &layer.auth {
-            let ok = bearer(headers).is_some_and(|presented| token_eq(token, presented));
-            if !ok {
-                layer.conn.login_failed();
-                let mut resp = match route {
-                    // The REST API's own error shape.
-                    Some(_) => {
-                        let mut r =
-                            route_error(StatusCode::UNAUTHORIZED, HTTP_UNAUTHORIZED_MESSAGE);
-                        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
-                        r
-                    }
-                    None => refusal(
-                        StatusCode::UNAUTHORIZED,
-                        codes::UNAUTHORIZED,
-                        HTTP_UNAUTHORIZED_MESSAGE,
-                    ),
-                };
-                resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return refuse(resp);
+        // A refusal closes the connection: a client that was refused has no business keeping
+        // a slot (an oversized JSON-RPC call excepted, which is answered as a call).
+        let refusal_of = |status, code, message: &str| match route {
+            Some(_) => {
+                let mut r = route_error(status, message);
+                r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                r
             }
-            layer.conn.authenticate();
-            req.extensions_mut().insert(Authenticated);
+            None if status == StatusCode::PAYLOAD_TOO_LARGE => json_response(status, code, message),
+            None => refusal(status, code, message),
+        };
+        let refuse = |resp| -> Self::Future { Box::pin(std::future::ready(Ok(resp))) };
+        if let Err((status, why)) = layer.admit(&mut req, route) {
+            let mut resp = refusal_of(status, codes::UNAUTHORIZED, &why);
+            if why == HTTP_UNAUTHORIZED_MESSAGE {
+                resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            return refuse(resp);
         }
 
         // jsonrpsee enforces the limit while reading the body as well; checking the declared
@@ -429,30 +431,27 @@ where
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
+        let too_large =
+            format!("request too large: the limit is {} bytes per request", layer.max_request_size);
         if declared.is_some_and(|len| len > u64::from(layer.max_request_size)) {
-            let message = format!(
-                "request too large: the limit is {} bytes per request",
-                layer.max_request_size
-            );
-            return refuse(json_response(
+            return refuse(refusal_of(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 codes::LIMIT_EXCEEDED,
-                &message,
+                &too_large,
             ));
         }
 
-        if let (Some(routes), Some(_)) = (&layer.routes, route) {
-            let routes = routes.clone();
+        if let (Some(routes), Some(_)) = (layer.routes.clone(), route) {
             let limit = layer.max_request_size as usize;
             let peer = layer.conn.peer();
             return Box::pin(async move {
                 let (parts, body) = req.into_parts();
-                let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
-                    body, limit,
-                ))
-                .await
-                {
+                let limited = http_body_util::Limited::new(body, limit);
+                let body = match http_body_util::BodyExt::collect(limited).await {
                     Ok(b) => b.to_bytes(),
+                    Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                        return Ok(route_error(StatusCode::PAYLOAD_TOO_LARGE, &too_large));
+                    }
                     Err(e) => {
                         let message = format!("cannot read the request body: {e}");
                         return Ok(route_error(StatusCode::BAD_REQUEST, &message));

@@ -8,9 +8,11 @@
 //!   string holding one, as the seed's Python client sends it (`json.dumps([...])`). Fields
 //!   the seed's model does not have are ignored, as its Go binding ignores them. Answers 200
 //!   with the task's id as a bare JSON number, once the task and its unit are committed.
-//! - `GET /api/v1/task` answers the newest [`API_TASKS_LISTED`] tasks, oldest first, as
-//!   `{id, title, account, timeout, hosts, script, args, creator, created, done}`; `done` is
-//!   1 once every host's run has ended (the unit's dispatch ended), or its unit is gone.
+//! - `GET /api/v1/task` answers the newest tasks (1,000, or `?limit=N` up to 10,000; older
+//!   ones with `?before=ID`), oldest first, as `{id, title, account, timeout, hosts, script,
+//!   args, creator, created, done}`, at most [`LIST_BYTES`] of them (the oldest left out);
+//!   `done` is 1 once every host's run has ended (the unit's dispatch ended), or its unit is
+//!   gone. A task is listed once its unit's `Add` was answered.
 //!
 //! Errors are HTTP 400 (the request: the field and why), 401 (the token) or 500 (the store),
 //! with `{"error": "…"}`; a refused task leaves nothing behind.
@@ -35,6 +37,9 @@ pub const TASK_PATH: &str = "/api/v1/task";
 
 /// The method name the audit log records for a task added.
 const AUDITED_AS: &str = "POST /api/v1/task";
+
+/// The largest answer of `GET /api/v1/task`, in bytes: older tasks beyond it are left out.
+pub const LIST_BYTES: usize = 8 << 20;
 
 fn json_ok(body: String) -> HttpResponse {
     let mut resp = HttpResponse::new(HttpBody::from(body));
@@ -111,7 +116,9 @@ fn parse(body: &[u8]) -> Result<ApiTask, String> {
             .as_u64()
             .and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| format!("timeout: expected whole seconds from 0 to {}", u32::MAX))?,
-        Some(v) => return Err(format!("timeout: expected a number of seconds, got {}", kind_of(v))),
+        Some(v) => {
+            return Err(format!("timeout: expected a number of seconds, got {}", kind_of(v)));
+        }
     };
     Ok(ApiTask {
         id: 0,
@@ -195,25 +202,56 @@ pub async fn add(registry: &Registry, body: &[u8], peer: Option<SocketAddr>) -> 
             Err(e) => e.to_string(),
         },
     });
+    // Listed from now on, or forgotten; a task whose settling fails stays unlisted.
+    if let Err(d) = store.settle_api_task(id, added.is_ok()).await {
+        tracing::warn!(task = id, error = %d, "cannot settle a task of the REST API");
+        if added.is_ok() {
+            return route_error(StatusCode::INTERNAL_SERVER_ERROR, &d.to_string());
+        }
+    }
     match added {
         Ok(()) => json_ok(id.to_string()),
-        Err(e) => {
-            if let Err(d) = store.delete_api_task(id).await {
-                tracing::warn!(task = id, error = %d, "cannot forget a refused task");
-            }
-            refusal(&e)
-        }
+        Err(e) => refusal(&e),
     }
 }
 
-/// `GET /api/v1/task`.
-pub async fn list(registry: &Registry) -> HttpResponse {
-    let tasks = match registry.store().list_api_tasks(API_TASKS_LISTED).await {
+/// `?limit=N&before=ID` of `GET /api/v1/task`.
+fn list_query(query: Option<&str>) -> Result<(u32, Option<i64>), String> {
+    let (mut limit, mut before) = (API_TASKS_LISTED.0, None);
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "limit" => {
+                limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=API_TASKS_LISTED.1).contains(n))
+                    .ok_or_else(|| format!("limit: 1 to {}", API_TASKS_LISTED.1))?;
+            }
+            "before" => {
+                before = Some(v.parse::<i64>().map_err(|_| "before: a task id".to_string())?);
+            }
+            _ => {}
+        }
+    }
+    Ok((limit, before))
+}
+
+/// `GET /api/v1/task` (`query`: the URL's query string).
+pub async fn list(registry: &Registry, query: Option<&str>) -> HttpResponse {
+    let (limit, before) = match list_query(query) {
+        Ok(q) => q,
+        Err(message) => return route_error(StatusCode::BAD_REQUEST, &message),
+    };
+    let tasks = match registry.store().list_api_tasks(limit, before).await {
         Ok(t) => t,
         Err(e) => return route_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     };
-    let items: Vec<Value> = tasks
+    // Newest first until the answer is full, then in the seed's order, oldest first.
+    let mut bytes = 2;
+    let mut items: Vec<String> = tasks
         .iter()
+        .rev()
         .map(|t| {
             json!({
                 "id": t.id,
@@ -227,9 +265,15 @@ pub async fn list(registry: &Registry) -> HttpResponse {
                 "created": t.created.to_string(),
                 "done": u8::from(t.done),
             })
+            .to_string()
+        })
+        .take_while(|item| {
+            bytes += item.len() + 1;
+            bytes <= LIST_BYTES
         })
         .collect();
-    json_ok(Value::Array(items).to_string())
+    items.reverse();
+    json_ok(format!("[{}]", items.join(",")))
 }
 
 #[cfg(test)]

@@ -49,9 +49,10 @@ fn not_allowed(allow: &'static str) -> HttpResponse {
 
 #[async_trait::async_trait]
 impl Routes for DaemonRoutes {
-    fn access(&self, _method: &Method, path: &str) -> Option<Access> {
+    fn access(&self, method: &Method, path: &str) -> Option<Access> {
         match path {
-            METRICS_PATH if self.metrics_public => Some(Access::Public),
+            // Public for scrapes only: anything else asks for the token before its body is read.
+            METRICS_PATH if self.metrics_public && method == Method::GET => Some(Access::Public),
             METRICS_PATH => Some(Access::Token),
             super::rest::TASK_PATH => Some(Access::Token),
             _ => None,
@@ -70,7 +71,9 @@ impl Routes for DaemonRoutes {
             (super::rest::TASK_PATH, &Method::POST) => {
                 super::rest::add(&self.registry, req.body(), peer).await
             }
-            (super::rest::TASK_PATH, &Method::GET) => super::rest::list(&self.registry).await,
+            (super::rest::TASK_PATH, &Method::GET) => {
+                super::rest::list(&self.registry, req.uri().query()).await
+            }
             (super::rest::TASK_PATH, _) => not_allowed("GET, POST"),
             _ => route_error(StatusCode::NOT_FOUND, "not found"),
         }

@@ -160,6 +160,7 @@ const TABLES: &[TableSpec] = &[
             ("args", Text),
             ("creator", Text),
             ("created", Time),
+            ("added", Bool),
         ],
     },
 ];

@@ -178,10 +178,13 @@ impl ApiTask {
 
 /// SQL (the same for both stores) telling whether the task of the row `t` is done: its unit's
 /// dispatch, or its unit's run on the daemon itself, has ended, or its unit is gone.
-const API_TASK_DONE: &str = "(EXISTS (SELECT 1 FROM dispatches d WHERE d.unit = 'task-' || t.id      AND d.ended_at IS NOT NULL) OR EXISTS (SELECT 1 FROM runs r WHERE r.unit = 'task-' || t.id      AND r.dispatch IS NULL AND r.ended_at IS NOT NULL)      OR NOT EXISTS (SELECT 1 FROM units u WHERE u.name = 'task-' || t.id))";
+const API_TASK_DONE: &str = "(EXISTS (SELECT 1 FROM dispatches d WHERE d.unit = 'task-' || t.id \
+     AND d.ended_at IS NOT NULL) OR EXISTS (SELECT 1 FROM runs r WHERE r.unit = 'task-' || t.id \
+     AND r.dispatch IS NULL AND r.ended_at IS NOT NULL) OR NOT EXISTS (SELECT 1 FROM units u \
+     WHERE u.name = 'task-' || t.id))";
 
-/// Tasks `GET /api/v1/task` answers at most (the newest).
-pub const API_TASKS_LISTED: u32 = 10_000;
+/// Tasks `GET /api/v1/task` answers by default and at most (the newest).
+pub const API_TASKS_LISTED: (u32, u32) = (1000, 10_000);
 
 /// Filter for [`Store::list_runs`].
 #[derive(Debug, Clone, Default)]
@@ -430,11 +433,13 @@ pub trait Backend: Send + Sync {
     /// Records a task of the REST API; its id.
     async fn insert_api_task(&self, t: ApiTask) -> Result<i64>;
 
-    /// Forgets task `id` (its unit could not be added).
-    async fn delete_api_task(&self, id: i64) -> Result<()>;
+    /// Settles task `id` once its unit's `Add` was answered: listed from now on if the unit
+    /// was `added`, else forgotten. (Until then it is not listed: its unit may not exist yet.)
+    async fn settle_api_task(&self, id: i64, added: bool) -> Result<()>;
 
-    /// The newest `limit` tasks of the REST API, oldest first, each with `done` as of now.
-    async fn list_api_tasks(&self, limit: u32) -> Result<Vec<ApiTask>>;
+    /// The newest `limit` settled tasks of the REST API with an id below `before`, oldest
+    /// first, each with `done` as of now.
+    async fn list_api_tasks(&self, limit: u32, before: Option<i64>) -> Result<Vec<ApiTask>>;
 }
 
 /// The commits a store made: how many, and how long each took (`/metrics`).

@@ -566,7 +566,11 @@ async fn api_tasks_are_listed_newest_last_and_done_once_their_dispatch_ended(sto
     let b = store.insert_api_task(task("b")).await.unwrap();
     let c = store.insert_api_task(task("c")).await.unwrap();
     assert!(a < b && b < c);
-    store.delete_api_task(c).await.unwrap();
+    // Not listed until settled (its unit may not exist yet); a refused one is forgotten.
+    assert_eq!(store.list_api_tasks(10, None).await.unwrap(), []);
+    store.settle_api_task(a, true).await.unwrap();
+    store.settle_api_task(b, true).await.unwrap();
+    store.settle_api_task(c, false).await.unwrap();
     // Task a's unit ran its dispatch to the end; b's unit has one still running.
     for id in [a, b] {
         store.insert_unit(unit(&ApiTask::unit_name(id))).await.unwrap();
@@ -578,13 +582,14 @@ async fn api_tasks_are_listed_newest_last_and_done_once_their_dispatch_ended(sto
     store.set_dispatch_state(d.id, DispatchState::Succeeded).await.unwrap();
     let name = ApiTask::unit_name(b);
     store.create_dispatch(&name, Trigger::Add, hosts, 0, None, None).await.unwrap();
-    let listed = store.list_api_tasks(10).await.unwrap();
+    let listed = store.list_api_tasks(10, None).await.unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0], ApiTask { id: a, done: true, ..task("a") });
     assert_eq!(listed[1], ApiTask { id: b, done: false, ..task("b") });
-    assert_eq!(store.list_api_tasks(1).await.unwrap()[0].id, b, "the newest");
+    assert_eq!(store.list_api_tasks(1, None).await.unwrap()[0].id, b, "the newest");
+    assert_eq!(store.list_api_tasks(10, Some(b)).await.unwrap()[0].id, a, "a page before b");
     // A task whose unit is gone is done; ids are never reused.
     store.delete_unit(&ApiTask::unit_name(b), false).await.unwrap();
-    assert!(store.list_api_tasks(10).await.unwrap()[1].done);
+    assert!(store.list_api_tasks(10, None).await.unwrap()[1].done);
     assert!(store.insert_api_task(task("d")).await.unwrap() > c);
 }

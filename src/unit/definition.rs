@@ -856,6 +856,11 @@ fn notify_of(def: &UnitDef) -> Result<Vec<Webhook>> {
         if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
             return Err(Error::invalid(field, "expected http://HOST/… or https://HOST/…"));
         }
+        // It would be sent as the Host header and kept on runs in clear: put a secret in the
+        // path or query instead.
+        if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(Error::invalid(field, "no user or password in the URL"));
+        }
         let on = match &h.on {
             None => DEFAULT_ON.to_vec(),
             Some(on) if on.is_empty() => {

@@ -78,15 +78,20 @@ impl Drop for TestRedis {
     }
 }
 
-/// A daemon taking tasks from `r`, running them in a directory of the test's own.
-fn daemon(r: &TestRedis, logs: bool) -> (TestDaemon, tempfile::TempDir) {
+/// The daemon's name in these tests: its processing lists are `…_processing:q1`.
+const NAME: &str = "q1";
+const PROCESSING: &str = "queue_job_task_processing:q1";
+
+/// A daemon named [`NAME`] taking tasks from `r` (with `extra` lines of `taskd.toml`), running
+/// them in a directory of the test's own.
+fn daemon(r: &TestRedis, logs: bool, extra: &str) -> (TestDaemon, tempfile::TempDir) {
     let work = tempfile::tempdir().unwrap();
     let config = format!(
-        "[redis]\nurl = \"{}\"\ncmd_dir = \"{}\"\nlogs = {logs}\n",
+        "{extra}\n[redis]\nurl = \"{}\"\ncmd_dir = \"{}\"\nlogs = {logs}\n",
         r.url(),
         work.path().display()
     );
-    (TestDaemon::start_with_config(&config, &[]), work)
+    (TestDaemon::start_with_config(&config, &["--name", NAME]), work)
 }
 
 /// The next message of `{queue}_logs` (waits up to 30 s).
@@ -98,7 +103,7 @@ fn next_log(c: &mut redis::Connection) -> Value {
 #[test]
 fn the_seeds_tasks_run_push_their_output_and_are_killed_through_control() {
     let Some(r) = TestRedis::start() else { return };
-    let (d, work) = daemon(&r, true);
+    let (d, work) = daemon(&r, true, "");
     let mut c = r.conn();
     // Exactly as the seed pushes one (its own example command would not exist here).
     let _: () = c
@@ -117,6 +122,7 @@ fn the_seeds_tasks_run_push_their_output_and_are_killed_through_control() {
     assert_eq!(next_log(&mut c), mk("done", "3"));
 
     // A malformed item is dropped; the consumer goes on with the next.
+    let _: () = c.rpush("queue_job_task", b"\xff\xfe not UTF-8".as_slice()).unwrap();
     let _: () = c.rpush("queue_job_task", "{not json").unwrap();
     let _: () = c.rpush("queue_job_task", r#"{"id":"102","task":{}}"#).unwrap();
     let _: () = c
@@ -129,12 +135,12 @@ fn the_seeds_tasks_run_push_their_output_and_are_killed_through_control() {
     let done = next_log(&mut c);
     assert_eq!((done["id"].as_str(), done["msg_type"].as_str()), (Some("103"), Some("done")));
     assert_eq!(done["data"], "143", "SIGTERM: 128 + 15");
-    for list in ["queue_job_task", "queue_job_task_processing", "queue_job_task_control_processing"]
-    {
+    for list in ["queue_job_task", PROCESSING, "queue_job_task_control_processing:q1"] {
         let n: usize = c.llen(list).unwrap();
         assert_eq!(n, 0, "{list}");
     }
     assert!(d.log().contains("malformed task dropped"), "{}", d.log());
+    assert!(d.log().contains("not UTF-8 dropped"), "{}", d.log());
     let units = d.call("TaskUnit.List", json!({}));
     let names: Vec<&str> =
         units.as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap()).collect();
@@ -144,7 +150,7 @@ fn the_seeds_tasks_run_push_their_output_and_are_killed_through_control() {
 #[test]
 fn no_task_is_lost_or_repeated_across_a_kill_9_of_taskd_or_a_redis_restart() {
     let Some(mut r) = TestRedis::start() else { return };
-    let (mut d, _work) = daemon(&r, false);
+    let (mut d, _work) = daemon(&r, false, "");
     let mut c = r.conn();
     const N: usize = 40;
     for i in 0..N {
@@ -156,15 +162,22 @@ fn no_task_is_lost_or_repeated_across_a_kill_9_of_taskd_or_a_redis_restart() {
         (c.llen::<_, usize>("queue_job_task").unwrap() == 0).then_some(())
     });
     d.kill9();
+    // What a crash between the two steps leaves: a task taken and recorded (its unit exists),
+    // and one taken and not recorded.
+    let t0 = json!({"id": "t0", "type": "x", "task": {"cmdline": "true"}}).to_string();
+    let late = json!({"id": "late", "type": "x", "task": {"cmdline": "true"}}).to_string();
+    let _: () = c.rpush(PROCESSING, vec![t0, late]).unwrap();
     d.restart();
     let mut raw = d.raw();
     wait_for("every task recorded once", || {
         let v = raw.call("TaskUnit.List", json!({}));
-        (v["result"].as_array()?.len() == N).then_some(())
+        (v["result"].as_array()?.len() == N + 1).then_some(())
     });
     wait_for("the processing list emptied", || {
-        (c.llen::<_, usize>("queue_job_task_processing").unwrap() == 0).then_some(())
+        (c.llen::<_, usize>(PROCESSING).unwrap() == 0).then_some(())
     });
+    let u = d.wait_unit("redis-late", "its run ended", |u| u["last_run"]["ended_at"].is_string());
+    assert_eq!(u["runs_total"], 1);
     for i in 0..N {
         let u = d.wait_unit(&format!("redis-t{i}"), "its run ended", |u| {
             u["last_run"]["ended_at"].is_string()
@@ -181,4 +194,22 @@ fn no_task_is_lost_or_repeated_across_a_kill_9_of_taskd_or_a_redis_restart() {
     let _: () = c.rpush("queue_job_task", r#"{"id":"after","task":{"cmdline":"true"}}"#).unwrap();
     d.wait_unit("redis-after", "its run succeeded", |u| u["last_run"]["state"] == "succeeded");
     assert!(d.log().contains("redis: unreachable"), "{}", d.log());
+}
+
+#[test]
+fn tasks_wait_in_redis_while_taskd_holds_as_many_units_as_it_may() {
+    let Some(r) = TestRedis::start() else { return };
+    let (d, _work) = daemon(&r, false, "max_units = 2");
+    let mut c = r.conn();
+    for id in ["a", "b", "c"] {
+        let item = json!({"id": id, "task": {"cmdline": "true"}}).to_string();
+        let _: () = c.rpush("queue_job_task", item).unwrap();
+    }
+    d.wait_unit("redis-b", "b recorded", |u| u["last_run"]["ended_at"].is_string());
+    // The third waits, taken but not dropped, until there is room.
+    wait_for("c waiting", || (c.llen::<_, usize>(PROCESSING).unwrap() == 1).then_some(()));
+    wait_for("the wait logged", || d.log().contains("stays queued").then_some(()));
+    d.call("TaskUnit.Delete", json!("redis-a"));
+    d.wait_unit("redis-c", "c recorded", |u| u["last_run"]["state"] == "succeeded");
+    assert_eq!(c.llen::<_, usize>(PROCESSING).unwrap(), 0);
 }

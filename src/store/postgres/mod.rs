@@ -978,8 +978,8 @@ impl Backend for Postgres {
             .iter()
             .map(|r| StaleRun {
                 record: run_from_row(r),
-                pid_start: r.get::<_, Option<i64>>(19).map(|v| v as u64),
-                boot_id: r.get(20),
+                pid_start: r.get::<_, Option<i64>>(20).map(|v| v as u64),
+                boot_id: r.get(21),
             })
             .collect();
         let now = Timestamp::now();
@@ -1346,20 +1346,26 @@ impl Backend for Postgres {
         Ok(row.get(0))
     }
 
-    async fn delete_api_task(&self, id: i64) -> Result<()> {
+    async fn settle_api_task(&self, id: i64, added: bool) -> Result<()> {
         let mut c = self.client().await?;
         let t = begin(&mut c, &self.shared).await?;
-        t.execute("DELETE FROM api_tasks WHERE id = $1", &[&id]).await?;
+        let sql = if added {
+            "UPDATE api_tasks SET added = true WHERE id = $1"
+        } else {
+            "DELETE FROM api_tasks WHERE id = $1"
+        };
+        t.execute(sql, &[&id]).await?;
         t.commit().await
     }
 
-    async fn list_api_tasks(&self, limit: u32) -> Result<Vec<ApiTask>> {
+    async fn list_api_tasks(&self, limit: u32, before: Option<i64>) -> Result<Vec<ApiTask>> {
         let c = self.client().await?;
         let sql = format!(
             "SELECT * FROM (SELECT id, title, account, timeout, hosts, script, args, creator, \
-             created, {API_TASK_DONE} FROM api_tasks t ORDER BY id DESC LIMIT $1) k ORDER BY id"
+             created, {API_TASK_DONE} FROM api_tasks t WHERE added AND id < $2 \
+             ORDER BY id DESC LIMIT $1) k ORDER BY id"
         );
-        let rows = c.query(&sql, &[&i64::from(limit)]).await?;
+        let rows = c.query(&sql, &[&i64::from(limit), &before.unwrap_or(i64::MAX)]).await?;
         Ok(rows
             .iter()
             .map(|r| ApiTask {

@@ -198,7 +198,8 @@ CREATE TABLE api_tasks (
     script TEXT NOT NULL,
     args TEXT NOT NULL,
     creator TEXT NOT NULL,
-    created TIMESTAMPTZ NOT NULL
+    created TIMESTAMPTZ NOT NULL,
+    added BOOLEAN NOT NULL DEFAULT false
 );
 ALTER TABLE runs ADD COLUMN notified TEXT;
 ",

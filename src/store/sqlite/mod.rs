@@ -237,7 +237,8 @@ CREATE TABLE IF NOT EXISTS api_tasks (
     script TEXT NOT NULL,
     args TEXT NOT NULL,
     creator TEXT NOT NULL,
-    created INTEGER NOT NULL
+    created INTEGER NOT NULL,
+    added INTEGER NOT NULL DEFAULT 0
 );
 ";
 
@@ -1172,24 +1173,29 @@ impl Backend for Sqlite {
         .await
     }
 
-    async fn delete_api_task(&self, id: i64) -> Result<()> {
+    async fn settle_api_task(&self, id: i64, added: bool) -> Result<()> {
         self.call(move |t| {
-            t.conn.execute("DELETE FROM api_tasks WHERE id = ?1", params![id])?;
+            let sql = if added {
+                "UPDATE api_tasks SET added = 1 WHERE id = ?1"
+            } else {
+                "DELETE FROM api_tasks WHERE id = ?1"
+            };
+            t.conn.execute(sql, params![id])?;
             Ok(())
         })
         .await
     }
 
-    async fn list_api_tasks(&self, limit: u32) -> Result<Vec<ApiTask>> {
+    async fn list_api_tasks(&self, limit: u32, before: Option<i64>) -> Result<Vec<ApiTask>> {
         self.call(move |t| {
             let sql = format!(
                 "SELECT * FROM (SELECT id, title, account, timeout, hosts, script, args, creator, \
-                 created, {API_TASK_DONE} FROM api_tasks t ORDER BY id DESC LIMIT ?1) \
-                 ORDER BY id"
+                 created, {API_TASK_DONE} FROM api_tasks t WHERE added AND id < ?2 \
+                 ORDER BY id DESC LIMIT ?1) ORDER BY id"
             );
             let mut st = t.conn.prepare_cached(&sql)?;
             let rows = st
-                .query_map(params![limit], |r| {
+                .query_map(params![limit, before.unwrap_or(i64::MAX)], |r| {
                     let hosts: String = r.get(4)?;
                     Ok(ApiTask {
                         id: r.get(0)?,
