@@ -151,6 +151,9 @@ fn audit_to(store: Store) -> AuditHook {
 /// How long shutdown waits for the store to take the changes nobody waited for.
 const STOP_FLUSH: Duration = Duration::from_secs(5);
 
+/// How long shutdown waits for the last webhooks and Redis pushes.
+const BACKGROUND_GRACE: Duration = Duration::from_secs(5);
+
 /// The tokens and trackers shutdown goes through, in order (see [`Stopping::stop`]).
 #[derive(Default)]
 struct Stopping {
@@ -159,6 +162,10 @@ struct Stopping {
     unit_tasks: TaskTracker,
     /// Every active `Run.Follow`.
     followers: TaskTracker,
+    /// Work beside the units (webhooks, the Redis queue): stopped once the units stopped, so
+    /// that their ends are still notified and pushed.
+    background_stop: CancellationToken,
+    background: TaskTracker,
     /// No new connections.
     stop_accepting: CancellationToken,
     /// The listener and every connection.
@@ -175,6 +182,14 @@ impl Stopping {
         self.units_root.cancel();
         self.unit_tasks.close();
         self.unit_tasks.wait().await;
+        self.background_stop.cancel();
+        self.background.close();
+        if tokio::time::timeout(BACKGROUND_GRACE, self.background.wait()).await.is_err() {
+            tracing::warn!(
+                "webhooks or Redis pushes still under way after {BACKGROUND_GRACE:?}; stopping \
+                 without them"
+            );
+        }
         // What nobody waited for (pids, fire times, audit records) is lost to a store that
         // cannot take it now, as it would be to a kill -9: shutdown does not wait for ever.
         match tokio::time::timeout(STOP_FLUSH, store.flush()).await {
@@ -334,9 +349,12 @@ pub async fn run(
             keep_runs: cfg.keep_runs,
             max_units: cfg.max_units,
             metrics: Metrics::new(store.commit_latency()),
-            notifier: Notifier::start(store.clone(), |r| {
-                serde_json::to_value(crate::rpc::types::RunInfo::from(r)).unwrap_or_default()
-            }),
+            notifier: Notifier::start(
+                store.clone(),
+                |r| serde_json::to_value(crate::rpc::types::RunInfo::from(r)).unwrap_or_default(),
+                stopping.background_stop.clone(),
+                &stopping.background,
+            ),
         },
         stopping.units_root.clone(),
         stopping.unit_tasks.clone(),
@@ -407,7 +425,11 @@ pub async fn run(
         // Tasks taken from Redis while the engine runs, none during shutdown.
         let consumer =
             crate::redis_queue::Consumer::new(r.clone(), registry.clone(), cfg.name.clone())?;
-        consumer.spawn(stopping.stop_accepting.clone());
+        consumer.spawn(
+            stopping.stop_accepting.clone(),
+            stopping.background_stop.clone(),
+            &stopping.background,
+        );
         tracing::info!(queue = %r.queue, "taking tasks from redis");
     }
     let server = tokio::spawn(serve(

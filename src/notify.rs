@@ -4,22 +4,28 @@
 //! (`notified`: attempts, last status or error).
 //!
 //! Mechanism: the unit loop hands the ended run to [`Notifier::run_ended`], which only puts it
-//! in a bounded queue (`try_send`): a unit loop never waits for a webhook. One worker takes
-//! jobs from the queue and runs at most [`IN_FLIGHT`] of them at once, each trying its
-//! webhooks side by side; the queue holds the rest.
+//! in a bounded queue (`try_send`): a unit loop never waits for a webhook. A dispatcher takes
+//! jobs from the queue, renders each body once, and hands every webhook's delivery to the
+//! queue of its endpoint (`host:port`). Each endpoint has its own worker, started on its first
+//! delivery and gone after [`HOST_IDLE`] without one, sending at most [`PER_HOST`] at once: an
+//! endpoint that hangs or fails holds up only its own deliveries, never another's. The run's
+//! `notified` record is written once all of its webhooks are through.
 //!
 //! Invariants and limits:
 //! - whatever an endpoint does (hangs, answers 500, refuses), a run and its unit's loop go on:
 //!   an attempt ends after [`ATTEMPT_TIMEOUT`], a webhook after [`ATTEMPTS`] attempts;
-//! - memory is bounded: [`QUEUED`] jobs wait at most; a run ending while the queue is full is
-//!   recorded `dropped` without an attempt (and logged);
+//! - memory is bounded: [`QUEUED`] jobs wait at most, [`HOST_QUEUED`] deliveries per endpoint,
+//!   [`HOSTS`] endpoints at once; what finds its queue full is recorded `dropped` without an
+//!   attempt (and logged);
 //! - answers 2xx succeed; 408, 429, 5xx and network errors are tried again; other 4xx are not
 //!   (the request itself is wrong);
 //! - `https://` checks the endpoint's certificate against this machine's CAs;
-//! - jobs still queued or in flight when the daemon stops are not tried again by the next
-//!   daemon: a notification is at most once per attempt, not guaranteed.
+//! - on shutdown (after the runs stopped, so their ends are queued) what is queued is sent
+//!   once, without further attempts, for as long as the daemon waits for it; the next daemon
+//!   does not try again: a notification is at most once per attempt, not guaranteed.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +35,8 @@ use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::run::RunRecord;
 use crate::store::Store;
@@ -37,8 +45,14 @@ use crate::unit::definition::Webhook;
 
 /// Ended runs waiting to be notified, at most.
 pub const QUEUED: usize = 1024;
-/// Jobs (runs) notified at once, at most.
-pub const IN_FLIGHT: usize = 16;
+/// Deliveries to one endpoint waiting, at most.
+pub const HOST_QUEUED: usize = 256;
+/// Deliveries to one endpoint in flight at once, at most.
+pub const PER_HOST: usize = 4;
+/// Endpoints with deliveries under way, at most.
+pub const HOSTS: usize = 256;
+/// An endpoint's worker ends after this long without a delivery.
+const HOST_IDLE: Duration = Duration::from_secs(60);
 /// Tries per webhook, at most.
 pub const ATTEMPTS: u32 = 5;
 /// How long one attempt (connect, TLS, request, response head) may take.
@@ -66,6 +80,10 @@ struct Outcome {
 }
 
 impl Outcome {
+    fn dropped(url: String, why: &str) -> Outcome {
+        Outcome { url, attempts: 0, status: None, error: Some(format!("dropped: {why}")) }
+    }
+
     fn to_json(&self) -> Value {
         json!({"url": self.url, "attempts": self.attempts, "status": self.status,
                "error": self.error})
@@ -90,11 +108,24 @@ impl std::fmt::Debug for Notifier {
 }
 
 impl Notifier {
-    /// Starts the worker, which records outcomes in `store`, reads run output from it, and
-    /// shows runs as `render` does.
-    pub fn start(store: Store, render: RenderRun) -> Notifier {
+    /// Starts the dispatcher, in `tasks`, which records outcomes in `store`, reads run output
+    /// from it, and shows runs as `render` does. After `stop`, what is queued is sent once.
+    pub fn start(
+        store: Store,
+        render: RenderRun,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Notifier {
         let (tx, rx) = mpsc::channel(QUEUED);
-        tokio::spawn(worker(rx, store.clone(), render));
+        let d = Dispatcher {
+            store: store.clone(),
+            render,
+            tls: https_connector(),
+            stop,
+            tasks: tasks.clone(),
+            hosts: HashMap::new(),
+        };
+        tasks.spawn(d.run(rx));
         Notifier { tx, store }
     }
 
@@ -107,68 +138,189 @@ impl Notifier {
             return;
         }
         let job = Job { unit: unit.to_string(), hooks, run: run.clone() };
-        if let Err(mpsc::error::TrySendError::Full(job)) = self.tx.try_send(job) {
+        // Full, or closed once the daemon stopped: recorded as not sent.
+        if let Err(e) = self.tx.try_send(job) {
+            let job = e.into_inner();
             tracing::warn!(run = job.run.id, "too many notifications waiting; this one is dropped");
-            let dropped: Vec<Value> = job
-                .hooks
-                .iter()
-                .map(|h| {
-                    Outcome {
-                        url: h.url.to_string(),
-                        attempts: 0,
-                        status: None,
-                        error: Some("dropped: too many notifications waiting".into()),
-                    }
-                    .to_json()
-                })
-                .collect();
-            self.store.set_notified(job.run.id, Value::Array(dropped).to_string());
+            let outcomes = job.hooks.iter().map(|h| {
+                Outcome::dropped(h.url.to_string(), "too many notifications waiting").to_json()
+            });
+            self.store.set_notified(job.run.id, Value::Array(outcomes.collect()).to_string());
         }
     }
 }
 
-async fn worker(mut rx: mpsc::Receiver<Job>, store: Store, render: RenderRun) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    let tls = match crate::tls::client_config(&crate::tls::Trust::System) {
+fn https_connector() -> Option<tokio_rustls::TlsConnector> {
+    match crate::tls::client_config(&crate::tls::Trust::System) {
         Ok(c) => Some(tokio_rustls::TlsConnector::from(c)),
         Err(e) => {
             tracing::warn!(error = %e, "no TLS for https webhooks");
             None
         }
-    };
-    while let Some(job) = rx.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let (store, tls) = (store.clone(), tls.clone());
-        tokio::spawn(async move {
-            notify(&store, tls.as_ref(), render, job).await;
-            drop(slot);
-        });
     }
 }
 
-/// Sends `job`'s notifications and records how they went.
-async fn notify(
-    store: &Store,
-    tls: Option<&tokio_rustls::TlsConnector>,
+/// Takes jobs from the queue and hands their deliveries to their endpoints' workers.
+struct Dispatcher {
+    store: Store,
     render: RenderRun,
-    job: Job,
-) {
-    let q = LogQuery { tail: Some(OUTPUT_LINES), limit: OUTPUT_BYTES, ..LogQuery::default() };
-    let output = store.logs().read(job.run.id, q).await.map(|s| s.data).unwrap_or_default();
-    let body = json!({
-        "unit": job.unit,
-        "run": render(&job.run),
-        "output": output,
-        "sent_at": Timestamp::now().to_string(),
-    });
-    let body = Bytes::from(body.to_string());
-    let tries = job.hooks.iter().map(|h| deliver(&h.url, body.clone(), tls));
-    let outcomes = futures_util::future::join_all(tries).await;
-    for o in outcomes.iter().filter(|o| o.status.is_none_or(|s| !(200..300).contains(&s))) {
-        tracing::warn!(run = job.run.id, url = %o.url, attempts = o.attempts, error = ?o.error, status = ?o.status, "webhook failed");
+    tls: Option<tokio_rustls::TlsConnector>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    /// Each endpoint's queue (its worker ends, closing it, once idle).
+    hosts: HashMap<String, mpsc::Sender<Delivery>>,
+}
+
+impl Dispatcher {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        loop {
+            let job = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => break,
+                job = rx.recv() => job,
+            };
+            let Some(job) = job else { return };
+            self.dispatch(job).await;
+        }
+        // Stopping: the runs have stopped, so their ends are queued; each is sent once.
+        rx.close();
+        while let Some(job) = rx.recv().await {
+            self.dispatch(job).await;
+        }
     }
-    let recorded: Vec<Value> = outcomes.iter().map(Outcome::to_json).collect();
-    store.set_notified(job.run.id, Value::Array(recorded).to_string());
+
+    /// Renders `job`'s body and queues a delivery per webhook at its endpoint.
+    async fn dispatch(&mut self, job: Job) {
+        let q = LogQuery { tail: Some(OUTPUT_LINES), limit: OUTPUT_BYTES, ..LogQuery::default() };
+        let output =
+            self.store.logs().read(job.run.id, q).await.map(|s| s.data).unwrap_or_default();
+        let body = json!({
+            "unit": job.unit,
+            "run": (self.render)(&job.run),
+            "output": output,
+            "sent_at": Timestamp::now().to_string(),
+        });
+        let body = Bytes::from(body.to_string());
+        let pending = Arc::new(Pending {
+            run: job.run.id,
+            store: self.store.clone(),
+            outcomes: Mutex::new(vec![None; job.hooks.len()]),
+        });
+        if self.hosts.len() >= HOSTS {
+            self.hosts.retain(|_, tx| !tx.is_closed());
+        }
+        for (index, hook) in job.hooks.into_iter().enumerate() {
+            let key = endpoint(&hook.url);
+            let d = Delivery { url: hook.url, body: body.clone(), index, pending: pending.clone() };
+            self.queue(key, d);
+        }
+    }
+
+    /// Queues `d` at endpoint `key`, starting its worker when it has none.
+    fn queue(&mut self, key: String, d: Delivery) {
+        let d = match self.hosts.get(&key) {
+            Some(tx) => match tx.try_send(d) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(d)) => {
+                    return d.dropped("too many notifications waiting for this endpoint");
+                }
+                // Its worker ended, idle.
+                Err(mpsc::error::TrySendError::Closed(d)) => d,
+            },
+            None if self.hosts.len() >= HOSTS => {
+                return d.dropped("too many webhook endpoints busy");
+            }
+            None => d,
+        };
+        let (tx, rx) = mpsc::channel(HOST_QUEUED);
+        let _ = tx.try_send(d);
+        self.hosts.insert(key, tx);
+        let w = HostWorker { tls: self.tls.clone(), stop: self.stop.clone() };
+        self.tasks.spawn(w.run(rx));
+    }
+}
+
+/// `host:port` of a webhook's URL: what its deliveries share.
+fn endpoint(url: &Uri) -> String {
+    let https = url.scheme_str() == Some("https");
+    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+    format!("{}:{port}", url.host().unwrap_or_default())
+}
+
+/// One webhook of one run, on its way.
+struct Delivery {
+    url: Uri,
+    body: Bytes,
+    /// Which of the run's webhooks.
+    index: usize,
+    pending: Arc<Pending>,
+}
+
+impl Delivery {
+    fn done(self, o: Outcome) {
+        self.pending.done(self.index, o);
+    }
+
+    fn dropped(self, why: &str) {
+        let o = Outcome::dropped(self.url.to_string(), why);
+        self.done(o);
+    }
+}
+
+/// A run whose webhooks are under way: recorded once all of them are through.
+struct Pending {
+    run: i64,
+    store: Store,
+    outcomes: Mutex<Vec<Option<Outcome>>>,
+}
+
+impl Pending {
+    fn done(&self, index: usize, o: Outcome) {
+        if o.status.is_none_or(|s| !(200..300).contains(&s)) {
+            tracing::warn!(run = self.run, url = %o.url, attempts = o.attempts, error = ?o.error, status = ?o.status, "webhook failed");
+        }
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        outcomes[index] = Some(o);
+        if let Some(all) = outcomes
+            .iter()
+            .map(|o| o.as_ref().map(Outcome::to_json))
+            .collect::<Option<Vec<Value>>>()
+        {
+            self.store.set_notified(self.run, Value::Array(all).to_string());
+        }
+    }
+}
+
+/// Sends one endpoint's deliveries, [`PER_HOST`] at once, until idle for [`HOST_IDLE`].
+struct HostWorker {
+    tls: Option<tokio_rustls::TlsConnector>,
+    stop: CancellationToken,
+}
+
+impl HostWorker {
+    async fn run(self, mut rx: mpsc::Receiver<Delivery>) {
+        let slots = Arc::new(Semaphore::new(PER_HOST));
+        let sending = TaskTracker::new();
+        loop {
+            match tokio::time::timeout(HOST_IDLE, rx.recv()).await {
+                Ok(Some(d)) => {
+                    let Ok(slot) = slots.clone().acquire_owned().await else { break };
+                    let (tls, stop) = (self.tls.clone(), self.stop.clone());
+                    sending.spawn(async move {
+                        let o = deliver(&d.url, d.body.clone(), tls.as_ref(), &stop).await;
+                        d.done(o);
+                        drop(slot);
+                    });
+                }
+                Ok(None) => break,
+                // Idle: new deliveries go to a new worker; those queued meanwhile are sent.
+                Err(_) if sending.is_empty() => rx.close(),
+                Err(_) => {}
+            }
+        }
+        sending.close();
+        sending.wait().await;
+    }
 }
 
 /// Whether a status is worth another attempt.
@@ -176,8 +328,14 @@ fn retryable(status: u16) -> bool {
     matches!(status, 408 | 429) || status >= 500
 }
 
-/// POSTs `body` to `url` until it is taken, refused for good, or [`ATTEMPTS`] are spent.
-async fn deliver(url: &Uri, body: Bytes, tls: Option<&tokio_rustls::TlsConnector>) -> Outcome {
+/// POSTs `body` to `url` until it is taken, refused for good, or [`ATTEMPTS`] are spent (after
+/// `stop`, no further attempt is made).
+async fn deliver(
+    url: &Uri,
+    body: Bytes,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    stop: &CancellationToken,
+) -> Outcome {
     let mut out = Outcome { url: url.to_string(), attempts: 0, status: None, error: None };
     let mut delay = FIRST_DELAY;
     loop {
@@ -200,10 +358,13 @@ async fn deliver(url: &Uri, body: Bytes, tls: Option<&tokio_rustls::TlsConnector
                 out.error = Some(format!("no answer within {ATTEMPT_TIMEOUT:?}"));
             }
         }
-        if out.attempts >= ATTEMPTS {
+        if out.attempts >= ATTEMPTS || stop.is_cancelled() {
             return out;
         }
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stop.cancelled() => return out,
+        }
         delay *= 2;
     }
 }

@@ -42,6 +42,7 @@ use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::error::Error;
 use crate::registry::Registry;
@@ -206,6 +207,9 @@ pub struct Consumer {
     registry: Registry,
     /// This daemon's name (`--name`): its processing lists are its own.
     name: String,
+    /// Output is pushed until then, by tasks in `tasks`.
+    stop: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl Consumer {
@@ -214,14 +218,21 @@ impl Consumer {
     pub fn new(cfg: RedisConfig, registry: Registry, name: String) -> anyhow::Result<Consumer> {
         let client = redis::Client::open(cfg.url.as_str())
             .map_err(|e| anyhow::anyhow!("[redis] url: {e}"))?;
-        Ok(Consumer { cfg, client, registry, name })
+        let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+        Ok(Consumer { cfg, client, registry, name, stop, tasks })
     }
 
-    /// Consumes tasks and kills until `stop`, reconnecting as needed.
-    pub fn spawn(self, stop: CancellationToken) {
-        let me = std::sync::Arc::new(self);
-        tokio::spawn(me.clone().keep(stop.clone(), Lane::Tasks));
-        tokio::spawn(me.keep(stop, Lane::Control));
+    /// Consumes tasks and kills, in `tasks`, until `take_until`, reconnecting as needed;
+    /// pushes the output of the tasks taken until `stop`.
+    pub fn spawn(
+        self,
+        take_until: CancellationToken,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) {
+        let me = std::sync::Arc::new(Consumer { stop, tasks: tasks.clone(), ..self });
+        tasks.spawn(me.clone().keep(take_until.clone(), Lane::Tasks));
+        tasks.spawn(me.keep(take_until, Lane::Control));
     }
 
     /// The list a lane takes from, and this consumer's own processing list for it (several
@@ -358,7 +369,13 @@ impl Consumer {
                         task: t,
                         unit: name,
                     };
-                    tokio::spawn(fwd.run(events));
+                    let stop = self.stop.clone();
+                    self.tasks.spawn(async move {
+                        tokio::select! {
+                            () = fwd.run(events) => {}
+                            () = stop.cancelled() => {}
+                        }
+                    });
                 }
                 Handled::Done
             }

@@ -343,7 +343,12 @@ mod tests {
             keep_runs: 10,
             max_units: 10,
             metrics: crate::metrics::Metrics::new(store.commit_latency()),
-            notifier: crate::notify::Notifier::start(store.clone(), |_| Value::Null),
+            notifier: crate::notify::Notifier::start(
+                store.clone(),
+                |_| Value::Null,
+                tokio_util::sync::CancellationToken::new(),
+                &tokio_util::task::TaskTracker::new(),
+            ),
         };
         let root = tokio_util::sync::CancellationToken::new();
         let tracker = tokio_util::task::TaskTracker::new();

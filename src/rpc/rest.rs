@@ -174,6 +174,9 @@ fn refusal(e: &Error) -> HttpResponse {
     route_error(status, &message)
 }
 
+/// Ids a task may try when units of their names exist already.
+const NAME_TRIES: u32 = 16;
+
 /// `POST /api/v1/task`.
 pub async fn add(registry: &Registry, body: &[u8], peer: Option<SocketAddr>) -> HttpResponse {
     let task = match parse(body) {
@@ -182,14 +185,27 @@ pub async fn add(registry: &Registry, body: &[u8], peer: Option<SocketAddr>) -> 
     };
     let store = registry.store();
     // The id names the unit: the task is recorded first, and forgotten if its unit is refused.
-    let id = match store.insert_api_task(task.clone()).await {
-        Ok(id) => id,
-        Err(e) => return route_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-    };
-    let name = ApiTask::unit_name(id);
-    let added = match UnitDef::from_json(definition(&task, &name)) {
-        Ok(def) => registry.add(def).await.map(|_| ()),
-        Err(e) => Err(e),
+    // A unit of that name made otherwise (a user's `task-7`) costs the id, not the task.
+    let mut tries = 0;
+    let (id, name, added) = loop {
+        let id = match store.insert_api_task(task.clone()).await {
+            Ok(id) => id,
+            Err(e) => return route_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        };
+        let name = ApiTask::unit_name(id);
+        let added = match UnitDef::from_json(definition(&task, &name)) {
+            Ok(def) => registry.add(def).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        tries += 1;
+        match added {
+            Err(Error::UnitExists(_)) if tries < NAME_TRIES => {
+                if let Err(e) = store.settle_api_task(id, false).await {
+                    tracing::warn!(task = id, error = %e, "cannot forget a task of the REST API");
+                }
+            }
+            added => break (id, name, added),
+        }
     };
     store.audit(AuditRecord {
         id: 0,

@@ -225,6 +225,12 @@ fn join_tokens_are_spent_once_and_agent_credentials_serve_only_the_agent_protoco
     };
     assert_eq!(call("AgentLink.Heartbeat")["result"], true);
     assert_eq!(call("TaskUnit.List")["error"]["code"], -32050);
+    // Nor the REST task API or the metrics.
+    for (method, path) in [("GET", "/api/v1/task"), ("POST", "/api/v1/task"), ("GET", "/metrics")] {
+        let body = r#"{"script": "id", "hosts": ["local"]}"#;
+        let (status, answer) = crate::common::http(&d.addr, method, path, &headers, body);
+        assert_eq!(status, 401, "{method} {path}: {answer}");
+    }
 
     // Revoked: refused from then on.
     let mut a = TestAgent::enroll(&d, "h3", "");

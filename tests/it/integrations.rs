@@ -148,6 +148,31 @@ fn a_refused_task_gets_its_reason_and_leaves_nothing_behind() {
     assert_eq!(status, 200, "{body}");
     let id: i64 = body.parse().expect("a bare id");
     d.wait_unit(&format!("task-{id}"), "its run ended", |u| u["last_run"]["state"] == "succeeded");
+    // A user's unit named as the next task would be costs that task its id, nothing more.
+    let mine = format!("task-{}", id + 1);
+    d.call("TaskUnit.Add", json!({"name": mine, "command": ["true"], "every": "1h"}));
+    let (status, body) =
+        http(&d.addr, "POST", path, &h, r#"{"script": "echo again", "hosts": ["local"]}"#);
+    assert_eq!(status, 200, "{body}");
+    let next: i64 = body.parse().expect("a bare id");
+    assert!(next > id + 1, "{next}");
+    d.wait_unit(&format!("task-{next}"), "its run ended", |u| {
+        u["last_run"]["state"] == "succeeded"
+    });
+    assert_eq!(d.call("TaskUnit.Get", json!(mine))["definition"]["command"], json!(["true"]));
+    let (_, listed) = http(&d.addr, "GET", path, &h, "");
+    let ids: Vec<i64> = serde_json::from_str::<Vec<Value>>(&listed)
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id, next]);
+    // A body over the daemon's request limit (1 MiB): 413, nothing added.
+    let huge = format!(r#"{{"script": "{}", "hosts": ["local"]}}"#, "x".repeat(2 << 20));
+    let (status, answer) = http(&d.addr, "POST", path, &h, &huge);
+    assert_eq!(status, 413, "{answer}");
+    let (_, after) = http(&d.addr, "GET", path, &h, "");
+    assert_eq!(after, listed);
 }
 
 /// A scrape of `d`'s `/metrics` with `headers`, parsed by a Prometheus text parser.
@@ -371,6 +396,40 @@ impl Receiver {
     }
 }
 
+#[test]
+fn an_endpoint_that_hangs_holds_up_only_its_own_webhooks() {
+    let d = TestDaemon::start();
+    let hangs = Receiver::start(vec![Answer::Hang]);
+    let ok = Receiver::start(vec![Answer::Status(200)]);
+    let on = json!(["succeeded"]);
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "to-hang", "command": ["true"], "notify": [{"url": hangs.url, "on": on}]}),
+    );
+    let u = d.wait_unit("to-hang", "its first run", |u| u["last_run"]["state"] == "succeeded");
+    // More ended runs than the notifier sends at once, all to the endpoint that hangs (each
+    // of their attempts takes 5 s, five of them).
+    let mut hanging = vec![u["last_run"]["id"].clone()];
+    for _ in 0..30 {
+        let r = d.call("TaskUnit.Start", json!("to-hang"));
+        d.wait_run_end(r["id"].as_i64().unwrap());
+        hanging.push(r["id"].clone());
+    }
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "to-ok", "command": ["true"], "notify": [{"url": ok.url, "on": on}]}),
+    );
+    let u = d.wait_unit("to-ok", "its run ended", |u| u["last_run"]["state"] == "succeeded");
+    // Delivered while every run before it is still waiting on the endpoint that hangs.
+    let record = notified(&d, &u["last_run"]["id"]);
+    assert_eq!(record[0]["status"], 200, "{record:?}");
+    for id in hanging {
+        let r = d.call("Run.Get", id);
+        assert!(r["notified"].is_null(), "{r}");
+    }
+    assert!(hangs.bodies().len() <= 4, "at most 4 requests at once to one endpoint");
+}
+
 /// The `notified` record of run `id`, once it is there.
 fn notified(d: &TestDaemon, id: &Value) -> Vec<Value> {
     let mut raw = d.raw();
@@ -429,18 +488,28 @@ fn webhooks_are_retried_recorded_on_the_run_and_never_hold_up_runs() {
     let output = body["output"].as_str().unwrap();
     assert!(output.contains("out") && output.contains("err"), "{output}");
 
-    // A run that succeeds notifies nothing by default (failed, timed_out, lost).
+    // A run that succeeds notifies nothing by default (failed, timed_out, lost): the receiver
+    // gets the second run's failure, and never the first run's success.
     let ok = Receiver::start(vec![Answer::Status(200)]);
+    let flag = tempfile::tempdir().unwrap();
+    let script = format!("test -e {0}/ran && exit 1; touch {0}/ran", flag.path().display());
     d.call(
         "TaskUnit.Add",
-        json!({"name": "fine", "command": ["true"], "notify": [{"url": ok.url}]}),
+        json!({"name": "fine", "command": ["sh", "-c", script], "notify": [{"url": ok.url}]}),
     );
     let u = d.wait_unit("fine", "its run ended", |u| u["last_run"]["state"] == "succeeded");
-    assert!(u["last_run"]["notified"].is_null(), "{u}");
+    let succeeded = u["last_run"]["id"].clone();
     assert_eq!(
         u["definition"]["notify"],
         json!([{"url": ok.url, "on": ["failed", "timed_out", "lost"]}])
     );
+    let r = d.call("TaskUnit.Start", json!("fine"));
+    let failed = r["id"].clone();
+    assert_eq!(d.wait_run_end(failed.as_i64().unwrap())["state"], "failed");
+    assert_eq!(notified(&d, &failed)[0]["status"], 200);
+    let runs: Vec<Value> = ok.bodies().iter().map(|b| b["run"]["id"].clone()).collect();
+    assert_eq!(runs, vec![failed]);
+    assert!(d.call("Run.Get", succeeded)["notified"].is_null());
     // A bad webhook is refused at Add, naming the field.
     let mut raw = d.raw();
     for (notify, field) in [
