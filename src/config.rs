@@ -211,6 +211,8 @@ pub struct FileConfig {
     pub advertise: Option<String>,
     /// `--lease`.
     pub lease: Option<String>,
+    /// How long a finished REST or Redis task's unit is kept (default `"7d"`; `"0"`: for ever).
+    pub keep_tasks: Option<String>,
     /// `[redis]`: take tasks from a Redis list (seed 002).
     pub redis: Option<crate::redis_queue::RedisConfig>,
 }
@@ -250,6 +252,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Most units.
     pub max_units: usize,
+    /// How long a finished task's unit is kept (`None`: for ever).
+    pub keep_tasks: Option<Duration>,
     /// An agent silent this long is disconnected.
     pub agent_timeout: Duration,
     /// Runs of a disconnected agent become `lost` after this long.
@@ -347,6 +351,11 @@ impl Config {
                 u32::try_from(n).map_err(|_| anyhow::anyhow!("max_request_size: at most 4GiB"))?
             }
         };
+        let keep_tasks = match file.keep_tasks.as_deref() {
+            None => Some(Duration::from_secs(7 * 86_400)),
+            Some("0") => None,
+            Some(s) => Some(parse_duration(s).map_err(|e| anyhow::anyhow!("keep_tasks: {e}"))?),
+        };
         let idle_timeout = match &file.idle_timeout {
             None => Duration::from_secs(300),
             Some(s) => parse_duration(s).map_err(|e| anyhow::anyhow!("idle_timeout: {e}"))?,
@@ -416,6 +425,7 @@ impl Config {
             max_in_flight: file.max_in_flight.unwrap_or(64).max(1),
             idle_timeout,
             max_units: file.max_units.unwrap_or(100_000).max(1),
+            keep_tasks,
             agent_timeout,
             lost_after,
             tls,

@@ -421,6 +421,10 @@ pub async fn run(
         registry.len(),
         if cluster.is_some() { ", holding the cluster's lease" } else { "" }
     ));
+    if let Some(keep) = cfg.keep_tasks {
+        let janitor = crate::task_units::Janitor::new(registry.clone(), keep);
+        stopping.background.spawn(janitor.run(stopping.stop_accepting.clone()));
+    }
     if let Some(r) = &cfg.redis {
         // Tasks taken from Redis while the engine runs, none during shutdown.
         let consumer =

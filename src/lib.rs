@@ -48,6 +48,7 @@ pub mod run;
 pub mod state_dir;
 pub mod store;
 pub mod systemd;
+pub mod task_units;
 pub mod tls;
 pub mod unit;
 

@@ -135,13 +135,15 @@ fn parse(body: &[u8]) -> Result<ApiTask, String> {
 }
 
 /// The definition of the unit that runs `t`.
-fn definition(t: &ApiTask, name: &str) -> Value {
+fn definition(t: &ApiTask, id: i64) -> Value {
+    let name = ApiTask::unit_name(id);
     let mut def = json!({
         "name": name,
         "script": t.script,
         "args": t.args.split_whitespace().collect::<Vec<_>>(),
         "hosts": t.hosts,
         "description": t.title,
+        "env": {crate::task_units::TASK_ID: id.to_string()},
     });
     if !t.account.is_empty() {
         def["user"] = json!(t.account);
@@ -193,7 +195,7 @@ pub async fn add(registry: &Registry, body: &[u8], peer: Option<SocketAddr>) -> 
             Err(e) => return route_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         };
         let name = ApiTask::unit_name(id);
-        let added = match UnitDef::from_json(definition(&task, &name)) {
+        let added = match UnitDef::from_json(definition(&task, id)) {
             Ok(def) => registry.add(def).await.map(|_| ()),
             Err(e) => Err(e),
         };
@@ -303,14 +305,14 @@ mod tests {
         let t = parse(body).unwrap();
         assert_eq!(t.hosts, ["192.168.3.200", "192.168.3.201"]);
         assert_eq!((t.timeout, t.account.as_str(), t.args.as_str()), (5, "root", ""));
-        let def = definition(&t, "task-1");
+        let def = definition(&t, 1);
         assert_eq!(def["user"], "root");
         assert_eq!(def["timeout"], "5s");
         assert_eq!(def["description"], "test01");
         let t =
             parse(br#"{"script": "x", "hosts": ["a"], "args": "-v  --all", "done": 0}"#).unwrap();
-        assert_eq!(definition(&t, "n")["args"], json!(["-v", "--all"]));
-        assert!(definition(&t, "n").get("user").is_none());
+        assert_eq!(definition(&t, 1)["args"], json!(["-v", "--all"]));
+        assert!(definition(&t, 1).get("user").is_none());
     }
 
     #[test]

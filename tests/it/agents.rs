@@ -118,7 +118,7 @@ fn agent_state(d: &TestDaemon, name: &str) -> String {
     v["result"]["state"].as_str().unwrap_or_default().to_string()
 }
 
-fn wait_connected(d: &TestDaemon, name: &str) {
+pub fn wait_connected(d: &TestDaemon, name: &str) {
     wait_for(&format!("agent {name} to connect"), || {
         (agent_state(d, name) == "connected").then_some(())
     });

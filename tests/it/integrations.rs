@@ -175,6 +175,36 @@ fn a_refused_task_gets_its_reason_and_leaves_nothing_behind() {
     assert_eq!(after, listed);
 }
 
+#[test]
+fn a_finished_tasks_unit_is_removed_after_keep_tasks_and_the_task_stays_listed() {
+    let d = TestDaemon::start_with_config("keep_tasks = \"1s\"\n", &[]);
+    let auth = format!("Bearer {}", d.token);
+    let h = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
+    // A user's own unit with a task's name is never the janitor's.
+    d.call("TaskUnit.Add", json!({"name": "task-999", "command": ["true"]}));
+    d.wait_unit("task-999", "its run ended", |u| u["state"] == "done");
+    let (status, body) = http(
+        &d.addr,
+        "POST",
+        "/api/v1/task",
+        &h,
+        r#"{"script": "echo $TASKD_TASK_ID", "hosts": ["local"]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let name = format!("task-{body}");
+    let u = d.wait_unit(&name, "its run ended", |u| u["state"] == "done");
+    let out = d.call("Run.Logs", json!({"id": u["last_run"]["id"]}));
+    assert_eq!(out["data"].as_str().map(str::trim), Some(body.as_str()), "{out}");
+    let mut raw = d.raw();
+    wait_for("the task's unit removed", || {
+        raw.call("TaskUnit.Get", json!(name))["error"].is_object().then_some(())
+    });
+    let (_, listed) = http(&d.addr, "GET", "/api/v1/task", &h, "");
+    let listed: Vec<Value> = serde_json::from_str(&listed).unwrap();
+    assert_eq!((listed.len(), &listed[0]["done"]), (1, &json!(1)), "{listed:?}");
+    assert_eq!(d.call("TaskUnit.Get", json!("task-999"))["state"], "done");
+}
+
 /// A scrape of `d`'s `/metrics` with `headers`, parsed by a Prometheus text parser.
 fn scrape(d: &TestDaemon, headers: &[(&str, &str)]) -> prometheus_parse::Scrape {
     let (status, body) = http(&d.addr, "GET", "/metrics", headers, "");

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use redis::Commands;
 use serde_json::{Value, json};
 
+use crate::agents::TestAgent;
 use crate::common::{TestDaemon, wait_for};
 
 /// A throwaway `redis-server` on a free loopback port, killed when dropped.
@@ -120,6 +121,21 @@ fn the_seeds_tasks_run_push_their_output_and_are_killed_through_control() {
     assert_eq!(next_log(&mut c), mk("stdout", &cwd));
     assert_eq!(next_log(&mut c), mk("stderr", "oops"));
     assert_eq!(next_log(&mut c), mk("done", "3"));
+    // Lines are pushed as they are written, not when the run ends; the task's id is in its
+    // command's environment.
+    let _: () = c
+        .rpush(
+            "queue_job_task",
+            r#"{"id":"104","type":"live","task":{"cmdline":"echo first $TASKD_TASK_ID; while [ ! -e go ]; do sleep 0.05; done; echo second"}}"#,
+        )
+        .unwrap();
+    let first = next_log(&mut c);
+    assert_eq!((first["id"].as_str(), first["data"].as_str()), (Some("104"), Some("first 104")));
+    assert_eq!(d.call("TaskUnit.Get", json!("redis-104"))["last_run"]["state"], "running");
+    std::fs::write(work.path().join("go"), "").unwrap();
+    let mk = |t: &str, d: &str| json!({"id": "104", "type": "live", "msg_type": t, "data": d});
+    assert_eq!(next_log(&mut c), mk("stdout", "second"));
+    assert_eq!(next_log(&mut c), mk("done", "0"));
 
     // A malformed item is dropped; the consumer goes on with the next.
     let _: () = c.rpush("queue_job_task", b"\xff\xfe not UTF-8".as_slice()).unwrap();
@@ -144,7 +160,7 @@ fn the_seeds_tasks_run_push_their_output_and_are_killed_through_control() {
     let units = d.call("TaskUnit.List", json!({}));
     let names: Vec<&str> =
         units.as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["redis-101", "redis-103"]);
+    assert_eq!(names, ["redis-101", "redis-103", "redis-104"]);
 }
 
 #[test]
@@ -212,4 +228,30 @@ fn tasks_wait_in_redis_while_taskd_holds_as_many_units_as_it_may() {
     d.call("TaskUnit.Delete", json!("redis-a"));
     d.wait_unit("redis-c", "c recorded", |u| u["last_run"]["state"] == "succeeded");
     assert_eq!(c.llen::<_, usize>(PROCESSING).unwrap(), 0);
+}
+
+#[test]
+fn a_task_running_on_an_agent_goes_on_pushing_its_output_after_taskd_restarts() {
+    let Some(r) = TestRedis::start() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[redis]\nurl = \"{}\"\ncmd_dir = \"{}\"\nhosts = [\"h1\"]\nlogs = true\n",
+        r.url(),
+        work.path().display()
+    );
+    let mut d = TestDaemon::start_with_config(&config, &["--name", NAME]);
+    let _agent = TestAgent::enroll(&d, "h1", "");
+    let mut c = r.conn();
+    let task = r#"{"id":"a1","type":"far","task":{"cmdline":"echo before; while [ ! -e go ]; do sleep 0.05; done; echo after"}}"#;
+    let _: () = c.rpush("queue_job_task", task).unwrap();
+    let mk = |t: &str, d: &str| json!({"id": "a1", "type": "far", "msg_type": t, "data": d});
+    assert_eq!(next_log(&mut c), mk("stdout", "before"));
+    d.kill9();
+    d.restart_on_same_port();
+    crate::agents::wait_connected(&d, "h1");
+    std::fs::write(work.path().join("go"), "").unwrap();
+    assert_eq!(next_log(&mut c), mk("stdout", "after"));
+    assert_eq!(next_log(&mut c), mk("done", "0"));
+    let n: usize = c.llen("queue_job_task_logs").unwrap();
+    assert_eq!(n, 0, "nothing pushed twice");
 }

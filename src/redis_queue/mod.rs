@@ -9,11 +9,14 @@
 //!   unit name is replaced by a hash of it);
 //! - a kill, `RPUSH`ed to `{queue}_control`: `{"id": "101", "type": "kill"}` stops the task's
 //!   active runs (recorded `cancelled`);
-//! - with `logs = true`, each line of a run's output, then its end, `RPUSH`ed to
-//!   `{queue}_logs`: `{"id", "type", "msg_type": "stdout" | "stderr" | "done", "data"}`, `done`
-//!   carrying the exit status (128 + the signal for a run a signal ended, -1 for one that never
-//!   ran). A run's lines and its `done` are pushed together (one `RPUSH`) when the run ends,
-//!   not as they are written, on a connection made for them, tried again with back-off.
+//! - with `logs = true`, each line of a run's output as it is written, then its end, `RPUSH`ed
+//!   to `{queue}_logs`: `{"id", "type", "msg_type": "stdout" | "stderr" | "done", "data"}`,
+//!   `done` carrying the exit status (128 + the signal for a run a signal ended, -1 for one
+//!   that never ran); see [`push`].
+//!
+//! A task's unit carries the task's id and type in its environment (see [`crate::task_units`]):
+//! its command can read them, the pusher knows the unit's runs by them (also after a
+//! restart), and the janitor removes the unit `keep_tasks` after it is done.
 //!
 //! **Nothing taken is lost, nothing runs twice.** A task is moved, not popped (`BLMOVE` from
 //! `queue` to `{queue}_processing:{name}`, Redis's reliable-queue pattern; `name` is the
@@ -30,9 +33,6 @@
 //! the queue waits. A Redis that is down or goes away is reconnected with back-off (0.5 s
 //! doubling to 30 s), logged once per outage; the API keeps serving meanwhile.
 //!
-//! Limits: one unit per task stays after it ran (delete them, as any unit, when their history
-//! is no longer wanted); a log line longer than 64 KiB is pushed in pieces; the output of a
-//! task taken before a restart of taskd is not pushed (its run's end is recorded as usual).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,9 +46,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::Error;
 use crate::registry::Registry;
-use crate::run::RunRecord;
-use crate::store::EventKind;
-use crate::store::logs::{LogQuery, Stream};
+use crate::task_units::{TASK_ID, TASK_TYPE};
 use crate::unit::UnitDef;
 
 /// `[redis]` in `taskd.toml`.
@@ -101,14 +99,14 @@ impl RedisConfig {
     }
 }
 
+mod push;
+
 /// How long one blocking move waits for an item before it is asked again.
 const BLOCK: f64 = 2.0;
 /// A command's answer may take this long (a blocking move: [`BLOCK`] more).
 const ANSWER: Duration = Duration::from_secs(10);
 /// Reconnection back-off: first and longest delay.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
-/// Bytes of output one log message carries at most.
-const LINE_MAX: usize = 64 * 1024;
 
 /// A task of the queue.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,6 +183,7 @@ fn definition(cfg: &RedisConfig, t: &Task) -> Value {
         "cwd": cfg.cmd_dir,
         "hosts": cfg.hosts,
         "description": format!("queue {} task {} ({})", cfg.queue, t.id, t.kind),
+        "env": {TASK_ID: t.id, TASK_TYPE: t.kind},
     });
     if t.timeout > 0 {
         def["timeout"] = json!(format!("{}s", t.timeout));
@@ -207,9 +206,6 @@ pub struct Consumer {
     registry: Registry,
     /// This daemon's name (`--name`): its processing lists are its own.
     name: String,
-    /// Output is pushed until then, by tasks in `tasks`.
-    stop: CancellationToken,
-    tasks: TaskTracker,
 }
 
 impl Consumer {
@@ -218,21 +214,35 @@ impl Consumer {
     pub fn new(cfg: RedisConfig, registry: Registry, name: String) -> anyhow::Result<Consumer> {
         let client = redis::Client::open(cfg.url.as_str())
             .map_err(|e| anyhow::anyhow!("[redis] url: {e}"))?;
-        let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
-        Ok(Consumer { cfg, client, registry, name, stop, tasks })
+        Ok(Consumer { cfg, client, registry, name })
     }
 
     /// Consumes tasks and kills, in `tasks`, until `take_until`, reconnecting as needed;
-    /// pushes the output of the tasks taken until `stop`.
+    /// pushes the output of tasks' runs (with `logs`) until `stop`.
     pub fn spawn(
         self,
         take_until: CancellationToken,
         stop: CancellationToken,
         tasks: &TaskTracker,
     ) {
-        let me = std::sync::Arc::new(Consumer { stop, tasks: tasks.clone(), ..self });
-        tasks.spawn(me.clone().keep(take_until.clone(), Lane::Tasks));
-        tasks.spawn(me.keep(take_until, Lane::Control));
+        let me = std::sync::Arc::new(self);
+        let (ready, pushing) = tokio::sync::oneshot::channel();
+        if me.cfg.logs {
+            let list = format!("{}_logs", me.cfg.queue);
+            let (registry, client) = (me.registry.clone(), me.client.clone());
+            let p = push::Pusher::new(registry, client, list, stop, tasks.clone());
+            tasks.spawn(p.run(ready));
+        } else {
+            let _ = ready.send(());
+        }
+        // Tasks are taken once the pusher follows the runs.
+        let lanes = tasks.clone();
+        tasks.spawn(async move {
+            if pushing.await.is_ok() {
+                lanes.spawn(me.clone().keep(take_until.clone(), Lane::Tasks));
+                lanes.spawn(me.keep(take_until, Lane::Control));
+            }
+        });
     }
 
     /// The list a lane takes from, and this consumer's own processing list for it (several
@@ -356,27 +366,9 @@ impl Consumer {
             }
         };
         let name = def.name.clone();
-        // Subscribed before the unit exists, so that none of its runs' ends slips by.
-        let events = self.cfg.logs.then(|| self.registry.store().subscribe_events());
         match self.registry.add(def).await {
             Ok(_) => {
                 tracing::info!(id = %t.id, unit = %name, "redis: task recorded");
-                if let Some(events) = events {
-                    let fwd = Forwarder {
-                        registry: self.registry.clone(),
-                        client: self.client.clone(),
-                        list: format!("{}_logs", self.cfg.queue),
-                        task: t,
-                        unit: name,
-                    };
-                    let stop = self.stop.clone();
-                    self.tasks.spawn(async move {
-                        tokio::select! {
-                            () = fwd.run(events) => {}
-                            () = stop.cancelled() => {}
-                        }
-                    });
-                }
                 Handled::Done
             }
             // Recorded before a crash, or an id used twice: taken once.
@@ -435,138 +427,6 @@ enum Lane {
 
 fn cut(s: &str) -> String {
     s.chars().take(200).collect()
-}
-
-/// Pushes a task's output and end to `{queue}_logs` as its runs end.
-struct Forwarder {
-    registry: Registry,
-    client: redis::Client,
-    list: String,
-    task: Task,
-    unit: String,
-}
-
-/// Tries to push one run's messages, at most.
-const PUSH_TRIES: u32 = 5;
-
-impl Forwarder {
-    /// Follows the unit's events until the task is over: its dispatch ended (on agents), or
-    /// its run on this host ended (a retry is a new run: each run's end is pushed).
-    async fn run(self, mut events: tokio::sync::broadcast::Receiver<crate::store::Event>) {
-        use tokio::sync::broadcast::error::RecvError;
-        let remote = self.registry.get(&self.unit).is_ok_and(|u| u.config.is_remote());
-        loop {
-            let e = match events.recv().await {
-                Ok(e) => e,
-                Err(RecvError::Lagged(_)) => {
-                    // Events were missed: the ends are read from the store instead.
-                    self.catch_up().await;
-                    return;
-                }
-                Err(RecvError::Closed) => return,
-            };
-            if e.unit != self.unit {
-                continue;
-            }
-            match e.kind {
-                EventKind::RunFinished => {
-                    if let Some(run) = e.run {
-                        self.push_run(run).await;
-                    }
-                    let active =
-                        self.registry.get(&self.unit).is_ok_and(|u| !u.status.active.is_empty());
-                    if !remote && !active {
-                        return;
-                    }
-                }
-                EventKind::DispatchFinished | EventKind::UnitDeleted => return,
-                _ => {}
-            }
-        }
-    }
-
-    /// After missed events: waits until the unit has nothing active, then pushes every run's
-    /// end it has (what was pushed already may be pushed again).
-    async fn catch_up(&self) {
-        tracing::warn!(unit = %self.unit, "redis: events missed; the task's output is pushed from the store");
-        while self.registry.get(&self.unit).is_ok_and(|u| !u.status.active.is_empty()) {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let f = crate::store::RunFilter {
-            unit: Some(self.unit.clone()),
-            limit: 10_000,
-            ..Default::default()
-        };
-        let mut runs = self.registry.runs(f).await.unwrap_or_default();
-        runs.sort_by_key(|r| r.id);
-        for r in runs.into_iter().filter(|r| r.state.is_final()) {
-            self.push_run(r.id).await;
-        }
-    }
-
-    /// Pushes run `id`'s output and end, on a connection of its own (Redis may have been
-    /// restarted since the task was taken), tried again with back-off.
-    async fn push_run(&self, id: i64) {
-        let Ok(rec) = self.registry.run(id).await else { return };
-        let msgs = self.messages(&rec).await;
-        let mut delay = BACKOFF.0;
-        for attempt in 1..=PUSH_TRIES {
-            match self.push_all(&msgs).await {
-                Ok(()) => return,
-                Err(e) if attempt == PUSH_TRIES => {
-                    tracing::warn!(unit = %self.unit, run = id, error = %e, "redis: cannot push a task's output; given up");
-                }
-                Err(_) => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(BACKOFF.1);
-                }
-            }
-        }
-    }
-
-    async fn push_all(&self, msgs: &[String]) -> redis::RedisResult<()> {
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(ANSWER));
-        let mut c = self.client.get_multiplexed_async_connection_with_config(&cfg).await?;
-        // One RPUSH for all of them: pushed whole or not at all, in order.
-        let _: usize = c.rpush(&self.list, msgs).await?;
-        Ok(())
-    }
-
-    /// Each line of `rec`'s stdout, then stderr, then `done` with its exit status.
-    async fn messages(&self, rec: &RunRecord) -> Vec<String> {
-        let msg = |msg_type: &str, data: &str| {
-            json!({"id": self.task.id, "type": self.task.kind, "msg_type": msg_type, "data": data})
-                .to_string()
-        };
-        let logs = self.registry.store().logs().clone();
-        let mut out = Vec::new();
-        for (stream, name) in [(Stream::Stdout, "stdout"), (Stream::Stderr, "stderr")] {
-            let mut offset = 0;
-            loop {
-                let q = LogQuery {
-                    stream: Some(stream),
-                    offset,
-                    limit: LINE_MAX,
-                    ..LogQuery::default()
-                };
-                let Ok(slice) = logs.read(rec.id, q).await else { break };
-                out.extend(slice.data.lines().map(|line| msg(name, line)));
-                if slice.eof || slice.next_offset <= offset {
-                    break;
-                }
-                offset = slice.next_offset;
-            }
-        }
-        let status = match (rec.exit_code, rec.signal) {
-            (Some(code), _) => code,
-            (None, Some(sig)) => 128 + sig,
-            (None, None) => -1,
-        };
-        out.push(msg("done", &status.to_string()));
-        out
-    }
 }
 
 #[cfg(test)]
