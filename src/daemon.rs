@@ -374,6 +374,7 @@ pub async fn run(
         gate: gate.clone(),
         cluster: cluster.clone().map(|c| (c, cfg.lease)),
     }));
+    let sessions = Arc::new(crate::rpc::dashboard::Sessions::default());
     let serve_cfg = ServeConfig {
         auth: match &token {
             Some(t) => Auth::Token(t.clone()),
@@ -395,7 +396,13 @@ pub async fn run(
             let fleet = registry.fleet().clone();
             Arc::new(move |credential: &str| fleet.authenticate(credential))
         }),
-        routes: Some(Arc::new(DaemonRoutes::new(registry.clone(), cfg.metrics_public))),
+        routes: Some(Arc::new(DaemonRoutes::new(
+            registry.clone(),
+            cfg.metrics_public,
+            sessions.clone(),
+            token.clone(),
+        ))),
+        sessions: Some(sessions),
         metrics: Some(registry.metrics().clone()),
         ..ServeConfig::default()
     };

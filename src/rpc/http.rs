@@ -272,6 +272,8 @@ pub struct HttpGuardLayer {
     agents: Option<AgentCheck>,
     /// The daemon's own routes.
     routes: Option<Arc<dyn Routes>>,
+    /// The dashboard's sessions (see [`super::dashboard`]).
+    sessions: Option<Arc<super::dashboard::Sessions>>,
 }
 
 impl std::fmt::Debug for HttpGuardLayer {
@@ -289,12 +291,29 @@ impl HttpGuardLayer {
         local: Option<SocketAddr>,
         max_request_size: u32,
     ) -> Self {
-        Self { auth, hosts, conn, local, max_request_size, agents: None, routes: None }
+        Self {
+            auth,
+            hosts,
+            conn,
+            local,
+            max_request_size,
+            agents: None,
+            routes: None,
+            sessions: None,
+        }
     }
 
     /// Answers `routes` itself (see [`Routes`]).
     pub fn with_routes(mut self, routes: Arc<dyn Routes>) -> Self {
         self.routes = Some(routes);
+        self
+    }
+
+    /// Also accepts the cookie of a dashboard session in `sessions` on JSON-RPC and WebSocket
+    /// requests that come from the daemon's own origin (they carry an `Origin`, which the
+    /// browser rules checked).
+    pub fn with_sessions(mut self, sessions: Arc<super::dashboard::Sessions>) -> Self {
+        self.sessions = Some(sessions);
         self
     }
 
@@ -343,7 +362,13 @@ impl HttpGuardLayer {
             self.conn.authenticate_agent(name, epoch);
             req.extensions_mut().insert(Authenticated);
         } else if let Auth::Token(token) = &self.auth {
-            if !bearer(headers).is_some_and(|presented| token_eq(token, presented)) {
+            let by_token = bearer(headers).is_some_and(|presented| token_eq(token, presented));
+            let by_session = || {
+                route.is_none()
+                    && origin.is_some()
+                    && self.sessions.as_ref().is_some_and(|s| s.admits(headers))
+            };
+            if !by_token && !by_session() {
                 self.conn.login_failed();
                 return Err((StatusCode::UNAUTHORIZED, HTTP_UNAUTHORIZED_MESSAGE.into()));
             }

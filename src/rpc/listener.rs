@@ -99,8 +99,11 @@ pub struct ServeConfig {
     pub plain_remote: bool,
     /// Agents' credentials, accepted as bearer tokens on HTTP and WebSocket.
     pub agents: Option<super::http::AgentCheck>,
-    /// HTTP requests answered beside JSON-RPC (`/metrics`, the REST API).
+    /// HTTP requests answered beside JSON-RPC (`/metrics`, the REST API, the dashboard).
     pub routes: Option<Arc<dyn super::http::Routes>>,
+    /// The dashboard's sessions: their cookie admits JSON-RPC and WebSocket requests from the
+    /// daemon's own origin.
+    pub sessions: Option<Arc<super::dashboard::Sessions>>,
     /// Where calls are counted.
     pub metrics: Option<crate::metrics::Metrics>,
 }
@@ -125,6 +128,7 @@ impl Default for ServeConfig {
             plain_remote: true,
             agents: None,
             routes: None,
+            sessions: None,
             metrics: None,
         }
     }
@@ -438,6 +442,9 @@ async fn serve_http<I>(
     }
     if let Some(routes) = &shared.cfg.routes {
         guard = guard.with_routes(routes.clone());
+    }
+    if let Some(sessions) = &shared.cfg.sessions {
+        guard = guard.with_sessions(sessions.clone());
     }
     let mut svc = Server::builder()
         .set_config(shared.server_cfg.clone())

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod conn;
 pub mod daemon;
+pub mod dashboard;
 pub mod discover;
 pub mod events;
 mod follow;

@@ -3,12 +3,16 @@
 //! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]), with the token, or to anyone who
 //!   passes the browser rules with `--metrics-public`;
 //! - `POST /api/v1/task` and `GET /api/v1/task`: the seed's REST task API ([`super::rest`]),
-//!   with the token.
+//!   with the token;
+//! - `GET /`, `GET /ui/…`, `POST /login`, `POST /logout`: the web dashboard
+//!   ([`super::dashboard`]), to anyone who passes the browser rules (the page's data comes
+//!   over the WebSocket, with the session's cookie).
 //!
 //! Every other request goes to JSON-RPC. The guard in front of them ([`super::http`]) applies
 //! the browser rules, the token and the size limit to these routes as to every call.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use http::{Method, StatusCode};
@@ -24,12 +28,21 @@ pub const METRICS_PATH: &str = "/metrics";
 pub struct DaemonRoutes {
     registry: Registry,
     metrics_public: bool,
+    /// The dashboard's sessions, and the token that opens one (`None`: no auth).
+    sessions: Arc<super::dashboard::Sessions>,
+    token: Option<Arc<str>>,
 }
 
 impl DaemonRoutes {
-    /// The routes of the daemon of `registry`; `/metrics` needs no token if `metrics_public`.
-    pub fn new(registry: Registry, metrics_public: bool) -> Self {
-        Self { registry, metrics_public }
+    /// The routes of the daemon of `registry`; `/metrics` needs no token if `metrics_public`;
+    /// the dashboard's sign-in opens `sessions` for `token`.
+    pub fn new(
+        registry: Registry,
+        metrics_public: bool,
+        sessions: Arc<super::dashboard::Sessions>,
+        token: Option<Arc<str>>,
+    ) -> Self {
+        Self { registry, metrics_public, sessions, token }
     }
 
     fn metrics(&self) -> HttpResponse {
@@ -55,6 +68,7 @@ impl Routes for DaemonRoutes {
             METRICS_PATH if self.metrics_public && method == Method::GET => Some(Access::Public),
             METRICS_PATH => Some(Access::Token),
             super::rest::TASK_PATH => Some(Access::Token),
+            p if super::dashboard::is_dashboard(method, p) => Some(Access::Public),
             _ => None,
         }
     }
@@ -75,6 +89,11 @@ impl Routes for DaemonRoutes {
                 super::rest::list(&self.registry, req.uri().query()).await
             }
             (super::rest::TASK_PATH, _) => not_allowed("GET, POST"),
+            (p @ (super::dashboard::LOGIN_PATH | super::dashboard::LOGOUT_PATH), m) => {
+                let token = self.token.as_deref();
+                super::dashboard::sign(&self.sessions, token, m, p, req.headers(), req.body())
+            }
+            (p, m) if super::dashboard::is_dashboard(m, p) => super::dashboard::asset(m, p),
             _ => route_error(StatusCode::NOT_FOUND, "not found"),
         }
     }

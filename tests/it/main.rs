@@ -6,6 +6,7 @@ mod cli;
 mod clients;
 mod cluster;
 mod common;
+mod dashboard;
 mod engine;
 mod faults;
 pub mod go;

@@ -764,3 +764,70 @@ fn a_second_host_or_origin_header_is_refused() {
     assert_eq!(ws_upgrade(&d.addr, &d.addr, &format!("{origins}{bearer}")), 400);
     assert!(unit_names(&d).is_empty());
 }
+
+#[test]
+fn the_dashboards_cookie_serves_only_calls_from_the_daemons_own_origin() {
+    let d = TestDaemon::start();
+    let login = |token: &str| {
+        let body = json!({ "token": token }).to_string();
+        let req = format!(
+            "POST /login HTTP/1.1\r\nHost: {0}\r\nOrigin: http://{0}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {1}\r\n\r\n{body}",
+            d.addr,
+            body.len()
+        );
+        http_raw(&d.addr, &req)
+    };
+    let (status, _, body) = login("wrong");
+    assert_eq!(status, 401, "{body}");
+    let (status, head, _) = login(&d.token);
+    assert_eq!(status, 200);
+    let set = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("a cookie: {head}"));
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    let own = format!("http://{}", d.addr);
+    let status_call = r#"{"jsonrpc":"2.0","id":1,"method":"Daemon.Status","params":[{}]}"#;
+    let call = |headers: &[(&str, &str)]| {
+        let mut h = vec![("Content-Type", "application/json")];
+        h.extend_from_slice(headers);
+        crate::common::http(&d.addr, "POST", "/", &h, status_call)
+    };
+    // With the daemon's own Origin: served.
+    let (status, body) = call(&[("Cookie", &cookie), ("Origin", &own)]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"result\""), "{body}");
+    // Without an Origin, the cookie is no credential; with another origin, refused outright.
+    let (status, _) = call(&[("Cookie", &cookie)]);
+    assert_eq!(status, 401);
+    let (status, _) = call(&[("Cookie", &cookie), ("Origin", "http://127.0.0.1:1")]);
+    assert_eq!(status, 403);
+    // Nor does it open the token's other doors (the REST API, the metrics).
+    let (status, _) = crate::common::http(
+        &d.addr,
+        "GET",
+        "/metrics",
+        &[("Cookie", &cookie), ("Origin", &own)],
+        "",
+    );
+    assert_eq!(status, 401);
+    // Signed out: refused from then on.
+    let req = format!(
+        "POST /logout HTTP/1.1\r\nHost: {0}\r\nOrigin: {own}\r\nCookie: {cookie}\r\n\
+         Connection: close\r\nContent-Length: 0\r\n\r\n",
+        d.addr
+    );
+    assert_eq!(http_raw(&d.addr, &req).0, 200);
+    let (status, _) = call(&[("Cookie", &cookie), ("Origin", &own)]);
+    assert_eq!(status, 401);
+    // The page itself is served to anyone, with its policy.
+    let (status, head, body) = http_raw(
+        &d.addr,
+        &format!("GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", d.addr),
+    );
+    assert_eq!(status, 200);
+    assert!(body.contains("/ui/app.js"), "{body}");
+    assert!(head.to_ascii_lowercase().contains("content-security-policy: default-src 'none'"));
+}

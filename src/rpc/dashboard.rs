@@ -1,0 +1,262 @@
+//! The web dashboard (SPEC §13): its files, built into the binary, and its sign-in.
+//!
+//! - `GET /` and `GET /ui/<file>` serve the page (`web/` in the source tree, embedded with
+//!   `include_bytes!`: nothing is fetched from another host, no build step, no files to
+//!   install). Anyone who passes the browser rules may load them: they hold no data. Each
+//!   answer forbids framing, sniffing and any script or connection but the daemon's own
+//!   (`Content-Security-Policy`).
+//! - `POST /login` with the token (a form field `token`, or the JSON `{"token": "…"}`) opens a
+//!   session and sets its cookie ([`COOKIE`]: `HttpOnly`, `SameSite=Strict`, 12 hours);
+//!   `POST /logout` closes it; `GET /login` says whether the request's cookie is signed in
+//!   (`{"signed_in", "auth"}`). The page then speaks JSON-RPC over a WebSocket to `/`, which
+//!   the guard ([`super::http`]) admits on that cookie only when the request carries an
+//!   `Origin`, and the guard admits only the daemon's own origins: another site's page can
+//!   neither send the cookie (SameSite) nor be let in with it (Origin).
+//!
+//! Sessions live in memory ([`Sessions`]): at most [`MAX_SESSIONS`] (the oldest is closed to
+//! make room), each for [`SESSION_TTL`]; a restart of the daemon signs everyone out.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, HeaderMap, HeaderValue,
+    SET_COOKIE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+};
+use http::{Method, StatusCode};
+use jsonrpsee::server::{HttpBody, HttpResponse};
+
+use super::http::route_error;
+
+/// The session cookie's name.
+pub const COOKIE_NAME: &str = "taskd_session";
+/// How long a session lasts.
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Sessions open at once, at most.
+pub const MAX_SESSIONS: usize = 256;
+/// Where the dashboard's files are served.
+pub const ASSETS_PREFIX: &str = "/ui/";
+/// Sign-in and sign-out.
+pub const LOGIN_PATH: &str = "/login";
+/// See [`LOGIN_PATH`].
+pub const LOGOUT_PATH: &str = "/logout";
+
+/// The page's files: path under [`ASSETS_PREFIX`] (`""` for `/`), type, bytes.
+const ASSETS: &[(&str, &str, &[u8])] = &[
+    ("", "text/html; charset=utf-8", include_bytes!("../../web/index.html")),
+    ("app.js", "text/javascript; charset=utf-8", include_bytes!("../../web/app.js")),
+    ("app.css", "text/css; charset=utf-8", include_bytes!("../../web/app.css")),
+    ("favicon.svg", "image/svg+xml", include_bytes!("../../web/favicon.svg")),
+];
+
+/// What the page may do: only the daemon's own scripts, styles and connections.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+     connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// Whether `method path` is one of the dashboard's requests.
+pub fn is_dashboard(method: &Method, path: &str) -> bool {
+    match path {
+        "/" => method == Method::GET,
+        LOGIN_PATH | LOGOUT_PATH => true,
+        p => p.starts_with(ASSETS_PREFIX),
+    }
+}
+
+/// One of the page's files (`GET /`, `GET /ui/<file>`).
+pub fn asset(method: &Method, path: &str) -> HttpResponse {
+    if method != Method::GET && method != Method::HEAD {
+        return route_error(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+    }
+    let name = path.strip_prefix(ASSETS_PREFIX).unwrap_or("");
+    let Some((_, kind, bytes)) = ASSETS.iter().find(|(p, _, _)| *p == name) else {
+        return route_error(StatusCode::NOT_FOUND, "not found");
+    };
+    let mut resp = HttpResponse::new(HttpBody::from(bytes.to_vec()));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(kind));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    secure(h);
+    resp
+}
+
+fn secure(h: &mut HeaderMap) {
+    h.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+}
+
+/// The dashboard's open sessions.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    open: Mutex<HashMap<String, Instant>>,
+}
+
+impl Sessions {
+    /// Opens a session: its id (the cookie's value).
+    fn open(&self) -> std::io::Result<String> {
+        let id = crate::state_dir::random_hex(32)?;
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        open.retain(|_, until| *until > now);
+        if open.len() >= MAX_SESSIONS
+            && let Some(oldest) =
+                open.iter().min_by_key(|(_, until)| **until).map(|(k, _)| k.clone())
+        {
+            open.remove(&oldest);
+        }
+        open.insert(id.clone(), now + SESSION_TTL);
+        Ok(id)
+    }
+
+    fn close(&self, id: &str) {
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
+    }
+
+    /// Whether `headers` carry the cookie of an open session.
+    pub fn admits(&self, headers: &HeaderMap) -> bool {
+        let Some(id) = session_cookie(headers) else { return false };
+        let open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Compared in constant time against each: the time taken tells nothing of the ids.
+        let mut found = None;
+        for (k, until) in open.iter() {
+            if super::auth::token_eq(k, id) {
+                found = Some(*until);
+            }
+        }
+        found.is_some_and(|until| until > Instant::now())
+    }
+}
+
+/// The session cookie's value in `headers`, if any.
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE_NAME)
+        .map(|(_, value)| value.trim_matches('"'))
+}
+
+/// The token a sign-in presents: a form field `token`, or JSON `{"token": "…"}`.
+fn presented_token(headers: &HeaderMap, body: &[u8]) -> Option<String> {
+    let json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json {
+        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+        return v.get("token")?.as_str().map(str::to_string);
+    }
+    let form = std::str::from_utf8(body).ok()?;
+    form.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == "token").map(|(_, v)| {
+        // A token is hex: only `+` (a space) and `%xx` could need decoding, and neither is
+        // part of one; what does not decode to the token fails the comparison anyway.
+        v.replace('+', " ")
+    })
+}
+
+/// `GET /login`, `POST /login` and `POST /logout` (`token`: the daemon's, `None` without
+/// auth).
+pub fn sign(
+    sessions: &Sessions,
+    token: Option<&str>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> HttpResponse {
+    let mut resp = if method == Method::GET && path == LOGIN_PATH {
+        // Whether the page must ask for the token.
+        let signed_in = token.is_none() || sessions.admits(headers);
+        let body = serde_json::json!({"signed_in": signed_in, "auth": token.is_some()});
+        HttpResponse::new(HttpBody::from(body.to_string()))
+    } else if method != Method::POST {
+        return route_error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+    } else if path == LOGOUT_PATH {
+        if let Some(id) = session_cookie(headers) {
+            sessions.close(id);
+        }
+        let mut resp = HttpResponse::new(HttpBody::from("{}"));
+        let gone = format!("{COOKIE_NAME}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+        if let Ok(v) = HeaderValue::from_str(&gone) {
+            resp.headers_mut().insert(SET_COOKIE, v);
+        }
+        resp
+    } else {
+        let ok = match (token, presented_token(headers, body)) {
+            (None, _) => true,
+            (Some(t), Some(p)) => super::auth::token_eq(t, &p),
+            (Some(_), None) => false,
+        };
+        if !ok {
+            return route_error(
+                StatusCode::UNAUTHORIZED,
+                "wrong token: it is in <state-dir>/token",
+            );
+        }
+        let id = match sessions.open() {
+            Ok(id) => id,
+            Err(e) => return route_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        };
+        let cookie = format!(
+            "{COOKIE_NAME}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            SESSION_TTL.as_secs()
+        );
+        let mut resp = HttpResponse::new(HttpBody::from("{}"));
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            resp.headers_mut().insert(SET_COOKIE, v);
+        }
+        resp
+    };
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    secure(h);
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_cookie(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn a_session_admits_its_cookie_until_closed_and_no_other() {
+        let s = Sessions::default();
+        let id = s.open().unwrap();
+        assert!(s.admits(&with_cookie(&format!("a=b; {COOKIE_NAME}={id}"))));
+        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}x"))));
+        assert!(!s.admits(&with_cookie("other=1")));
+        assert!(!s.admits(&HeaderMap::new()));
+        s.close(&id);
+        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}"))));
+    }
+
+    #[test]
+    fn sessions_are_bounded() {
+        let s = Sessions::default();
+        let first = s.open().unwrap();
+        for _ in 0..MAX_SESSIONS {
+            s.open().unwrap();
+        }
+        assert_eq!(s.open.lock().unwrap().len(), MAX_SESSIONS);
+        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={first}"))));
+    }
+
+    #[test]
+    fn the_token_comes_as_a_form_field_or_json() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_token(&h, b"x=1&token=abc").as_deref(), Some("abc"));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        assert_eq!(presented_token(&h, br#"{"token": "abc"}"#).as_deref(), Some("abc"));
+        assert_eq!(presented_token(&h, b"token=abc"), None);
+    }
+}
