@@ -107,23 +107,37 @@ const rpc = {
   pending: new Map(),
   subs: new Map(),
   early: new Map(),
+  gone: new Set(),
   onOpen: null,
   onDown: null,
 
-  open() {
+  open(key) {
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/`);
+      // The session's key goes in the URL: the cookie alone does not open the socket (see
+      // src/rpc/dashboard.rs for why).
+      const ws = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/?key=${enc(key || '')}`);
       let opened = false;
       ws.onopen = () => { opened = true; this.ws = ws; resolve(); };
-      ws.onmessage = (m) => this.receive(m.data);
+      ws.onmessage = (m) => { if (this.ws === ws) this.receive(m.data); };
       ws.onclose = () => {
+        if (!opened) { reject(new Error('cannot connect')); return; }
+        // A socket replaced by a newer one has nothing left to say.
+        if (this.ws !== ws) return;
         this.ws = null;
         for (const p of this.pending.values()) p.reject(new RpcError({ message: 'connection lost' }));
         this.pending.clear();
         this.subs.clear();
-        if (opened) { if (this.onDown) this.onDown(); } else reject(new Error('cannot connect'));
+        this.early.clear();
+        this.gone.clear();
+        if (this.onDown) this.onDown();
       };
     });
+  },
+
+  close() {
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) ws.close();
   },
 
   receive(text) {
@@ -138,9 +152,11 @@ const rpc = {
         const key = String(m.params.subscription);
         const on = this.subs.get(key);
         if (on) on(m.params.result);
-        else {
-          if (!this.early.has(key)) this.early.set(key, []);
-          this.early.get(key).push(m.params.result);
+        else if (!this.gone.has(key)) {
+          // Before its subscribe call's answer was handled (bounded, in case it never is).
+          if (!this.early.has(key)) { if (this.early.size >= 64) continue; this.early.set(key, []); }
+          const kept = this.early.get(key);
+          if (kept.length < 10000) kept.push(m.params.result);
         }
       }
     }
@@ -162,6 +178,7 @@ const rpc = {
     this.early.delete(key);
     return () => {
       this.subs.delete(key);
+      this.gone.add(key);
       this.call(unsubscribe, sub).catch(() => {});
     };
   },
@@ -240,7 +257,11 @@ function unitsView() {
     tbody.innerHTML = list.length ? list.map(unitRow).join('') : `<tr><td colspan="5" class="empty">${units.size ? 'No unit matches.' : 'No units yet. <a href="#/add">Add one</a>.'}</td></tr>`;
     count.textContent = `${list.length} of ${units.size}`;
   };
-  const load = async () => {
+  // A read of one unit waits for a read of the whole list under way, so that the list's
+  // (older) answer never overwrites the unit's.
+  let loading = Promise.resolve();
+  const load = () => { loading = loadAll(); return loading; };
+  const loadAll = async () => {
     const all = new Map();
     let after;
     for (;;) {
@@ -256,6 +277,7 @@ function unitsView() {
   // Changes are gathered for 50 ms, then each changed unit is read again (or all of them,
   // after a burst); one row is replaced per unit.
   const flush = throttle(async () => {
+    await loading.catch(() => {});
     if (stopped) return;
     if (full || dirty.size > 200) { full = false; dirty.clear(); await load(); return; }
     const names = [...dirty];
@@ -304,6 +326,7 @@ function unitView(name) {
   const load = async () => {
     let u;
     try { u = await rpc.call('TaskUnit.Get', name); } catch (e) {
+      if (stopped) return;
       main.innerHTML = `<h1>${esc(name)}</h1><p class="panel">${esc(e.message)}</p><p><a href="#/">All units</a></p>`;
       return;
     }
@@ -402,8 +425,10 @@ function runView(id) {
       else if (item.kind === 'end') show(item.run);
       else if (item.kind === 'lagged') append(`\n${item.message}\n`, 'note');
     });
-    const subs = await Promise.all([follow('stdout'), follow('stderr')])
-      .catch((e) => { append(`${e.message}\n`, 'note'); return []; });
+    const got = await Promise.allSettled([follow('stdout'), follow('stderr')]);
+    const subs = got.filter((r) => r.status === 'fulfilled').map((r) => r.value);
+    const failed = got.find((r) => r.status === 'rejected');
+    if (failed) append(`${failed.reason.message}\n`, 'note');
     unfollow = () => subs.forEach((u) => u());
     if (stopped) unfollow();
   })();
@@ -421,6 +446,7 @@ function dispatchView(id) {
   const load = async () => {
     let d;
     try { d = await rpc.call('Dispatch.Get', Number(id)); } catch (e) {
+      if (stopped) return;
       main.innerHTML = `<h1>Dispatch #${esc(id)}</h1><p class="panel">${esc(e.message)}</p>`;
       return;
     }
@@ -528,7 +554,7 @@ function eventsView() {
     <tbody id="ev"><tr><td colspan="5" class="empty">Waiting for events…</td></tr></tbody></table></div>`;
   const tbody = main.querySelector('#ev');
   const row = (e) => `<tr><td><time datetime="${esc(e.time)}">${esc(new Date(e.time).toLocaleTimeString())}</time></td><td><code>${esc(e.kind)}</code></td>
-    <td><a href="#/unit/${enc(e.unit)}">${esc(e.unit)}</a></td><td>${e.run != null ? (e.kind.startsWith('dispatch.') ? `<a href="#/dispatch/${e.run}">#${e.run}</a>` : `<a href="#/run/${e.run}">#${e.run}</a>`) : ''}</td>
+    <td>${e.kind.startsWith('agent.') ? `<a href="#/agents">${esc(e.unit)}</a>` : `<a href="#/unit/${enc(e.unit)}">${esc(e.unit)}</a>`}</td><td>${e.run != null ? (e.kind.startsWith('dispatch.') ? `<a href="#/dispatch/${e.run}">#${e.run}</a>` : `<a href="#/run/${e.run}">#${e.run}</a>`) : ''}</td>
     <td>${e.state ? badge(e.state) : ''}</td></tr>`;
   const match = (e) => !filter || e.unit.toLowerCase().includes(filter) || e.kind.includes(filter);
   const render = () => { tbody.innerHTML = kept.filter(match).map(row).join('') || '<tr><td colspan="5" class="empty">No events yet.</td></tr>'; };
@@ -559,7 +585,7 @@ function eventsView() {
     if (!paused) render();
   });
   listeners.add(onEvent);
-  return { dispose() { listeners.delete(onEvent); if (frame) cancelAnimationFrame(frame); } };
+  return { dispose() { listeners.delete(onEvent); if (frame) cancelAnimationFrame(frame); }, keep: true };
 }
 
 // --- daemon or cluster status
@@ -606,7 +632,7 @@ const FIELDS = [
   ['script', 'Script', 'textarea', 'Run by its #! line (or /bin/sh).'],
   ['every', 'Every', 'text', 'e.g. 30s, 5m, 1h'],
   ['cron', 'Cron', 'text', 'e.g. 0 3 * * * (minute hour day month weekday)'],
-  ['hosts', 'Hosts', 'text', 'Agent names or label selectors, comma-separated; empty: this daemon.'],
+  ['hosts', 'Hosts', 'textarea', 'One per line: an agent name, or a label selector (role=web,dc=eu: both labels); empty: this daemon.'],
   ['user', 'User', 'text', ''],
   ['cwd', 'Working directory', 'text', ''],
   ['timeout', 'Timeout', 'text', 'e.g. 10m'],
@@ -634,7 +660,7 @@ function formValues(def) {
   v.script = def.script || '';
   v.every = def.every || '';
   v.cron = def.cron || '';
-  v.hosts = (def.hosts || []).join(', ');
+  v.hosts = (def.hosts || []).join('\n');
   v.user = def.user || '';
   v.cwd = def.cwd || '';
   v.timeout = def.timeout || '';
@@ -643,28 +669,50 @@ function formValues(def) {
   return v;
 }
 
+/** The definition the form holds: each field's value, or null for an empty one. */
 function formDefinition(form, kind) {
   const val = (f) => form.elements[f].value.trim();
+  const lines = (f) => form.elements[f].value.split('\n').filter((l) => l.trim() !== '');
   const def = {};
-  const set = (k, x) => { def[k] = x === '' || (Array.isArray(x) && !x.length) || (typeof x === 'object' && x && !Array.isArray(x) && !Object.keys(x).length) ? null : x; };
+  const set = (k, x) => { def[k] = x === '' || (Array.isArray(x) && !x.length) ? null : x; };
   set('description', val('description'));
-  set('command', form.elements.command.value.split('\n').map((s) => s.trim()).filter(Boolean));
+  // Arguments as typed (one per line), not trimmed: a space may be part of one.
+  set('command', lines('command'));
   set('script', form.elements.script.value.trim() ? form.elements.script.value : '');
   set('every', kind === 'every' ? val('every') : '');
   set('cron', kind === 'cron' ? val('cron') : '');
   def.service = kind === 'service' ? true : null;
-  set('hosts', val('hosts').split(',').map((s) => s.trim()).filter(Boolean));
+  set('hosts', lines('hosts').map((h) => h.trim()));
   set('user', val('user'));
   set('cwd', val('cwd'));
   set('timeout', val('timeout'));
   set('retries', val('retries') === '' ? '' : Number(val('retries')));
   const env = {};
-  for (const line of form.elements.env.value.split('\n')) {
+  for (const line of lines('env')) {
     const i = line.indexOf('=');
     if (i > 0) env[line.slice(0, i).trim()] = line.slice(i + 1);
   }
-  set('env', env);
+  def.env = Object.keys(env).length ? env : null;
   return def;
+}
+
+/** What an edit changes: only the fields whose value differs from `was` (a JSON merge
+ * patch: null removes a field; an environment variable left out is removed by name). */
+function formPatch(def, was) {
+  const patch = {};
+  const same = (a, b) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+  for (const [k, v] of Object.entries(def)) {
+    if (k === 'env') continue;
+    if (!same(v, was[k] ?? null)) patch[k] = v;
+  }
+  const before = was.env || {};
+  const after = def.env || {};
+  if (!same(before, after)) {
+    const env = { ...after };
+    for (const k of Object.keys(before)) if (!(k in after)) env[k] = null;
+    patch.env = env;
+  }
+  return patch;
 }
 
 function formView(editing) {
@@ -699,17 +747,20 @@ function formView(editing) {
           <a class="button" href="${editing ? `#/unit/${enc(editing)}` : '#/'}">Cancel</a></div>
       </form>`;
     const form = main.querySelector('form');
+    // As the form showed it when it opened: on an edit, fields left alone are not sent.
+    const was = formDefinition(form, kind);
     form.addEventListener('submit', async (ev) => {
       ev.preventDefault();
       for (const el of form.querySelectorAll('.err, .form-err')) { el.hidden = true; el.textContent = ''; }
       for (const el of form.querySelectorAll('[aria-invalid]')) el.removeAttribute('aria-invalid');
       const kindNow = form.elements.kind.value;
       const def = formDefinition(form, kindNow);
+
       const button = form.querySelector('button[type=submit]');
       button.disabled = true;
       try {
         if (editing) {
-          await rpc.call('TaskUnit.Edit', { name: editing, ...def });
+          await rpc.call('TaskUnit.Edit', { name: editing, ...formPatch(def, was) });
           location.hash = `#/unit/${enc(editing)}`;
         } else {
           const clean = Object.fromEntries(Object.entries(def).filter(([, x]) => x !== null));
@@ -741,7 +792,7 @@ function formView(editing) {
   } else {
     draw(null);
   }
-  return { dispose() { stopped = true; } };
+  return { dispose() { stopped = true; }, keep: true };
 }
 
 // ---------------------------------------------------------------- sign-in and routing
@@ -760,7 +811,8 @@ function loginView(message) {
     ev.preventDefault();
     const r = await fetch('/login', { method: 'POST', headers: { 'Content-Type': 'application/json' },
       body: JSON.stringify({ token: form.elements.token.value.trim() }) });
-    if (r.ok) start(); else loginView((await r.json().catch(() => ({}))).error || 'Sign-in refused');
+    const answer = await r.json().catch(() => ({}));
+    if (r.ok && answer.key) { localStorage.setItem(KEY, answer.key); start(); } else loginView(answer.error || 'Sign-in refused');
   });
 }
 
@@ -784,7 +836,9 @@ function route() {
   const hash = location.hash || '#/';
   for (const [re, view] of ROUTES) {
     const m = hash.match(re);
-    if (m) { current = view(m); return; }
+    if (!m) continue;
+    try { current = view(m); } catch { break; }
+    return;
   }
   main.innerHTML = '<h1>Not found</h1><p><a href="#/">All units</a></p>';
 }
@@ -794,36 +848,60 @@ function setConn(state, text) {
   connEl.textContent = text;
 }
 
+/** Where the session's key is kept: storage of this exact origin (scheme, host, port). */
+const KEY = 'taskd_key';
 let retry = 500;
+let starting = false;
+let timer = 0;
 
+function later() {
+  clearTimeout(timer);
+  timer = setTimeout(start, retry);
+  retry = Math.min(retry * 2, 10000);
+}
+
+/** Signs in (or asks to), connects, follows the events and shows the view; one at a time. */
 async function start() {
-  setConn('', 'connecting…');
-  const session = await fetch('/login').then((r) => r.json()).catch(() => null);
-  if (!session) { setConn('down', 'daemon unreachable'); setTimeout(start, retry = Math.min(retry * 2, 10000)); return; }
-  document.getElementById('logout').hidden = !session.auth;
-  if (!session.signed_in) { setConn('down', 'signed out'); loginView(); return; }
+  if (starting) return;
+  starting = true;
   try {
-    await rpc.open();
-    await followEvents();
-  } catch {
-    setConn('down', 'offline, retrying');
-    setTimeout(start, retry = Math.min(retry * 2, 10000));
-    return;
+    setConn('', 'connecting…');
+    const session = await fetch('/login').then((r) => r.json()).catch(() => null);
+    if (!session) { setConn('down', 'daemon unreachable'); later(); return; }
+    document.getElementById('logout').hidden = !session.auth;
+    const key = localStorage.getItem(KEY) || '';
+    if (!session.signed_in || (session.auth && !key)) { setConn('down', 'signed out'); loginView(); return; }
+    const reconnect = current !== null;
+    try {
+      await rpc.open(key);
+      await followEvents();
+    } catch {
+      rpc.close();
+      // Refused (a key of an ended session) or unreachable: the next try says which.
+      setConn('down', 'offline, retrying');
+      later();
+      return;
+    }
+    retry = 500;
+    setConn('live', 'live');
+    // A form keeps what was typed into it across a reconnection; other views read again.
+    if (reconnect && current && current.keep) return;
+    route();
+  } finally {
+    starting = false;
   }
-  retry = 500;
-  setConn('live', 'live');
-  route();
 }
 
 rpc.onDown = () => {
   setConn('down', 'connection lost, retrying');
-  setTimeout(start, retry);
+  later();
 };
 
 window.addEventListener('hashchange', route);
 document.getElementById('logout').addEventListener('click', async () => {
   await fetch('/logout', { method: 'POST' });
-  if (rpc.ws) rpc.ws.close();
+  localStorage.removeItem(KEY);
+  rpc.close();
   location.hash = '#/';
   location.reload();
 });

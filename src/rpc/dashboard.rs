@@ -6,12 +6,17 @@
 //!   answer forbids framing, sniffing and any script or connection but the daemon's own
 //!   (`Content-Security-Policy`).
 //! - `POST /login` with the token (a form field `token`, or the JSON `{"token": "…"}`) opens a
-//!   session and sets its cookie ([`COOKIE`]: `HttpOnly`, `SameSite=Strict`, 12 hours);
+//!   session, sets its cookie ([`COOKIE_NAME`]: `HttpOnly`, `SameSite=Strict`, 12 hours) and
+//!   answers the session's key (`{"key": "…"}`), which the page keeps in its origin's storage;
 //!   `POST /logout` closes it; `GET /login` says whether the request's cookie is signed in
-//!   (`{"signed_in", "auth"}`). The page then speaks JSON-RPC over a WebSocket to `/`, which
-//!   the guard ([`super::http`]) admits on that cookie only when the request carries an
-//!   `Origin`, and the guard admits only the daemon's own origins: another site's page can
-//!   neither send the cookie (SameSite) nor be let in with it (Origin).
+//!   (`{"signed_in", "auth"}`). The page then speaks JSON-RPC over a WebSocket to `/?key=…`,
+//!   which the guard ([`super::http`]) admits only with the session's cookie *and* its key,
+//!   and only when the request carries an `Origin` (which the guard admits only for the
+//!   daemon's own origins). Why both: browsers scope cookies by host, not port, so any other
+//!   service on the same host name receives the cookie when the browser visits it, and could
+//!   replay it with a forged `Origin`; the key lives in storage scoped to the daemon's exact
+//!   origin (scheme, host and port), which no other port can read. Another site's page can
+//!   neither send the cookie (SameSite) nor be let in with it (Origin), nor knows the key.
 //!
 //! Sessions live in memory ([`Sessions`]): at most [`MAX_SESSIONS`] (the oldest is closed to
 //! make room), each for [`SESSION_TTL`]; a restart of the daemon signs everyone out.
@@ -89,42 +94,54 @@ fn secure(h: &mut HeaderMap) {
 /// The dashboard's open sessions.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    open: Mutex<HashMap<String, Instant>>,
+    /// Each session's id (the cookie), key and end.
+    open: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 impl Sessions {
-    /// Opens a session: its id (the cookie's value).
-    fn open(&self) -> std::io::Result<String> {
+    /// Opens a session: its id (the cookie's value) and key.
+    fn open(&self) -> std::io::Result<(String, String)> {
         let id = crate::state_dir::random_hex(32)?;
+        let key = crate::state_dir::random_hex(32)?;
         let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
-        open.retain(|_, until| *until > now);
+        open.retain(|_, (_, until)| *until > now);
         if open.len() >= MAX_SESSIONS
             && let Some(oldest) =
-                open.iter().min_by_key(|(_, until)| **until).map(|(k, _)| k.clone())
+                open.iter().min_by_key(|(_, (_, until))| *until).map(|(k, _)| k.clone())
         {
             open.remove(&oldest);
         }
-        open.insert(id.clone(), now + SESSION_TTL);
-        Ok(id)
+        open.insert(id.clone(), (key.clone(), now + SESSION_TTL));
+        Ok((id, key))
     }
 
     fn close(&self, id: &str) {
         self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
     }
 
-    /// Whether `headers` carry the cookie of an open session.
-    pub fn admits(&self, headers: &HeaderMap) -> bool {
-        let Some(id) = session_cookie(headers) else { return false };
+    /// The open session whose cookie `headers` carry: its key and end.
+    fn find(&self, headers: &HeaderMap) -> Option<(String, Instant)> {
+        let id = session_cookie(headers)?;
         let open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Compared in constant time against each: the time taken tells nothing of the ids.
         let mut found = None;
-        for (k, until) in open.iter() {
+        for (k, session) in open.iter() {
             if super::auth::token_eq(k, id) {
-                found = Some(*until);
+                found = Some(session.clone());
             }
         }
-        found.is_some_and(|until| until > Instant::now())
+        found.filter(|(_, until)| *until > Instant::now())
+    }
+
+    /// Whether `headers` carry the cookie of an open session and `query` (the URL's) its key.
+    pub fn admits(&self, headers: &HeaderMap, query: Option<&str>) -> bool {
+        let presented = query
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("key="))
+            .unwrap_or_default();
+        self.find(headers).is_some_and(|(key, _)| super::auth::token_eq(&key, presented))
     }
 }
 
@@ -169,8 +186,8 @@ pub fn sign(
     body: &[u8],
 ) -> HttpResponse {
     let mut resp = if method == Method::GET && path == LOGIN_PATH {
-        // Whether the page must ask for the token.
-        let signed_in = token.is_none() || sessions.admits(headers);
+        // Whether the page must ask for the token (it also needs the key it was given).
+        let signed_in = token.is_none() || sessions.find(headers).is_some();
         let body = serde_json::json!({"signed_in": signed_in, "auth": token.is_some()});
         HttpResponse::new(HttpBody::from(body.to_string()))
     } else if method != Method::POST {
@@ -197,15 +214,20 @@ pub fn sign(
                 "wrong token: it is in <state-dir>/token",
             );
         }
-        let id = match sessions.open() {
-            Ok(id) => id,
+        // Signing in again ends the session the browser had.
+        if let Some(old) = session_cookie(headers) {
+            sessions.close(old);
+        }
+        let (id, key) = match sessions.open() {
+            Ok(s) => s,
             Err(e) => return route_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         };
         let cookie = format!(
             "{COOKIE_NAME}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
             SESSION_TTL.as_secs()
         );
-        let mut resp = HttpResponse::new(HttpBody::from("{}"));
+        let body = serde_json::json!({ "key": key }).to_string();
+        let mut resp = HttpResponse::new(HttpBody::from(body));
         if let Ok(v) = HeaderValue::from_str(&cookie) {
             resp.headers_mut().insert(SET_COOKIE, v);
         }
@@ -229,26 +251,31 @@ mod tests {
     }
 
     #[test]
-    fn a_session_admits_its_cookie_until_closed_and_no_other() {
+    fn a_session_admits_its_cookie_with_its_key_until_closed_and_no_other() {
         let s = Sessions::default();
-        let id = s.open().unwrap();
-        assert!(s.admits(&with_cookie(&format!("a=b; {COOKIE_NAME}={id}"))));
-        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}x"))));
-        assert!(!s.admits(&with_cookie("other=1")));
-        assert!(!s.admits(&HeaderMap::new()));
+        let (id, key) = s.open().unwrap();
+        let q = format!("key={key}");
+        assert!(s.admits(&with_cookie(&format!("a=b; {COOKIE_NAME}={id}")), Some(&q)));
+        // The cookie alone (what another port of the host receives) is not enough.
+        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}")), None));
+        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}")), Some("key=x")));
+        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}x")), Some(&q)));
+        assert!(!s.admits(&with_cookie("other=1"), Some(&q)));
+        assert!(!s.admits(&HeaderMap::new(), Some(&q)));
         s.close(&id);
-        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}"))));
+        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}")), Some(&q)));
     }
 
     #[test]
     fn sessions_are_bounded() {
         let s = Sessions::default();
-        let first = s.open().unwrap();
+        let (first, key) = s.open().unwrap();
         for _ in 0..MAX_SESSIONS {
             s.open().unwrap();
         }
         assert_eq!(s.open.lock().unwrap().len(), MAX_SESSIONS);
-        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={first}"))));
+        let q = format!("key={key}");
+        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={first}")), Some(&q)));
     }
 
     #[test]

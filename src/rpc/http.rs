@@ -339,6 +339,7 @@ impl HttpGuardLayer {
             let why = "a request carries at most one Host and one Origin header";
             return Err((StatusCode::BAD_REQUEST, why.into()));
         }
+        let query = req.uri().query();
         let host = headers.get(HOST).map(HeaderValue::as_bytes);
         let origin = headers.get(ORIGIN).map(HeaderValue::as_bytes);
         if let Err(why) = self.hosts.check(host, origin, self.local) {
@@ -366,7 +367,7 @@ impl HttpGuardLayer {
             let by_session = || {
                 route.is_none()
                     && origin.is_some()
-                    && self.sessions.as_ref().is_some_and(|s| s.admits(headers))
+                    && self.sessions.as_ref().is_some_and(|s| s.admits(headers, query))
             };
             if !by_token && !by_session() {
                 self.conn.login_failed();
@@ -469,6 +470,7 @@ where
         if let (Some(routes), Some(_)) = (layer.routes.clone(), route) {
             let limit = layer.max_request_size as usize;
             let peer = layer.conn.peer();
+            let conn = layer.conn.clone();
             return Box::pin(async move {
                 let (parts, body) = req.into_parts();
                 let limited = http_body_util::Limited::new(body, limit);
@@ -482,7 +484,14 @@ where
                         return Ok(route_error(StatusCode::BAD_REQUEST, &message));
                     }
                 };
-                Ok(routes.call(http::Request::from_parts(parts, body), peer).await)
+                let mut resp = routes.call(http::Request::from_parts(parts, body), peer).await;
+                // A refused sign-in (`POST /login`) counts as a failed login, as a wrong
+                // token does anywhere, and closes its connection.
+                if resp.status() == StatusCode::UNAUTHORIZED {
+                    conn.login_failed();
+                    resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok(resp)
             });
         }
 

@@ -130,7 +130,7 @@ async function checks() {
   await step('a unit added through the API appears without a reload', async () => {
     const marker = await page.evaluate(() => { window.__sameDocument = 1; return 1; });
     await call('TaskUnit.Add', { name: 'added-live', command: ['true'], every: '1h' });
-    await page.waitForSelector('tr[data-name="added-live"]', { timeout: 2000 });
+    await page.waitForSelector('tr[data-name="added-live"]');
     check(await page.evaluate(() => window.__sameDocument) === marker, 'the page was not reloaded');
     await page.fill('#q', 'added');
     await until('the search to narrow the list', async () => (await page.$$('tr[data-name]')).length === 1);
@@ -194,6 +194,20 @@ async function checks() {
     check((await call('TaskUnit.Get', 'bad-every')).definition.every === '1h', 'added as given');
   });
 
+  await step('an edit changes only what was changed in the form', async () => {
+    await call('TaskUnit.Add', { name: 'edited', command: ['sh', '-c', 'echo  two  spaces'], every: '1h', env: { A: '1', B: '2' } });
+    await page.goto(`${base}/#/edit/edited`);
+    await page.waitForSelector('#f-description');
+    await page.fill('#f-description', 'now described');
+    await page.fill('#f-env', 'A=1');
+    await page.click('form button[type=submit]');
+    await page.waitForSelector('h1 .badge');
+    const def = (await call('TaskUnit.Get', 'edited')).definition;
+    check(def.description === 'now described', JSON.stringify(def));
+    check(JSON.stringify(def.env) === '{"A":"1"}', `B removed: ${JSON.stringify(def.env)}`);
+    check(JSON.stringify(def.command) === '["sh","-c","echo  two  spaces"]', `command untouched: ${JSON.stringify(def.command)}`);
+  });
+
   if (hosts.length >= 2) {
     await step('a dispatch grid fills in as hosts finish', async () => {
       const gate = path.join(os.tmpdir(), `taskd-grid-gate-${process.pid}`);
@@ -233,6 +247,18 @@ async function checks() {
   });
 
   await step('a WebSocket from another origin is refused, even with the cookie', async () => {
+    // Without the key, the daemon's own page is refused too: the cookie alone opens nothing.
+    const before = errors.length;
+    check(before === 0, `no errors before: ${errors.join(' | ')}`);
+    const bare = await page.evaluate((url) => new Promise((resolve) => {
+      const ws = new WebSocket(url);
+      ws.onopen = () => { ws.close(); resolve('open'); };
+      ws.onerror = () => resolve('refused');
+    }), `ws://${addr}/`);
+    check(bare === 'refused', `a WebSocket with the cookie and no key: ${bare}`);
+    // The browser logs that refusal; it is the one expected.
+    await until('the refusal logged', async () => errors.some((e) => e.includes('ws://')));
+    errors.splice(0, errors.length, ...errors.filter((e) => !e.includes('ws://')));
     // A page of another origin on this same host (so the browser sends the session cookie).
     const other = http.createServer((_, res) => { res.setHeader('Content-Type', 'text/html'); res.end('<p>elsewhere</p>'); });
     await new Promise((r) => other.listen(0, '127.0.0.1', r));
@@ -246,9 +272,10 @@ async function checks() {
         setTimeout(() => resolve('no answer'), 5000);
       }), `ws://${addr}/`);
       check(outcome === 'refused', `the foreign page's WebSocket: ${outcome}`);
-      // The daemon's own origin, with the same cookie, is let in.
+      // The daemon's own origin, with the same cookie and the session's key (which only
+      // its own origin can read), is let in.
       const own = await page.evaluate((url) => new Promise((resolve) => {
-        const ws = new WebSocket(url);
+        const ws = new WebSocket(`${url}?key=${localStorage.getItem('taskd_key')}`);
         ws.onopen = () => { ws.close(); resolve('open'); };
         ws.onerror = () => resolve('refused');
       }), `ws://${addr}/`);

@@ -57,5 +57,5 @@ fn the_dashboard_works_in_a_real_browser() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the browser checks failed:\n{stdout}\n{stderr}");
     // Every check ran (none was left out by a missing agent).
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 14, "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok ")).count(), 15, "{stdout}");
 }

@@ -780,7 +780,7 @@ fn the_dashboards_cookie_serves_only_calls_from_the_daemons_own_origin() {
     };
     let (status, _, body) = login("wrong");
     assert_eq!(status, 401, "{body}");
-    let (status, head, _) = login(&d.token);
+    let (status, head, body) = login(&d.token);
     assert_eq!(status, 200);
     let set = head
         .lines()
@@ -789,16 +789,26 @@ fn the_dashboards_cookie_serves_only_calls_from_the_daemons_own_origin() {
     assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
     let cookie = set.split(';').next().unwrap().to_string();
     let own = format!("http://{}", d.addr);
+    let key: Value = serde_json::from_str(&body).unwrap();
+    let key = key["key"].as_str().expect("the session's key").to_string();
+    let with_key = format!("/?key={key}");
     let status_call = r#"{"jsonrpc":"2.0","id":1,"method":"Daemon.Status","params":[{}]}"#;
-    let call = |headers: &[(&str, &str)]| {
+    let call_at = |path: &str, headers: &[(&str, &str)]| {
         let mut h = vec![("Content-Type", "application/json")];
         h.extend_from_slice(headers);
-        crate::common::http(&d.addr, "POST", "/", &h, status_call)
+        crate::common::http(&d.addr, "POST", path, &h, status_call)
     };
-    // With the daemon's own Origin: served.
+    let call = |headers: &[(&str, &str)]| call_at(&with_key, headers);
+    // With its key and the daemon's own Origin: served.
     let (status, body) = call(&[("Cookie", &cookie), ("Origin", &own)]);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"result\""), "{body}");
+    // The cookie without the key (what another port of this host gets from the browser,
+    // and could replay with a forged Origin) is no credential.
+    let (status, _) = call_at("/", &[("Cookie", &cookie), ("Origin", &own)]);
+    assert_eq!(status, 401);
+    let (status, _) = call_at("/?key=0000", &[("Cookie", &cookie), ("Origin", &own)]);
+    assert_eq!(status, 401);
     // Without an Origin, the cookie is no credential; with another origin, refused outright.
     let (status, _) = call(&[("Cookie", &cookie)]);
     assert_eq!(status, 401);
