@@ -140,6 +140,27 @@ pub struct Chunk {
     pub data: String,
 }
 
+/// A piece of a `file` unit's content, asked for by the agent running it
+/// (`AgentLink.FileRead`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct FileRead {
+    /// The run putting the file.
+    pub run: i64,
+    /// The content (`file.source` without its `sha256:`).
+    pub sha256: String,
+    /// From this byte.
+    pub offset: u64,
+    /// At most this many bytes (the server gives at most 1 MiB).
+    pub len: u32,
+}
+
+/// The bytes of a [`FileRead`], in base64 (none past the file's end).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct FileData {
+    /// Standard base64 with padding.
+    pub data: String,
+}
+
 /// Most bytes of output data in one `AgentLink.Output` call.
 pub const MAX_OUTPUT_BATCH: usize = 64 * 1024;
 

@@ -178,6 +178,9 @@ struct Core {
     validate: ValidateCtx,
     executor: std::sync::OnceLock<Arc<LocalExecutor<Sink>>>,
     stop: CancellationToken,
+    /// The connection to the server while there is one (file units read their content
+    /// through it).
+    link: tokio::sync::watch::Sender<Option<Arc<Client>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -233,6 +236,40 @@ impl RunSink for Sink {
         lock(&self.0.starts).push(proto::Started { run, pid, at_us: at.as_microsecond() });
         self.0.wake.notify_one();
     }
+
+    async fn read_content(
+        &self,
+        run: i64,
+        sha256: &str,
+        offset: u64,
+        len: usize,
+    ) -> crate::error::Result<Vec<u8>> {
+        use base64::Engine;
+        let mut link = self.0.link.subscribe();
+        loop {
+            // Waits for a connection (a server away: the put waits, as output does).
+            let client = link
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| crate::error::Error::ShuttingDown)?
+                .clone()
+                .expect("waited for");
+            let ask = proto::FileRead { run, sha256: sha256.into(), offset, len: len as u32 };
+            match client.file_read(ask).await {
+                Ok(d) => {
+                    return base64::engine::general_purpose::STANDARD.decode(d.data).map_err(|e| {
+                        crate::error::Error::Storage(format!("a piece of the file: {e}"))
+                    });
+                }
+                // The server refused: no point asking again.
+                Err(jsonrpsee::core::ClientError::Call(e)) => {
+                    return Err(crate::error::Error::Storage(e.message().to_string()));
+                }
+                // The connection broke: ask again on the next one.
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
 }
 
 /// Runs the agent until `stop` is cancelled.
@@ -284,6 +321,7 @@ pub async fn run(args: AgentArgs, stop: CancellationToken) -> anyhow::Result<()>
         validate: validate.clone(),
         executor: std::sync::OnceLock::new(),
         stop: stop.clone(),
+        link: tokio::sync::watch::Sender::new(None),
     });
     let executor = LocalExecutor::new(Sink(core.clone()), &dir, dir.join("work"), validate).await?;
     let _ = core.executor.set(Arc::new(executor));
@@ -437,6 +475,7 @@ async fn session(
     hello.holding = lock(&core.active).keys().copied().collect();
     let mut orders: Subscription<Order> = client.attach(hello).await.context("attach")?;
     tracing::info!(server = addr, "connected");
+    core.link.send_replace(Some(client.clone()));
     let done = CancellationToken::new();
     let sender = tokio::spawn(send_loop(core.clone(), client.clone(), done.clone()));
     core.wake.notify_one();
@@ -462,6 +501,7 @@ async fn session(
         }
     };
     done.cancel();
+    core.link.send_replace(None);
     let _ = sender.await;
     r
 }

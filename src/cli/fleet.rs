@@ -149,15 +149,145 @@ pub async fn exec(ctx: &Ctx, a: ExecArgs) -> anyhow::Result<()> {
         def.insert("batch".into(), json!(b));
     }
     def.insert("keep_runs".into(), json!(1));
+    add_and_follow(ctx, def, a.group).await
+}
+
+/// `taskctl push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The local file to put on the hosts
+    pub file: PathBuf,
+    /// Where: agent names, label selectors (`role=web`), `*`, `local`
+    #[arg(long, required = true, value_name = "H,…", value_delimiter = ';', num_args = 1..)]
+    pub hosts: Vec<String>,
+    /// Where it goes on each host (an absolute path; under the agent's --allowed-dirs)
+    #[arg(long, value_name = "PATH")]
+    pub dest: String,
+    /// Its mode, in octal [default: 0644]
+    #[arg(long, value_name = "MODE")]
+    pub mode: Option<String>,
+    /// Its owner, USER or USER:GROUP (the agent must run as root to give it away)
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub owner: Option<String>,
+    /// Hosts written to at once [default: all]
+    #[arg(long, value_name = "N")]
+    pub batch: Option<u32>,
+}
+
+/// Bytes sent per `File.Append` (base64 makes them 4/3 larger: well inside the daemon's
+/// default 1 MiB request limit).
+const PUSH_PIECE: usize = 512 * 1024;
+
+/// `taskctl push`: uploads the file unless the daemon keeps it already (by its SHA-256), then
+/// a one-shot `file` unit on the hosts, a line per host, exit 0 only if every host has it.
+pub async fn push(ctx: &Ctx, a: PushArgs) -> anyhow::Result<()> {
+    use crate::rpc::files::{AppendArg, BeginArg, CommitArg, FileApiClient};
+    use base64::Engine;
+    use sha2::Digest;
+    use std::io::Read;
+    let open = || {
+        std::fs::File::open(&a.file)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", a.file.display())))
+    };
+    // The checksum first: a file the daemon has is not sent again.
+    let (sha, size) = {
+        let mut f = open()?;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut size = 0u64;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", a.file.display())))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            size += n as u64;
+        }
+        (crate::store::content::hex(&h.finalize()), size)
+    };
+    let source = match ctx.call(FileApiClient::stat(&ctx.client, sha.clone())).await {
+        Ok(kept) => kept.source,
+        Err(_) => {
+            let up = ctx.call(FileApiClient::begin(&ctx.client, BeginArg { size })).await?.upload;
+            let mut f = open()?;
+            let mut buf = vec![0u8; PUSH_PIECE];
+            let mut offset = 0u64;
+            loop {
+                let n = read_full(&mut f, &mut buf)
+                    .map_err(|e| CliError::Usage(format!("{}: {e}", a.file.display())))?;
+                if n == 0 {
+                    break;
+                }
+                let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
+                let piece = AppendArg { upload: up, offset, data };
+                offset = ctx.call(FileApiClient::append(&ctx.client, piece)).await?;
+            }
+            let kept =
+                ctx.call(FileApiClient::commit(&ctx.client, CommitArg { upload: up })).await?;
+            if kept.source != format!("sha256:{sha}") {
+                anyhow::bail!("{} changed while it was sent; push it again", a.file.display());
+            }
+            kept.source
+        }
+    };
+    let mut file = serde_json::Map::new();
+    file.insert("source".into(), json!(source));
+    file.insert("dest".into(), json!(a.dest));
+    if let Some(m) = &a.mode {
+        file.insert("mode".into(), json!(m));
+    }
+    if let Some(o) = &a.owner {
+        file.insert("owner".into(), json!(o));
+    }
+    let mut def = serde_json::Map::new();
+    let stamp = jiff::Timestamp::now().as_millisecond();
+    def.insert("name".into(), json!(format!("push-{stamp}-{}", std::process::id() % 1000)));
+    def.insert("hosts".into(), json!(split_hosts(&a.hosts)));
+    def.insert("file".into(), Value::Object(file));
+    if let Some(b) = a.batch {
+        def.insert("batch".into(), json!(b));
+    }
+    def.insert("keep_runs".into(), json!(1));
+    add_and_follow(ctx, def, false).await
+}
+
+/// Reads until `buf` is full or the file ends: the bytes read.
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Adds the one-shot unit `def` on its hosts and follows its dispatch: each host's output
+/// (line by line, or grouped per host), then a summary; exit 0 only if every host succeeded.
+async fn add_and_follow(
+    ctx: &Ctx,
+    def: serde_json::Map<String, Value>,
+    group: bool,
+) -> anyhow::Result<()> {
     let added = ctx.call(ctx.client.add(AddArg::Definition(Value::Object(def)))).await?;
     let AddResult::Unit(unit) = added else {
         anyhow::bail!("the daemon answered an add without a unit")
     };
-    let Some(dispatch) = unit.last_run.as_ref().and_then(|r| r.dispatch) else {
-        anyhow::bail!("unit {} started no dispatch", unit.name);
+    let Some(first) = unit.last_run.clone() else {
+        anyhow::bail!("unit {} started no run", unit.name);
     };
-    let d = ctx.call(DispatchApiClient::get(&ctx.client, dispatch)).await?;
-    let runs = d.runs.clone().unwrap_or_default();
+    // On agents, a dispatch; on the daemon's own host alone (`--hosts local`), one run.
+    let dispatch = first.dispatch;
+    let runs = match dispatch {
+        Some(id) => {
+            ctx.call(DispatchApiClient::get(&ctx.client, id)).await?.runs.unwrap_or_default()
+        }
+        None => vec![first],
+    };
     let width = runs.iter().map(|r| r.host.len()).max().unwrap_or(0);
     let mut streams = Vec::new();
     for r in &runs {
@@ -183,7 +313,7 @@ pub async fn exec(ctx: &Ctx, a: ExecArgs) -> anyhow::Result<()> {
             Ok(FollowItem::Output { data, .. }) => {
                 if ctx.json {
                     output::json_line(&json!({"host": host, "data": data}))?;
-                } else if a.group {
+                } else if group {
                     grouped.entry(host).or_default().push_str(&data);
                 } else {
                     let buf = partial.entry(host.clone()).or_default();
@@ -211,9 +341,15 @@ pub async fn exec(ctx: &Ctx, a: ExecArgs) -> anyhow::Result<()> {
         }
     }
     // Every host's newest run, as recorded.
-    let d = ctx.call(DispatchApiClient::get(&ctx.client, dispatch)).await?;
+    let (ended, d) = match dispatch {
+        Some(id) => {
+            let d = ctx.call(DispatchApiClient::get(&ctx.client, id)).await?;
+            (d.runs.clone().unwrap_or_default(), Some(d))
+        }
+        None => (vec![ctx.call(RunApiClient::get(&ctx.client, runs[0].id)).await?], None),
+    };
     let mut latest: BTreeMap<String, crate::rpc::types::RunInfo> = BTreeMap::new();
-    for r in d.runs.clone().unwrap_or_default() {
+    for r in ended {
         latest.insert(r.host.clone(), r);
     }
     let ok = latest.values().filter(|r| r.state == "succeeded").count();
@@ -225,7 +361,10 @@ pub async fn exec(ctx: &Ctx, a: ExecArgs) -> anyhow::Result<()> {
         }
     }
     if ctx.json {
-        output::json_line(&d)?;
+        match &d {
+            Some(d) => output::json_line(d)?,
+            None => output::json_line(&latest.values().collect::<Vec<_>>())?,
+        }
     } else {
         let parts: Vec<String> = by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
         eprintln!("{} hosts: {}", latest.len(), parts.join(", "));

@@ -132,6 +132,8 @@ pub enum Command {
     Agents(fleet::AgentsArgs),
     /// Run a command once on hosts, printing each host's output as it comes
     Exec(fleet::ExecArgs),
+    /// Put a file on hosts (written whole, checked, renamed into place), a line per host
+    Push(fleet::PushArgs),
     /// List dispatches (fires of units on their hosts), newest first
     Dispatches(fleet::DispatchesArgs),
     /// Show a dispatch's progress and a row per host; `dispatch cancel|pause|resume ID`
@@ -154,7 +156,7 @@ impl Command {
     /// Whether the command reads a stream of notifications (`events`, `logs -f`), which needs
     /// the async client; the others make plain calls.
     fn follows_a_stream(&self) -> bool {
-        matches!(self, Command::Events(_) | Command::Exec(_))
+        matches!(self, Command::Events(_) | Command::Exec(_) | Command::Push(_))
             || matches!(self, Command::Logs(a) if a.follow)
     }
 }
@@ -257,6 +259,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Cancel(a) => runs::cancel(&ctx, a).await,
             Command::Agents(a) => fleet::agents(&ctx, a).await,
             Command::Exec(a) => fleet::exec(&ctx, a).await,
+            Command::Push(a) => fleet::push(&ctx, a).await,
             Command::Dispatches(a) => fleet::dispatches(&ctx, a).await,
             Command::Dispatch(a) => fleet::dispatch(&ctx, a).await,
             Command::Redo(a) => fleet::redo(&ctx, a).await,

@@ -45,6 +45,16 @@ impl RunSink for Store {
     ) {
         self.set_pid(run, pid, at, start_ticks, boot_id);
     }
+
+    async fn read_content(
+        &self,
+        _run: i64,
+        sha256: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        self.content().read(sha256, offset, len).await
+    }
 }
 
 /// Runs units' runs on this host, their output and starts going to `S`.
@@ -304,6 +314,30 @@ async fn execute<S: RunSink>(
     }
     let outcome = match &cfg.action {
         Action::Tick(every) => tick(&env, &cfg, &rec, *every, &stop).await,
+        Action::File(spec) => {
+            let put = super::file::put(&env.sink, &env.validate, rec.id, spec, &stop).await;
+            let said = match &put {
+                super::file::Put::Written(n) => Some(format!(
+                    "wrote {n} bytes to {} (sha256:{})\n",
+                    spec.dest.display(),
+                    spec.sha256
+                )),
+                super::file::Put::Unchanged => {
+                    Some(format!("{} unchanged (sha256:{})\n", spec.dest.display(), spec.sha256))
+                }
+                super::file::Put::Failed(why) => Some(format!("{why}\n")),
+                super::file::Put::Stopped => None,
+            };
+            if let Some(line) = said {
+                let stream = if matches!(put, super::file::Put::Failed(_)) {
+                    Stream::Stderr
+                } else {
+                    Stream::Stdout
+                };
+                env.sink.write(rec.id, stream, Timestamp::now(), line.into_bytes()).await;
+            }
+            Outcome::Put(put)
+        }
         _ => spawn_and_wait(&env, &cfg, &rec, &stop, &why, started).await,
     };
     let summary = env.sink.finish(rec.id).await;
@@ -341,6 +375,29 @@ async fn execute<S: RunSink>(
             rec.state = RunState::Failed;
             rec.reason = Some(msg);
         }
+        Outcome::Put(put) => {
+            rec.started_at.get_or_insert_with(Timestamp::now);
+            match put {
+                super::file::Put::Written(_) => rec.state = RunState::Succeeded,
+                super::file::Put::Unchanged => {
+                    rec.state = RunState::Succeeded;
+                    rec.reason = Some("unchanged".into());
+                }
+                super::file::Put::Failed(why) => {
+                    rec.state = RunState::Failed;
+                    rec.reason = Some(why);
+                }
+                super::file::Put::Stopped => {
+                    let why = why.get();
+                    rec.reason = Some(why.as_str().into());
+                    rec.state = if why == StopReason::Timeout {
+                        RunState::TimedOut
+                    } else {
+                        RunState::Cancelled
+                    };
+                }
+            }
+        }
     }
     rec
 }
@@ -349,6 +406,7 @@ enum Outcome {
     Exited { termination: exec::Termination, stopped: bool, pid: u32, started: Timestamp },
     Ticked,
     NotStarted(String),
+    Put(super::file::Put),
 }
 
 async fn tick<S: RunSink>(
@@ -417,7 +475,7 @@ async fn spawn_and_wait<S: RunSink>(
                 Err(e) => return Outcome::NotStarted(format!("cannot write the script: {e}")),
             }
         }
-        Action::Tick(_) => unreachable!("tick units do not spawn"),
+        Action::Tick(_) | Action::File(_) => unreachable!("tick and file units do not spawn"),
     };
     // Resolved again right before the spawn, which starts in the resolved path: a symlink on
     // the way may have been swapped since `Add`, and `allowed_dirs` may have changed. (A swap
@@ -483,6 +541,8 @@ async fn spawn_and_wait<S: RunSink>(
 mod tests {
     use std::sync::Mutex;
 
+    use sha2::Digest;
+
     use super::*;
     use crate::run::Trigger;
     use crate::unit::UnitDef;
@@ -518,6 +578,93 @@ mod tests {
         fn started(&self, run: i64, pid: u32, _: Timestamp, _: Option<u64>, _: Option<String>) {
             self.0.lock().unwrap().1.push((run, pid));
         }
+
+        async fn read_content(
+            &self,
+            _: i64,
+            sha: &str,
+            offset: u64,
+            len: usize,
+        ) -> Result<Vec<u8>> {
+            if sha != crate::store::content::hex(&sha2::Sha256::digest(FILE)) {
+                return Err(Error::invalid("sha256", "no such file is kept here"));
+            }
+            let start = (offset as usize).min(FILE.len());
+            // In small pieces, as a server far away would give them.
+            Ok(FILE[start..(start + len.min(7)).min(FILE.len())].to_vec())
+        }
+    }
+
+    /// The content [`Kept`] serves.
+    const FILE: &[u8] = b"listen 127.0.0.1:8080\nworkers 4\n";
+
+    fn file_unit(name: &str, dest: &std::path::Path, sha: &str, mode: &str) -> Arc<UnitConfig> {
+        let def = serde_json::json!({"name": name, "file": {"source": format!("sha256:{sha}"),
+            "dest": dest, "mode": mode}});
+        let ctx = ValidateCtx::default();
+        Arc::new(UnitConfig::validate(UnitDef::from_json(def).unwrap(), &ctx).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_file_unit_puts_its_file_whole_then_finds_it_unchanged() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sink = Kept::default();
+        let ex = Arc::new(
+            LocalExecutor::new(
+                sink.clone(),
+                dir.path(),
+                dir.path().join("work"),
+                ValidateCtx::default(),
+            )
+            .await
+            .unwrap(),
+        );
+        let sha = crate::store::content::hex(&sha2::Sha256::digest(FILE));
+        let dest = dir.path().join("app.conf");
+        // What a crash of an earlier put left beside it.
+        std::fs::write(dir.path().join(".app.conf.taskd-1.tmp"), "half").unwrap();
+        let run = |id: i64, cfg: Arc<UnitConfig>| {
+            let now = Timestamp::now();
+            let rec =
+                RunRecord::fresh(id, cfg.name.clone(), RunState::Running, Trigger::Manual, 1, now);
+            let on_start: OnStart = Box::new(|_, _| {});
+            ex.clone().execute(cfg, rec, CancellationToken::new(), StopCause::default(), on_start)
+        };
+        let first = run(2, file_unit("put", &dest, &sha, "0640")).await;
+        assert_eq!((first.state, first.reason.as_deref()), (RunState::Succeeded, None));
+        assert_eq!(std::fs::read(&dest).unwrap(), FILE);
+        assert_eq!(std::fs::metadata(&dest).unwrap().permissions().mode() & 0o7777, 0o640);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("taskd-"))
+            .collect();
+        assert!(names.is_empty(), "no temporary file left: {names:?}");
+        let again = run(3, file_unit("put", &dest, &sha, "0600")).await;
+        assert_eq!(
+            (again.state, again.reason.as_deref()),
+            (RunState::Succeeded, Some("unchanged"))
+        );
+        assert_eq!(std::fs::metadata(&dest).unwrap().permissions().mode() & 0o7777, 0o600);
+        // Content the server does not have: the run fails, the file stays as it was.
+        let other = "0".repeat(64);
+        let failed = run(4, file_unit("put", &dir.path().join("x.conf"), &other, "0644")).await;
+        assert_eq!(failed.state, RunState::Failed);
+        assert!(failed.reason.unwrap().contains("no such file"));
+        assert!(!dir.path().join("x.conf").exists());
+        // A destination in a directory that does not exist: refused with the reason.
+        let nowhere = run(5, file_unit("put", &dir.path().join("none/x.conf"), &sha, "0644")).await;
+        assert_eq!(nowhere.state, RunState::Failed);
+        assert!(nowhere.reason.unwrap().starts_with("dest:"));
+        let out = sink.0.lock().unwrap();
+        let said: String =
+            out.0.iter().map(|(_, d)| String::from_utf8_lossy(d).into_owned()).collect();
+        assert!(
+            said.contains(&format!("wrote {} bytes to {}", FILE.len(), dest.display())),
+            "{said}"
+        );
+        assert!(said.contains("unchanged"), "{said}");
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -10,6 +10,7 @@
 //! ([`crate::fleet::remote::RemoteExecutor`]) hands a run to an agent: it takes the same run
 //! record, stop token, [`StopCause`] and [`OnStart`], and gives back the same record.
 
+pub mod file;
 pub mod local;
 pub mod scripts;
 
@@ -23,7 +24,8 @@ use crate::store::logs::{LogSummary, Stream};
 
 pub use local::LocalExecutor;
 
-/// Where an executor puts what its runs produce: their output, and the fact of their start.
+/// Where an executor puts what its runs produce (their output, the fact of their start) and
+/// gets what they need from their server (the content of a `file` unit).
 /// The daemon's is its store (log files, the runs table: `impl RunSink for Store` in
 /// [`local`]); an agent's is its outboxes, journal and connection to the server. So the
 /// executor itself knows nothing of either.
@@ -54,6 +56,16 @@ pub trait RunSink: Clone + Send + Sync + 'static {
         start_ticks: Option<u64>,
         boot_id: Option<String>,
     );
+
+    /// At most `len` bytes, from `offset`, of the file the server keeps as `sha256`, for run
+    /// `run` of a `file` unit (fewer only at its end, none past it).
+    fn read_content(
+        &self,
+        run: i64,
+        sha256: &str,
+        offset: u64,
+        len: usize,
+    ) -> impl Future<Output = Result<Vec<u8>>> + Send;
 }
 
 /// Told once, when a run's process has started: its pid and when. Not told for a run that

@@ -79,6 +79,7 @@ pub fn methods(api: Api) -> RpcModule<()> {
     m.merge(EventsApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(DaemonApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(AuditApiServer::into_rpc(api.clone())).expect("unique method names");
+    m.merge(super::files::FileApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(super::agents::AgentApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(super::agents::DispatchApiServer::into_rpc(api.clone())).expect("unique method names");
     m.merge(super::link::AgentLinkApiServer::into_rpc(api.clone())).expect("unique method names");

@@ -159,6 +159,34 @@ pub fn document() -> Value {
             None,
         ),
         method(
+            "File.Begin",
+            "Open an upload of a file for `file` units: its id",
+            ("arg", schema::<super::files::BeginArg>(g), false),
+            schema::<super::files::Upload>(g),
+            None,
+        ),
+        method(
+            "File.Append",
+            "Append a piece (base64, at most 1 MiB) to an upload: the bytes it holds",
+            ("arg", schema::<super::files::AppendArg>(g), false),
+            schema::<u64>(g),
+            None,
+        ),
+        method(
+            "File.Commit",
+            "Finish an upload: the file as a unit's file.source names it (sha256:…)",
+            ("arg", schema::<super::files::CommitArg>(g), false),
+            schema::<super::files::Kept>(g),
+            None,
+        ),
+        method(
+            "File.Stat",
+            "Whether a file is kept, by its SHA-256",
+            ("sha256", name(g), false),
+            schema::<super::files::Kept>(g),
+            None,
+        ),
+        method(
             "Agent.List",
             "Agents, by name: state, labels, version, address, running runs",
             ("filter", schema::<AgentListArg>(g), true),
@@ -269,6 +297,13 @@ pub fn document() -> Value {
             "Agent protocol (agent credentials only): the agent is alive",
             ("none", schema::<Value>(g), true),
             schema::<bool>(g),
+            None,
+        ),
+        method(
+            "AgentLink.FileRead",
+            "Agent protocol (agent credentials only): a piece of the file a run of it puts",
+            ("read", schema::<proto::FileRead>(g), false),
+            schema::<proto::FileData>(g),
             None,
         ),
         method(

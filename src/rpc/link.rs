@@ -18,8 +18,11 @@ use super::api::{Api, rpc_error};
 use super::auth::ConnAuth;
 use super::conn::Conn;
 use super::run::NOTIFICATION_OVERHEAD;
-use crate::error::codes;
-use crate::proto::{Hello, JoinRequest, Joined, Order, Outcome, Output, Started};
+use crate::error::{Error, codes};
+use crate::proto::{
+    FileData, FileRead, Hello, JoinRequest, Joined, Order, Outcome, Output, Started,
+};
+use crate::unit::definition::Action;
 
 /// The agent protocol.
 #[rpc(server, client, namespace = "AgentLink", namespace_separator = ".")]
@@ -48,6 +51,10 @@ pub trait AgentLinkApi {
     /// The agent is alive.
     #[method(name = "Heartbeat", with_extensions)]
     async fn heartbeat(&self, arg: Option<Value>) -> RpcResult<bool>;
+
+    /// A piece of the file a run of this agent puts (its unit's `file`).
+    #[method(name = "FileRead", with_extensions)]
+    async fn file_read(&self, r: FileRead) -> RpcResult<FileData>;
 }
 
 impl Api {
@@ -182,5 +189,25 @@ impl AgentLinkApiServer for Api {
         let (_, name) = self.agent_of(ext)?;
         self.registry.fleet().heard(&name);
         Ok(true)
+    }
+
+    async fn file_read(&self, ext: &Extensions, r: FileRead) -> RpcResult<FileData> {
+        use base64::Engine;
+        let (_, name) = self.agent_of(ext)?;
+        // Only the content of a run this agent is putting now.
+        let refused = |why: &str| rpc_error(Error::Unauthorized(why.into()));
+        let rec = self.registry.run(r.run).await.map_err(rpc_error)?;
+        if rec.host != name || rec.state.is_final() {
+            return Err(refused("that run is not this agent's, or it ended"));
+        }
+        let unit = self.registry.get(&rec.unit).map_err(rpc_error)?;
+        match &unit.config.action {
+            Action::File(f) if f.sha256 == r.sha256 => {}
+            _ => return Err(refused("that run's unit puts no such file")),
+        }
+        let len = (r.len as usize).min(crate::store::content::CHUNK_MAX);
+        let data = self.registry.store().content().read(&r.sha256, r.offset, len).await;
+        let data = data.map_err(rpc_error)?;
+        Ok(FileData { data: base64::engine::general_purpose::STANDARD.encode(data) })
     }
 }

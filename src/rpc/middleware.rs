@@ -42,6 +42,7 @@ pub const AGENT_METHODS: &[&str] = &[
     "AgentLink.Output",
     "AgentLink.Finished",
     "AgentLink.Heartbeat",
+    "AgentLink.FileRead",
 ];
 
 /// The message of the error an agent's connection gets for any other method.
@@ -69,6 +70,7 @@ pub const AUDITED_METHODS: &[&str] = &[
     "Dispatch.Resume",
     "Agent.JoinToken",
     "Agent.Revoke",
+    "File.Commit",
 ];
 
 /// One audited call, handed to the audit hook after the call was answered.

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod dashboard;
 pub mod discover;
 pub mod events;
+pub mod files;
 mod follow;
 pub mod http;
 pub mod link;

@@ -15,6 +15,7 @@
 //!
 //! Run output goes to [`Logs`]: files beside the SQLite database, or rows in PostgreSQL.
 
+pub mod content;
 pub mod copy;
 mod fleet;
 pub mod live;
@@ -477,6 +478,8 @@ pub struct Store {
     logs: Logs,
     dir: PathBuf,
     commits: Commits,
+    /// Files kept for `file` units (`<state-dir>/files`).
+    content: Arc<content::Content>,
 }
 
 impl Deref for Store {
@@ -495,8 +498,9 @@ impl Store {
         let commits = Commits::new();
         let db = sqlite::Sqlite::open(dir, &logs_dir, events.clone(), commits.clone())?;
         let logs = Logs::start(logs_dir)?;
+        let content = Arc::new(content::Content::open(&dir.join("files"))?);
         let dir = dir.to_path_buf();
-        Ok(Store { db: Arc::new(db), postgres: None, events, logs, dir, commits })
+        Ok(Store { db: Arc::new(db), postgres: None, events, logs, dir, commits, content })
     }
 
     /// Connects to the PostgreSQL store at `url` (migrating its schema), which keeps the run
@@ -508,8 +512,9 @@ impl Store {
         let db = postgres::Postgres::open(url, events.clone(), commits.clone()).await?;
         let logs = Logs::start_table(db.log_table())?;
         let db = Arc::new(db);
+        let content = Arc::new(content::Content::open(&dir.join("files"))?);
         let dir = dir.to_path_buf();
-        Ok(Store { db: db.clone(), postgres: Some(db), events, logs, dir, commits })
+        Ok(Store { db: db.clone(), postgres: Some(db), events, logs, dir, commits, content })
     }
 
     /// This store as server `name` of a cluster (PostgreSQL only): the lease, the servers,
@@ -536,6 +541,16 @@ impl Store {
     /// The run logs.
     pub fn logs(&self) -> &Logs {
         &self.logs
+    }
+
+    /// The files kept for `file` units.
+    pub fn content(&self) -> &content::Content {
+        &self.content
+    }
+
+    /// Whether this is a cluster's store (PostgreSQL), shared by several servers.
+    pub fn is_shared(&self) -> bool {
+        self.postgres.is_some()
     }
 
     /// How long the store's commits take (a histogram in seconds, for `/metrics`).

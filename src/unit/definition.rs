@@ -48,6 +48,39 @@ pub enum ByteSize {
     Text(String),
 }
 
+/// A file to put on each host, as the user gives it (`file`, SPEC §10.7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileDef {
+    /// The content, as the server keeps it: `sha256:<64 hex digits>` (`File.Commit`'s answer;
+    /// `taskctl push` uploads it).
+    pub source: String,
+    /// Where it goes on each host: an absolute path (under the agent's `--allowed-dirs`).
+    pub dest: String,
+    /// Its mode, in octal (`"0644"`, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Its owner, `user` or `user:group` (the host's agent must run as root to give it away).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// A validated `file`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileSpec {
+    /// The content's SHA-256, lowercase hex.
+    pub sha256: String,
+    /// The absolute destination path.
+    pub dest: PathBuf,
+    /// Its mode bits.
+    pub mode: u32,
+    /// Its owner and group, if given.
+    pub owner: Option<(String, Option<String>)>,
+}
+
+/// The prefix of a `file.source`.
+pub const CONTENT_PREFIX: &str = "sha256:";
+
 /// A webhook as the user gives it (`notify` entries): where, and on which run outcomes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -189,6 +222,8 @@ unit_def! {
     keep_runs: u32,
     /// Webhooks POSTed when a run ends: `[{url, on}]`.
     notify: Vec<NotifyDef>,
+    /// A file to put on each host instead of running a command: `{source, dest, mode, owner}`.
+    file: FileDef,
 }
 
 /// The JSON type of `v`, as error messages name it (`a number`, `an object`).
@@ -303,6 +338,8 @@ pub enum Action {
     Script(String),
     /// No command: write `tick <name> <time>` to the log every interval.
     Tick(Duration),
+    /// Put a file the server keeps at a path (see [`crate::executor::file`]).
+    File(FileSpec),
 }
 
 /// Restart policy of a service.
@@ -653,6 +690,12 @@ fn one_of<T: Copy>(field: &str, v: &str, options: &[(&str, T)]) -> Result<T> {
 
 /// `command`, `script`, or neither (a tick unit, every `every`).
 fn action_of(def: &UnitDef, every: Option<Duration>) -> Result<Action> {
+    if let Some(f) = &def.file {
+        if def.command.is_some() || def.script.is_some() || def.service == Some(true) {
+            return Err(Error::invalid("file", "a file unit has no command, script or service"));
+        }
+        return file_of(f).map(Action::File);
+    }
     Ok(match (&def.command, &def.script) {
         (Some(_), Some(_)) => {
             return Err(Error::invalid("script", "give either command or script, not both"));
@@ -677,6 +720,51 @@ fn action_of(def: &UnitDef, every: Option<Duration>) -> Result<Action> {
         }
         (None, None) => Action::Tick(every.unwrap_or(Duration::from_secs(1))),
     })
+}
+
+/// `file`: the content's id, an absolute destination, an octal mode, `user[:group]`.
+fn file_of(f: &FileDef) -> Result<FileSpec> {
+    let sha256 = f
+        .source
+        .strip_prefix(CONTENT_PREFIX)
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .ok_or_else(|| Error::invalid("file.source", "expected sha256:<64 lowercase hex digits>"))?
+        .to_string();
+    let dest = PathBuf::from(&f.dest);
+    if !dest.is_absolute() || f.dest.ends_with('/') || dest.file_name().is_none() {
+        return Err(Error::invalid(
+            "file.dest",
+            format!("{:?} must be an absolute file path", f.dest),
+        ));
+    }
+    if dest.components().any(|c| matches!(c, std::path::Component::ParentDir))
+        || f.dest.contains('\0')
+    {
+        return Err(Error::invalid("file.dest", "must not contain .. or NUL"));
+    }
+    let mode = match &f.mode {
+        None => 0o644,
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| {
+                Error::invalid("file.mode", format!("{m:?} is not an octal mode such as \"0644\""))
+            })?,
+    };
+    let owner = match &f.owner {
+        None => None,
+        Some(o) => {
+            let (user, group) = match o.split_once(':') {
+                Some((u, g)) => (u, Some(g)),
+                None => (o.as_str(), None),
+            };
+            if user.is_empty() || group.is_some_and(str::is_empty) {
+                return Err(Error::invalid("file.owner", "expected user or user:group"));
+            }
+            Some((user.to_string(), group.map(str::to_string)))
+        }
+    };
+    Ok(FileSpec { sha256, dest, mode, owner })
 }
 
 /// `every` or `cron` (with `tz`), checked against the unit's kind.
@@ -1040,6 +1128,7 @@ impl UnitConfig {
             "cwd",
             "user",
             "log_limit",
+            "file",
         ];
         let mut v = self.def.to_json();
         if let Some(o) = v.as_object_mut() {

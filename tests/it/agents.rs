@@ -19,12 +19,22 @@ pub struct TestAgent {
     child: Option<Child>,
     /// The network namespace it runs in, if not the test's.
     netns: Option<String>,
+    /// More arguments of `taskd agent`.
+    extra: Vec<String>,
 }
 
 impl TestAgent {
     /// Enrolls a new agent `name` with `labels` (`k=v,…`) on `d`'s daemon and starts it.
     pub fn enroll(d: &TestDaemon, name: &str, labels: &str) -> TestAgent {
         Self::enroll_in(d, name, labels, None)
+    }
+
+    /// As [`TestAgent::enroll`], with more arguments of `taskd agent` (`--allowed-dirs D`).
+    pub fn enroll_with(d: &TestDaemon, name: &str, extra: &[&str]) -> TestAgent {
+        let mut a = Self::new(d, &d.addr, name, "", None);
+        a.extra = extra.iter().map(|s| s.to_string()).collect();
+        a.join(d);
+        a
     }
 
     /// As [`TestAgent::enroll`], the agent running in network namespace `netns`.
@@ -40,20 +50,30 @@ impl TestAgent {
         labels: &str,
         netns: Option<&str>,
     ) -> TestAgent {
-        let token = d.call("Agent.JoinToken", json!({}))["token"].as_str().unwrap().to_string();
+        let mut a = Self::new(d, servers, name, labels, netns);
+        a.join(d);
+        a
+    }
+
+    fn new(_d: &TestDaemon, servers: &str, name: &str, labels: &str, netns: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         make_private(dir.path());
-        let mut a = TestAgent {
+        TestAgent {
             name: name.into(),
             dir,
             server: servers.into(),
             labels: labels.into(),
             child: None,
             netns: netns.map(str::to_string),
-        };
-        a.spawn(Some(&token));
-        wait_connected(d, name);
-        a
+            extra: Vec::new(),
+        }
+    }
+
+    /// Enrolls it with a join token of `d` and waits until it is connected.
+    fn join(&mut self, d: &TestDaemon) {
+        let token = d.call("Agent.JoinToken", json!({}))["token"].as_str().unwrap().to_string();
+        self.spawn(Some(&token));
+        wait_connected(d, &self.name);
     }
 
     fn spawn(&mut self, join: Option<&str>) {
@@ -74,6 +94,7 @@ impl TestAgent {
         if let Some(t) = join {
             cmd.args(["--join", t]);
         }
+        cmd.args(&self.extra);
         let log = std::fs::File::create(self.log_path()).unwrap();
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         self.child = Some(cmd.spawn().expect("spawn taskd agent"));
@@ -84,7 +105,7 @@ impl TestAgent {
     }
 
     /// Starts it again (its credential is in its state directory).
-    fn restart(&mut self) {
+    pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop it first");
         self.spawn(None);
     }
@@ -93,7 +114,7 @@ impl TestAgent {
         Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
     }
 
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         let mut c = self.child.take().expect("running");
         c.kill().unwrap();
         c.wait().unwrap();
@@ -525,6 +546,7 @@ fn over_tls_an_agent_trusts_the_server_by_the_fingerprint_in_its_join_token() {
         labels: String::new(),
         child: None,
         netns: None,
+        extra: Vec::new(),
     };
     b.spawn(Some(&forged));
     let log = wait_for("the agent to refuse the certificate", || {

@@ -9,6 +9,7 @@ mod common;
 mod dashboard;
 mod engine;
 mod faults;
+mod files;
 pub mod go;
 mod integrations;
 mod load;
