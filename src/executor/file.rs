@@ -15,13 +15,15 @@
 //!   half a file there (a crash leaves at most the temporary file, which the next put of that
 //!   destination removes; a put holds a lock on its temporary file while it writes, so puts of
 //!   one destination side by side leave each other's alone, and the last rename wins);
-//! - one piece is in memory at a time, whatever the file's size (at most 1 GiB);
+//! - at most [`READ_AHEAD`] + 1 pieces are in memory at a time, whatever the file's size (at
+//!   most 1 GiB);
 //! - stopping a run (cancel, timeout) removes its temporary file.
 
 use std::io::Read;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +34,8 @@ use crate::unit::definition::{FileSpec, ValidateCtx};
 
 /// Bytes asked of the server at once.
 pub const CHUNK: usize = 1 << 20;
+/// Pieces asked for ahead of the one being written.
+const READ_AHEAD: usize = 3;
 
 /// How a put ended.
 #[derive(Debug, PartialEq)]
@@ -177,18 +181,24 @@ async fn write_and_place<S: RunSink>(
     };
     let mut h = Sha256::new();
     let mut offset = 0u64;
+    // The next pieces are asked for while one is written: a round trip to the server per
+    // piece would leave the disk (and the network) idle half the time.
+    let pieces = futures_util::stream::iter((0u64..).map(|i| i * CHUNK as u64))
+        .map(|at| sink.read_content(run, &spec.sha256, at, CHUNK))
+        .buffered(READ_AHEAD);
+    tokio::pin!(pieces);
     loop {
         let piece = tokio::select! {
-            p = sink.read_content(run, &spec.sha256, offset, CHUNK) => p,
+            p = pieces.next() => p,
             () = stop.cancelled() => return Put::Stopped,
         };
         let piece = match piece {
-            Ok(p) => p,
-            Err(e) => return Put::Failed(format!("cannot read the file from the server: {e}")),
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                return Put::Failed(format!("cannot read the file from the server: {e}"));
+            }
+            None => break,
         };
-        if piece.is_empty() {
-            break;
-        }
         h.update(&piece);
         if let Err(e) = file.write_all(&piece).await {
             return Put::Failed(format!("cannot write {}: {e}", tmp.display()));
@@ -196,6 +206,10 @@ async fn write_and_place<S: RunSink>(
         offset += piece.len() as u64;
         if offset > MAX_SIZE {
             return Put::Failed("the file is larger than 1 GiB".into());
+        }
+        // A short piece is the last.
+        if piece.len() < CHUNK {
+            break;
         }
     }
     let got = hex(&h.finalize());
