@@ -594,6 +594,13 @@ mod tests {
         }
     }
 
+    /// An executor whose runs go to a [`Kept`], with its scripts and work in `dir`.
+    async fn kept_executor(dir: &std::path::Path) -> (Kept, Arc<LocalExecutor<Kept>>) {
+        let sink = Kept::default();
+        let ex = LocalExecutor::new(sink.clone(), dir, dir.join("work"), ValidateCtx::default());
+        (sink, Arc::new(ex.await.unwrap()))
+    }
+
     /// The content [`Kept`] serves.
     const FILE: &[u8] = b"listen 127.0.0.1:8080\nworkers 4\n";
 
@@ -608,17 +615,7 @@ mod tests {
     async fn a_file_unit_puts_its_file_whole_then_finds_it_unchanged() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let sink = Kept::default();
-        let ex = Arc::new(
-            LocalExecutor::new(
-                sink.clone(),
-                dir.path(),
-                dir.path().join("work"),
-                ValidateCtx::default(),
-            )
-            .await
-            .unwrap(),
-        );
+        let (sink, ex) = kept_executor(dir.path()).await;
         let sha = crate::store::content::hex(&sha2::Sha256::digest(FILE));
         let dest = dir.path().join("app.conf");
         // What a crash of an earlier put left beside it.
@@ -670,17 +667,7 @@ mod tests {
     async fn a_run_executes_into_any_sink() {
         exec::become_subreaper().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let sink = Kept::default();
-        let ex = Arc::new(
-            LocalExecutor::new(
-                sink.clone(),
-                dir.path(),
-                dir.path().join("work"),
-                ValidateCtx::default(),
-            )
-            .await
-            .unwrap(),
-        );
+        let (sink, ex) = kept_executor(dir.path()).await;
         let def = serde_json::json!({"name": "u", "command": ["sh", "-c", "echo out; echo err >&2; exit 3"]});
         let cfg = UnitConfig::validate(UnitDef::from_json(def).unwrap(), &ValidateCtx::default())
             .unwrap();

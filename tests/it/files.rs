@@ -33,6 +33,11 @@ fn host_runs(d: &TestDaemon) -> Vec<Value> {
     runs
 }
 
+/// `taskctl push SRC --hosts HOSTS --dest DEST EXTRA…`: whether it exited 0, and what it said.
+fn push_to(d: &TestDaemon, src: &str, hosts: &str, dest: &str, extra: &[&str]) -> (bool, String) {
+    push(d, &[&[src, "--hosts", hosts, "--dest", dest], extra].concat())
+}
+
 fn push(d: &TestDaemon, args: &[&str]) -> (bool, String) {
     let out = d.taskctl(&[&["push"], args].concat());
     let said =
@@ -50,18 +55,8 @@ fn a_pushed_file_lands_whole_with_its_mode_then_is_unchanged() {
     let dest = work.path().join("out/app.bin");
     std::fs::create_dir(work.path().join("out")).unwrap();
     let dest_s = dest.to_str().unwrap();
-    let (ok, said) = push(
-        &d,
-        &[
-            src.to_str().unwrap(),
-            "--hosts",
-            "web-1,web-2,web-3",
-            "--dest",
-            dest_s,
-            "--mode",
-            "0640",
-        ],
-    );
+    let (ok, said) =
+        push_to(&d, src.to_str().unwrap(), "web-1,web-2,web-3", dest_s, &["--mode", "0640"]);
     assert!(ok, "{said}");
     assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&src).unwrap());
     assert_eq!(std::fs::metadata(&dest).unwrap().permissions().mode() & 0o7777, 0o640);
@@ -86,18 +81,8 @@ fn a_pushed_file_lands_whole_with_its_mode_then_is_unchanged() {
     // Again: the daemon keeps the content (nothing is uploaded), and every host finds it
     // unchanged.
     let before = std::fs::metadata(&dest).unwrap().ino();
-    let (ok, said) = push(
-        &d,
-        &[
-            src.to_str().unwrap(),
-            "--hosts",
-            "web-1,web-2,web-3",
-            "--dest",
-            dest_s,
-            "--mode",
-            "0640",
-        ],
-    );
+    let (ok, said) =
+        push_to(&d, src.to_str().unwrap(), "web-1,web-2,web-3", dest_s, &["--mode", "0640"]);
     assert!(ok, "{said}");
     for r in host_runs(&d) {
         assert_eq!(
@@ -109,18 +94,8 @@ fn a_pushed_file_lands_whole_with_its_mode_then_is_unchanged() {
     assert_eq!(std::fs::metadata(&dest).unwrap().ino(), before, "not written again");
     // As root, the owner too.
     if nix::unistd::Uid::effective().is_root() {
-        let (ok, said) = push(
-            &d,
-            &[
-                src.to_str().unwrap(),
-                "--hosts",
-                "web-1",
-                "--dest",
-                dest_s,
-                "--owner",
-                "nobody:nogroup",
-            ],
-        );
+        let (ok, said) =
+            push_to(&d, src.to_str().unwrap(), "web-1", dest_s, &["--owner", "nobody:nogroup"]);
         assert!(ok, "{said}");
         let m = std::fs::metadata(&dest).unwrap();
         assert_eq!((m.uid(), m.permissions().mode() & 0o7777), (65534, 0o644));
@@ -145,10 +120,7 @@ fn a_destination_outside_the_agents_allowed_dirs_is_refused_with_the_reason() {
     let work = tempfile::tempdir().unwrap();
     let src = random_file(work.path(), "x.conf", 1000);
     let outside = work.path().join("x.conf.out");
-    let (ok, said) = push(
-        &d,
-        &[src.to_str().unwrap(), "--hosts", "strict", "--dest", outside.to_str().unwrap()],
-    );
+    let (ok, said) = push_to(&d, src.to_str().unwrap(), "strict", outside.to_str().unwrap(), &[]);
     assert!(!ok, "{said}");
     let r = &host_runs(&d)[0];
     assert_eq!(r["state"], "failed");
@@ -160,8 +132,7 @@ fn a_destination_outside_the_agents_allowed_dirs_is_refused_with_the_reason() {
     assert!(!outside.exists());
     // Inside, it lands.
     let inside = allowed.path().join("x.conf");
-    let (ok, said) =
-        push(&d, &[src.to_str().unwrap(), "--hosts", "strict", "--dest", inside.to_str().unwrap()]);
+    let (ok, said) = push_to(&d, src.to_str().unwrap(), "strict", inside.to_str().unwrap(), &[]);
     assert!(ok, "{said}");
     assert_eq!(std::fs::read(inside).unwrap(), std::fs::read(&src).unwrap());
 }
@@ -176,15 +147,12 @@ fn an_agent_killed_mid_push_leaves_no_partial_file_and_the_next_push_lands() {
     let dest = work.path().join("out/big.bin");
     // Uploaded first (put on the daemon's own host): the push below sends nothing, so the
     // agent starts reading at once.
-    let (ok, said) = push(
+    let (ok, said) = push_to(
         &d,
-        &[
-            src.to_str().unwrap(),
-            "--hosts",
-            "local",
-            "--dest",
-            work.path().join("first.bin").to_str().unwrap(),
-        ],
+        src.to_str().unwrap(),
+        "local",
+        work.path().join("first.bin").to_str().unwrap(),
+        &[],
     );
     assert!(ok, "{said}");
     // The push runs in the background; the agent dies once its temporary file is there.
@@ -227,8 +195,7 @@ fn an_agent_killed_mid_push_leaves_no_partial_file_and_the_next_push_lands() {
         let r = host_runs(&d).first().cloned()?;
         (r["state"] != "running").then_some(())
     });
-    let (ok, said) =
-        push(&d, &[src.to_str().unwrap(), "--hosts", "slow", "--dest", dest.to_str().unwrap()]);
+    let (ok, said) = push_to(&d, src.to_str().unwrap(), "slow", dest.to_str().unwrap(), &[]);
     assert!(ok, "{said}");
     assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&src).unwrap());
     let names: Vec<String> = std::fs::read_dir(&out_dir)
