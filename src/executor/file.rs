@@ -50,9 +50,18 @@ pub enum Put {
     Stopped,
 }
 
-/// The SHA-256 of the file at `path`, read in pieces; `None` if there is none to read.
+/// The SHA-256 of the regular file at `path`, read in pieces; `None` if there is none (or
+/// something else is there: a symlink, a FIFO, a directory, which the rename replaces or
+/// refuses, and which are never opened: a FIFO would block the open).
 fn sha256_of(path: &Path) -> Option<String> {
-    let mut f = std::fs::File::open(path).ok()?;
+    if !std::fs::symlink_metadata(path).ok()?.file_type().is_file() {
+        return None;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
     if !f.metadata().ok()?.is_file() {
         return None;
     }
