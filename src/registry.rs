@@ -90,6 +90,8 @@ enum Slot {
 struct Units {
     map: DashMap<String, Slot>,
     names: RwLock<BTreeSet<String>>,
+    /// Woken at each change of a slot (see [`Registry::settled`]).
+    changed: tokio::sync::Notify,
 }
 
 impl Units {
@@ -110,6 +112,7 @@ impl Units {
         if self.map.insert(name.clone(), slot).is_none() {
             names.insert(name);
         }
+        self.changed.notify_waiters();
     }
 
     /// Takes `name` for an `Add` in progress, if it is free and there is room.
@@ -135,6 +138,7 @@ impl Units {
         let mut names = self.names_mut();
         if self.map.remove_if(name, |_, s| which(s)).is_some() {
             names.remove(name);
+            self.changed.notify_waiters();
         }
     }
 
@@ -340,6 +344,27 @@ impl Registry {
         match self.0.units.get(name) {
             Some(Slot::Live(h)) => Ok(h),
             _ => Err(Error::UnitNotFound(name.to_string())),
+        }
+    }
+
+    /// Waits, at most `within`, while an `Add` of `name` is being recorded. The store
+    /// publishes the unit's `unit.added` event at its commit, a moment before the unit is
+    /// listed: a subscriber waits here before passing the event on, so that a client that
+    /// reads the unit when told of it finds it.
+    pub async fn settled(&self, name: &str, within: std::time::Duration) {
+        let deadline = tokio::time::sleep(within);
+        tokio::pin!(deadline);
+        loop {
+            let changed = self.0.units.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !matches!(self.0.units.get(name), Some(Slot::Reserved)) {
+                return;
+            }
+            tokio::select! {
+                () = changed => {}
+                () = &mut deadline => return,
+            }
         }
     }
 

@@ -14,9 +14,13 @@ use super::api::Api;
 use super::conn::Conn;
 use super::run::NOTIFICATION_OVERHEAD;
 use super::types::{EventInfo, SubscribeArg};
+use crate::store::EventKind;
 
 /// Events replayed per store query.
 const REPLAY_PAGE: u32 = 1000;
+/// How long a `unit.added` event waits for its unit to be listed (see
+/// [`crate::registry::Registry::settled`]).
+const ADD_SETTLES_IN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The `Events` method group.
 #[rpc(server, client, namespace = "Events", namespace_separator = ".")]
@@ -43,7 +47,8 @@ impl EventsApiServer for Api {
         arg: Option<SubscribeArg>,
     ) -> SubscriptionResult {
         let conn = ext.get::<Arc<Conn>>().cloned();
-        let store = self.registry.store().clone();
+        let registry = self.registry.clone();
+        let store = registry.store().clone();
         let mut rx = store.subscribe_events();
         let after = arg.and_then(|a| a.after_seq);
         // Replay from the store until it has nothing newer, then follow the live channel;
@@ -85,6 +90,9 @@ impl EventsApiServer for Api {
                 Ok(e) => {
                     if e.seq <= last {
                         continue;
+                    }
+                    if e.kind == EventKind::UnitAdded {
+                        registry.settled(&e.unit, ADD_SETTLES_IN).await;
                     }
                     send(EventInfo::from(&e)).await?;
                     last = e.seq;

@@ -1011,6 +1011,44 @@ async fn next_item(sub: &mut jsonrpsee::core::client::Subscription<Value>) -> Va
         .expect("a JSON item")
 }
 
+/// A client told of a `unit.added` finds the unit when it asks for it at once, even while
+/// other adds are being recorded around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_is_found_as_soon_as_its_added_event_arrives() {
+    const UNITS: usize = 300;
+    let d = TestDaemon::start();
+    let watcher = ws(&d).await;
+    let mut events = watcher
+        .subscribe::<Value, _>("Events.Subscribe", rpc_params![json!({})], "Events.Unsubscribe")
+        .await
+        .expect("subscribe");
+    let adder = std::sync::Arc::new(ws(&d).await);
+    let adds: Vec<_> = (0..UNITS)
+        .map(|i| {
+            let adder = adder.clone();
+            tokio::spawn(async move {
+                let def = json!({"name": format!("seen-{i}"), "command": ["true"], "every": "1h"});
+                let _: Value = adder.request("TaskUnit.Add", rpc_params![def]).await.expect("add");
+            })
+        })
+        .collect();
+    let mut seen = 0;
+    while seen < UNITS {
+        let ev = next_item(&mut events).await;
+        if ev["kind"] != "unit.added" {
+            continue;
+        }
+        let name = ev["unit"].as_str().expect("unit").to_string();
+        let got: Result<Value, _> =
+            watcher.request("TaskUnit.Get", rpc_params![name.clone()]).await;
+        assert!(got.is_ok(), "{name} was announced but not found: {got:?}");
+        seen += 1;
+    }
+    for a in adds {
+        a.await.expect("adder");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_calls_events_and_follow() {
     let d = TestDaemon::start();
