@@ -50,10 +50,10 @@ pub enum Put {
     Stopped,
 }
 
-/// The SHA-256 of the regular file at `path`, read in pieces; `None` if there is none (or
-/// something else is there: a symlink, a FIFO, a directory, which the rename replaces or
-/// refuses, and which are never opened: a FIFO would block the open).
-fn sha256_of(path: &Path) -> Option<String> {
+/// The regular file at `path`, open for reading, and its SHA-256 (read in pieces); `None` if
+/// there is none (or something else is there: a symlink, a FIFO, a directory, which the
+/// rename replaces or refuses, and which are never opened: a FIFO would block the open).
+fn sha256_of(path: &Path) -> Option<(String, std::fs::File)> {
     if !std::fs::symlink_metadata(path).ok()?.file_type().is_file() {
         return None;
     }
@@ -69,16 +69,17 @@ fn sha256_of(path: &Path) -> Option<String> {
     let mut buf = vec![0u8; 1 << 16];
     loop {
         match f.read(&mut buf) {
-            Ok(0) => return Some(hex(&h.finalize())),
+            Ok(0) => return Some((hex(&h.finalize()), f)),
             Ok(n) => h.update(&buf[..n]),
             Err(_) => return None,
         }
     }
 }
 
-/// Gives `path` its mode and owner.
-fn set_mode_and_owner(path: &Path, spec: &FileSpec) -> Result<(), String> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(spec.mode))
+/// Gives `file` (at `path`) its mode and owner, through its descriptor: whatever is put at
+/// `path` meanwhile (a symlink to somewhere else) is not what changes.
+fn set_mode_and_owner(file: &std::fs::File, path: &Path, spec: &FileSpec) -> Result<(), String> {
+    file.set_permissions(std::fs::Permissions::from_mode(spec.mode))
         .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
     if let Some((user, group)) = &spec.owner {
         let u = crate::exec::User::lookup(user).map_err(|e| e.to_string())?;
@@ -97,7 +98,7 @@ fn set_mode_and_owner(path: &Path, spec: &FileSpec) -> Result<(), String> {
             }
         };
         let (uid, gid) = (nix::unistd::Uid::from_raw(u.uid), nix::unistd::Gid::from_raw(gid));
-        nix::unistd::chown(path, Some(uid), Some(gid))
+        std::os::unix::fs::fchown(file, Some(uid.as_raw()), Some(gid.as_raw()))
             .map_err(|e| format!("cannot give {} to {user}: {e}", path.display()))?;
     }
     Ok(())
@@ -129,9 +130,18 @@ fn remove_leftovers(dir: &Path, name: &str) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
+            // Only regular files, opened without following a link or waiting on a FIFO.
+            let regular = e.file_type().is_ok_and(|t| t.is_file());
+            let open = || {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(e.path())
+            };
             if n.starts_with(&prefix)
                 && n.ends_with(".tmp")
-                && std::fs::File::open(e.path()).is_ok_and(|f| lock_free(&f))
+                && regular
+                && open().is_ok_and(|f| lock_free(&f))
             {
                 let _ = std::fs::remove_file(e.path());
             }
@@ -151,8 +161,10 @@ pub async fn put<S: RunSink>(
     let checked = tokio::task::spawn_blocking(move || {
         let (dir, name) = destination(&spec2, &validate2)?;
         let dest = dir.join(&name);
-        if sha256_of(&dest).as_deref() == Some(spec2.sha256.as_str()) {
-            set_mode_and_owner(&dest, &spec2)?;
+        if let Some((sum, file)) = sha256_of(&dest)
+            && sum == spec2.sha256
+        {
+            set_mode_and_owner(&file, &dest, &spec2)?;
             return Ok(None);
         }
         remove_leftovers(&dir, &name);
@@ -232,7 +244,7 @@ async fn write_and_place<S: RunSink>(
     let file = file.into_std().await;
     let (tmp2, dest2, spec2) = (tmp.to_path_buf(), dest.to_path_buf(), spec.clone());
     let placed = tokio::task::spawn_blocking(move || {
-        set_mode_and_owner(&tmp2, &spec2)?;
+        set_mode_and_owner(&file, &tmp2, &spec2)?;
         std::fs::rename(&tmp2, &dest2)
             .map_err(|e| format!("cannot rename into {}: {e}", dest2.display()))?;
         drop(file);

@@ -663,6 +663,58 @@ mod tests {
         assert!(said.contains("unchanged"), "{said}");
     }
 
+    /// What someone put at a file unit's destination, or beside it as a leftover, is
+    /// replaced, never followed nor opened: a symlink's target keeps its content and mode, a
+    /// FIFO does not hold the put up.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_file_unit_replaces_symlinks_and_fifos_without_following_or_opening_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (_sink, ex) = kept_executor(dir.path()).await;
+        let sha = crate::store::content::hex(&sha2::Sha256::digest(FILE));
+        let target = dir.path().join("target");
+        std::fs::write(&target, FILE).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let linked = dir.path().join("linked.conf");
+        std::os::unix::fs::symlink(&target, &linked).unwrap();
+        let fifo = dir.path().join("fifo.conf");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        nix::unistd::mkfifo(
+            &dir.path().join(".fifo.conf.taskd-1.tmp"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        for (id, dest) in [(2, &linked), (3, &fifo)] {
+            let cfg = file_unit("put", dest, &sha, "0644");
+            let rec = RunRecord::fresh(
+                id,
+                cfg.name.clone(),
+                RunState::Running,
+                Trigger::Manual,
+                1,
+                Timestamp::now(),
+            );
+            let on_start: OnStart = Box::new(|_, _| {});
+            let run = ex.clone().execute(
+                cfg,
+                rec,
+                CancellationToken::new(),
+                StopCause::default(),
+                on_start,
+            );
+            let ended = tokio::time::timeout(Duration::from_secs(10), run)
+                .await
+                .expect("the put is not held up by what is there");
+            assert_eq!((ended.state, ended.reason.as_deref()), (RunState::Succeeded, None));
+            let meta = std::fs::symlink_metadata(dest).unwrap();
+            assert!(meta.file_type().is_file(), "{} is a file now", dest.display());
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o644);
+            assert_eq!(std::fs::read(dest).unwrap(), FILE);
+        }
+        let kept = std::fs::metadata(&target).unwrap();
+        assert_eq!(kept.permissions().mode() & 0o7777, 0o600, "the link's target is untouched");
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_run_executes_into_any_sink() {
         exec::become_subreaper().unwrap();
