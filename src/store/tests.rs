@@ -98,6 +98,7 @@ on_both_stores!(
     dispatches_keep_their_runs_counts_and_states,
     run_logs_are_read_back_cut_to_their_limit,
     concurrent_starts_and_ends_of_many_units_all_succeed,
+    a_fire_made_already_fails_alone_among_fires_made_at_once,
     api_tasks_are_listed_newest_last_and_done_once_their_dispatch_ended,
 );
 
@@ -592,4 +593,43 @@ async fn api_tasks_are_listed_newest_last_and_done_once_their_dispatch_ended(sto
     store.delete_unit(&ApiTask::unit_name(b), false).await.unwrap();
     assert!(store.list_api_tasks(10, None).await.unwrap()[1].done);
     assert!(store.insert_api_task(task("d")).await.unwrap() > c);
+}
+
+async fn a_fire_made_already_fails_alone_among_fires_made_at_once(store: Store) {
+    // Fires of 32 units at the same moment (the PostgreSQL store makes them in shared
+    // transactions): the one made already is refused, every other is made, whole.
+    let at = Timestamp::from_second(1_700_000_000).unwrap();
+    for u in 0..32 {
+        store.insert_unit(unit(&format!("f{u}"))).await.unwrap();
+    }
+    let hosts = vec!["h".to_string()];
+    store.create_dispatch("f7", Trigger::Schedule, hosts.clone(), 0, None, Some(at)).await.unwrap();
+    let fires = (0..32).map(|u| {
+        let (store, hosts) = (store.clone(), hosts.clone());
+        async move {
+            let name = format!("f{u}");
+            store.set_last_fire(&name, at);
+            store.create_dispatch(&name, Trigger::Schedule, hosts, 0, None, Some(at)).await
+        }
+    });
+    let made = futures_util::future::join_all(fires).await;
+    // Only a shared store refuses a fire made already (across servers and takeovers).
+    let refused = store.is_shared().then_some(7);
+    for (u, m) in made.iter().enumerate() {
+        if Some(u) == refused {
+            assert!(matches!(m, Err(Error::Conflict(e)) if e.contains("made already")), "{m:?}");
+        } else {
+            let (d, runs) = m.as_ref().unwrap_or_else(|e| panic!("f{u}: {e}"));
+            assert_eq!((d.unit.as_str(), runs.len()), (format!("f{u}").as_str(), 1));
+            assert_eq!(runs[0].scheduled_at, Some(at));
+        }
+    }
+    store.flush().await.unwrap();
+    let units = store.load_units().await.unwrap();
+    assert_eq!(units.len(), 32);
+    assert!(units.iter().all(|u| u.last_fire == Some(at)), "every fire time is kept");
+    let all = DispatchFilter { unit: None, state: None, limit: 100, before: None };
+    let dispatches = store.list_dispatches(all);
+    let expected = if refused.is_some() { 32 } else { 33 };
+    assert_eq!(dispatches.await.unwrap().len(), expected, "each fire made, and the one before");
 }

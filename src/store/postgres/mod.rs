@@ -16,6 +16,7 @@
 
 pub mod cluster;
 pub(super) mod events;
+mod group;
 pub mod logs;
 pub mod schema;
 
@@ -48,6 +49,8 @@ const DETACHED_BATCH: usize = 512;
 const DETACHED_RETRY_FOR: Duration = Duration::from_secs(60);
 /// How often run ends not recorded yet are tried again.
 const RETRY: Duration = Duration::from_secs(1);
+/// How soon changes whose rows were locked are tried again.
+const BUSY_AGAIN: Duration = Duration::from_millis(20);
 /// How often old events and audit records are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -78,6 +81,8 @@ pub(super) struct Postgres {
     detached: mpsc::UnboundedSender<Detached>,
     unrecorded: Unrecorded,
     shared: Arc<Shared>,
+    /// Makes the engine's frequent changes several to a transaction.
+    group: group::Group,
 }
 
 /// What every transaction of the store needs.
@@ -93,14 +98,15 @@ pub(super) struct Shared {
 /// An event a transaction records at its commit: time, kind, unit, run, state.
 type PendingEvent = (Timestamp, EventKind, String, Option<i64>, Option<String>);
 
-/// A transaction, with what it needs to record events.
+/// A transaction, with what it needs to record events. Its methods take `&self`, so that
+/// the changes of a [`group`] are made side by side in it (their statements pipelined).
 struct Tx<'a> {
     t: deadpool_postgres::Transaction<'a>,
     /// Events to record at the commit.
-    events: Vec<PendingEvent>,
+    events: Mutex<Vec<PendingEvent>>,
     shared: &'a Shared,
     /// Checked the fence already.
-    fenced: bool,
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 type Params<'a> = [&'a (dyn ToSql + Sync)];
@@ -130,17 +136,18 @@ impl Tx<'_> {
     }
 
     /// Records an event at the commit (see [`Tx::commit`] and the module documentation).
-    fn emit(&mut self, kind: EventKind, unit: &str, run: Option<i64>, state: Option<&str>) {
+    fn emit(&self, kind: EventKind, unit: &str, run: Option<i64>, state: Option<&str>) {
         let event = (Timestamp::now(), kind, unit.to_string(), run, state.map(str::to_string));
-        self.events.push(event);
+        lock(&self.events).push(event);
     }
 
     /// In a cluster, checks (once per transaction) that this server holds the lease, and
     /// keeps it from being taken over until the transaction ends (see [`cluster`]).
-    async fn fenced(&mut self) -> Result<()> {
-        if !self.fenced {
+    async fn fenced(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if !self.fenced.load(Ordering::Acquire) {
             cluster::check(self, &self.shared.fence).await?;
-            self.fenced = true;
+            self.fenced.store(true, Ordering::Release);
         }
         Ok(())
     }
@@ -164,13 +171,14 @@ impl Tx<'_> {
     /// Commits. A transaction with events numbers them only now (see [`events`]), after
     /// the fence, inserts them, and commits; they are published once every lower number
     /// has ended.
-    async fn commit(mut self) -> Result<()> {
+    async fn commit(self) -> Result<()> {
         // In a cluster only the lease's holder changes anything (see `cluster`).
         self.fenced().await?;
         let mut numbered = None;
-        if !self.events.is_empty() {
-            let n = self.shared.seq.number(&self.t, self.events.len()).await?;
-            let events: Vec<Event> = std::mem::take(&mut self.events)
+        let pending = std::mem::take(&mut *lock(&self.events));
+        if !pending.is_empty() {
+            let n = self.shared.seq.number(&self.t, pending.len()).await?;
+            let events: Vec<Event> = pending
                 .into_iter()
                 .zip(n.seqs())
                 .map(|((time, kind, unit, run, state), seq)| Event {
@@ -437,6 +445,7 @@ impl Postgres {
         tokio::spawn(detached_worker(pool.clone(), rx, shared.clone()));
         tokio::spawn(events::announcer(shared.clone(), pool.clone()));
         tokio::spawn(pruner(pool.clone()));
+        let group = group::Group::start(pool.clone(), shared.clone());
         Ok(Postgres {
             location: location_of(&cfg),
             config: cfg,
@@ -445,6 +454,7 @@ impl Postgres {
             detached,
             unrecorded: Unrecorded::default(),
             shared,
+            group,
         })
     }
 
@@ -459,7 +469,7 @@ impl Postgres {
     /// Starts numbering events now: the engine starts on this server (see [`events`]).
     pub(super) async fn start_numbering(&self) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
+        let t = begin(&mut c, &self.shared).await?;
         t.fenced().await?;
         self.shared.seq.start(&t.t).await?;
         t.commit().await
@@ -519,7 +529,7 @@ impl Postgres {
 
 /// Begins a transaction on `c`.
 async fn begin<'a>(c: &'a mut deadpool_postgres::Object, shared: &'a Shared) -> Result<Tx<'a>> {
-    Ok(Tx { t: c.transaction().await?, events: Vec::new(), shared, fenced: false })
+    Ok(Tx { t: c.transaction().await?, events: Mutex::default(), shared, fenced: false.into() })
 }
 
 /// Begins a transaction on `c` that skips the fence; it must record no event.
@@ -527,7 +537,7 @@ async fn begin_unfenced<'a>(
     c: &'a mut deadpool_postgres::Object,
     shared: &'a Shared,
 ) -> Result<Tx<'a>> {
-    Ok(Tx { fenced: true, ..begin(c, shared).await? })
+    Ok(Tx { fenced: true.into(), ..begin(c, shared).await? })
 }
 
 /// Records the ends of `recs` and prunes their units' histories, in one transaction.
@@ -538,20 +548,26 @@ async fn record_ends(
     keep_runs: u32,
 ) -> Result<()> {
     let mut c = pool.get().await?;
-    let mut t = begin(&mut c, shared).await?;
+    let t = begin(&mut c, shared).await?;
+    write_ends(&t, recs, keep_runs).await?;
+    t.commit().await
+}
+
+/// Records the ends of `recs` and prunes their units' histories, in transaction `t`.
+async fn write_ends(t: &Tx<'_>, recs: &[RunRecord], keep_runs: u32) -> Result<()> {
     for rec in recs {
-        write_end(&mut t, rec).await?;
+        write_end(t, rec).await?;
     }
     let mut units: Vec<&str> = recs.iter().map(|r| r.unit.as_str()).collect();
     units.dedup();
     for u in units {
-        prune(&t, u, keep_runs).await?;
+        prune(t, u, keep_runs).await?;
     }
-    t.commit().await
+    Ok(())
 }
 
 /// Records the end of `rec` if it is still active, its unit's counters and its event.
-async fn write_end(t: &mut Tx<'_>, rec: &RunRecord) -> Result<()> {
+async fn write_end(t: &Tx<'_>, rec: &RunRecord) -> Result<()> {
     let ended = rec.ended_at.unwrap_or_else(Timestamp::now);
     let n = t
         .execute(
@@ -625,7 +641,7 @@ struct NewRun<'a> {
 }
 
 /// Inserts a run of `unit` and emits its event.
-async fn insert_run(t: &mut Tx<'_>, unit: &str, run: NewRun<'_>) -> Result<RunRecord> {
+async fn insert_run(t: &Tx<'_>, unit: &str, run: NewRun<'_>) -> Result<RunRecord> {
     let NewRun { state, trigger, attempt, scheduled_at, host, dispatch } = run;
     t.fenced().await?;
     let now = Timestamp::now();
@@ -696,6 +712,66 @@ async fn counts_of(t: &Tx<'_>, dispatch: i64) -> Result<BTreeMap<String, u32>> {
     Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32)).collect())
 }
 
+/// Records dispatch `d` (and its scheduled fire, refused if it was made already) and its
+/// hosts' runs, in transaction `t`.
+async fn insert_dispatch(
+    t: &Tx<'_>,
+    d: &group::NewDispatch,
+) -> Result<(DispatchRecord, Vec<RunRecord>)> {
+    let group::NewDispatch { unit, trigger, hosts, batch, tolerance, scheduled_at } = d;
+    let (unit, trigger, batch, tolerance, scheduled_at) =
+        (unit.as_str(), *trigger, *batch, *tolerance, *scheduled_at);
+    t.fenced().await?;
+    let now = Timestamp::now();
+    let insert = t
+        .prepare(&format!(
+            "INSERT INTO dispatches(unit, trigger, state, created_at, total, batch, tolerance) \
+             VALUES ($1, $2, 'running', $3, $4, $5, $6) RETURNING {DISPATCH_COLUMNS}"
+        ))
+        .await?;
+    // The fire and the dispatch in one round trip: a fire made already rolls both back.
+    let fire = async {
+        match scheduled_at {
+            Some(at) => t.fire_once(unit, at).await,
+            None => Ok(()),
+        }
+    };
+    let (trigger_s, total, batch_i) = (trigger.as_str(), hosts.len() as i32, batch as i32);
+    let tolerance_i = tolerance.map(|t| t as i32);
+    let params: Args<'_, 6> = [&unit, &trigger_s, &now, &total, &batch_i, &tolerance_i];
+    let ((), row) = tokio::try_join!(fire, async { Ok(t.t.query_one(&insert, &params).await?) })?;
+    let d = dispatch_from_row(&row);
+    let id = d.id;
+    t.emit(EventKind::DispatchStarted, unit, Some(id), Some("running"));
+    let mut runs = Vec::with_capacity(hosts.len());
+    for (i, host) in hosts.iter().enumerate() {
+        let state =
+            if batch == 0 || i < batch as usize { RunState::Running } else { RunState::Queued };
+        let new = NewRun { state, trigger, attempt: 1, scheduled_at, host, dispatch: Some(id) };
+        runs.push(insert_run(t, unit, new).await?);
+    }
+    Ok((d, runs))
+}
+
+/// Sets dispatch `id`'s state (and its end, if `state` is final), in transaction `t`.
+async fn write_dispatch_state(t: &Tx<'_>, id: i64, state: DispatchState) -> Result<DispatchRecord> {
+    let ended = state.is_final().then(Timestamp::now);
+    let sql = format!(
+        "UPDATE dispatches SET state = $2, ended_at = $3 WHERE id = $1 \
+         RETURNING {DISPATCH_COLUMNS}"
+    );
+    let d = t
+        .query_opt(&sql, &[&id, &state.as_str(), &ended])
+        .await?
+        .as_ref()
+        .map(dispatch_from_row)
+        .ok_or(Error::DispatchNotFound(id))?;
+    if state.is_final() {
+        t.emit(EventKind::DispatchFinished, &d.unit, Some(id), Some(state.as_str()));
+    }
+    Ok(d)
+}
+
 #[async_trait]
 impl Backend for Postgres {
     fn commits(&self) -> u64 {
@@ -715,7 +791,7 @@ impl Backend for Postgres {
 
     async fn insert_unit(&self, u: StoredUnit) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
+        let t = begin(&mut c, &self.shared).await?;
         let n = t
             .execute(
                 "INSERT INTO units(name, definition, created_at, updated_at, paused, stopped, \
@@ -749,7 +825,7 @@ impl Backend for Postgres {
         rescheduled: bool,
     ) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
+        let t = begin(&mut c, &self.shared).await?;
         let n = t
             .execute(
                 "UPDATE units SET definition = $3, updated_at = $4, paused = $5, \
@@ -773,7 +849,7 @@ impl Backend for Postgres {
         kind: EventKind,
     ) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
+        let t = begin(&mut c, &self.shared).await?;
         let n = t
             .execute(
                 "UPDATE units SET paused = $2, stopped = $3 WHERE name = $1",
@@ -797,7 +873,7 @@ impl Backend for Postgres {
 
     async fn delete_unit(&self, name: &str, keep_history: bool) -> Result<()> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
+        let t = begin(&mut c, &self.shared).await?;
         let n = t.execute("DELETE FROM units WHERE name = $1", &[&name]).await?;
         if n == 0 {
             return Err(Error::UnitNotFound(name.to_string()));
@@ -818,7 +894,7 @@ impl Backend for Postgres {
         scheduled_at: Option<Timestamp>,
     ) -> Result<RunRecord> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
+        let t = begin(&mut c, &self.shared).await?;
         if let Some(at) = scheduled_at
             && attempt == 1
         {
@@ -833,14 +909,14 @@ impl Backend for Postgres {
             host: crate::run::LOCAL,
             dispatch: None,
         };
-        let rec = insert_run(&mut t, unit, run).await?;
+        let rec = insert_run(&t, unit, run).await?;
         t.commit().await?;
         Ok(rec)
     }
 
     async fn create_runs(&self, unit: &str, triggers: Vec<Trigger>) -> Result<Vec<RunRecord>> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
+        let t = begin(&mut c, &self.shared).await?;
         let mut out = Vec::with_capacity(triggers.len());
         for trigger in triggers {
             let run = NewRun {
@@ -851,7 +927,7 @@ impl Backend for Postgres {
                 host: crate::run::LOCAL,
                 dispatch: None,
             };
-            out.push(insert_run(&mut t, unit, run).await?);
+            out.push(insert_run(&t, unit, run).await?);
         }
         t.commit().await?;
         Ok(out)
@@ -859,7 +935,7 @@ impl Backend for Postgres {
 
     async fn start_queued(&self, id: i64) -> Result<RunRecord> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
+        let t = begin(&mut c, &self.shared).await?;
         t.fenced().await?;
         let now = Timestamp::now();
         let n = t
@@ -891,7 +967,7 @@ impl Backend for Postgres {
     }
 
     async fn finish_runs(&self, recs: Vec<RunRecord>, keep_runs: u32) -> Result<()> {
-        let r = record_ends(&self.pool, &self.shared, &recs, keep_runs).await;
+        let r = self.group.ends(recs.clone(), keep_runs).await;
         if let Err(e) = &r {
             let runs: Vec<i64> = recs.iter().map(|r| r.id).collect();
             tracing::warn!(?runs, error = %e, "the end of a run is not recorded yet; retrying");
@@ -966,7 +1042,7 @@ impl Backend for Postgres {
 
     async fn recover_stale_runs(&self) -> Result<Vec<StaleRun>> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
+        let t = begin(&mut c, &self.shared).await?;
         let sql = format!(
             "SELECT {RUN_COLUMNS}, pid_start, boot_id FROM runs \
              WHERE state IN ('queued', 'running') AND host = 'local' \
@@ -1147,40 +1223,15 @@ impl Backend for Postgres {
         tolerance: Option<u32>,
         scheduled_at: Option<Timestamp>,
     ) -> Result<(DispatchRecord, Vec<RunRecord>)> {
-        let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
-        t.fenced().await?;
-        let now = Timestamp::now();
-        let insert = t
-            .prepare(&format!(
-                "INSERT INTO dispatches(unit, trigger, state, created_at, total, batch, tolerance) \
-                 VALUES ($1, $2, 'running', $3, $4, $5, $6) RETURNING {DISPATCH_COLUMNS}"
-            ))
-            .await?;
-        // The fire and the dispatch in one round trip: a fire made already rolls both back.
-        let fire = async {
-            match scheduled_at {
-                Some(at) => t.fire_once(unit, at).await,
-                None => Ok(()),
-            }
+        let d = group::NewDispatch {
+            unit: unit.to_string(),
+            trigger,
+            hosts,
+            batch,
+            tolerance,
+            scheduled_at,
         };
-        let (trigger_s, total, batch_i) = (trigger.as_str(), hosts.len() as i32, batch as i32);
-        let tolerance_i = tolerance.map(|t| t as i32);
-        let params: Args<'_, 6> = [&unit, &trigger_s, &now, &total, &batch_i, &tolerance_i];
-        let ((), row) =
-            tokio::try_join!(fire, async { Ok(t.t.query_one(&insert, &params).await?) })?;
-        let d = dispatch_from_row(&row);
-        let id = d.id;
-        t.emit(EventKind::DispatchStarted, unit, Some(id), Some("running"));
-        let mut runs = Vec::with_capacity(hosts.len());
-        for (i, host) in hosts.iter().enumerate() {
-            let state =
-                if batch == 0 || i < batch as usize { RunState::Running } else { RunState::Queued };
-            let new = NewRun { state, trigger, attempt: 1, scheduled_at, host, dispatch: Some(id) };
-            runs.push(insert_run(&mut t, unit, new).await?);
-        }
-        t.commit().await?;
-        Ok((d, runs))
+        self.group.dispatch(d).await
     }
 
     async fn create_host_run(
@@ -1192,7 +1243,7 @@ impl Backend for Postgres {
         attempt: u32,
     ) -> Result<RunRecord> {
         let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
+        let t = begin(&mut c, &self.shared).await?;
         let new = NewRun {
             state: RunState::Running,
             trigger,
@@ -1201,30 +1252,13 @@ impl Backend for Postgres {
             host: &host,
             dispatch: Some(dispatch),
         };
-        let rec = insert_run(&mut t, unit, new).await?;
+        let rec = insert_run(&t, unit, new).await?;
         t.commit().await?;
         Ok(rec)
     }
 
     async fn set_dispatch_state(&self, id: i64, state: DispatchState) -> Result<DispatchRecord> {
-        let mut c = self.client().await?;
-        let mut t = begin(&mut c, &self.shared).await?;
-        let ended = state.is_final().then(Timestamp::now);
-        let sql = format!(
-            "UPDATE dispatches SET state = $2, ended_at = $3 WHERE id = $1 \
-             RETURNING {DISPATCH_COLUMNS}"
-        );
-        let d = t
-            .query_opt(&sql, &[&id, &state.as_str(), &ended])
-            .await?
-            .as_ref()
-            .map(dispatch_from_row)
-            .ok_or(Error::DispatchNotFound(id))?;
-        if state.is_final() {
-            t.emit(EventKind::DispatchFinished, &d.unit, Some(id), Some(state.as_str()));
-        }
-        t.commit().await?;
-        Ok(d)
+        self.group.dispatch_state(id, state).await
     }
 
     fn set_late_result(&self, id: i64, outcome: String) {
@@ -1403,7 +1437,19 @@ async fn detached_worker(
             let give_up = tokio::time::Instant::now() + DETACHED_RETRY_FOR;
             loop {
                 match apply_detached(&pool, &shared, &batch).await {
-                    Ok(()) => break,
+                    Ok(busy) if busy.is_empty() => break,
+                    // Rows a transaction of the engine holds: those changes, again shortly.
+                    Ok(busy) if tokio::time::Instant::now() < give_up => {
+                        batch = keep_only(batch, &busy);
+                        tokio::time::sleep(BUSY_AGAIN).await;
+                    }
+                    Ok(busy) => {
+                        tracing::error!(
+                            changes = busy.len(),
+                            "rows stayed locked; changes dropped"
+                        );
+                        break;
+                    }
                     // This server lost the cluster's lease: nothing it writes is taken again.
                     Err(Error::Fenced) => {
                         tracing::warn!(
@@ -1430,29 +1476,108 @@ async fn detached_worker(
     }
 }
 
-async fn apply_detached(pool: &Pool, shared: &Shared, batch: &[Detached]) -> Result<()> {
+/// The items of `batch` at the positions `keep` (ascending).
+fn keep_only(batch: Vec<Detached>, keep: &[usize]) -> Vec<Detached> {
+    let mut keep = keep.iter().peekable();
+    batch
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep.next_if_eq(&i).is_some())
+        .map(|(_, d)| d)
+        .collect()
+}
+
+/// Applies `batch` in one transaction; the positions of the changes left for later because
+/// their rows were locked (by a transaction of the engine: a run's end, a dispatch). The
+/// frequent ones (fire times, pids) are one statement each for the whole batch, and wait for
+/// no lock: a transaction that waited here while holding other rows could deadlock with the
+/// engine's, which take theirs in no fixed order.
+async fn apply_detached(pool: &Pool, shared: &Shared, batch: &[Detached]) -> Result<Vec<usize>> {
     let mut c = pool.get().await?;
-    let mut t = begin(&mut c, shared).await?;
-    for d in batch {
+    let t = begin(&mut c, shared).await?;
+    let mut fires: BTreeMap<&str, (Timestamp, Vec<usize>)> = BTreeMap::new();
+    let mut pids: BTreeMap<i64, (usize, &Detached)> = BTreeMap::new();
+    for (i, d) in batch.iter().enumerate() {
         match d {
             Detached::LastFire(name, at) => {
-                // Never backwards (a late change from a server that lost the lease).
-                t.execute(
-                    "UPDATE units SET last_fire = GREATEST(COALESCE(last_fire, $2), $2) \
-                     WHERE name = $1",
-                    &[name, at],
-                )
-                .await?;
+                let e = fires.entry(name.as_str()).or_insert((*at, Vec::new()));
+                e.0 = e.0.max(*at);
+                e.1.push(i);
             }
+            // The newest start of a run wins.
+            Detached::Pid { id, .. } => {
+                pids.insert(*id, (i, d));
+            }
+            _ => {}
+        }
+    }
+    let mut busy = Vec::new();
+    if !fires.is_empty() {
+        let names: Vec<&str> = fires.keys().copied().collect();
+        let ats: Vec<Timestamp> = fires.values().map(|(at, _)| *at).collect();
+        // Never backwards (a late change from a server that lost the lease).
+        let done = t
+            .query(
+                "UPDATE units u SET last_fire = GREATEST(COALESCE(u.last_fire, x.at), x.at) \
+                 FROM unnest($1::text[], $2::timestamptz[]) AS x(name, at) \
+                 WHERE u.name = x.name AND u.name IN \
+                 (SELECT name FROM units WHERE name = ANY($1) FOR UPDATE SKIP LOCKED) \
+                 RETURNING u.name",
+                &[&names, &ats],
+            )
+            .await?;
+        if done.len() < names.len() {
+            let done: std::collections::HashSet<String> = done.iter().map(|r| r.get(0)).collect();
+            let left: Vec<&str> = names.into_iter().filter(|n| !done.contains(*n)).collect();
+            // Left because locked, or because the unit is gone (nothing to do then).
+            for r in t.query("SELECT name FROM units WHERE name = ANY($1)", &[&left]).await? {
+                let name: String = r.get(0);
+                busy.extend(
+                    fires
+                        .get(name.as_str())
+                        .map(|(_, positions)| positions.clone())
+                        .unwrap_or_default(),
+                );
+            }
+        }
+    }
+    if !pids.is_empty() {
+        let (mut ids, mut ps, mut starts, mut pid_starts, mut boots) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (_, d) in pids.values() {
+            if let Detached::Pid { id, pid, started, pid_start, boot_id } = d {
+                ids.push(*id);
+                ps.push(i64::from(*pid));
+                starts.push(*started);
+                pid_starts.push(pid_start.map(|s| s as i64));
+                boots.push(boot_id.as_deref());
+            }
+        }
+        let done = t
+            .query(
+                "UPDATE runs r SET pid = x.pid, started_at = x.started, \
+                 pid_start = x.pid_start, boot_id = x.boot_id \
+                 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[], \
+                 $5::text[]) AS x(id, pid, started, pid_start, boot_id) \
+                 WHERE r.id = x.id AND r.id IN \
+                 (SELECT id FROM runs WHERE id = ANY($1) FOR UPDATE SKIP LOCKED) \
+                 RETURNING r.id",
+                &[&ids, &ps, &starts, &pid_starts, &boots],
+            )
+            .await?;
+        if done.len() < ids.len() {
+            let done: std::collections::HashSet<i64> = done.iter().map(|r| r.get(0)).collect();
+            let left: Vec<i64> = ids.into_iter().filter(|id| !done.contains(id)).collect();
+            for r in t.query("SELECT id FROM runs WHERE id = ANY($1)", &[&left]).await? {
+                let id: i64 = r.get(0);
+                busy.extend(pids.get(&id).map(|(i, _)| *i));
+            }
+        }
+    }
+    for d in batch {
+        match d {
+            Detached::LastFire(..) | Detached::Pid { .. } | Detached::Flush(_) => {}
             Detached::Event(kind, unit, state) => t.emit(*kind, unit, None, *state),
-            Detached::Pid { id, pid, started, pid_start, boot_id } => {
-                t.execute(
-                    "UPDATE runs SET pid = $2, started_at = $3, pid_start = $4, boot_id = $5 \
-                     WHERE id = $1",
-                    &[id, &i64::from(*pid), started, &pid_start.map(|s| s as i64), boot_id],
-                )
-                .await?;
-            }
             Detached::Audit(a) => {
                 t.execute(
                     "INSERT INTO audit(time, peer, method, unit, outcome) VALUES ($1, $2, $3, $4, $5)",
@@ -1487,10 +1612,11 @@ async fn apply_detached(pool: &Pool, shared: &Shared, batch: &[Detached]) -> Res
             Detached::Notified(id, notified) => {
                 t.execute("UPDATE runs SET notified = $2 WHERE id = $1", &[id, notified]).await?;
             }
-            Detached::Flush(_) => {}
         }
     }
-    t.commit().await
+    t.commit().await?;
+    busy.sort_unstable();
+    Ok(busy)
 }
 
 /// Deletes the oldest events and audit records beyond the newest kept, now and then.

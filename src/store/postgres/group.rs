@@ -1,0 +1,231 @@
+//! The engine's frequent changes (a dispatch and its runs created, runs ended, a dispatch's
+//! state) made several to a transaction.
+//!
+//! Mechanism: callers hand their change to one queue and wait for its answer. A worker takes
+//! what is waiting (up to [`GROUP_MAX`]) and makes it in one transaction: the fence checked
+//! once, every change's statements sent side by side on the connection (tokio-postgres
+//! pipelines what is sent at once), one commit. Up to [`GROUPS_AT_ONCE`] groups are under way
+//! at a time; what arrives meanwhile waits for the next, which is how a burst of fires shares
+//! commits and round trips (about 20 statements and 3 commits per run of a dispatch when each
+//! had a transaction of its own).
+//!
+//! Invariants:
+//! - a caller is answered only after its change committed, or with the error that kept it
+//!   from committing: as if its change had had a transaction of its own;
+//! - one change that fails (a fire made already, a dispatch that is gone) does not fail the
+//!   others: the group is rolled back and each change is made again in a transaction of its
+//!   own, so the failing one gets its own error;
+//! - the fence holds for the whole group (one check, in the transaction, before its commit).
+
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use jiff::Timestamp;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{
+    DispatchRecord, DispatchState, Shared, Tx, begin, insert_dispatch, write_dispatch_state,
+    write_ends,
+};
+use crate::error::{Error, Result};
+use crate::run::{RunRecord, Trigger};
+
+/// Changes made in one transaction at most.
+const GROUP_MAX: usize = 256;
+/// Groups under way at once (each holds a pooled connection).
+const GROUPS_AT_ONCE: usize = 4;
+/// Changes waiting for a group, at most (callers wait for room beyond that).
+const QUEUED_MAX: usize = 4096;
+
+/// A dispatch to create: `Backend::create_dispatch`'s arguments.
+pub(super) struct NewDispatch {
+    pub unit: String,
+    pub trigger: Trigger,
+    pub hosts: Vec<String>,
+    pub batch: u32,
+    pub tolerance: Option<u32>,
+    pub scheduled_at: Option<Timestamp>,
+}
+
+/// A change, with where its answer goes.
+enum Change {
+    Dispatch(NewDispatch, oneshot::Sender<Result<(DispatchRecord, Vec<RunRecord>)>>),
+    Ends(Vec<RunRecord>, u32, oneshot::Sender<Result<()>>),
+    DispatchState(i64, DispatchState, oneshot::Sender<Result<DispatchRecord>>),
+}
+
+/// What a change made, to answer with once its transaction committed.
+enum Made {
+    Dispatch(DispatchRecord, Vec<RunRecord>),
+    Ends,
+    DispatchState(DispatchRecord),
+}
+
+impl Change {
+    /// Makes the change in `t`.
+    async fn make(&self, t: &Tx<'_>) -> Result<Made> {
+        Ok(match self {
+            Change::Dispatch(d, _) => {
+                let (d, runs) = insert_dispatch(t, d).await?;
+                Made::Dispatch(d, runs)
+            }
+            Change::Ends(recs, keep, _) => {
+                write_ends(t, recs, *keep).await?;
+                Made::Ends
+            }
+            Change::DispatchState(id, state, _) => {
+                Made::DispatchState(write_dispatch_state(t, *id, *state).await?)
+            }
+        })
+    }
+
+    /// Answers the caller.
+    fn answer(self, made: Result<Made>) {
+        match (self, made) {
+            (Change::Dispatch(_, tx), Ok(Made::Dispatch(d, runs))) => {
+                let _ = tx.send(Ok((d, runs)));
+            }
+            (Change::Ends(_, _, tx), Ok(Made::Ends)) => {
+                let _ = tx.send(Ok(()));
+            }
+            (Change::DispatchState(_, _, tx), Ok(Made::DispatchState(d))) => {
+                let _ = tx.send(Ok(d));
+            }
+            (Change::Dispatch(_, tx), Err(e)) => {
+                let _ = tx.send(Err(e));
+            }
+            (Change::Ends(_, _, tx), Err(e)) => {
+                let _ = tx.send(Err(e));
+            }
+            (Change::DispatchState(_, _, tx), Err(e)) => {
+                let _ = tx.send(Err(e));
+            }
+            (_, Ok(_)) => unreachable!("a change answered with another's result"),
+        }
+    }
+}
+
+/// The queue of changes and its worker.
+pub(super) struct Group {
+    tx: mpsc::Sender<Change>,
+}
+
+impl Group {
+    /// Starts the worker.
+    pub(super) fn start(pool: Pool, shared: Arc<Shared>) -> Group {
+        let (tx, rx) = mpsc::channel(QUEUED_MAX);
+        tokio::spawn(worker(pool, shared, rx));
+        Group { tx }
+    }
+
+    async fn submit<T>(
+        &self,
+        change: impl FnOnce(oneshot::Sender<Result<T>>) -> Change,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(change(tx)).await.map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// `Backend::create_dispatch`.
+    pub(super) async fn dispatch(
+        &self,
+        d: NewDispatch,
+    ) -> Result<(DispatchRecord, Vec<RunRecord>)> {
+        self.submit(|tx| Change::Dispatch(d, tx)).await
+    }
+
+    /// `Backend::finish_runs`.
+    pub(super) async fn ends(&self, recs: Vec<RunRecord>, keep_runs: u32) -> Result<()> {
+        self.submit(|tx| Change::Ends(recs, keep_runs, tx)).await
+    }
+
+    /// `Backend::set_dispatch_state`.
+    pub(super) async fn dispatch_state(
+        &self,
+        id: i64,
+        state: DispatchState,
+    ) -> Result<DispatchRecord> {
+        self.submit(|tx| Change::DispatchState(id, state, tx)).await
+    }
+}
+
+/// Takes what is waiting, a group at a time, [`GROUPS_AT_ONCE`] groups at most under way.
+async fn worker(pool: Pool, shared: Arc<Shared>, mut rx: mpsc::Receiver<Change>) {
+    let permits = Arc::new(Semaphore::new(GROUPS_AT_ONCE));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let mut changes = Vec::new();
+        if rx.recv_many(&mut changes, GROUP_MAX).await == 0 {
+            return;
+        }
+        let (pool, shared) = (pool.clone(), shared.clone());
+        tokio::spawn(async move {
+            let (started, changes_n) = (std::time::Instant::now(), changes.len());
+            make_group(&pool, &shared, changes).await;
+            // One line per group at debug level (`RUST_LOG=taskd::store=debug`): how many
+            // changes shared it, and how long it took.
+            tracing::debug!(changes = changes_n, took = ?started.elapsed(), "store group");
+            drop(permit);
+        });
+    }
+}
+
+/// Makes `changes` in one transaction, or, if one of them fails, each in its own.
+async fn make_group(pool: &Pool, shared: &Shared, changes: Vec<Change>) {
+    if changes.len() > 1 {
+        match together(pool, shared, &changes).await {
+            Ok(Some(made)) => {
+                for (c, m) in changes.into_iter().zip(made) {
+                    c.answer(Ok(m));
+                }
+                return;
+            }
+            // One change failed: each is made again on its own, below.
+            Ok(None) => {}
+            // The transaction did not get that far (no connection, the fence): none would.
+            Err(e) => {
+                for c in changes {
+                    c.answer(Err(again(&e)));
+                }
+                return;
+            }
+        }
+    }
+    let alone = changes.into_iter().map(|c| async move {
+        let made = async {
+            let mut conn = pool.get().await?;
+            let t = begin(&mut conn, shared).await?;
+            let made = c.make(&t).await?;
+            t.commit().await?;
+            Ok(made)
+        }
+        .await;
+        c.answer(made);
+    });
+    futures_util::future::join_all(alone).await;
+}
+
+/// Makes `changes` side by side in one transaction: what each made, or `None` if one failed
+/// (nothing committed).
+async fn together(pool: &Pool, shared: &Shared, changes: &[Change]) -> Result<Option<Vec<Made>>> {
+    let mut conn = pool.get().await?;
+    let t = begin(&mut conn, shared).await?;
+    t.fenced().await?;
+    let made = futures_util::future::join_all(changes.iter().map(|c| c.make(&t))).await;
+    let Ok(made) = made.into_iter().collect::<Result<Vec<Made>>>() else {
+        // Dropped: rolled back.
+        return Ok(None);
+    };
+    t.commit().await?;
+    Ok(Some(made))
+}
+
+/// `e` again, for each change of a group it failed.
+fn again(e: &Error) -> Error {
+    match e {
+        Error::Fenced => Error::Fenced,
+        Error::ShuttingDown => Error::ShuttingDown,
+        other => Error::Postgres(other.to_string()),
+    }
+}
