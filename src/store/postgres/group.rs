@@ -15,7 +15,10 @@
 //! - one change that fails (a fire made already, a dispatch that is gone) does not fail the
 //!   others: the group is rolled back and each change is made again in a transaction of its
 //!   own, so the failing one gets its own error;
-//! - the fence holds for the whole group (one check, in the transaction, before its commit).
+//! - the fence holds for the whole group (one check, in the transaction, before its commit);
+//! - groups cannot deadlock with each other although their changes take row locks in no fixed
+//!   order: every change is of one unit, made by that unit's loop, which waits for each, so
+//!   two groups under way never hold rows of the same unit.
 
 use std::sync::Arc;
 

@@ -1,12 +1,15 @@
 //! The PostgreSQL store (`--store postgres://…`): the database several servers share.
 //!
 //! Mechanism:
-//! - Changes run on a pool of connections (deadpool), each call in a transaction of its own;
-//!   PostgreSQL groups concurrent commits itself, so no batching thread is needed here.
+//! - Changes run on a pool of connections (deadpool), each call in a transaction of its own,
+//!   except the engine's frequent ones (a dispatch created, runs ended, a dispatch's state),
+//!   which are made several to a transaction ([`group`]).
 //! - **Events in one order**, numbered by this process, the one that writes, and announced to
 //!   the other servers with `NOTIFY` ([`events`]): commits are not put in one line.
-//! - Changes nobody waits for (a pid, a fire time, an audit record) go through one queue, in
-//!   order, several to a transaction; a failed batch is tried again for a while.
+//! - Changes nobody waits for (a pid, a fire time, an audit record) go through one queue,
+//!   several to a transaction, fire times and pids one statement each that skips rows
+//!   another transaction holds (those are tried again shortly); a failed batch is tried
+//!   again for a while.
 //! - The end of a run that cannot be recorded (database unreachable) is kept in memory and
 //!   retried every second until it is, as the SQLite store does.
 //!
