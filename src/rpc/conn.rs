@@ -186,6 +186,7 @@ impl Gate {
             authenticated: AtomicBool::new(standing == Standing::Authenticated),
             agent: std::sync::OnceLock::new(),
             close: CancellationToken::new(),
+            gone: CancellationToken::new(),
             backlog: Backlog::default(),
             read_waker: Mutex::new(None),
             socket: AtomicI32::new(-1),
@@ -361,6 +362,8 @@ pub struct Conn {
     /// The agent this connection logged in as, if it logged in with an agent's credential.
     agent: std::sync::OnceLock<(String, u64)>,
     close: CancellationToken,
+    /// Cancelled when this is dropped (see [`Conn::gone`]).
+    gone: CancellationToken,
     backlog: Backlog,
     read_waker: Mutex<Option<Waker>>,
     /// The socket's descriptor while its [`ConnIo`] lives (-1 otherwise), to reset it.
@@ -441,15 +444,17 @@ impl Conn {
         &self.backlog
     }
 
-    /// Closes the connection: every later read or write of its [`ConnIo`] fails, and the
-    /// socket is reset when it is dropped, so that what the client never read does not linger
-    /// in the kernel's buffers either.
+    /// Closes the connection: the socket is shut down (a task waiting to read it wakes up),
+    /// every later read or write of its [`ConnIo`] fails, and the socket is reset when it is
+    /// dropped, so that what the client never read does not linger in the kernel's buffers
+    /// either.
     pub fn close(&self) {
         let fd = self.socket.load(Ordering::Acquire);
         if fd >= 0 {
             let off = libc::linger { l_onoff: 1, l_linger: 0 };
             // SAFETY: `fd` is the connection's socket: `ConnIo` clears it before dropping the
-            // socket. setsockopt only reads `off`, whose size is passed.
+            // socket. setsockopt only reads `off`, whose size is passed; shutdown touches no
+            // memory (and leaves the descriptor open: `ConnIo` still owns it).
             unsafe {
                 libc::setsockopt(
                     fd,
@@ -458,10 +463,18 @@ impl Conn {
                     (&off as *const libc::linger).cast(),
                     std::mem::size_of::<libc::linger>() as libc::socklen_t,
                 );
+                // And a reader parked on the socket (not on the backlog) wakes up to its end.
+                libc::shutdown(fd, libc::SHUT_RDWR);
             }
         }
         self.close.cancel();
         self.wake_reader();
+    }
+
+    /// A token cancelled once the connection is over (its last handle dropped), for what
+    /// watches it from outside with a `Weak` handle and must not keep it alive.
+    pub fn gone(&self) -> CancellationToken {
+        self.gone.clone()
     }
 
     /// Whether [`Conn::close`] was called.
@@ -497,6 +510,7 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        self.gone.cancel();
         let standing = *self.standing.get_mut().unwrap_or_else(PoisonError::into_inner);
         self.gate.release(self.id, standing);
         if self.backlog.high_water.load(Ordering::Relaxed) >= HEAVY_BACKLOG {

@@ -19,7 +19,9 @@
 //!   neither send the cookie (SameSite) nor be let in with it (Origin), nor knows the key.
 //!
 //! Sessions live in memory ([`Sessions`]): at most [`MAX_SESSIONS`] (the oldest is closed to
-//! make room), each for [`SESSION_TTL`]; a restart of the daemon signs everyone out.
+//! make room), each for [`SESSION_TTL`]; a restart of the daemon signs everyone out. A
+//! session that ends (sign-out, expiry, a new sign-in, eviction) closes the WebSockets it
+//! admitted ([`Admitted`]): what was open does not outlive it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,6 +33,7 @@ use http::header::{
 };
 use http::{Method, StatusCode};
 use jsonrpsee::server::{HttpBody, HttpResponse};
+use tokio_util::sync::CancellationToken;
 
 use super::http::route_error;
 
@@ -91,11 +94,30 @@ fn secure(h: &mut HeaderMap) {
     h.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
 }
 
+/// One session: its key, its end, and what tells its connections that it ended.
+#[derive(Debug, Clone)]
+struct Session {
+    key: String,
+    until: Instant,
+    ended: CancellationToken,
+}
+
+/// What a session that admitted a request says about its end: the connection it admitted
+/// is to be closed once [`Admitted::ended`] (cancelled when the session is closed) or at
+/// [`Admitted::until`], whichever comes first.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// Cancelled when the session is closed.
+    pub ended: CancellationToken,
+    /// When the session expires.
+    pub until: Instant,
+}
+
 /// The dashboard's open sessions.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    /// Each session's id (the cookie), key and end.
-    open: Mutex<HashMap<String, (String, Instant)>>,
+    /// Each session by its id (the cookie).
+    open: Mutex<HashMap<String, Session>>,
 }
 
 impl Sessions {
@@ -105,23 +127,35 @@ impl Sessions {
         let key = crate::state_dir::random_hex(32)?;
         let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
-        open.retain(|_, (_, until)| *until > now);
+        open.retain(|_, s| {
+            let live = s.until > now;
+            if !live {
+                s.ended.cancel();
+            }
+            live
+        });
         if open.len() >= MAX_SESSIONS
-            && let Some(oldest) =
-                open.iter().min_by_key(|(_, (_, until))| *until).map(|(k, _)| k.clone())
+            && let Some(oldest) = open.iter().min_by_key(|(_, s)| s.until).map(|(k, _)| k.clone())
+            && let Some(s) = open.remove(&oldest)
         {
-            open.remove(&oldest);
+            s.ended.cancel();
         }
-        open.insert(id.clone(), (key.clone(), now + SESSION_TTL));
+        let session =
+            Session { key: key.clone(), until: now + SESSION_TTL, ended: CancellationToken::new() };
+        open.insert(id.clone(), session);
         Ok((id, key))
     }
 
+    /// Ends session `id`, and with it the connections it admitted.
     fn close(&self, id: &str) {
-        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(s) = open.remove(id) {
+            s.ended.cancel();
+        }
     }
 
-    /// The open session whose cookie `headers` carry: its key and end.
-    fn find(&self, headers: &HeaderMap) -> Option<(String, Instant)> {
+    /// The open session whose cookie `headers` carry.
+    fn find(&self, headers: &HeaderMap) -> Option<Session> {
         let id = session_cookie(headers)?;
         let open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Compared in constant time against each: the time taken tells nothing of the ids.
@@ -131,17 +165,20 @@ impl Sessions {
                 found = Some(session.clone());
             }
         }
-        found.filter(|(_, until)| *until > Instant::now())
+        found.filter(|s| s.until > Instant::now())
     }
 
-    /// Whether `headers` carry the cookie of an open session and `query` (the URL's) its key.
-    pub fn admits(&self, headers: &HeaderMap, query: Option<&str>) -> bool {
+    /// Whether `headers` carry the cookie of an open session and `query` (the URL's) its key:
+    /// if so, how the session ends.
+    pub fn admits(&self, headers: &HeaderMap, query: Option<&str>) -> Option<Admitted> {
         let presented = query
             .unwrap_or_default()
             .split('&')
             .find_map(|pair| pair.strip_prefix("key="))
             .unwrap_or_default();
-        self.find(headers).is_some_and(|(key, _)| super::auth::token_eq(&key, presented))
+        self.find(headers)
+            .filter(|s| super::auth::token_eq(&s.key, presented))
+            .map(|s| Admitted { ended: s.ended, until: s.until })
     }
 }
 
@@ -255,27 +292,33 @@ mod tests {
         let s = Sessions::default();
         let (id, key) = s.open().unwrap();
         let q = format!("key={key}");
-        assert!(s.admits(&with_cookie(&format!("a=b; {COOKIE_NAME}={id}")), Some(&q)));
+        let admitted = s.admits(&with_cookie(&format!("a=b; {COOKIE_NAME}={id}")), Some(&q));
+        let admitted = admitted.expect("its cookie with its key");
         // The cookie alone (what another port of the host receives) is not enough.
-        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}")), None));
-        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}")), Some("key=x")));
-        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}x")), Some(&q)));
-        assert!(!s.admits(&with_cookie("other=1"), Some(&q)));
-        assert!(!s.admits(&HeaderMap::new(), Some(&q)));
+        assert!(s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}")), None).is_none());
+        assert!(s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}")), Some("key=x")).is_none());
+        assert!(s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}x")), Some(&q)).is_none());
+        assert!(s.admits(&with_cookie("other=1"), Some(&q)).is_none());
+        assert!(s.admits(&HeaderMap::new(), Some(&q)).is_none());
+        assert!(!admitted.ended.is_cancelled());
         s.close(&id);
-        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}")), Some(&q)));
+        assert!(admitted.ended.is_cancelled(), "its connections are told");
+        assert!(s.admits(&with_cookie(&format!("{COOKIE_NAME}={id}")), Some(&q)).is_none());
     }
 
     #[test]
     fn sessions_are_bounded() {
         let s = Sessions::default();
         let (first, key) = s.open().unwrap();
+        let q = format!("key={key}");
+        let admitted = s.admits(&with_cookie(&format!("{COOKIE_NAME}={first}")), Some(&q));
+        let admitted = admitted.expect("open");
         for _ in 0..MAX_SESSIONS {
             s.open().unwrap();
         }
         assert_eq!(s.open.lock().unwrap().len(), MAX_SESSIONS);
-        let q = format!("key={key}");
-        assert!(!s.admits(&with_cookie(&format!("{COOKIE_NAME}={first}")), Some(&q)));
+        assert!(admitted.ended.is_cancelled(), "the evicted session's connections are told");
+        assert!(s.admits(&with_cookie(&format!("{COOKIE_NAME}={first}")), Some(&q)).is_none());
     }
 
     #[test]

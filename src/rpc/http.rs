@@ -365,13 +365,30 @@ impl HttpGuardLayer {
         } else if let Auth::Token(token) = &self.auth {
             let by_token = bearer(headers).is_some_and(|presented| token_eq(token, presented));
             let by_session = || {
-                route.is_none()
-                    && origin.is_some()
-                    && self.sessions.as_ref().is_some_and(|s| s.admits(headers, query))
+                let sessions = self.sessions.as_ref().filter(|_| route.is_none())?;
+                origin.and_then(|_| sessions.admits(headers, query))
             };
-            if !by_token && !by_session() {
-                self.conn.login_failed();
-                return Err((StatusCode::UNAUTHORIZED, HTTP_UNAUTHORIZED_MESSAGE.into()));
+            if !by_token {
+                let Some(session) = by_session() else {
+                    self.conn.login_failed();
+                    return Err((StatusCode::UNAUTHORIZED, HTTP_UNAUTHORIZED_MESSAGE.into()));
+                };
+                // A WebSocket lives as long as the session that let it in, no longer (an HTTP
+                // call is judged on its own each time).
+                if is_ws_upgrade(headers) {
+                    let (conn, gone) = (Arc::downgrade(&self.conn), self.conn.gone());
+                    tokio::spawn(async move {
+                        let expired = tokio::time::sleep_until(session.until.into());
+                        tokio::select! {
+                            () = session.ended.cancelled() => {}
+                            () = expired => {}
+                            () = gone.cancelled() => return,
+                        }
+                        if let Some(conn) = conn.upgrade() {
+                            conn.close();
+                        }
+                    });
+                }
             }
             self.conn.authenticate();
             req.extensions_mut().insert(Authenticated);

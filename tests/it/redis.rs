@@ -117,9 +117,12 @@ fn the_seeds_tasks_run_push_their_output_and_are_killed_through_control() {
     assert_eq!(u["last_run"]["exit_code"], 3);
     let mk = |t: &str, d: &str| json!({"id": "101", "type": "test", "msg_type": t, "data": d});
     let cwd = work.path().canonicalize().unwrap().display().to_string();
-    assert_eq!(next_log(&mut c), mk("stdout", "hello"));
-    assert_eq!(next_log(&mut c), mk("stdout", &cwd));
-    assert_eq!(next_log(&mut c), mk("stderr", "oops"));
+    // Each stream's lines in their order (stdout and stderr are two pipes, read side by
+    // side: their lines may interleave either way), then `done`.
+    let lines: Vec<Value> = (0..3).map(|_| next_log(&mut c)).collect();
+    let of = |t: &str| lines.iter().filter(|l| l["msg_type"] == t).cloned().collect::<Vec<_>>();
+    assert_eq!(of("stdout"), [mk("stdout", "hello"), mk("stdout", &cwd)], "{lines:?}");
+    assert_eq!(of("stderr"), [mk("stderr", "oops")], "{lines:?}");
     assert_eq!(next_log(&mut c), mk("done", "3"));
     // Lines are pushed as they are written, not when the run ends; the task's id is in its
     // command's environment.

@@ -765,6 +765,61 @@ fn a_second_host_or_origin_header_is_refused() {
     assert!(unit_names(&d).is_empty());
 }
 
+/// A WebSocket a dashboard session let in ends with the session: signing out closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_out_of_the_dashboard_closes_the_websockets_of_its_session() {
+    use jsonrpsee::core::client::{ClientT, SubscriptionClientT};
+    use jsonrpsee::rpc_params;
+    use jsonrpsee::ws_client::{HeaderMap, HeaderValue, WsClientBuilder};
+    let d = TestDaemon::start();
+    let addr = d.addr.clone();
+    let own = format!("http://{addr}");
+    let body = json!({ "token": d.token }).to_string();
+    let req = format!(
+        "POST /login HTTP/1.1\r\nHost: {addr}\r\nOrigin: {own}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, head, body) =
+        tokio::task::spawn_blocking(move || http_raw(&addr, &req)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("a cookie")
+        .to_string();
+    let key: Value = serde_json::from_str(&body).unwrap();
+    let key = key["key"].as_str().expect("the session's key").to_string();
+    let mut headers = HeaderMap::new();
+    headers.insert("Cookie", HeaderValue::from_str(&cookie).unwrap());
+    headers.insert("Origin", HeaderValue::from_str(&own).unwrap());
+    let ws = WsClientBuilder::default()
+        .set_headers(headers)
+        .request_timeout(DEADLINE)
+        .build(format!("ws://{}/?key={key}", d.addr))
+        .await
+        .expect("the session's WebSocket");
+    let st: Value = ws.request("Daemon.Status", rpc_params![json!({})]).await.expect("served");
+    assert_eq!(st["auth"], "token");
+    let mut events = ws
+        .subscribe::<Value, _>("Events.Subscribe", rpc_params![json!({})], "Events.Unsubscribe")
+        .await
+        .expect("subscribe");
+    let (addr, own2, cookie2) = (d.addr.clone(), own.clone(), cookie.clone());
+    let out = format!(
+        "POST /logout HTTP/1.1\r\nHost: {addr}\r\nOrigin: {own2}\r\nCookie: {cookie2}\r\n\
+         Connection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    let (status, _, _) = tokio::task::spawn_blocking(move || http_raw(&addr, &out)).await.unwrap();
+    assert_eq!(status, 200);
+    // The subscription ends, and nothing more is served on that socket.
+    let ended = tokio::time::timeout(DEADLINE, events.next()).await;
+    assert!(matches!(ended, Ok(None | Some(Err(_)))), "the subscription ends: {ended:?}");
+    let after: Result<Value, _> = ws.request("Daemon.Status", rpc_params![json!({})]).await;
+    assert!(after.is_err(), "no call is served after sign-out: {after:?}");
+}
+
 #[test]
 fn the_dashboards_cookie_serves_only_calls_from_the_daemons_own_origin() {
     let d = TestDaemon::start();
