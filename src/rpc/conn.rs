@@ -40,7 +40,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -189,7 +189,7 @@ impl Gate {
             gone: CancellationToken::new(),
             backlog: Backlog::default(),
             read_waker: Mutex::new(None),
-            socket: AtomicI32::new(-1),
+            socket: Mutex::new(-1),
         });
         match standing {
             Standing::Unauthenticated => counts.unauthenticated += 1,
@@ -366,8 +366,11 @@ pub struct Conn {
     gone: CancellationToken,
     backlog: Backlog,
     read_waker: Mutex<Option<Waker>>,
-    /// The socket's descriptor while its [`ConnIo`] lives (-1 otherwise), to reset it.
-    socket: AtomicI32,
+    /// The socket's descriptor while its [`ConnIo`] lives (-1 otherwise), to reset it. A
+    /// lock, not an atomic: [`Conn::close`] uses the descriptor under it, and [`ConnIo`]
+    /// clears it under it before the socket is closed, so a number the kernel reused for
+    /// another connection is never shut down.
+    socket: Mutex<i32>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -431,7 +434,7 @@ impl Conn {
     /// Names the connection's socket, so that [`Conn::close`] can reset it; the socket must
     /// then be served through a [`ConnIo`], which forgets it when it is dropped.
     pub fn attach_socket(&self, socket: &impl AsRawFd) {
-        self.socket.store(socket.as_raw_fd(), Ordering::Release);
+        *self.socket.lock().unwrap_or_else(PoisonError::into_inner) = socket.as_raw_fd();
     }
 
     /// Counts a failed login or unauthorized request of this connection's peer.
@@ -449,11 +452,12 @@ impl Conn {
     /// dropped, so that what the client never read does not linger in the kernel's buffers
     /// either.
     pub fn close(&self) {
-        let fd = self.socket.load(Ordering::Acquire);
+        let socket = self.socket.lock().unwrap_or_else(PoisonError::into_inner);
+        let fd = *socket;
         if fd >= 0 {
             let off = libc::linger { l_onoff: 1, l_linger: 0 };
-            // SAFETY: `fd` is the connection's socket: `ConnIo` clears it before dropping the
-            // socket. setsockopt only reads `off`, whose size is passed; shutdown touches no
+            // SAFETY: `fd` is the connection's socket, open while the lock is held: `ConnIo`
+            // clears it under the lock before dropping the socket. setsockopt only reads `off`, whose size is passed; shutdown touches no
             // memory (and leaves the descriptor open: `ConnIo` still owns it).
             unsafe {
                 libc::setsockopt(
@@ -467,6 +471,7 @@ impl Conn {
                 libc::shutdown(fd, libc::SHUT_RDWR);
             }
         }
+        drop(socket);
         self.close.cancel();
         self.wake_reader();
     }
@@ -537,7 +542,7 @@ impl<S> ConnIo<S> {
 impl<S> Drop for ConnIo<S> {
     fn drop(&mut self) {
         // The descriptor is about to be closed, and its number reused.
-        self.conn.socket.store(-1, Ordering::Release);
+        *self.conn.socket.lock().unwrap_or_else(PoisonError::into_inner) = -1;
     }
 }
 
