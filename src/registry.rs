@@ -21,7 +21,7 @@ use crate::fleet::Fleet;
 use crate::fleet::remote::RemoteExecutor;
 use crate::metrics::{Gauges, Metrics};
 use crate::run::{RunRecord, Trigger};
-use crate::store::{DispatchRecord, RunFilter, Store, StoredUnit};
+use crate::store::{DispatchRecord, EventKind, RunFilter, Store, StoredUnit};
 use crate::unit::definition::{FIELDS, merge_patch};
 use crate::unit::runner::{self, InitialState, RunnerEnv};
 use crate::unit::{
@@ -347,11 +347,27 @@ impl Registry {
         }
     }
 
-    /// Waits, at most `within`, while an `Add` of `name` is being recorded. The store
-    /// publishes the unit's `unit.added` event at its commit, a moment before the unit is
-    /// listed: a subscriber waits here before passing the event on, so that a client that
-    /// reads the unit when told of it finds it.
-    pub async fn settled(&self, name: &str, within: std::time::Duration) {
+    /// Waits, at most `within`, until the change that event `kind` of unit `name` tells of
+    /// shows in the unit as read (`TaskUnit.Get`, `List`). The store publishes the event at
+    /// its commit, a moment before the registry or the unit's loop applies the change: a
+    /// subscriber waits here before passing the event on, so that a client that reads the
+    /// unit when told of it finds it (`unit.added`), with its new definition
+    /// (`unit.edited`) or flag (`unit.paused`, `unit.resumed`): those are made under the
+    /// unit's lock, which is free again once they show.
+    pub async fn settled(&self, kind: EventKind, name: &str, within: std::time::Duration) {
+        match kind {
+            EventKind::UnitAdded => self.added(name, within).await,
+            EventKind::UnitEdited | EventKind::UnitPaused | EventKind::UnitResumed => {
+                if let Ok(h) = self.handle(name) {
+                    let _ = tokio::time::timeout(within, h.lock()).await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Waits, at most `within`, while an `Add` of `name` is being recorded.
+    async fn added(&self, name: &str, within: std::time::Duration) {
         let deadline = tokio::time::sleep(within);
         tokio::pin!(deadline);
         loop {

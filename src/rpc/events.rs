@@ -14,13 +14,12 @@ use super::api::Api;
 use super::conn::Conn;
 use super::run::NOTIFICATION_OVERHEAD;
 use super::types::{EventInfo, SubscribeArg};
-use crate::store::EventKind;
 
 /// Events replayed per store query.
 const REPLAY_PAGE: u32 = 1000;
-/// How long a `unit.added` event waits for its unit to be listed (see
+/// How long an event waits for its change to show in the unit (see
 /// [`crate::registry::Registry::settled`]).
-const ADD_SETTLES_IN: std::time::Duration = std::time::Duration::from_secs(2);
+const SETTLES_IN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The `Events` method group.
 #[rpc(server, client, namespace = "Events", namespace_separator = ".")]
@@ -91,9 +90,7 @@ impl EventsApiServer for Api {
                     if e.seq <= last {
                         continue;
                     }
-                    if e.kind == EventKind::UnitAdded {
-                        registry.settled(&e.unit, ADD_SETTLES_IN).await;
-                    }
+                    registry.settled(e.kind, &e.unit, SETTLES_IN).await;
                     send(EventInfo::from(&e)).await?;
                     last = e.seq;
                 }

@@ -1012,9 +1012,10 @@ async fn next_item(sub: &mut jsonrpsee::core::client::Subscription<Value>) -> Va
 }
 
 /// A client told of a `unit.added` finds the unit when it asks for it at once, even while
-/// other adds are being recorded around it.
+/// other adds are being recorded around it; told of a `unit.edited`, it reads the new
+/// definition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_unit_is_found_as_soon_as_its_added_event_arrives() {
+async fn a_unit_is_found_as_its_added_and_edited_events_say() {
     const UNITS: usize = 300;
     let d = TestDaemon::start();
     let watcher = ws(&d).await;
@@ -1046,6 +1047,32 @@ async fn a_unit_is_found_as_soon_as_its_added_event_arrives() {
     }
     for a in adds {
         a.await.expect("adder");
+    }
+    // The same for edits: told of one, a client reads the new definition.
+    let edits: Vec<_> = (0..UNITS)
+        .map(|i| {
+            let adder = adder.clone();
+            tokio::spawn(async move {
+                let patch = json!({"name": format!("seen-{i}"), "description": "edited"});
+                let _: Value =
+                    adder.request("TaskUnit.Edit", rpc_params![patch]).await.expect("edit");
+            })
+        })
+        .collect();
+    let mut seen = 0;
+    while seen < UNITS {
+        let ev = next_item(&mut events).await;
+        if ev["kind"] != "unit.edited" {
+            continue;
+        }
+        let name = ev["unit"].as_str().expect("unit").to_string();
+        let got: Value =
+            watcher.request("TaskUnit.Get", rpc_params![name.clone()]).await.expect("get");
+        assert_eq!(got["definition"]["description"], "edited", "{name}: {got}");
+        seen += 1;
+    }
+    for e in edits {
+        e.await.expect("editor");
     }
 }
 
