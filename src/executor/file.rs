@@ -13,8 +13,9 @@
 //! Invariants and limits:
 //! - the destination is only ever replaced whole by a rename: a reader, or a crash, never sees
 //!   half a file there (a crash leaves at most the temporary file, which the next put of that
-//!   destination removes; a put holds a lock on its temporary file while it writes, so puts of
-//!   one destination side by side leave each other's alone, and the last rename wins);
+//!   destination removes; a put holds a lock on its temporary file while it writes, taken
+//!   under the directory's lock with the file's creation, so puts of one destination side by
+//!   side leave each other's alone, and the last rename wins);
 //! - at most [`READ_AHEAD`] + 1 pieces are in memory at a time, whatever the file's size (at
 //!   most 1 GiB);
 //! - stopping a run (cancel, timeout) removes its temporary file.
@@ -124,8 +125,33 @@ fn lock_free(f: &std::fs::File) -> bool {
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
+/// `dir` open and flock'ed with `op` (`LOCK_SH`, `LOCK_EX`), tried for up to 5 s; `None` if
+/// it could not be had. A put creates and locks its temporary file under the directory's
+/// lock shared, and [`remove_leftovers`] takes it exclusively: a temporary file just created
+/// by a put beside it, not locked yet, is never taken for a leftover.
+fn dir_lock(dir: &Path, op: libc::c_int) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .ok()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(d.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Some(d);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Removes what earlier puts of `name` into `dir` left (temporary files nobody writes to).
 fn remove_leftovers(dir: &Path, name: &str) {
+    let Some(_dir) = dir_lock(dir, libc::LOCK_EX) else { return };
     let prefix = format!(".{name}.taskd-");
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -193,12 +219,23 @@ async fn write_and_place<S: RunSink>(
     dest: &Path,
     stop: &CancellationToken,
 ) -> Put {
-    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp);
-    let mut file = match file {
-        // Locked while it is written: another put of the same destination leaves it alone.
-        Ok(f) if lock_free(&f) => tokio::fs::File::from_std(f),
-        Ok(_) => return Put::Failed(format!("cannot lock {}", tmp.display())),
-        Err(e) => return Put::Failed(format!("cannot create {}: {e}", tmp.display())),
+    let tmp2 = tmp.to_path_buf();
+    let created = tokio::task::spawn_blocking(move || {
+        // Created and locked under the directory's lock (see `dir_lock`).
+        let _dir = tmp2.parent().and_then(|d| dir_lock(d, libc::LOCK_SH));
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp2).map(|f| {
+            // Locked while it is written: another put of the same destination leaves it
+            // alone.
+            let locked = lock_free(&f);
+            (f, locked)
+        })
+    })
+    .await;
+    let mut file = match created {
+        Ok(Ok((f, true))) => tokio::fs::File::from_std(f),
+        Ok(Ok(_)) => return Put::Failed(format!("cannot lock {}", tmp.display())),
+        Ok(Err(e)) => return Put::Failed(format!("cannot create {}: {e}", tmp.display())),
+        Err(e) => return Put::Failed(e.to_string()),
     };
     let mut h = Sha256::new();
     let mut offset = 0u64;
