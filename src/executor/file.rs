@@ -55,17 +55,7 @@ pub enum Put {
 /// there is none (or something else is there: a symlink, a FIFO, a directory, which the
 /// rename replaces or refuses, and which are never opened: a FIFO would block the open).
 fn sha256_of(path: &Path) -> Option<(String, std::fs::File)> {
-    if !std::fs::symlink_metadata(path).ok()?.file_type().is_file() {
-        return None;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
-    if !f.metadata().ok()?.is_file() {
-        return None;
-    }
+    let mut f = open_regular(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -75,6 +65,18 @@ fn sha256_of(path: &Path) -> Option<(String, std::fs::File)> {
             Err(_) => return None,
         }
     }
+}
+
+/// The regular file at `path`, open for reading; `None` for anything else. A symlink is not
+/// followed (`O_NOFOLLOW` fails on it) and a FIFO is not waited on (`O_NONBLOCK`: its open
+/// returns at once, and it is no regular file).
+fn open_regular(path: &Path) -> Option<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    f.metadata().ok()?.is_file().then_some(f)
 }
 
 /// Gives `file` (at `path`) its mode and owner, through its descriptor: whatever is put at
@@ -120,9 +122,14 @@ fn destination(spec: &FileSpec, validate: &ValidateCtx) -> Result<(PathBuf, Stri
 /// its temporary file while it writes, so a temporary file whose lock is free was left by a
 /// put that ended without cleaning up (a crash).
 fn lock_free(f: &std::fs::File) -> bool {
+    try_flock(f, libc::LOCK_EX)
+}
+
+/// Takes `f`'s flock `op` (`LOCK_SH`, `LOCK_EX`) without waiting: whether it was had.
+fn try_flock(f: &std::fs::File, op: libc::c_int) -> bool {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a descriptor this function borrows; no memory is involved.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) == 0 }
 }
 
 /// `dir` open and flock'ed with `op` (`LOCK_SH`, `LOCK_EX`), tried for up to 5 s; `None` if
@@ -130,7 +137,6 @@ fn lock_free(f: &std::fs::File) -> bool {
 /// lock shared, and [`remove_leftovers`] takes it exclusively: a temporary file just created
 /// by a put beside it, not locked yet, is never taken for a leftover.
 fn dir_lock(dir: &Path, op: libc::c_int) -> Option<std::fs::File> {
-    use std::os::fd::AsRawFd;
     let d = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
@@ -138,8 +144,7 @@ fn dir_lock(dir: &Path, op: libc::c_int) -> Option<std::fs::File> {
         .ok()?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        // SAFETY: flock on a descriptor this function owns; no memory is involved.
-        if unsafe { libc::flock(d.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        if try_flock(&d, op) {
             return Some(d);
         }
         if std::time::Instant::now() > deadline {
@@ -156,18 +161,9 @@ fn remove_leftovers(dir: &Path, name: &str) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            // Only regular files, opened without following a link or waiting on a FIFO.
-            let regular = e.file_type().is_ok_and(|t| t.is_file());
-            let open = || {
-                std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                    .open(e.path())
-            };
             if n.starts_with(&prefix)
                 && n.ends_with(".tmp")
-                && regular
-                && open().is_ok_and(|f| lock_free(&f))
+                && open_regular(&e.path()).is_some_and(|f| lock_free(&f))
             {
                 let _ = std::fs::remove_file(e.path());
             }

@@ -1023,56 +1023,67 @@ async fn a_unit_is_found_as_its_added_and_edited_events_say() {
         .subscribe::<Value, _>("Events.Subscribe", rpc_params![json!({})], "Events.Unsubscribe")
         .await
         .expect("subscribe");
-    let adder = std::sync::Arc::new(ws(&d).await);
-    let adds: Vec<_> = (0..UNITS)
-        .map(|i| {
-            let adder = adder.clone();
-            tokio::spawn(async move {
-                let def = json!({"name": format!("seen-{i}"), "command": ["true"], "every": "1h"});
-                let _: Value = adder.request("TaskUnit.Add", rpc_params![def]).await.expect("add");
-            })
-        })
-        .collect();
-    let mut seen = 0;
-    while seen < UNITS {
-        let ev = next_item(&mut events).await;
-        if ev["kind"] != "unit.added" {
-            continue;
-        }
-        let name = ev["unit"].as_str().expect("unit").to_string();
+    let caller = std::sync::Arc::new(ws(&d).await);
+    let adds = call_each(
+        &caller,
+        "TaskUnit.Add",
+        UNITS,
+        |i| json!({"name": format!("seen-{i}"), "command": ["true"], "every": "1h"}),
+    );
+    for _ in 0..UNITS {
+        let name = next_of(&mut events, "unit.added").await;
         let got: Result<Value, _> =
             watcher.request("TaskUnit.Get", rpc_params![name.clone()]).await;
         assert!(got.is_ok(), "{name} was announced but not found: {got:?}");
-        seen += 1;
     }
     for a in adds {
         a.await.expect("adder");
     }
     // The same for edits: told of one, a client reads the new definition.
-    let edits: Vec<_> = (0..UNITS)
-        .map(|i| {
-            let adder = adder.clone();
-            tokio::spawn(async move {
-                let patch = json!({"name": format!("seen-{i}"), "description": "edited"});
-                let _: Value =
-                    adder.request("TaskUnit.Edit", rpc_params![patch]).await.expect("edit");
-            })
-        })
-        .collect();
-    let mut seen = 0;
-    while seen < UNITS {
-        let ev = next_item(&mut events).await;
-        if ev["kind"] != "unit.edited" {
-            continue;
-        }
-        let name = ev["unit"].as_str().expect("unit").to_string();
+    let edits = call_each(
+        &caller,
+        "TaskUnit.Edit",
+        UNITS,
+        |i| json!({"name": format!("seen-{i}"), "description": "edited"}),
+    );
+    for _ in 0..UNITS {
+        let name = next_of(&mut events, "unit.edited").await;
         let got: Value =
             watcher.request("TaskUnit.Get", rpc_params![name.clone()]).await.expect("get");
         assert_eq!(got["definition"]["description"], "edited", "{name}: {got}");
-        seen += 1;
     }
     for e in edits {
         e.await.expect("editor");
+    }
+}
+
+/// `method` called `n` times side by side on `client`, with `arg(i)` for the `i`th call.
+fn call_each(
+    client: &std::sync::Arc<WsClient>,
+    method: &'static str,
+    n: usize,
+    arg: impl Fn(usize) -> Value,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let (client, arg) = (client.clone(), arg(i));
+            tokio::spawn(async move {
+                let r: Result<Value, _> = client.request(method, rpc_params![arg]).await;
+                if let Err(e) = r {
+                    panic!("{method}: {e}");
+                }
+            })
+        })
+        .collect()
+}
+
+/// The unit named by the next event of `kind` (others are skipped).
+async fn next_of(sub: &mut jsonrpsee::core::client::Subscription<Value>, kind: &str) -> String {
+    loop {
+        let ev = next_item(sub).await;
+        if ev["kind"] == kind {
+            return ev["unit"].as_str().expect("unit").to_string();
+        }
     }
 }
 
