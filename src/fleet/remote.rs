@@ -22,6 +22,9 @@ use crate::proto::{Assignment, Order, Outcome};
 use crate::run::{RunRecord, RunState, StopReason};
 use crate::unit::definition::UnitConfig;
 
+/// How long a run on an agent lives before its pid is recorded apart from its end.
+const PID_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs units' runs on agents.
 pub struct RemoteExecutor {
     fleet: Fleet,
@@ -98,8 +101,12 @@ async fn execute(
         let mut deadline = (!assigned).then(|| (Instant::now() + host_wait, false));
         let mut on_start = Some(started);
         let mut stopping: Option<String> = None;
+        // The agent's pid and start, recorded once the run has lived `PID_AFTER` (a shorter
+        // run's end carries them: one change of its row instead of two side by side).
+        let mut pid_due: Option<(Instant, u32, Timestamp)> = None;
         loop {
             let at = deadline.map(|(at, _)| at);
+            let pid_at = pid_due.map(|(at, ..)| at);
             tokio::select! {
                 n = news.recv() => match n {
                     Some(News::Attached) => {
@@ -120,8 +127,7 @@ async fn execute(
                         });
                     }
                     Some(News::Started { pid, at }) => {
-                        // The pid is of the agent's host: no boot id, never signalled here.
-                        store.set_pid(rec.id, pid, at, None, None);
+                        pid_due = Some((Instant::now() + PID_AFTER, pid, at));
                         rec.pid = Some(pid);
                         rec.started_at = Some(at);
                         if let Some(f) = on_start.take() {
@@ -144,6 +150,12 @@ async fn execute(
                     if !fleet.send(&rec.host, Order::Cancel { run: rec.id, reason: reason.clone() }) {
                         let state = if why.get() == StopReason::Timeout { RunState::TimedOut } else { RunState::Cancelled };
                         break Verdict::Here(state, reason);
+                    }
+                }
+                () = async { tokio::time::sleep_until(pid_at.expect("guarded")).await }, if pid_at.is_some() => {
+                    if let Some((_, pid, at)) = pid_due.take() {
+                        // The pid is of the agent's host: no boot id, never signalled here.
+                        store.set_pid(rec.id, pid, at, None, None);
                     }
                 }
                 () = async { tokio::time::sleep_until(at.expect("guarded")).await }, if at.is_some() => {

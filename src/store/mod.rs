@@ -370,6 +370,8 @@ pub trait Backend: Send + Sync {
 
     /// Records a dispatch of `unit` on `hosts` and its runs, in one change whatever the
     /// number of hosts: the first `batch` hosts (all, for 0) `running`, the others `queued`.
+    /// A fire's dispatch (`scheduled_at`) is also the unit's last fire, as
+    /// [`Backend::set_last_fire`] records it, in the same change.
     async fn create_dispatch(
         &self,
         unit: &str,

@@ -681,11 +681,21 @@ impl Loop {
         };
         let fired_at = self.next_fire.unwrap_or_else(Timestamp::now);
         self.next_fire = s.next_after(Timestamp::now().max(fired_at), self.anchor);
-        self.env.store.set_last_fire(&self.cfg.name, fired_at);
+        // A fire that makes a dispatch is recorded as the unit's last fire with it (one change
+        // of the unit's row instead of two side by side); any other fire, or one whose
+        // dispatch could not be made, apart.
+        let with_dispatch = self.cfg.is_remote()
+            && (self.dispatches.is_empty() || self.cfg.overlap == Overlap::Allow);
+        if !with_dispatch {
+            self.env.store.set_last_fire(&self.cfg.name, fired_at);
+        }
         if self.cfg.is_remote() && !self.dispatches.is_empty() {
             if let Err(e) = Box::pin(self.overlap_dispatch(Trigger::Schedule, Some(fired_at))).await
             {
                 tracing::info!(unit = %self.cfg.name, error = %e, "fire not started");
+                if with_dispatch {
+                    self.env.store.set_last_fire(&self.cfg.name, fired_at);
+                }
             }
             return;
         }
@@ -712,7 +722,10 @@ impl Loop {
             }
         }
         // One that cannot be recorded is logged; the next fire tries again.
-        let _ = self.try_start_run(Trigger::Schedule, 1, Some(fired_at)).await;
+        let started = self.try_start_run(Trigger::Schedule, 1, Some(fired_at)).await;
+        if with_dispatch && started.is_err() {
+            self.env.store.set_last_fire(&self.cfg.name, fired_at);
+        }
     }
 
     /// Signals every active run to stop with `reason`; returns how many.

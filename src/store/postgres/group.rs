@@ -15,7 +15,8 @@
 //! - one change that fails (a fire made already, a dispatch that is gone) does not fail the
 //!   others: the group is rolled back and each change is made again in a transaction of its
 //!   own, so the failing one gets its own error;
-//! - the fence holds for the whole group (one check, in the transaction, before its commit);
+//! - the fence holds for the whole group (one check, in the transaction, sent with the
+//!   changes' first statements, its answer awaited before the commit);
 //! - groups cannot deadlock with each other although their changes take row locks in no fixed
 //!   order: every change is of one unit, made by that unit's loop, which waits for each, so
 //!   two groups under way never hold rows of the same unit.
@@ -214,8 +215,13 @@ async fn make_group(pool: &Pool, shared: &Shared, changes: Vec<Change>) {
 async fn together(pool: &Pool, shared: &Shared, changes: &[Change]) -> Result<Option<Vec<Made>>> {
     let mut conn = pool.get().await?;
     let t = begin(&mut conn, shared).await?;
-    t.fenced().await?;
-    let made = futures_util::future::join_all(changes.iter().map(|c| c.make(&t))).await;
+    // The fence is checked side by side with the changes, in the same round trip: nothing
+    // they wrote commits unless it held.
+    let (held, made) = tokio::join!(
+        t.fence_alongside(),
+        futures_util::future::join_all(changes.iter().map(|c| c.make(&t)))
+    );
+    held?;
     let Ok(made) = made.into_iter().collect::<Result<Vec<Made>>>() else {
         // Dropped: rolled back.
         return Ok(None);

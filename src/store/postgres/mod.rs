@@ -50,6 +50,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DETACHED_BATCH: usize = 512;
 /// How long a batch of such changes is tried again before it is given up (and logged).
 const DETACHED_RETRY_FOR: Duration = Duration::from_secs(60);
+/// Such changes waiting at most (about 200 bytes each): while PostgreSQL cannot be reached,
+/// the ones beyond are dropped, counted, rather than held without bound.
+const DETACHED_QUEUED_MAX: usize = 65_536;
 /// How often run ends not recorded yet are tried again.
 const RETRY: Duration = Duration::from_secs(1);
 /// How soon changes whose rows were locked are tried again.
@@ -81,7 +84,7 @@ pub(super) struct Postgres {
     /// The newest run when the store was opened (see [`logs::LogTable`]).
     newest_run: i64,
     pool: Pool,
-    detached: mpsc::UnboundedSender<Detached>,
+    detached: DetachedQueue,
     unrecorded: Unrecorded,
     shared: Arc<Shared>,
     /// Makes the engine's frequent changes several to a transaction.
@@ -153,6 +156,22 @@ impl Tx<'_> {
             self.fenced.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Checks the fence as [`Tx::fenced`] does, but lets the transaction's other statements be
+    /// sent before the answer (they skip the check): the caller must see this succeed before
+    /// it commits. The check's statements are sent first if this is polled first.
+    async fn fence_alongside(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.fenced.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let held = cluster::check(self, &self.shared.fence).await;
+        if held.is_err() {
+            // `commit` checks again, and fails.
+            self.fenced.store(false, Ordering::Release);
+        }
+        held
     }
 
     /// Records a scheduled fire of `unit` at `at`; refused if it was made already (by this
@@ -443,7 +462,7 @@ impl Postgres {
         // Changes announced before the listener listens would reach subscribers only through
         // the table: wait for it to listen once (it keeps trying in the background if it cannot).
         let _ = tokio::time::timeout(CONNECT_TIMEOUT, ready.recv()).await;
-        let (detached, rx) = mpsc::unbounded_channel();
+        let (detached, rx) = DetachedQueue::new(DETACHED_QUEUED_MAX);
         let shared = Arc::new(Shared { commits, fence: Arc::default(), seq });
         tokio::spawn(detached_worker(pool.clone(), rx, shared.clone()));
         tokio::spawn(events::announcer(shared.clone(), pool.clone()));
@@ -488,9 +507,7 @@ impl Postgres {
     }
 
     fn detach(&self, d: Detached) {
-        if self.detached.send(d).is_err() {
-            tracing::warn!("store closed; change dropped");
-        }
+        self.detached.push(d);
     }
 
     /// Keeps the ends of `recs` to record later, and makes sure someone tries.
@@ -558,14 +575,23 @@ async fn record_ends(
 
 /// Records the ends of `recs` and prunes their units' histories, in transaction `t`.
 async fn write_ends(t: &Tx<'_>, recs: &[RunRecord], keep_runs: u32) -> Result<()> {
-    for rec in recs {
-        write_end(t, rec).await?;
-    }
     let mut units: Vec<&str> = recs.iter().map(|r| r.unit.as_str()).collect();
     units.dedup();
-    for u in units {
-        prune(t, u, keep_runs).await?;
-    }
+    // The prunes sent with the first end, in one round trip: they touch only ended runs other
+    // than the newest `keep_runs`, which the ends sent before them cannot be among.
+    let ends = async {
+        for rec in recs {
+            write_end(t, rec).await?;
+        }
+        Ok::<_, Error>(())
+    };
+    let prunes = async {
+        for u in units {
+            prune(t, u, keep_runs).await?;
+        }
+        Ok::<_, Error>(())
+    };
+    tokio::try_join!(ends, prunes)?;
     Ok(())
 }
 
@@ -726,13 +752,37 @@ async fn insert_dispatch(
         (unit.as_str(), *trigger, *batch, *tolerance, *scheduled_at);
     t.fenced().await?;
     let now = Timestamp::now();
+    // The dispatch and its runs in one statement: the runs are inserted in the hosts' order,
+    // so their ids, ascending, follow it.
     let insert = t
         .prepare(&format!(
-            "INSERT INTO dispatches(unit, trigger, state, created_at, total, batch, tolerance) \
-             VALUES ($1, $2, 'running', $3, $4, $5, $6) RETURNING {DISPATCH_COLUMNS}"
+            "WITH d AS (INSERT INTO dispatches(unit, trigger, state, created_at, total, batch, \
+             tolerance) VALUES ($1, $2, 'running', $3, $4, $5, $6) RETURNING {DISPATCH_COLUMNS}), \
+             r AS (INSERT INTO runs(unit, state, trigger, attempt, host, queued_at, scheduled_at, \
+             started_at, dispatch) SELECT $1, x.state, $2, 1, x.host, $3, $7, \
+             CASE WHEN x.state = 'running' THEN $3 END, d.id \
+             FROM d, unnest($8::text[], $9::text[]) WITH ORDINALITY AS x(host, state, n) \
+             ORDER BY x.n RETURNING id) \
+             SELECT d.*, ARRAY(SELECT id FROM r ORDER BY id) FROM d"
         ))
         .await?;
-    // The fire and the dispatch in one round trip: a fire made already rolls both back.
+    // The unit's count, and its last fire (never backwards), as `Backend::create_dispatch` says.
+    let count = t
+        .prepare(
+            "UPDATE units SET runs_total = runs_total + $2, last_fire = CASE \
+             WHEN $3::timestamptz IS NULL THEN last_fire \
+             ELSE GREATEST(COALESCE(last_fire, $3), $3) END WHERE name = $1",
+        )
+        .await?;
+    let states: Vec<RunState> =
+        (0..hosts.len())
+            .map(|i| {
+                if batch == 0 || i < batch as usize { RunState::Running } else { RunState::Queued }
+            })
+            .collect();
+    let running = states.iter().filter(|s| **s == RunState::Running).count() as i64;
+    // The fire, the dispatch with its runs and the unit's count in one round trip: a fire made
+    // already rolls them all back.
     let fire = async {
         match scheduled_at {
             Some(at) => t.fire_once(unit, at).await,
@@ -741,17 +791,42 @@ async fn insert_dispatch(
     };
     let (trigger_s, total, batch_i) = (trigger.as_str(), hosts.len() as i32, batch as i32);
     let tolerance_i = tolerance.map(|t| t as i32);
-    let params: Args<'_, 6> = [&unit, &trigger_s, &now, &total, &batch_i, &tolerance_i];
-    let ((), row) = tokio::try_join!(fire, async { Ok(t.t.query_one(&insert, &params).await?) })?;
+    let state_s: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+    let params: Args<'_, 9> =
+        [&unit, &trigger_s, &now, &total, &batch_i, &tolerance_i, &scheduled_at, hosts, &state_s];
+    let count_args: Args<'_, 3> = [&unit, &running, &scheduled_at];
+    let row = async { Ok(t.t.query_one(&insert, &params).await?) };
+    let count = async {
+        if running > 0 || scheduled_at.is_some() {
+            t.t.execute(&count, &count_args).await?;
+        }
+        Ok(())
+    };
+    let ((), row, ()) = tokio::try_join!(fire, row, count)?;
     let d = dispatch_from_row(&row);
+    let ids: Vec<i64> = row.get(DISPATCH_COLUMNS.split(',').count());
+    if ids.len() != hosts.len() {
+        return Err(Error::Postgres(format!(
+            "dispatch {}: {} runs inserted for {} hosts",
+            d.id,
+            ids.len(),
+            hosts.len()
+        )));
+    }
     let id = d.id;
     t.emit(EventKind::DispatchStarted, unit, Some(id), Some("running"));
     let mut runs = Vec::with_capacity(hosts.len());
-    for (i, host) in hosts.iter().enumerate() {
-        let state =
-            if batch == 0 || i < batch as usize { RunState::Running } else { RunState::Queued };
-        let new = NewRun { state, trigger, attempt: 1, scheduled_at, host, dispatch: Some(id) };
-        runs.push(insert_run(t, unit, new).await?);
+    for ((host, state), run) in hosts.iter().zip(states).zip(ids) {
+        let kind =
+            if state == RunState::Running { EventKind::RunStarted } else { EventKind::RunQueued };
+        t.emit(kind, unit, Some(run), Some(state.as_str()));
+        runs.push(RunRecord {
+            scheduled_at,
+            started_at: (state == RunState::Running).then_some(now),
+            host: host.clone(),
+            dispatch: Some(id),
+            ..RunRecord::fresh(run, unit.to_string(), state, trigger, 1, now)
+        });
     }
     Ok((d, runs))
 }
@@ -1141,7 +1216,8 @@ impl Backend for Postgres {
 
     async fn flush(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.detach(Detached::Flush(tx));
+        // A flush waits for room: it is never dropped.
+        self.detached.tx.send(Detached::Flush(tx)).await.map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)
     }
 
@@ -1421,12 +1497,54 @@ impl Backend for Postgres {
     }
 }
 
+/// The queue of changes nobody waits for: bounded, what finds it full dropped and counted.
+struct DetachedQueue {
+    tx: mpsc::Sender<Detached>,
+    /// Dropped since the queue was last found with room.
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl DetachedQueue {
+    fn new(max: usize) -> (DetachedQueue, mpsc::Receiver<Detached>) {
+        let (tx, rx) = mpsc::channel(max);
+        (DetachedQueue { tx, dropped: 0.into() }, rx)
+    }
+
+    /// Queues `d`, or drops it if the queue is full (said once per run of drops) or closed.
+    /// Whether it was queued.
+    fn push(&self, d: Detached) -> bool {
+        use std::sync::atomic::Ordering;
+        match self.tx.try_send(d) {
+            Ok(()) => {
+                let dropped = self.dropped.swap(0, Ordering::Relaxed);
+                if dropped > 0 {
+                    tracing::warn!(
+                        dropped,
+                        "store: queue of changes nobody waits for has room again"
+                    );
+                }
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::error!(
+                        max = DETACHED_QUEUED_MAX,
+                        "store: queue of changes nobody waits for is full (PostgreSQL out of \
+                         reach?); dropping pids, fire times, audit records until it has room"
+                    );
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::warn!("store closed; change dropped");
+                false
+            }
+        }
+    }
+}
+
 /// Applies changes nobody waits for, in order, several to a transaction.
-async fn detached_worker(
-    pool: Pool,
-    mut rx: mpsc::UnboundedReceiver<Detached>,
-    shared: Arc<Shared>,
-) {
+async fn detached_worker(pool: Pool, mut rx: mpsc::Receiver<Detached>, shared: Arc<Shared>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, DETACHED_BATCH).await > 0 {
         let flushes: Vec<oneshot::Sender<()>> = batch
@@ -1651,5 +1769,25 @@ async fn pruner(pool: Pool) {
         if let Err(e) = r.await {
             tracing::warn!(error = %e, "cannot prune old events and audit records");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    #[test]
+    fn changes_beyond_a_full_queue_are_dropped_and_counted() {
+        let (q, mut rx) = DetachedQueue::new(2);
+        let fire = || Detached::LastFire("u".into(), Timestamp::UNIX_EPOCH);
+        assert!(q.push(fire()) && q.push(fire()));
+        assert!(!q.push(fire()), "a full queue takes no more");
+        assert!(!q.push(fire()));
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 2);
+        assert!(rx.try_recv().is_ok());
+        assert!(q.push(fire()), "taken again once there is room");
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 0);
     }
 }

@@ -982,6 +982,12 @@ impl Backend for Sqlite {
                 ],
             )?;
             let id = t.conn.last_insert_rowid();
+            if let Some(at) = scheduled_at {
+                t.conn.execute(
+                    "UPDATE units SET last_fire = ?2 WHERE name = ?1",
+                    params![unit, at.as_microsecond()],
+                )?;
+            }
             t.emit(EventKind::DispatchStarted, &unit, Some(id), Some("running"))?;
             let mut runs = Vec::with_capacity(hosts.len());
             for (i, host) in hosts.iter().enumerate() {
