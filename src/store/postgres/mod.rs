@@ -691,17 +691,23 @@ async fn insert_run(t: &Tx<'_>, unit: &str, run: NewRun<'_>) -> Result<RunRecord
     let (row, _) = tokio::try_join!(t.t.query_one(&insert, &args), async {
         if running { t.t.execute(&count, &unit_args).await.map(Some) } else { Ok(None) }
     })?;
-    let id: i64 = row.get(0);
-    let kind =
-        if state == RunState::Running { EventKind::RunStarted } else { EventKind::RunQueued };
+    let new = NewRun { state, trigger, attempt, scheduled_at, host, dispatch };
+    Ok(inserted_run(t, unit, row.get(0), new, now))
+}
+
+/// Run `id` of `unit`, inserted at `now` as `run` says: its record, its event emitted.
+fn inserted_run(t: &Tx<'_>, unit: &str, id: i64, run: NewRun<'_>, now: Timestamp) -> RunRecord {
+    let NewRun { state, trigger, attempt, scheduled_at, host, dispatch } = run;
+    let running = state == RunState::Running;
+    let kind = if running { EventKind::RunStarted } else { EventKind::RunQueued };
     t.emit(kind, unit, Some(id), Some(state.as_str()));
-    Ok(RunRecord {
+    RunRecord {
         scheduled_at,
-        started_at: started,
+        started_at: running.then_some(now),
         host: host.to_string(),
         dispatch,
         ..RunRecord::fresh(id, unit.to_string(), state, trigger, attempt, now)
-    })
+    }
 }
 
 async fn get_run(t: &Tx<'_>, id: i64) -> Result<Option<RunRecord>> {
@@ -817,16 +823,8 @@ async fn insert_dispatch(
     t.emit(EventKind::DispatchStarted, unit, Some(id), Some("running"));
     let mut runs = Vec::with_capacity(hosts.len());
     for ((host, state), run) in hosts.iter().zip(states).zip(ids) {
-        let kind =
-            if state == RunState::Running { EventKind::RunStarted } else { EventKind::RunQueued };
-        t.emit(kind, unit, Some(run), Some(state.as_str()));
-        runs.push(RunRecord {
-            scheduled_at,
-            started_at: (state == RunState::Running).then_some(now),
-            host: host.clone(),
-            dispatch: Some(id),
-            ..RunRecord::fresh(run, unit.to_string(), state, trigger, 1, now)
-        });
+        let new = NewRun { state, trigger, attempt: 1, scheduled_at, host, dispatch: Some(id) };
+        runs.push(inserted_run(t, unit, run, new, now));
     }
     Ok((d, runs))
 }
