@@ -107,7 +107,7 @@ impl Sequencer {
     }
 
     /// Starts numbering (once), in transaction `t`, which has passed the fence.
-    pub(super) async fn start(&self, t: &deadpool_postgres::Transaction<'_>) -> Result<()> {
+    pub(super) async fn start(&self, t: &impl GenericClient) -> Result<()> {
         self.started
             .get_or_try_init(|| async {
                 // Above the announced watermark too (a number the previous holder passed,
@@ -134,7 +134,7 @@ impl Sequencer {
     /// Numbers for `len` events of transaction `t`, which has passed the fence.
     pub(super) async fn number(
         self: &Arc<Self>,
-        t: &deadpool_postgres::Transaction<'_>,
+        t: &impl GenericClient,
         len: usize,
     ) -> Result<Numbered> {
         self.start(t).await?;

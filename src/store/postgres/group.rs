@@ -4,7 +4,8 @@
 //! Mechanism: callers hand their change to one queue and wait for its answer. A worker takes
 //! what is waiting (up to [`GROUP_MAX`]) and makes it in one transaction: the fence checked
 //! once, every change's statements sent side by side on the connection (tokio-postgres
-//! pipelines what is sent at once), one commit. Up to [`GROUPS_AT_ONCE`] groups are under way
+//! pipelines what is sent at once), one commit sent with the group's events: three round
+//! trips (`BEGIN`; the fence and the changes; the events and `COMMIT`). Up to [`GROUPS_AT_ONCE`] groups are under way
 //! at a time; what arrives meanwhile waits for the next, which is how a burst of fires shares
 //! commits and round trips (about 20 statements and 3 commits per run of a dispatch when each
 //! had a transaction of its own).
@@ -216,12 +217,15 @@ async fn together(pool: &Pool, shared: &Shared, changes: &[Change]) -> Result<Op
     let mut conn = pool.get().await?;
     let t = begin(&mut conn, shared).await?;
     // The fence is checked side by side with the changes, in the same round trip: nothing
-    // they wrote commits unless it held.
-    let (held, made) = tokio::join!(
+    // they wrote commits unless it held. The transaction's id is asked for in it too, so
+    // that the events and the commit go in one round trip (`Tx::commit`).
+    let (held, xid, made) = tokio::join!(
         t.fence_alongside(),
+        t.learn_xid(),
         futures_util::future::join_all(changes.iter().map(|c| c.make(&t)))
     );
     held?;
+    xid?;
     let Ok(made) = made.into_iter().collect::<Result<Vec<Made>>>() else {
         // Dropped: rolled back.
         return Ok(None);

@@ -106,13 +106,35 @@ type PendingEvent = (Timestamp, EventKind, String, Option<i64>, Option<String>);
 
 /// A transaction, with what it needs to record events. Its methods take `&self`, so that
 /// the changes of a [`group`] are made side by side in it (their statements pipelined).
+///
+/// It sends `BEGIN` and `COMMIT` itself, rather than through tokio-postgres' `Transaction`
+/// (whose commit takes the transaction, so nothing can be sent alongside it): so a commit
+/// goes out in the same round trip as the transaction's events (see [`Tx::commit`]). Dropped
+/// before its commit was sent, it sends `ROLLBACK`, as tokio-postgres' does, before its
+/// connection goes back to the pool.
 struct Tx<'a> {
-    t: deadpool_postgres::Transaction<'a>,
+    t: &'a deadpool_postgres::Object,
     /// Events to record at the commit.
     events: Mutex<Vec<PendingEvent>>,
     shared: &'a Shared,
     /// Checked the fence already.
     fenced: std::sync::atomic::AtomicBool,
+    /// The transaction's id, once asked for ([`Tx::learn_xid`]).
+    xid: std::sync::OnceLock<String>,
+    /// `COMMIT` was sent: dropping it sends no `ROLLBACK`.
+    ended: bool,
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            // Polled once, the request is sent (tokio-postgres queues a request on its first
+            // poll, which the pipelining of this store relies on as well); the answer is not
+            // waited for. Requests on a connection are run in order, so its next user's
+            // `BEGIN` comes after this.
+            let _ = futures_util::FutureExt::now_or_never(self.t.batch_execute("ROLLBACK"));
+        }
+    }
 }
 
 type Params<'a> = [&'a (dyn ToSql + Sync)];
@@ -190,60 +212,80 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Commits. A transaction with events numbers them only now (see [`events`]), after
-    /// the fence, inserts them, and commits; they are published once every lower number
-    /// has ended.
-    async fn commit(self) -> Result<()> {
-        // In a cluster only the lease's holder changes anything (see `cluster`).
-        self.fenced().await?;
-        let mut numbered = None;
-        let pending = std::mem::take(&mut *lock(&self.events));
-        if !pending.is_empty() {
-            let n = self.shared.seq.number(&self.t, pending.len()).await?;
-            let events: Vec<Event> = pending
-                .into_iter()
-                .zip(n.seqs())
-                .map(|((time, kind, unit, run, state), seq)| Event {
-                    seq,
-                    time,
-                    kind,
-                    unit,
-                    run,
-                    state,
-                })
-                .collect();
-            let mut n = n;
-            match self.insert_events(&events).await {
-                Ok(xid) => n.inserted_by(xid),
-                Err(e) => {
-                    n.rolled_back();
-                    return Err(e);
-                }
-            }
-            numbered = Some((n, events));
-        }
-        let started = std::time::Instant::now();
-        match self.t.commit().await {
-            Ok(()) => {}
-            // PostgreSQL answered: not committed.
-            Err(e) if e.as_db_error().is_some() => {
-                if let Some((n, _)) = numbered {
-                    n.rolled_back();
-                }
-                return Err(e.into());
-            }
-            // No answer: its numbers are resolved by its transaction id (`Numbered`'s drop).
-            Err(e) => return Err(e.into()),
-        }
-        self.shared.commits.record(started.elapsed());
-        if let Some((n, events)) = numbered {
-            n.committed(events);
-        }
+    /// Asks for the transaction's id (it then has one), so that [`Tx::commit`] can send the
+    /// events and the commit in one round trip: meant to be sent alongside other statements.
+    async fn learn_xid(&self) -> Result<()> {
+        let st = self.prepare("SELECT pg_current_xact_id()::text").await?;
+        let xid: String = self.t.query_one(&st, &[]).await?.get(0);
+        let _ = self.xid.set(xid);
         Ok(())
     }
 
-    /// Inserts `events`; the transaction's id.
-    async fn insert_events(&self, events: &[Event]) -> Result<String> {
+    /// Commits. A transaction with events numbers them only now (see [`events`]), after
+    /// the fence, inserts them, and commits; they are published once every lower number
+    /// has ended. If its id is known ([`Tx::learn_xid`]), the events and the commit are
+    /// sent in one round trip; otherwise the insert brings the id back first. Either way the
+    /// id is known before the commit is sent: a commit with no answer is resolved by it.
+    async fn commit(mut self) -> Result<()> {
+        // In a cluster only the lease's holder changes anything (see `cluster`).
+        self.fenced().await?;
+        let pending = std::mem::take(&mut *lock(&self.events));
+        if pending.is_empty() {
+            let started = std::time::Instant::now();
+            self.ended = true;
+            self.t.batch_execute("COMMIT").await?;
+            self.shared.commits.record(started.elapsed());
+            return Ok(());
+        }
+        let mut n = self.shared.seq.number(self.t, pending.len()).await?;
+        let events: Vec<Event> = pending
+            .into_iter()
+            .zip(n.seqs())
+            .map(|((time, kind, unit, run, state), seq)| Event {
+                seq,
+                time,
+                kind,
+                unit,
+                run,
+                state,
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let (inserted, committed) = match self.xid.get() {
+            Some(xid) => {
+                n.inserted_by(xid.clone());
+                // After an insert that failed, PostgreSQL takes the `COMMIT` for a rollback.
+                self.ended = true;
+                tokio::join!(self.insert_events(&events), self.t.batch_execute("COMMIT"))
+            }
+            None => match self.insert_events(&events).await {
+                Ok(xid) => {
+                    n.inserted_by(xid);
+                    self.ended = true;
+                    (Ok(String::new()), self.t.batch_execute("COMMIT").await)
+                }
+                Err(e) => (Err(e), Ok(())),
+            },
+        };
+        match (inserted, committed) {
+            (Ok(_), Ok(())) => {}
+            // PostgreSQL answered: not committed.
+            (Err(e), _) | (_, Err(e)) if e.as_db_error().is_some() => {
+                n.rolled_back();
+                return Err(e.into());
+            }
+            // No answer: its numbers are resolved by its transaction id (`Numbered`'s drop);
+            // without one, nothing was inserted.
+            (Err(e), _) | (_, Err(e)) => return Err(e.into()),
+        }
+        self.shared.commits.record(started.elapsed());
+        n.committed(events);
+        Ok(())
+    }
+
+    /// Inserts `events`; the transaction's id. PostgreSQL's own error, to tell an answer from
+    /// none.
+    async fn insert_events(&self, events: &[Event]) -> Result<String, tokio_postgres::Error> {
         let mut seqs = Vec::with_capacity(events.len());
         let mut times = Vec::with_capacity(events.len());
         let (mut kinds, mut units, mut runs, mut states) =
@@ -256,16 +298,19 @@ impl Tx<'_> {
             runs.push(e.run);
             states.push(e.state.as_deref());
         }
-        let row = self
-            .query_opt(
+        let insert = self
+            .t
+            .prepare_cached(
                 "WITH i AS (INSERT INTO events(seq, time, kind, unit, run, state) \
                  SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[], \
                  $5::bigint[], $6::text[])) SELECT pg_current_xact_id()::text",
-                &[&seqs, &times, &kinds, &units, &runs, &states],
             )
+            .await?;
+        Ok(self
+            .t
+            .query_one(&insert, &[&seqs, &times, &kinds, &units, &runs, &states])
             .await?
-            .ok_or_else(|| Error::Postgres("no transaction id".into()))?;
-        Ok(row.get(0))
+            .get(0))
     }
 }
 
@@ -493,7 +538,7 @@ impl Postgres {
         let mut c = self.client().await?;
         let t = begin(&mut c, &self.shared).await?;
         t.fenced().await?;
-        self.shared.seq.start(&t.t).await?;
+        self.shared.seq.start(t.t).await?;
         t.commit().await
     }
 
@@ -549,7 +594,15 @@ impl Postgres {
 
 /// Begins a transaction on `c`.
 async fn begin<'a>(c: &'a mut deadpool_postgres::Object, shared: &'a Shared) -> Result<Tx<'a>> {
-    Ok(Tx { t: c.transaction().await?, events: Mutex::default(), shared, fenced: false.into() })
+    c.batch_execute("BEGIN").await?;
+    Ok(Tx {
+        t: c,
+        events: Mutex::default(),
+        shared,
+        fenced: false.into(),
+        xid: std::sync::OnceLock::new(),
+        ended: false,
+    })
 }
 
 /// Begins a transaction on `c` that skips the fence; it must record no event.
@@ -557,7 +610,9 @@ async fn begin_unfenced<'a>(
     c: &'a mut deadpool_postgres::Object,
     shared: &'a Shared,
 ) -> Result<Tx<'a>> {
-    Ok(Tx { fenced: true.into(), ..begin(c, shared).await? })
+    let t = begin(c, shared).await?;
+    t.fenced.store(true, std::sync::atomic::Ordering::Release);
+    Ok(t)
 }
 
 /// Records the ends of `recs` and prunes their units' histories, in one transaction.
@@ -1787,5 +1842,35 @@ mod tests {
         assert!(rx.try_recv().is_ok());
         assert!(q.push(fire()), "taken again once there is room");
         assert_eq!(q.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_transaction_dropped_uncommitted_leaves_nothing_on_its_connection() {
+        let Some(db) = crate::store::tests::TestDb::create().await else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open_postgres(&db.url, dir.path()).await.unwrap();
+        let pg = store.postgres.as_ref().unwrap();
+        let mut c = pg.pool.get().await.unwrap();
+        // Dropped with a change made (one a group would make before another of its changes
+        // failed), then the connection's next transaction commits.
+        let t = begin(&mut c, &pg.shared).await.unwrap();
+        t.execute("INSERT INTO cluster_settings(key, value) VALUES ('dropped', 'x')", &[])
+            .await
+            .unwrap();
+        drop(t);
+        let t = begin(&mut c, &pg.shared).await.unwrap();
+        t.execute("INSERT INTO cluster_settings(key, value) VALUES ('next', 'y')", &[])
+            .await
+            .unwrap();
+        t.commit().await.unwrap();
+        let other = pg.pool.get().await.unwrap();
+        let keys: Vec<String> = other
+            .query("SELECT key FROM cluster_settings WHERE key IN ('dropped', 'next')", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(keys, ["next"], "the dropped transaction's change was not committed");
     }
 }
