@@ -19,9 +19,16 @@
 //! the ids of the newest acknowledged runs ([`ACKED_KEPT`]), so that an assignment sent again
 //! late is still recognised as done.
 //!
+//! The file is compacted again when it has grown past [`COMPACT_AT`] lines, by the sync turn,
+//! off the async threads and without holding the journal: what it holds is copied, written
+//! aside and synced; the lines appended meanwhile are added, and the copy is renamed into
+//! place, under the lock (a few lines and a rename); the turn then syncs the new file and
+//! the directory before it tells anyone their entry is on disk. Until the rename is on disk
+//! a crash leaves the old file, which got every line too.
+//!
 //! Limits: a torn last line (a crash mid-append) is skipped; the entries before it stand.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -80,13 +87,22 @@ pub struct Known {
 pub struct Journal {
     path: PathBuf,
     file: File,
-    /// Every run it knows, by id.
+    /// Every run it knows, by id: the newest [`ACKED_KEPT`] acknowledged ones and those not
+    /// acknowledged yet.
     pub runs: BTreeMap<i64, Known>,
+    /// The acknowledged runs it knows (beyond [`ACKED_KEPT`], the oldest is forgotten).
+    acked: BTreeSet<i64>,
     /// Lines in the file (about): past [`COMPACT_AT`] and four times what it knows, it is
     /// compacted.
     lines: usize,
     /// Entries written since it was opened.
     written: u64,
+    /// While a compaction is under way: the lines appended since its copy was taken.
+    since_copy: Option<Vec<u8>>,
+    /// Lines it may grow to before it is compacted ([`COMPACT_AT`]).
+    compact_at: usize,
+    /// Acknowledged runs a compaction keeps ([`ACKED_KEPT`]).
+    acked_kept: usize,
 }
 
 /// Lines a journal may grow to before it is compacted (a long-lived agent's journal would
@@ -105,45 +121,24 @@ impl Journal {
                 apply(&mut runs, entry);
             }
         }
-        let file = private(&path, false)?;
-        let mut j = Journal { path, file, runs, lines: 0, written: 0 };
-        j.compact()?;
-        Ok(j)
-    }
-
-    /// Rewrites the file with only what matters: results still unacknowledged, and the ids
-    /// of the newest acknowledged runs. Written aside, synced, renamed into place.
-    fn compact(&mut self) -> std::io::Result<()> {
-        let acked: Vec<i64> =
-            self.runs.iter().filter(|(_, k)| k.acked).map(|(id, _)| *id).collect();
-        for id in acked.iter().take(acked.len().saturating_sub(ACKED_KEPT)) {
-            self.runs.remove(id);
-        }
-        let tmp = self.path.with_file_name(".journal.tmp");
-        let mut out = Vec::new();
-        for (id, k) in &self.runs {
-            let entries = if k.acked {
-                vec![Entry::Acked(*id)]
-            } else {
-                let mut v = vec![Entry::Accept { run: *id, attempt: k.attempt }];
-                if let Some((pid, ticks, boot)) = &k.pid {
-                    v.push(Entry::Pid { run: *id, pid: *pid, ticks: *ticks, boot: boot.clone() });
-                }
-                v.extend(k.result.clone().map(Entry::Result));
-                v
-            };
-            for e in entries {
-                serde_json::to_writer(&mut out, &e)?;
-                out.push(b'\n');
-            }
-        }
-        let mut f = private(&tmp, true)?;
-        f.write_all(&out)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        self.file = private(&self.path, false)?;
-        self.lines = self.runs.len();
-        Ok(())
+        let mut acked: BTreeSet<i64> =
+            runs.iter().filter(|(_, k)| k.acked).map(|(id, _)| *id).collect();
+        forget_old_acked(&mut runs, &mut acked, ACKED_KEPT);
+        let tmp = write_compact(&aside(&path), &runs)?;
+        std::fs::rename(aside(&path), &path)?;
+        sync_dir(&path)?;
+        let lines = runs.len();
+        Ok(Journal {
+            path,
+            file: tmp,
+            runs,
+            acked,
+            lines,
+            written: 0,
+            since_copy: None,
+            compact_at: COMPACT_AT,
+            acked_kept: ACKED_KEPT,
+        })
     }
 
     /// Appends `entry`, not synced yet (see [`Durable::synced`]); its number.
@@ -151,13 +146,45 @@ impl Journal {
         let mut line = serde_json::to_vec(&entry)?;
         line.push(b'\n');
         self.file.write_all(&line)?;
+        if let Some(since) = &mut self.since_copy {
+            since.extend_from_slice(&line);
+        }
+        let acked = if let Entry::Acked(run) = entry { Some(run) } else { None };
         apply(&mut self.runs, entry);
+        if let Some(run) = acked {
+            self.acked.insert(run);
+            forget_old_acked(&mut self.runs, &mut self.acked, self.acked_kept);
+        }
         self.written += 1;
         self.lines += 1;
-        if self.lines > COMPACT_AT && self.lines > 4 * self.runs.len() {
-            self.compact()?;
-        }
         Ok(self.written)
+    }
+
+    /// Whether the file grew enough to be compacted (and no compaction is under way).
+    fn compaction_due(&self) -> bool {
+        self.since_copy.is_none()
+            && self.lines > self.compact_at
+            && self.lines > 4 * self.runs.len()
+    }
+
+    /// Starts a compaction: copies what it knows, to be written aside; the lines appended
+    /// from now on are kept for [`Journal::install`].
+    fn copy_for_compaction(&mut self) -> BTreeMap<i64, Known> {
+        self.since_copy = Some(Vec::new());
+        self.runs.clone()
+    }
+
+    /// Ends a compaction: `tmp`, the copy written aside and synced (`copied` runs), gets the
+    /// lines appended since, and replaces the file. Those lines and the rename are not synced
+    /// yet: the caller syncs the file and its directory before telling anyone.
+    fn install(&mut self, mut tmp: File, copied: usize) -> std::io::Result<()> {
+        let since = self.since_copy.take().unwrap_or_default();
+        tmp.write_all(&since)?;
+        std::fs::rename(aside(&self.path), &self.path)?;
+        // The handle follows the file it opened; nothing fails after the rename.
+        self.file = tmp;
+        self.lines = copied + since.iter().filter(|b| **b == b'\n').count();
+        Ok(())
     }
 
     /// Results not acknowledged yet, by run.
@@ -181,6 +208,8 @@ pub struct Durable {
     syncing: AtomicBool,
     /// Syncs made.
     syncs: AtomicU64,
+    /// Compactions made since it was opened.
+    compactions: AtomicU64,
 }
 
 /// The one sync under way: when it ends (done, failed, or its task dropped), it says so and
@@ -206,6 +235,7 @@ impl Durable {
             journal: Mutex::new(journal),
             syncing: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
+            compactions: AtomicU64::new(0),
         }
     }
 
@@ -250,18 +280,97 @@ impl Durable {
         }
     }
 
-    /// Syncs the file as it is now, off the async threads; the last entry it then held.
+    /// Syncs the file as it is now, off the async threads, compacting it first if it is due
+    /// (see the module documentation); the last entry it then held.
     async fn sync(&self) -> std::io::Result<u64> {
-        let (file, upto) = {
+        let compacted = self.compact_if_due().await;
+        let (file, upto, path) = {
             let j = self.lock();
-            (j.file.try_clone()?, j.written)
+            (j.file.try_clone()?, j.written, j.path.clone())
         };
-        tokio::task::spawn_blocking(move || file.sync_data())
-            .await
-            .map_err(std::io::Error::other)??;
+        tokio::task::spawn_blocking(move || {
+            file.sync_data()?;
+            if compacted { sync_dir(&path) } else { Ok(()) }
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         self.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(upto)
     }
+
+    /// Compacts the file if it is due: whether it did. A compaction that fails leaves the
+    /// file as it was (it got every line), to be tried again at a later sync.
+    async fn compact_if_due(&self) -> bool {
+        let (runs, tmp) = {
+            let mut j = self.lock();
+            if !j.compaction_due() {
+                return false;
+            }
+            (j.copy_for_compaction(), aside(&j.path))
+        };
+        let copied = runs.len();
+        let written = tokio::task::spawn_blocking(move || write_compact(&tmp, &runs))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|w| w);
+        let mut j = self.lock();
+        match written.and_then(|tmp| j.install(tmp, copied)) {
+            Ok(()) => {
+                self.compactions.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                j.since_copy = None;
+                tracing::warn!(path = %j.path.display(), error = %e, "agent: cannot compact the journal; trying again later");
+                false
+            }
+        }
+    }
+}
+
+/// Where a compacted journal is written before it is renamed into place.
+fn aside(path: &Path) -> PathBuf {
+    path.with_file_name(".journal.tmp")
+}
+
+/// Forgets all but the newest `kept` acknowledged runs (`acked`).
+fn forget_old_acked(runs: &mut BTreeMap<i64, Known>, acked: &mut BTreeSet<i64>, kept: usize) {
+    while acked.len() > kept {
+        if let Some(id) = acked.pop_first() {
+            runs.remove(&id);
+        }
+    }
+}
+
+/// Writes the compact form of `runs` (results still unacknowledged, the ids of acknowledged
+/// runs) to `tmp`, synced; the file, open at its end.
+fn write_compact(tmp: &Path, runs: &BTreeMap<i64, Known>) -> std::io::Result<File> {
+    let mut out = Vec::new();
+    for (id, k) in runs {
+        let entries = if k.acked {
+            vec![Entry::Acked(*id)]
+        } else {
+            let mut v = vec![Entry::Accept { run: *id, attempt: k.attempt }];
+            if let Some((pid, ticks, boot)) = &k.pid {
+                v.push(Entry::Pid { run: *id, pid: *pid, ticks: *ticks, boot: boot.clone() });
+            }
+            v.extend(k.result.clone().map(Entry::Result));
+            v
+        };
+        for e in entries {
+            serde_json::to_writer(&mut out, &e)?;
+            out.push(b'\n');
+        }
+    }
+    let mut f = private(tmp, true)?;
+    f.write_all(&out)?;
+    f.sync_all()?;
+    Ok(f)
+}
+
+/// Syncs the directory of `path`: a rename into it is then on disk.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    File::open(path.parent().unwrap_or(Path::new("."))).and_then(|d| d.sync_all())
 }
 
 fn private(path: &Path, truncate: bool) -> std::io::Result<File> {
@@ -360,6 +469,62 @@ mod tests {
         drop(j);
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(j.runs.len(), 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compactions_made_by_syncs_among_appends_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path()).unwrap();
+        (journal.compact_at, journal.acked_kept) = (50, 20);
+        let j = std::sync::Arc::new(Durable::new(journal));
+        // Every run accepted and reported; all but every tenth acknowledged.
+        let appends = (1..=600).map(|run| {
+            let j = j.clone();
+            tokio::spawn(async move {
+                j.append(Entry::Accept { run, attempt: 1 }).await?;
+                j.append(Entry::Result(outcome(run))).await?;
+                if run % 10 != 0 {
+                    j.lock().append(Entry::Acked(run))?;
+                }
+                std::io::Result::Ok(())
+            })
+        });
+        for a in futures_util::future::join_all(appends).await {
+            a.unwrap().unwrap();
+        }
+        let n = j.lock().written;
+        j.synced(n).await.unwrap();
+        assert!(j.compactions.load(Ordering::Relaxed) > 0, "the journal was never compacted");
+        let known = j.lock().runs.len();
+        assert_eq!(known, 60 + 20, "what it remembers is bounded: 60 unacknowledged, 20 acked");
+        let lines = std::fs::read_to_string(dir.path().join("journal")).unwrap().lines().count();
+        assert!(lines < 1500, "{lines} lines: 1,500 were appended");
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        for run in (10..=600).step_by(10) {
+            assert_eq!(j.runs[&run].result, Some(outcome(run)), "run {run}'s result to report");
+        }
+        let acked = j.runs.values().filter(|k| k.acked).count();
+        assert!(acked >= 20, "{acked} acknowledged runs remembered, 20 kept at least");
+        assert_eq!(j.runs.len(), 60 + acked, "nothing else");
+    }
+
+    #[test]
+    fn lines_appended_while_a_compaction_is_written_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.append(Entry::Accept { run: 1, attempt: 1 }).unwrap();
+        let copy = j.copy_for_compaction();
+        // Appended after the copy was taken, while it is written aside.
+        j.append(Entry::Accept { run: 2, attempt: 1 }).unwrap();
+        let tmp = write_compact(&aside(&j.path), &copy).unwrap();
+        j.append(Entry::Result(outcome(2))).unwrap();
+        j.install(tmp, copy.len()).unwrap();
+        j.append(Entry::Accept { run: 3, attempt: 1 }).unwrap();
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.runs.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(j.runs[&2].result, Some(outcome(2)));
     }
 
     #[tokio::test]
