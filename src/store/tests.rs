@@ -481,6 +481,29 @@ async fn run_logs_are_read_back_cut_to_their_limit(store: Store) {
 }
 
 #[tokio::test]
+async fn postgres_a_server_not_seen_for_a_day_is_forgotten_at_the_next_heartbeat() {
+    let Some((db, _dir, stores)) = postgres_stores(1).await else { return };
+    let a = stores[0].join_cluster("a").unwrap().unwrap();
+    let b = stores[0].join_cluster("b").unwrap().unwrap();
+    let c = stores[0].join_cluster("c").unwrap().unwrap();
+    for (s, addr) in [(&a, "a:1"), (&b, "b:1"), (&c, "c:1")] {
+        s.join(addr).await.unwrap();
+    }
+    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let ago = |hours: f64| {
+        format!("UPDATE servers SET seen_at = now() - interval '{hours} hours' WHERE name = ")
+    };
+    client.execute(&format!("{}'b'", ago(25.0)), &[]).await.unwrap();
+    client.execute(&format!("{}'c'", ago(23.0)), &[]).await.unwrap();
+    a.heartbeat().await.unwrap();
+    let names: Vec<String> = a.servers().await.unwrap().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["a", "c"], "b, gone for 25 hours, is forgotten; c, 23, still listed");
+    b.join("b:1").await.unwrap();
+    assert_eq!(a.servers().await.unwrap().len(), 3, "back, it is listed again");
+}
+
+#[tokio::test]
 async fn postgres_a_server_that_lost_the_lease_creates_no_run_and_a_fire_is_made_once() {
     let Some((_db, _dir, stores)) = postgres_stores(2).await else { return };
     let a = stores[0].join_cluster("a").unwrap().unwrap();

@@ -34,6 +34,9 @@ use crate::error::{Error, Result};
 /// The advisory lock a takeover holds exclusively, and every fenced transaction shared.
 const LEASE_LOCK: i64 = 0x7461_736b_6402;
 
+/// How long a server that stopped saying it is alive is still listed (as gone).
+pub const SERVERS_FORGOTTEN_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// How long a session may sit in a transaction doing nothing before PostgreSQL ends it.
 pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
 
@@ -114,10 +117,17 @@ impl Cluster {
         Ok(())
     }
 
-    /// Says this server is alive.
+    /// Says this server is alive, and forgets the servers not seen for
+    /// [`SERVERS_FORGOTTEN_AFTER`] (a server that comes back joins again).
     pub async fn heartbeat(&self) -> Result<()> {
         let c = self.pool.get().await?;
-        c.execute("UPDATE servers SET seen_at = now() WHERE name = $1", &[&self.name]).await?;
+        c.execute(
+            "WITH gone AS (DELETE FROM servers WHERE name <> $1 \
+             AND seen_at < now() - $2 * interval '1 second') \
+             UPDATE servers SET seen_at = now() WHERE name = $1",
+            &[&self.name, &SERVERS_FORGOTTEN_AFTER.as_secs_f64()],
+        )
+        .await?;
         Ok(())
     }
 
