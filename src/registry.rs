@@ -445,24 +445,17 @@ impl Registry {
     async fn check_host(&self, config: &UnitConfig) -> Result<()> {
         self.fleet().check_hosts(&config.hosts)?;
         // A file unit's content is this daemon's to keep: it must be here before the unit.
-        if let crate::unit::definition::Action::File(f) = &config.action {
-            if self.store().is_shared() {
-                return Err(Error::invalid(
-                    "file",
-                    "file units are not available in a cluster yet (their content is kept by one \
-                     server)",
-                ));
-            }
-            if self.store().content().size(&f.sha256).is_none() {
-                return Err(Error::invalid(
-                    "file.source",
-                    format!(
-                        "no file sha256:{} is kept by this daemon: upload it first (taskctl push \
+        if let crate::unit::definition::Action::File(f) = &config.action
+            && self.store().content().size(&f.sha256).await?.is_none()
+        {
+            return Err(Error::invalid(
+                "file.source",
+                format!(
+                    "no file sha256:{} is kept by this daemon: upload it first (taskctl push \
                          does)",
-                        f.sha256
-                    ),
-                ));
-            }
+                    f.sha256
+                ),
+            ));
         }
         // On agents, `cwd` and `user` are each agent's to check, before each run.
         if !config.hosts.iter().any(|h| h == crate::run::LOCAL) {

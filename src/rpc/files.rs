@@ -6,8 +6,8 @@
 //! in order (`data` in base64, at most 1 MiB decoded a piece, which fits the default request
 //! limit with room to spare: 512 KiB pieces are what `taskctl push` sends), then
 //! `File.Commit {upload}` → `{source, size}`. `File.Stat {sha256}` says whether a file is
-//! kept already (`taskctl push` then sends nothing). Refused on a cluster's store: the
-//! content would be one server's.
+//! kept already (`taskctl push` then sends nothing). On a cluster's store the files are kept
+//! in the database, so every server has them.
 
 use base64::Engine;
 use jsonrpsee::core::{RpcResult, async_trait};
@@ -81,22 +81,15 @@ pub trait FileApi {
 }
 
 impl Api {
-    fn content(&self) -> RpcResult<&crate::store::content::Content> {
-        let store = self.registry.store();
-        if store.is_shared() {
-            return Err(rpc_error(Error::invalid(
-                "file",
-                "file units are not available in a cluster yet (their content is kept by one server)",
-            )));
-        }
-        Ok(store.content())
+    fn content(&self) -> &crate::store::content::Content {
+        self.registry.store().content()
     }
 }
 
 #[async_trait]
 impl FileApiServer for Api {
     async fn begin(&self, arg: BeginArg) -> RpcResult<Upload> {
-        let upload = self.content()?.begin(arg.size).map_err(rpc_error)?;
+        let upload = self.content().begin(arg.size).map_err(rpc_error)?;
         Ok(Upload { upload })
     }
 
@@ -104,19 +97,19 @@ impl FileApiServer for Api {
         let data = base64::engine::general_purpose::STANDARD
             .decode(arg.data.as_bytes())
             .map_err(|e| rpc_error(Error::invalid("data", format!("not base64: {e}"))))?;
-        self.content()?.append(arg.upload, arg.offset, data).await.map_err(rpc_error)
+        self.content().append(arg.upload, arg.offset, data).await.map_err(rpc_error)
     }
 
     async fn commit(&self, arg: CommitArg) -> RpcResult<Kept> {
-        let content = self.content()?;
+        let content = self.content();
         let sha = content.commit(arg.upload).await.map_err(rpc_error)?;
-        let size = content.size(&sha).unwrap_or_default();
+        let size = content.size(&sha).await.map_err(rpc_error)?.unwrap_or_default();
         Ok(Kept { source: format!("{CONTENT_PREFIX}{sha}"), size })
     }
 
     async fn stat(&self, sha256: String) -> RpcResult<Kept> {
         let sha = sha256.strip_prefix(CONTENT_PREFIX).unwrap_or(&sha256);
-        match self.content()?.size(sha) {
+        match self.content().size(sha).await.map_err(rpc_error)? {
             Some(size) => Ok(Kept { source: format!("{CONTENT_PREFIX}{sha}"), size }),
             None => Err(rpc_error(Error::invalid("sha256", "no such file is kept here"))),
         }

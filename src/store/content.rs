@@ -1,17 +1,21 @@
 //! Files the daemon keeps for `file` units (SPEC §10.7): content-addressed by SHA-256 under
-//! `<state-dir>/files`, so that later fires and redos need no client, and a file pushed twice
-//! is kept once.
+//! `<state-dir>/files`, or, on a PostgreSQL store, in the database, where every server of a
+//! cluster reads them ([`super::postgres::files`]); so that later fires and redos need no
+//! client, and a file pushed twice is kept once.
 //!
 //! Mechanism: an upload ([`Content::begin`]) is a private temporary file in that directory,
 //! appended in order ([`Content::append`], each piece at most [`CHUNK_MAX`]) while its SHA-256
-//! is computed; [`Content::commit`] checks the size, syncs it and renames it to its checksum.
-//! Hosts read it back in pieces ([`Content::read`]). Nothing holds a whole file in memory.
+//! is computed; [`Content::commit`] checks the size, syncs it and renames it to its checksum
+//! (or copies it into the database and deletes it). Hosts read it back in pieces
+//! ([`Content::read`]). Nothing holds a whole file in memory.
 //!
 //! Invariants and limits:
 //! - a file is at most [`MAX_SIZE`]; at most [`MAX_UPLOADS`] uploads are open at once, and one
 //!   left idle for [`UPLOAD_IDLE`] is dropped (its temporary file deleted) to make room;
 //! - a committed file is never changed: its name is its checksum;
-//! - kept files are not deleted when no unit names them any more (see the README's limits).
+//! - kept files are not deleted when no unit names them any more (see the README's limits);
+//! - a file a commit keeps in the database was synced nowhere on this machine: the database's
+//!   commit is what makes it durable.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -23,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use super::postgres::files::FileTable;
 use crate::error::{Error, Result};
 
 /// The largest file kept.
@@ -44,11 +49,13 @@ struct Upload {
 }
 
 /// The daemon's kept files.
-#[derive(Debug)]
 pub struct Content {
+    /// Uploads under way, and the kept files when they are not in the database.
     dir: PathBuf,
     uploads: Mutex<HashMap<u64, Option<Upload>>>,
     next: AtomicU64,
+    /// Where the files are kept, on a PostgreSQL store.
+    table: Option<FileTable>,
 }
 
 impl std::fmt::Debug for Upload {
@@ -80,7 +87,17 @@ impl Content {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(Content { dir: dir.to_path_buf(), uploads: Mutex::default(), next: AtomicU64::new(1) })
+        Ok(Content {
+            dir: dir.to_path_buf(),
+            uploads: Mutex::default(),
+            next: AtomicU64::new(1),
+            table: None,
+        })
+    }
+
+    /// The same, keeping files in `table` (a PostgreSQL store's) rather than in the directory.
+    pub(super) fn kept_in(self, table: FileTable) -> Content {
+        Content { table: Some(table), ..self }
     }
 
     /// The path of kept file `sha256`.
@@ -92,8 +109,12 @@ impl Content {
     }
 
     /// The size of kept file `sha256`, if it is kept.
-    pub fn size(&self, sha256: &str) -> Option<u64> {
-        std::fs::metadata(self.path(sha256).ok()?).ok().map(|m| m.len())
+    pub async fn size(&self, sha256: &str) -> Result<Option<u64>> {
+        let path = self.path(sha256)?;
+        match &self.table {
+            Some(table) => table.size(sha256).await,
+            None => Ok(std::fs::metadata(path).ok().map(|m| m.len())),
+        }
     }
 
     /// Opens an upload of `size` bytes: its id.
@@ -200,6 +221,11 @@ impl Content {
         }
         lock(&self.uploads).remove(&id);
         let sha = hex(&up.hasher.finalize());
+        if let Some(table) = &self.table {
+            let kept = table.keep(&sha, &up.path, up.size).await;
+            let _ = tokio::fs::remove_file(&up.path).await;
+            return kept.map(|()| sha);
+        }
         let (from, to, dir) = (up.path.clone(), self.dir.join(&sha), self.dir.clone());
         tokio::task::spawn_blocking(move || {
             std::fs::File::open(&from)?.sync_all()?;
@@ -220,6 +246,9 @@ impl Content {
     pub async fn read(&self, sha256: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let path = self.path(sha256)?;
         let len = len.min(CHUNK_MAX);
+        if let Some(table) = &self.table {
+            return table.read(sha256, offset, len).await;
+        }
         tokio::task::spawn_blocking(move || {
             let mut f = std::fs::File::open(&path).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
@@ -262,7 +291,7 @@ mod tests {
         assert!(c.append(id, at, vec![1]).await.is_err());
         let sha = c.commit(id).await.unwrap();
         assert_eq!(sha, hex(&Sha256::digest(&data)));
-        assert_eq!(c.size(&sha), Some(data.len() as u64));
+        assert_eq!(c.size(&sha).await.unwrap(), Some(data.len() as u64));
         let mut back = Vec::new();
         while back.len() < data.len() {
             back.extend(c.read(&sha, back.len() as u64, 70_000).await.unwrap());

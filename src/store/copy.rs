@@ -1,6 +1,6 @@
 //! `taskd store copy --from DIR|URL --to DIR|URL`: a store's state (units, runs and their
-//! logs, dispatches, agents and join tokens, events, the audit log) moved between the embedded
-//! store and a PostgreSQL database, either way, ids kept.
+//! logs, dispatches, agents and join tokens, events, the audit log, the files kept for `file`
+//! units) moved between the embedded store and a PostgreSQL database, either way, ids kept.
 //!
 //! The two schemas have the same tables and column names; only the types differ (SQLite
 //! keeps times as microseconds, flags as integers, JSON as text). Each table is described
@@ -212,18 +212,26 @@ pub struct Copied {
     pub tables: Vec<(&'static str, usize)>,
     /// Run logs.
     pub logs: usize,
+    /// Files kept for `file` units.
+    pub files: usize,
 }
 
 impl std::fmt::Display for Copied {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let parts: Vec<String> = self.tables.iter().map(|(t, n)| format!("{n} {t}")).collect();
-        write!(f, "{}, {} run logs", parts.join(", "), self.logs)
+        write!(f, "{}, {} run logs, {} files", parts.join(", "), self.logs, self.files)
     }
 }
 
 /// One side of a copy, open.
 enum Side {
-    Sqlite { conn: rusqlite::Connection, logs: PathBuf, _lock: crate::state_dir::StateLock },
+    Sqlite {
+        conn: rusqlite::Connection,
+        logs: PathBuf,
+        /// The kept files' directory.
+        files: PathBuf,
+        _lock: crate::state_dir::StateLock,
+    },
     Pg(tokio_postgres::Client),
 }
 
@@ -310,11 +318,118 @@ pub async fn copy(from: &Place, to: &Place) -> Result<Copied> {
             }
         }
     }
+    copied.files = copy_files(&src, &mut dst).await?;
     match &mut dst {
         Side::Sqlite { conn, .. } => conn.execute_batch("COMMIT")?,
         Side::Pg(c) => c.batch_execute("COMMIT").await?,
     }
     Ok(copied)
+}
+
+/// Copies the files kept for `file` units; how many. One piece of a file in memory at a
+/// time. (Into a directory, a file is written aside and renamed: a copy that fails later
+/// leaves it, which is harmless, as its name is its checksum.)
+async fn copy_files(src: &Side, dst: &mut Side) -> Result<usize> {
+    use super::postgres::files::PIECE;
+    let kept = kept_files(src).await?;
+    for (sha, size) in &kept {
+        let pieces = (*size as usize).div_ceil(PIECE) as i32;
+        let mut from = Pieces::open(src, sha)?;
+        match dst {
+            Side::Sqlite { files, .. } => {
+                let io = |e: std::io::Error| Error::io(&*files, e);
+                std::fs::create_dir_all(&*files).map_err(io)?;
+                let tmp = files.join(format!(".copy-{sha}"));
+                let mut f = std::fs::File::create(&tmp).map_err(io)?;
+                for n in 0..pieces {
+                    std::io::Write::write_all(&mut f, &from.piece(n).await?).map_err(io)?;
+                }
+                f.sync_all().map_err(io)?;
+                std::fs::rename(&tmp, files.join(sha)).map_err(io)?;
+                std::fs::File::open(&*files).and_then(|d| d.sync_all()).map_err(io)?;
+            }
+            Side::Pg(c) => {
+                c.execute(
+                    "INSERT INTO files(sha256, size, kept_at) VALUES ($1, $2, now()) \
+                     ON CONFLICT DO NOTHING",
+                    &[sha, size],
+                )
+                .await?;
+                for n in 0..pieces {
+                    let piece = from.piece(n).await?;
+                    c.execute(
+                        "INSERT INTO file_pieces(sha256, n, data) VALUES ($1, $2, $3) \
+                         ON CONFLICT DO NOTHING",
+                        &[sha, &n, &piece],
+                    )
+                    .await?;
+                }
+            }
+        }
+    }
+    Ok(kept.len())
+}
+
+/// The files `side` keeps: checksum and size.
+async fn kept_files(side: &Side) -> Result<Vec<(String, i64)>> {
+    Ok(match side {
+        Side::Sqlite { files, .. } => match std::fs::read_dir(files) {
+            Ok(entries) => entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let size = e.metadata().ok()?.len() as i64;
+                    super::content::is_sha256(&name).then_some((name, size))
+                })
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::io(files, e)),
+        },
+        Side::Pg(c) => c
+            .query("SELECT sha256, size FROM files ORDER BY sha256", &[])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect(),
+    })
+}
+
+/// A kept file read a piece at a time, in order.
+enum Pieces<'a> {
+    File(std::fs::File, PathBuf),
+    Pg(&'a tokio_postgres::Client, &'a str),
+}
+
+impl<'a> Pieces<'a> {
+    fn open(side: &'a Side, sha: &'a str) -> Result<Pieces<'a>> {
+        Ok(match side {
+            Side::Sqlite { files, .. } => {
+                let path = files.join(sha);
+                Pieces::File(std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?, path)
+            }
+            Side::Pg(c) => Pieces::Pg(c, sha),
+        })
+    }
+
+    /// Piece `n` (the next one).
+    async fn piece(&mut self, n: i32) -> Result<Vec<u8>> {
+        use super::postgres::files::PIECE;
+        match self {
+            Pieces::File(f, path) => {
+                let mut buf = Vec::with_capacity(PIECE);
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(&mut *f, PIECE as u64),
+                    &mut buf,
+                )
+                .map_err(|e| Error::io(&*path, e))?;
+                Ok(buf)
+            }
+            Pieces::Pg(c, sha) => Ok(c
+                .query_one("SELECT data FROM file_pieces WHERE sha256 = $1 AND n = $2", &[sha, &n])
+                .await?
+                .get(0)),
+        }
+    }
 }
 
 /// The tables whose ids the store hands out, and their id column.
@@ -378,7 +493,8 @@ async fn open(p: &Place, create: bool) -> Result<Side> {
             })?;
             let conn = rusqlite::Connection::open(dir.join("taskd.db"))?;
             conn.busy_timeout(std::time::Duration::from_secs(5))?;
-            Ok(Side::Sqlite { conn, logs: dir.join("logs"), _lock: lock })
+            let (logs, files) = (dir.join("logs"), dir.join("files"));
+            Ok(Side::Sqlite { conn, logs, files, _lock: lock })
         }
         Place::Url(url) => {
             let (mut c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;

@@ -513,8 +513,9 @@ impl Store {
         let commits = Commits::new();
         let db = postgres::Postgres::open(url, events.clone(), commits.clone()).await?;
         let logs = Logs::start_table(db.log_table())?;
+        let content =
+            Arc::new(content::Content::open(&dir.join("files"))?.kept_in(db.file_table()));
         let db = Arc::new(db);
-        let content = Arc::new(content::Content::open(&dir.join("files"))?);
         let dir = dir.to_path_buf();
         Ok(Store { db: db.clone(), postgres: Some(db), events, logs, dir, commits, content })
     }

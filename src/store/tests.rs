@@ -481,6 +481,41 @@ async fn run_logs_are_read_back_cut_to_their_limit(store: Store) {
 }
 
 #[tokio::test]
+async fn postgres_a_file_kept_by_one_server_is_read_whole_by_another() {
+    let Some((_db, _dir, stores)) = postgres_stores(2).await else { return };
+    let piece = super::postgres::files::PIECE;
+    let data: Vec<u8> = (0..2 * piece + 1000).map(|i| (i % 251) as u8).collect();
+    let content = stores[0].content();
+    let id = content.begin(data.len() as u64).unwrap();
+    let mut at = 0;
+    for chunk in data.chunks(700_000) {
+        at = content.append(id, at, chunk.to_vec()).await.unwrap();
+    }
+    let sha = content.commit(id).await.unwrap();
+    // Kept once: the same content again changes nothing.
+    let again = content.begin(data.len() as u64).unwrap();
+    let mut at = 0;
+    for chunk in data.chunks(piece) {
+        at = content.append(again, at, chunk.to_vec()).await.unwrap();
+    }
+    assert_eq!(content.commit(again).await.unwrap(), sha);
+    let other = stores[1].content();
+    assert_eq!(other.size(&sha).await.unwrap(), Some(data.len() as u64));
+    // Ranges within a piece, across two, and past the end.
+    for (offset, len) in [(0, 10), (piece - 5, 10), (piece + 3, piece), (2 * piece + 990, 100)] {
+        let got = other.read(&sha, offset as u64, len).await.unwrap();
+        assert_eq!(got, data[offset..(offset + len).min(data.len())], "{offset}+{len}");
+    }
+    assert!(other.read(&sha, data.len() as u64, 10).await.unwrap().is_empty());
+    let missing = "0".repeat(64);
+    assert_eq!(other.size(&missing).await.unwrap(), None);
+    assert!(other.read(&missing, 0, 10).await.is_err());
+    // Nothing is left in the state directory: the database keeps it.
+    let left: Vec<_> = std::fs::read_dir(stores[0].dir().join("files")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test]
 async fn postgres_a_server_not_seen_for_a_day_is_forgotten_at_the_next_heartbeat() {
     let Some((db, _dir, stores)) = postgres_stores(1).await else { return };
     let a = stores[0].join_cluster("a").unwrap().unwrap();

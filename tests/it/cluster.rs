@@ -541,6 +541,25 @@ fn store_copy_moves_a_single_server_into_a_cluster_and_back() {
         "TaskUnit.Add",
         json!({"name": "later", "every": "1h", "command": ["true"], "paused": true}),
     );
+    // A kept file (pushed to the daemon's own host), two pieces of the database's.
+    let work = tempfile::tempdir().unwrap();
+    let src = crate::files::random_file(work.path(), "conf", (3 << 20) / 2);
+    let dest = work.path().join("conf.out");
+    let push = single.taskctl(&[
+        "push",
+        src.to_str().unwrap(),
+        "--hosts",
+        "local",
+        "--dest",
+        dest.to_str().unwrap(),
+    ]);
+    assert!(push.status.success(), "{}", String::from_utf8_lossy(&push.stderr));
+    let kept = |d: &TestDaemon| {
+        use sha2::Digest;
+        let sha = taskd::store::content::hex(&sha2::Sha256::digest(std::fs::read(&src).unwrap()));
+        d.call("File.Stat", json!(sha))["size"].clone()
+    };
+    assert_eq!(kept(&single), (3 << 20) / 2);
     let dir = single.state_dir().to_str().unwrap().to_string();
     // In use: refused, nothing copied.
     let busy = store_copy(&dir, &db.url);
@@ -551,7 +570,10 @@ fn store_copy_moves_a_single_server_into_a_cluster_and_back() {
     let out = store_copy(&dir, &db.url);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("2 units") && said.contains("1 run logs"), "{said}");
+    assert!(
+        said.contains("3 units") && said.contains("2 run logs") && said.contains("1 files"),
+        "{said}"
+    );
     // Not into a store that holds units.
     let again = store_copy(&dir, &db.url);
     assert!(String::from_utf8_lossy(&again.stderr).contains("empty store"), "{again:?}");
@@ -562,6 +584,7 @@ fn store_copy_moves_a_single_server_into_a_cluster_and_back() {
     let logs = c.taskctl(&["logs", &id.to_string()]);
     assert_eq!(String::from_utf8_lossy(&logs.stdout), "hi\noops\n");
     assert_eq!(c.call("TaskUnit.Get", json!("later"))["state"], "paused");
+    assert_eq!(kept(&c), (3 << 20) / 2, "the kept file is in the database");
     // New runs get new ids.
     wait_hosts(&c, &["a"]);
     c.call("TaskUnit.Add", json!({"name": "next", "hosts": ["a"], "command": ["true"]}));
@@ -588,7 +611,51 @@ fn store_copy_moves_a_single_server_into_a_cluster_and_back() {
         .iter()
         .map(|u| u["name"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(names, ["hello", "later", "next"]);
+    assert_eq!(names[..2], ["hello", "later"]);
+    assert!(names.contains(&"next".to_string()), "{names:?}");
+    assert_eq!(kept(&d), (3 << 20) / 2, "the kept file is back in the state directory");
+}
+
+#[test]
+fn a_file_pushed_through_one_server_is_put_again_after_that_server_died() {
+    let Some(db) = PgDb::create() else { return };
+    let mut servers = [server(&db, "a"), server(&db, "b")];
+    let h = holder(&db);
+    let (i, other) = if h == "a" { (0, "b") } else { (1, "a") };
+    wait_hosts(&servers[0], &["a", "b"]);
+    let work = tempfile::tempdir().unwrap();
+    // Three pieces of the database's 1 MiB, the last one short.
+    let src = crate::files::random_file(work.path(), "app.bin", (5 << 20) / 2);
+    let dest = work.path().join("app.out");
+    // Uploaded through the holder, put by the other server's host.
+    let out = servers[i].taskctl(&[
+        "push",
+        src.to_str().unwrap(),
+        "--hosts",
+        other,
+        "--dest",
+        dest.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&src).unwrap());
+    let unit =
+        servers[i].call("TaskUnit.List", json!(null))[0]["name"].as_str().unwrap().to_string();
+    // The server that took the upload dies; the other, holding the lease now, puts the file
+    // again from the database.
+    servers[i].kill9();
+    std::fs::remove_file(&dest).unwrap();
+    let survivor = &servers[1 - i];
+    wait_hosts(survivor, &[other]);
+    let before = survivor.call("TaskUnit.Get", json!(unit))["last_run"]["id"].as_i64().unwrap();
+    survivor.call("TaskUnit.Start", json!(unit));
+    let info = survivor.wait_unit(&unit, "the second put", |u| {
+        u["last_run"]["id"].as_i64() > Some(before) && u["last_run"]["state"] != "running"
+    });
+    assert_eq!(info["last_run"]["state"], "succeeded", "{info}");
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&src).unwrap());
+    let sha = info["definition"]["file"]["source"].as_str().unwrap_or_default().to_string();
+    let stat = survivor.call("File.Stat", json!(sha));
+    assert_eq!(stat["size"], (5 << 20) / 2, "{stat}");
 }
 
 #[test]

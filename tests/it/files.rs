@@ -10,7 +10,7 @@ use crate::agents::TestAgent;
 use crate::common::{TestDaemon, make_private, wait_for};
 
 /// `n` bytes that do not repeat in any way a file system could take a short cut on.
-fn random_file(dir: &Path, name: &str, n: usize) -> std::path::PathBuf {
+pub(crate) fn random_file(dir: &Path, name: &str, n: usize) -> std::path::PathBuf {
     let mut data = vec![0u8; n];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     for b in &mut data {

@@ -13,12 +13,14 @@
 //! - The end of a run that cannot be recorded (database unreachable) is kept in memory and
 //!   retried every second until it is, as the SQLite store does.
 //!
-//! Run logs are rows of `run_logs` ([`logs`]).
+//! Run logs are rows of `run_logs` ([`logs`]); files kept for `file` units, of `files` and
+//! `file_pieces` ([`files`]).
 //!
 //! Limits: connections are plain TCP or a Unix socket (no TLS to PostgreSQL yet).
 
 pub mod cluster;
 pub(super) mod events;
+pub(super) mod files;
 mod group;
 pub mod logs;
 pub mod schema;
@@ -545,6 +547,11 @@ impl Postgres {
     /// The run logs' table, with its writer started.
     pub(super) fn log_table(&self) -> logs::LogTable {
         logs::LogTable::start(self.pool.clone(), self.newest_run)
+    }
+
+    /// The kept files' tables.
+    pub(super) fn file_table(&self) -> files::FileTable {
+        files::FileTable::new(self.pool.clone(), self.shared.clone())
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {

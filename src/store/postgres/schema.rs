@@ -203,6 +203,21 @@ CREATE TABLE api_tasks (
 );
 ALTER TABLE runs ADD COLUMN notified TEXT;
 ",
+    // 7: files kept for `file` units (SPEC §10.7), by SHA-256, in pieces: every server of a
+    // cluster reads what any of them kept.
+    "
+CREATE TABLE files (
+    sha256 TEXT PRIMARY KEY,
+    size BIGINT NOT NULL,
+    kept_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE file_pieces (
+    sha256 TEXT NOT NULL REFERENCES files(sha256) ON DELETE CASCADE,
+    n INTEGER NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (sha256, n)
+);
+",
 ];
 
 /// The schema version this build writes.
