@@ -307,8 +307,8 @@ fn check_store_url(url: &str) -> anyhow::Result<()> {
              store needs no --store (its place is --state-dir)"
         );
     }
-    url.parse::<tokio_postgres::Config>().map_err(|e| anyhow::anyhow!("store: {url:?}: {e}"))?;
-    Ok(())
+    // Its error says "store: …" already.
+    crate::store::check_postgres_url(url).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn read_file(path: &Path, required: bool) -> anyhow::Result<FileConfig> {

@@ -145,7 +145,16 @@ impl From<tokio_postgres::Error> for Error {
         // The server's own message when it gave one ("duplicate key…"), else what failed.
         match e.as_db_error() {
             Some(db) => Error::Postgres(format!("PostgreSQL: {}", db.message())),
-            None => Error::Postgres(format!("PostgreSQL: {e}")),
+            None => {
+                // With its causes: "error performing TLS handshake: invalid peer certificate…".
+                let mut why = format!("PostgreSQL: {e}");
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why = format!("{why}: {c}");
+                    cause = c.source();
+                }
+                Error::Postgres(why)
+            }
         }
     }
 }

@@ -128,6 +128,9 @@ pub enum Trust {
     Ca(PathBuf),
     /// The server's certificate is signed by one of this machine's CAs (`/etc/ssl/certs`).
     System,
+    /// No server: for a configuration that is there but never meant to connect (a
+    /// PostgreSQL store asked for no TLS).
+    Nobody,
 }
 
 /// A client configuration that trusts as `trust` says.
@@ -150,6 +153,9 @@ pub fn client_config(trust: &Trust) -> anyhow::Result<Arc<rustls::ClientConfig>>
                 roots.add(c.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)?;
             }
             builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::Nobody => {
+            builder.with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth()
         }
         Trust::System => {
             let mut roots = rustls::RootCertStore::empty();

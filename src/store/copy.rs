@@ -497,7 +497,8 @@ async fn open(p: &Place, create: bool) -> Result<Side> {
             Ok(Side::Sqlite { conn, logs, files, _lock: lock })
         }
         Place::Url(url) => {
-            let (mut c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+            let target = super::postgres::target_of(url)?;
+            let (mut c, conn) = target.cfg.connect(target.tls).await?;
             tokio::spawn(conn);
             super::postgres::schema::migrate(&mut c).await?;
             Ok(Side::Pg(c))

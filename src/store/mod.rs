@@ -492,6 +492,12 @@ impl Deref for Store {
     }
 }
 
+/// Checks that `url` is a PostgreSQL URL taskd can connect with (its TLS settings too), without
+/// connecting; the error names what is wrong, and not the password.
+pub fn check_postgres_url(url: &str) -> Result<()> {
+    postgres::target_of(url).map(drop)
+}
+
 impl Store {
     /// Opens (creating if needed) the embedded store in `dir`: `taskd.db` and `logs/`.
     pub fn open(dir: &Path) -> Result<Store> {

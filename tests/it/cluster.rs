@@ -411,6 +411,11 @@ struct OwnPostgres {
 impl OwnPostgres {
     /// A new server, or `None` (outside CI) when the PostgreSQL tests are not set up.
     fn start() -> Option<OwnPostgres> {
+        Self::start_with(&[])
+    }
+
+    /// A new server with `env` set for `scripts/test-postgres` (`TASKD_PG_TLS`…).
+    fn start_with(env: &[(&str, &std::path::Path)]) -> Option<OwnPostgres> {
         if std::env::var_os("TASKD_TEST_PG").is_none() {
             assert!(std::env::var_os("CI").is_none(), "TASKD_TEST_PG is not set");
             return None;
@@ -424,6 +429,7 @@ impl OwnPostgres {
         ))
         .arg("start")
         .arg(&dir)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -656,6 +662,40 @@ fn a_file_pushed_through_one_server_is_put_again_after_that_server_died() {
     let sha = info["definition"]["file"]["source"].as_str().unwrap_or_default().to_string();
     let stat = survivor.call("File.Stat", json!(sha));
     assert_eq!(stat["size"], (5 << 20) / 2, "{stat}");
+}
+
+#[test]
+fn a_server_reaches_postgres_over_tls_and_refuses_a_certificate_it_cannot_verify() {
+    let certs = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(certs.path().join("server.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(certs.path().join("server.key"), ck.signing_key.serialize_pem()).unwrap();
+    let Some(pg) = OwnPostgres::start_with(&[("TASKD_PG_TLS", certs.path())]) else { return };
+    let ca = certs.path().join("server.crt");
+    let url = format!("{}?sslmode=verify-full&sslrootcert={}", pg.url, ca.display());
+    let d = TestDaemon::start_with(&["--store", &url, "--name", "a"]);
+    wait_hosts(&d, &["a"]);
+    d.call("TaskUnit.Add", json!({"name": "u", "hosts": ["a"], "command": ["true"]}));
+    d.wait_unit("u", "its run", |u| u["last_run"]["state"] == "succeeded");
+    // Every connection of taskd's is encrypted.
+    let rows = query(
+        &pg.url,
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'taskd'",
+    );
+    assert!(!rows.is_empty() && rows.iter().all(|r| r[0].as_deref() == Some("t")), "{rows:?}");
+    // A certificate this machine's CAs did not sign: refused at start, saying why.
+    let state = tempfile::tempdir().unwrap();
+    crate::common::make_private(state.path());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_taskd"))
+        .args(["--listen", "127.0.0.1:0", "--name", "b", "--state-dir"])
+        .arg(state.path())
+        .args(["--store", &format!("{}?sslmode=require", pg.url)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate"), "{err}");
 }
 
 #[test]

@@ -42,7 +42,7 @@ use std::time::Duration;
 use deadpool_postgres::{GenericClient, Pool};
 use futures_util::StreamExt;
 use tokio::sync::{OnceCell, broadcast, mpsc, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::{Shared, begin, event_from_row, lock};
 use crate::error::{Error, Result};
@@ -356,16 +356,12 @@ pub(super) async fn announcer(shared: Arc<Shared>, pool: Pool) {
 
 /// Starts the listener (see the module documentation): it publishes the events other
 /// processes announce. The returned receiver gets a message each time it listens (again).
-pub(super) fn listen(
-    cfg: tokio_postgres::Config,
-    pool: Pool,
-    seq: Arc<Sequencer>,
-) -> mpsc::Receiver<()> {
+pub(super) fn listen(target: super::Target, pool: Pool, seq: Arc<Sequencer>) -> mpsc::Receiver<()> {
     let (ready, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match listen_once(&cfg, &pool, &seq, &ready).await {
+            match listen_once(&target, &pool, &seq, &ready).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "store: lost the PostgreSQL event listener; connecting again");
@@ -380,12 +376,12 @@ pub(super) fn listen(
 
 /// One connection's worth of listening.
 async fn listen_once(
-    cfg: &tokio_postgres::Config,
+    target: &super::Target,
     pool: &Pool,
     seq: &Sequencer,
     ready: &mpsc::Sender<()>,
 ) -> Result<()> {
-    let (client, mut conn) = cfg.connect(NoTls).await?;
+    let (client, mut conn) = target.cfg.connect(target.tls.clone()).await?;
     let (tx, mut notes) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut msgs = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));

@@ -16,7 +16,8 @@
 //! Run logs are rows of `run_logs` ([`logs`]); files kept for `file` units, of `files` and
 //! `file_pieces` ([`files`]).
 //!
-//! Limits: connections are plain TCP or a Unix socket (no TLS to PostgreSQL yet).
+//! Connections are plain TCP, a Unix socket, or TLS as the URL's `sslmode` asks, the
+//! server's certificate always verified ([`target_of`]).
 
 pub mod cluster;
 pub(super) mod events;
@@ -33,8 +34,8 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use jiff::Timestamp;
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
 
 use super::{
     API_TASK_DONE, AUDIT_KEPT, ApiTask, AuditRecord, Backend, Commits, DispatchFilter,
@@ -82,7 +83,7 @@ pub(super) struct Postgres {
     /// [`Backend::location`].
     location: String,
     /// How to connect (for the cluster's own connections).
-    config: tokio_postgres::Config,
+    target: Target,
     /// The newest run when the store was opened (see [`logs::LogTable`]).
     newest_run: i64,
     pool: Pool,
@@ -422,10 +423,63 @@ fn event_from_row(r: &Row) -> Option<Event> {
     })
 }
 
+/// How to reach the database: its connection settings, and the TLS they ask for.
+#[derive(Clone)]
+pub(in crate::store) struct Target {
+    /// The settings, taskd's defaults added.
+    pub cfg: tokio_postgres::Config,
+    /// Used when `sslmode` asks for TLS.
+    pub tls: tokio_postgres_rustls::MakeRustlsConnect,
+}
+
+/// The connection settings of `url`, with taskd's defaults where it sets none, and its TLS.
+///
+/// TLS is used as libpq's `sslmode` says (`disable`, the default here: plain TCP, as before
+/// TLS was supported; `prefer`; `require`; `verify-ca`; `verify-full`), with one difference:
+/// taskd always verifies the server's certificate and name, against `sslrootcert=FILE` (PEM)
+/// when given, else this machine's CAs. (tokio-postgres knows neither `sslrootcert` nor the
+/// `verify-*` modes: they are taken out of the URL here.)
+pub(in crate::store) fn target_of(url: &str) -> Result<Target> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        let shown = url.split('@').next_back().unwrap_or(url);
+        Error::Postgres(format!("invalid PostgreSQL URL …@{shown}: {e}"))
+    };
+    let unparsed = |e: Error| match e {
+        Error::Postgres(why) => invalid(&why),
+        other => other,
+    };
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let (mut root, mut mode) = (None, None);
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslrootcert", v)) => root = Some(std::path::PathBuf::from(v)),
+            Some(("sslmode", v)) => {
+                mode = Some(v.to_string());
+                let v = if v.starts_with("verify-") { "require" } else { v };
+                kept.push(format!("sslmode={v}"));
+            }
+            _ => kept.push(pair.to_string()),
+        }
+    }
+    let url = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
+    let mut cfg = config_of(&url).map_err(unparsed)?;
+    if mode.is_none() {
+        cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
+    let trust = match root {
+        Some(path) => crate::tls::Trust::Ca(path),
+        None if mode.is_some_and(|m| m != "disable") => crate::tls::Trust::System,
+        None => crate::tls::Trust::Nobody,
+    };
+    let client =
+        crate::tls::client_config(&trust).map_err(|e| invalid(&format!("sslrootcert: {e}")))?;
+    Ok(Target { cfg, tls: tokio_postgres_rustls::MakeRustlsConnect::new((*client).clone()) })
+}
+
 /// The connection settings of `url`, with taskd's defaults where it sets none.
 fn config_of(url: &str) -> Result<tokio_postgres::Config> {
-    let mut cfg: tokio_postgres::Config =
-        url.parse().map_err(|e| Error::Postgres(format!("invalid PostgreSQL URL {url:?}: {e}")))?;
+    let mut cfg: tokio_postgres::Config = url.parse().map_err(Error::from)?;
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -449,10 +503,10 @@ fn config_of(url: &str) -> Result<tokio_postgres::Config> {
 }
 
 /// A pool of at most `size` connections to the database of `cfg`.
-fn pool_of(cfg: &tokio_postgres::Config, size: usize) -> Result<Pool> {
+fn pool_of(target: &Target, size: usize) -> Result<Pool> {
     let mgr = Manager::from_config(
-        cfg.clone(),
-        NoTls,
+        target.cfg.clone(),
+        target.tls.clone(),
         ManagerConfig { recycling_method: RecyclingMethod::Fast },
     );
     Pool::builder(mgr)
@@ -487,8 +541,8 @@ impl Postgres {
         events: broadcast::Sender<Event>,
         commits: Commits,
     ) -> Result<Postgres> {
-        let cfg = config_of(url)?;
-        let pool = pool_of(&cfg, POOL_SIZE)?;
+        let target = target_of(url)?;
+        let pool = pool_of(&target, POOL_SIZE)?;
         let mut c = pool.get().await?;
         schema::migrate(&mut c).await?;
         // Published from here: the watermark announced last (nothing above it is final yet
@@ -505,7 +559,7 @@ impl Postgres {
             c.query_one("SELECT COALESCE(MAX(id), 0) FROM runs", &[]).await?.get(0);
         drop(c);
         let seq = events::Sequencer::new(pool.clone(), events, last);
-        let mut ready = events::listen(cfg.clone(), pool.clone(), seq.clone());
+        let mut ready = events::listen(target.clone(), pool.clone(), seq.clone());
         // Changes announced before the listener listens would reach subscribers only through
         // the table: wait for it to listen once (it keeps trying in the background if it cannot).
         let _ = tokio::time::timeout(CONNECT_TIMEOUT, ready.recv()).await;
@@ -516,8 +570,8 @@ impl Postgres {
         tokio::spawn(pruner(pool.clone()));
         let group = group::Group::start(pool.clone(), shared.clone());
         Ok(Postgres {
-            location: location_of(&cfg),
-            config: cfg,
+            location: location_of(&target.cfg),
+            target,
             newest_run,
             pool,
             detached,
@@ -531,7 +585,7 @@ impl Postgres {
     /// that server holds the lease.
     pub(super) fn cluster(&self, name: String) -> Result<cluster::Cluster> {
         // Connections of its own: renewing the lease never waits behind a busy engine.
-        let pool = pool_of(&self.config, 2)?;
+        let pool = pool_of(&self.target, 2)?;
         Ok(cluster::Cluster::new(pool, name, self.shared.fence.clone()))
     }
 
@@ -1849,6 +1903,28 @@ mod tests {
         assert!(rx.try_recv().is_ok());
         assert!(q.push(fire()), "taken again once there is room");
         assert_eq!(q.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn tls_is_used_as_the_url_says_and_errors_show_no_password() {
+        use tokio_postgres::config::SslMode;
+        let mode = |url: &str| target_of(url).unwrap().cfg.get_ssl_mode();
+        assert_eq!(mode("postgres://u@h/db"), SslMode::Disable, "plain unless asked");
+        assert_eq!(mode("postgres://u@h/db?sslmode=prefer"), SslMode::Prefer);
+        assert_eq!(
+            mode("postgres://u@h/db?application_name=x&sslmode=verify-full"),
+            SslMode::Require
+        );
+        assert_eq!(mode("postgres://u@h/db?sslmode=verify-ca"), SslMode::Require);
+        let cfg = target_of("postgres://u@h/db?application_name=x&sslmode=require").unwrap().cfg;
+        assert_eq!(cfg.get_application_name(), Some("x"), "the other settings kept");
+        for bad in [
+            "postgres://u:hunter2@h/db?sslmode=sometimes",
+            "postgres://u:hunter2@h/db?sslmode=require&sslrootcert=/no/such.pem",
+        ] {
+            let e = target_of(bad).err().expect("refused").to_string();
+            assert!(e.contains("invalid PostgreSQL URL") && !e.contains("hunter2"), "{e}");
+        }
     }
 
     #[tokio::test]
