@@ -99,6 +99,8 @@ pub struct Journal {
     written: u64,
     /// While a compaction is under way: the lines appended since its copy was taken.
     since_copy: Option<Vec<u8>>,
+    /// A compacted file was renamed into place, and the directory not synced since.
+    dir_unsynced: bool,
     /// Lines it may grow to before it is compacted ([`COMPACT_AT`]).
     compact_at: usize,
     /// Acknowledged runs a compaction keeps ([`ACKED_KEPT`]).
@@ -124,8 +126,16 @@ impl Journal {
         let mut acked: BTreeSet<i64> =
             runs.iter().filter(|(_, k)| k.acked).map(|(id, _)| *id).collect();
         forget_old_acked(&mut runs, &mut acked, ACKED_KEPT);
-        let tmp = write_compact(&aside(&path), &runs)?;
-        std::fs::rename(aside(&path), &path)?;
+        // Compactions a crash or a dropped sync left half-written.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".journal.tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let tmp = write_compact(&aside(&path, 0), &runs)?;
+        std::fs::rename(aside(&path, 0), &path)?;
         sync_dir(&path)?;
         let lines = runs.len();
         Ok(Journal {
@@ -136,6 +146,7 @@ impl Journal {
             lines,
             written: 0,
             since_copy: None,
+            dir_unsynced: false,
             compact_at: COMPACT_AT,
             acked_kept: ACKED_KEPT,
         })
@@ -174,15 +185,17 @@ impl Journal {
         self.runs.clone()
     }
 
-    /// Ends a compaction: `tmp`, the copy written aside and synced (`copied` runs), gets the
-    /// lines appended since, and replaces the file. Those lines and the rename are not synced
-    /// yet: the caller syncs the file and its directory before telling anyone.
-    fn install(&mut self, mut tmp: File, copied: usize) -> std::io::Result<()> {
+    /// Ends a compaction: `tmp` (at `tmp_path`), the copy written aside and synced (`copied`
+    /// runs), gets the lines appended since, and replaces the file. Those lines and the
+    /// rename are not synced yet: the next sync syncs the file and its directory before
+    /// telling anyone.
+    fn install(&mut self, mut tmp: File, tmp_path: &Path, copied: usize) -> std::io::Result<()> {
         let since = self.since_copy.take().unwrap_or_default();
         tmp.write_all(&since)?;
-        std::fs::rename(aside(&self.path), &self.path)?;
+        std::fs::rename(tmp_path, &self.path)?;
         // The handle follows the file it opened; nothing fails after the rename.
         self.file = tmp;
+        self.dir_unsynced = true;
         self.lines = copied + since.iter().filter(|b| **b == b'\n').count();
         Ok(())
     }
@@ -210,6 +223,8 @@ pub struct Durable {
     syncs: AtomicU64,
     /// Compactions made since it was opened.
     compactions: AtomicU64,
+    /// Compactions tried (each writes a file of its own).
+    attempts: AtomicU64,
 }
 
 /// The one sync under way: when it ends (done, failed, or its task dropped), it says so and
@@ -236,6 +251,7 @@ impl Durable {
             syncing: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             compactions: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
         }
     }
 
@@ -283,54 +299,79 @@ impl Durable {
     /// Syncs the file as it is now, off the async threads, compacting it first if it is due
     /// (see the module documentation); the last entry it then held.
     async fn sync(&self) -> std::io::Result<u64> {
-        let compacted = self.compact_if_due().await;
-        let (file, upto, path) = {
+        self.compact_if_due().await;
+        let (file, upto, path, dir) = {
             let j = self.lock();
-            (j.file.try_clone()?, j.written, j.path.clone())
+            (j.file.try_clone()?, j.written, j.path.clone(), j.dir_unsynced)
         };
         tokio::task::spawn_blocking(move || {
             file.sync_data()?;
-            if compacted { sync_dir(&path) } else { Ok(()) }
+            if dir { sync_dir(&path) } else { Ok(()) }
         })
         .await
         .map_err(std::io::Error::other)??;
+        if dir {
+            // Only one sync at a time, and compactions are made by syncs: none came between.
+            self.lock().dir_unsynced = false;
+        }
         self.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(upto)
     }
 
     /// Compacts the file if it is due: whether it did. A compaction that fails leaves the
     /// file as it was (it got every line), to be tried again at a later sync.
-    async fn compact_if_due(&self) -> bool {
-        let (runs, tmp) = {
+    async fn compact_if_due(&self) {
+        // Each attempt writes a file of its own: one whose sync was dropped may still be
+        // writing its own.
+        let attempt = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        let (runs, tmp_path) = {
             let mut j = self.lock();
             if !j.compaction_due() {
-                return false;
+                return;
             }
-            (j.copy_for_compaction(), aside(&j.path))
+            (j.copy_for_compaction(), aside(&j.path, attempt))
         };
+        // Dropped before the end (its sync's wait was dropped), it gives the compaction up.
+        let mut abandon = Abandon { durable: self, armed: true };
         let copied = runs.len();
-        let written = tokio::task::spawn_blocking(move || write_compact(&tmp, &runs))
+        let path = tmp_path.clone();
+        let written = tokio::task::spawn_blocking(move || write_compact(&path, &runs))
             .await
             .map_err(std::io::Error::other)
             .and_then(|w| w);
+        abandon.armed = false;
         let mut j = self.lock();
-        match written.and_then(|tmp| j.install(tmp, copied)) {
+        match written.and_then(|tmp| j.install(tmp, &tmp_path, copied)) {
             Ok(()) => {
                 self.compactions.fetch_add(1, Ordering::Relaxed);
-                true
             }
             Err(e) => {
                 j.since_copy = None;
+                let _ = std::fs::remove_file(&tmp_path);
                 tracing::warn!(path = %j.path.display(), error = %e, "agent: cannot compact the journal; trying again later");
-                false
             }
         }
     }
 }
 
-/// Where a compacted journal is written before it is renamed into place.
-fn aside(path: &Path) -> PathBuf {
-    path.with_file_name(".journal.tmp")
+/// Gives a compaction up unless disarmed: the journal stops keeping the lines appended since
+/// its copy, and the next sync may compact again.
+struct Abandon<'a> {
+    durable: &'a Durable,
+    armed: bool,
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.durable.lock().since_copy = None;
+        }
+    }
+}
+
+/// Where compaction `attempt` writes the journal before it is renamed into place.
+fn aside(path: &Path, attempt: u64) -> PathBuf {
+    path.with_file_name(format!(".journal.tmp-{attempt}"))
 }
 
 /// Forgets all but the newest `kept` acknowledged runs (`acked`).
@@ -517,14 +558,37 @@ mod tests {
         let copy = j.copy_for_compaction();
         // Appended after the copy was taken, while it is written aside.
         j.append(Entry::Accept { run: 2, attempt: 1 }).unwrap();
-        let tmp = write_compact(&aside(&j.path), &copy).unwrap();
+        let tmp_path = aside(&j.path, 1);
+        let tmp = write_compact(&tmp_path, &copy).unwrap();
         j.append(Entry::Result(outcome(2))).unwrap();
-        j.install(tmp, copy.len()).unwrap();
+        j.install(tmp, &tmp_path, copy.len()).unwrap();
         j.append(Entry::Accept { run: 3, attempt: 1 }).unwrap();
         drop(j);
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(j.runs.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(j.runs[&2].result, Some(outcome(2)));
+    }
+
+    #[tokio::test]
+    async fn a_compaction_whose_sync_was_dropped_is_given_up_and_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path()).unwrap();
+        (journal.compact_at, journal.acked_kept) = (10, 5);
+        let j = Durable::new(journal);
+        for run in 1..=100 {
+            j.lock().append(Entry::Accept { run, attempt: 1 }).unwrap();
+            j.lock().append(Entry::Acked(run)).unwrap();
+        }
+        let n = j.lock().written;
+        // Polled once: it takes the turn and starts the compaction (written aside on another
+        // thread), and is dropped there.
+        let dropped = tokio::time::timeout(Duration::ZERO, j.synced(n)).await;
+        assert!(dropped.is_err(), "the sync was over at once");
+        assert!(j.lock().since_copy.is_none(), "the compaction was given up");
+        j.synced(n).await.unwrap();
+        assert_eq!(j.compactions.load(Ordering::Relaxed), 1, "made by the next sync");
+        let lines = std::fs::read_to_string(dir.path().join("journal")).unwrap().lines().count();
+        assert_eq!(lines, 5, "the newest acknowledged runs");
     }
 
     #[tokio::test]

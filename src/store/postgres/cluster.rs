@@ -91,12 +91,14 @@ pub struct Cluster {
     pool: Pool,
     name: String,
     fence: Arc<Fence>,
+    /// The address it joined with, to join again if its row was forgotten meanwhile.
+    address: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Cluster {
     pub(super) fn new(pool: Pool, name: String, fence: Arc<Fence>) -> Cluster {
         let _ = fence.name.set(name.clone());
-        Cluster { pool, name, fence }
+        Cluster { pool, name, fence, address: Arc::default() }
     }
 
     /// This server's name.
@@ -106,6 +108,8 @@ impl Cluster {
 
     /// Records this server (its address, version, start) in `servers`.
     pub async fn join(&self, address: &str) -> Result<()> {
+        *self.address.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(address.to_string());
         let c = self.pool.get().await?;
         c.execute(
             "INSERT INTO servers(name, address, version, started_at, seen_at) \
@@ -118,17 +122,25 @@ impl Cluster {
     }
 
     /// Says this server is alive, and forgets the servers not seen for
-    /// [`SERVERS_FORGOTTEN_AFTER`] (a server that comes back joins again).
+    /// [`SERVERS_FORGOTTEN_AFTER`]; joins again if it was forgotten itself (paused or cut off
+    /// that long).
     pub async fn heartbeat(&self) -> Result<()> {
         let c = self.pool.get().await?;
-        c.execute(
-            "WITH gone AS (DELETE FROM servers WHERE name <> $1 \
+        let seen = c
+            .execute(
+                "WITH gone AS (DELETE FROM servers WHERE name <> $1 \
              AND seen_at < now() - $2 * interval '1 second') \
              UPDATE servers SET seen_at = now() WHERE name = $1",
-            &[&self.name, &SERVERS_FORGOTTEN_AFTER.as_secs_f64()],
-        )
-        .await?;
-        Ok(())
+                &[&self.name, &SERVERS_FORGOTTEN_AFTER.as_secs_f64()],
+            )
+            .await?;
+        drop(c);
+        let address =
+            self.address.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        match address {
+            Some(a) if seen == 0 => self.join(&a).await,
+            _ => Ok(()),
+        }
     }
 
     /// Takes the lease if nobody holds it or it has expired; its epoch when taken.

@@ -257,11 +257,25 @@ impl Tx<'_> {
         let (inserted, committed) = match self.xid.get() {
             Some(xid) => {
                 n.inserted_by(xid.clone());
+                // Prepared first (a round trip on a connection's first use): sent before the
+                // `COMMIT`, it must not wait for its statement meanwhile.
+                let insert = match self.t.prepare_cached(INSERT_EVENTS).await {
+                    Ok(st) => st,
+                    Err(e) => {
+                        n.rolled_back();
+                        return Err(e.into());
+                    }
+                };
                 // After an insert that failed, PostgreSQL takes the `COMMIT` for a rollback.
                 self.ended = true;
-                tokio::join!(self.insert_events(&events), self.t.batch_execute("COMMIT"))
+                tokio::join!(self.insert_events(&insert, &events), self.t.batch_execute("COMMIT"))
             }
-            None => match self.insert_events(&events).await {
+            None => match async {
+                let insert = self.t.prepare_cached(INSERT_EVENTS).await?;
+                self.insert_events(&insert, &events).await
+            }
+            .await
+            {
                 Ok(xid) => {
                     n.inserted_by(xid);
                     self.ended = true;
@@ -286,9 +300,13 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Inserts `events`; the transaction's id. PostgreSQL's own error, to tell an answer from
-    /// none.
-    async fn insert_events(&self, events: &[Event]) -> Result<String, tokio_postgres::Error> {
+    /// Inserts `events` with `insert` ([`INSERT_EVENTS`], prepared); the transaction's id.
+    /// PostgreSQL's own error, to tell an answer from none.
+    async fn insert_events(
+        &self,
+        insert: &tokio_postgres::Statement,
+        events: &[Event],
+    ) -> Result<String, tokio_postgres::Error> {
         let mut seqs = Vec::with_capacity(events.len());
         let mut times = Vec::with_capacity(events.len());
         let (mut kinds, mut units, mut runs, mut states) =
@@ -301,21 +319,14 @@ impl Tx<'_> {
             runs.push(e.run);
             states.push(e.state.as_deref());
         }
-        let insert = self
-            .t
-            .prepare_cached(
-                "WITH i AS (INSERT INTO events(seq, time, kind, unit, run, state) \
-                 SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[], \
-                 $5::bigint[], $6::text[])) SELECT pg_current_xact_id()::text",
-            )
-            .await?;
-        Ok(self
-            .t
-            .query_one(&insert, &[&seqs, &times, &kinds, &units, &runs, &states])
-            .await?
-            .get(0))
+        Ok(self.t.query_one(insert, &[&seqs, &times, &kinds, &units, &runs, &states]).await?.get(0))
     }
 }
+
+/// Inserts a transaction's events; answers its id.
+const INSERT_EVENTS: &str = "WITH i AS (INSERT INTO events(seq, time, kind, unit, run, state) \
+     SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[], \
+     $5::bigint[], $6::text[])) SELECT pg_current_xact_id()::text";
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -440,20 +451,36 @@ pub(in crate::store) struct Target {
 /// when given, else this machine's CAs. (tokio-postgres knows neither `sslrootcert` nor the
 /// `verify-*` modes: they are taken out of the URL here.)
 pub(in crate::store) fn target_of(url: &str) -> Result<Target> {
+    // Where tokio-postgres reads them: the credentials end at the first `@`, the settings
+    // start at the first `?` after that.
+    let after_credentials = url.find('@').map_or(0, |i| i + 1);
+    let (base, query) = match url[after_credentials..].find('?') {
+        Some(i) => (&url[..after_credentials + i], &url[after_credentials + i + 1..]),
+        None => (url, ""),
+    };
+    // Shown in errors: no credentials, no `password=`.
+    let shown = {
+        let host = &base[after_credentials..].trim_start_matches("postgres://");
+        let host = host.trim_start_matches("postgresql://");
+        let settings: Vec<&str> =
+            query.split('&').filter(|p| !p.starts_with("password=")).collect();
+        format!("{host}?{}", settings.join("&"))
+    };
     let invalid = |e: &dyn std::fmt::Display| {
-        let shown = url.split('@').next_back().unwrap_or(url);
-        Error::Postgres(format!("invalid PostgreSQL URL …@{shown}: {e}"))
+        Error::Postgres(format!("invalid PostgreSQL URL (…{shown}): {e}"))
     };
     let unparsed = |e: Error| match e {
         Error::Postgres(why) => invalid(&why),
         other => other,
     };
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
     let (mut root, mut mode) = (None, None);
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
-            Some(("sslrootcert", v)) => root = Some(std::path::PathBuf::from(v)),
+            Some(("sslrootcert", v)) => {
+                let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+                root = Some(std::path::PathBuf::from(v.as_ref()));
+            }
             Some(("sslmode", v)) => {
                 mode = Some(v.to_string());
                 let v = if v.starts_with("verify-") { "require" } else { v };
@@ -655,15 +682,19 @@ impl Postgres {
 
 /// Begins a transaction on `c`.
 async fn begin<'a>(c: &'a mut deadpool_postgres::Object, shared: &'a Shared) -> Result<Tx<'a>> {
-    c.batch_execute("BEGIN").await?;
-    Ok(Tx {
+    // Made before `BEGIN` is sent: if this is dropped while waiting for its answer (or it
+    // fails), the transaction's drop sends `ROLLBACK`, and the connection goes back to the
+    // pool outside a transaction.
+    let t = Tx {
         t: c,
         events: Mutex::default(),
         shared,
         fenced: false.into(),
         xid: std::sync::OnceLock::new(),
         ended: false,
-    })
+    };
+    t.t.batch_execute("BEGIN").await?;
+    Ok(t)
 }
 
 /// Begins a transaction on `c` that skips the fence; it must record no event.
@@ -1918,9 +1949,12 @@ mod tests {
         assert_eq!(mode("postgres://u@h/db?sslmode=verify-ca"), SslMode::Require);
         let cfg = target_of("postgres://u@h/db?application_name=x&sslmode=require").unwrap().cfg;
         assert_eq!(cfg.get_application_name(), Some("x"), "the other settings kept");
+        // A `?` in the password is the password's.
+        assert_eq!(mode("postgres://u:a?b@h/db?sslmode=require"), SslMode::Require);
         for bad in [
             "postgres://u:hunter2@h/db?sslmode=sometimes",
             "postgres://u:hunter2@h/db?sslmode=require&sslrootcert=/no/such.pem",
+            "postgres://h/db?user=u&password=hunter2&sslmode=sometimes",
         ] {
             let e = target_of(bad).err().expect("refused").to_string();
             assert!(e.contains("invalid PostgreSQL URL") && !e.contains("hunter2"), "{e}");
