@@ -323,12 +323,12 @@ impl Durable {
     async fn compact_if_due(&self) {
         // Each attempt writes a file of its own: one whose sync was dropped may still be
         // writing its own.
-        let attempt = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         let (runs, tmp_path) = {
             let mut j = self.lock();
             if !j.compaction_due() {
                 return;
             }
+            let attempt = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
             (j.copy_for_compaction(), aside(&j.path, attempt))
         };
         // Dropped before the end (its sync's wait was dropped), it gives the compaction up.

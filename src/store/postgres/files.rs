@@ -44,26 +44,19 @@ impl FileTable {
             .await?;
         if fresh == 1 {
             let mut f = tokio::fs::File::open(path).await.map_err(|e| Error::io(path, e))?;
-            let mut piece = vec![0; PIECE];
-            for n in 0i32.. {
-                let mut len = 0;
-                while len < PIECE {
-                    match f.read(&mut piece[len..]).await.map_err(|e| Error::io(path, e))? {
-                        0 => break,
-                        read => len += read,
-                    }
-                }
-                if len == 0 {
-                    break;
-                }
+            let mut piece = Vec::with_capacity(PIECE);
+            for n in 0..size.div_ceil(PIECE as u64) as i32 {
+                piece.clear();
+                (&mut f)
+                    .take(PIECE as u64)
+                    .read_to_end(&mut piece)
+                    .await
+                    .map_err(|e| Error::io(path, e))?;
                 t.execute(
                     "INSERT INTO file_pieces(sha256, n, data) VALUES ($1, $2, $3)",
-                    &[&sha256, &n, &&piece[..len]],
+                    &[&sha256, &n, &piece],
                 )
                 .await?;
-                if len < PIECE {
-                    break;
-                }
             }
         }
         t.commit().await
