@@ -99,6 +99,7 @@ on_both_stores!(
     run_logs_are_read_back_cut_to_their_limit,
     concurrent_starts_and_ends_of_many_units_all_succeed,
     a_fire_made_already_fails_alone_among_fires_made_at_once,
+    dispatches_made_at_once_get_their_own_runs_in_their_hosts_order,
     api_tasks_are_listed_newest_last_and_done_once_their_dispatch_ended,
 );
 
@@ -651,6 +652,47 @@ async fn api_tasks_are_listed_newest_last_and_done_once_their_dispatch_ended(sto
     store.delete_unit(&ApiTask::unit_name(b), false).await.unwrap();
     assert!(store.list_api_tasks(10, None).await.unwrap()[1].done);
     assert!(store.insert_api_task(task("d")).await.unwrap() > c);
+}
+
+async fn dispatches_made_at_once_get_their_own_runs_in_their_hosts_order(store: Store) {
+    // 24 units' dispatches at once (the PostgreSQL store inserts a group's dispatches in one
+    // statement), of 1 to 5 hosts and batches of 0 to 2: each gets its own hosts' runs, ids
+    // ascending in its hosts' order, the first `batch` running (all if 0), as stored.
+    for u in 0..24 {
+        store.insert_unit(unit(&format!("m{u}"))).await.unwrap();
+    }
+    let made = futures_util::future::join_all((0..24).map(|u| {
+        let store = store.clone();
+        async move {
+            let hosts = (0..=u % 5).map(|h| format!("m{u}-h{h}")).collect();
+            let name = format!("m{u}");
+            store.create_dispatch(&name, Trigger::Manual, hosts, u % 3, None, None).await
+        }
+    }))
+    .await;
+    for (u, m) in made.into_iter().enumerate() {
+        let (d, runs) = m.unwrap();
+        let (hosts, batch) = (u % 5 + 1, u % 3);
+        assert_eq!((d.unit.as_str(), d.total as usize), (format!("m{u}").as_str(), hosts));
+        assert_eq!(runs.len(), hosts);
+        assert!(runs.windows(2).all(|w| w[0].id < w[1].id), "m{u}: {runs:?}");
+        for (h, r) in runs.iter().enumerate() {
+            let state = if batch == 0 || h < batch { RunState::Running } else { RunState::Queued };
+            let host = format!("m{u}-h{h}");
+            assert_eq!((r.host.as_str(), r.state, r.dispatch), (host.as_str(), state, Some(d.id)));
+            let stored = store.get_run(r.id).await.unwrap();
+            assert_eq!(
+                (stored.unit.as_str(), stored.host.as_str(), stored.state, stored.dispatch),
+                (format!("m{u}").as_str(), host.as_str(), state, Some(d.id))
+            );
+        }
+    }
+    store.flush().await.unwrap();
+    for u in store.load_units().await.unwrap() {
+        let n: usize = u.name[1..].parse().unwrap();
+        let running = if n.is_multiple_of(3) { n % 5 + 1 } else { (n % 3).min(n % 5 + 1) };
+        assert_eq!(u.runs_total, running as u64, "{}: runs counted as they start", u.name);
+    }
 }
 
 async fn a_fire_made_already_fails_alone_among_fires_made_at_once(store: Store) {

@@ -3,12 +3,13 @@
 //!
 //! Mechanism: callers hand their change to one queue and wait for its answer. A worker takes
 //! what is waiting (up to [`GROUP_MAX`]) and makes it in one transaction: the fence checked
-//! once, every change's statements sent side by side on the connection (tokio-postgres
-//! pipelines what is sent at once), one commit sent with the group's events: three round
-//! trips (`BEGIN`; the fence and the changes; the events and `COMMIT`). Up to [`GROUPS_AT_ONCE`] groups are under way
-//! at a time; what arrives meanwhile waits for the next, which is how a burst of fires shares
-//! commits and round trips (about 20 statements and 3 commits per run of a dispatch when each
-//! had a transaction of its own).
+//! once, the changes' statements sent side by side on the connection (tokio-postgres
+//! pipelines what is sent at once; all the group's dispatches are one statement, see
+//! [`super::changes`]), one commit sent with the group's events: three round trips
+//! (`BEGIN`; the fence and the changes; the events and `COMMIT`). Up to [`GROUPS_AT_ONCE`]
+//! groups are under way at a time; what arrives meanwhile waits for the next, which is how a
+//! burst of fires shares commits and round trips (about 20 statements and 3 commits per run
+//! of a dispatch when each had a transaction of its own).
 //!
 //! Invariants:
 //! - a caller is answered only after its change committed, or with the error that kept it
@@ -28,10 +29,8 @@ use deadpool_postgres::Pool;
 use jiff::Timestamp;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{
-    DispatchRecord, DispatchState, Shared, Tx, begin, insert_dispatch, write_dispatch_state,
-    write_ends,
-};
+use super::changes::{insert_dispatches, write_dispatch_states, write_ends};
+use super::{DispatchRecord, DispatchState, Shared, Tx, begin};
 use crate::error::{Error, Result};
 use crate::run::{RunRecord, Trigger};
 
@@ -67,23 +66,6 @@ enum Made {
 }
 
 impl Change {
-    /// Makes the change in `t`.
-    async fn make(&self, t: &Tx<'_>) -> Result<Made> {
-        Ok(match self {
-            Change::Dispatch(d, _) => {
-                let (d, runs) = insert_dispatch(t, d).await?;
-                Made::Dispatch(d, runs)
-            }
-            Change::Ends(recs, keep, _) => {
-                write_ends(t, recs, *keep).await?;
-                Made::Ends
-            }
-            Change::DispatchState(id, state, _) => {
-                Made::DispatchState(write_dispatch_state(t, *id, *state).await?)
-            }
-        })
-    }
-
     /// Answers the caller.
     fn answer(self, made: Result<Made>) {
         match (self, made) {
@@ -108,6 +90,47 @@ impl Change {
             (_, Ok(_)) => unreachable!("a change answered with another's result"),
         }
     }
+}
+
+/// Makes `changes` in `t`: their dispatches in one statement, their ends and states a
+/// statement each, all sent at once (see [`super::changes`]); what each made, in order.
+async fn make_all(t: &Tx<'_>, changes: &[Change]) -> Result<Vec<Made>> {
+    let (mut dispatches, mut ends, mut states) = (Vec::new(), Vec::new(), Vec::new());
+    for c in changes {
+        match c {
+            Change::Dispatch(d, _) => dispatches.push(d),
+            Change::Ends(recs, keep, _) => ends.push((recs.as_slice(), *keep)),
+            Change::DispatchState(id, state, _) => states.push((*id, *state)),
+        }
+    }
+    // Side by side: their statements go out in one round trip.
+    let (dispatches, (), states) = tokio::try_join!(
+        async {
+            if dispatches.is_empty() {
+                Ok(Vec::new())
+            } else {
+                insert_dispatches(t, &dispatches).await
+            }
+        },
+        async { if ends.is_empty() { Ok(()) } else { write_ends(t, &ends).await } },
+        async {
+            if states.is_empty() { Ok(Vec::new()) } else { write_dispatch_states(t, &states).await }
+        },
+    )?;
+    let (mut dispatches, mut states) = (dispatches.into_iter(), states.into_iter());
+    Ok(changes
+        .iter()
+        .map(|c| match c {
+            Change::Dispatch(..) => {
+                let (d, runs) = dispatches.next().expect("one per dispatch asked for");
+                Made::Dispatch(d, runs)
+            }
+            Change::Ends(..) => Made::Ends,
+            Change::DispatchState(..) => {
+                Made::DispatchState(states.next().expect("one per state asked for"))
+            }
+        })
+        .collect())
 }
 
 /// The queue of changes and its worker.
@@ -201,9 +224,9 @@ async fn make_group(pool: &Pool, shared: &Shared, changes: Vec<Change>) {
         let made = async {
             let mut conn = pool.get().await?;
             let t = begin(&mut conn, shared).await?;
-            let made = c.make(&t).await?;
+            let made = make_all(&t, std::slice::from_ref(&c)).await?;
             t.commit().await?;
-            Ok(made)
+            Ok(made.into_iter().next().expect("one change, one answer"))
         }
         .await;
         c.answer(made);
@@ -219,15 +242,11 @@ async fn together(pool: &Pool, shared: &Shared, changes: &[Change]) -> Result<Op
     // The fence is checked side by side with the changes, in the same round trip: nothing
     // they wrote commits unless it held. The transaction's id is asked for in it too, so
     // that the events and the commit go in one round trip (`Tx::commit`).
-    let (held, xid, made) = tokio::join!(
-        t.fence_alongside(),
-        t.learn_xid(),
-        futures_util::future::join_all(changes.iter().map(|c| c.make(&t)))
-    );
+    let (held, xid, made) = tokio::join!(t.fence_alongside(), t.learn_xid(), make_all(&t, changes));
     held?;
     // Without the id (its statement failed), the commit asks for it with the events.
     let _ = xid;
-    let Ok(made) = made.into_iter().collect::<Result<Vec<Made>>>() else {
+    let Ok(made) = made else {
         // Dropped: rolled back.
         return Ok(None);
     };

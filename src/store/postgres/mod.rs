@@ -19,6 +19,7 @@
 //! Connections are plain TCP, a Unix socket, or TLS as the URL's `sslmode` asks, the
 //! server's certificate always verified ([`target_of`]).
 
+mod changes;
 pub mod cluster;
 pub(super) mod events;
 pub(super) mod files;
@@ -716,94 +717,8 @@ async fn record_ends(
 ) -> Result<()> {
     let mut c = pool.get().await?;
     let t = begin(&mut c, shared).await?;
-    write_ends(&t, recs, keep_runs).await?;
+    changes::write_ends(&t, &[(recs, keep_runs)]).await?;
     t.commit().await
-}
-
-/// Records the ends of `recs` and prunes their units' histories, in transaction `t`.
-async fn write_ends(t: &Tx<'_>, recs: &[RunRecord], keep_runs: u32) -> Result<()> {
-    let mut units: Vec<&str> = recs.iter().map(|r| r.unit.as_str()).collect();
-    units.dedup();
-    // The prunes sent with the first end, in one round trip: they touch only ended runs other
-    // than the newest `keep_runs`, which the ends sent before them cannot be among.
-    let ends = async {
-        for rec in recs {
-            write_end(t, rec).await?;
-        }
-        Ok::<_, Error>(())
-    };
-    let prunes = async {
-        for u in units {
-            prune(t, u, keep_runs).await?;
-        }
-        Ok::<_, Error>(())
-    };
-    tokio::try_join!(ends, prunes)?;
-    Ok(())
-}
-
-/// Records the end of `rec` if it is still active, its unit's counters and its event.
-async fn write_end(t: &Tx<'_>, rec: &RunRecord) -> Result<()> {
-    let ended = rec.ended_at.unwrap_or_else(Timestamp::now);
-    let n = t
-        .execute(
-            "UPDATE runs SET state = $2, started_at = $3, ended_at = $4, exit_code = $5, \
-             signal = $6, reason = $7, stdout_bytes = $8, stderr_bytes = $9, truncated = $10, \
-             pid = COALESCE($11, pid) WHERE id = $1 AND state IN ('queued', 'running')",
-            &[
-                &rec.id,
-                &rec.state.as_str(),
-                &rec.started_at,
-                &ended,
-                &rec.exit_code,
-                &rec.signal,
-                &rec.reason,
-                &(rec.stdout_bytes as i64),
-                &(rec.stderr_bytes as i64),
-                &rec.truncated,
-                &rec.pid.map(i64::from),
-            ],
-        )
-        .await?;
-    if n == 0 {
-        return Ok(());
-    }
-    if matches!(rec.state, RunState::Failed | RunState::TimedOut) {
-        t.execute(
-            "UPDATE units SET failures_total = failures_total + 1 WHERE name = $1",
-            &[&rec.unit],
-        )
-        .await?;
-    }
-    t.emit(EventKind::RunFinished, &rec.unit, Some(rec.id), Some(rec.state.as_str()));
-    Ok(())
-}
-
-/// Deletes a unit's runs beyond its newest `keep` of no dispatch, and its ended dispatches
-/// beyond the newest `keep`, whole.
-async fn prune(t: &Tx<'_>, unit: &str, keep: u32) -> Result<()> {
-    let keep = i64::from(keep);
-    let runs = t
-        .prepare(
-            "DELETE FROM runs WHERE unit = $1 AND dispatch IS NULL \
-             AND state NOT IN ('queued', 'running') \
-             AND id < (SELECT COALESCE(MIN(id), 0) FROM \
-                 (SELECT id FROM runs WHERE unit = $1 AND dispatch IS NULL \
-                  ORDER BY id DESC LIMIT $2) k)",
-        )
-        .await?;
-    let dispatches = t
-        .prepare(
-            "WITH old AS (DELETE FROM dispatches WHERE unit = $1 AND ended_at IS NOT NULL \
-             AND id < (SELECT COALESCE(MIN(id), 0) FROM \
-                 (SELECT id FROM dispatches WHERE unit = $1 ORDER BY id DESC LIMIT $2) k) \
-             RETURNING id) DELETE FROM runs WHERE dispatch IN (SELECT id FROM old)",
-        )
-        .await?;
-    // In one round trip.
-    let args: Args<'_, 2> = [&unit, &keep];
-    tokio::try_join!(t.t.execute(&runs, &args), t.t.execute(&dispatches, &args))?;
-    Ok(())
 }
 
 /// A run to insert, besides its unit.
@@ -892,107 +807,6 @@ async fn counts_of(t: &Tx<'_>, dispatch: i64) -> Result<BTreeMap<String, u32>> {
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32)).collect())
-}
-
-/// Records dispatch `d` (and its scheduled fire, refused if it was made already) and its
-/// hosts' runs, in transaction `t`.
-async fn insert_dispatch(
-    t: &Tx<'_>,
-    d: &group::NewDispatch,
-) -> Result<(DispatchRecord, Vec<RunRecord>)> {
-    let group::NewDispatch { unit, trigger, hosts, batch, tolerance, scheduled_at } = d;
-    let (unit, trigger, batch, tolerance, scheduled_at) =
-        (unit.as_str(), *trigger, *batch, *tolerance, *scheduled_at);
-    t.fenced().await?;
-    let now = Timestamp::now();
-    // The dispatch and its runs in one statement: the runs are inserted in the hosts' order,
-    // so their ids, ascending, follow it.
-    let insert = t
-        .prepare(&format!(
-            "WITH d AS (INSERT INTO dispatches(unit, trigger, state, created_at, total, batch, \
-             tolerance) VALUES ($1, $2, 'running', $3, $4, $5, $6) RETURNING {DISPATCH_COLUMNS}), \
-             r AS (INSERT INTO runs(unit, state, trigger, attempt, host, queued_at, scheduled_at, \
-             started_at, dispatch) SELECT $1, x.state, $2, 1, x.host, $3, $7, \
-             CASE WHEN x.state = 'running' THEN $3 END, d.id \
-             FROM d, unnest($8::text[], $9::text[]) WITH ORDINALITY AS x(host, state, n) \
-             ORDER BY x.n RETURNING id) \
-             SELECT d.*, ARRAY(SELECT id FROM r ORDER BY id) FROM d"
-        ))
-        .await?;
-    // The unit's count, and its last fire (never backwards), as `Backend::create_dispatch` says.
-    let count = t
-        .prepare(
-            "UPDATE units SET runs_total = runs_total + $2, last_fire = CASE \
-             WHEN $3::timestamptz IS NULL THEN last_fire \
-             ELSE GREATEST(COALESCE(last_fire, $3), $3) END WHERE name = $1",
-        )
-        .await?;
-    let states: Vec<RunState> =
-        (0..hosts.len())
-            .map(|i| {
-                if batch == 0 || i < batch as usize { RunState::Running } else { RunState::Queued }
-            })
-            .collect();
-    let running = states.iter().filter(|s| **s == RunState::Running).count() as i64;
-    // The fire, the dispatch with its runs and the unit's count in one round trip: a fire made
-    // already rolls them all back.
-    let fire = async {
-        match scheduled_at {
-            Some(at) => t.fire_once(unit, at).await,
-            None => Ok(()),
-        }
-    };
-    let (trigger_s, total, batch_i) = (trigger.as_str(), hosts.len() as i32, batch as i32);
-    let tolerance_i = tolerance.map(|t| t as i32);
-    let state_s: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
-    let params: Args<'_, 9> =
-        [&unit, &trigger_s, &now, &total, &batch_i, &tolerance_i, &scheduled_at, hosts, &state_s];
-    let count_args: Args<'_, 3> = [&unit, &running, &scheduled_at];
-    let row = async { Ok(t.t.query_one(&insert, &params).await?) };
-    let count = async {
-        if running > 0 || scheduled_at.is_some() {
-            t.t.execute(&count, &count_args).await?;
-        }
-        Ok(())
-    };
-    let ((), row, ()) = tokio::try_join!(fire, row, count)?;
-    let d = dispatch_from_row(&row);
-    let ids: Vec<i64> = row.get(DISPATCH_COLUMNS.split(',').count());
-    if ids.len() != hosts.len() {
-        return Err(Error::Postgres(format!(
-            "dispatch {}: {} runs inserted for {} hosts",
-            d.id,
-            ids.len(),
-            hosts.len()
-        )));
-    }
-    let id = d.id;
-    t.emit(EventKind::DispatchStarted, unit, Some(id), Some("running"));
-    let mut runs = Vec::with_capacity(hosts.len());
-    for ((host, state), run) in hosts.iter().zip(states).zip(ids) {
-        let new = NewRun { state, trigger, attempt: 1, scheduled_at, host, dispatch: Some(id) };
-        runs.push(inserted_run(t, unit, run, new, now));
-    }
-    Ok((d, runs))
-}
-
-/// Sets dispatch `id`'s state (and its end, if `state` is final), in transaction `t`.
-async fn write_dispatch_state(t: &Tx<'_>, id: i64, state: DispatchState) -> Result<DispatchRecord> {
-    let ended = state.is_final().then(Timestamp::now);
-    let sql = format!(
-        "UPDATE dispatches SET state = $2, ended_at = $3 WHERE id = $1 \
-         RETURNING {DISPATCH_COLUMNS}"
-    );
-    let d = t
-        .query_opt(&sql, &[&id, &state.as_str(), &ended])
-        .await?
-        .as_ref()
-        .map(dispatch_from_row)
-        .ok_or(Error::DispatchNotFound(id))?;
-    if state.is_final() {
-        t.emit(EventKind::DispatchFinished, &d.unit, Some(id), Some(state.as_str()));
-    }
-    Ok(d)
 }
 
 #[async_trait]
