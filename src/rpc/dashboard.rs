@@ -6,7 +6,8 @@
 //!   answer forbids framing, sniffing and any script or connection but the daemon's own
 //!   (`Content-Security-Policy`).
 //! - `POST /login` with the token (a form field `token`, or the JSON `{"token": "…"}`) opens a
-//!   session, sets its cookie ([`COOKIE_NAME`]: `HttpOnly`, `SameSite=Strict`, 12 hours) and
+//!   session, sets its cookie ([`COOKIE_NAME`]: `HttpOnly`, `SameSite=Strict`, 12 hours, and
+//!   `Secure` when the request came over TLS, so that the browser never sends it in clear) and
 //!   answers the session's key (`{"key": "…"}`), which the page keeps in its origin's storage;
 //!   `POST /logout` closes it; `GET /login` says whether the request's cookie is signed in
 //!   (`{"signed_in", "auth"}`). The page then speaks JSON-RPC over a WebSocket to `/?key=…`,
@@ -212,16 +213,31 @@ fn presented_token(headers: &HeaderMap, body: &[u8]) -> Option<String> {
     })
 }
 
+/// A request to [`sign`]: its method and path, and whether it came over TLS.
+pub struct Sign<'a> {
+    /// The request's method.
+    pub method: &'a Method,
+    /// The request's path.
+    pub path: &'a str,
+    /// It came over TLS: the cookie is `Secure`.
+    pub secure: bool,
+}
+
 /// `GET /login`, `POST /login` and `POST /logout` (`token`: the daemon's, `None` without
 /// auth).
 pub fn sign(
     sessions: &Sessions,
     token: Option<&str>,
-    method: &Method,
-    path: &str,
+    req: Sign<'_>,
     headers: &HeaderMap,
     body: &[u8],
 ) -> HttpResponse {
+    let Sign { method, path, secure: over_tls } = req;
+    let attributes = if over_tls {
+        "HttpOnly; SameSite=Strict; Path=/; Secure"
+    } else {
+        "HttpOnly; SameSite=Strict; Path=/"
+    };
     let mut resp = if method == Method::GET && path == LOGIN_PATH {
         // Whether the page must ask for the token (it also needs the key it was given).
         let signed_in = token.is_none() || sessions.find(headers).is_some();
@@ -234,7 +250,7 @@ pub fn sign(
             sessions.close(id);
         }
         let mut resp = HttpResponse::new(HttpBody::from("{}"));
-        let gone = format!("{COOKIE_NAME}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+        let gone = format!("{COOKIE_NAME}=; {attributes}; Max-Age=0");
         if let Ok(v) = HeaderValue::from_str(&gone) {
             resp.headers_mut().insert(SET_COOKIE, v);
         }
@@ -259,10 +275,7 @@ pub fn sign(
             Ok(s) => s,
             Err(e) => return route_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         };
-        let cookie = format!(
-            "{COOKIE_NAME}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-            SESSION_TTL.as_secs()
-        );
+        let cookie = format!("{COOKIE_NAME}={id}; {attributes}; Max-Age={}", SESSION_TTL.as_secs());
         let body = serde_json::json!({ "key": key }).to_string();
         let mut resp = HttpResponse::new(HttpBody::from(body));
         if let Ok(v) = HeaderValue::from_str(&cookie) {

@@ -274,7 +274,14 @@ pub struct HttpGuardLayer {
     routes: Option<Arc<dyn Routes>>,
     /// The dashboard's sessions (see [`super::dashboard`]).
     sessions: Option<Arc<super::dashboard::Sessions>>,
+    /// The connection is TLS: the daemon's routes get [`OverTls`] in their requests.
+    tls: bool,
 }
+
+/// In the extensions of a request to the daemon's [`Routes`] that came over TLS (so that the
+/// dashboard's cookie is marked `Secure`).
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
 
 impl std::fmt::Debug for HttpGuardLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -300,7 +307,14 @@ impl HttpGuardLayer {
             agents: None,
             routes: None,
             sessions: None,
+            tls: false,
         }
+    }
+
+    /// The connection is TLS (see [`OverTls`]).
+    pub fn over_tls(mut self) -> Self {
+        self.tls = true;
+        self
     }
 
     /// Answers `routes` itself (see [`Routes`]).
@@ -488,6 +502,9 @@ where
             let limit = layer.max_request_size as usize;
             let peer = layer.conn.peer();
             let conn = layer.conn.clone();
+            if layer.tls {
+                req.extensions_mut().insert(OverTls);
+            }
             return Box::pin(async move {
                 let (parts, body) = req.into_parts();
                 let limited = http_body_util::Limited::new(body, limit);

@@ -330,7 +330,8 @@ async fn handle_connection(stream: TcpStream, conn: Arc<Conn>, shared: &Shared) 
         tracing::debug!(?peer, "plain connection from another host refused: TLS only");
         return;
     }
-    serve_protocol(first[0], stream, local, conn, conn_id, shared, accepted_at).await;
+    let reached = Reached { local, tls: false };
+    serve_protocol(first[0], stream, reached, conn, conn_id, shared, accepted_at).await;
 }
 
 /// A TLS connection: the handshake, then the usual sniff on the decrypted bytes.
@@ -368,18 +369,28 @@ async fn serve_tls(
         Ok(Ok([b, ..])) => *b,
         _ => return,
     };
-    serve_protocol(first, io, local, conn, conn_id, shared, accepted_at).await;
+    let reached = Reached { local, tls: true };
+    serve_protocol(first, io, reached, conn, conn_id, shared, accepted_at).await;
 }
 
 /// The first byte of a TLS connection (a handshake record).
 const TLS_HANDSHAKE: u8 = 0x16;
+
+/// How a connection reached the daemon.
+#[derive(Clone, Copy)]
+struct Reached {
+    /// The daemon's address it reached.
+    local: Option<std::net::SocketAddr>,
+    /// Over TLS (what is served is the decrypted stream).
+    tls: bool,
+}
 
 /// Serves a connection (plain, or decrypted TLS) by its first byte: HTTP or WebSocket for a
 /// letter, raw TCP JSON-RPC for anything else.
 async fn serve_protocol<I>(
     first: u8,
     stream: I,
-    local: Option<std::net::SocketAddr>,
+    reached: Reached,
     conn: Arc<Conn>,
     conn_id: u32,
     shared: &Shared,
@@ -389,7 +400,7 @@ async fn serve_protocol<I>(
 {
     let login_left = shared.login_timeout().saturating_sub(accepted_at.elapsed());
     if first.is_ascii_alphabetic() {
-        serve_http(stream, local, conn, conn_id, shared, login_left).await;
+        serve_http(stream, reached, conn, conn_id, shared, login_left).await;
     } else {
         let cfg = TcpConfig {
             max_request_size: shared.cfg.max_request_size,
@@ -421,7 +432,7 @@ impl Shared {
 
 async fn serve_http<I>(
     stream: I,
-    local: Option<std::net::SocketAddr>,
+    Reached { local, tls }: Reached,
     conn: Arc<Conn>,
     conn_id: u32,
     shared: &Shared,
@@ -445,6 +456,9 @@ async fn serve_http<I>(
     }
     if let Some(sessions) = &shared.cfg.sessions {
         guard = guard.with_sessions(sessions.clone());
+    }
+    if tls {
+        guard = guard.over_tls();
     }
     let mut svc = Server::builder()
         .set_config(shared.server_cfg.clone())

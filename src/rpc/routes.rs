@@ -91,7 +91,9 @@ impl Routes for DaemonRoutes {
             (super::rest::TASK_PATH, _) => not_allowed("GET, POST"),
             (p @ (super::dashboard::LOGIN_PATH | super::dashboard::LOGOUT_PATH), m) => {
                 let token = self.token.as_deref();
-                super::dashboard::sign(&self.sessions, token, m, p, req.headers(), req.body())
+                let secure = req.extensions().get::<super::http::OverTls>().is_some();
+                let sign = super::dashboard::Sign { method: m, path: p, secure };
+                super::dashboard::sign(&self.sessions, token, sign, req.headers(), req.body())
             }
             (p, m) if super::dashboard::is_dashboard(m, p) => super::dashboard::asset(m, p),
             _ => route_error(StatusCode::NOT_FOUND, "not found"),

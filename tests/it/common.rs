@@ -462,6 +462,31 @@ pub fn http_raw(addr: &str, request: &str) -> (u16, String, String) {
     if let Err(e) = s.read_to_end(&mut raw) {
         panic!("no complete response (the daemon kept the connection open?): {e}");
     }
+    parse_response(raw)
+}
+
+/// [`http_raw`] over TLS, trusting the certificate whose SHA-256 fingerprint is `fp`.
+pub fn https_raw(addr: &str, fp: &str, request: &str) -> (u16, String, String) {
+    let trust = taskd::tls::Trust::Fingerprint(fp.to_string());
+    let config = taskd::tls::client_config(&trust).expect("a client configuration");
+    let name = taskd::tls::server_name(addr).expect("a server name");
+    let tls = rustls::ClientConnection::new(config, name).expect("a TLS client");
+    let tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut s = rustls::StreamOwned::new(tls, tcp);
+    s.write_all(request.as_bytes()).expect("write request");
+    let mut raw = Vec::new();
+    match s.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // Closed without a TLS close_notify: what came before it is the whole answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => panic!("no complete response (the daemon kept the connection open?): {e}"),
+    }
+    parse_response(raw)
+}
+
+/// Status, head and (dechunked) body of a whole HTTP response.
+fn parse_response(raw: Vec<u8>) -> (u16, String, String) {
     let text = String::from_utf8(raw).expect("utf-8 response");
     let (head, body) =
         text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end: {text:?}"));

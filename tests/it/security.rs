@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use taskd::error::codes;
 
-use crate::common::{DEADLINE, Raw, TestDaemon, http_raw, make_private, rss_kib, wait_for};
+use crate::common::{
+    DEADLINE, Raw, TestDaemon, http_raw, https_raw, make_private, rss_kib, wait_for,
+};
 
 const INVALID_PARAMS: i64 = -32602;
 
@@ -820,6 +822,43 @@ async fn signing_out_of_the_dashboard_closes_the_websockets_of_its_session() {
     assert!(matches!(ended, Ok(None | Some(Err(_)))), "the subscription ends: {ended:?}");
     let after: Result<Value, _> = ws.request("Daemon.Status", rpc_params![json!({})]).await;
     assert!(after.is_err(), "no call is served after sign-out: {after:?}");
+}
+
+#[test]
+fn over_tls_the_dashboards_cookie_is_secure() {
+    let d = TestDaemon::start_with(&["--tls", "auto"]);
+    let token = d.call("Agent.JoinToken", json!({}))["token"].as_str().unwrap().to_string();
+    let (_, fp) = token.split_once("@sha256:").expect("the token carries the fingerprint");
+    let request = |scheme: &str, path: &str, cookie: &str| {
+        let body = json!({ "token": d.token }).to_string();
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {0}\r\nOrigin: {scheme}://{0}\r\n{cookie}\
+             Connection: close\r\nContent-Type: application/json\r\n\
+             Content-Length: {1}\r\n\r\n{body}",
+            d.addr,
+            body.len()
+        )
+    };
+    let set_cookie = |head: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix("set-cookie: "))
+            .unwrap_or_else(|| panic!("a cookie: {head}"))
+            .to_string()
+    };
+    // Signed in over TLS: the browser is told never to send the cookie in clear.
+    let (status, head, body) = https_raw(&d.addr, fp, &request("https", "/login", ""));
+    assert_eq!(status, 200, "{body}");
+    let set = set_cookie(&head);
+    assert!(set.contains("Secure") && set.contains("HttpOnly"), "{set}");
+    let cookie = format!("Cookie: {}\r\n", set.split(';').next().unwrap());
+    let (status, head, _) = https_raw(&d.addr, fp, &request("https", "/logout", &cookie));
+    assert_eq!(status, 200);
+    assert!(set_cookie(&head).contains("Secure"), "the cookie is cleared as it was set");
+    // In clear (this host only, which the daemon still serves plain): a browser would not
+    // keep a Secure cookie from http://, so it is not marked so.
+    let (status, head, body) = http_raw(&d.addr, &request("http", "/login", ""));
+    assert_eq!(status, 200, "{body}");
+    assert!(!set_cookie(&head).contains("Secure"), "{head}");
 }
 
 #[test]
