@@ -33,7 +33,12 @@
 //!   none is left out, and every server publishes them in one order.
 //!
 //! Limits: numbers a holder rolled back after its last announcement may be handed out again
-//! by the next one (no event was ever published under them).
+//! by the next one (no event was ever published under them). A subscriber that gives no
+//! `after_seq` starts at this server's watermark, which on a server that has just taken
+//! over (or whose listener is catching up) is below the newest committed event: its first
+//! events may be of changes committed just before it subscribed. None is sent twice, none
+//! is missed; `Events.Subscribe` promises events after the subscription's "now", and this is
+//! the server's "now".
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
