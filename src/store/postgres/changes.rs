@@ -25,8 +25,14 @@
 //! - a change that cannot be made fails its statement, and so the group's transaction: a
 //!   fire made already, a dispatch that is gone. The group then makes each change alone,
 //!   where that one gets its own error;
-//! - each change's events are emitted as when it was made alone, in the order the changes
-//!   were given.
+//! - each change's events are the ones it emits when made alone, in the same order; across
+//!   changes (of different units: a unit's loop has one change under way at a time) they
+//!   follow the order their statements answered.
+//!
+//! Limits: the units' counts are changed by joining `units` to the group's rows by name, and
+//! a plan made while `units` was small may read it whole until PostgreSQL next analyzes it
+//! (after a tenth of it changed, within the autovacuum's naptime); a unit's row by its key
+//! costs the same at any size, but a statement more per fire.
 
 use std::collections::HashSet;
 use std::sync::LazyLock;
@@ -103,8 +109,10 @@ pub(super) async fn insert_dispatches(
     // Two fires of one unit for one time would both find their fire made (`ON CONFLICT DO
     // NOTHING` skips the second row of a statement): refused here, so that made alone, the
     // second is refused as made already. (A unit's loop has one change under way at a time.)
+    // Compared as PostgreSQL keeps them, to the microsecond.
     let mut fires = HashSet::new();
-    if new.iter().filter_map(|d| d.scheduled_at.map(|at| (&d.unit, at))).any(|f| !fires.insert(f)) {
+    let mut keys = new.iter().filter_map(|d| Some((&d.unit, d.scheduled_at?.as_microsecond())));
+    if keys.any(|f| !fires.insert(f)) {
         return Err(Error::Conflict("two fires of one unit for one time in one group".into()));
     }
     let now = Timestamp::now();
@@ -266,8 +274,9 @@ pub(super) async fn write_ends(t: &Tx<'_>, ends: &[(&[RunRecord], u32)]) -> Resu
             Ok::<_, tokio_postgres::Error>(t.t.execute(end, &args).await? == 1)
         }
     }));
-    // The prunes touch only ended runs other than each unit's newest `keep`, which the runs
-    // ended before them cannot be among.
+    // The prunes run after the ends (statements run in the order sent): a run ended here whose
+    // unit has `keep` newer runs ended already is pruned with them, in this transaction, as
+    // the SQLite store does (`keep` is of the newest by id).
     let prunes = futures_util::future::try_join_all(units.iter().map(|(unit, keep)| {
         let (prune_runs, prune_dispatches) = (&prune_runs, &prune_dispatches);
         async move {

@@ -6,7 +6,8 @@
 //! once, the changes' statements sent side by side on the connection (tokio-postgres
 //! pipelines what is sent at once; all the group's dispatches are one statement, see
 //! [`super::changes`]), one commit sent with the group's events: three round trips
-//! (`BEGIN`; the fence and the changes; the events and `COMMIT`). Up to [`GROUPS_AT_ONCE`]
+//! (`BEGIN`; the fence and the changes; the events and `COMMIT`; a fourth when a run failed:
+//! its unit's failure count waits for its end). Up to [`GROUPS_AT_ONCE`]
 //! groups are under way at a time; what arrives meanwhile waits for the next, which is how a
 //! burst of fires shares commits and round trips (about 20 statements and 3 commits per run
 //! of a dispatch when each had a transaction of its own).
