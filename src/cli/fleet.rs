@@ -181,8 +181,6 @@ const PUSH_PIECE: usize = 512 * 1024;
 /// `taskctl push`: uploads the file unless the daemon keeps it already (by its SHA-256), then
 /// a one-shot `file` unit on the hosts, a line per host, exit 0 only if every host has it.
 pub async fn push(ctx: &Ctx, a: PushArgs) -> anyhow::Result<()> {
-    use crate::rpc::files::{AppendArg, BeginArg, CommitArg, FileApiClient};
-    use base64::Engine;
     use sha2::Digest;
     use std::io::Read;
     let open = || {
@@ -207,31 +205,33 @@ pub async fn push(ctx: &Ctx, a: PushArgs) -> anyhow::Result<()> {
         }
         (crate::store::content::hex(&h.finalize()), size)
     };
-    let source = match ctx.call(FileApiClient::stat(&ctx.client, sha.clone())).await {
-        Ok(kept) => kept.source,
-        Err(_) => {
-            let up = ctx.call(FileApiClient::begin(&ctx.client, BeginArg { size })).await?.upload;
-            let mut f = open()?;
-            let mut buf = vec![0u8; PUSH_PIECE];
-            let mut offset = 0u64;
-            loop {
-                let n = read_full(&mut f, &mut buf)
-                    .map_err(|e| CliError::Usage(format!("{}: {e}", a.file.display())))?;
-                if n == 0 {
-                    break;
-                }
-                let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
-                let piece = AppendArg { upload: up, offset, data };
-                offset = ctx.call(FileApiClient::append(&ctx.client, piece)).await?;
-            }
-            let kept =
-                ctx.call(FileApiClient::commit(&ctx.client, CommitArg { upload: up })).await?;
-            if kept.source != format!("sha256:{sha}") {
-                anyhow::bail!("{} changed while it was sent; push it again", a.file.display());
-            }
-            kept.source
+    // A connection lost mid-upload (in a cluster, the server that took it died, or the one
+    // relaying to it) is dialled again until another server answers at that address, for
+    // up to `UPLOAD_RETRY_FOR`, and the upload starts over there: uploads are not kept
+    // across servers, only files.
+    let until = std::time::Instant::now() + UPLOAD_RETRY_FOR;
+    let mut fresh: Option<Ctx> = None;
+    let source = loop {
+        let c = fresh.as_ref().unwrap_or(ctx);
+        let err = match upload(c, &a.file, &sha, size).await {
+            Ok(source) => break source,
+            Err(e) => e,
+        };
+        let lost = matches!(err.downcast_ref::<CliError>(), Some(CliError::Unreachable { .. }));
+        if !lost || std::time::Instant::now() >= until {
+            return Err(err);
         }
+        eprintln!("taskctl: {err}; sending {} again", a.file.display());
+        fresh = Some(loop {
+            tokio::time::sleep(REDIAL_EVERY).await;
+            match c.redial().await {
+                Ok(new) => break new,
+                Err(e) if std::time::Instant::now() >= until => return Err(e),
+                Err(_) => {}
+            }
+        });
     };
+    let ctx = fresh.as_ref().unwrap_or(ctx);
     let mut file = serde_json::Map::new();
     file.insert("source".into(), json!(source));
     file.insert("dest".into(), json!(a.dest));
@@ -251,6 +251,44 @@ pub async fn push(ctx: &Ctx, a: PushArgs) -> anyhow::Result<()> {
     }
     def.insert("keep_runs".into(), json!(1));
     add_and_follow(ctx, def, false).await
+}
+
+/// How long `taskctl push` dials again after losing its connection mid-upload: a cluster's
+/// lease (10 s by default) and then some.
+const UPLOAD_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often it dials meanwhile.
+const REDIAL_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Sends `file` (its SHA-256 `sha`, `size` bytes) unless the daemon keeps it already; its
+/// `source` for a `file` unit.
+async fn upload(ctx: &Ctx, file: &std::path::Path, sha: &str, size: u64) -> anyhow::Result<String> {
+    use crate::rpc::files::{AppendArg, BeginArg, CommitArg, FileApiClient};
+    use base64::Engine;
+    let open = || {
+        std::fs::File::open(file).map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))
+    };
+    if let Ok(kept) = ctx.call(FileApiClient::stat(&ctx.client, sha.to_string())).await {
+        return Ok(kept.source);
+    }
+    let up = ctx.call(FileApiClient::begin(&ctx.client, BeginArg { size })).await?.upload;
+    let mut f = open()?;
+    let mut buf = vec![0u8; PUSH_PIECE];
+    let mut offset = 0u64;
+    loop {
+        let n = read_full(&mut f, &mut buf)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+        if n == 0 {
+            break;
+        }
+        let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
+        let piece = AppendArg { upload: up, offset, data };
+        offset = ctx.call(FileApiClient::append(&ctx.client, piece)).await?;
+    }
+    let kept = ctx.call(FileApiClient::commit(&ctx.client, CommitArg { upload: up })).await?;
+    if kept.source != format!("sha256:{sha}") {
+        anyhow::bail!("{} changed while it was sent; push it again", file.display());
+    }
+    Ok(kept.source)
 }
 
 /// Reads until `buf` is full or the file ends: the bytes read.

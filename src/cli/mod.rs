@@ -434,6 +434,17 @@ impl SubscriptionClientT for Conn {
     }
 }
 
+impl Dial {
+    async fn connect(&self, addr: &str) -> Result<Conn, ClientError> {
+        let (token, tls) = (self.token.as_deref(), self.tls.clone());
+        if self.streams {
+            Client::connect_tls(addr, token, tls).await.map(Conn::Streams)
+        } else {
+            CallClient::connect_tls(addr, token, tls).await.map(Conn::Calls)
+        }
+    }
+}
+
 /// A subscription asked of a calls-only connection: a command that follows a stream must say
 /// so in [`Command::follows_a_stream`].
 fn no_streams(method: &str) -> RpcError {
@@ -452,6 +463,16 @@ pub(crate) struct Ctx {
     start_hint: String,
     /// Where the token came from, for the unauthorized hint.
     token_hint: String,
+    /// How it connected, to dial again ([`Ctx::redial`]).
+    dial: Dial,
+}
+
+/// How a [`Ctx`] connected.
+#[derive(Clone)]
+struct Dial {
+    token: Option<String>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    streams: bool,
 }
 
 impl Ctx {
@@ -513,11 +534,8 @@ impl Ctx {
             }
             None => None,
         };
-        let connected = if streams {
-            Client::connect_tls(&addr, token.as_deref(), tls).await.map(Conn::Streams)
-        } else {
-            CallClient::connect_tls(&addr, token.as_deref(), tls).await.map(Conn::Calls)
-        };
+        let dial = Dial { token, tls, streams };
+        let connected = dial.connect(&addr).await;
         let client = match connected {
             Ok(c) => c,
             Err(e) if e.is_unreachable() => {
@@ -552,7 +570,23 @@ impl Ctx {
             }
             Err(e) => return Err(e.into()),
         };
-        Ok(Ctx { client, addr, json: cli.json, start_hint, token_hint })
+        Ok(Ctx { client, addr, json: cli.json, start_hint, token_hint, dial })
+    }
+
+    /// A new connection to the same daemon, as this one was made: for a command that goes on
+    /// after its connection was lost (a cluster's server that went away, whose address
+    /// another server answers once it took over). A refusal is unreachable (exit 3).
+    pub async fn redial(&self) -> anyhow::Result<Ctx> {
+        let connected = self.dial.connect(&self.addr).await;
+        let client = connected.map_err(|e| self.unreachable(&e.to_string()))?;
+        Ok(Ctx {
+            client,
+            addr: self.addr.clone(),
+            json: self.json,
+            start_hint: self.start_hint.clone(),
+            token_hint: self.token_hint.clone(),
+            dial: self.dial.clone(),
+        })
     }
 
     /// Awaits one call and turns its error into a [`CliError`] with the right exit code.

@@ -676,6 +676,46 @@ fn a_file_pushed_through_one_server_is_put_again_after_that_server_died() {
 }
 
 #[test]
+fn a_push_whose_server_dies_mid_upload_is_sent_again_to_the_server_that_took_over() {
+    let Some(db) = PgDb::create() else { return };
+    let mut servers = [server(&db, "a"), server(&db, "b")];
+    let h = holder(&db);
+    let (i, other) = if h == "a" { (0, "b") } else { (1, "a") };
+    wait_hosts(&servers[0], &["a", "b"]);
+    let work = tempfile::tempdir().unwrap();
+    let src = crate::files::random_file(work.path(), "big.bin", 48 << 20);
+    let dest = work.path().join("big.out");
+    // Pushed through the other server, which relays it to the holder.
+    let push = std::process::Command::new(env!("CARGO_BIN_EXE_taskctl"))
+        .arg("--state-dir")
+        .arg(servers[1 - i].state_dir())
+        .args(["push", src.to_str().unwrap(), "--hosts", other, "--dest"])
+        .arg(&dest)
+        .env_remove("TASKD_ADDR")
+        .env_remove("TASKD_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The holder dies while it takes the upload (its temporary file has some of it).
+    let uploads = servers[i].state_dir().join("files");
+    crate::common::wait_for("the upload under way at the holder", || {
+        std::fs::read_dir(&uploads).ok()?.flatten().find(|e| {
+            e.file_name().to_string_lossy().starts_with(".upload-")
+                && e.metadata().is_ok_and(|m| m.len() > 0)
+        })
+    });
+    servers[i].kill9();
+    // The push dials its server again until it answers (having taken over), sends the file
+    // again, and the file unit puts it.
+    let out = push.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("sending") && err.contains("again"), "the upload started over: {err}");
+    assert!(std::fs::read(&dest).unwrap() == std::fs::read(&src).unwrap(), "the file is put whole");
+}
+
+#[test]
 fn a_server_reaches_postgres_over_tls_and_refuses_a_certificate_it_cannot_verify() {
     let certs = tempfile::tempdir().unwrap();
     let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
