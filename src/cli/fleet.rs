@@ -206,28 +206,32 @@ pub async fn push(ctx: &Ctx, a: PushArgs) -> anyhow::Result<()> {
         (crate::store::content::hex(&h.finalize()), size)
     };
     // A connection lost mid-upload (in a cluster, the server that took it died, or the one
-    // relaying to it) is dialled again until another server answers at that address, for
-    // up to `UPLOAD_RETRY_FOR`, and the upload starts over there: uploads are not kept
-    // across servers, only files.
-    let until = std::time::Instant::now() + UPLOAD_RETRY_FOR;
+    // relaying to it) is dialled again until a server answers at that address (one that took
+    // over), for up to `UPLOAD_RETRY_FOR` after each loss and `UPLOAD_RESTARTS` times, and
+    // the upload starts over there: uploads are not kept across servers, only files.
     let mut fresh: Option<Ctx> = None;
+    let mut restarts = 0;
     let source = loop {
         let c = fresh.as_ref().unwrap_or(ctx);
         let err = match upload(c, &a.file, &sha, size).await {
             Ok(source) => break source,
             Err(e) => e,
         };
-        let lost = matches!(err.downcast_ref::<CliError>(), Some(CliError::Unreachable { .. }));
-        if !lost || std::time::Instant::now() >= until {
+        if !is_unreachable(&err) || restarts == UPLOAD_RESTARTS {
             return Err(err);
         }
-        eprintln!("taskctl: {err}; sending {} again", a.file.display());
+        restarts += 1;
+        eprintln!("taskctl: {err}; dialling again to send {} again", a.file.display());
+        let until = tokio::time::Instant::now() + UPLOAD_RETRY_FOR;
         fresh = Some(loop {
             tokio::time::sleep(REDIAL_EVERY).await;
-            match c.redial().await {
-                Ok(new) => break new,
-                Err(e) if std::time::Instant::now() >= until => return Err(e),
-                Err(_) => {}
+            match tokio::time::timeout_at(until, c.redial()).await {
+                Ok(Ok(new)) => break new,
+                // Refused (a token or certificate the server that answers does not take).
+                Ok(Err(e)) if !is_unreachable(&e) => return Err(e),
+                Ok(Err(e)) if tokio::time::Instant::now() >= until => return Err(e),
+                Ok(Err(_)) => {}
+                Err(_) => return Err(err),
             }
         });
     };
@@ -256,6 +260,14 @@ pub async fn push(ctx: &Ctx, a: PushArgs) -> anyhow::Result<()> {
 /// How long `taskctl push` dials again after losing its connection mid-upload: a cluster's
 /// lease (10 s by default) and then some.
 const UPLOAD_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+/// How many times it starts an upload over, at most (on a server that lived, each leaves an
+/// upload open until it idles out: see `store::content::UPLOAD_IDLE`).
+const UPLOAD_RESTARTS: u32 = 3;
+
+/// Whether `e` says the daemon could not be reached (or went away).
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<CliError>(), Some(CliError::Unreachable { .. }))
+}
 /// How often it dials meanwhile.
 const REDIAL_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 

@@ -434,6 +434,51 @@ impl SubscriptionClientT for Conn {
     }
 }
 
+/// A connection's failure as the user is told of it: unreachable (exit 3), or refused (a
+/// certificate not trusted, a login refused: exit 1).
+fn connect_error(
+    e: ClientError,
+    addr: &str,
+    tls: bool,
+    start_hint: &str,
+    token_hint: &str,
+) -> anyhow::Error {
+    match e {
+        e if e.is_unreachable() => {
+            let why = match &e {
+                ClientError::Connect { source, .. } => source.to_string(),
+                ClientError::Login(inner) => inner.to_string(),
+            };
+            if tls && why.contains("certificate") {
+                // Reached, but not trusted: not a daemon to start.
+                return CliError::Refused {
+                    message: format!("TLS to {addr} refused: {why}"),
+                    hint: Some(
+                        "the daemon logs its certificate's fingerprint at start (\"TLS on\"), \
+                         and every join token ends with it"
+                            .into(),
+                    ),
+                }
+                .into();
+            }
+            CliError::Unreachable { addr: addr.to_string(), why, hint: start_hint.to_string() }
+                .into()
+        }
+        ClientError::Login(inner) => {
+            let message = match &inner {
+                RpcError::Call(obj) => obj.message().to_string(),
+                other => other.to_string(),
+            };
+            CliError::Refused {
+                message: format!("login refused: {message}"),
+                hint: Some(token_hint.to_string()),
+            }
+            .into()
+        }
+        e => e.into(),
+    }
+}
+
 impl Dial {
     async fn connect(&self, addr: &str) -> Result<Conn, ClientError> {
         let (token, tls) = (self.token.as_deref(), self.tls.clone());
@@ -538,47 +583,22 @@ impl Ctx {
         let connected = dial.connect(&addr).await;
         let client = match connected {
             Ok(c) => c,
-            Err(e) if e.is_unreachable() => {
-                let why = match &e {
-                    ClientError::Connect { source, .. } => source.to_string(),
-                    ClientError::Login(inner) => inner.to_string(),
-                };
-                if trust.is_some() && why.contains("certificate") {
-                    // Reached, but not trusted: not a daemon to start.
-                    return Err(CliError::Refused {
-                        message: format!("TLS to {addr} refused: {why}"),
-                        hint: Some(
-                            "the daemon logs its certificate's fingerprint at start (\"TLS on\"), \
-                             and every join token ends with it"
-                                .into(),
-                        ),
-                    }
-                    .into());
-                }
-                return Err(CliError::Unreachable { addr, why, hint: start_hint }.into());
+            Err(e) => {
+                return Err(connect_error(e, &addr, dial.tls.is_some(), &start_hint, &token_hint));
             }
-            Err(ClientError::Login(inner)) => {
-                let message = match &inner {
-                    RpcError::Call(obj) => obj.message().to_string(),
-                    other => other.to_string(),
-                };
-                return Err(CliError::Refused {
-                    message: format!("login refused: {message}"),
-                    hint: Some(token_hint),
-                }
-                .into());
-            }
-            Err(e) => return Err(e.into()),
         };
         Ok(Ctx { client, addr, json: cli.json, start_hint, token_hint, dial })
     }
 
     /// A new connection to the same daemon, as this one was made: for a command that goes on
     /// after its connection was lost (a cluster's server that went away, whose address
-    /// another server answers once it took over). A refusal is unreachable (exit 3).
+    /// another server answers once it took over). Its errors are the first connection's.
     pub async fn redial(&self) -> anyhow::Result<Ctx> {
-        let connected = self.dial.connect(&self.addr).await;
-        let client = connected.map_err(|e| self.unreachable(&e.to_string()))?;
+        let tls = self.dial.tls.is_some();
+        let client =
+            self.dial.connect(&self.addr).await.map_err(|e| {
+                connect_error(e, &self.addr, tls, &self.start_hint, &self.token_hint)
+            })?;
         Ok(Ctx {
             client,
             addr: self.addr.clone(),

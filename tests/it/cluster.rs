@@ -675,6 +675,16 @@ fn a_file_pushed_through_one_server_is_put_again_after_that_server_died() {
     assert_eq!(stat["size"], (5 << 20) / 2, "{stat}");
 }
 
+/// A child process killed when the test ends, passed or failed.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_push_whose_server_dies_mid_upload_is_sent_again_to_the_server_that_took_over() {
     let Some(db) = PgDb::create() else { return };
@@ -685,18 +695,21 @@ fn a_push_whose_server_dies_mid_upload_is_sent_again_to_the_server_that_took_ove
     let work = tempfile::tempdir().unwrap();
     let src = crate::files::random_file(work.path(), "big.bin", 48 << 20);
     let dest = work.path().join("big.out");
-    // Pushed through the other server, which relays it to the holder.
-    let push = std::process::Command::new(env!("CARGO_BIN_EXE_taskctl"))
-        .arg("--state-dir")
-        .arg(servers[1 - i].state_dir())
-        .args(["push", src.to_str().unwrap(), "--hosts", other, "--dest"])
-        .arg(&dest)
-        .env_remove("TASKD_ADDR")
-        .env_remove("TASKD_TOKEN")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Pushed through the other server, which relays it to the holder (killed if the test
+    // fails).
+    let mut push = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_taskctl"))
+            .arg("--state-dir")
+            .arg(servers[1 - i].state_dir())
+            .args(["push", src.to_str().unwrap(), "--hosts", other, "--dest"])
+            .arg(&dest)
+            .env_remove("TASKD_ADDR")
+            .env_remove("TASKD_TOKEN")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // The holder dies while it takes the upload (its temporary file has some of it).
     let uploads = servers[i].state_dir().join("files");
     crate::common::wait_for("the upload under way at the holder", || {
@@ -708,10 +721,19 @@ fn a_push_whose_server_dies_mid_upload_is_sent_again_to_the_server_that_took_ove
     servers[i].kill9();
     // The push dials its server again until it answers (having taken over), sends the file
     // again, and the file unit puts it.
-    let out = push.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("sending") && err.contains("again"), "the upload started over: {err}");
+    // Bounded more widely than `wait_for`: the file is sent twice, then kept and put.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = push.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < end, "the push did not end within 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut push.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("dialling again"), "the upload started over: {err}");
     assert!(std::fs::read(&dest).unwrap() == std::fs::read(&src).unwrap(), "the file is put whole");
 }
 
