@@ -633,13 +633,19 @@ fn store_copy_moves_a_single_server_into_a_cluster_and_back() {
     assert_eq!(kept(&d), (3 << 20) / 2, "the kept file is back in the state directory");
 }
 
+/// Servers `a` and `b` on `db`, both connected as hosts: with the holder's index and the
+/// other's name.
+fn two_servers(db: &PgDb) -> ([TestDaemon; 2], usize, &'static str) {
+    let servers = [server(db, "a"), server(db, "b")];
+    let (i, other) = if holder(db) == "a" { (0, "b") } else { (1, "a") };
+    wait_hosts(&servers[0], &["a", "b"]);
+    (servers, i, other)
+}
+
 #[test]
 fn a_file_pushed_through_one_server_is_put_again_after_that_server_died() {
     let Some(db) = PgDb::create() else { return };
-    let mut servers = [server(&db, "a"), server(&db, "b")];
-    let h = holder(&db);
-    let (i, other) = if h == "a" { (0, "b") } else { (1, "a") };
-    wait_hosts(&servers[0], &["a", "b"]);
+    let (mut servers, i, other) = two_servers(&db);
     let work = tempfile::tempdir().unwrap();
     // Three pieces of the database's 1 MiB, the last one short.
     let src = crate::files::random_file(work.path(), "app.bin", (5 << 20) / 2);
@@ -688,10 +694,7 @@ impl Drop for KillOnDrop {
 #[test]
 fn a_push_whose_server_dies_mid_upload_is_sent_again_to_the_server_that_took_over() {
     let Some(db) = PgDb::create() else { return };
-    let mut servers = [server(&db, "a"), server(&db, "b")];
-    let h = holder(&db);
-    let (i, other) = if h == "a" { (0, "b") } else { (1, "a") };
-    wait_hosts(&servers[0], &["a", "b"]);
+    let (mut servers, i, other) = two_servers(&db);
     let work = tempfile::tempdir().unwrap();
     let src = crate::files::random_file(work.path(), "big.bin", 48 << 20);
     let dest = work.path().join("big.out");
