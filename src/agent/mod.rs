@@ -345,6 +345,7 @@ pub async fn run(args: AgentArgs, stop: CancellationToken) -> anyhow::Result<()>
         tokio::select! {
             r = session(&core, &dir, addr, args.join.as_deref(), &hello, tls.clone()) => match r {
                 Ok(()) => tracing::warn!(server = %addr, "connection to the server ended"),
+                Err(e) if e.is::<JoinRefused>() => return Err(e),
                 Err(e) => tracing::warn!(server = %addr, error = format!("{e:#}"), "cannot talk to the server"),
             },
             () = stop.cancelled() => break,
@@ -447,10 +448,19 @@ async fn credential(
         );
     };
     let client = Client::connect_tls(addr, None, tls).await?;
-    let joined = client
-        .join(JoinRequest { token: token.trim().to_string(), name: name.to_string() })
-        .await
-        .context("the server refused the join token")?;
+    let request = JoinRequest { token: token.trim().to_string(), name: name.to_string() };
+    let joined = match client.join(request).await {
+        Ok(joined) => joined,
+        Err(jsonrpsee::core::ClientError::Call(refusal))
+            if matches!(
+                refusal.code(),
+                crate::error::codes::UNAUTHORIZED | crate::error::codes::CONFLICT
+            ) =>
+        {
+            return Err(JoinRefused(refusal.message().to_string()).into());
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("joining")),
+    };
     crate::state_dir::write_private(
         dir,
         "credential",
@@ -459,6 +469,12 @@ async fn credential(
     tracing::info!(agent = name, "enrolled; credential kept in the state directory");
     Ok(joined.credential)
 }
+
+/// The server refused to enroll this agent for good (its join token unknown, spent or
+/// expired; its name taken): asking again cannot help, so the agent stops.
+#[derive(Debug, thiserror::Error)]
+#[error("the server refused to enroll this agent: {0}")]
+struct JoinRefused(String);
 
 /// One connection to `addr`, until it breaks.
 async fn session(

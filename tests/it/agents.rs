@@ -559,6 +559,34 @@ fn over_tls_an_agent_trusts_the_server_by_the_fingerprint_in_its_join_token() {
 }
 
 #[test]
+fn an_agent_whose_join_token_is_refused_stops_and_says_why() {
+    let d = TestDaemon::start();
+    let token = d.call("Agent.JoinToken", json!({}))["token"].as_str().unwrap().to_string();
+    // Spent by another agent first: no retry can make it good again.
+    let spent = Raw::connect(&d.addr).call("AgentLink.Join", json!({"token": token, "name": "h1"}));
+    assert!(spent["result"]["credential"].is_string(), "{spent}");
+    let dir = tempfile::tempdir().unwrap();
+    make_private(dir.path());
+    let mut b = TestAgent {
+        name: "h2".into(),
+        dir,
+        server: d.addr.clone(),
+        labels: String::new(),
+        child: None,
+        netns: None,
+        extra: Vec::new(),
+    };
+    b.spawn(Some(&token));
+    let status = wait_for("the agent to stop", || b.child.as_mut()?.try_wait().unwrap());
+    b.child = None;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(b.log_path()).unwrap();
+    assert!(log.contains("spent already") && log.contains("join-token"), "{log}");
+    assert!(!log.contains("ErrorObject"), "said in words: {log}");
+    assert_eq!(agent_state(&d, "h2"), "", "never enrolled");
+}
+
+#[test]
 fn a_failed_host_is_retried_on_the_same_host_after_the_back_off() {
     let d = TestDaemon::start();
     let _a = TestAgent::enroll(&d, "r1", "");
