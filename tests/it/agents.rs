@@ -100,6 +100,21 @@ impl TestAgent {
         self.child = Some(cmd.spawn().expect("spawn taskd agent"));
     }
 
+    /// An agent of `d` named `name`, not started, with an empty state directory.
+    fn unstarted(d: &TestDaemon, name: &str) -> TestAgent {
+        let dir = tempfile::tempdir().unwrap();
+        make_private(dir.path());
+        TestAgent {
+            name: name.into(),
+            dir,
+            server: d.addr.clone(),
+            labels: String::new(),
+            child: None,
+            netns: None,
+            extra: Vec::new(),
+        }
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("agent.log")
     }
@@ -537,17 +552,7 @@ fn over_tls_an_agent_trusts_the_server_by_the_fingerprint_in_its_join_token() {
     let token = d.call("Agent.JoinToken", json!({}))["token"].as_str().unwrap().to_string();
     let (secret, _) = token.split_once("@sha256:").unwrap();
     let forged = format!("{secret}@sha256:{}", "0".repeat(64));
-    let dir = tempfile::tempdir().unwrap();
-    make_private(dir.path());
-    let mut b = TestAgent {
-        name: "t2".into(),
-        dir,
-        server: d.addr.clone(),
-        labels: String::new(),
-        child: None,
-        netns: None,
-        extra: Vec::new(),
-    };
+    let mut b = TestAgent::unstarted(&d, "t2");
     b.spawn(Some(&forged));
     let log = wait_for("the agent to refuse the certificate", || {
         let log = std::fs::read_to_string(b.log_path()).ok()?;
@@ -565,17 +570,7 @@ fn an_agent_whose_join_token_is_refused_stops_and_says_why() {
     // Spent by another agent first: no retry can make it good again.
     let spent = Raw::connect(&d.addr).call("AgentLink.Join", json!({"token": token, "name": "h1"}));
     assert!(spent["result"]["credential"].is_string(), "{spent}");
-    let dir = tempfile::tempdir().unwrap();
-    make_private(dir.path());
-    let mut b = TestAgent {
-        name: "h2".into(),
-        dir,
-        server: d.addr.clone(),
-        labels: String::new(),
-        child: None,
-        netns: None,
-        extra: Vec::new(),
-    };
+    let mut b = TestAgent::unstarted(&d, "h2");
     b.spawn(Some(&token));
     let status = wait_for("the agent to stop", || b.child.as_mut()?.try_wait().unwrap());
     b.child = None;
