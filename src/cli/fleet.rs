@@ -73,10 +73,19 @@ pub async fn agents(ctx: &Ctx, a: AgentsArgs) -> anyhow::Result<()> {
                 return output::json(&t);
             }
             output::line(&t.token)?;
+            // In a cluster, every server the agent may use (it goes on to the next when one
+            // is away); else the address dialled.
+            let status = crate::rpc::daemon::DaemonApiClient::status(&ctx.client, None);
+            let cluster = ctx.call(status).await.ok().and_then(|s| s.cluster);
+            let servers: Vec<String> = cluster
+                .map(|c| c.servers.into_iter().filter(|s| s.role != "gone").map(|s| s.address))
+                .into_iter()
+                .flatten()
+                .collect();
+            let servers = if servers.is_empty() { ctx.addr.clone() } else { servers.join(",") };
             eprintln!(
-                "taskctl: good once, until {}: on the new host run\n  taskd agent --server {} --join {}",
+                "taskctl: good once, until {}: on the new host run\n  taskd agent --server {servers} --join {}",
                 output::local_time(&t.expires_at),
-                ctx.addr,
                 t.token
             );
             Ok(())

@@ -643,6 +643,17 @@ fn two_servers(db: &PgDb) -> ([TestDaemon; 2], usize, &'static str) {
 }
 
 #[test]
+fn a_join_token_asked_of_a_cluster_shows_the_agent_every_server() {
+    let Some(db) = PgDb::create() else { return };
+    let (servers, _, _) = two_servers(&db);
+    let out = servers[1].taskctl(&["agents", "join-token"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let every = format!("taskd agent --server {},{} --join", servers[0].addr, servers[1].addr);
+    assert!(err.contains(&every), "{err}");
+}
+
+#[test]
 fn a_file_pushed_through_one_server_is_put_again_after_that_server_died() {
     let Some(db) = PgDb::create() else { return };
     let (mut servers, i, other) = two_servers(&db);

@@ -227,6 +227,8 @@ pub const VERSION: i32 = MIGRATIONS.len() as i32;
 pub async fn migrate(client: &mut Client) -> Result<()> {
     let t = client.transaction().await?;
     t.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK]).await?;
+    // Without "relation schema_version already exists, skipping" in every server's log.
+    t.batch_execute("SET LOCAL client_min_messages = warning").await?;
     t.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)").await?;
     let row = t.query_opt("SELECT version FROM schema_version", &[]).await?;
     let have: i32 = row.map_or(0, |r| r.get(0));
