@@ -367,7 +367,7 @@ pub async fn run(
     stopping.conn_tasks.spawn(heap::give_back_after_bursts(stopping.listener_stop.clone()));
     let api = Api(Arc::new(ApiContext {
         registry: registry.clone(),
-        started: Timestamp::now(),
+        started: process_started(),
         listeners: vec![local.to_string()],
         token: token.clone(),
         followers: stopping.followers.clone(),
@@ -471,4 +471,12 @@ pub async fn run(
     }
     tracing::info!("taskd stopped");
     Ok(())
+}
+
+/// When this process started (first asked for at the top of `main`): what `Daemon.Status`
+/// counts its uptime from, also on a cluster's server that took the lease over long after it
+/// started.
+pub fn process_started() -> Timestamp {
+    static STARTED: std::sync::OnceLock<Timestamp> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(Timestamp::now)
 }

@@ -64,6 +64,7 @@ fn exec_lean_agent() {
 }
 
 fn main() -> ExitCode {
+    taskd::daemon::process_started();
     exec_lean_agent();
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -680,6 +680,10 @@ fn a_file_pushed_through_one_server_is_put_again_after_that_server_died() {
     std::fs::remove_file(&dest).unwrap();
     let survivor = &servers[1 - i];
     wait_hosts(survivor, &[other]);
+    // Its uptime is its process's, not its time as the holder (it took over just now, after
+    // a lease of 2 s at least).
+    let status = survivor.call("Daemon.Status", json!(null));
+    assert!(status["uptime_secs"].as_u64() >= Some(2), "{status}");
     let before = survivor.call("TaskUnit.Get", json!(unit))["last_run"]["id"].as_i64().unwrap();
     survivor.call("TaskUnit.Start", json!(unit));
     let info = survivor.wait_unit(&unit, "the second put", |u| {
