@@ -77,11 +77,9 @@ pub async fn agents(ctx: &Ctx, a: AgentsArgs) -> anyhow::Result<()> {
             // is away); else the address dialled.
             let status = crate::rpc::daemon::DaemonApiClient::status(&ctx.client, None);
             let cluster = ctx.call(status).await.ok().and_then(|s| s.cluster);
-            let servers: Vec<String> = cluster
-                .map(|c| c.servers.into_iter().filter(|s| s.role != "gone").map(|s| s.address))
-                .into_iter()
-                .flatten()
-                .collect();
+            let servers: Vec<String> = cluster.map_or_else(Vec::new, |c| {
+                c.servers.into_iter().filter(|s| s.role != "gone").map(|s| s.address).collect()
+            });
             let servers = if servers.is_empty() { ctx.addr.clone() } else { servers.join(",") };
             eprintln!(
                 "taskctl: good once, until {}: on the new host run\n  taskd agent --server {servers} --join {}",
@@ -272,13 +270,13 @@ const UPLOAD_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30)
 /// How many times it starts an upload over, at most (on a server that lived, each leaves an
 /// upload open until it idles out: see `store::content::UPLOAD_IDLE`).
 const UPLOAD_RESTARTS: u32 = 3;
+/// How often it dials meanwhile.
+const REDIAL_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Whether `e` says the daemon could not be reached (or went away).
 fn is_unreachable(e: &anyhow::Error) -> bool {
     matches!(e.downcast_ref::<CliError>(), Some(CliError::Unreachable { .. }))
 }
-/// How often it dials meanwhile.
-const REDIAL_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Sends `file` (its SHA-256 `sha`, `size` bytes) unless the daemon keeps it already; its
 /// `source` for a `file` unit.
