@@ -40,7 +40,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -76,6 +76,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Where a connection stands with respect to the slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Standing {
     /// Counted in the unauthenticated share.
     Unauthenticated,
@@ -83,6 +84,11 @@ pub enum Standing {
     Probation,
     /// Logged in (or the daemon needs no login).
     Authenticated,
+}
+
+impl Standing {
+    const ALL: [Standing; 3] =
+        [Standing::Unauthenticated, Standing::Probation, Standing::Authenticated];
 }
 
 #[derive(Default)]
@@ -154,6 +160,9 @@ impl Gate {
     /// that are not on probation.
     pub fn admit(self: &Arc<Self>, peer: Option<SocketAddr>) -> Option<Arc<Conn>> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // The connection evicted, closed once the gate is unlocked: closing it wakes its task,
+        // which may drop the last other handle, and its drop takes the gate's lock.
+        let mut evicted = None;
         let mut counts = lock(&self.counts);
         let standing = if !self.login_required {
             (counts.total() < self.max).then_some(Standing::Authenticated)
@@ -165,24 +174,22 @@ impl Gate {
             // Full: the oldest connection still on probation makes room, if there is one. A
             // client that logs in as it connects is evicted only if a quarter of the slots'
             // worth of connections arrive before its login does.
-            let mut evicted = false;
             while let Some((_, weak)) = counts.probation.pop_front() {
                 if let Some(old) = weak.upgrade() {
-                    *lock(&old.standing) = Standing::Unauthenticated;
                     // Counted as unauthenticated until it is gone: the slot is not free yet.
+                    old.set_standing(Standing::Unauthenticated);
                     counts.unauthenticated += 1;
-                    old.close();
-                    evicted = true;
+                    evicted = Some(old);
                     break;
                 }
             }
-            evicted.then_some(Standing::Probation)
+            evicted.is_some().then_some(Standing::Probation)
         }?;
         let conn = Arc::new(Conn {
             id,
             peer,
             gate: self.clone(),
-            standing: Mutex::new(standing),
+            standing: AtomicU8::new(standing as u8),
             authenticated: AtomicBool::new(standing == Standing::Authenticated),
             agent: std::sync::OnceLock::new(),
             close: CancellationToken::new(),
@@ -196,25 +203,32 @@ impl Gate {
             Standing::Authenticated => counts.authenticated += 1,
             Standing::Probation => counts.probation.push_back((id, Arc::downgrade(&conn))),
         }
+        drop(counts);
+        if let Some(old) = evicted {
+            old.close();
+        }
         Some(conn)
     }
 
-    fn release(&self, id: u64, standing: Standing) {
+    /// Gives back the slot of `conn`, which is going away.
+    fn release(&self, conn: &Conn) {
         let mut counts = lock(&self.counts);
-        match standing {
+        match conn.standing() {
             Standing::Unauthenticated => counts.unauthenticated -= 1,
             Standing::Authenticated => counts.authenticated -= 1,
-            Standing::Probation => counts.probation.retain(|(i, _)| *i != id),
+            Standing::Probation => counts.probation.retain(|(i, _)| *i != conn.id),
         }
     }
 
-    fn promote(&self, id: u64, from: Standing) {
+    /// Moves `conn`, which logged in, into the logged-in share.
+    fn promote(&self, conn: &Conn) {
         let mut counts = lock(&self.counts);
-        match from {
+        match conn.standing() {
             Standing::Unauthenticated => counts.unauthenticated -= 1,
-            Standing::Probation => counts.probation.retain(|(i, _)| *i != id),
+            Standing::Probation => counts.probation.retain(|(i, _)| *i != conn.id),
             Standing::Authenticated => return,
         }
+        conn.set_standing(Standing::Authenticated);
         counts.authenticated += 1;
     }
 
@@ -357,7 +371,10 @@ pub struct Conn {
     id: u64,
     peer: Option<SocketAddr>,
     gate: Arc<Gate>,
-    standing: Mutex<Standing>,
+    /// A [`Standing`], changed only under the gate's lock, together with its counts: so they
+    /// always agree, and the gate never takes a connection's lock while holding its own, nor
+    /// the other way round.
+    standing: AtomicU8,
     authenticated: AtomicBool,
     /// The agent this connection logged in as, if it logged in with an agent's credential.
     agent: std::sync::OnceLock<(String, u64)>,
@@ -392,7 +409,12 @@ impl Conn {
 
     /// Where the connection stands.
     pub fn standing(&self) -> Standing {
-        *lock(&self.standing)
+        Standing::ALL[usize::from(self.standing.load(Ordering::Acquire))]
+    }
+
+    /// Under the gate's lock only.
+    fn set_standing(&self, standing: Standing) {
+        self.standing.store(standing as u8, Ordering::Release);
     }
 
     /// Whether the connection has logged in (always, when the daemon needs no login).
@@ -402,11 +424,7 @@ impl Conn {
 
     /// Records a successful login: the connection moves into the logged-in share.
     pub fn authenticate(&self) {
-        let mut standing = lock(&self.standing);
-        if *standing != Standing::Authenticated {
-            self.gate.promote(self.id, *standing);
-            *standing = Standing::Authenticated;
-        }
+        self.gate.promote(self);
         self.authenticated.store(true, Ordering::Release);
     }
 
@@ -516,8 +534,7 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.gone.cancel();
-        let standing = *self.standing.get_mut().unwrap_or_else(PoisonError::into_inner);
-        self.gate.release(self.id, standing);
+        self.gate.release(self);
         if self.backlog.high_water.load(Ordering::Relaxed) >= HEAVY_BACKLOG {
             crate::heap::note_large_free();
         }
@@ -656,6 +673,47 @@ mod tests {
         assert!(p5.is_none(), "nothing on probation left to evict");
         drop(holders);
         assert_eq!(gate.occupancy(), (0, 0, 2));
+    }
+
+    #[test]
+    fn a_connection_that_logs_in_or_goes_away_as_it_is_evicted_never_locks_the_gate() {
+        // Every newcomer evicts the one before it, which another thread meanwhile logs in or
+        // drops: the two used to take the gate's and the connection's locks in opposite
+        // orders, and an evicted connection's last handle could be dropped under the gate's.
+        let gate = Gate::new(4, true);
+        let _holders: Vec<_> = (0..3).map(|_| gate.admit(peer()).expect("admitted")).collect();
+        let (to_other, other) = std::sync::mpsc::channel::<(u32, Arc<Conn>)>();
+        let other = std::thread::spawn(move || {
+            for (i, conn) in other {
+                if i % 2 == 0 {
+                    conn.authenticate();
+                }
+            }
+        });
+        let (done, finished) = std::sync::mpsc::channel();
+        let g = gate.clone();
+        std::thread::spawn(move || {
+            for i in 0..20_000 {
+                let conn = loop {
+                    // Full only while the one logged in is still held.
+                    match g.admit(peer()) {
+                        Some(c) => break c,
+                        None => std::thread::yield_now(),
+                    }
+                };
+                assert_eq!(conn.standing(), Standing::Probation);
+                to_other.send((i, conn)).expect("other thread");
+            }
+            let _ = done.send(());
+        });
+        if finished.recv_timeout(Duration::from_secs(60)).is_err() {
+            // A thread holds the gate's lock for good: dropping a connection would hang too.
+            std::mem::forget(gate);
+            std::mem::forget(_holders);
+            panic!("admitting connections stopped: the gate is locked for good");
+        }
+        other.join().expect("other thread");
+        assert_eq!(gate.occupancy(), (3, 0, 0), "every slot given back");
     }
 
     #[test]
