@@ -3,8 +3,9 @@
 //!
 //! Two kinds of figures:
 //! - **counted as things happen**: runs started and finished (by state), run durations, fire
-//!   lateness (the unit loops, see [`Metrics::run_started`] and [`Metrics::run_finished`]), RPC
-//!   calls by method and outcome (the JSON-RPC middleware), store commit latency (the store);
+//!   lateness (the unit loops, see [`Metrics::run_started`], [`Metrics::fire_started`] and
+//!   [`Metrics::run_finished`]), RPC calls by method and outcome (the JSON-RPC middleware),
+//!   store commit latency (the store);
 //! - **read at scrape time**: units by state and agents by state, from the registry and the
 //!   fleet, through the [`Gauges`] a scrape is given.
 //!
@@ -150,13 +151,20 @@ impl Metrics {
         Histogram::new(COMMIT_BUCKETS)
     }
 
-    /// A run started (it is `running` now): counted by trigger, and a scheduled one's lateness.
+    /// A run started (it is `running` now): counted by trigger, and a scheduled one's lateness
+    /// if it runs here (a run on an agent starts later, there: [`Metrics::fire_started`]).
     pub fn run_started(&self, rec: &RunRecord) {
         self.0.runs_started.get_or_create(&[("trigger", rec.trigger.as_str())]).inc();
-        if let Some(at) = rec.scheduled_at {
-            let started = rec.started_at.unwrap_or_else(Timestamp::now);
-            self.0.fire_lateness.observe(seconds_between(at, started));
+        if rec.is_local()
+            && let Some(at) = rec.scheduled_at
+        {
+            self.fire_started(at, rec.started_at.unwrap_or_else(Timestamp::now));
         }
+    }
+
+    /// The process of a fire for `scheduled` started `at`: its lateness.
+    pub fn fire_started(&self, scheduled: Timestamp, at: Timestamp) {
+        self.0.fire_lateness.observe(seconds_between(scheduled, at));
     }
 
     /// A run's end is recorded: counted by state, and how long it ran if it started.

@@ -104,7 +104,16 @@ pub struct Assignment {
     /// fields left out: the agent validates it against its own rules (`--allowed-dirs`,
     /// `--allowed-users`) and runs it as its own host.
     pub definition: serde_json::Value,
+    /// When to start it, by the agent's clock (µs since the epoch): a schedule's fire is
+    /// sent ahead of its time (see `unit::runner`), and waits here for it, at most
+    /// [`START_WAIT_MAX`]. Absent, or past: at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at_us: Option<i64>,
 }
+
+/// The longest an agent waits for a run's `start_at_us`: a clock far behind the server's
+/// delays a run by no more than this.
+pub const START_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A run's process started (`AgentLink.Started`).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

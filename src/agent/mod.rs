@@ -561,6 +561,17 @@ fn assign(core: &Arc<Core>, a: Assignment) {
     tokio::spawn(execute(core.clone(), a, accepted, stop, why));
 }
 
+/// How long to wait for an assignment's start time, by this host's clock: at most
+/// [`proto::START_WAIT_MAX`].
+fn start_wait(start_at_us: Option<i64>) -> Duration {
+    let Some(at) = start_at_us.and_then(|us| Timestamp::from_microsecond(us).ok()) else {
+        return Duration::ZERO;
+    };
+    Duration::try_from(at.duration_since(Timestamp::now()))
+        .unwrap_or(Duration::ZERO)
+        .min(proto::START_WAIT_MAX)
+}
+
 /// Runs an assignment, once its acceptance (journal entry `accepted`) is on disk, to its end,
 /// and journals its outcome for the sender.
 async fn execute(
@@ -593,8 +604,13 @@ async fn execute(
             ..rec
         },
         Ok(cfg) => {
+            // A fire sent ahead of its time waits for it, holding no slot meanwhile; a stop
+            // until then ends it unstarted.
             let permit = tokio::select! {
-                p = core.slots.acquire() => p.ok(),
+                p = async {
+                    tokio::time::sleep(start_wait(a.start_at_us)).await;
+                    core.slots.acquire().await
+                } => p.ok(),
                 () = stop.cancelled() => None,
             };
             if permit.is_none() {

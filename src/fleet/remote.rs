@@ -89,6 +89,8 @@ async fn execute(
         unit: rec.unit.clone(),
         trigger: rec.trigger.as_str().into(),
         definition: cfg.for_agent(),
+        // A fire made ahead of its time starts at it (a later batch's, or a retry's, is past).
+        start_at_us: rec.scheduled_at.map(|t| t.as_microsecond()),
     });
     let (host_wait, lost_after) = (cfg.host_wait, fleet.config().lost_after);
     // Revoked since the dispatch was made: another host may enroll under its name.

@@ -525,7 +525,9 @@ impl Conn {
     }
 
     fn wake_reader(&self) {
-        if let Some(w) = lock(&self.read_waker).take() {
+        // Woken with the lock released: a waker may run code of its own.
+        let waker = lock(&self.read_waker).take();
+        if let Some(w) = waker {
             w.wake();
         }
     }

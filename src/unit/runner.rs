@@ -187,6 +187,15 @@ struct Loop {
     last_run: Option<RunRecord>,
 }
 
+/// How far ahead of its time a fire on agents is made: recorded (a commit, which waits its
+/// turn in the store's group under load) and sent, its agent starts it at its time
+/// ([`crate::proto::Assignment::start_at_us`]). So its lateness is the agent's, not the
+/// server's. A pause or edit of the unit within this lead is too late for that fire, as one
+/// just after its time would be; a stop cancels it unstarted; a manual start within it finds
+/// it in flight.
+pub const FIRE_LEAD: Duration = Duration::from_millis(500);
+const _: () = assert!(FIRE_LEAD.as_millis() < crate::proto::START_WAIT_MAX.as_millis());
+
 /// How a loop starts: fresh, quiet, the last fire handled, dispatches to take over.
 type StartUp = (bool, bool, Option<Timestamp>, Vec<(DispatchRecord, Vec<RunRecord>)>);
 
@@ -229,7 +238,8 @@ impl Loop {
             let fire_at = if self.paused || self.deleting.is_some() {
                 None
             } else {
-                self.next_fire.map(instant_of)
+                let lead = if self.fires_ahead() { FIRE_LEAD } else { Duration::ZERO };
+                self.next_fire.map(|t| instant_of(t).checked_sub(lead).unwrap_or_else(Instant::now))
             };
             let pending_at =
                 if self.deleting.is_some() { None } else { self.pending.as_ref().map(|p| p.at) };
@@ -554,6 +564,14 @@ impl Loop {
     fn started(&mut self, run: i64, pid: u32, at: Timestamp) {
         // A run that has ended meanwhile was recorded with these already.
         if let Some(a) = self.active.get_mut(&run) {
+            // A run on an agent starts at its fire time there, after it was dispatched: its
+            // lateness is known now (once: a run taken over has its pid already).
+            if !a.record.is_local()
+                && a.record.pid.is_none()
+                && let Some(scheduled) = a.record.scheduled_at
+            {
+                self.env.metrics.fire_started(scheduled, at);
+            }
             a.record.pid = Some(pid);
             a.record.started_at = Some(at);
             if self.last_run.as_ref().is_some_and(|l| l.id == run) {
@@ -674,6 +692,13 @@ impl Loop {
         Ok(rec)
     }
 
+    /// Whether the next fire makes a dispatch, sent ahead of its time: a unit on agents with
+    /// no dispatch in flight, or whose overlap allows one. Any other fire is decided at its
+    /// time (whether a run is still active is not known before).
+    fn fires_ahead(&self) -> bool {
+        self.cfg.is_remote() && (self.dispatches.is_empty() || self.cfg.overlap == Overlap::Allow)
+    }
+
     async fn fire(&mut self) {
         let Some(s) = self.cfg.schedule.clone() else {
             self.next_fire = None;
@@ -684,8 +709,7 @@ impl Loop {
         // A fire that makes a dispatch is recorded as the unit's last fire with it (one change
         // of the unit's row instead of two side by side); any other fire, or one whose
         // dispatch could not be made, apart.
-        let with_dispatch = self.cfg.is_remote()
-            && (self.dispatches.is_empty() || self.cfg.overlap == Overlap::Allow);
+        let with_dispatch = self.fires_ahead();
         if !with_dispatch {
             self.env.store.set_last_fire(&self.cfg.name, fired_at);
         }

@@ -687,3 +687,46 @@ fn a_dispatch_cancelled_before_a_server_restart_stays_cancelled_after_it() {
     assert_eq!(done["runs"][0]["state"], "cancelled", "{done}");
     wait_for("the run's process to be stopped", || (!alive(pid)).then_some(()));
 }
+
+#[test]
+fn a_fire_on_an_agent_starts_at_its_time_even_while_its_server_is_frozen() {
+    // A schedule's fire on agents is recorded and sent ahead of its time, and the agent starts
+    // it at that time by itself: a server slow to record it (here frozen from before the
+    // time until a second after it) does not make it late.
+    let d = TestDaemon::start();
+    let _a = TestAgent::enroll(&d, "t1", "");
+    wait_connected(&d, "t1");
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "on-time", "every": "2s", "command": ["true"], "hosts": ["t1"]}),
+    );
+    let mut c = d.raw();
+    let mut seen = 0;
+    for _ in 0..5 {
+        let (run, at) = wait_for("a fire sent ahead of its time", || {
+            let r = c.call("Run.List", json!({"unit": "on-time", "limit": 1}))["result"][0].clone();
+            let id = r["id"].as_i64()?;
+            let at: jiff::Timestamp = r["scheduled_at"].as_str()?.parse().ok()?;
+            (id > seen).then_some((id, at))
+        });
+        seen = run;
+        let ahead = at.duration_since(jiff::Timestamp::now());
+        if ahead < jiff::SignedDuration::from_millis(100) {
+            // Seen too late to freeze the server before the time: the next fire.
+            continue;
+        }
+        d.signal(Signal::SIGSTOP);
+        std::thread::sleep((ahead + jiff::SignedDuration::from_secs(1)).try_into().unwrap());
+        d.signal(Signal::SIGCONT);
+        let ended = d.wait_run_end(run);
+        assert_eq!(ended["state"], "succeeded", "{ended}");
+        let started: jiff::Timestamp = ended["started_at"].as_str().unwrap().parse().unwrap();
+        assert!(started >= at, "never before its time: {ended}");
+        assert!(
+            started < at + jiff::SignedDuration::from_secs(1),
+            "started at its time, while the server was frozen: {ended}"
+        );
+        return;
+    }
+    panic!("no fire was seen ahead of its time");
+}
