@@ -584,9 +584,10 @@ async fn execute(
     let run = a.run;
     let now = Timestamp::now();
     let trigger = a.trigger.parse().unwrap_or(Trigger::Manual);
+    // Its start is its process's (or, for a file, its writing's): a run ended before then
+    // reports none.
     let rec = RunRecord {
         host: core.name.clone(),
-        started_at: Some(now),
         ..RunRecord::fresh(run, a.unit.clone(), RunState::Running, trigger, a.attempt, now)
     };
     let config = UnitDef::from_json(a.definition)

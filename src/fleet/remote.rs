@@ -195,8 +195,14 @@ async fn execute(
             rec.signal = o.signal;
             rec.reason = o.reason;
             rec.pid = o.pid.or(rec.pid);
-            if let Some(us) = o.started_at_us {
-                rec.started_at = Timestamp::from_microsecond(us).ok().or(rec.started_at);
+            match o.started_at_us {
+                Some(us) => {
+                    rec.started_at = Timestamp::from_microsecond(us).ok().or(rec.started_at);
+                }
+                // Ended before it started (stopped while it waited for its time, refused):
+                // the dispatch's time is no start.
+                None if rec.pid.is_none() => rec.started_at = None,
+                None => {}
             }
             rec.ended_at = Timestamp::from_microsecond(o.ended_at_us).ok().or(rec.ended_at);
         }

@@ -117,6 +117,7 @@ pub fn spawn(
         dispatches: HashMap::new(),
         queued_fire: None,
         next_fire: None,
+        fired: init.last_fire,
         anchor: init.anchor,
         pending: None,
         failures_in_row: 0,
@@ -174,6 +175,10 @@ struct Loop {
     /// unit on agents): its trigger and fire time.
     queued_fire: Option<(Trigger, Option<Timestamp>)>,
     next_fire: Option<Timestamp>,
+    /// The newest fire time handled: the next fire is after it, so that one made ahead of its
+    /// time ([`FIRE_LEAD`]) is not due again when the next fire is worked out anew before that
+    /// time (a restart, a resume, a new schedule).
+    fired: Option<Timestamp>,
     anchor: Timestamp,
     pending: Option<Pending>,
     failures_in_row: u32,
@@ -195,6 +200,18 @@ struct Loop {
 /// it in flight.
 pub const FIRE_LEAD: Duration = Duration::from_millis(500);
 const _: () = assert!(FIRE_LEAD.as_millis() < crate::proto::START_WAIT_MAX.as_millis());
+
+/// A scheduled run on an agent, `active` as the loop knew it, started `at` (if it did): its
+/// fire's lateness, measured there, after the run was dispatched ahead of its time. Once: the
+/// loop's record has a pid from then on (a run taken over had one already).
+fn agent_started(metrics: &Metrics, active: &RunRecord, at: Option<Timestamp>) {
+    if !active.is_local()
+        && active.pid.is_none()
+        && let (Some(scheduled), Some(at)) = (active.scheduled_at, at)
+    {
+        metrics.fire_started(scheduled, at);
+    }
+}
 
 /// How a loop starts: fresh, quiet, the last fire handled, dispatches to take over.
 type StartUp = (bool, bool, Option<Timestamp>, Vec<(DispatchRecord, Vec<RunRecord>)>);
@@ -321,8 +338,7 @@ impl Loop {
     async fn start_up(&mut self, fresh: bool, quiet: bool, last_fire: Option<Timestamp>) {
         let now = Timestamp::now();
         if quiet {
-            self.next_fire =
-                self.cfg.schedule.as_ref().and_then(|s| s.next_after(now, self.anchor));
+            self.next_fire = self.next_fire_after(now);
             return;
         }
         if let Some(s) = self.cfg.schedule.clone() {
@@ -338,7 +354,7 @@ impl Loop {
                 // it once, whoever holds the lease.
                 let _ = self.try_start_run(Trigger::CatchUp, 1, Some(missed)).await;
             }
-            self.next_fire = s.next_after(now, self.anchor);
+            self.next_fire = self.next_fire_after(now);
             return;
         }
         if self.paused {
@@ -482,8 +498,8 @@ impl Loop {
                 self.failures_in_row = 0;
                 let now = Timestamp::now();
                 let idle = self.active.is_empty() && self.pending.is_none();
-                if let Some(s) = &self.cfg.schedule {
-                    self.next_fire = s.next_after(now, self.anchor);
+                if self.cfg.schedule.is_some() {
+                    self.next_fire = self.next_fire_after(now);
                 } else if (self.cfg.service || self.cfg.is_tick()) && !self.stopped && idle {
                     self.start_run(Trigger::Manual, 1).await;
                 } else if idle && self.last_run.is_none() && self.runs_total == 0 {
@@ -514,8 +530,7 @@ impl Loop {
         // Only a new schedule moves the next fire; other edits leave it due.
         if rescheduled {
             self.anchor = at;
-            self.next_fire =
-                self.cfg.schedule.as_ref().and_then(|s| s.next_after(Timestamp::now(), at));
+            self.next_fire = self.next_fire_after(Timestamp::now());
         }
         let continuous = self.cfg.service || self.cfg.is_tick();
         if continuous != was_continuous {
@@ -564,14 +579,7 @@ impl Loop {
     fn started(&mut self, run: i64, pid: u32, at: Timestamp) {
         // A run that has ended meanwhile was recorded with these already.
         if let Some(a) = self.active.get_mut(&run) {
-            // A run on an agent starts at its fire time there, after it was dispatched: its
-            // lateness is known now (once: a run taken over has its pid already).
-            if !a.record.is_local()
-                && a.record.pid.is_none()
-                && let Some(scheduled) = a.record.scheduled_at
-            {
-                self.env.metrics.fire_started(scheduled, at);
-            }
+            agent_started(&self.env.metrics, &a.record, Some(at));
             a.record.pid = Some(pid);
             a.record.started_at = Some(at);
             if self.last_run.as_ref().is_some_and(|l| l.id == run) {
@@ -692,6 +700,12 @@ impl Loop {
         Ok(rec)
     }
 
+    /// The schedule's first fire after `now` and after the newest fire handled.
+    fn next_fire_after(&self, now: Timestamp) -> Option<Timestamp> {
+        let after = self.fired.map_or(now, |f| f.max(now));
+        self.cfg.schedule.as_ref().and_then(|s| s.next_after(after, self.anchor))
+    }
+
     /// Whether the next fire makes a dispatch, sent ahead of its time: a unit on agents with
     /// no dispatch in flight, or whose overlap allows one. Any other fire is decided at its
     /// time (whether a run is still active is not known before).
@@ -705,6 +719,7 @@ impl Loop {
             return;
         };
         let fired_at = self.next_fire.unwrap_or_else(Timestamp::now);
+        self.fired = Some(self.fired.map_or(fired_at, |f| f.max(fired_at)));
         self.next_fire = s.next_after(Timestamp::now().max(fired_at), self.anchor);
         // A fire that makes a dispatch is recorded as the unit's last fire with it (one change
         // of the unit's row instead of two side by side); any other fire, or one whose
@@ -921,6 +936,8 @@ impl Loop {
             self.failures_total += 1;
         }
         if let Some(mut a) = self.active.remove(&rec.id) {
+            // Its end came first, or it has no process (a file).
+            agent_started(&self.env.metrics, &a.record, rec.started_at);
             for w in a.waiters.drain(..) {
                 let _ = w.send(Ok(rec.clone()));
             }

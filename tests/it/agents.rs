@@ -688,6 +688,26 @@ fn a_dispatch_cancelled_before_a_server_restart_stays_cancelled_after_it() {
     wait_for("the run's process to be stopped", || (!alive(pid)).then_some(()));
 }
 
+/// The next run of `unit` (after run `seen`) that is recorded at least 100 ms ahead of its
+/// fire time, with that time: a schedule's fire on agents is made half a second early. Seen
+/// too late (a loaded machine), the next fire is waited for, up to five.
+fn fire_seen_ahead(d: &TestDaemon, unit: &str, mut seen: i64) -> (i64, jiff::Timestamp) {
+    let mut c = d.raw();
+    for _ in 0..5 {
+        let (run, at) = wait_for("a fire sent ahead of its time", || {
+            let r = c.call("Run.List", json!({"unit": unit, "limit": 1}))["result"][0].clone();
+            let id = r["id"].as_i64()?;
+            let at: jiff::Timestamp = r["scheduled_at"].as_str()?.parse().ok()?;
+            (id > seen).then_some((id, at))
+        });
+        if at.duration_since(jiff::Timestamp::now()) >= jiff::SignedDuration::from_millis(100) {
+            return (run, at);
+        }
+        seen = run;
+    }
+    panic!("no fire of {unit} was seen ahead of its time");
+}
+
 #[test]
 fn a_fire_on_an_agent_starts_at_its_time_even_while_its_server_is_frozen() {
     // A schedule's fire on agents is recorded and sent ahead of its time, and the agent starts
@@ -700,33 +720,48 @@ fn a_fire_on_an_agent_starts_at_its_time_even_while_its_server_is_frozen() {
         "TaskUnit.Add",
         json!({"name": "on-time", "every": "2s", "command": ["true"], "hosts": ["t1"]}),
     );
-    let mut c = d.raw();
-    let mut seen = 0;
-    for _ in 0..5 {
-        let (run, at) = wait_for("a fire sent ahead of its time", || {
-            let r = c.call("Run.List", json!({"unit": "on-time", "limit": 1}))["result"][0].clone();
-            let id = r["id"].as_i64()?;
-            let at: jiff::Timestamp = r["scheduled_at"].as_str()?.parse().ok()?;
-            (id > seen).then_some((id, at))
-        });
-        seen = run;
-        let ahead = at.duration_since(jiff::Timestamp::now());
-        if ahead < jiff::SignedDuration::from_millis(100) {
-            // Seen too late to freeze the server before the time: the next fire.
-            continue;
-        }
-        d.signal(Signal::SIGSTOP);
-        std::thread::sleep((ahead + jiff::SignedDuration::from_secs(1)).try_into().unwrap());
-        d.signal(Signal::SIGCONT);
-        let ended = d.wait_run_end(run);
-        assert_eq!(ended["state"], "succeeded", "{ended}");
-        let started: jiff::Timestamp = ended["started_at"].as_str().unwrap().parse().unwrap();
-        assert!(started >= at, "never before its time: {ended}");
-        assert!(
-            started < at + jiff::SignedDuration::from_secs(1),
-            "started at its time, while the server was frozen: {ended}"
-        );
-        return;
-    }
-    panic!("no fire was seen ahead of its time");
+    let (run, at) = fire_seen_ahead(&d, "on-time", 0);
+    let ahead = at.duration_since(jiff::Timestamp::now());
+    d.signal(Signal::SIGSTOP);
+    std::thread::sleep((ahead + jiff::SignedDuration::from_secs(1)).try_into().unwrap());
+    d.signal(Signal::SIGCONT);
+    let ended = d.wait_run_end(run);
+    assert_eq!(ended["state"], "succeeded", "{ended}");
+    let started: jiff::Timestamp = ended["started_at"].as_str().unwrap().parse().unwrap();
+    assert!(started >= at, "never before its time: {ended}");
+    assert!(
+        started < at + jiff::SignedDuration::from_secs(1),
+        "started at its time, while the server was frozen: {ended}"
+    );
+}
+
+#[test]
+fn a_fire_made_ahead_of_its_time_is_not_made_again_nor_run_if_stopped_meanwhile() {
+    let d = TestDaemon::start();
+    let _a = TestAgent::enroll(&d, "t2", "");
+    wait_connected(&d, "t2");
+    d.call(
+        "TaskUnit.Add",
+        json!({"name": "once", "every": "2s", "overlap": "allow", "command": ["true"],
+               "hosts": ["t2"]}),
+    );
+    // Paused and resumed before its time, the unit works out its next fire anew: not the one
+    // it made already.
+    let (run, at) = fire_seen_ahead(&d, "once", 0);
+    d.call("TaskUnit.Pause", json!("once"));
+    d.call("TaskUnit.Resume", json!("once"));
+    let next = fire_seen_ahead(&d, "once", run).0;
+    let runs = d.call("Run.List", json!({"unit": "once"}));
+    let of_at: Vec<&Value> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["scheduled_at"].as_str().and_then(|t| t.parse().ok()) == Some(at))
+        .collect();
+    assert_eq!(of_at.len(), 1, "one run for the fire at {at}: {runs}");
+    // Stopped before its time: it ends cancelled, never started.
+    d.call("TaskUnit.Stop", json!("once"));
+    let ended = d.wait_run_end(next);
+    assert_eq!(ended["state"], "cancelled", "{ended}");
+    assert!(ended["started_at"].is_null() && ended["pid"].is_null(), "never started: {ended}");
 }
