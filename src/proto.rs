@@ -173,6 +173,9 @@ pub struct FileData {
 /// Most bytes of output data in one `AgentLink.Output` call.
 pub const MAX_OUTPUT_BATCH: usize = 64 * 1024;
 
+/// Most results in one `AgentLink.FinishedMany` call.
+pub const MAX_RESULTS_BATCH: usize = 256;
+
 /// How a run ended on its agent (`AgentLink.Finished`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Outcome {

@@ -20,7 +20,8 @@ use super::conn::Conn;
 use super::run::NOTIFICATION_OVERHEAD;
 use crate::error::{Error, codes};
 use crate::proto::{
-    FileData, FileRead, Hello, JoinRequest, Joined, Order, Outcome, Output, Started,
+    FileData, FileRead, Hello, JoinRequest, Joined, MAX_RESULTS_BATCH, Order, Outcome, Output,
+    Started,
 };
 use crate::unit::definition::Action;
 
@@ -47,6 +48,13 @@ pub trait AgentLinkApi {
     /// A run ended. Answered once its end is recorded: then the agent may forget it.
     #[method(name = "Finished", with_extensions)]
     async fn finished(&self, o: Outcome) -> RpcResult<bool>;
+
+    /// Runs ended, at most [`MAX_RESULTS_BATCH`]. Answered once every end is recorded or
+    /// refused, in order: nothing for one recorded (the agent may forget it), why for one not
+    /// taken (the agent sends it again later). An agent waits for each end to be recorded: one
+    /// end a call would cap its runs per second at its calls in flight per commit time.
+    #[method(name = "FinishedMany", with_extensions)]
+    async fn finished_many(&self, o: Vec<Outcome>) -> RpcResult<Vec<Option<String>>>;
 
     /// The agent is alive.
     #[method(name = "Heartbeat", with_extensions)]
@@ -183,6 +191,27 @@ impl AgentLinkApiServer for Api {
         let (_, name) = self.agent_of(ext)?;
         self.registry.fleet().finished(&name, o).await.map_err(rpc_error)?;
         Ok(true)
+    }
+
+    async fn finished_many(
+        &self,
+        ext: &Extensions,
+        outcomes: Vec<Outcome>,
+    ) -> RpcResult<Vec<Option<String>>> {
+        let (_, name) = self.agent_of(ext)?;
+        if outcomes.len() > MAX_RESULTS_BATCH {
+            return Err(rpc_error(Error::Limit(format!(
+                "at most {MAX_RESULTS_BATCH} results a call, not {}",
+                outcomes.len()
+            ))));
+        }
+        let fleet = self.registry.fleet();
+        let ends = outcomes.into_iter().map(|o| fleet.finished(&name, o));
+        let answers = futures_util::future::join_all(ends).await;
+        Ok(answers
+            .into_iter()
+            .map(|r| r.err().map(|e| rpc_error(e).message().to_string()))
+            .collect())
     }
 
     async fn heartbeat(&self, ext: &Extensions, _arg: Option<Value>) -> RpcResult<bool> {

@@ -41,6 +41,7 @@ pub const AGENT_METHODS: &[&str] = &[
     "AgentLink.Started",
     "AgentLink.Output",
     "AgentLink.Finished",
+    "AgentLink.FinishedMany",
     "AgentLink.Heartbeat",
     "AgentLink.FileRead",
 ];

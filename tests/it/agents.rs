@@ -765,3 +765,42 @@ fn a_fire_made_ahead_of_its_time_is_not_made_again_nor_run_if_stopped_meanwhile(
     assert_eq!(ended["state"], "cancelled", "{ended}");
     assert!(ended["started_at"].is_null() && ended["pid"].is_null(), "never started: {ended}");
 }
+
+#[test]
+fn an_agent_reports_ends_in_batches_each_answered_on_its_own() {
+    let d = TestDaemon::start();
+    let a = TestAgent::enroll(&d, "b1", "");
+    let mut b = TestAgent::enroll(&d, "b2", "");
+    wait_connected(&d, "b1");
+    let info = d.call(
+        "TaskUnit.Add",
+        json!({"name": "held", "command": ["sleep", "300"], "hosts": ["b1"]}),
+    );
+    let run = info["last_run"]["id"].as_i64().unwrap();
+    wait_run(&d, run, "the run to start", |r| r["pid"].is_i64());
+    // Many ends in one call: each is answered on its own, and an agent speaks only for its own
+    // runs (b2 for b1's is refused, which changes nothing); a run the server no longer has is
+    // taken (nothing to record).
+    let cred = b.credential();
+    b.kill9();
+    let mut c = Raw::connect(&d.addr);
+    assert_eq!(c.call("Auth.Login", json!(cred))["result"], true);
+    let outcome = |run: i64| {
+        json!({"run": run, "attempt": 1, "state": "succeeded", "exit_code": 0, "signal": null,
+               "reason": null, "pid": null, "started_at_us": null, "ended_at_us": 1,
+               "stdout_bytes": 0, "stderr_bytes": 0})
+    };
+    let v = c.call("AgentLink.FinishedMany", json!([outcome(run), outcome(run + 1000)]));
+    let answers = v["result"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert!(answers[0].as_str().is_some_and(|m| m.contains("not active on agent")), "{v}");
+    assert!(answers[1].is_null(), "{v}");
+    assert_eq!(d.call("Run.Get", json!(run))["state"], "running");
+    // At most 256 a call.
+    let many: Vec<Value> = (0..257).map(|i| outcome(run + 1000 + i)).collect();
+    let v = c.call("AgentLink.FinishedMany", json!(many));
+    assert_eq!(v["error"]["code"], -32055, "{v}");
+    // The real agent's own end goes through.
+    d.call("TaskUnit.Stop", json!("held"));
+    assert_eq!(d.wait_run_end(run)["state"], "cancelled");
+    drop(a);
+}
