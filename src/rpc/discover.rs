@@ -293,6 +293,14 @@ pub fn document() -> Value {
             None,
         ),
         method(
+            "AgentLink.FinishedMany",
+            "Agent protocol (agent credentials only): runs ended, at most 256; answered once \
+             each is recorded or refused, in order: null, or why it was not taken",
+            ("outcomes", schema::<Vec<proto::Outcome>>(g), false),
+            schema::<Vec<Option<String>>>(g),
+            None,
+        ),
+        method(
             "AgentLink.Heartbeat",
             "Agent protocol (agent credentials only): the agent is alive",
             ("none", schema::<Value>(g), true),
