@@ -714,13 +714,13 @@ impl Loop {
     }
 
     async fn fire(&mut self) {
-        let Some(s) = self.cfg.schedule.clone() else {
+        if self.cfg.schedule.is_none() {
             self.next_fire = None;
             return;
-        };
+        }
         let fired_at = self.next_fire.unwrap_or_else(Timestamp::now);
         self.fired = Some(self.fired.map_or(fired_at, |f| f.max(fired_at)));
-        self.next_fire = s.next_after(Timestamp::now().max(fired_at), self.anchor);
+        self.next_fire = self.next_fire_after(Timestamp::now());
         // A fire that makes a dispatch is recorded as the unit's last fire with it (one change
         // of the unit's row instead of two side by side); any other fire, or one whose
         // dispatch could not be made, apart.
