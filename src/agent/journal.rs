@@ -92,6 +92,10 @@ pub struct Journal {
     pub runs: BTreeMap<i64, Known>,
     /// The acknowledged runs it knows (beyond [`ACKED_KEPT`], the oldest is forgotten).
     acked: BTreeSet<i64>,
+    /// The runs with a result not acknowledged yet: [`Journal::unacked`] is asked at every
+    /// send, hundreds of times a second on a busy agent, and a walk over every run known
+    /// (ten thousand and more) each time, under the journal's lock, held up every append.
+    unacked: BTreeSet<i64>,
     /// Lines in the file (about): past [`COMPACT_AT`] and four times what it knows, it is
     /// compacted.
     lines: usize,
@@ -126,6 +130,7 @@ impl Journal {
         let mut acked: BTreeSet<i64> =
             runs.iter().filter(|(_, k)| k.acked).map(|(id, _)| *id).collect();
         forget_old_acked(&mut runs, &mut acked, ACKED_KEPT);
+        let unacked = runs.iter().filter(|(_, k)| k.result.is_some()).map(|(id, _)| *id).collect();
         // Compactions a crash or a dropped sync left half-written.
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
@@ -143,6 +148,7 @@ impl Journal {
             file: tmp,
             runs,
             acked,
+            unacked,
             lines,
             written: 0,
             since_copy: None,
@@ -160,7 +166,17 @@ impl Journal {
         if let Some(since) = &mut self.since_copy {
             since.extend_from_slice(&line);
         }
-        let acked = if let Entry::Acked(run) = entry { Some(run) } else { None };
+        let acked = match entry {
+            Entry::Result(ref o) => {
+                self.unacked.insert(o.run);
+                None
+            }
+            Entry::Acked(run) => {
+                self.unacked.remove(&run);
+                Some(run)
+            }
+            _ => None,
+        };
         apply(&mut self.runs, entry);
         if let Some(run) = acked {
             self.acked.insert(run);
@@ -202,7 +218,7 @@ impl Journal {
 
     /// Results not acknowledged yet, by run.
     pub fn unacked(&self) -> Vec<Outcome> {
-        self.runs.values().filter_map(|k| k.result.clone()).collect()
+        self.unacked.iter().filter_map(|run| self.runs.get(run)?.result.clone()).collect()
     }
 
     /// Where it is.
@@ -481,6 +497,7 @@ mod tests {
         j.append(Entry::Accept { run: 3, attempt: 1 }).unwrap();
         j.append(Entry::Result(outcome(3))).unwrap();
         j.append(Entry::Acked(3)).unwrap();
+        assert_eq!(j.unacked(), [outcome(2)], "reported and not acknowledged");
         drop(j);
         // A torn last line is skipped.
         let mut f = OpenOptions::new().append(true).open(dir.path().join("journal")).unwrap();
@@ -490,6 +507,7 @@ mod tests {
         assert_eq!(j.runs[&2].result, Some(outcome(2)), "to report again");
         assert!(j.runs[&3].acked, "done: never started again");
         assert!(!j.runs.contains_key(&4));
+        assert_eq!(j.unacked(), [outcome(2)]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
