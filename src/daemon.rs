@@ -213,129 +213,134 @@ impl Stopping {
     }
 }
 
-/// Runs the daemon on `socket` (bound, not yet listening: see
-/// [`crate::rpc::listener::bind`]) until `shutdown` is cancelled, then stops every active run
-/// (recorded `cancelled`, reason `shutdown`), waits for every task, and returns.
-///
-/// The socket starts accepting only once the state directory is locked, the store open and
-/// the token written, so a client that connects as soon as the port accepts finds them.
-pub async fn run(
-    cfg: Config,
-    socket: TcpSocket,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    heap::tune();
-    let watchdog = CancellationToken::new();
-    let _stop_watchdog = watchdog.clone().drop_guard();
-    crate::systemd::keep_watchdog(watchdog);
-    let local = socket.local_addr()?;
-    let Opened { _lock, store, mut token } = open_state(&cfg, &local).await?;
-    let stopping = Stopping::default();
-    // In a cluster: stand by, relaying to the lease holder, until this server holds the lease.
-    let cluster = store.join_cluster(&cfg.name).transpose()?;
-    let cluster_stop = CancellationToken::new();
-    let _stop_cluster_tasks = cluster_stop.clone().drop_guard();
-    let mut socket = Some(socket);
-    let lost = CancellationToken::new();
-    let mut host = None;
-    let peers = crate::rpc::http::Peers::default();
-    let mut early_listener = None;
-    let mut epoch = None;
-    if let Some(c) = &cluster {
-        if let Some(t) = &token {
-            let shared = c.shared("token", t).await?;
-            if shared.as_str() != &**t {
-                state_dir::write_private(
-                    &cfg.state_dir,
-                    "token",
-                    format!("{shared}\n").as_bytes(),
-                )?;
-                token = Some(shared.into());
-            }
-        }
-        let listener = listen(socket.take().expect("not listening yet"))
-            .map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?;
-        let address = crate::cluster::advertised(cfg.advertise.as_deref(), local);
-        c.join(&address).await?;
-        let address_file = state_dir::write_private(
-            &cfg.state_dir,
-            ADDRESS_FILE,
-            format!("{local}\n").as_bytes(),
-        )?;
-        // Every server is also a host, by its name: an agent of the cluster, in this process.
-        let args = host_agent(&cfg, &store, local).await?;
-        host = Some(tokio::spawn(crate::agent::run(args, cluster_stop.clone())));
-        let beat = crate::cluster::heartbeat(
-            c.clone(),
-            cfg.lease / 3,
-            peers.clone(),
-            cluster_stop.clone(),
-        );
-        tokio::spawn(beat);
-        tracing::info!(name = %cfg.name, %address, "taskd standing by: relaying to the cluster's lease holder until this server holds the lease");
-        crate::systemd::ready(&format!(
-            "standing by as {}: relaying to the cluster's lease holder",
-            cfg.name
-        ));
-        let relays = TaskTracker::new();
-        let lease = cfg.lease;
-        let taken = crate::cluster::standby(
-            c,
-            &address,
-            &listener,
-            lease,
-            cfg.max_connections,
-            &shutdown,
-            &relays,
-        )
-        .await;
-        let Some(taken) = taken else {
-            crate::systemd::stopping();
-            let _ = std::fs::remove_file(&address_file);
-            stop_host(&cluster_stop, host).await;
-            tracing::info!("taskd stopped");
-            return Ok(());
-        };
-        tracing::info!(
-            epoch = taken.epoch,
-            "this server holds the cluster's lease: starting the engine"
-        );
-        // Renewed from now on: starting the engine may take longer than the lease.
-        let keep =
-            crate::cluster::keep(c.clone(), taken, cfg.lease, cluster_stop.clone(), lost.clone());
-        tokio::spawn(keep);
-        epoch = Some(taken.epoch);
-        store.engine_starts().await?;
-        early_listener = Some(listener);
+/// The cluster's shared token, written to this server's state directory when it differs
+/// from `own`: any server's token works on every server.
+async fn share_token(
+    cluster: &crate::store::Cluster,
+    cfg: &Config,
+    own: Arc<str>,
+) -> anyhow::Result<Arc<str>> {
+    let shared = cluster.shared("token", &own).await?;
+    if shared.as_str() == &*own {
+        return Ok(own);
     }
-    let tls = match &cfg.tls {
-        None => None,
-        Some(source) => {
-            let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-            if !local.ip().is_unspecified() {
-                names.push(local.ip().to_string());
-            }
-            if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-                names.push(h.trim().to_string());
-            }
-            let tls = match source {
-                TlsSource::Auto => {
-                    ServerTls::load(None, None, Some(&cfg.state_dir.join("tls")), &names)?
-                }
-                TlsSource::Files(c, k) => ServerTls::load(Some(c), Some(k), None, &names)?,
-            };
-            tracing::info!(cert = %tls.cert_path.display(), fingerprint = %tls.fingerprint, "TLS on");
-            Some(tls)
-        }
+    state_dir::write_private(&cfg.state_dir, "token", format!("{shared}\n").as_bytes())?;
+    Ok(shared.into())
+}
+
+/// The cluster's lease as this server takes part in it: `stop` ends its cluster tasks (the
+/// heartbeat, the lease's renewal, its own agent), `lost` is cancelled if the lease is lost.
+struct Lease<'a> {
+    cluster: &'a crate::store::Cluster,
+    stop: &'a CancellationToken,
+    lost: &'a CancellationToken,
+}
+
+/// What a cluster's server has once it holds the lease: its listener, its own agent and the
+/// lease's epoch.
+struct Holding {
+    listener: tokio::net::TcpListener,
+    host: tokio::task::JoinHandle<anyhow::Result<()>>,
+    epoch: i64,
+}
+
+/// Stands by as a cluster's server: joins the cluster, starts its own agent and heartbeat,
+/// relays every call on `listener` to the lease holder until this server takes the lease
+/// (then keeps it renewed and returns what the engine needs), or until `shutdown` (then
+/// stops its agent and returns None).
+async fn stand_by(
+    cfg: &Config,
+    store: &Store,
+    lease: Lease<'_>,
+    listener: tokio::net::TcpListener,
+    peers: &crate::rpc::http::Peers,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Holding>> {
+    let c = lease.cluster;
+    let local = listener.local_addr()?;
+    let address = crate::cluster::advertised(cfg.advertise.as_deref(), local);
+    c.join(&address).await?;
+    let address_file =
+        state_dir::write_private(&cfg.state_dir, ADDRESS_FILE, format!("{local}\n").as_bytes())?;
+    // Every server is also a host, by its name: an agent of the cluster, in this process.
+    let args = host_agent(cfg, store, local).await?;
+    let host = tokio::spawn(crate::agent::run(args, lease.stop.clone()));
+    let beat =
+        crate::cluster::heartbeat(c.clone(), cfg.lease / 3, peers.clone(), lease.stop.clone());
+    tokio::spawn(beat);
+    tracing::info!(name = %cfg.name, %address, "taskd standing by: relaying to the cluster's lease holder until this server holds the lease");
+    crate::systemd::ready(&format!(
+        "standing by as {}: relaying to the cluster's lease holder",
+        cfg.name
+    ));
+    let relays = TaskTracker::new();
+    let taken = crate::cluster::standby(
+        c,
+        &address,
+        &listener,
+        cfg.lease,
+        cfg.max_connections,
+        shutdown,
+        &relays,
+    )
+    .await;
+    let Some(taken) = taken else {
+        crate::systemd::stopping();
+        let _ = std::fs::remove_file(&address_file);
+        stop_host(lease.stop, Some(host)).await;
+        tracing::info!("taskd stopped");
+        return Ok(None);
     };
+    tracing::info!(
+        epoch = taken.epoch,
+        "this server holds the cluster's lease: starting the engine"
+    );
+    let epoch = taken.epoch;
+    // Renewed from now on: starting the engine may take longer than the lease.
+    let keep =
+        crate::cluster::keep(c.clone(), taken, cfg.lease, lease.stop.clone(), lease.lost.clone());
+    tokio::spawn(keep);
+    store.engine_starts().await?;
+    Ok(Some(Holding { listener, host, epoch }))
+}
+
+/// The server's TLS, when it is on: its certificate (made and kept in the state directory
+/// with `--tls auto`) for this host's names and addresses.
+fn server_tls(cfg: &Config, local: std::net::SocketAddr) -> anyhow::Result<Option<ServerTls>> {
+    let Some(source) = &cfg.tls else { return Ok(None) };
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if !local.ip().is_unspecified() {
+        names.push(local.ip().to_string());
+    }
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        names.push(h.trim().to_string());
+    }
+    let tls = match source {
+        TlsSource::Auto => ServerTls::load(None, None, Some(&cfg.state_dir.join("tls")), &names)?,
+        TlsSource::Files(c, k) => ServerTls::load(Some(c), Some(k), None, &names)?,
+    };
+    tracing::info!(cert = %tls.cert_path.display(), fingerprint = %tls.fingerprint, "TLS on");
+    Ok(Some(tls))
+}
+
+/// Opens the fleet and the registry: every unit loaded from the store and started.
+/// `fingerprint` is the server's TLS certificate's, given to agents; `cluster` whether this
+/// server is a cluster's.
+async fn open_registry(
+    cfg: &Config,
+    store: &Store,
+    fingerprint: Option<String>,
+    cluster: bool,
+    stopping: &Stopping,
+) -> anyhow::Result<Registry> {
     let fleet_cfg = FleetConfig {
         agent_timeout: cfg.agent_timeout,
         lost_after: cfg.lost_after,
-        fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
-        cluster: cluster.is_some(),
+        fingerprint,
+        cluster,
     };
     let fleet = Fleet::open(store.clone(), fleet_cfg, stopping.listener_stop.clone()).await?;
-    let registry = Registry::open(
+    Registry::open(
         store.clone(),
         fleet,
         RegistryConfig {
@@ -359,7 +364,73 @@ pub async fn run(
         stopping.units_root.clone(),
         stopping.unit_tasks.clone(),
     )
-    .await?;
+    .await
+    .map_err(Into::into)
+}
+
+/// Starts the work beside the units: the janitor of finished task units
+/// (`--keep-tasks`), the Redis queue's consumer (`--redis`).
+fn start_background(cfg: &Config, registry: &Registry, stopping: &Stopping) -> anyhow::Result<()> {
+    if let Some(keep) = cfg.keep_tasks {
+        let janitor = crate::task_units::Janitor::new(registry.clone(), keep);
+        stopping.background.spawn(janitor.run(stopping.stop_accepting.clone()));
+    }
+    if let Some(r) = &cfg.redis {
+        // Tasks taken from Redis while the engine runs, none during shutdown.
+        let consumer =
+            crate::redis_queue::Consumer::new(r.clone(), registry.clone(), cfg.name.clone())?;
+        consumer.spawn(
+            stopping.stop_accepting.clone(),
+            stopping.background_stop.clone(),
+            &stopping.background,
+        );
+        tracing::info!(queue = %r.queue, "taking tasks from redis");
+    }
+    Ok(())
+}
+
+/// Runs the daemon on `socket` (bound, not yet listening: see
+/// [`crate::rpc::listener::bind`]) until `shutdown` is cancelled, then stops every active run
+/// (recorded `cancelled`, reason `shutdown`), waits for every task, and returns.
+///
+/// The socket starts accepting only once the state directory is locked, the store open and
+/// the token written, so a client that connects as soon as the port accepts finds them.
+pub async fn run(
+    cfg: Config,
+    socket: TcpSocket,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    heap::tune();
+    let watchdog = CancellationToken::new();
+    let _stop_watchdog = watchdog.clone().drop_guard();
+    crate::systemd::keep_watchdog(watchdog);
+    let local = socket.local_addr()?;
+    let Opened { _lock, store, mut token } = open_state(&cfg, &local).await?;
+    let stopping = Stopping::default();
+    // In a cluster: stand by, relaying to the lease holder, until this server holds the lease.
+    let cluster = store.join_cluster(&cfg.name).transpose()?;
+    let cluster_stop = CancellationToken::new();
+    let _stop_cluster_tasks = cluster_stop.clone().drop_guard();
+    let lost = CancellationToken::new();
+    let peers = crate::rpc::http::Peers::default();
+    // A cluster's server listens while it stands by; a lone daemon once its units are loaded.
+    let mut socket = Some(socket);
+    let mut holding = None;
+    if let Some(c) = &cluster {
+        if let Some(t) = token {
+            token = Some(share_token(c, &cfg, t).await?);
+        }
+        let listener = listen(socket.take().expect("not listening yet"))
+            .map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?;
+        let lease = Lease { cluster: c, stop: &cluster_stop, lost: &lost };
+        match stand_by(&cfg, &store, lease, listener, &peers, &shutdown).await? {
+            Some(h) => holding = Some(h),
+            None => return Ok(()),
+        }
+    }
+    let tls = server_tls(&cfg, local)?;
+    let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+    let registry = open_registry(&cfg, &store, fingerprint, cluster.is_some(), &stopping).await?;
     // Loading left holes in the heap (definitions parsed, records copied) between the units'
     // long-lived state; with 100,000 units that is tens of MiB the allocator would keep.
     heap::trim();
@@ -406,10 +477,11 @@ pub async fn run(
         metrics: Some(registry.metrics().clone()),
         ..ServeConfig::default()
     };
-    let listener = match (early_listener, socket) {
-        (Some(l), _) => l,
+    let (listener, host, epoch) = match (holding, socket) {
+        (Some(h), _) => (h.listener, Some(h.host), Some(h.epoch)),
         (None, Some(s)) => {
-            listen(s).map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?
+            let l = listen(s).map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?;
+            (l, None, None)
         }
         (None, None) => unreachable!("the socket listens once"),
     };
@@ -428,21 +500,7 @@ pub async fn run(
         registry.len(),
         if cluster.is_some() { ", holding the cluster's lease" } else { "" }
     ));
-    if let Some(keep) = cfg.keep_tasks {
-        let janitor = crate::task_units::Janitor::new(registry.clone(), keep);
-        stopping.background.spawn(janitor.run(stopping.stop_accepting.clone()));
-    }
-    if let Some(r) = &cfg.redis {
-        // Tasks taken from Redis while the engine runs, none during shutdown.
-        let consumer =
-            crate::redis_queue::Consumer::new(r.clone(), registry.clone(), cfg.name.clone())?;
-        consumer.spawn(
-            stopping.stop_accepting.clone(),
-            stopping.background_stop.clone(),
-            &stopping.background,
-        );
-        tracing::info!(queue = %r.queue, "taking tasks from redis");
-    }
+    start_background(&cfg, &registry, &stopping)?;
     let server = tokio::spawn(serve(
         listener,
         methods(api),
