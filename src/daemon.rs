@@ -244,7 +244,7 @@ struct Holding {
     epoch: i64,
 }
 
-/// Stands by as a cluster's server: joins the cluster, starts its own agent and heartbeat,
+/// Stands by as a cluster's server (`listener` listening on `local`): joins the cluster, starts its own agent and heartbeat,
 /// relays every call on `listener` to the lease holder until this server takes the lease
 /// (then keeps it renewed and returns what the engine needs), or until `shutdown` (then
 /// stops its agent and returns None).
@@ -253,11 +253,11 @@ async fn stand_by(
     store: &Store,
     lease: Lease<'_>,
     listener: tokio::net::TcpListener,
+    local: std::net::SocketAddr,
     peers: &crate::rpc::http::Peers,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Holding>> {
     let c = lease.cluster;
-    let local = listener.local_addr()?;
     let address = crate::cluster::advertised(cfg.advertise.as_deref(), local);
     c.join(&address).await?;
     let address_file =
@@ -423,7 +423,7 @@ pub async fn run(
         let listener = listen(socket.take().expect("not listening yet"))
             .map_err(|e| anyhow::anyhow!("cannot listen on {local}: {e}"))?;
         let lease = Lease { cluster: c, stop: &cluster_stop, lost: &lost };
-        match stand_by(&cfg, &store, lease, listener, &peers, &shutdown).await? {
+        match stand_by(&cfg, &store, lease, listener, local, &peers, &shutdown).await? {
             Some(h) => holding = Some(h),
             None => return Ok(()),
         }

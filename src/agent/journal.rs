@@ -129,7 +129,7 @@ impl Journal {
         }
         let mut acked: BTreeSet<i64> =
             runs.iter().filter(|(_, k)| k.acked).map(|(id, _)| *id).collect();
-        forget_old_acked(&mut runs, &mut acked, ACKED_KEPT);
+        forget_old_acked(&mut runs, &mut acked, &mut BTreeSet::new(), ACKED_KEPT);
         let unacked = runs.iter().filter(|(_, k)| k.result.is_some()).map(|(id, _)| *id).collect();
         // Compactions a crash or a dropped sync left half-written.
         if let Ok(entries) = std::fs::read_dir(dir) {
@@ -180,7 +180,7 @@ impl Journal {
         apply(&mut self.runs, entry);
         if let Some(run) = acked {
             self.acked.insert(run);
-            forget_old_acked(&mut self.runs, &mut self.acked, self.acked_kept);
+            forget_old_acked(&mut self.runs, &mut self.acked, &mut self.unacked, self.acked_kept);
         }
         self.written += 1;
         self.lines += 1;
@@ -391,10 +391,16 @@ fn aside(path: &Path, attempt: u64) -> PathBuf {
 }
 
 /// Forgets all but the newest `kept` acknowledged runs (`acked`).
-fn forget_old_acked(runs: &mut BTreeMap<i64, Known>, acked: &mut BTreeSet<i64>, kept: usize) {
+fn forget_old_acked(
+    runs: &mut BTreeMap<i64, Known>,
+    acked: &mut BTreeSet<i64>,
+    unacked: &mut BTreeSet<i64>,
+    kept: usize,
+) {
     while acked.len() > kept {
         if let Some(id) = acked.pop_first() {
             runs.remove(&id);
+            unacked.remove(&id);
         }
     }
 }
