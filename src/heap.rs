@@ -1,20 +1,6 @@
 //! The daemon's heap: glibc's thresholds fixed for a server, and freed memory given back to
 //! the system a second after large work is done.
 //!
-//! The `taskd` binary allocates with mimalloc (its `#[global_allocator]`); glibc's heap then
-//! holds what C code allocates (SQLite's pages and statements), and `taskd-agent`, which
-//! serves no clients, stays on glibc. Why: on a cluster's lease holder, glibc's allocator was
-//! 15 % of the CPU (`malloc_consolidate` and `unlink_chunk`, large blocks among many small
-//! ones, on a runtime that also runs the server's own agent), and with mimalloc the fires'
-//! lateness at p99 fell in six of eight paired runs, most in the worst ones (4.9 s to 0.17 s,
-//! 0.8 s to 41 ms, 1.0 s to 0.3 s; BENCHMARKS.md). Its cost: an idle daemon's RSS is
-//! 2.6 MiB more (19.7 against 17.1), and memory freed after large lists comes back more slowly.
-//! mimalloc is built to commit arena memory as it is used (`.cargo/config.toml`): committed
-//! eagerly, an idle daemon took 31 MiB, and mimalloc reads the option before `main` could set
-//! it. mimalloc gives freed pages back by itself, after a delay; [`tune`] and [`trim`] below
-//! are glibc's, and so now act on C code's heap and on a daemon built without mimalloc (the
-//! library's tests).
-//!
 //! glibc moves its trim and map thresholds as a process goes. For a daemon that answers the
 //! same large call over and over (a list of a thousand units is half a MiB of reply, which
 //! jsonrpsee copies once) that means handing the pages back after every call and faulting

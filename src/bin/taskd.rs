@@ -8,10 +8,6 @@ use taskd::config::{Args, Command, Config, LogFormat, Refused, StoreCommand};
 use taskd::process::{init_tracing, stop_on_signals};
 use taskd::store::copy::Place;
 
-/// The daemon's allocator (see [`taskd::heap`]).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit status for a configuration the daemon refuses (bad flags, files or combinations).
 const EXIT_USAGE: u8 = 2;
 
