@@ -129,8 +129,9 @@ impl Journal {
         }
         let mut acked: BTreeSet<i64> =
             runs.iter().filter(|(_, k)| k.acked).map(|(id, _)| *id).collect();
-        forget_old_acked(&mut runs, &mut acked, &mut BTreeSet::new(), ACKED_KEPT);
-        let unacked = runs.iter().filter(|(_, k)| k.result.is_some()).map(|(id, _)| *id).collect();
+        let mut unacked: BTreeSet<i64> =
+            runs.iter().filter(|(_, k)| k.result.is_some()).map(|(id, _)| *id).collect();
+        forget_old_acked(&mut runs, &mut acked, &mut unacked, ACKED_KEPT);
         // Compactions a crash or a dropped sync left half-written.
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
