@@ -76,99 +76,18 @@ async fn execute(
     stop: CancellationToken,
     why: StopCause,
     started: OnStart,
-    mut news: mpsc::UnboundedReceiver<News>,
+    news: mpsc::UnboundedReceiver<News>,
 ) -> RunRecord {
     let fleet = &ex.fleet;
     let store = fleet.store().clone();
     if let Err(e) = store.logs().open(rec.id, cfg.log_limit).await {
         tracing::error!(run = rec.id, error = %e, "cannot open the run's log");
     }
-    let order = Order::Assign(Assignment {
-        run: rec.id,
-        attempt: rec.attempt,
-        unit: rec.unit.clone(),
-        trigger: rec.trigger.as_str().into(),
-        definition: cfg.for_agent(),
-        // A fire made ahead of its time starts at it (a later batch's, or a retry's, is past).
-        start_at_us: rec.scheduled_at.map(|t| t.as_microsecond()),
-    });
-    let (host_wait, lost_after) = (cfg.host_wait, fleet.config().lost_after);
     // Revoked since the dispatch was made: another host may enroll under its name.
     let verdict = if fleet.is_gone(&rec.host) {
         Verdict::Here(RunState::Cancelled, "agent revoked".into())
     } else {
-        // Whether a connected agent has been handed the run at least once: from then on, its
-        // absence makes the run unreachable (then lost), not unavailable.
-        let mut assigned = fleet.send(&rec.host, order.clone());
-        let mut deadline = (!assigned).then(|| (Instant::now() + host_wait, false));
-        let mut on_start = Some(started);
-        let mut stopping: Option<String> = None;
-        // The agent's pid and start, recorded once the run has lived `PID_AFTER` (a shorter
-        // run's end carries them: one change of its row instead of two side by side).
-        let mut pid_due: Option<(Instant, u32, Timestamp)> = None;
-        loop {
-            let at = deadline.map(|(at, _)| at);
-            let pid_at = pid_due.map(|(at, ..)| at);
-            tokio::select! {
-                n = news.recv() => match n {
-                    Some(News::Attached) => {
-                        if fleet.send(&rec.host, order.clone()) {
-                            assigned = true;
-                            deadline = None;
-                            if let Some(reason) = &stopping {
-                                let run = rec.id;
-                                fleet.send(&rec.host, Order::Cancel { run, reason: reason.clone() });
-                            }
-                        }
-                    }
-                    Some(News::Detached) => {
-                        deadline = Some(if assigned {
-                            (Instant::now() + lost_after, true)
-                        } else {
-                            (Instant::now() + host_wait, false)
-                        });
-                    }
-                    Some(News::Started { pid, at }) => {
-                        pid_due = Some((Instant::now() + PID_AFTER, pid, at));
-                        rec.pid = Some(pid);
-                        rec.started_at = Some(at);
-                        if let Some(f) = on_start.take() {
-                            f(pid, at);
-                        }
-                    }
-                    Some(News::Finished(o)) => break Verdict::Reported(o),
-                    Some(News::Revoked) => break Verdict::Here(RunState::Lost, "agent revoked".into()),
-                    None => break Verdict::Here(RunState::Lost, "internal error: the run's slot closed".into()),
-                },
-                () = stop.cancelled(), if stopping.is_none() => {
-                    // The daemon shutting down leaves the run to its agent and the next daemon.
-                    if !why.is_set() || why.get() == StopReason::Shutdown {
-                        break Verdict::Left;
-                    }
-                    let reason = why.get().as_str().to_string();
-                    stopping = Some(reason.clone());
-                    // An agent away now is told when it comes back (it holds a run the server
-                    // no longer has active).
-                    if !fleet.send(&rec.host, Order::Cancel { run: rec.id, reason: reason.clone() }) {
-                        let state = if why.get() == StopReason::Timeout { RunState::TimedOut } else { RunState::Cancelled };
-                        break Verdict::Here(state, reason);
-                    }
-                }
-                () = async { tokio::time::sleep_until(pid_at.expect("guarded")).await }, if pid_at.is_some() => {
-                    if let Some((_, pid, at)) = pid_due.take() {
-                        // The pid is of the agent's host: no boot id, never signalled here.
-                        store.set_pid(rec.id, pid, at, None, None);
-                    }
-                }
-                () = async { tokio::time::sleep_until(at.expect("guarded")).await }, if at.is_some() => {
-                    break if deadline.is_some_and(|(_, lost)| lost) {
-                        Verdict::Here(RunState::Lost, "agent unreachable".into())
-                    } else {
-                        Verdict::Here(RunState::Cancelled, StopReason::AgentUnavailable.as_str().into())
-                    };
-                }
-            }
-        }
+        Watch::new(fleet, &cfg, &mut rec, started).until_end(news, &stop, &why).await
     };
     if matches!(verdict, Verdict::Left) {
         return rec;
@@ -183,6 +102,174 @@ async fn execute(
     rec.stderr_bytes = summary.stderr_bytes;
     rec.truncated = summary.truncated;
     rec.ended_at = Some(Timestamp::now());
+    settle(&mut rec, verdict);
+    rec
+}
+
+/// When a run whose agent is away is given up, and as what.
+#[derive(Clone, Copy)]
+struct GiveUp {
+    at: Instant,
+    /// The agent had been handed the run: it ends `lost` (`agent unreachable`), not
+    /// `cancelled` (`agent unavailable`).
+    lost: bool,
+}
+
+/// A run on its agent, followed from its assignment until its end is known.
+struct Watch<'a> {
+    fleet: &'a Fleet,
+    rec: &'a mut RunRecord,
+    /// The assignment, handed to the agent again each time it attaches.
+    order: Order,
+    host_wait: std::time::Duration,
+    lost_after: std::time::Duration,
+    /// Whether a connected agent has been handed the run at least once: from then on, its
+    /// absence makes the run unreachable (then lost), not unavailable.
+    assigned: bool,
+    /// Set while the agent is away.
+    give_up: Option<GiveUp>,
+    on_start: Option<OnStart>,
+    /// The reason of a stop asked for, once it is.
+    stopping: Option<String>,
+    /// The agent's pid and start, recorded once the run has lived `PID_AFTER` (a shorter
+    /// run's end carries them: one change of its row instead of two side by side).
+    pid_due: Option<(Instant, u32, Timestamp)>,
+}
+
+impl<'a> Watch<'a> {
+    /// Hands the run to its agent if it is connected, and starts watching.
+    fn new(fleet: &'a Fleet, cfg: &UnitConfig, rec: &'a mut RunRecord, started: OnStart) -> Self {
+        let order = Order::Assign(Assignment {
+            run: rec.id,
+            attempt: rec.attempt,
+            unit: rec.unit.clone(),
+            trigger: rec.trigger.as_str().into(),
+            definition: cfg.for_agent(),
+            // A fire made ahead of its time starts at it (a later batch's, or a retry's, is
+            // past).
+            start_at_us: rec.scheduled_at.map(|t| t.as_microsecond()),
+        });
+        let assigned = fleet.send(&rec.host, order.clone());
+        let host_wait = cfg.host_wait;
+        Watch {
+            fleet,
+            rec,
+            order,
+            host_wait,
+            lost_after: fleet.config().lost_after,
+            assigned,
+            give_up: (!assigned).then(|| GiveUp { at: Instant::now() + host_wait, lost: false }),
+            on_start: Some(started),
+            stopping: None,
+            pid_due: None,
+        }
+    }
+
+    /// Follows the run until its agent reports its end, it is ended here, or it is left to
+    /// the next daemon.
+    async fn until_end(
+        mut self,
+        mut news: mpsc::UnboundedReceiver<News>,
+        stop: &CancellationToken,
+        why: &StopCause,
+    ) -> Verdict {
+        loop {
+            let give_up = self.give_up;
+            let pid_at = self.pid_due.map(|(at, ..)| at);
+            tokio::select! {
+                n = news.recv() => if let Some(v) = self.heard(n) {
+                    return v;
+                },
+                () = stop.cancelled(), if self.stopping.is_none() => if let Some(v) = self.stop(why) {
+                    return v;
+                },
+                () = async { tokio::time::sleep_until(pid_at.expect("guarded")).await }, if pid_at.is_some() => {
+                    self.record_pid();
+                }
+                () = async { tokio::time::sleep_until(give_up.expect("guarded").at).await }, if give_up.is_some() => {
+                    return if give_up.is_some_and(|g| g.lost) {
+                        Verdict::Here(RunState::Lost, "agent unreachable".into())
+                    } else {
+                        Verdict::Here(RunState::Cancelled, StopReason::AgentUnavailable.as_str().into())
+                    };
+                }
+            }
+        }
+    }
+
+    /// What the run's slot heard; the verdict if that ends the watch.
+    fn heard(&mut self, news: Option<News>) -> Option<Verdict> {
+        let (fleet, host) = (self.fleet, &self.rec.host);
+        match news {
+            Some(News::Attached) => {
+                if fleet.send(host, self.order.clone()) {
+                    self.assigned = true;
+                    self.give_up = None;
+                    if let Some(reason) = &self.stopping {
+                        let run = self.rec.id;
+                        fleet.send(host, Order::Cancel { run, reason: reason.clone() });
+                    }
+                }
+            }
+            Some(News::Detached) => {
+                let (after, lost) = match self.assigned {
+                    true => (self.lost_after, true),
+                    false => (self.host_wait, false),
+                };
+                self.give_up = Some(GiveUp { at: Instant::now() + after, lost });
+            }
+            Some(News::Started { pid, at }) => {
+                self.pid_due = Some((Instant::now() + PID_AFTER, pid, at));
+                self.rec.pid = Some(pid);
+                self.rec.started_at = Some(at);
+                if let Some(f) = self.on_start.take() {
+                    f(pid, at);
+                }
+            }
+            Some(News::Finished(o)) => return Some(Verdict::Reported(o)),
+            Some(News::Revoked) => {
+                return Some(Verdict::Here(RunState::Lost, "agent revoked".into()));
+            }
+            None => {
+                let reason = "internal error: the run's slot closed".into();
+                return Some(Verdict::Here(RunState::Lost, reason));
+            }
+        }
+        None
+    }
+
+    /// The run was asked to stop: tells its agent; the verdict if the run ends here.
+    fn stop(&mut self, why: &StopCause) -> Option<Verdict> {
+        // The daemon shutting down leaves the run to its agent and the next daemon.
+        if !why.is_set() || why.get() == StopReason::Shutdown {
+            return Some(Verdict::Left);
+        }
+        let reason = why.get().as_str().to_string();
+        self.stopping = Some(reason.clone());
+        // An agent away now is told when it comes back (it holds a run the server no longer
+        // has active).
+        let cancel = Order::Cancel { run: self.rec.id, reason: reason.clone() };
+        if self.fleet.send(&self.rec.host, cancel) {
+            return None;
+        }
+        let state = match why.get() {
+            StopReason::Timeout => RunState::TimedOut,
+            _ => RunState::Cancelled,
+        };
+        Some(Verdict::Here(state, reason))
+    }
+
+    /// Records the pid of a run that has lived `PID_AFTER`.
+    fn record_pid(&mut self) {
+        if let Some((_, pid, at)) = self.pid_due.take() {
+            // The pid is of the agent's host: no boot id, never signalled here.
+            self.fleet.store().set_pid(self.rec.id, pid, at, None, None);
+        }
+    }
+}
+
+/// Writes how the run ended into `rec`, whose output and end time are already there.
+fn settle(rec: &mut RunRecord, verdict: Verdict) {
     match verdict {
         Verdict::Reported(o) => {
             rec.state = o
@@ -210,7 +297,6 @@ async fn execute(
             rec.state = state;
             rec.reason = Some(reason);
         }
-        Verdict::Left => unreachable!("returned above"),
+        Verdict::Left => unreachable!("a run left to the next daemon is not settled"),
     }
-    rec
 }
