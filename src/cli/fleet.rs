@@ -74,13 +74,13 @@ pub async fn agents(ctx: &Ctx, a: AgentsArgs) -> anyhow::Result<()> {
             }
             output::line(&t.token)?;
             // In a cluster, every server the agent may use (it goes on to the next when one
-            // is away); else the address dialled.
+            // is away); else the addresses given.
             let status = crate::rpc::daemon::DaemonApiClient::status(&ctx.client, None);
             let cluster = ctx.call(status).await.ok().and_then(|s| s.cluster);
             let servers: Vec<String> = cluster.map_or_else(Vec::new, |c| {
                 c.servers.into_iter().filter(|s| s.role != "gone").map(|s| s.address).collect()
             });
-            let servers = if servers.is_empty() { ctx.addr.clone() } else { servers.join(",") };
+            let servers = if servers.is_empty() { ctx.addrs.join(",") } else { servers.join(",") };
             eprintln!(
                 "taskctl: good once, until {}: on the new host run\n  taskd agent --server {servers} --join {}",
                 output::local_time(&t.expires_at),

@@ -39,8 +39,8 @@ use crate::state_dir::ADDRESS_FILE;
                   2 usage error, 3 cannot reach the daemon."
 )]
 pub struct Cli {
-    /// Daemon address, HOST:PORT [default: <state-dir>/address if present, else
-    /// 127.0.0.1:3333]
+    /// Daemon address, HOST:PORT; for a cluster, its servers comma-separated (the first that
+    /// answers is used) [default: <state-dir>/address if present, else 127.0.0.1:3333]
     #[arg(
         long,
         global = true,
@@ -445,11 +445,8 @@ fn connect_error(
 ) -> anyhow::Error {
     match e {
         e if e.is_unreachable() => {
-            let why = match &e {
-                ClientError::Connect { source, .. } => source.to_string(),
-                ClientError::Login(inner) => inner.to_string(),
-            };
-            if tls && why.contains("certificate") {
+            let why = unreachable_why(&e);
+            if refused_by_tls(&e, tls) {
                 // Reached, but not trusted: not a daemon to start.
                 return CliError::Refused {
                     message: format!("TLS to {addr} refused: {why}"),
@@ -479,7 +476,38 @@ fn connect_error(
     }
 }
 
+/// What made a connection fail before the daemon answered.
+fn unreachable_why(e: &ClientError) -> String {
+    match e {
+        ClientError::Connect { source, .. } => source.to_string(),
+        ClientError::Login(inner) => inner.to_string(),
+    }
+}
+
+/// Whether a connection that failed reached a server whose certificate was not trusted: not a
+/// daemon to start, nor one to pass over for another.
+fn refused_by_tls(e: &ClientError, tls: bool) -> bool {
+    tls && unreachable_why(e).contains("certificate")
+}
+
 impl Dial {
+    /// Connects to the first of `addrs` that answers, and says which. A refusal (a login or
+    /// a certificate) is not tried elsewhere: a cluster's servers share their token and
+    /// certificate authority. When none answers, the error names them all.
+    async fn connect_any(&self, addrs: &[String]) -> Result<(Conn, String), (ClientError, String)> {
+        let mut unreachable = None;
+        for addr in addrs {
+            match self.connect(addr).await {
+                Ok(c) => return Ok((c, addr.clone())),
+                Err(e) if e.is_unreachable() && !refused_by_tls(&e, self.tls.is_some()) => {
+                    unreachable = Some(e)
+                }
+                Err(e) => return Err((e, addr.clone())),
+            }
+        }
+        Err((unreachable.expect("at least one address"), addrs.join(",")))
+    }
+
     async fn connect(&self, addr: &str) -> Result<Conn, ClientError> {
         let (token, tls) = (self.token.as_deref(), self.tls.clone());
         if self.streams {
@@ -500,8 +528,10 @@ fn no_streams(method: &str) -> RpcError {
 pub(crate) struct Ctx {
     /// The connection to the daemon.
     pub client: Conn,
-    /// The address dialled.
+    /// The address dialled (the one that answered, of several).
     pub addr: String,
+    /// Every address given (a cluster's servers), in the order they are tried.
+    pub addrs: Vec<String>,
     /// `--json`.
     pub json: bool,
     /// How to start the daemon, for the unreachable hint.
@@ -526,16 +556,12 @@ impl Ctx {
     async fn connect(cli: &Cli, streams: bool) -> anyhow::Result<Ctx> {
         let default_dir = default_state_dir();
         let state_dir = cli.state_dir.clone().unwrap_or_else(|| default_dir.clone());
-        let addr = match &cli.addr {
-            Some(a) if !is_host_port(a) => {
-                return Err(CliError::Usage(format!(
-                    "invalid --addr {a:?} (or TASKD_ADDR): expected HOST:PORT, e.g. {DEFAULT_LISTEN}"
-                ))
-                .into());
-            }
-            Some(a) => a.clone(),
-            None => read_trimmed(&state_dir.join(ADDRESS_FILE))
-                .unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
+        let addrs = match &cli.addr {
+            Some(a) => parse_addrs(a)?,
+            None => vec![
+                read_trimmed(&state_dir.join(ADDRESS_FILE))
+                    .unwrap_or_else(|| DEFAULT_LISTEN.to_string()),
+            ],
         };
         let token_file = state_dir.join("token");
         // An empty --token or TASKD_TOKEN counts as not given.
@@ -546,7 +572,11 @@ impl Ctx {
             // without logging in; a daemon that wants one answers "unauthorized" with a hint.
             None => read_trimmed(&token_file),
         };
-        let start_hint = if state_dir == default_dir {
+        let start_hint = if addrs.len() > 1 {
+            "none of these servers answered: start one (taskd --store postgres://… --name NAME), \
+             or list the cluster's servers again (taskctl status, on any of them, lists them)"
+                .to_string()
+        } else if state_dir == default_dir {
             "start it with: taskd (or pass --state-dir/--addr for a daemon elsewhere)".to_string()
         } else {
             format!("start it with: taskd --state-dir {}", state_dir.display())
@@ -580,28 +610,26 @@ impl Ctx {
             None => None,
         };
         let dial = Dial { token, tls, streams };
-        let connected = dial.connect(&addr).await;
-        let client = match connected {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(connect_error(e, &addr, dial.tls.is_some(), &start_hint, &token_hint));
-            }
-        };
-        Ok(Ctx { client, addr, json: cli.json, start_hint, token_hint, dial })
+        let (client, addr) = dial.connect_any(&addrs).await.map_err(|(e, at)| {
+            connect_error(e, &at, dial.tls.is_some(), &start_hint, &token_hint)
+        })?;
+        Ok(Ctx { client, addr, addrs, json: cli.json, start_hint, token_hint, dial })
     }
 
     /// A new connection to the same daemon, as this one was made: for a command that goes on
-    /// after its connection was lost (a cluster's server that went away, whose address
-    /// another server answers once it took over). Its errors are the first connection's.
+    /// after its connection was lost (a cluster's server that went away: another of the
+    /// servers given, or one that took over its address). Its errors are the first
+    /// connection's.
     pub async fn redial(&self) -> anyhow::Result<Ctx> {
         let tls = self.dial.tls.is_some();
-        let client =
-            self.dial.connect(&self.addr).await.map_err(|e| {
-                connect_error(e, &self.addr, tls, &self.start_hint, &self.token_hint)
+        let (client, addr) =
+            self.dial.connect_any(&self.addrs).await.map_err(|(e, at)| {
+                connect_error(e, &at, tls, &self.start_hint, &self.token_hint)
             })?;
         Ok(Ctx {
             client,
-            addr: self.addr.clone(),
+            addr,
+            addrs: self.addrs.clone(),
             json: self.json,
             start_hint: self.start_hint.clone(),
             token_hint: self.token_hint.clone(),
@@ -660,6 +688,18 @@ impl Ctx {
 
 /// Whether `s` looks like an address to dial: `HOST:PORT` with a port number, the host a
 /// name, an IPv4 address or a bracketed IPv6 address.
+/// `--addr`'s addresses: one, or a cluster's servers separated by commas.
+fn parse_addrs(given: &str) -> Result<Vec<String>, CliError> {
+    let addrs: Vec<String> = given.split(',').map(|a| a.trim().to_string()).collect();
+    match addrs.iter().find(|a| !is_host_port(a)) {
+        Some(bad) => Err(CliError::Usage(format!(
+            "invalid --addr {bad:?} (or TASKD_ADDR): expected HOST:PORT, e.g. {DEFAULT_LISTEN}, \
+             or several separated by commas"
+        ))),
+        None => Ok(addrs),
+    }
+}
+
 fn is_host_port(s: &str) -> bool {
     let Some((host, port)) = s.rsplit_once(':') else { return false };
     let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {

@@ -228,6 +228,21 @@ fn unreachable_daemon_is_exit_3_with_a_hint() {
 
     // Without --addr, the address comes from <state-dir>/address: the daemon is found.
     ok(d.taskctl(&["list"]));
+
+    // Several addresses (a cluster's servers): the first that answers is used…
+    let both = format!("{addr},{}", d.addr);
+    ok(d.taskctl(&["--addr", &both, "list"]));
+    // …and when none does, the error names them all.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let none = format!("{addr},127.0.0.1:{port}");
+    let (code, err) = fails(d.taskctl(&["--addr", &none, "list"]));
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains(&format!("cannot reach taskd at {none}")), "{err}");
+    assert!(err.contains("none of these servers answered"), "{err}");
+    // One bad address in the list is a usage error that names it.
+    let (code, err) = fails(d.taskctl(&["--addr", &format!("{},nowhere", d.addr), "list"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("invalid --addr \"nowhere\""), "{err}");
 }
 
 #[test]

@@ -682,6 +682,12 @@ fn a_file_pushed_through_one_server_is_put_again_after_that_server_died() {
     std::fs::remove_file(&dest).unwrap();
     let survivor = &servers[1 - i];
     wait_hosts(survivor, &[other]);
+    // taskctl given both servers goes on to the one alive.
+    let both = format!("{},{}", servers[i].addr, survivor.addr);
+    let out = survivor.taskctl(&["--addr", &both, "status"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("held by {other}")), "{text}");
     // Its uptime is its process's, not its time as the holder (it took over just now, after
     // a lease of 2 s at least).
     let status = survivor.call("Daemon.Status", json!(null));
