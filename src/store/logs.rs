@@ -85,7 +85,6 @@ enum Msg {
     Open {
         run: i64,
         limit: u64,
-        reply: oneshot::Sender<Result<()>>,
     },
     Write {
         run: i64,
@@ -182,11 +181,17 @@ impl Logs {
         }
     }
 
-    /// Creates the log file of a run that is about to start, keeping `limit` bytes per stream.
+    /// Opens the log of a run that is about to start, keeping `limit` bytes per stream.
+    ///
+    /// Returns once the writer thread has it queued, not once it is open: everything asked
+    /// of the log later (output, followers, the end) is queued after it and so finds it open,
+    /// and a run need not wait for a thread that is background work (niced, and busy with
+    /// every other run's output): on a cluster's lease holder every assignment to an agent
+    /// waited for its log's opening, so a writer behind by a fraction of a second made every
+    /// host start late at once. Opening cannot fail: a log that cannot be carried on keeps
+    /// nothing more, and says so in the daemon's log.
     pub async fn open(&self, run: i64, limit: u64) -> Result<()> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Open { run, limit, reply }).await.map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        self.tx.send(Msg::Open { run, limit }).await.map_err(|_| Error::ShuttingDown)
     }
 
     /// Appends output of a run; waits while the writer thread has its fill of output queued.
@@ -651,7 +656,7 @@ fn writer_thread(sink: Sink, mut rx: mpsc::Receiver<Msg>) {
     let mut waiting: HashMap<i64, Vec<Waiter>> = HashMap::new();
     while let Some(msg) = rx.blocking_recv() {
         match msg {
-            Msg::Open { run, limit, reply } => {
+            Msg::Open { run, limit } => {
                 let live = LiveFeed::new(LIVE_BUDGET);
                 let log = runs.entry(run).or_insert_with(|| {
                     let out = match &sink {
@@ -677,7 +682,6 @@ fn writer_thread(sink: Sink, mut rx: mpsc::Receiver<Msg>) {
                         let _ = w.send(f);
                     });
                 }
-                let _ = reply.send(Ok(()));
             }
             Msg::Write { run, stream, at, data, .. } => {
                 if let Some(log) = runs.get_mut(&run) {
