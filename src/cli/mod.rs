@@ -573,8 +573,8 @@ impl Ctx {
             None => read_trimmed(&token_file),
         };
         let start_hint = if addrs.len() > 1 {
-            "none of these servers answered: start one (taskd --store postgres://… --name NAME), \
-             or list the cluster's servers again (taskctl status, on any of them, lists them)"
+            "none of the servers given answered (or the one in use went away): start one \
+             (taskd --store postgres://… --name NAME); taskctl status on any server lists them all"
                 .to_string()
         } else if state_dir == default_dir {
             "start it with: taskd (or pass --state-dir/--addr for a daemon elsewhere)".to_string()

@@ -238,7 +238,7 @@ fn unreachable_daemon_is_exit_3_with_a_hint() {
     let (code, err) = fails(d.taskctl(&["--addr", &none, "list"]));
     assert_eq!(code, 3, "{err}");
     assert!(err.contains(&format!("cannot reach taskd at {none}")), "{err}");
-    assert!(err.contains("none of these servers answered"), "{err}");
+    assert!(err.contains("none of the servers given answered"), "{err}");
     // One bad address in the list is a usage error that names it.
     let (code, err) = fails(d.taskctl(&["--addr", &format!("{},nowhere", d.addr), "list"]));
     assert_eq!(code, 2, "{err}");
