@@ -74,13 +74,13 @@ pub async fn agents(ctx: &Ctx, a: AgentsArgs) -> anyhow::Result<()> {
             }
             output::line(&t.token)?;
             // In a cluster, every server the agent may use (it goes on to the next when one
-            // is away); else the addresses given.
+            // is away); else the address dialled.
             let status = crate::rpc::daemon::DaemonApiClient::status(&ctx.client, None);
             let cluster = ctx.call(status).await.ok().and_then(|s| s.cluster);
             let servers: Vec<String> = cluster.map_or_else(Vec::new, |c| {
                 c.servers.into_iter().filter(|s| s.role != "gone").map(|s| s.address).collect()
             });
-            let servers = if servers.is_empty() { ctx.addrs.join(",") } else { servers.join(",") };
+            let servers = if servers.is_empty() { ctx.addr.clone() } else { servers.join(",") };
             eprintln!(
                 "taskctl: good once, until {}: on the new host run\n  taskd agent --server {servers} --join {}",
                 output::local_time(&t.expires_at),
@@ -213,8 +213,8 @@ pub async fn push(ctx: &Ctx, a: PushArgs) -> anyhow::Result<()> {
         (crate::store::content::hex(&h.finalize()), size)
     };
     // A connection lost mid-upload (in a cluster, the server that took it died, or the one
-    // relaying to it) is dialled again until a server answers at that address (one that took
-    // over), for up to `UPLOAD_RETRY_FOR` after each loss and `UPLOAD_RESTARTS` times, and
+    // relaying to it) is dialled again until a server answers at one of the addresses given
+    // (another server, or one that took over the address), for up to `UPLOAD_RETRY_FOR` after each loss and `UPLOAD_RESTARTS` times, and
     // the upload starts over there: uploads are not kept across servers, only files.
     let mut fresh: Option<Ctx> = None;
     let mut restarts = 0;

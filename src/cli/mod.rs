@@ -686,8 +686,6 @@ impl Ctx {
     }
 }
 
-/// Whether `s` looks like an address to dial: `HOST:PORT` with a port number, the host a
-/// name, an IPv4 address or a bracketed IPv6 address.
 /// `--addr`'s addresses: one, or a cluster's servers separated by commas.
 fn parse_addrs(given: &str) -> Result<Vec<String>, CliError> {
     let addrs: Vec<String> = given.split(',').map(|a| a.trim().to_string()).collect();
@@ -700,6 +698,8 @@ fn parse_addrs(given: &str) -> Result<Vec<String>, CliError> {
     }
 }
 
+/// Whether `s` looks like an address to dial: `HOST:PORT` with a port number, the host a
+/// name, an IPv4 address or a bracketed IPv6 address.
 fn is_host_port(s: &str) -> bool {
     let Some((host, port)) = s.rsplit_once(':') else { return false };
     let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
