@@ -215,12 +215,16 @@ fn logs_follow_prints_a_running_unit_live_and_ends() {
     assert_eq!(text, "line1\nline2\nline3\n");
 }
 
+/// An address on a port that was just free: nothing listens on it.
+fn dead_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    format!("127.0.0.1:{port}")
+}
+
 #[test]
 fn unreachable_daemon_is_exit_3_with_a_hint() {
     let d = TestDaemon::start();
-    // A port that was just free: nothing listens on it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = dead_addr();
     let (code, err) = fails(d.taskctl(&["--addr", &addr, "list"]));
     assert_eq!(code, 3, "{err}");
     assert!(err.contains(&format!("cannot reach taskd at {addr}")), "{err}");
@@ -233,8 +237,7 @@ fn unreachable_daemon_is_exit_3_with_a_hint() {
     let both = format!("{addr},{}", d.addr);
     ok(d.taskctl(&["--addr", &both, "list"]));
     // …and when none does, the error names them all.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let none = format!("{addr},127.0.0.1:{port}");
+    let none = format!("{addr},{}", dead_addr());
     let (code, err) = fails(d.taskctl(&["--addr", &none, "list"]));
     assert_eq!(code, 3, "{err}");
     assert!(err.contains(&format!("cannot reach taskd at {none}")), "{err}");
