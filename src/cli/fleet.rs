@@ -214,8 +214,9 @@ pub async fn push(ctx: &Ctx, a: PushArgs) -> anyhow::Result<()> {
     };
     // A connection lost mid-upload (in a cluster, the server that took it died, or the one
     // relaying to it) is dialled again until a server answers at one of the addresses given
-    // (another server, or one that took over the address), for up to `UPLOAD_RETRY_FOR` after each loss and `UPLOAD_RESTARTS` times, and
-    // the upload starts over there: uploads are not kept across servers, only files.
+    // (another server, or one that took over the address), for up to `UPLOAD_RETRY_FOR` after
+    // each loss and `UPLOAD_RESTARTS` times, and the upload starts over there: uploads are not
+    // kept across servers, only files.
     let mut fresh: Option<Ctx> = None;
     let mut restarts = 0;
     let source = loop {

@@ -212,10 +212,8 @@ impl<'a> Watch<'a> {
                 }
             }
             Some(News::Detached) => {
-                let (after, lost) = match self.assigned {
-                    true => (self.lost_after, true),
-                    false => (self.host_wait, false),
-                };
+                let after = if self.assigned { self.lost_after } else { self.host_wait };
+                let lost = self.assigned;
                 self.give_up = Some(GiveUp { at: Instant::now() + after, lost });
             }
             Some(News::Started { pid, at }) => {
