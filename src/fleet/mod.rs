@@ -153,6 +153,9 @@ struct RunSlot {
     news: mpsc::UnboundedSender<News>,
     /// Output chunks below this number were written already.
     next_seq: u64,
+    /// The run's log is open (its opening queued to the log writer): until then output is
+    /// refused as not ready, for a write queued ahead of the opening would be dropped.
+    log_open: bool,
     /// Agents' calls waiting for the run's end to be recorded.
     acks: Vec<oneshot::Sender<()>>,
 }
@@ -574,9 +577,22 @@ impl Fleet {
 
     /// Opens the slot of remote run `run` on `host`: what its agent reports reaches `news`.
     fn open_slot(&self, run: i64, host: &str, news: mpsc::UnboundedSender<News>) {
-        let slot =
-            RunSlot { host: host.to_string(), started: false, news, next_seq: 0, acks: Vec::new() };
+        let slot = RunSlot {
+            host: host.to_string(),
+            started: false,
+            news,
+            next_seq: 0,
+            log_open: false,
+            acks: Vec::new(),
+        };
         self.0.runs.insert(run, slot);
+    }
+
+    /// The log of remote run `run` is open: its agent's output is taken from now on.
+    fn log_opened(&self, run: i64) {
+        if let Some(mut slot) = self.0.runs.get_mut(&run) {
+            slot.log_open = true;
+        }
     }
 
     /// The slot of `run` if agent `agent` holds it.
@@ -608,6 +624,10 @@ impl Fleet {
         self.heard(agent);
         let mut fresh = Vec::with_capacity(out.chunks.len());
         match self.slot_of(agent, out.run) {
+            Ok(slot) if !slot.log_open => {
+                // Taken over just now: its log's opening is not queued yet.
+                return Err(Error::Conflict(format!("{NOT_READY}: run {}", out.run)));
+            }
             Ok(mut slot) => {
                 for c in out.chunks {
                     if c.seq < slot.next_seq {
@@ -704,5 +724,33 @@ mod tests {
         assert!(matches(&labels, &selector_pairs("*").unwrap()));
         assert!(selector_pairs("role=").is_err());
         assert!(is_selector("*") && is_selector("a=b") && !is_selector("web-01"));
+    }
+
+    /// A run taken over: its agent's output may come before the executor has queued the
+    /// log's opening. It is refused as not ready (the agent sends it again), never dropped.
+    #[tokio::test]
+    async fn output_before_the_log_is_open_is_refused_as_not_ready_then_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fleet = Fleet::open(store.clone(), FleetConfig::default(), CancellationToken::new())
+            .await
+            .unwrap();
+        let (news, _heard) = mpsc::unbounded_channel();
+        fleet.open_slot(7, "w1", news);
+        let out = || proto::Output {
+            run: 7,
+            chunks: vec![proto::Chunk {
+                seq: 0,
+                stream: "stdout".into(),
+                at_us: 0,
+                data: "hi\n".into(),
+            }],
+        };
+        let e = fleet.output("w1", out()).await.unwrap_err();
+        assert!(e.to_string().contains(NOT_READY), "{e}");
+        store.logs().open(7, 1 << 20).await.unwrap();
+        fleet.log_opened(7);
+        fleet.output("w1", out()).await.unwrap();
+        assert_eq!(store.logs().finish(7).await.stdout_bytes, 3, "the chunk written once");
     }
 }

@@ -53,8 +53,9 @@ impl RemoteExecutor {
 
     /// Runs `rec` (whose `host` is an agent's name) of the unit `cfg` on that agent, and
     /// returns it ended, or still `running` if the daemon is shutting down. The run's slot
-    /// opens now, before the future is first polled, so that what its agent reports from
-    /// here on is never refused.
+    /// opens now, before the future is first polled, so that its agent's start and end
+    /// reports from here on are never refused; its output is taken once the log's opening
+    /// is queued (before that it is refused as not ready, and the agent sends it again).
     pub fn execute(
         self: Arc<Self>,
         cfg: Arc<UnitConfig>,
@@ -83,6 +84,7 @@ async fn execute(
     if let Err(e) = store.logs().open(rec.id, cfg.log_limit).await {
         tracing::error!(run = rec.id, error = %e, "cannot open the run's log");
     }
+    fleet.log_opened(rec.id);
     // Revoked since the dispatch was made: another host may enroll under its name.
     let verdict = if fleet.is_gone(&rec.host) {
         Verdict::Here(RunState::Cancelled, "agent revoked".into())
