@@ -300,8 +300,20 @@ async fn stand_by(
     let keep =
         crate::cluster::keep(c.clone(), taken, cfg.lease, lease.stop.clone(), lease.lost.clone());
     tokio::spawn(keep);
-    store.engine_starts().await?;
+    if let Err(e) = store.engine_starts().await {
+        give_lease_up(c, epoch, lease.stop).await;
+        return Err(e.into());
+    }
     Ok(Some(Holding { listener, host, epoch }))
+}
+
+/// Gives the cluster's lease of `epoch` up (its renewal and this server's own agent stopped
+/// by `stop` first), so that a standby takes over at once instead of when it runs out.
+async fn give_lease_up(c: &crate::store::Cluster, epoch: i64, stop: &CancellationToken) {
+    stop.cancel();
+    if let Err(e) = c.release(epoch).await {
+        tracing::warn!(error = %e, "cannot give the cluster's lease up; it runs out by itself");
+    }
 }
 
 /// The server's TLS, when it is on: its certificate (made and kept in the state directory
@@ -415,6 +427,9 @@ pub async fn run(
     let peers = crate::rpc::http::Peers::default();
     // A cluster's server listens while it stands by; a lone daemon once its units are loaded.
     let mut socket = Some(socket);
+    // Loaded before standing by: a server whose certificate cannot be loaded stops at once,
+    // not after it has taken the lease over.
+    let tls = server_tls(&cfg, local)?;
     let mut holding = None;
     if let Some(c) = &cluster {
         if let Some(t) = token {
@@ -428,9 +443,17 @@ pub async fn run(
             None => return Ok(()),
         }
     }
-    let tls = server_tls(&cfg, local)?;
     let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
-    let registry = open_registry(&cfg, &store, fingerprint, cluster.is_some(), &stopping).await?;
+    let registry =
+        match open_registry(&cfg, &store, fingerprint, cluster.is_some(), &stopping).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let (Some(c), Some(h)) = (&cluster, &holding) {
+                    give_lease_up(c, h.epoch, &cluster_stop).await;
+                }
+                return Err(e);
+            }
+        };
     // Loading left holes in the heap (definitions parsed, records copied) between the units'
     // long-lived state; with 100,000 units that is tens of MiB the allocator would keep.
     heap::trim();
@@ -523,9 +546,7 @@ pub async fn run(
     }
     if let (Some(c), Some(e)) = (&cluster, epoch) {
         // After the engine stopped: a standby takes over at once, and nobody fires meanwhile.
-        if let Err(e) = c.release(e).await {
-            tracing::warn!(error = %e, "cannot give the cluster's lease up; it runs out by itself");
-        }
+        give_lease_up(c, e, &cluster_stop).await;
     }
     tracing::info!("taskd stopped");
     Ok(())

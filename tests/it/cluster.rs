@@ -137,6 +137,27 @@ fn a_store_that_is_not_a_postgres_url_is_refused_at_start() {
     assert!(err.contains("is not a PostgreSQL URL"), "{err}");
 }
 
+#[test]
+fn a_server_whose_certificate_cannot_be_loaded_stops_before_it_takes_the_lease() {
+    let Some(db) = PgDb::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_taskd"))
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .args(["--store", &db.url, "--name", "a", "--lease", "30s"])
+        .args(["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/cert.pem"), "{err}");
+    // Nobody holds the lease: a good server takes it at once, not 30 s later.
+    let rows = query(&db.url, "SELECT holder FROM lease WHERE expires_at > clock_timestamp()");
+    assert!(rows.iter().all(|r| r[0].is_none()), "{rows:?}");
+    let _b = server(&db, "b");
+    assert_eq!(holder(&db), "b");
+}
+
 /// A server of the cluster on `db`, named `name`, with a 2 s lease.
 fn server(db: &PgDb, name: &str) -> TestDaemon {
     TestDaemon::start_with(&["--store", &db.url, "--name", name, "--lease", "2s"])
