@@ -468,38 +468,7 @@ pub async fn run(
         gate: gate.clone(),
         cluster: cluster.clone().map(|c| (c, cfg.lease)),
     }));
-    let sessions = Arc::new(crate::rpc::dashboard::Sessions::default());
-    let serve_cfg = ServeConfig {
-        auth: match &token {
-            Some(t) => Auth::Token(t.clone()),
-            None => Auth::None,
-        },
-        max_request_size: cfg.max_request_size,
-        max_connections: cfg.max_connections,
-        max_in_flight: cfg.max_in_flight,
-        idle_timeout: cfg.idle_timeout,
-        audit: audit_to(store.clone()),
-        audited_methods: AUDITED_METHODS,
-        stop_accepting: stopping.stop_accepting.clone(),
-        allow_hosts: cfg.allow_host.clone(),
-        peers,
-        gate: Some(gate),
-        tls: tls.map(|t| t.acceptor),
-        plain_remote: cfg.insecure,
-        agents: Some({
-            let fleet = registry.fleet().clone();
-            Arc::new(move |credential: &str| fleet.authenticate(credential))
-        }),
-        routes: Some(Arc::new(DaemonRoutes::new(
-            registry.clone(),
-            cfg.metrics_public,
-            sessions.clone(),
-            token.clone(),
-        ))),
-        sessions: Some(sessions),
-        metrics: Some(registry.metrics().clone()),
-        ..ServeConfig::default()
-    };
+    let serve_cfg = serve_config(&cfg, &registry, &token, tls, peers, gate, &stopping);
     let (listener, host, epoch) = match (holding, socket) {
         (Some(h), _) => (h.listener, Some(h.host), Some(h.epoch)),
         (None, Some(s)) => {
@@ -550,6 +519,51 @@ pub async fn run(
     }
     tracing::info!("taskd stopped");
     Ok(())
+}
+
+/// How the server serves its port: limits, auth, audit, TLS, agents' credentials, the HTTP
+/// routes (dashboard, `/metrics`, the seeds' REST facade) and peers to relay to.
+fn serve_config(
+    cfg: &Config,
+    registry: &Registry,
+    token: &Option<Arc<str>>,
+    tls: Option<ServerTls>,
+    peers: crate::rpc::http::Peers,
+    gate: Arc<Gate>,
+    stopping: &Stopping,
+) -> ServeConfig {
+    let sessions = Arc::new(crate::rpc::dashboard::Sessions::default());
+    ServeConfig {
+        auth: match token {
+            Some(t) => Auth::Token(t.clone()),
+            None => Auth::None,
+        },
+        max_request_size: cfg.max_request_size,
+        max_connections: cfg.max_connections,
+        max_in_flight: cfg.max_in_flight,
+        idle_timeout: cfg.idle_timeout,
+        audit: audit_to(registry.store().clone()),
+        audited_methods: AUDITED_METHODS,
+        stop_accepting: stopping.stop_accepting.clone(),
+        allow_hosts: cfg.allow_host.clone(),
+        peers,
+        gate: Some(gate),
+        tls: tls.map(|t| t.acceptor),
+        plain_remote: cfg.insecure,
+        agents: Some({
+            let fleet = registry.fleet().clone();
+            Arc::new(move |credential: &str| fleet.authenticate(credential))
+        }),
+        routes: Some(Arc::new(DaemonRoutes::new(
+            registry.clone(),
+            cfg.metrics_public,
+            sessions.clone(),
+            token.clone(),
+        ))),
+        sessions: Some(sessions),
+        metrics: Some(registry.metrics().clone()),
+        ..ServeConfig::default()
+    }
 }
 
 /// When this process started (first asked for at the top of `main`): what `Daemon.Status`
