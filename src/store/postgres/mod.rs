@@ -1575,128 +1575,139 @@ fn keep_only(batch: Vec<Detached>, keep: &[usize]) -> Vec<Detached> {
 async fn apply_detached(pool: &Pool, shared: &Shared, batch: &[Detached]) -> Result<Vec<usize>> {
     let mut c = pool.get().await?;
     let t = begin(&mut c, shared).await?;
-    let mut fires: BTreeMap<&str, (Timestamp, Vec<usize>)> = BTreeMap::new();
-    let mut pids: BTreeMap<i64, (usize, &Detached)> = BTreeMap::new();
-    for (i, d) in batch.iter().enumerate() {
-        match d {
-            Detached::LastFire(name, at) => {
-                let e = fires.entry(name.as_str()).or_insert((*at, Vec::new()));
-                e.0 = e.0.max(*at);
-                e.1.push(i);
-            }
-            // The newest start of a run wins.
-            Detached::Pid { id, .. } => {
-                pids.insert(*id, (i, d));
-            }
-            _ => {}
-        }
-    }
-    let mut busy = Vec::new();
-    if !fires.is_empty() {
-        let names: Vec<&str> = fires.keys().copied().collect();
-        let ats: Vec<Timestamp> = fires.values().map(|(at, _)| *at).collect();
-        // Never backwards (a late change from a server that lost the lease).
-        let done = t
-            .query(
-                "UPDATE units u SET last_fire = GREATEST(COALESCE(u.last_fire, x.at), x.at) \
-                 FROM unnest($1::text[], $2::timestamptz[]) AS x(name, at) \
-                 WHERE u.name = x.name AND u.name IN \
-                 (SELECT name FROM units WHERE name = ANY($1) FOR UPDATE SKIP LOCKED) \
-                 RETURNING u.name",
-                &[&names, &ats],
-            )
-            .await?;
-        if done.len() < names.len() {
-            let done: std::collections::HashSet<String> = done.iter().map(|r| r.get(0)).collect();
-            let left: Vec<&str> = names.into_iter().filter(|n| !done.contains(*n)).collect();
-            // Left because locked, or because the unit is gone (nothing to do then).
-            for r in t.query("SELECT name FROM units WHERE name = ANY($1)", &[&left]).await? {
-                let name: String = r.get(0);
-                busy.extend(
-                    fires
-                        .get(name.as_str())
-                        .map(|(_, positions)| positions.clone())
-                        .unwrap_or_default(),
-                );
-            }
-        }
-    }
-    if !pids.is_empty() {
-        let (mut ids, mut ps, mut starts, mut pid_starts, mut boots) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (_, d) in pids.values() {
-            if let Detached::Pid { id, pid, started, pid_start, boot_id } = d {
-                ids.push(*id);
-                ps.push(i64::from(*pid));
-                starts.push(*started);
-                pid_starts.push(pid_start.map(|s| s as i64));
-                boots.push(boot_id.as_deref());
-            }
-        }
-        let done = t
-            .query(
-                "UPDATE runs r SET pid = x.pid, started_at = x.started, \
-                 pid_start = x.pid_start, boot_id = x.boot_id \
-                 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[], \
-                 $5::text[]) AS x(id, pid, started, pid_start, boot_id) \
-                 WHERE r.id = x.id AND r.id IN \
-                 (SELECT id FROM runs WHERE id = ANY($1) FOR UPDATE SKIP LOCKED) \
-                 RETURNING r.id",
-                &[&ids, &ps, &starts, &pid_starts, &boots],
-            )
-            .await?;
-        if done.len() < ids.len() {
-            let done: std::collections::HashSet<i64> = done.iter().map(|r| r.get(0)).collect();
-            let left: Vec<i64> = ids.into_iter().filter(|id| !done.contains(id)).collect();
-            for r in t.query("SELECT id FROM runs WHERE id = ANY($1)", &[&left]).await? {
-                let id: i64 = r.get(0);
-                busy.extend(pids.get(&id).map(|(i, _)| *i));
-            }
-        }
-    }
+    let mut busy = set_last_fires(&t, batch).await?;
+    busy.extend(set_pids(&t, batch).await?);
     for d in batch {
-        match d {
-            Detached::LastFire(..) | Detached::Pid { .. } | Detached::Flush(_) => {}
-            Detached::Event(kind, unit, state) => t.emit(*kind, unit, None, *state),
-            Detached::Audit(a) => {
-                t.execute(
-                    "INSERT INTO audit(time, peer, method, unit, outcome) VALUES ($1, $2, $3, $4, $5)",
-                    &[&a.time, &a.peer, &a.method, &a.unit, &a.outcome],
-                )
-                .await?;
-            }
-            Detached::AgentSeen(a) => {
-                let labels = serde_json::to_value(&a.labels).unwrap_or_default();
-                t.execute(
-                    "UPDATE agents SET labels = $2, version = $3, os = $4, arch = $5, \
-                     max_runs = $6, last_seen = $7 WHERE name = $1",
-                    &[
-                        &a.name,
-                        &labels,
-                        &a.version,
-                        &a.os,
-                        &a.arch,
-                        &(a.max_runs as i32),
-                        &a.last_seen,
-                    ],
-                )
-                .await?;
-            }
-            Detached::LateResult(id, outcome) => {
-                t.execute(
-                    "UPDATE runs SET late_result = $2 WHERE id = $1 AND late_result IS NULL",
-                    &[id, outcome],
-                )
-                .await?;
-            }
-            Detached::Notified(id, notified) => {
-                t.execute("UPDATE runs SET notified = $2 WHERE id = $1", &[id, notified]).await?;
-            }
-        }
+        apply_one(&t, d).await?;
     }
     t.commit().await?;
     busy.sort_unstable();
     Ok(busy)
+}
+
+/// The `LastFire`s of `batch`, the newest per unit, in one statement; the positions of those
+/// left for later because their unit's row was locked.
+async fn set_last_fires(t: &Tx<'_>, batch: &[Detached]) -> Result<Vec<usize>> {
+    let mut fires: BTreeMap<&str, (Timestamp, Vec<usize>)> = BTreeMap::new();
+    for (i, d) in batch.iter().enumerate() {
+        if let Detached::LastFire(name, at) = d {
+            let e = fires.entry(name.as_str()).or_insert((*at, Vec::new()));
+            e.0 = e.0.max(*at);
+            e.1.push(i);
+        }
+    }
+    if fires.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<&str> = fires.keys().copied().collect();
+    let ats: Vec<Timestamp> = fires.values().map(|(at, _)| *at).collect();
+    // Never backwards (a late change from a server that lost the lease).
+    let done = t
+        .query(
+            "UPDATE units u SET last_fire = GREATEST(COALESCE(u.last_fire, x.at), x.at) \
+             FROM unnest($1::text[], $2::timestamptz[]) AS x(name, at) \
+             WHERE u.name = x.name AND u.name IN \
+             (SELECT name FROM units WHERE name = ANY($1) FOR UPDATE SKIP LOCKED) \
+             RETURNING u.name",
+            &[&names, &ats],
+        )
+        .await?;
+    let mut busy = Vec::new();
+    if done.len() < names.len() {
+        let done: std::collections::HashSet<String> = done.iter().map(|r| r.get(0)).collect();
+        let left: Vec<&str> = names.into_iter().filter(|n| !done.contains(*n)).collect();
+        // Left because locked, or because the unit is gone (nothing to do then).
+        for r in t.query("SELECT name FROM units WHERE name = ANY($1)", &[&left]).await? {
+            let name: String = r.get(0);
+            busy.extend(fires.get(name.as_str()).map(|(_, at)| at.clone()).unwrap_or_default());
+        }
+    }
+    Ok(busy)
+}
+
+/// The `Pid`s of `batch`, the newest start per run, in one statement; the positions of those
+/// left for later because their run's row was locked.
+async fn set_pids(t: &Tx<'_>, batch: &[Detached]) -> Result<Vec<usize>> {
+    // The newest start of a run wins.
+    let pids: BTreeMap<i64, (usize, &Detached)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| match d {
+            Detached::Pid { id, .. } => Some((*id, (i, d))),
+            _ => None,
+        })
+        .collect();
+    if pids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut ids, mut ps, mut starts, mut pid_starts, mut boots) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (_, d) in pids.values() {
+        if let Detached::Pid { id, pid, started, pid_start, boot_id } = d {
+            ids.push(*id);
+            ps.push(i64::from(*pid));
+            starts.push(*started);
+            pid_starts.push(pid_start.map(|s| s as i64));
+            boots.push(boot_id.as_deref());
+        }
+    }
+    let done = t
+        .query(
+            "UPDATE runs r SET pid = x.pid, started_at = x.started, \
+             pid_start = x.pid_start, boot_id = x.boot_id \
+             FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[], \
+             $5::text[]) AS x(id, pid, started, pid_start, boot_id) \
+             WHERE r.id = x.id AND r.id IN \
+             (SELECT id FROM runs WHERE id = ANY($1) FOR UPDATE SKIP LOCKED) \
+             RETURNING r.id",
+            &[&ids, &ps, &starts, &pid_starts, &boots],
+        )
+        .await?;
+    let mut busy = Vec::new();
+    if done.len() < ids.len() {
+        let done: std::collections::HashSet<i64> = done.iter().map(|r| r.get(0)).collect();
+        let left: Vec<i64> = ids.into_iter().filter(|id| !done.contains(id)).collect();
+        for r in t.query("SELECT id FROM runs WHERE id = ANY($1)", &[&left]).await? {
+            let id: i64 = r.get(0);
+            busy.extend(pids.get(&id).map(|(i, _)| *i));
+        }
+    }
+    Ok(busy)
+}
+
+/// One of the rarer detached changes (fire times and pids are made for the whole batch).
+async fn apply_one(t: &Tx<'_>, d: &Detached) -> Result<()> {
+    match d {
+        Detached::LastFire(..) | Detached::Pid { .. } | Detached::Flush(_) => {}
+        Detached::Event(kind, unit, state) => t.emit(*kind, unit, None, *state),
+        Detached::Audit(a) => {
+            t.execute(
+                "INSERT INTO audit(time, peer, method, unit, outcome) VALUES ($1, $2, $3, $4, $5)",
+                &[&a.time, &a.peer, &a.method, &a.unit, &a.outcome],
+            )
+            .await?;
+        }
+        Detached::AgentSeen(a) => {
+            let labels = serde_json::to_value(&a.labels).unwrap_or_default();
+            t.execute(
+                "UPDATE agents SET labels = $2, version = $3, os = $4, arch = $5, \
+                 max_runs = $6, last_seen = $7 WHERE name = $1",
+                &[&a.name, &labels, &a.version, &a.os, &a.arch, &(a.max_runs as i32), &a.last_seen],
+            )
+            .await?;
+        }
+        Detached::LateResult(id, outcome) => {
+            t.execute(
+                "UPDATE runs SET late_result = $2 WHERE id = $1 AND late_result IS NULL",
+                &[id, outcome],
+            )
+            .await?;
+        }
+        Detached::Notified(id, notified) => {
+            t.execute("UPDATE runs SET notified = $2 WHERE id = $1", &[id, notified]).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes the oldest events and audit records beyond the newest kept, now and then.
